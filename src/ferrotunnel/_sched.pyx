@@ -1,0 +1,187 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Compiled priority scheduler (twin: ``_sched_py.py``, same names and behaviour; see its docs)."""
+
+from collections import deque
+
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from libc.stdint cimport uint32_t
+
+from ._model import MAX_DATA_PAYLOAD
+
+__all__ = ["PriorityScheduler", "DEFAULT_DRAIN_BUDGET", "DEFAULT_COALESCE"]
+
+DEFAULT_DRAIN_BUDGET = 256 * 1024
+DEFAULT_COALESCE = 16 * 1024
+cdef Py_ssize_t _MAX_PAYLOAD = MAX_DATA_PAYLOAD
+cdef int[4] _LEVEL_OF = [3, 4, 2, 1]
+DEF NUM_LEVELS = 5
+
+
+cdef class _StreamQueue:
+    cdef readonly object stream_id
+    cdef int level
+    cdef object items
+    cdef Py_ssize_t nbytes
+    cdef bint dead
+
+    def __cinit__(self, stream_id, int level):
+        self.stream_id = stream_id
+        self.level = level
+        self.items = deque()
+        self.nbytes = 0
+        self.dead = False
+
+
+cdef inline bytes _data_header(uint32_t sid, Py_ssize_t n, bint eos):
+    cdef bytes h = PyBytes_FromStringAndSize(NULL, 10)
+    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(h)
+    cdef uint32_t length = <uint32_t>(n + 6)
+    p[0] = (length >> 24) & 0xFF; p[1] = (length >> 16) & 0xFF; p[2] = (length >> 8) & 0xFF; p[3] = length & 0xFF
+    p[4] = 1
+    p[5] = (sid >> 24) & 0xFF; p[6] = (sid >> 16) & 0xFF; p[7] = (sid >> 8) & 0xFF; p[8] = sid & 0xFF
+    p[9] = 1 if eos else 0
+    return h
+
+
+cdef class PriorityScheduler:
+    """Queue frames, then ``drain`` them into as few buffers as possible for ``writelines``."""
+
+    cdef object _control
+    cdef list _rings
+    cdef dict _streams
+    cdef Py_ssize_t _frames, _bytes
+
+    def __cinit__(self):
+        self._control = deque()
+        self._rings = [deque() for _ in range(NUM_LEVELS)]
+        self._streams = {}
+        self._frames = 0
+        self._bytes = 0
+
+    def __len__(self):
+        return self._frames
+
+    def __bool__(self):
+        return self._frames > 0
+
+    @property
+    def pending_bytes(self):
+        """Wire bytes queued and not yet drained."""
+        return self._bytes
+
+    def stream_pending(self, stream_id):
+        """Wire bytes queued for one stream."""
+        q = self._streams.get(stream_id)
+        return (<_StreamQueue>q).nbytes if q is not None else 0
+
+    def push_control(self, frame_bytes):
+        """A connection-level frame, sent ahead of all stream traffic."""
+        self._control.append(frame_bytes)
+        self._frames += 1
+        self._bytes += len(frame_bytes)
+
+    cdef _StreamQueue _queue(self, object stream_id, int priority):
+        cdef _StreamQueue q
+        obj = self._streams.get(stream_id)
+        if obj is None:
+            if not 0 <= priority <= 3:
+                raise ValueError(f"invalid StreamPriority {priority!r}")
+            q = _StreamQueue(stream_id, _LEVEL_OF[priority])
+            self._streams[stream_id] = q
+        else:
+            q = <_StreamQueue>obj
+        if not q.items:
+            (<object>self._rings[q.level]).append(q)
+        return q
+
+    def push(self, stream_id, int priority, frame_bytes):
+        """An encoded frame of a stream (OpenStream, CloseStream, a whole data frame)."""
+        cdef _StreamQueue q = self._queue(stream_id, priority)
+        q.items.append((None, frame_bytes))
+        cdef Py_ssize_t n = len(frame_bytes)
+        q.nbytes += n
+        self._frames += 1
+        self._bytes += n
+
+    def push_data(self, stream_id, int priority, payload, bint end_of_stream=False):
+        """A data frame; its header is made here and ``payload`` is not copied until drained."""
+        cdef Py_ssize_t n = len(payload)
+        if n > _MAX_PAYLOAD:
+            raise ValueError(f"data payload of {n} bytes exceeds the maximum of {_MAX_PAYLOAD}")
+        if not 0 <= stream_id <= 0xFFFFFFFF:
+            raise ValueError(f"stream_id must be in 0..4294967295, got {stream_id}")
+        header = _data_header(<uint32_t>stream_id, n, end_of_stream)
+        cdef _StreamQueue q = self._queue(stream_id, priority)
+        q.items.append((header, payload))
+        q.nbytes += n + 10
+        self._frames += 1
+        self._bytes += n + 10
+
+    def discard(self, stream_id):
+        """Drop everything queued for a stream (a reset); returns the wire bytes dropped."""
+        obj = self._streams.pop(stream_id, None)
+        if obj is None:
+            return 0
+        cdef _StreamQueue q = <_StreamQueue>obj
+        q.dead = True
+        n = q.nbytes
+        self._frames -= len(q.items)
+        self._bytes -= n
+        q.items.clear()
+        return n
+
+    def forget(self, stream_id):
+        """Release the bookkeeping of a stream with nothing queued (its slot is reused lazily)."""
+        obj = self._streams.get(stream_id)
+        if obj is not None and not (<_StreamQueue>obj).items:
+            del self._streams[stream_id]
+            (<_StreamQueue>obj).dead = True
+
+    cdef tuple _next(self):
+        cdef _StreamQueue q
+        cdef int level
+        if self._control:
+            return (None, self._control.popleft())
+        for level in range(1, NUM_LEVELS):
+            ring = self._rings[level]
+            while ring:
+                q = <_StreamQueue>ring.popleft()
+                if q.dead or not q.items:
+                    continue
+                item = <tuple>q.items.popleft()
+                q.nbytes -= (10 if item[0] is not None else 0) + len(item[1])
+                if q.items:
+                    ring.append(q)
+                return item
+        return None
+
+    def drain(self, Py_ssize_t budget=DEFAULT_DRAIN_BUDGET, Py_ssize_t coalesce=DEFAULT_COALESCE):
+        """Take frames in send order until ``budget`` wire bytes (at least one frame); see the twin."""
+        cdef list out = []
+        cdef bytearray chunk = bytearray()
+        cdef Py_ssize_t total = 0, frames = 0, n
+        cdef tuple item
+        while total < budget:
+            item = self._next()
+            if item is None:
+                break
+            header = item[0]
+            payload = item[1]
+            frames += 1
+            if header is not None:
+                chunk += <bytes>header
+                total += 10
+            n = len(payload)
+            total += n
+            if n >= coalesce:
+                if chunk:
+                    out.append(chunk)
+                    chunk = bytearray()
+                out.append(payload)
+            else:
+                chunk += payload
+        if chunk:
+            out.append(chunk)
+        self._frames -= frames
+        self._bytes -= total
+        return out

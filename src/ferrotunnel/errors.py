@@ -1,0 +1,51 @@
+"""Exception hierarchy of ferrotunnel: everything raised on purpose derives from FerroTunnelError."""
+
+from __future__ import annotations
+
+__all__ = [
+    "FerroTunnelError",
+    "FrameError",
+    "HandshakeError",
+    "AuthenticationError",
+    "StreamClosedError",
+    "StreamResetError",
+    "LimitExceededError",
+    "TunnelTimeoutError",
+    "ConnectionLostError",
+]
+
+
+class FerroTunnelError(Exception):
+    """Base class of every error ferrotunnel raises on purpose."""
+
+
+class FrameError(FerroTunnelError, ValueError):
+    """Bytes on the wire (or a frame to encode) that break FerroTunnel protocol v1."""
+
+
+class HandshakeError(FerroTunnelError):
+    """The tunnel handshake failed (version mismatch, unexpected reply, closed early)."""
+
+
+class AuthenticationError(HandshakeError):
+    """The server rejected the token. Not retried: fix the token."""
+
+
+class StreamClosedError(FerroTunnelError):
+    """Writing to a stream that was closed, or reading from one that was aborted."""
+
+
+class StreamResetError(StreamClosedError):
+    """The peer (or the session going down) reset the stream; data in flight is lost."""
+
+
+class ConnectionLostError(StreamResetError):
+    """The tunnel connection carrying the stream or session went away."""
+
+
+class LimitExceededError(FerroTunnelError):
+    """A configured limit (streams, sessions, buffers, rates) refused the operation."""
+
+
+class TunnelTimeoutError(FerroTunnelError, TimeoutError):
+    """A tunnel operation did not complete within its configured time."""
