@@ -117,3 +117,12 @@ def test_random_pushes_keep_per_stream_order_and_lose_nothing(ops, budget):
         for f in _frames(out):
             got.setdefault(f.stream_id, []).append(int.from_bytes(bytes(f.data[:2]), "big"))
         assert got == sent
+
+
+def test_idle_streams_leave_no_state(sched):
+    for sid in range(1, 200, 2):
+        sched.push_data(sid, P.NORMAL, b"x")
+    assert sched.queued_streams == 100
+    while sched:
+        sched.drain(budget=100)
+    assert sched.queued_streams == 0

@@ -24,10 +24,42 @@ from .errors import (
     TunnelTimeoutError,
 )
 
+from .auth import constant_time_eq, hash_token, validate_token_format
+from .backoff import Backoff, BackoffConfig
+from .config import ClientConfig, RateLimits, ServerConfig, StreamConfig
+from .errors import PeerUnsupportedError, RetryableHandshakeError
+from .forward import forward
+from .session import Multiplexer, Session, VirtualStream
+from .server import SessionStore, TunnelServer
+from .client import TunnelClient
+from .ingress import TcpIngress
+from .transport import TcpTransport, TlsTransport
+
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "TunnelServer",
+    "TunnelClient",
+    "TcpIngress",
+    "Session",
+    "SessionStore",
+    "Multiplexer",
+    "VirtualStream",
+    "forward",
+    "ServerConfig",
+    "ClientConfig",
+    "StreamConfig",
+    "RateLimits",
+    "Backoff",
+    "BackoffConfig",
+    "TcpTransport",
+    "TlsTransport",
+    "constant_time_eq",
+    "hash_token",
+    "validate_token_format",
+    "PeerUnsupportedError",
+    "RetryableHandshakeError",
     "MAX_FRAME_SIZE",
     "CloseReason",
     "ErrorCode",

@@ -130,12 +130,10 @@ cdef class PriorityScheduler:
         q.items.clear()
         return n
 
-    def forget(self, stream_id):
-        """Release the bookkeeping of a stream with nothing queued (its slot is reused lazily)."""
-        obj = self._streams.get(stream_id)
-        if obj is not None and not (<_StreamQueue>obj).items:
-            del self._streams[stream_id]
-            (<_StreamQueue>obj).dead = True
+    @property
+    def queued_streams(self):
+        """Streams with frames queued (an idle stream costs the scheduler nothing)."""
+        return len(self._streams)
 
     cdef tuple _next(self):
         cdef _StreamQueue q
@@ -152,6 +150,9 @@ cdef class PriorityScheduler:
                 q.nbytes -= (10 if item[0] is not None else 0) + len(item[1])
                 if q.items:
                     ring.append(q)
+                else:  # an idle stream keeps no scheduler state
+                    q.dead = True
+                    del self._streams[q.stream_id]
                 return item
         return None
 

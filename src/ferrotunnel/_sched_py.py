@@ -116,12 +116,10 @@ class PriorityScheduler:
         q.items.clear()
         return n
 
-    def forget(self, stream_id: int) -> None:
-        """Release the bookkeeping of a stream with nothing queued (its slot is reused lazily)."""
-        q = self._streams.get(stream_id)
-        if q is not None and not q.items:
-            del self._streams[stream_id]
-            q.dead = True
+    @property
+    def queued_streams(self) -> int:
+        """Streams with frames queued (an idle stream costs the scheduler nothing)."""
+        return len(self._streams)
 
     def _next(self) -> Optional[Tuple[Optional[bytes], Any]]:
         if self._control:
@@ -136,6 +134,9 @@ class PriorityScheduler:
                 q.nbytes -= (10 if item[0] is not None else 0) + len(item[1])
                 if q.items:
                     ring.append(q)
+                else:  # an idle stream keeps no scheduler state
+                    q.dead = True
+                    del self._streams[q.stream_id]
                 return item
         return None
 

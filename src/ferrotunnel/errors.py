@@ -7,6 +7,7 @@ __all__ = [
     "FrameError",
     "HandshakeError",
     "AuthenticationError",
+    "RetryableHandshakeError",
     "StreamClosedError",
     "StreamResetError",
     "LimitExceededError",
@@ -25,6 +26,10 @@ class FrameError(FerroTunnelError, ValueError):
 
 class HandshakeError(FerroTunnelError):
     """The tunnel handshake failed (version mismatch, unexpected reply, closed early)."""
+
+
+class RetryableHandshakeError(HandshakeError):
+    """The server refused this attempt for a passing reason (RateLimited, TunnelIdTaken); retry later."""
 
 
 class AuthenticationError(HandshakeError):
@@ -49,3 +54,10 @@ class LimitExceededError(FerroTunnelError):
 
 class TunnelTimeoutError(FerroTunnelError, TimeoutError):
     """A tunnel operation did not complete within its configured time."""
+
+
+class PeerUnsupportedError(FerroTunnelError):
+    """The peer did not announce the extension this operation needs (e.g. a Rust server and client-opened streams)."""
+
+
+__all__.append("PeerUnsupportedError")

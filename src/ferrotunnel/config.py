@@ -1,0 +1,95 @@
+"""Every limit and timing of the tunnel, named, with its default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+from ._model import MAX_FRAME_SIZE
+from .backoff import BackoffConfig
+
+__all__ = ["RateLimits", "StreamConfig", "ServerConfig", "ClientConfig"]
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclass(frozen=True)
+class RateLimits:
+    """Per-session limits on what the peer may do (token buckets); None switches one off."""
+
+    streams_per_second: Optional[float] = None
+    bytes_per_second: Optional[float] = None
+    #: Bucket size as a multiple of the per-second rate.
+    burst: float = 2.0
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Settings shared by both ends of a tunnel connection."""
+
+    #: Largest frame accepted from the peer (length prefix value).
+    max_frame_size: int = MAX_FRAME_SIZE
+    #: Largest data payload this side sends in one frame (the Rust original sends 64 KiB).
+    max_chunk: int = 64 * KiB
+    #: Streams open at once on one session; a closed or reset stream frees its slot at once.
+    max_streams_per_session: int = 10_000
+    #: Bytes a stream may have queued for sending before ``drain()`` waits.
+    stream_send_buffer: int = 256 * KiB
+    #: Without flow control (a Rust peer): bytes buffered for one stream before the tunnel stops reading.
+    stream_recv_buffer: int = 1 * MiB
+    #: Flow control (extension): initial per-stream receive window announced to the peer.
+    initial_window: int = 256 * KiB
+    #: Flow control: a stream whose reader keeps up may grow its window up to this.
+    max_window: int = 4 * MiB
+    #: Flow control: bytes all streams of a session may hold unread together before credit stops.
+    session_recv_budget: int = 64 * MiB
+    #: Whether to announce flow control at all.
+    flow_control: bool = True
+    #: Client: send a Heartbeat this often. Server: heartbeat extension peers this often.
+    heartbeat_interval: float = 30.0
+    #: No frame from the peer for this long (not counting time we paused reading) ends the session.
+    session_timeout: float = 90.0
+    #: Time allowed for the whole handshake (TCP accept/connect to HandshakeAck).
+    handshake_timeout: float = 10.0
+    #: Per-session rate limits applied to what the peer sends (off by default).
+    rate_limits: RateLimits = field(default_factory=RateLimits)
+
+    def __post_init__(self) -> None:
+        if not 6 <= self.max_frame_size <= MAX_FRAME_SIZE:
+            raise ValueError(f"max_frame_size must be in 6..{MAX_FRAME_SIZE}")
+        if not 1 <= self.max_chunk <= self.max_frame_size - 6:
+            raise ValueError("max_chunk must be between 1 and max_frame_size - 6")
+        if self.initial_window < 1 or self.max_window < self.initial_window:
+            raise ValueError("need 1 <= initial_window <= max_window")
+        for name in ("max_streams_per_session", "stream_send_buffer", "stream_recv_buffer", "session_recv_budget"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        for name in ("heartbeat_interval", "session_timeout", "handshake_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+
+@dataclass(frozen=True)
+class ServerConfig(StreamConfig):
+    #: Sessions at once; a handshake beyond it is answered RateLimited.
+    max_sessions: int = 1000
+    #: Connections still in their handshake; beyond it a new connection is accepted and closed at once.
+    max_pending_handshakes: int = 512
+    #: Failed handshakes from one address within ``auth_failure_window`` before it is throttled.
+    auth_failure_threshold: int = 5
+    auth_failure_window: float = 60.0
+    #: Replace a session under the same tunnel id when it received nothing for this long
+    #: (default: twice the heartbeat interval).
+    stale_session_after: Optional[float] = None
+    #: TCP ingress: a public connection with no traffic either way for this long is closed.
+    ingress_idle_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class ClientConfig(StreamConfig):
+    #: Where the default stream handler forwards each stream.
+    local_addr: Tuple[str, int] = ("127.0.0.1", 8000)
+    backoff: BackoffConfig = field(default_factory=BackoffConfig)
+    #: Extra capability strings to announce.
+    capabilities: Tuple[str, ...] = ()

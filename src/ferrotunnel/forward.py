@@ -1,0 +1,198 @@
+"""Byte pipes between a virtual stream and a TCP connection, protocol to protocol.
+
+No coroutine per chunk: tunnel data is written straight to the TCP transport from the tunnel's
+read callback, TCP data goes straight into the stream's send queue, and each direction pushes
+back on the other (``pause_reading`` / credit), with half-close carried through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Optional, Tuple
+
+from .errors import FerroTunnelError, StreamClosedError
+from .session import VirtualStream, _tune_socket
+
+__all__ = ["forward", "TcpBridge"]
+
+log = logging.getLogger("ferrotunnel.forward")
+
+
+class TcpBridge(asyncio.Protocol):
+    """Joins one TCP connection and one ``VirtualStream``; ``done`` resolves when both ends finish."""
+
+    def __init__(self, stream: Optional[VirtualStream] = None, idle_timeout: Optional[float] = None) -> None:
+        self.stream = stream
+        self.transport: Any = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._tcp_eof = False       # the TCP side finished sending (we half-closed the stream)
+        self._tunnel_eof = False    # the stream finished (we half-closed the TCP side)
+        self._closed = False
+        self._reading_paused = False
+        self._idle_timeout = idle_timeout
+        self._idle_handle: Optional[asyncio.TimerHandle] = None
+        self._active = True
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+    # -- wiring
+    def attach(self, stream: VirtualStream) -> None:
+        """Start piping (called once both the transport and the stream exist)."""
+        self.stream = stream
+        stream._sink = self
+        conn = stream._conn
+        if stream._rbuf:  # tunnel data that arrived before the TCP side was ready
+            for chunk in stream._rbuf:
+                self.transport.write(chunk)
+            n = stream._rsize
+            stream._rbuf = None
+            stream._rsize = 0
+            conn.consumed(stream._st, n)
+        if stream._exc is not None:
+            self.tunnel_reset(stream._exc)
+        elif stream._eof:
+            self.tunnel_eof()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            _tune_socket(sock)
+        if self._idle_timeout:
+            self._idle_handle = asyncio.get_running_loop().call_later(self._idle_timeout, self._idle_check)
+        if self.stream is not None:
+            self.attach(self.stream)
+
+    def _idle_check(self) -> None:
+        if self._closed:
+            return
+        if not self._active:
+            log.info("closing idle connection (no traffic for %.0fs)", self._idle_timeout)
+            self._finish(abort=True)
+            return
+        self._active = False
+        self._idle_handle = asyncio.get_running_loop().call_later(self._idle_timeout, self._idle_check)  # type: ignore[arg-type]
+
+    # -- TCP side
+    def data_received(self, data: bytes) -> None:
+        stream = self.stream
+        if stream is None or self._closed:
+            return
+        self._active = True
+        self.bytes_up += len(data)
+        try:
+            stream.write(data)
+        except (StreamClosedError, FerroTunnelError):
+            self._finish(abort=True)
+            return
+        if not stream.can_write() and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+            stream._conn.core.wait_writable(stream._st)
+
+    def eof_received(self) -> bool:
+        self._tcp_eof = True
+        if self.stream is not None and not self._closed:
+            try:
+                self.stream.write_eof()
+            except FerroTunnelError:
+                self._finish(abort=True)
+                return False
+        self._maybe_done()
+        return True  # keep our sending half open
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if not self._closed:
+            # the TCP side went away before both halves finished: reset the stream
+            self._finish(abort=not (self._tcp_eof and self._tunnel_eof), exc=exc)
+
+    def pause_writing(self) -> None:
+        if self.stream is not None:
+            self.stream._sink_paused = True
+
+    def resume_writing(self) -> None:
+        stream = self.stream
+        if stream is not None:
+            stream._sink_paused = False
+            owed, stream._sink_owed = stream._sink_owed, 0
+            if owed:
+                stream._conn.consumed(stream._st, owed)
+
+    # -- tunnel side (called by the tunnel connection)
+    def tunnel_data(self, payload: memoryview) -> None:
+        stream = self.stream
+        assert stream is not None
+        n = len(payload)
+        self._active = True
+        self.bytes_down += n
+        if self._closed:
+            stream._conn.consumed(stream._st, n)
+            return
+        self.transport.write(payload)
+        if stream._sink_paused:
+            stream._sink_owed += n  # credit returns once the TCP side drains
+        else:
+            stream._conn.consumed(stream._st, n)
+
+    def tunnel_eof(self) -> None:
+        self._tunnel_eof = True
+        if not self._closed:
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+        self._maybe_done()
+
+    def tunnel_reset(self, exc: BaseException) -> None:
+        self._finish(abort=True, exc=exc, from_tunnel=True)
+
+    def tunnel_writable(self) -> None:
+        if self._reading_paused and not self._tcp_eof and not self._closed:
+            self._reading_paused = False
+            self.transport.resume_reading()  # never after EOF (uvloop aborts on that)
+
+    # -- ending
+    def _maybe_done(self) -> None:
+        if self._tcp_eof and self._tunnel_eof:
+            self._finish(abort=False)
+
+    def _finish(self, abort: bool, exc: Optional[BaseException] = None, from_tunnel: bool = False) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        stream = self.stream
+        if stream is not None:
+            if stream._sink_owed:
+                owed, stream._sink_owed = stream._sink_owed, 0
+                stream._conn.consumed(stream._st, owed)
+            if abort and not from_tunnel:
+                stream.abort()
+            elif not abort:
+                stream.close()
+        if self.transport is not None:
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def forward(stream: VirtualStream, address: Tuple[str, int], connect_timeout: float = 10.0) -> None:
+    """Pipe ``stream`` and a new TCP connection to ``address`` both ways until both ends finish.
+
+    If the address cannot be reached the stream is reset and the ``OSError`` is raised.
+    """
+    loop = asyncio.get_running_loop()
+    host, port = address
+    bridge = TcpBridge()
+    try:
+        async with asyncio.timeout(connect_timeout):
+            await loop.create_connection(lambda: bridge, host, port)
+    except (OSError, TimeoutError) as exc:
+        log.warning("stream %d: cannot reach local service %s:%s: %s", stream.stream_id, host, port, exc)
+        stream.abort()
+        raise
+    bridge.attach(stream)
+    await bridge.done

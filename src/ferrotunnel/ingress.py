@@ -1,0 +1,96 @@
+"""Public ingress: TcpIngress turns each accepted TCP connection into a TCP stream of a session."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Optional, Tuple
+
+from ._model import Protocol
+from .errors import FerroTunnelError
+from .forward import TcpBridge
+from .server import TunnelServer
+from .session import Session
+
+__all__ = ["TcpIngress"]
+
+log = logging.getLogger("ferrotunnel.ingress")
+
+
+class _IngressBridge(TcpBridge):
+    def __init__(self, ingress: "TcpIngress") -> None:
+        super().__init__(idle_timeout=ingress.idle_timeout)
+        self.ingress = ingress
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        session = self.ingress.route()
+        if session is None:
+            log.info("ingress %s: no session for %s; closing %s", self.ingress._bind,
+                     self.ingress.tunnel_id or "a tcp-capable client", transport.get_extra_info("peername"))
+            self._closed = True
+            transport.abort()
+            if not self.done.done():
+                self.done.set_result(None)
+            return
+        try:
+            stream = session._conn.open_stream(Protocol.TCP, self.ingress.priority)
+        except FerroTunnelError as exc:
+            log.warning("ingress %s: cannot open a stream: %s", self.ingress._bind, exc)
+            self._closed = True
+            transport.abort()
+            return
+        self.ingress.connections += 1
+        self.attach(stream)
+
+
+class TcpIngress:
+    """A public TCP port: each connection becomes a ``Protocol.TCP`` stream to the session named
+    ``tunnel_id``, or without one to the first session that announced the ``tcp`` capability."""
+
+    def __init__(self, server: TunnelServer, address: Tuple[str, int], tunnel_id: Optional[str] = None, *,
+                 idle_timeout: Optional[float] = None, priority: Any = None) -> None:
+        from ._model import StreamPriority
+
+        self.server = server
+        self._bind = address
+        self.tunnel_id = tunnel_id
+        self.idle_timeout = idle_timeout if idle_timeout is not None else server.config.ingress_idle_timeout
+        self.priority = StreamPriority.NORMAL if priority is None else StreamPriority(priority)
+        self._server: Optional[asyncio.AbstractServer] = None
+        self.connections = 0
+
+    def route(self) -> Optional[Session]:
+        if self.tunnel_id is not None:
+            s = self.server.sessions.get_by_tunnel_id(self.tunnel_id)
+            return s if s is not None and not s.is_closed else None
+        return self.server.sessions.find_with_capability("tcp")
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("the ingress is not started")
+        return self._server.sockets[0].getsockname()[:2]
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = self._bind
+        self._server = await loop.create_server(lambda: _IngressBridge(self), host, port, backlog=1024,
+                                                reuse_address=True)
+        log.info("TCP ingress listening on %s:%s -> %s", *self.address, self.tunnel_id or "first tcp session")
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            try:
+                async with asyncio.timeout(1.0):
+                    await self._server.wait_closed()
+            except TimeoutError:
+                pass
+
+    async def __aenter__(self) -> "TcpIngress":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()

@@ -1,0 +1,47 @@
+"""Tunnel transports: plain TCP, or TLS over TCP via an ``ssl.SSLContext``."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Optional, Union
+
+__all__ = ["Transport", "TcpTransport", "TlsTransport", "resolve_transport"]
+
+
+class Transport:
+    is_tls = False
+
+    def server_ssl(self) -> Optional[ssl.SSLContext]:
+        return None
+
+    def client_ssl(self) -> Optional[ssl.SSLContext]:
+        return None
+
+
+class TcpTransport(Transport):
+    """Plain TCP with TCP_NODELAY and keepalive (the default, ``tls=None``)."""
+
+
+class TlsTransport(Transport):
+    """TLS over TCP with the given context (``tls=ctx`` is shorthand for ``TlsTransport(ctx)``)."""
+
+    is_tls = True
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        if not isinstance(context, ssl.SSLContext):
+            raise TypeError("TlsTransport needs an ssl.SSLContext")
+        self.context = context
+
+    def server_ssl(self) -> Optional[ssl.SSLContext]:
+        return self.context
+
+    def client_ssl(self) -> Optional[ssl.SSLContext]:
+        return self.context
+
+
+def resolve_transport(tls: Union[None, ssl.SSLContext, Transport]) -> Transport:
+    if tls is None:
+        return TcpTransport()
+    if isinstance(tls, Transport):
+        return tls
+    return TlsTransport(tls)
