@@ -75,3 +75,88 @@ def codec(request: Any) -> Any:
         return importlib.import_module(name)
     except ImportError:
         pytest.skip("compiled codec not built")
+
+
+# ---------------------------------------------------------------- event loops and tunnels
+
+import asyncio  # noqa: E402
+import contextlib  # noqa: E402
+import socket  # noqa: E402
+
+import uvloop  # noqa: E402
+
+LOOPS = {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
+
+
+@pytest.fixture(params=list(LOOPS))
+def run(request: Any) -> Any:
+    """run(async_fn, timeout=...) executes a test body on uvloop and on the plain asyncio loop."""
+    factory = LOOPS[request.param]
+
+    def runner(fn: Any, timeout: float = 60.0) -> Any:
+        async def wrapped() -> Any:
+            async with asyncio.timeout(timeout):
+                return await fn()
+
+        with asyncio.Runner(loop_factory=factory) as r:
+            return r.run(wrapped())
+
+    runner.loop_name = request.param  # type: ignore[attr-defined]
+    return runner
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def echo_handler(stream: Any) -> None:
+    """Echo everything, then half-close."""
+    async for chunk in stream:
+        stream.write(chunk)
+        await stream.drain()
+    stream.write_eof()
+
+
+@contextlib.asynccontextmanager
+async def tunnel(handler: Any = echo_handler, *, server_config: Any = None, client_config: Any = None,
+                 tunnel_id: str = "t1", token: str = "secret-token", server_kwargs: Any = None):
+    """A TunnelServer and a connected TunnelClient; yields (server, client, server_side_session)."""
+    import ferrotunnel as ft
+
+    server = ft.TunnelServer(("127.0.0.1", 0), token, config=server_config or ft.ServerConfig(),
+                             **(server_kwargs or {}))
+    async with server:
+        host, port = server.address
+        client = ft.TunnelClient(f"{host}:{port}", token, tunnel_id=tunnel_id,
+                                 config=client_config or ft.ClientConfig())
+        task = asyncio.create_task(client.connect_and_run(handler))
+        try:
+            session = await server.wait_for_session(tunnel_id, timeout=10)
+            while client.session is None:
+                await asyncio.sleep(0.01)
+            yield server, client, session
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+async def read_frames(reader: Any, n: int, decoder: Any = None, timeout: float = 5.0) -> list:
+    """Read until ``n`` frames arrived on a raw asyncio StreamReader."""
+    dec = decoder or F.FrameDecoder()
+    got: list = []
+    async with asyncio.timeout(timeout):
+        while len(got) < n:
+            data = await reader.read(65536)
+            if not data:
+                break
+            got += [_own(f) for f in dec.feed(data)]
+    return got
+
+
+def _own(frame: Any) -> Any:
+    if isinstance(frame, F.Data):
+        return F.Data(stream_id=frame.stream_id, data=bytes(frame.data), end_of_stream=frame.end_of_stream)
+    return frame
