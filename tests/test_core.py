@@ -1,0 +1,279 @@
+"""The sans-IO session core driven with plain calls: no sockets, no event loop, time passed in."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+import ferrotunnel as ft
+from ferrotunnel import frames as F
+from ferrotunnel.config import StreamConfig
+from ferrotunnel.core import EXT_CAPABILITY, FLOW_PLUGIN_ID, SessionCore, flow_capability, parse_flow_capability
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.opened: List[Any] = []
+        self.data: Dict[int, bytearray] = {}
+        self.eof: set = set()
+        self.resets: Dict[int, Exception] = {}
+        self.errors: List[Exception] = []
+        self.core: Any = None
+        self.auto_consume = True
+
+    def on_stream_opened(self, st):
+        self.opened.append(st)
+
+    def on_stream_data(self, st, payload):
+        self.data.setdefault(st.id, bytearray()).extend(payload)
+        if self.auto_consume:
+            self.core.consumed(st, len(payload))
+
+    def on_stream_eof(self, st):
+        self.eof.add(st.id)
+
+    def on_stream_reset(self, st, exc):
+        self.resets[st.id] = exc
+
+    def on_stream_writable(self, st):
+        pass
+
+    def on_session_error(self, exc):
+        self.errors.append(exc)
+
+    def on_output(self):
+        pass
+
+
+def caps(ext=True, window=None):
+    c = ["basic", "tcp"]
+    if ext:
+        c.append(EXT_CAPABILITY)
+    if window:
+        c.append(flow_capability(window))
+    return c
+
+
+def pair(flow=True, window=4096, ext=True, **cfg):
+    config = StreamConfig(initial_window=window, max_window=window * 4, **cfg)
+    rc, rs = Recorder(), Recorder()
+    client = SessionCore(is_client=True, config=config, listener=rc, now=0.0,
+                         peer_capabilities=caps(ext, window if flow else None))
+    server = SessionCore(is_client=False, config=config, listener=rs, now=0.0,
+                         peer_capabilities=caps(ext, window if flow else None))
+    rc.core, rs.core = client, server
+    return client, server, rc, rs
+
+
+def pump(a, b, rounds=50):
+    """Move bytes both ways until quiet; returns the frames each side sent."""
+    sent_a, sent_b = [], []
+    for _ in range(rounds):
+        moved = False
+        for src, dst, log in ((a, b, sent_a), (b, a, sent_b)):
+            while src.has_output:
+                wire = b"".join(bytes(x) for x in src.data_to_send(1 << 20, 1 << 30))
+                log += [f for f in F.FrameDecoder().feed(wire)]
+                dst.receive(wire, 1.0)
+                moved = True
+        if not moved:
+            break
+    return sent_a, sent_b
+
+
+def test_open_data_eof_round_trip():
+    client, server, rc, rs = pair()
+    st = server.open_stream(ft.Protocol.TCP, ft.StreamPriority.HIGH)
+    server.send(st, b"hello")
+    server.send_eof(st)
+    pump(server, client)
+    peer = rc.opened[0]
+    assert peer.id == 2 and peer.priority == ft.StreamPriority.HIGH and peer.protocol == ft.Protocol.TCP
+    assert rc.data[2] == b"hello" and 2 in rc.eof
+    client.send(peer, b"bye")
+    client.send_eof(peer)
+    pump(client, server)
+    assert rs.data[2] == b"bye" and 2 in rs.eof
+    assert not client.streams and not server.streams  # both CloseStreams exchanged: slots freed
+
+
+def test_flow_control_caps_in_flight_and_credit_resumes():
+    client, server, rc, rs = pair(window=1000)
+    rc.auto_consume = False
+    st = server.open_stream()
+    server.send(st, b"x" * 5000)
+    sent, _ = pump(server, client)
+    assert sum(len(f.data) for f in sent if isinstance(f, F.Data)) == 1000  # only the window went out
+    peer = rc.opened[0]
+    client.consumed(peer, 1000)  # the reader takes it: credit flows back in PluginData
+    _, back = pump(server, client)
+    updates = [f for f in back if isinstance(f, F.PluginData)]
+    assert updates and updates[0].plugin_id == FLOW_PLUGIN_ID
+    assert len(rc.data[st.id]) > 1000
+
+
+def test_window_grows_while_reader_keeps_up():
+    client, server, rc, rs = pair(window=1000)
+    st = server.open_stream()
+    server.send(st, b"y" * 20000)
+    pump(server, client)
+    peer = client.streams[st.id]
+    assert len(rc.data[st.id]) == 20000 and peer.window == 4000  # doubled up to max_window
+
+
+def test_no_extension_frames_to_a_rust_peer():
+    client, server, rc, rs = pair(flow=False, ext=False)
+    st = server.open_stream()
+    server.send(st, b"z" * 300_000)
+    server.reset(st)
+    server.tick(30.0)  # a server heartbeats only peers of this package
+    sent, back = pump(server, client)
+    assert not any(isinstance(f, (F.PluginData, F.Error, F.Heartbeat)) for f in sent)
+    assert isinstance(sent[-1], F.CloseStream)  # a reset is only an end of stream for a Rust peer
+    with pytest.raises(ft.PeerUnsupportedError):
+        client.open_stream()
+
+
+def test_unknown_ids_and_reset_reply_only_to_our_peers():
+    client, server, rc, rs = pair()
+    client.receive(F.encode(F.Data(stream_id=8, data=b"?")) + F.encode(F.CloseStream(stream_id=10)), 1.0)
+    out = F.FrameDecoder().feed(b"".join(bytes(x) for x in client.data_to_send(1 << 20, 1 << 30)))
+    assert [type(f) for f in out] == [F.Error] and out[0].stream_id == 8
+    client.receive(F.encode(F.Data(stream_id=8, data=b"?")), 1.0)  # told once only
+    assert not client.has_output
+
+
+def test_peer_stream_limit_and_parity():
+    client, server, rc, rs = pair(max_streams_per_session=2)
+    for sid in (1, 3, 5, 4):
+        server.receive(F.encode(F.OpenStream(stream_id=sid, protocol=ft.Protocol.TCP)), 1.0)
+    assert sorted(server.streams) == [1, 3]
+    refused = F.FrameDecoder().feed(b"".join(bytes(x) for x in server.data_to_send(1 << 20, 1 << 30)))
+    assert sorted(f.stream_id for f in refused if isinstance(f, F.Error)) == [4, 5]
+
+
+def test_heartbeats_rtt_and_dead_peer():
+    client, server, rc, rs = pair()
+    client.tick(10.0)
+    hb = F.FrameDecoder().feed(b"".join(bytes(x) for x in client.data_to_send(1 << 20, 1 << 30)))
+    assert isinstance(hb[0], F.Heartbeat)
+    server.receive(F.encode(hb[0]), 10.0)
+    ack = b"".join(bytes(x) for x in server.data_to_send(1 << 20, 1 << 30))
+    client.receive(ack, 10.25)
+    assert client.rtt == pytest.approx(0.25)
+    with pytest.raises(ft.TunnelTimeoutError):
+        client.tick(10.25 + 91)
+    # time spent with reading paused by our own backpressure does not count
+    server.reading_paused(20.0)
+    server.reading_resumed(200.0)
+    server.tick(200.0 + 50)
+
+
+def test_parse_flow_capability():
+    assert parse_flow_capability(["basic", "flow-control/1;window=123"]) == 123
+    assert parse_flow_capability(["flow-control/1;window=0", "flow-control/1;window=x"]) is None
+    assert parse_flow_capability(["flow-control/2;window=5"]) is None
+
+
+class TunnelModel(RuleBasedStateMachine):
+    """Random open / data / half-close / reset / unknown-id sequences against a simple model."""
+
+    @initialize(flow=st.booleans(), ext=st.booleans())
+    def setup(self, flow, ext):
+        self.client, self.server, self.rc, self.rs = pair(flow=flow and ext, window=700, ext=ext)
+        self.ext = ext
+        self.sent: Dict[Any, bytearray] = {}  # (side, sid) -> bytes written
+        self.eof_sent: set = set()
+        self.reset: set = set()
+        self.streams: list = []  # (opener side, sid)
+
+    def _core(self, side):
+        return self.server if side == "s" else self.client
+
+    def _rec(self, side):
+        return self.rs if side == "s" else self.rc
+
+    @rule(side=st.sampled_from(["s", "c"]))
+    def open(self, side):
+        if side == "c" and not self.ext:
+            return
+        st_ = self._core(side).open_stream()
+        self.streams.append((side, st_.id))
+
+    def _local(self, side, sid):
+        core = self._core(side)
+        return core.streams.get(sid)
+
+    @precondition(lambda self: self.streams)
+    @rule(data=st.data(), writer=st.sampled_from(["s", "c"]), n=st.integers(1, 3000))
+    def write(self, data, writer, n):
+        _, sid = data.draw(st.sampled_from(self.streams))
+        local = self._local(writer, sid)
+        if local is None or local.eof_requested or sid in self.reset:
+            return
+        payload = bytes([len(self.sent.get((writer, sid), b"")) % 251]) * n
+        self._core(writer).send(local, payload)
+        self.sent.setdefault((writer, sid), bytearray()).extend(payload)
+
+    @precondition(lambda self: self.streams)
+    @rule(data=st.data(), writer=st.sampled_from(["s", "c"]))
+    def half_close(self, data, writer):
+        _, sid = data.draw(st.sampled_from(self.streams))
+        local = self._local(writer, sid)
+        if local is None or sid in self.reset:
+            return
+        self._core(writer).send_eof(local)
+        self.eof_sent.add((writer, sid))
+
+    @precondition(lambda self: self.streams)
+    @rule(data=st.data(), side=st.sampled_from(["s", "c"]))
+    def reset_stream(self, data, side):
+        _, sid = data.draw(st.sampled_from(self.streams))
+        local = self._local(side, sid)
+        if local is None or sid in self.reset:
+            return
+        if not self.ext and local.local_eof:
+            return  # toward a Rust peer a reset after EOF says nothing: not modelled
+        self._core(side).reset(local)
+        self.reset.add(sid)
+
+    @rule(sid=st.integers(0, 50), side=st.sampled_from(["s", "c"]))
+    def unknown_id(self, sid, side):
+        if sid in self._core(side).streams or any(s == sid for _, s in self.streams):
+            return
+        self._core(side).receive(F.encode(F.Data(stream_id=sid, data=b"junk")) + F.encode(F.CloseStream(stream_id=sid)), 1.0)
+
+    @rule()
+    def deliver(self):
+        pump(self.client, self.server)
+
+    @invariant()
+    def delivered_is_prefix_of_sent(self):
+        for (writer, sid), data in self.sent.items():
+            got = (self.rc if writer == "s" else self.rs).data.get(sid, b"")
+            assert bytes(data).startswith(bytes(got))
+
+    def teardown(self):
+        if not hasattr(self, "client"):
+            return
+        pump(self.client, self.server, rounds=500)
+        for (writer, sid), data in self.sent.items():
+            reader = self.rc if writer == "s" else self.rs
+            if sid not in self.reset:
+                assert bytes(reader.data.get(sid, b"")) == bytes(data)
+        for writer, sid in self.eof_sent:
+            reader = self.rc if writer == "s" else self.rs
+            if sid not in self.reset:
+                assert sid in reader.eof
+        for _, sid in self.streams:
+            if sid in self.reset and self.ext:
+                # both ends forgot it: the slot is free
+                assert sid not in self.client.streams and sid not in self.server.streams
+
+
+TunnelModel.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+test_core_state_machine = TunnelModel.TestCase
