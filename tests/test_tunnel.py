@@ -293,7 +293,9 @@ def test_idle_stream_holds_no_buffer_and_pool_is_used(run):
         from ferrotunnel.pool import acquire_bytes
         while pool_stats()[0]:  # start from an empty pool on this thread
             acquire_bytes()
-        async with tunnel() as (server, client, session):
+        # 64 KiB read buffers: within the pool's default capacity limit, so they are retained
+        sc, cc = ft.ServerConfig(read_buffer_size=65536), ft.ClientConfig(read_buffer_size=65536)
+        async with tunnel(server_config=sc, client_config=cc) as (server, client, session):
             s = await session.open_stream()
             for _ in range(50):
                 s.write(b"z" * 30000)

@@ -8,14 +8,14 @@ A per-thread LIFO of reusable ``bytearray`` buffers (PROTOCOL.md section 6). The
 import os
 import threading
 
-from cpython.bytearray cimport PyByteArray_GET_SIZE, PyByteArray_Resize, PyByteArray_AS_STRING
+from cpython.bytearray cimport PyByteArray_GET_SIZE, PyByteArray_Resize, PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from libc.string cimport memset
 
 cdef extern from "Python.h":
     ctypedef struct PyByteArrayObject:
         Py_ssize_t ob_exports
 
-__all__ = ["acquire_bytes", "release_bytes", "pool_stats", "pool_config", "parse_pool_env"]
+__all__ = ["acquire_bytes", "release_bytes", "pool_stats", "pool_config", "parse_pool_env", "is_exported"]
 
 DEFAULT_MAX_SIZE = 32
 DEFAULT_MAX_CAPACITY = 65536
@@ -89,7 +89,12 @@ def acquire_bytes(Py_ssize_t capacity=0):
             PyByteArray_Resize(buf, need)
             memset(PyByteArray_AS_STRING(buf) + old, 0, need - old)
         return buf
-    return bytearray(need)
+    return PyByteArray_FromStringAndSize(NULL, need)  # contents undefined, as documented
+
+
+def is_exported(buf):
+    """Whether a memoryview (or another buffer consumer) still exports ``buf``."""
+    return (<PyByteArrayObject*>buf).ob_exports > 0 if type(buf) is bytearray else False
 
 
 def release_bytes(buf):

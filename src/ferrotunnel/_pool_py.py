@@ -10,7 +10,7 @@ import os
 import threading
 from typing import List, Optional, Tuple
 
-__all__ = ["acquire_bytes", "release_bytes", "pool_stats", "pool_config", "parse_pool_env"]
+__all__ = ["acquire_bytes", "release_bytes", "pool_stats", "pool_config", "parse_pool_env", "is_exported"]
 
 DEFAULT_MAX_SIZE = 32
 DEFAULT_MAX_CAPACITY = 65536
@@ -91,13 +91,22 @@ def release_bytes(buf: bytearray) -> bool:
     stack = _stack()
     if len(stack) >= cfg[0]:
         return False
-    try:  # resizing raises BufferError while a view exists
-        buf.append(0)
-        del buf[-1]
-    except BufferError:
+    if is_exported(buf):
         return False
     stack.append(buf)
     return True
+
+
+def is_exported(buf: bytearray) -> bool:
+    """Whether a memoryview (or another buffer consumer) still exports ``buf``."""
+    if type(buf) is not bytearray:
+        return False
+    try:  # resizing raises BufferError while a view exists
+        buf.append(0)
+    except BufferError:
+        return True
+    del buf[-1]
+    return False
 
 
 def pool_stats() -> Tuple[int, int]:

@@ -30,6 +30,9 @@ class StreamConfig:
 
     #: Largest frame accepted from the peer (length prefix value).
     max_frame_size: int = MAX_FRAME_SIZE
+    #: Bytes read from the tunnel connection per read call (the buffer comes from the pool; with
+    #: the default pool settings a buffer this large is not retained after the connection closes).
+    read_buffer_size: int = 256 * KiB
     #: Largest data payload this side sends in one frame (the Rust original sends 64 KiB).
     max_chunk: int = 64 * KiB
     #: Streams open at once on one session; a closed or reset stream frees its slot at once.
@@ -62,7 +65,7 @@ class StreamConfig:
             raise ValueError("max_chunk must be between 1 and max_frame_size - 6")
         if self.initial_window < 1 or self.max_window < self.initial_window:
             raise ValueError("need 1 <= initial_window <= max_window")
-        for name in ("max_streams_per_session", "stream_send_buffer", "stream_recv_buffer", "session_recv_budget"):
+        for name in ("read_buffer_size", "max_streams_per_session", "stream_send_buffer", "stream_recv_buffer", "session_recv_budget"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
         for name in ("heartbeat_interval", "session_timeout", "handshake_timeout"):

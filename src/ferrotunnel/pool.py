@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from . import _impl
 
 if TYPE_CHECKING:
-    from ._pool_py import acquire_bytes, parse_pool_env, pool_config, pool_stats, release_bytes
+    from ._pool_py import acquire_bytes, is_exported, parse_pool_env, pool_config, pool_stats, release_bytes
     IMPLEMENTATION: str
 else:
     _mod, IMPLEMENTATION = _impl.load("_pool", "_pool_py")
@@ -16,5 +16,6 @@ else:
     pool_stats = _mod.pool_stats
     pool_config = _mod.pool_config
     parse_pool_env = _mod.parse_pool_env
+    is_exported = _mod.is_exported
 
-__all__ = ["IMPLEMENTATION", "acquire_bytes", "release_bytes", "pool_stats", "pool_config", "parse_pool_env"]
+__all__ = ["IMPLEMENTATION", "acquire_bytes", "release_bytes", "pool_stats", "pool_config", "parse_pool_env", "is_exported"]
