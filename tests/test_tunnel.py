@@ -349,3 +349,65 @@ def test_client_refuses_streams_to_server_without_extension(run):
         await client.close()
         srv.close()
     run(body)
+
+
+def test_without_flow_control_reading_pauses_and_memory_stays_bounded(run):
+    async def body():
+        stuck = asyncio.Event()
+
+        async def never_reads(stream):
+            stuck.set()
+            await asyncio.sleep(3600)
+
+        cc = ft.ClientConfig(flow_control=False, stream_recv_buffer=256 * 1024, heartbeat_interval=0.1,
+                             session_timeout=0.5)
+        async with tunnel(never_reads, client_config=cc) as (server, client, session):
+            assert not session.flow_control
+            s = await session.open_stream()
+            await stuck.wait()
+            blob = b"m" * 65536
+
+            async def flood():
+                for _ in range(200):  # 12.5 MiB, far beyond what the client may buffer
+                    s.write(blob)
+                    await s.drain()
+
+            task = asyncio.create_task(flood())
+            await asyncio.sleep(1.0)  # twice the session timeout: pausing our own reads is not silence
+            core = client.session._conn.core
+            assert client.session._conn._read_paused
+            assert core.total_unread <= 256 * 1024 + cc.read_buffer_size + 65546
+            assert not task.done() and not session.is_closed and not client.session.is_closed
+            task.cancel()
+    run(body, timeout=30)
+
+
+def test_bytes_per_second_rate_limit(run):
+    async def body():
+        rate = 2 * 1024 * 1024
+        sc = ft.ServerConfig(rate_limits=ft.RateLimits(bytes_per_second=rate, burst=0.25))
+        async with tunnel(server_config=sc) as (server, client, session):
+            cs = await client.session.open_stream()
+            ss_task = asyncio.create_task(session.accept())
+            payload = b"r" * (3 * 1024 * 1024)
+            t0 = asyncio.get_running_loop().time()
+            cs.write(payload)
+            cs.write_eof()
+            ss = await ss_task
+            got = 0
+            async for chunk in ss:
+                got += len(chunk)
+            elapsed = asyncio.get_running_loop().time() - t0
+            assert got == len(payload)
+            assert elapsed >= (len(payload) - rate * 0.25) / rate * 0.8  # cannot beat the configured rate
+    run(body, timeout=30)
+
+
+def test_session_store_lookups(run):
+    async def body():
+        async with tunnel(tunnel_id="store") as (server, client, session):
+            store = server.sessions
+            assert store.get(session.id) is session and store.get_by_tunnel_id("store") is session
+            assert store.find_with_capability("tcp") is session and store.find_with_capability("nope") is None
+            assert len(store) == 1 and list(store) == [session] and session in store
+    run(body)
