@@ -27,7 +27,8 @@ from .errors import (
 from .auth import constant_time_eq, hash_token, validate_token_format
 from .backoff import Backoff, BackoffConfig
 from .config import ClientConfig, RateLimits, ServerConfig, StreamConfig
-from .errors import PeerUnsupportedError, RetryableHandshakeError
+from .errors import PeerUnsupportedError, RetryableHandshakeError, TlsVerificationError
+from . import tls
 from .forward import forward
 from .session import Multiplexer, Session, VirtualStream
 from .server import SessionStore, TunnelServer
@@ -60,6 +61,8 @@ __all__ = [
     "validate_token_format",
     "PeerUnsupportedError",
     "RetryableHandshakeError",
+    "TlsVerificationError",
+    "tls",
     "MAX_FRAME_SIZE",
     "CloseReason",
     "ErrorCode",

@@ -22,6 +22,7 @@ from .errors import (
     FrameError,
     HandshakeError,
     RetryableHandshakeError,
+    TlsVerificationError,
     TunnelTimeoutError,
 )
 from .forward import forward
@@ -174,6 +175,10 @@ class TunnelClient:
                                              server_hostname=self.server_name if ctx else None)
                 assert conn is not None
                 ack = await conn.ack
+        except ssl.SSLCertVerificationError as exc:
+            raise TlsVerificationError(
+                f"the TLS certificate of {self.server_name} ({self.host}:{self.port}) failed verification: "
+                f"{exc.verify_message or exc.reason}; check the CA (--tls-ca) and the server name") from None
         except TimeoutError:
             if conn is not None:
                 conn.close()
@@ -207,7 +212,7 @@ class TunnelClient:
             while True:
                 try:
                     session = await self.connect(handler)
-                except (AuthenticationError,) as exc:
+                except (AuthenticationError, TlsVerificationError) as exc:
                     log.error("%s", exc)
                     raise
                 except _RETRYABLE as exc:

@@ -8,6 +8,7 @@ __all__ = [
     "HandshakeError",
     "AuthenticationError",
     "RetryableHandshakeError",
+    "TlsVerificationError",
     "StreamClosedError",
     "StreamResetError",
     "LimitExceededError",
@@ -30,6 +31,10 @@ class HandshakeError(FerroTunnelError):
 
 class RetryableHandshakeError(HandshakeError):
     """The server refused this attempt for a passing reason (RateLimited, TunnelIdTaken); retry later."""
+
+
+class TlsVerificationError(HandshakeError):
+    """The server's TLS certificate failed verification: a configuration error, not retried."""
 
 
 class AuthenticationError(HandshakeError):

@@ -16,7 +16,7 @@ from .config import ServerConfig
 from .core import EXT_CAPABILITY, SessionCore, flow_capability
 from .errors import ConnectionLostError, FrameError
 from .frames import FrameDecoder, encode
-from .session import Session, StreamHandler, TunnelConnection
+from .session import Session, StreamHandler, TunnelConnection, _ServerTls
 from .transport import TcpTransport, TlsTransport, Transport, resolve_transport
 
 __all__ = ["TunnelServer", "SessionStore"]
@@ -127,6 +127,27 @@ class ServerConnection(TunnelConnection):
         self._pending = True
         srv._connections.add(self)
         self._hs_timer = self.loop.call_later(srv.config.handshake_timeout, self._handshake_timeout)
+        ctx = srv.transport.server_ssl()
+        if ctx is not None:
+            self._stls = _ServerTls(ctx)
+
+    def eof_received(self) -> Optional[bool]:
+        if self._stls is not None and not self._stls.established and not self.closed:
+            self.tls_failed(ConnectionLostError("the client closed the connection during the TLS handshake"))
+            return False
+        return super().eof_received()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self._stls is not None and not self._stls.established and not self.closed:
+            self.tls_failed(exc or ConnectionLostError("the connection was lost during the TLS handshake"))
+        super().connection_lost(exc)
+
+    def tls_failed(self, exc: BaseException) -> None:
+        why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        log.info("TLS handshake from %s failed: %s", self.peer_address, why)
+        self.server.tls_failures += 1
+        self.server._auth_failure(self.peer_address)
+        self.close()
 
     def _handshake_timeout(self) -> None:
         self._hs_timer = None
@@ -175,7 +196,7 @@ class ServerConnection(TunnelConnection):
 
     def reject(self, status: HandshakeStatus, session_id: Optional[uuid.UUID] = None) -> None:
         ack = HandshakeAck(session_id or uuid.UUID(int=0), status, 0, ())
-        self.transport.write(encode(ack))
+        self.send_raw(encode(ack))
         self._end_pending()
         self.closed = True
         self.transport.close()  # flushes the ack first
@@ -220,6 +241,7 @@ class TunnelServer:
         self._throttle = AuthThrottle(config.auth_failure_threshold, config.auth_failure_window)
         self._session_added = asyncio.Event()
         self.handshake_failures: Dict[str, int] = collections.Counter()
+        self.tls_failures = 0
 
     def __repr__(self) -> str:  # the token stays out
         return f"<TunnelServer {self._bind} sessions={len(self.sessions)}>"
@@ -235,10 +257,8 @@ class TunnelServer:
             return
         loop = asyncio.get_running_loop()
         host, port = self._bind
-        self._server = await loop.create_server(
-            lambda: ServerConnection(self), host, port, ssl=self.transport.server_ssl(),
-            ssl_handshake_timeout=self.config.handshake_timeout if self.transport.is_tls else None,
-            backlog=1024, reuse_address=True)
+        self._server = await loop.create_server(lambda: ServerConnection(self), host, port, backlog=1024,
+                                                reuse_address=True)
         log.info("tunnel server listening on %s:%s%s", *self.address, " (TLS)" if self.transport.is_tls else "")
 
     async def __aenter__(self) -> "TunnelServer":
@@ -305,7 +325,7 @@ class TunnelServer:
         if cfg.flow_control:
             server_caps.append(flow_capability(cfg.initial_window))
         # the ack goes out before the session is routable, so no OpenStream can precede it
-        conn.transport.write(encode(HandshakeAck(session_id, HandshakeStatus.SUCCESS, PROTOCOL_VERSION, server_caps)))
+        conn.send_raw(encode(HandshakeAck(session_id, HandshakeStatus.SUCCESS, PROTOCOL_VERSION, server_caps)))
         conn._end_pending()
         core = SessionCore(is_client=False, config=cfg, peer_capabilities=caps, listener=conn, now=time.monotonic())
         session = Session(conn, session_id, tunnel_id, peer, caps)
