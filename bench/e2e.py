@@ -1,28 +1,33 @@
-"""End-to-end bulk throughput: ferrotunnel (server and client in their own processes, traffic in
-through TcpIngress) beside a 1:1 uvloop relay, in the same run, on loopback.
+"""End-to-end benchmark: ferrotunnel (server and client each in its own process, traffic in
+through TcpIngress) beside direct loopback and a minimal 1:1 uvloop relay, in one run.
 
-    python bench/e2e.py [--mb 512] [--streams 1 16] [--rounds 3]
+    python bench/e2e.py [--mb 512] [--rounds 3] [--tls] [--quick] [--json FILE]
 
-Prints MB/s (10^6 B/s of payload delivered to the backend) for each path, CPU seconds per GB of
-the relay processes (both tunnel ends together), and the ratio tunnel / relay. Set
-FERROTUNNEL_NO_EXTENSIONS=1 to measure the pure-Python twins.
+Figures per path: bulk MB/s (10^6 B/s of payload delivered) for 1 and 16 streams, CPU seconds per
+GB of the relaying processes (both tunnel ends together), 64-byte echo RTT p50/p99, new streams
+per second, and memory per idle open stream (RSS of the relaying processes before and one second
+after opening 1,000 idle connections, on fresh processes). Ratios are against the 1:1 relay
+measured in the same run. FERROTUNNEL_NO_EXTENSIONS=1 measures the pure-Python twins.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import uvloop
 
 CHUNK = 256 * 1024
 TOKEN = "bench-token"
+IDLE_STREAMS = 1000
 
 
 def free_port() -> int:
@@ -31,21 +36,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def nodelay(t):
+    sock = t.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 # ---------------------------------------------------------------- roles (each its own process)
 
 
-class Sink(asyncio.Protocol):
-    """Backend: counts bytes; at EOF answers with the count (8 bytes) and closes."""
+class Backend(asyncio.Protocol):
+    """First byte picks the mode: S = sink (count, answer at EOF), E = echo, H = hold idle."""
 
     def connection_made(self, t):
-        self.t, self.n = t, 0
-        t.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.t, self.mode, self.n = t, None, 0
+        nodelay(t)
 
     def data_received(self, data):
-        self.n += len(data)
+        if self.mode is None:
+            self.mode, data = data[:1], data[1:]
+        if self.mode == b"S":
+            self.n += len(data)
+        elif self.mode == b"E":
+            self.t.write(data)
 
     def eof_received(self):
-        self.t.write(self.n.to_bytes(8, "big"))
+        if self.mode == b"S":
+            self.t.write(self.n.to_bytes(8, "big"))
         self.t.close()
         return True
 
@@ -54,11 +71,11 @@ class RelayIn(asyncio.Protocol):
     """A 1:1 forwarder: one upstream connection per downstream connection, no framing."""
 
     def __init__(self, target):
-        self.target, self.peer, self.pending, self.eof, self.paused = target, None, [], False, False
+        self.target, self.peer, self.pending, self.eof = target, None, [], False
 
     def connection_made(self, t):
         self.t = t
-        t.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        nodelay(t)
         asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self):
@@ -82,6 +99,10 @@ class RelayIn(asyncio.Protocol):
             self.peer.t.write_eof()
         return True
 
+    def connection_lost(self, exc):
+        if self.peer is not None:
+            self.peer.t.close()
+
     def pause_writing(self):
         self.peer.t.pause_reading()
 
@@ -95,7 +116,7 @@ class RelayOut(asyncio.Protocol):
 
     def connection_made(self, t):
         self.t = t
-        t.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        nodelay(t)
 
     def data_received(self, data):
         self.down.t.write(data)
@@ -116,49 +137,51 @@ class RelayOut(asyncio.Protocol):
             self.down.t.resume_reading()
 
 
-async def role_sink(port):
-    loop = asyncio.get_running_loop()
-    await loop.create_server(Sink, "127.0.0.1", port)
+async def role_backend(port):
+    await asyncio.get_running_loop().create_server(Backend, "127.0.0.1", port, backlog=4096)
     print("ready", flush=True)
     await asyncio.Event().wait()
 
 
 async def role_relay(port, target):
-    loop = asyncio.get_running_loop()
-    await loop.create_server(lambda: RelayIn(("127.0.0.1", target)), "127.0.0.1", port)
+    await asyncio.get_running_loop().create_server(lambda: RelayIn(("127.0.0.1", target)), "127.0.0.1", port,
+                                                   backlog=4096)
     print("ready", flush=True)
     await asyncio.Event().wait()
 
 
-async def role_server(port, ingress_port):
+async def role_server(port, ingress_port, certdir=""):
     import ferrotunnel as ft
 
-    server = ft.TunnelServer(("127.0.0.1", port), TOKEN)
+    ctx = ft.tls.server_context(f"{certdir}/server.pem", f"{certdir}/server.key") if certdir else None
+    server = ft.TunnelServer(("127.0.0.1", port), TOKEN, tls=ctx)
     async with server, ft.TcpIngress(server, ("127.0.0.1", ingress_port)):
         await server.wait_for_session(timeout=30)
         print("ready", flush=True)
         await asyncio.Event().wait()
 
 
-async def role_client(port, target):
+async def role_client(port, target, certdir=""):
     import ferrotunnel as ft
 
-    client = ft.TunnelClient(f"127.0.0.1:{port}", TOKEN, config=ft.ClientConfig(local_addr=("127.0.0.1", target)))
+    ctx = ft.tls.client_context(f"{certdir}/ca.pem") if certdir else None
+    client = ft.TunnelClient(f"127.0.0.1:{port}", TOKEN, tls=ctx,
+                             config=ft.ClientConfig(local_addr=("127.0.0.1", target)))
     await client.connect_and_run()
 
 
 def main_role(argv):
-    role, *ports = argv
-    fn = {"sink": role_sink, "relay": role_relay, "server": role_server, "client": role_client}[role]
-    uvloop.run(fn(*map(int, ports)))
+    role, *args = argv
+    fn = {"backend": role_backend, "relay": role_relay, "server": role_server, "client": role_client}[role]
+    conv = [int(a) if a.isdigit() else a for a in args]
+    uvloop.run(fn(*conv))
 
 
-# ---------------------------------------------------------------- driver
+# ---------------------------------------------------------------- measurements
 
 
 def spawn(*args):
-    p = subprocess.Popen([sys.executable, __file__, "--role", *map(str, args)], stdout=subprocess.PIPE, text=True)
-    return p
+    return subprocess.Popen([sys.executable, __file__, "--role", *map(str, args)], stdout=subprocess.PIPE, text=True)
 
 
 def cpu_seconds(pids):
@@ -171,13 +194,29 @@ def cpu_seconds(pids):
     return total
 
 
-async def push(port, nbytes, streams):
+def rss_kib(pids):
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+async def _open(port):
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    nodelay(w.transport)
+    return r, w
+
+
+async def bulk(port, nbytes, streams):
     per = nbytes // streams
     block = os.urandom(CHUNK)
 
     async def one():
-        r, w = await asyncio.open_connection("127.0.0.1", port)
-        w.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        r, w = await _open(port)
+        w.write(b"S")
         sent = 0
         while sent < per:
             n = min(CHUNK, per - sent)
@@ -193,54 +232,180 @@ async def push(port, nbytes, streams):
     return per * streams
 
 
-def measure(port, pids, nbytes, streams):
-    c0 = cpu_seconds(pids)
+async def rtt(port, count=2000):
+    r, w = await _open(port)
+    w.write(b"E")
+    msg = b"x" * 64
+    samples = []
+    for i in range(count + 100):
+        t0 = time.perf_counter()
+        w.write(msg)
+        await r.readexactly(64)
+        if i >= 100:  # warm-up excluded
+            samples.append(time.perf_counter() - t0)
+    w.close()
+    samples.sort()
+    return samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6
+
+
+async def new_streams(port, count=1000, concurrency=16):
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one():
+        async with sem:
+            r, w = await _open(port)
+            w.write(b"E!")
+            await r.readexactly(1)
+            w.close()
+
     t0 = time.perf_counter()
-    moved = uvloop.run(push(port, nbytes, streams))
-    dt = time.perf_counter() - t0
-    cpu = cpu_seconds(pids) - c0
-    return moved / dt / 1e6, cpu / (moved / 1e9)
+    await asyncio.gather(*(one() for _ in range(count)))
+    return count / (time.perf_counter() - t0)
+
+
+async def idle(port, pids, count=IDLE_STREAMS):
+    before = rss_kib(pids)
+    conns = []
+    for i in range(0, count, 100):
+        batch = await asyncio.gather(*(_open(port) for _ in range(100)))
+        for r, w in batch:
+            w.write(b"H")
+        conns += batch
+    await asyncio.sleep(1.0)
+    after = rss_kib(pids)
+    for r, w in conns:
+        w.close()
+    return (after - before) / count
+
+
+class Paths:
+    """Starts backend, relay and a tunnel; ``fresh()`` restarts the tunnel processes."""
+
+    def __init__(self, tls_dir=""):
+        self.tls_dir = tls_dir
+        self.procs = []
+        self.backend_port, self.relay_port = free_port(), free_port()
+        self.backend = self._start("backend", self.backend_port)
+        self.relay = self._start("relay", self.relay_port, self.backend_port)
+        self.server = self.client = None
+        self.fresh_tunnel()
+
+    def _start(self, *args, wait=True):
+        p = spawn(*args)
+        self.procs.append(p)
+        if wait:
+            p.stdout.readline()
+        return p
+
+    def fresh_tunnel(self):
+        for p in (self.server, self.client):
+            if p is not None:
+                p.kill()
+                p.wait()
+        self.tun_port, self.ingress_port = free_port(), free_port()
+        self.server = self._start("server", self.tun_port, self.ingress_port, self.tls_dir, wait=False)
+        time.sleep(0.3)
+        self.client = self._start("client", self.tun_port, self.backend_port, self.tls_dir, wait=False)
+        self.server.stdout.readline()
+        time.sleep(0.2)
+
+    def fresh_relay(self):
+        self.relay.kill()
+        self.relay.wait()
+        self.relay_port = free_port()
+        self.relay = self._start("relay", self.relay_port, self.backend_port)
+
+    def targets(self):
+        return {"direct": (self.backend_port, []), "relay": (self.relay_port, [self.relay.pid]),
+                "tunnel": (self.ingress_port, [self.server.pid, self.client.pid])}
+
+    def close(self):
+        for p in self.procs + [self.server, self.client]:
+            if p is not None:
+                p.kill()
+
+
+def measure_all(args, tls_dir=""):
+    """Returns {path: {figure: value}} for direct, relay and tunnel."""
+    paths = Paths(tls_dir)
+    res = {k: {} for k in ("direct", "relay", "tunnel")}
+    try:
+        nbytes = args.mb * 1_000_000
+        for streams in (1, 16):
+            for name, (port, pids) in paths.targets().items():
+                runs = []
+                for _ in range(args.rounds):
+                    c0 = cpu_seconds(pids) if pids else 0
+                    t0 = time.perf_counter()
+                    moved = uvloop.run(bulk(port, nbytes, streams))
+                    dt = time.perf_counter() - t0
+                    cpu = (cpu_seconds(pids) - c0) / (moved / 1e9) if pids else None
+                    runs.append((moved / dt / 1e6, cpu))
+                res[name][f"mbps_{streams}"] = statistics.median(r[0] for r in runs)
+                if pids:
+                    res[name][f"cpu_s_per_gb_{streams}"] = statistics.median(r[1] for r in runs)
+        for name, (port, pids) in paths.targets().items():
+            p50, p99 = uvloop.run(rtt(port, 500 if args.quick else 3000))
+            res[name]["rtt_p50_us"], res[name]["rtt_p99_us"] = p50, p99
+            res[name]["new_streams_per_s"] = uvloop.run(new_streams(port, 300 if args.quick else 2000))
+        paths.fresh_tunnel()
+        paths.fresh_relay()
+        for name in ("relay", "tunnel"):
+            port, pids = paths.targets()[name]
+            res[name]["idle_kib_per_stream"] = uvloop.run(idle(port, pids))
+    finally:
+        paths.close()
+    return res
+
+
+def ratios(res):
+    t, r = res["tunnel"], res["relay"]
+    return {
+        "throughput_1_vs_relay": t["mbps_1"] / r["mbps_1"],
+        "throughput_16_vs_relay": t["mbps_16"] / r["mbps_16"],
+        "rtt_p99_vs_relay": t["rtt_p99_us"] / r["rtt_p99_us"],
+    }
+
+
+def table(res, label):
+    lines = [f"== {label}",
+             f"{'path':<10}{'1 MB/s':>9}{'16 MB/s':>9}{'CPU s/GB':>10}{'p50 us':>9}{'p99 us':>9}{'new/s':>9}{'idle KiB':>10}"]
+    for name, f in res.items():
+        cpu = f.get("cpu_s_per_gb_1")
+        idle_k = f.get("idle_kib_per_stream")
+        lines.append(f"{name:<10}{f['mbps_1']:>9.0f}{f['mbps_16']:>9.0f}"
+                     f"{(f'{cpu:.2f}' if cpu is not None else '-'):>10}{f['rtt_p50_us']:>9.0f}{f['rtt_p99_us']:>9.0f}"
+                     f"{f['new_streams_per_s']:>9.0f}{(f'{idle_k:.1f}' if idle_k is not None else '-'):>10}")
+    rt = ratios(res)
+    lines.append("ratios (tunnel / relay, same run): " + ", ".join(f"{k} {v:.2f}" for k, v in rt.items()))
+    return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mb", type=int, default=512, help="payload per measurement in MB")
-    ap.add_argument("--streams", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--mb", type=int, default=512, help="payload per bulk measurement in MB")
+    ap.add_argument("--rounds", type=int, default=3, help="bulk runs per figure (median)")
+    ap.add_argument("--tls", action="store_true", help="also measure with TLS between the tunnel ends")
+    ap.add_argument("--quick", action="store_true", help="fewer RTT and new-stream samples")
+    ap.add_argument("--json", help="write all figures to this file")
     args = ap.parse_args()
+    import ferrotunnel.frames as F
 
-    sink_port, relay_port, tun_port, ing_port = (free_port() for _ in range(4))
-    procs = []
-    try:
-        sink = spawn("sink", sink_port)
-        procs.append(sink)
-        sink.stdout.readline()
-        relay = spawn("relay", relay_port, sink_port)
-        procs.append(relay)
-        relay.stdout.readline()
-        server = spawn("server", tun_port, ing_port)
-        procs.append(server)
-        time.sleep(0.5)
-        client = spawn("client", tun_port, sink_port)
-        procs.append(client)
-        server.stdout.readline()
-        import ferrotunnel.frames as F
+    print(f"ferrotunnel implementation: {F.IMPLEMENTATION}; {args.mb} MB per bulk run; median of {args.rounds}")
+    out = {"implementation": F.IMPLEMENTATION, "plaintext": measure_all(args)}
+    print(table(out["plaintext"], "plaintext"), flush=True)
+    if args.tls:
+        import ferrotunnel as ft
 
-        print(f"ferrotunnel implementation: {F.IMPLEMENTATION}; {args.mb} MB per run; median of {args.rounds}")
-        print(f"{'path':<34}{'streams':>8}{'MB/s':>10}{'CPU s/GB':>10}")
-        nbytes = args.mb * 1_000_000
-        for streams in args.streams:
-            rows = {}
-            for name, port, pids in (("1:1 uvloop relay", relay_port, [relay.pid]),
-                                     ("ferrotunnel via TcpIngress", ing_port, [server.pid, client.pid])):
-                runs = [measure(port, pids, nbytes, streams) for _ in range(args.rounds)]
-                rows[name] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
-                print(f"{name:<34}{streams:>8}{rows[name][0]:>10.0f}{rows[name][1]:>10.2f}")
-            ratio = rows["ferrotunnel via TcpIngress"][0] / rows["1:1 uvloop relay"][0]
-            print(f"{'ratio tunnel / relay':<34}{streams:>8}{ratio:>10.2f}")
-    finally:
-        for p in procs:
-            p.kill()
+        with tempfile.TemporaryDirectory() as d:
+            ft.tls.generate_certs(d)
+            out["tls"] = measure_all(args, d)
+        print(table(out["tls"], "TLS 1.3 between the tunnel ends"))
+        print(f"TLS / plaintext tunnel throughput (1 stream): "
+              f"{out['tls']['tunnel']['mbps_1'] / out['plaintext']['tunnel']['mbps_1']:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
 
 
 if __name__ == "__main__":

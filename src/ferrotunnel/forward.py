@@ -35,6 +35,7 @@ class TcpBridge(asyncio.Protocol):
         self._active = True
         self.bytes_up = 0
         self.bytes_down = 0
+        self._outq: Optional[list] = None  # tunnel payloads waiting for this read's single writev
 
     # -- wiring
     def attach(self, stream: VirtualStream) -> None:
@@ -82,7 +83,7 @@ class TcpBridge(asyncio.Protocol):
         self._active = True
         self.bytes_up += len(data)
         try:
-            stream.write(data)
+            stream.write(data)  # flushed to the tunnel at once (latency); big reads make big writes
         except (StreamClosedError, FerroTunnelError):
             self._finish(abort=True)
             return
@@ -129,14 +130,29 @@ class TcpBridge(asyncio.Protocol):
         if self._closed:
             stream._conn.consumed(stream._st, n)
             return
-        self.transport.write(payload)
+        q = self._outq
+        if q is None:
+            self._outq = q = []
+            stream._conn._dirty_sinks.append(self)
+        q.append(payload)
         if stream._sink_paused:
             stream._sink_owed += n  # credit returns once the TCP side drains
         else:
             stream._conn.consumed(stream._st, n)
 
+    def flush_out(self) -> None:
+        q = self._outq
+        if q is not None:
+            self._outq = None
+            if not self._closed:
+                if len(q) == 1:
+                    self.transport.write(q[0])
+                else:
+                    self.transport.writelines(q)
+
     def tunnel_eof(self) -> None:
         self._tunnel_eof = True
+        self.flush_out()  # data before the end of stream
         if not self._closed:
             if self.transport.can_write_eof():
                 self.transport.write_eof()

@@ -190,7 +190,13 @@ class VirtualStream:
 
     def write(self, data: Any) -> None:
         self._check_writable()
-        self._conn.core.send(self._st, data)
+        conn = self._conn
+        conn._flush_follows = True
+        try:
+            conn.core.send(self._st, data)
+        finally:
+            conn._flush_follows = False
+        conn.flush_now()
 
     def writelines(self, chunks: Sequence[Any]) -> None:
         for c in chunks:
@@ -415,6 +421,8 @@ class TunnelConnection(asyncio.BufferedProtocol):
         self._coalesce = DRAIN_BUDGET + 1 if tls else 16 * 1024
         self._stls: Optional[_ServerTls] = None
         self._rview: Optional[memoryview] = None
+        self._dirty_sinks: List[Any] = []
+        self._flush_follows = False
         self.closed_future: asyncio.Future[None] = loop.create_future()
 
     # ------------------------------------------------------------------ transport callbacks
@@ -532,8 +540,20 @@ class TunnelConnection(asyncio.BufferedProtocol):
         if core is None:
             self.handshake_data(data)
             return
-        core.receive(data, time.monotonic())
+        self._flush_follows = True
+        try:
+            core.receive(data, time.monotonic())
+        finally:
+            self._flush_follows = False
+        sinks = self._dirty_sinks
+        if sinks:
+            # every forwarding target written once per read (one writev), not once per frame
+            self._dirty_sinks = []
+            for sink in sinks:
+                sink.flush_out()
         self._after_receive()
+        if core.has_output and not self._write_paused:
+            self._flush()  # acks and credit now, not an event-loop turn later
 
     def _after_receive(self) -> None:
         core = self.core
@@ -595,9 +615,17 @@ class TunnelConnection(asyncio.BufferedProtocol):
     # ------------------------------------------------------------------ output
 
     def on_output(self) -> None:
+        if self._flush_follows:
+            return  # the caller flushes as soon as the core returns
         if not self._flush_scheduled and not self._write_paused and not self.closed:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
+
+    def flush_now(self) -> None:
+        """Hand queued frames to the transport now (latency) instead of at the next loop turn."""
+        core = self.core
+        if core is not None and core.has_output and not self._write_paused and not self.closed:
+            self._flush()
 
     def _flush(self) -> None:
         self._flush_scheduled = False
