@@ -61,8 +61,8 @@ class StreamConfig:
     def __post_init__(self) -> None:
         if not 6 <= self.max_frame_size <= MAX_FRAME_SIZE:
             raise ValueError(f"max_frame_size must be in 6..{MAX_FRAME_SIZE}")
-        if not 1 <= self.max_chunk <= self.max_frame_size - 6:
-            raise ValueError("max_chunk must be between 1 and max_frame_size - 6")
+        if not 1 <= self.max_chunk <= MAX_FRAME_SIZE - 6:
+            raise ValueError(f"max_chunk must be between 1 and {MAX_FRAME_SIZE - 6}")
         if self.initial_window < 1 or self.max_window < self.initial_window:
             raise ValueError("need 1 <= initial_window <= max_window")
         for name in ("read_buffer_size", "max_streams_per_session", "stream_send_buffer", "stream_recv_buffer", "session_recv_budget"):

@@ -153,7 +153,10 @@ class TcpBridge(asyncio.Protocol):
     def tunnel_eof(self) -> None:
         self._tunnel_eof = True
         self.flush_out()  # data before the end of stream
-        if not self._closed:
+        # When the TCP side has finished too, close() (which flushes, then sends FIN) says the
+        # same thing; write_eof is kept for a real half-close only, since uvloop 0.23 has aborted
+        # ("double free or corruption") on write_eof paths under connection churn.
+        if not self._closed and not self._tcp_eof:
             if self.transport.can_write_eof():
                 self.transport.write_eof()
         self._maybe_done()
