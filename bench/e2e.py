@@ -150,11 +150,16 @@ async def role_relay(port, target):
     await asyncio.Event().wait()
 
 
+def _overrides():
+    """Config fields set with --set NAME=VALUE on the driver (passed down in the environment)."""
+    return json.loads(os.environ.get("FT_BENCH_CONFIG", "{}"))
+
+
 async def role_server(port, ingress_port, certdir=""):
     import ferrotunnel as ft
 
     ctx = ft.tls.server_context(f"{certdir}/server.pem", f"{certdir}/server.key") if certdir else None
-    server = ft.TunnelServer(("127.0.0.1", port), TOKEN, tls=ctx)
+    server = ft.TunnelServer(("127.0.0.1", port), TOKEN, tls=ctx, config=ft.ServerConfig(**_overrides()))
     async with server, ft.TcpIngress(server, ("127.0.0.1", ingress_port)):
         await server.wait_for_session(timeout=30)
         print("ready", flush=True)
@@ -166,7 +171,7 @@ async def role_client(port, target, certdir=""):
 
     ctx = ft.tls.client_context(f"{certdir}/ca.pem") if certdir else None
     client = ft.TunnelClient(f"127.0.0.1:{port}", TOKEN, tls=ctx,
-                             config=ft.ClientConfig(local_addr=("127.0.0.1", target)))
+                             config=ft.ClientConfig(local_addr=("127.0.0.1", target), **_overrides()))
     await client.connect_and_run()
 
 
@@ -244,8 +249,7 @@ async def rtt(port, count=2000):
         if i >= 100:  # warm-up excluded
             samples.append(time.perf_counter() - t0)
     w.close()
-    samples.sort()
-    return samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6
+    return samples
 
 
 async def new_streams(port, count=1000, concurrency=16):
@@ -298,7 +302,7 @@ class Paths:
         return p
 
     def fresh_tunnel(self):
-        for p in (self.server, self.client):
+        for p in (self.client, self.server):
             if p is not None:
                 p.kill()
                 p.wait()
@@ -331,22 +335,30 @@ def measure_all(args, tls_dir=""):
     res = {k: {} for k in ("direct", "relay", "tunnel")}
     try:
         nbytes = args.mb * 1_000_000
+        targets = paths.targets()
         for streams in (1, 16):
-            for name, (port, pids) in paths.targets().items():
-                runs = []
-                for _ in range(args.rounds):
+            runs = {name: [] for name in targets}
+            for _ in range(args.rounds):  # interleaved, so drift in machine speed hits every path alike
+                for name, (port, pids) in targets.items():
                     c0 = cpu_seconds(pids) if pids else 0
                     t0 = time.perf_counter()
                     moved = uvloop.run(bulk(port, nbytes, streams))
                     dt = time.perf_counter() - t0
                     cpu = (cpu_seconds(pids) - c0) / (moved / 1e9) if pids else None
-                    runs.append((moved / dt / 1e6, cpu))
-                res[name][f"mbps_{streams}"] = statistics.median(r[0] for r in runs)
+                    runs[name].append((moved / dt / 1e6, cpu))
+            for name, (port, pids) in targets.items():
+                res[name][f"mbps_{streams}"] = statistics.median(r[0] for r in runs[name])
                 if pids:
-                    res[name][f"cpu_s_per_gb_{streams}"] = statistics.median(r[1] for r in runs)
-        for name, (port, pids) in paths.targets().items():
-            p50, p99 = uvloop.run(rtt(port, 500 if args.quick else 3000))
-            res[name]["rtt_p50_us"], res[name]["rtt_p99_us"] = p50, p99
+                    res[name][f"cpu_s_per_gb_{streams}"] = statistics.median(r[1] for r in runs[name])
+        samples = {name: [] for name in targets}
+        segments = 4
+        for _ in range(segments):  # interleaved segments of 64-byte ping-pong
+            for name, (port, pids) in targets.items():
+                samples[name] += uvloop.run(rtt(port, (300 if args.quick else 1500)))
+        for name, (port, pids) in targets.items():
+            s_ = sorted(samples[name])
+            res[name]["rtt_p50_us"] = s_[len(s_) // 2] * 1e6
+            res[name]["rtt_p99_us"] = s_[int(len(s_) * 0.99)] * 1e6
             res[name]["new_streams_per_s"] = uvloop.run(new_streams(port, 300 if args.quick else 2000))
         paths.fresh_tunnel()
         paths.fresh_relay()
@@ -388,7 +400,11 @@ def main():
     ap.add_argument("--tls", action="store_true", help="also measure with TLS between the tunnel ends")
     ap.add_argument("--quick", action="store_true", help="fewer RTT and new-stream samples")
     ap.add_argument("--json", help="write all figures to this file")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="override a ServerConfig/ClientConfig field on both tunnel ends (integers only)")
     args = ap.parse_args()
+    if args.set:
+        os.environ["FT_BENCH_CONFIG"] = json.dumps({k: int(v) for k, v in (kv.split("=", 1) for kv in args.set)})
     import ferrotunnel.frames as F
 
     print(f"ferrotunnel implementation: {F.IMPLEMENTATION}; {args.mb} MB per bulk run; median of {args.rounds}")
