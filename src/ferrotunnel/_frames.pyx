@@ -8,7 +8,9 @@ import uuid
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.bytearray cimport (
+    PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_GET_SIZE, PyByteArray_Resize,
+)
 from libc.string cimport memcpy
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from cpython.object cimport PyObject, PyTypeObject
@@ -468,6 +470,14 @@ def decode_control(body):
     raise FrameError(f"unknown frame variant index {idx} (expected 0..11)")
 
 
+cdef inline int _ba_append(bytearray ba, const void* src, Py_ssize_t n) except -1:
+    # one copy straight from the caller's buffer (no temporary bytes object)
+    cdef Py_ssize_t old = PyByteArray_GET_SIZE(ba)
+    PyByteArray_Resize(ba, old + n)
+    memcpy(PyByteArray_AS_STRING(ba) + old, src, n)
+    return 0
+
+
 cdef int _check_header(uint32_t length, int ftype, Py_ssize_t max_frame_size) except -1:
     if length == 0:
         raise FrameError("frame length must be at least 1")
@@ -586,7 +596,7 @@ cdef class FrameDecoder:
             if blen:
                 if blen < 5:
                     take = min(5 - blen, n)
-                    buf += PyBytes_FromStringAndSize(<const char*>view.buf, take)
+                    _ba_append(buf, view.buf, take)
                     pos = take
                     if blen + take < 5:
                         return
@@ -595,9 +605,9 @@ cdef class FrameDecoder:
                     self._want = <Py_ssize_t>_get_be32(hp) + 4
                 need = self._want - PyByteArray_GET_SIZE(buf)
                 if n - pos < need:
-                    buf += PyBytes_FromStringAndSize(<const char*>view.buf + pos, n - pos)
+                    _ba_append(buf, <const char*>view.buf + pos, n - pos)
                     return
-                buf += PyBytes_FromStringAndSize(<const char*>view.buf + pos, need)
+                _ba_append(buf, <const char*>view.buf + pos, need)
                 pos += need
                 self._buf = bytearray()
                 self._want = 0
@@ -606,7 +616,7 @@ cdef class FrameDecoder:
             if pos < n:
                 pos = self._frames(data, <const unsigned char*>view.buf, pos, n, on_data, on_control, out)
             if pos < n:
-                self._buf = bytearray(PyBytes_FromStringAndSize(<const char*>view.buf + pos, n - pos))
+                self._buf = PyByteArray_FromStringAndSize(<const char*>view.buf + pos, n - pos)
                 if n - pos >= 5:
                     self._want = <Py_ssize_t>_get_be32(<const unsigned char*>view.buf + pos) + 4
         finally:
