@@ -51,7 +51,41 @@ async def echo(port: int) -> None:
     await asyncio.Event().wait()
 
 
+async def httpapp(port: int, name: str) -> None:
+    """Keep-alive HTTP/1.1 app answering its name; an Upgrade request gets 101, then raw echo."""
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if b"upgrade:" in head.lower():
+                    writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                    while True:
+                        data = await reader.read(65536)
+                        if not data:
+                            break
+                        writer.write(data)
+                        await writer.drain()
+                    break
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                body_in = await reader.readexactly(length) if length else b""
+                path = head.split(b" ")[1].decode()
+                body = f"{name} {path} {len(body_in)}".encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    await asyncio.start_server(handle, "127.0.0.1", port)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
-    fn = {"server": server, "client": client, "echo": echo}[role]
+    fn = {"server": server, "client": client, "echo": echo, "httpapp": httpapp}[role]
     uvloop.run(fn(*[int(a) if a.isdigit() else a for a in args]))

@@ -34,6 +34,7 @@ from .session import Multiplexer, Session, VirtualStream
 from .server import SessionStore, TunnelServer
 from .client import TunnelClient
 from .ingress import TcpIngress
+from .http import HttpIngress
 from .transport import TcpTransport, TlsTransport
 
 __version__ = "0.1.0"
@@ -43,6 +44,7 @@ __all__ = [
     "TunnelServer",
     "TunnelClient",
     "TcpIngress",
+    "HttpIngress",
     "Session",
     "SessionStore",
     "Multiplexer",

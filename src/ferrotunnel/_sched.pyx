@@ -50,6 +50,7 @@ cdef class PriorityScheduler:
     cdef list _rings
     cdef dict _streams
     cdef Py_ssize_t _frames, _bytes
+    cdef public long long drained_frames, drained_bytes
 
     def __cinit__(self):
         self._control = deque()
@@ -57,6 +58,8 @@ cdef class PriorityScheduler:
         self._streams = {}
         self._frames = 0
         self._bytes = 0
+        self.drained_frames = 0
+        self.drained_bytes = 0
 
     def __len__(self):
         return self._frames
@@ -185,4 +188,6 @@ cdef class PriorityScheduler:
             out.append(chunk)
         self._frames -= frames
         self._bytes -= total
+        self.drained_frames += frames
+        self.drained_bytes += total
         return out

@@ -45,6 +45,9 @@ class PriorityScheduler:
         self._streams: Dict[int, _StreamQueue] = {}
         self._frames = 0
         self._bytes = 0
+        #: Frames and wire bytes handed out by ``drain`` so far (for metrics).
+        self.drained_frames = 0
+        self.drained_bytes = 0
 
     def __len__(self) -> int:
         return self._frames
@@ -173,4 +176,6 @@ class PriorityScheduler:
             out.append(chunk)
         self._frames -= frames
         self._bytes -= total
+        self.drained_frames += frames
+        self.drained_bytes += total
         return out

@@ -177,8 +177,7 @@ class SessionCore:
         self.close_exc: Optional[Exception] = None
         self._now = now
         self.frames_in = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
+        self.bytes_in = 0  # wire bytes received; what was sent is counted by the scheduler
         rl: RateLimits = config.rate_limits
         self._open_bucket = _Bucket(rl.streams_per_second, rl.burst, now) if rl.streams_per_second else None
         self._byte_bucket = _Bucket(rl.bytes_per_second, rl.burst, now) if rl.bytes_per_second else None
@@ -190,6 +189,7 @@ class SessionCore:
         """Feed bytes read from the tunnel connection. Raises FrameError on a protocol violation."""
         self._now = now
         self.last_seen = now
+        self.bytes_in += len(data)
         self.decoder.feed_raw(data, self._on_data, self._on_control)
         if self._byte_bucket is not None:
             wait = self._byte_bucket.take(len(data), now)
@@ -212,7 +212,6 @@ class SessionCore:
     def _on_data(self, sid: int, flags: int, payload: memoryview) -> None:
         self.frames_in += 1
         n = len(payload)
-        self.bytes_in += n
         st = self.streams.get(sid)
         if st is None or st.remote_eof:
             if st is None:

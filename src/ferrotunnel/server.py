@@ -110,6 +110,7 @@ class ServerConnection(TunnelConnection):
         self._decoder = FrameDecoder(server.config.max_frame_size)
         self._hs_timer: Optional[asyncio.TimerHandle] = None
         self._pending = False
+        self._counted = False
         self.stream_handler = server.stream_handler
 
     def connection_made(self, transport: Any) -> None:
@@ -206,6 +207,12 @@ class ServerConnection(TunnelConnection):
         self._end_pending()
         srv = self.server
         srv._connections.discard(self)
+        if self.core is not None and not self._counted:
+            self._counted = True
+            srv.totals_closed[0] += self.core.frames_in
+            srv.totals_closed[1] += self.core.bytes_in
+            srv.totals_closed[2] += self.core.sched.drained_frames
+            srv.totals_closed[3] += self.core.sched.drained_bytes
         if self.session is not None:
             if self.session in srv.sessions:
                 log.info("session %s (tunnel %s) from %s closed%s", self.session.id, self.session.tunnel_id,
@@ -242,6 +249,20 @@ class TunnelServer:
         self._session_added = asyncio.Event()
         self.handshake_failures: Dict[str, int] = collections.Counter()
         self.tls_failures = 0
+        #: frames in, wire bytes in, frames out, wire bytes out of sessions that have ended
+        self.totals_closed = [0, 0, 0, 0]
+
+    def traffic_totals(self) -> Tuple[int, int, int, int]:
+        """(frames in, bytes in, frames out, bytes out) over all sessions, live and ended."""
+        t = list(self.totals_closed)
+        for s in self.sessions:
+            core = s._conn.core
+            if core is not None and not s._conn._counted:  # type: ignore[attr-defined]
+                t[0] += core.frames_in
+                t[1] += core.bytes_in
+                t[2] += core.sched.drained_frames
+                t[3] += core.sched.drained_bytes
+        return t[0], t[1], t[2], t[3]
 
     def __repr__(self) -> str:  # the token stays out
         return f"<TunnelServer {self._bind} sessions={len(self.sessions)}>"

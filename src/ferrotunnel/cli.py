@@ -1,0 +1,344 @@
+"""The ``ferrotunnel`` command: server, client, certs, demo, version.
+
+Flags and environment variables follow the Rust ``ferrotunnel`` CLI; where the original is unsafe
+or surprising this one does the safe thing (see the README). Exit codes: 0 after a clean
+shutdown, 2 for usage errors, 1 for runtime failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, List, Optional, Sequence, Tuple
+
+__all__ = ["main"]
+
+log = logging.getLogger("ferrotunnel.cli")
+
+DEFAULT_BIND = "0.0.0.0:7835"
+
+
+class UsageError(Exception):
+    """A bad flag or a missing file: exit code 2."""
+
+
+def _env(name: str, default: Optional[str] = None) -> Optional[str]:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def _env_flag(name: str) -> bool:
+    return (_env(name) or "").lower() in ("1", "true", "yes", "on")
+
+
+def _addr(text: str, what: str) -> Tuple[str, int]:
+    from .client import parse_address
+
+    try:
+        return parse_address(text)
+    except ValueError:
+        raise UsageError(f"{what} must be HOST:PORT (e.g. 127.0.0.1:8000), got {text!r}") from None
+
+
+def _file(path: Optional[str], what: str) -> Optional[str]:
+    if path is not None and not os.path.isfile(path):
+        raise UsageError(f"{what} file not found: {path}")
+    return path
+
+
+def _token(args: argparse.Namespace) -> str:
+    from .auth import TokenFormatError, validate_token_format
+
+    token = args.token or _env("FERROTUNNEL_TOKEN")
+    if not token and sys.stdin.isatty():
+        token = getpass.getpass("Tunnel token: ")  # no echo
+    if not token:
+        raise UsageError("no token: pass --token, set FERROTUNNEL_TOKEN, or run in a terminal to be prompted")
+    try:
+        validate_token_format(token)
+    except TokenFormatError as exc:
+        raise UsageError(f"invalid token: {exc}") from None
+    return token
+
+
+def _setup_logging(level: str) -> None:
+    numeric = getattr(logging, level.upper(), None)
+    if not isinstance(numeric, int):
+        raise UsageError(f"--log-level must be one of debug, info, warning, error; got {level!r}")
+    logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _run(coro: Any) -> int:
+    import uvloop
+
+    return uvloop.run(coro)
+
+
+async def _until_signal(*tasks: "asyncio.Task[Any]") -> Optional["asyncio.Task[Any]"]:
+    """Wait for SIGINT/SIGTERM or for one of ``tasks`` to finish; returns the finished task."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({waiter, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    for t in tasks:
+        if t in done:
+            return t
+    return None
+
+
+# ------------------------------------------------------------------ server
+
+
+def _server_tls(args: argparse.Namespace) -> Any:
+    from . import tls
+
+    cert, key = args.tls_cert, args.tls_key
+    if not cert and not key:
+        if args.tls_ca or args.tls_client_auth:
+            raise UsageError("--tls-ca and --tls-client-auth need --tls-cert and --tls-key")
+        return None
+    if not (cert and key):
+        raise UsageError("TLS needs both --tls-cert and --tls-key")
+    _file(cert, "--tls-cert")
+    _file(key, "--tls-key")
+    _file(args.tls_ca, "--tls-ca")
+    if args.tls_client_auth and not args.tls_ca:
+        raise UsageError("--tls-client-auth needs --tls-ca (the CA that signs client certificates)")
+    # as in the original, a CA means client certificates are required (mutual TLS)
+    return tls.server_context(cert, key, args.tls_ca, require_client_cert=bool(args.tls_ca))
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    import ferrotunnel as ft
+
+    token = _token(args)
+    bind = _addr(args.bind, "--bind")
+    ctx = _server_tls(args)
+    tcp_binds: List[Tuple[Tuple[str, int], Optional[str]]] = []
+    for spec in args.tcp_bind:
+        addr, _, tid = spec.partition("=")
+        tcp_binds.append((_addr(addr, "--tcp-bind"), tid or None))
+    http_bind = _addr(args.http_bind, "--http-bind") if args.http_bind else None
+    metrics_bind = _addr(args.metrics_bind, "--metrics-bind") if args.metrics else None
+
+    server = ft.TunnelServer(bind, token, tls=ctx, config=ft.ServerConfig())
+    ingresses: List[Any] = [ft.TcpIngress(server, a, tunnel_id=t) for a, t in tcp_binds]
+    if http_bind:
+        ingresses.append(ft.HttpIngress(server, http_bind))
+    metrics = None
+    try:
+        await server.start()
+        for ing in ingresses:
+            await ing.start()
+        if metrics_bind:
+            from .metrics import MetricsServer
+
+            metrics = MetricsServer(server, metrics_bind, ingresses)
+            await metrics.start()
+    except OSError as exc:
+        print(f"ferrotunnel: cannot listen: {exc}. Is another process using the port?", file=sys.stderr)
+        await server.close()
+        return 1
+    except RuntimeError as exc:
+        print(f"ferrotunnel: {exc}", file=sys.stderr)
+        await server.close()
+        return 1
+    host, port = server.address
+    print(f"ferrotunnel server listening on {host}:{port}{' (TLS)' if ctx else ''}", flush=True)
+    for ing in ingresses:
+        h, p = ing.address
+        kind = "HTTP" if isinstance(ing, ft.HttpIngress) else "TCP"
+        target = getattr(ing, "tunnel_id", None) or ("by Host header" if kind == "HTTP" else "first tcp client")
+        print(f"{kind} ingress on {h}:{p} -> {target}", flush=True)
+    if metrics is not None:
+        print(f"metrics on http://{metrics.address[0]}:{metrics.address[1]}/metrics", flush=True)
+    await _until_signal()
+    print(f"shutting down (up to {args.grace:.0f}s for open streams)", flush=True)
+    for ing in ingresses:
+        await ing.close()
+    await server.shutdown(args.grace)
+    if metrics is not None:
+        await metrics.close()
+    return 0
+
+
+# ------------------------------------------------------------------ client
+
+
+def _client_tls(args: argparse.Namespace) -> Any:
+    from . import tls
+
+    wants = args.tls or args.tls_ca or args.tls_skip_verify or args.tls_cert or args.tls_key or args.tls_server_name
+    if not wants:
+        return None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("a client certificate needs both --tls-cert and --tls-key")
+    _file(args.tls_ca, "--tls-ca")
+    _file(args.tls_cert, "--tls-cert")
+    _file(args.tls_key, "--tls-key")
+    # unlike the original, no CA means the system trust store, never silently no verification
+    return tls.client_context(args.tls_ca, skip_verify=args.tls_skip_verify, certfile=args.tls_cert,
+                              keyfile=args.tls_key)
+
+
+async def _connect(args: argparse.Namespace) -> int:
+    import ferrotunnel as ft
+
+    token = _token(args)
+    if not args.server:
+        raise UsageError("--server HOST:PORT is required (or FERROTUNNEL_SERVER)")
+    _addr(args.server, "--server")
+    local = _addr(args.local_addr, "--local-addr")
+    ctx = _client_tls(args)
+    client = ft.TunnelClient(args.server, token, tunnel_id=args.tunnel_id, tls=ctx,
+                             server_name=args.tls_server_name, config=ft.ClientConfig(local_addr=local))
+
+    def connected(session: Any) -> None:
+        print(f"connected to {args.server}: session {session.id}, tunnel id {client.tunnel_id}; "
+              f"forwarding streams to {local[0]}:{local[1]}", flush=True)
+
+    task = asyncio.ensure_future(client.connect_and_run(on_connected=connected))
+    finished = await _until_signal(task)
+    if finished is None:
+        print("shutting down", flush=True)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return 0
+    exc = finished.exception()
+    if exc is not None:
+        print(f"ferrotunnel: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------ certs, version, demo
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from .tls import generate_certs
+
+    names = args.name or ["localhost"]
+    ips = args.ip or ["127.0.0.1"]
+    try:
+        paths = generate_certs(args.out, names=names, ips=ips, client=args.client, days=args.days)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        print(f"ferrotunnel: cannot write certificates to {args.out}: {exc}", file=sys.stderr)
+        return 1
+    for name, path in sorted(paths.items()):
+        print(f"wrote {path}")
+    print(f"server certificate valid for {', '.join(names + ips)}; keys are readable by you only")
+    return 0
+
+
+def _version() -> int:
+    import platform
+
+    import ferrotunnel as ft
+    from .frames import IMPLEMENTATION
+
+    impl = "compiled" if IMPLEMENTATION == "c" else "pure Python"
+    print(f"ferrotunnel {ft.__version__} (FerroTunnel protocol v1, {impl} codec, Python "
+          f"{platform.python_version()}, {platform.system()} {platform.machine()})")
+    return 0
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return await run_demo(requests=args.requests, concurrency=args.concurrency)
+
+
+# ------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ferrotunnel", description="Expose a local TCP or HTTP service through a "
+                                "FerroTunnel-compatible reverse tunnel.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("server", help="run the tunnel server and its public ingresses")
+    s.add_argument("--bind", default=_env("FERROTUNNEL_BIND", DEFAULT_BIND), help="tunnel listener (default %(default)s)")
+    s.add_argument("--token", default=None, help="tunnel token (or FERROTUNNEL_TOKEN, or a prompt)")
+    s.add_argument("--http-bind", default=_env("FERROTUNNEL_HTTP_BIND"),
+                   help="HTTP ingress routed by Host (off unless given)")
+    s.add_argument("--tcp-bind", action="append", metavar="ADDR[=TUNNEL_ID]",
+                   default=[x for x in (_env("FERROTUNNEL_TCP_BIND") or "").split(",") if x],
+                   help="TCP ingress; repeatable; without =TUNNEL_ID the first tcp client gets it")
+    s.add_argument("--tls-cert", default=_env("FERROTUNNEL_TLS_CERT"))
+    s.add_argument("--tls-key", default=_env("FERROTUNNEL_TLS_KEY"))
+    s.add_argument("--tls-ca", default=_env("FERROTUNNEL_TLS_CA"), help="require client certificates signed by this CA")
+    s.add_argument("--tls-client-auth", action="store_true", default=_env_flag("FERROTUNNEL_TLS_CLIENT_AUTH"))
+    s.add_argument("--metrics", action="store_true", default=_env_flag("FERROTUNNEL_METRICS"),
+                   help="serve Prometheus metrics (needs ferrotunnel[metrics])")
+    s.add_argument("--metrics-bind", default=_env("FERROTUNNEL_METRICS_BIND", "127.0.0.1:9090"))
+    s.add_argument("--grace", type=float, default=10.0, help="seconds open streams get on SIGTERM (default 10)")
+    s.add_argument("--log-level", default=_env("FERROTUNNEL_LOG_LEVEL", "info"))
+
+    c = sub.add_parser("client", help="connect to a server and forward its streams to a local service")
+    c.add_argument("--server", default=_env("FERROTUNNEL_SERVER"), help="HOST:PORT of the tunnel server")
+    c.add_argument("--token", default=None, help="tunnel token (or FERROTUNNEL_TOKEN, or a prompt)")
+    c.add_argument("--local-addr", default=_env("FERROTUNNEL_LOCAL_ADDR", "127.0.0.1:8000"))
+    c.add_argument("--tunnel-id", default=_env("FERROTUNNEL_TUNNEL_ID"),
+                   help="the name to route by (HTTP Host, or =TUNNEL_ID on a TCP ingress)")
+    c.add_argument("--tls", action="store_true", default=_env_flag("FERROTUNNEL_TLS"))
+    c.add_argument("--tls-ca", default=_env("FERROTUNNEL_TLS_CA"))
+    c.add_argument("--tls-server-name", default=_env("FERROTUNNEL_TLS_SERVER_NAME"))
+    c.add_argument("--tls-skip-verify", action="store_true", default=_env_flag("FERROTUNNEL_TLS_SKIP_VERIFY"),
+                   help="accept any server certificate (unsafe; never implied)")
+    c.add_argument("--tls-cert", default=_env("FERROTUNNEL_TLS_CERT"))
+    c.add_argument("--tls-key", default=_env("FERROTUNNEL_TLS_KEY"))
+    c.add_argument("--log-level", default=_env("FERROTUNNEL_LOG_LEVEL", "info"))
+
+    k = sub.add_parser("certs", help="make a CA and a server certificate (and a client pair) for TLS")
+    k.add_argument("--out", required=True, help="directory to write ca.pem, ca.key, server.pem, server.key")
+    k.add_argument("--name", action="append", help="DNS name on the server certificate (repeatable)")
+    k.add_argument("--ip", action="append", help="IP address on the server certificate (repeatable)")
+    k.add_argument("--client", action="store_true", help="also write client.pem and client.key for mutual TLS")
+    k.add_argument("--days", type=int, default=825, help="validity of the leaf certificates")
+
+    d = sub.add_parser("demo", help="server, client and a small HTTP app in one process, with traffic")
+    d.add_argument("--requests", type=int, default=300)
+    d.add_argument("--concurrency", type=int, default=8)
+
+    sub.add_parser("version", help="print the version")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        if args.command == "version":
+            return _version()
+        if args.command == "certs":
+            return _certs(args)
+        if args.command == "demo":
+            _setup_logging("warning")
+            return _run(_demo(args))
+        _setup_logging(args.log_level)
+        if args.command == "server":
+            return _run(_serve(args))
+        return _run(_connect(args))
+    except UsageError as exc:
+        print(f"ferrotunnel {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Prometheus metrics for a TunnelServer (needs the optional ``prometheus_client``).
+
+Values are read from the server when scraped, so the data path pays nothing for them.
+Serves ``/metrics`` and ``/health/ready`` on its own address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Iterable, List, Optional, Tuple
+
+__all__ = ["MetricsServer"]
+
+log = logging.getLogger("ferrotunnel.metrics")
+
+
+class _Collector:
+    def __init__(self, server: Any, ingresses: List[Any]) -> None:
+        self.server = server
+        self.ingresses = ingresses
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        srv = self.server
+        sessions = list(srv.sessions)
+        yield GaugeMetricFamily("ferrotunnel_sessions", "Live tunnel sessions", value=len(sessions))
+        yield GaugeMetricFamily("ferrotunnel_streams", "Open streams over all sessions",
+                                value=sum(len(s.multiplexer) for s in sessions))
+        frames_in, bytes_in, frames_out, bytes_out = srv.traffic_totals()
+        c = CounterMetricFamily("ferrotunnel_frames", "Frames on the tunnel connections", labels=["direction"])
+        c.add_metric(["in"], frames_in)
+        c.add_metric(["out"], frames_out)
+        yield c
+        c = CounterMetricFamily("ferrotunnel_bytes", "Wire bytes on the tunnel connections", labels=["direction"])
+        c.add_metric(["in"], bytes_in)
+        c.add_metric(["out"], bytes_out)
+        yield c
+        c = CounterMetricFamily("ferrotunnel_handshake_failures", "Refused handshakes by status", labels=["status"])
+        for status, n in sorted(srv.handshake_failures.items()):
+            c.add_metric([status], n)
+        c.add_metric(["TLS"], srv.tls_failures)
+        yield c
+        g = GaugeMetricFamily("ferrotunnel_heartbeat_rtt_seconds", "Heartbeat round trip per session",
+                              labels=["tunnel_id"])
+        for s in sessions:
+            if s.rtt is not None:
+                g.add_metric([s.tunnel_id], s.rtt)
+        yield g
+        c = CounterMetricFamily("ferrotunnel_ingress_connections", "Public connections accepted", labels=["ingress"])
+        for ing in self.ingresses:
+            host, port = ing.address
+            c.add_metric([f"{type(ing).__name__}:{host}:{port}"], ing.connections)
+        yield c
+
+
+class MetricsServer:
+    """``/metrics`` (Prometheus text format) and ``/health/ready`` on ``address``."""
+
+    def __init__(self, server: Any, address: Tuple[str, int], ingresses: Optional[List[Any]] = None) -> None:
+        try:
+            from prometheus_client import CollectorRegistry
+        except ImportError:
+            raise RuntimeError("metrics need prometheus_client: pip install 'ferrotunnel[metrics]'") from None
+        self.registry = CollectorRegistry()
+        self.registry.register(_Collector(server, ingresses or []))  # type: ignore[arg-type]
+        self.server = server
+        self._bind = address
+        self._srv: Optional[asyncio.AbstractServer] = None
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        assert self._srv is not None
+        return self._srv.sockets[0].getsockname()[:2]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        try:
+            async with asyncio.timeout(10):
+                head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
+            writer.close()
+            return
+        path = head.split(b" ", 2)[1].decode("latin-1") if head.count(b" ") >= 2 else ""
+        if path == "/metrics":
+            body, ctype, status = generate_latest(self.registry), CONTENT_TYPE_LATEST, "200 OK"
+        elif path == "/health/ready":
+            ready = self.server._server is not None and not self.server._closing
+            body, ctype = (b"ready\n" if ready else b"not ready\n"), "text/plain"
+            status = "200 OK" if ready else "503 Service Unavailable"
+        else:
+            body, ctype, status = b"not found\n", "text/plain", "404 Not Found"
+        writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                     "Connection: close\r\n\r\n".encode() + body)
+        try:
+            await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    async def start(self) -> None:
+        host, port = self._bind
+        self._srv = await asyncio.start_server(self._handle, host, port)
+        log.info("metrics on http://%s:%s/metrics", *self.address)
+
+    async def close(self) -> None:
+        if self._srv is not None:
+            self._srv.close()
