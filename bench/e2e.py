@@ -283,10 +283,12 @@ async def idle(port, pids, count=IDLE_STREAMS):
 
 
 class Paths:
-    """Starts backend, relay and a tunnel; ``fresh()`` restarts the tunnel processes."""
+    """Starts backend, relay and a tunnel; ``fresh()`` restarts the tunnel processes. With
+    ``cli=True`` the tunnel ends are the ``ferrotunnel server`` / ``client`` commands."""
 
-    def __init__(self, tls_dir=""):
+    def __init__(self, tls_dir="", cli=False):
         self.tls_dir = tls_dir
+        self.cli = cli
         self.procs = []
         self.backend_port, self.relay_port = free_port(), free_port()
         self.backend = self._start("backend", self.backend_port)
@@ -307,10 +309,28 @@ class Paths:
                 p.kill()
                 p.wait()
         self.tun_port, self.ingress_port = free_port(), free_port()
+        if self.cli:
+            self._start_cli()
+            return
         self.server = self._start("server", self.tun_port, self.ingress_port, self.tls_dir, wait=False)
         time.sleep(0.3)
         self.client = self._start("client", self.tun_port, self.backend_port, self.tls_dir, wait=False)
         self.server.stdout.readline()
+        time.sleep(0.2)
+
+    def _start_cli(self):
+        env = dict(os.environ, FERROTUNNEL_TOKEN=TOKEN, FERROTUNNEL_LOG_LEVEL="warning")
+        tls_s = ["--tls-cert", f"{self.tls_dir}/server.pem", "--tls-key", f"{self.tls_dir}/server.key"] if self.tls_dir else []
+        tls_c = ["--tls", "--tls-ca", f"{self.tls_dir}/ca.pem"] if self.tls_dir else []
+        cmd = [sys.executable, "-m", "ferrotunnel"]
+        self.server = subprocess.Popen(cmd + ["server", "--bind", f"127.0.0.1:{self.tun_port}", "--tcp-bind",
+                                              f"127.0.0.1:{self.ingress_port}", *tls_s],
+                                       stdout=subprocess.PIPE, text=True, env=env)
+        self.server.stdout.readline()
+        self.client = subprocess.Popen(cmd + ["client", "--server", f"localhost:{self.tun_port}", "--local-addr",
+                                              f"127.0.0.1:{self.backend_port}", *tls_c],
+                                       stdout=subprocess.PIPE, text=True, env=env)
+        self.client.stdout.readline()
         time.sleep(0.2)
 
     def fresh_relay(self):
@@ -331,7 +351,7 @@ class Paths:
 
 def measure_all(args, tls_dir=""):
     """Returns {path: {figure: value}} for direct, relay and tunnel."""
-    paths = Paths(tls_dir)
+    paths = Paths(tls_dir, cli=getattr(args, "cli", False))
     res = {k: {} for k in ("direct", "relay", "tunnel")}
     try:
         nbytes = args.mb * 1_000_000
@@ -400,6 +420,7 @@ def main():
     ap.add_argument("--tls", action="store_true", help="also measure with TLS between the tunnel ends")
     ap.add_argument("--quick", action="store_true", help="fewer RTT and new-stream samples")
     ap.add_argument("--json", help="write all figures to this file")
+    ap.add_argument("--cli", action="store_true", help="run the tunnel ends as the ferrotunnel server/client commands")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="override a ServerConfig/ClientConfig field on both tunnel ends (integers only)")
     args = ap.parse_args()
@@ -407,7 +428,8 @@ def main():
         os.environ["FT_BENCH_CONFIG"] = json.dumps({k: int(v) for k, v in (kv.split("=", 1) for kv in args.set)})
     import ferrotunnel.frames as F
 
-    print(f"ferrotunnel implementation: {F.IMPLEMENTATION}; {args.mb} MB per bulk run; median of {args.rounds}")
+    print(f"ferrotunnel implementation: {F.IMPLEMENTATION}; {args.mb} MB per bulk run; median of {args.rounds}"
+          f"{'; tunnel ends are the CLI commands' if args.cli else ''}")
     out = {"implementation": F.IMPLEMENTATION, "plaintext": measure_all(args)}
     print(table(out["plaintext"], "plaintext"), flush=True)
     if args.tls:

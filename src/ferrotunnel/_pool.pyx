@@ -15,25 +15,11 @@ cdef extern from "Python.h":
     ctypedef struct PyByteArrayObject:
         Py_ssize_t ob_exports
 
+from ._pool_py import parse_pool_env  # parsing runs once per process: no need to compile it
+
 __all__ = ["acquire_bytes", "release_bytes", "pool_stats", "pool_config", "parse_pool_env", "is_exported"]
 
-DEFAULT_MAX_SIZE = 32
-DEFAULT_MAX_CAPACITY = 65536
-DEFAULT_CAPACITY = 4096
-_USIZE_MAX = 2**64 - 1
-
-
-def parse_pool_env(value, default):
-    """Digits with an optional leading '+'; unset, unparsable, overflowing or zero -> default."""
-    if not value:
-        return default
-    digits = value[1:] if value[0] == "+" else value
-    if not digits or not all("0" <= c <= "9" for c in digits):
-        return default
-    n = int(digits)
-    if n == 0 or n > _USIZE_MAX:
-        return default
-    return n
+from ._pool_py import DEFAULT_CAPACITY, DEFAULT_MAX_CAPACITY, DEFAULT_MAX_SIZE
 
 
 cdef bint _loaded = False

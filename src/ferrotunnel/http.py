@@ -16,6 +16,7 @@ from typing import Any, Optional, Tuple
 from ._model import Protocol
 from .errors import FerroTunnelError
 from .forward import TcpBridge
+from .ingress import Ingress
 from .server import TunnelServer
 from .session import Session
 
@@ -152,50 +153,21 @@ class _HttpBridge(TcpBridge):
         super().tunnel_reset(exc)
 
 
-class HttpIngress:
+class HttpIngress(Ingress):
     """A public HTTP port routed by Host to the session whose tunnel id matches."""
+
+    kind = "HTTP ingress"
 
     def __init__(self, server: TunnelServer, address: Tuple[str, int], *, max_head: int = MAX_HEAD,
                  head_timeout: float = HEAD_TIMEOUT, priority: Any = None) -> None:
-        from ._model import StreamPriority
-
-        self.server = server
-        self._bind = address
+        super().__init__(server, address, priority)
         self.max_head = max_head
         self.head_timeout = head_timeout
-        self.priority = StreamPriority.NORMAL if priority is None else StreamPriority(priority)
-        self._server: Optional[asyncio.AbstractServer] = None
-        self.connections = 0
         self.responses: dict = {}
+
+    def protocol_factory(self) -> asyncio.Protocol:
+        return _HttpBridge(self)
 
     def route(self, tunnel_id: str) -> Optional[Session]:
         s = self.server.sessions.get_by_tunnel_id(tunnel_id)
         return s if s is not None and not s.is_closed else None
-
-    @property
-    def address(self) -> Tuple[str, int]:
-        if self._server is None or not self._server.sockets:
-            raise RuntimeError("the ingress is not started")
-        return self._server.sockets[0].getsockname()[:2]
-
-    async def start(self) -> None:
-        host, port = self._bind
-        self._server = await asyncio.get_running_loop().create_server(lambda: _HttpBridge(self), host, port,
-                                                                      backlog=1024, reuse_address=True)
-        log.info("HTTP ingress listening on %s:%s", *self.address)
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            try:
-                async with asyncio.timeout(1.0):
-                    await self._server.wait_closed()
-            except TimeoutError:
-                pass
-
-    async def __aenter__(self) -> "HttpIngress":
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.close()

@@ -12,7 +12,7 @@ from .forward import TcpBridge
 from .server import TunnelServer
 from .session import Session
 
-__all__ = ["TcpIngress"]
+__all__ = ["TcpIngress", "Ingress"]
 
 log = logging.getLogger("ferrotunnel.ingress")
 
@@ -44,27 +44,25 @@ class _IngressBridge(TcpBridge):
         self.attach(stream)
 
 
-class TcpIngress:
-    """A public TCP port: each connection becomes a ``Protocol.TCP`` stream to the session named
-    ``tunnel_id``, or without one to the first session that announced the ``tcp`` capability."""
+class Ingress:
+    """A public listening port whose connections the subclass's protocol turns into streams."""
 
-    def __init__(self, server: TunnelServer, address: Tuple[str, int], tunnel_id: Optional[str] = None, *,
-                 idle_timeout: Optional[float] = None, priority: Any = None) -> None:
+    kind = "ingress"
+
+    def __init__(self, server: TunnelServer, address: Tuple[str, int], priority: Any = None) -> None:
         from ._model import StreamPriority
 
         self.server = server
         self._bind = address
-        self.tunnel_id = tunnel_id
-        self.idle_timeout = idle_timeout if idle_timeout is not None else server.config.ingress_idle_timeout
         self.priority = StreamPriority.NORMAL if priority is None else StreamPriority(priority)
         self._server: Optional[asyncio.AbstractServer] = None
         self.connections = 0
 
-    def route(self) -> Optional[Session]:
-        if self.tunnel_id is not None:
-            s = self.server.sessions.get_by_tunnel_id(self.tunnel_id)
-            return s if s is not None and not s.is_closed else None
-        return self.server.sessions.find_with_capability("tcp")
+    def protocol_factory(self) -> asyncio.Protocol:  # pragma: no cover - subclasses
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return ""
 
     @property
     def address(self) -> Tuple[str, int]:
@@ -73,11 +71,10 @@ class TcpIngress:
         return self._server.sockets[0].getsockname()[:2]
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         host, port = self._bind
-        self._server = await loop.create_server(lambda: _IngressBridge(self), host, port, backlog=1024,
-                                                reuse_address=True)
-        log.info("TCP ingress listening on %s:%s -> %s", *self.address, self.tunnel_id or "first tcp session")
+        self._server = await asyncio.get_running_loop().create_server(self.protocol_factory, host, port,
+                                                                      backlog=1024, reuse_address=True)
+        log.info("%s listening on %s:%s%s", self.kind, *self.address, self.describe())
 
     async def close(self) -> None:
         if self._server is not None:
@@ -88,9 +85,34 @@ class TcpIngress:
             except TimeoutError:
                 pass
 
-    async def __aenter__(self) -> "TcpIngress":
+    async def __aenter__(self) -> "Ingress":
         await self.start()
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
+
+
+class TcpIngress(Ingress):
+    """A public TCP port: each connection becomes a ``Protocol.TCP`` stream to the session named
+    ``tunnel_id``, or without one to the first session that announced the ``tcp`` capability."""
+
+    kind = "TCP ingress"
+
+    def __init__(self, server: TunnelServer, address: Tuple[str, int], tunnel_id: Optional[str] = None, *,
+                 idle_timeout: Optional[float] = None, priority: Any = None) -> None:
+        super().__init__(server, address, priority)
+        self.tunnel_id = tunnel_id
+        self.idle_timeout = idle_timeout if idle_timeout is not None else server.config.ingress_idle_timeout
+
+    def protocol_factory(self) -> asyncio.Protocol:
+        return _IngressBridge(self)
+
+    def describe(self) -> str:
+        return f" -> {self.tunnel_id or 'first tcp session'}"
+
+    def route(self) -> Optional[Session]:
+        if self.tunnel_id is not None:
+            s = self.server.sessions.get_by_tunnel_id(self.tunnel_id)
+            return s if s is not None and not s.is_closed else None
+        return self.server.sessions.find_with_capability("tcp")
