@@ -67,6 +67,15 @@ class Backend(asyncio.Protocol):
         return True
 
 
+def _forward_eof(transport, other_side_done):
+    # once both directions ended, close() (flush, then FIN) instead of write_eof: uvloop 0.23 has
+    # aborted with "double free or corruption" on write_eof paths under churn (see ANCHORS.md)
+    if other_side_done:
+        transport.close()
+    else:
+        transport.write_eof()
+
+
 class RelayIn(asyncio.Protocol):
     """A 1:1 forwarder: one upstream connection per downstream connection, no framing."""
 
@@ -96,7 +105,7 @@ class RelayIn(asyncio.Protocol):
     def eof_received(self):
         self.eof = True
         if self.peer is not None:
-            self.peer.t.write_eof()
+            _forward_eof(self.peer.t, self.peer.eof)
         return True
 
     def connection_lost(self, exc):
@@ -104,10 +113,12 @@ class RelayIn(asyncio.Protocol):
             self.peer.t.close()
 
     def pause_writing(self):
-        self.peer.t.pause_reading()
+        if not self.peer.eof:
+            self.peer.t.pause_reading()
 
     def resume_writing(self):
-        self.peer.t.resume_reading()
+        if not self.peer.eof:  # never resume a transport that saw EOF (uvloop 0.23 aborts)
+            self.peer.t.resume_reading()
 
 
 class RelayOut(asyncio.Protocol):
@@ -116,13 +127,15 @@ class RelayOut(asyncio.Protocol):
 
     def connection_made(self, t):
         self.t = t
+        self.eof = False
         nodelay(t)
 
     def data_received(self, data):
         self.down.t.write(data)
 
     def eof_received(self):
-        self.down.t.write_eof()
+        self.eof = True
+        _forward_eof(self.down.t, self.down.eof)
         return True
 
     def connection_lost(self, exc):
@@ -346,6 +359,9 @@ class Paths:
     def close(self):
         for p in self.procs + [self.server, self.client]:
             if p is not None:
+                if p.poll() is not None and p.returncode < 0 and p.returncode != -9:
+                    print(f"warning: a benchmark process ({' '.join(p.args[2:5])}) died with signal "
+                          f"{-p.returncode}", file=sys.stderr)
                 p.kill()
 
 
