@@ -152,7 +152,7 @@ class TunnelClient:
         addr = self.config.local_addr
 
         async def handle(stream: VirtualStream) -> None:
-            await forward(stream, addr)
+            await forward(stream, addr, wait=False)  # the pipe runs by itself: no task per stream
 
         return handle
 

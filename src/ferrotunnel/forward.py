@@ -14,28 +14,70 @@ from typing import Any, Optional, Tuple
 from .errors import FerroTunnelError, StreamClosedError
 from .session import VirtualStream, _tune_socket
 
-__all__ = ["forward", "TcpBridge"]
+__all__ = ["forward", "TcpBridge", "IdleSweeper"]
 
 log = logging.getLogger("ferrotunnel.forward")
+
+
+class IdleSweeper:
+    """Closes bridges with no traffic for ``timeout`` seconds: one timer for all of them, so an idle
+    connection costs no timer of its own. A bridge goes after 1 to 1.5 timeouts of silence."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.bridges: "set[TcpBridge]" = set()
+        self._handle: Optional[asyncio.TimerHandle] = None
+
+    def add(self, bridge: "TcpBridge") -> None:
+        self.bridges.add(bridge)
+        bridge._sweeper = self
+        if self._handle is None:
+            self._handle = asyncio.get_running_loop().call_later(self.timeout / 2, self._sweep)
+
+    def _sweep(self) -> None:
+        self._handle = None
+        for bridge in list(self.bridges):
+            if bridge._idle_ticks >= 2:
+                log.info("closing idle connection (no traffic for %.0fs)", self.timeout)
+                bridge._finish(abort=True)
+            else:
+                bridge._idle_ticks += 1
+        if self.bridges:
+            self._handle = asyncio.get_running_loop().call_later(self.timeout / 2, self._sweep)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 class TcpBridge(asyncio.Protocol):
     """Joins one TCP connection and one ``VirtualStream``; ``done`` resolves when both ends finish."""
 
-    def __init__(self, stream: Optional[VirtualStream] = None, idle_timeout: Optional[float] = None) -> None:
+    __slots__ = ("stream", "transport", "_done", "_tcp_eof", "_tunnel_eof", "_closed", "_reading_paused",
+                 "_sweeper", "_idle_ticks", "bytes_up", "bytes_down", "_outq")
+
+    def __init__(self, stream: Optional[VirtualStream] = None) -> None:
         self.stream = stream
         self.transport: Any = None
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._done: Optional[asyncio.Future[None]] = None  # made only if someone waits
         self._tcp_eof = False       # the TCP side finished sending (we half-closed the stream)
         self._tunnel_eof = False    # the stream finished (we half-closed the TCP side)
         self._closed = False
         self._reading_paused = False
-        self._idle_timeout = idle_timeout
-        self._idle_handle: Optional[asyncio.TimerHandle] = None
-        self._active = True
+        self._sweeper: Optional[IdleSweeper] = None
+        self._idle_ticks = 0
         self.bytes_up = 0
         self.bytes_down = 0
         self._outq: Optional[list] = None  # tunnel payloads waiting for this read's single writev
+
+    @property
+    def done(self) -> "asyncio.Future[None]":
+        if self._done is None:
+            self._done = asyncio.get_running_loop().create_future()
+            if self._closed:
+                self._done.set_result(None)
+        return self._done
 
     # -- wiring
     def attach(self, stream: VirtualStream) -> None:
@@ -60,27 +102,15 @@ class TcpBridge(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             _tune_socket(sock)
-        if self._idle_timeout:
-            self._idle_handle = asyncio.get_running_loop().call_later(self._idle_timeout, self._idle_check)
         if self.stream is not None:
             self.attach(self.stream)
-
-    def _idle_check(self) -> None:
-        if self._closed:
-            return
-        if not self._active:
-            log.info("closing idle connection (no traffic for %.0fs)", self._idle_timeout)
-            self._finish(abort=True)
-            return
-        self._active = False
-        self._idle_handle = asyncio.get_running_loop().call_later(self._idle_timeout, self._idle_check)  # type: ignore[arg-type]
 
     # -- TCP side
     def data_received(self, data: bytes) -> None:
         stream = self.stream
         if stream is None or self._closed:
             return
-        self._active = True
+        self._idle_ticks = 0
         self.bytes_up += len(data)
         try:
             stream.write(data)  # flushed to the tunnel at once (latency); big reads make big writes
@@ -125,7 +155,7 @@ class TcpBridge(asyncio.Protocol):
         stream = self.stream
         assert stream is not None
         n = len(payload)
-        self._active = True
+        self._idle_ticks = 0
         self.bytes_down += n
         if self._closed:
             stream._conn.consumed(stream._st, n)
@@ -178,8 +208,8 @@ class TcpBridge(asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
+        if self._sweeper is not None:
+            self._sweeper.bridges.discard(self)
         stream = self.stream
         if stream is not None:
             if stream._sink_owed:
@@ -194,14 +224,17 @@ class TcpBridge(asyncio.Protocol):
                 self.transport.abort()
             else:
                 self.transport.close()
-        if not self.done.done():
-            self.done.set_result(None)
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
 
 
-async def forward(stream: VirtualStream, address: Tuple[str, int], connect_timeout: float = 10.0) -> None:
+async def forward(stream: VirtualStream, address: Tuple[str, int], connect_timeout: float = 10.0,
+                  wait: bool = True) -> None:
     """Pipe ``stream`` and a new TCP connection to ``address`` both ways until both ends finish.
 
-    If the address cannot be reached the stream is reset and the ``OSError`` is raised.
+    If the address cannot be reached the stream is reset and the ``OSError`` is raised. With
+    ``wait=False`` it returns once the pipe is set up; the two protocols then run on their own,
+    so an idle forwarded stream costs no coroutine or task.
     """
     loop = asyncio.get_running_loop()
     host, port = address
@@ -214,4 +247,5 @@ async def forward(stream: VirtualStream, address: Tuple[str, int], connect_timeo
         stream.abort()
         raise
     bridge.attach(stream)
-    await bridge.done
+    if wait:
+        await bridge.done

@@ -50,8 +50,10 @@ def _response(status: str, body: str) -> bytes:
 
 
 class _HttpBridge(TcpBridge):
+    __slots__ = ("ingress", "_head", "_routed", "_head_timer")
+
     def __init__(self, ingress: "HttpIngress") -> None:
-        super().__init__(idle_timeout=ingress.server.config.ingress_idle_timeout)
+        super().__init__()
         self.ingress = ingress
         self._head = bytearray()
         self._routed = False
@@ -59,6 +61,7 @@ class _HttpBridge(TcpBridge):
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
+        self.ingress.sweeper.add(self)
         self.ingress.connections += 1
         self._head_timer = asyncio.get_running_loop().call_later(self.ingress.head_timeout, self._slow_head)
 
@@ -69,12 +72,9 @@ class _HttpBridge(TcpBridge):
     def _reply(self, status: str, body: str) -> None:
         self.ingress.responses[status.split()[0]] = self.ingress.responses.get(status.split()[0], 0) + 1
         self.transport.write(_response(status, body))
-        self._closed = True
         if self._head_timer is not None:
             self._head_timer.cancel()
-        self.transport.close()
-        if not self.done.done():
-            self.done.set_result(None)
+        self._finish(abort=False)
 
     def data_received(self, data: bytes) -> None:
         if self._routed:

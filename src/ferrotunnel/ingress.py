@@ -8,7 +8,7 @@ from typing import Any, Optional, Tuple
 
 from ._model import Protocol
 from .errors import FerroTunnelError
-from .forward import TcpBridge
+from .forward import IdleSweeper, TcpBridge
 from .server import TunnelServer
 from .session import Session
 
@@ -18,27 +18,26 @@ log = logging.getLogger("ferrotunnel.ingress")
 
 
 class _IngressBridge(TcpBridge):
+    __slots__ = ("ingress",)
+
     def __init__(self, ingress: "TcpIngress") -> None:
-        super().__init__(idle_timeout=ingress.idle_timeout)
+        super().__init__()
         self.ingress = ingress
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
+        self.ingress.sweeper.add(self)
         session = self.ingress.route()
         if session is None:
             log.info("ingress %s: no session for %s; closing %s", self.ingress._bind,
                      self.ingress.tunnel_id or "a tcp-capable client", transport.get_extra_info("peername"))
-            self._closed = True
-            transport.abort()
-            if not self.done.done():
-                self.done.set_result(None)
+            self._finish(abort=True)
             return
         try:
             stream = session._conn.open_stream(Protocol.TCP, self.ingress.priority)
         except FerroTunnelError as exc:
             log.warning("ingress %s: cannot open a stream: %s", self.ingress._bind, exc)
-            self._closed = True
-            transport.abort()
+            self._finish(abort=True)
             return
         self.ingress.connections += 1
         self.attach(stream)
@@ -57,6 +56,7 @@ class Ingress:
         self.priority = StreamPriority.NORMAL if priority is None else StreamPriority(priority)
         self._server: Optional[asyncio.AbstractServer] = None
         self.connections = 0
+        self.sweeper = IdleSweeper(server.config.ingress_idle_timeout)
 
     def protocol_factory(self) -> asyncio.Protocol:  # pragma: no cover - subclasses
         raise NotImplementedError
@@ -77,6 +77,7 @@ class Ingress:
         log.info("%s listening on %s:%s%s", self.kind, *self.address, self.describe())
 
     async def close(self) -> None:
+        self.sweeper.close()
         if self._server is not None:
             self._server.close()
             try:
@@ -104,6 +105,7 @@ class TcpIngress(Ingress):
         super().__init__(server, address, priority)
         self.tunnel_id = tunnel_id
         self.idle_timeout = idle_timeout if idle_timeout is not None else server.config.ingress_idle_timeout
+        self.sweeper.timeout = self.idle_timeout
 
     def protocol_factory(self) -> asyncio.Protocol:
         return _IngressBridge(self)
