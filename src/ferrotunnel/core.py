@@ -349,11 +349,12 @@ class SessionCore:
         self.listener.on_output()
         return st
 
-    def send(self, st: CoreStream, data: Any) -> None:
-        """Queue payload on a stream; it leaves as credit allows."""
+    def send(self, st: CoreStream, data: Any, owned: bool = False) -> None:
+        """Queue payload on a stream; it leaves as credit allows. With ``owned`` the caller hands
+        its buffer over and it is queued without a copy."""
         if st.done or st.eof_requested:
             raise StreamClosedError(f"stream {st.id} is closed for writing")
-        if type(data) is not bytes:
+        if not owned and type(data) is not bytes:
             data = bytes(data)  # the caller may reuse its buffer
         if not data:
             return  # never an empty Data frame: a Rust peer reads it as EOF

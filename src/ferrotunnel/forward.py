@@ -12,7 +12,14 @@ import logging
 from typing import Any, Optional, Tuple
 
 from .errors import FerroTunnelError, StreamClosedError
+from .pool import acquire_bytes, release_bytes
 from .session import VirtualStream, _tune_socket
+
+#: Bytes read from a forwarded TCP connection per read call.
+BRIDGE_READ_SIZE = 256 * 1024
+#: Reads at least this big are handed to the tunnel as they are (no copy); smaller ones are copied
+#: so the read buffer goes straight back.
+OWN_THRESHOLD = 16 * 1024
 
 __all__ = ["forward", "TcpBridge", "IdleSweeper"]
 
@@ -51,11 +58,15 @@ class IdleSweeper:
             self._handle = None
 
 
-class TcpBridge(asyncio.Protocol):
-    """Joins one TCP connection and one ``VirtualStream``; ``done`` resolves when both ends finish."""
+class TcpBridge(asyncio.BufferedProtocol):
+    """Joins one TCP connection and one ``VirtualStream``; ``done`` resolves when both ends finish.
+
+    The TCP side is read into pooled buffers taken only when data is there (an idle connection
+    holds none); a big read goes into the stream's send queue without being copied.
+    """
 
     __slots__ = ("stream", "transport", "_done", "_tcp_eof", "_tunnel_eof", "_closed", "_reading_paused",
-                 "_sweeper", "_idle_ticks", "bytes_up", "bytes_down", "_outq")
+                 "_sweeper", "_idle_ticks", "bytes_up", "bytes_down", "_outq", "_rbuf")
 
     def __init__(self, stream: Optional[VirtualStream] = None) -> None:
         self.stream = stream
@@ -70,6 +81,7 @@ class TcpBridge(asyncio.Protocol):
         self.bytes_up = 0
         self.bytes_down = 0
         self._outq: Optional[list] = None  # tunnel payloads waiting for this read's single writev
+        self._rbuf: Optional[bytearray] = None
 
     @property
     def done(self) -> "asyncio.Future[None]":
@@ -106,14 +118,36 @@ class TcpBridge(asyncio.Protocol):
             self.attach(self.stream)
 
     # -- TCP side
+    def get_buffer(self, sizehint: int) -> memoryview:
+        self._rbuf = buf = acquire_bytes(BRIDGE_READ_SIZE)
+        return memoryview(buf)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        buf = self._rbuf
+        self._rbuf = None
+        assert buf is not None
+        if nbytes >= OWN_THRESHOLD and self._pass_owned():
+            self._to_tunnel(memoryview(buf)[:nbytes], True)
+        else:
+            data = bytes(memoryview(buf)[:nbytes])
+            release_bytes(buf)
+            self.data_received(data)
+
+    def _pass_owned(self) -> bool:
+        return True
+
     def data_received(self, data: bytes) -> None:
+        self._to_tunnel(data, False)
+
+    def _to_tunnel(self, data: Any, owned: bool) -> None:
         stream = self.stream
         if stream is None or self._closed:
             return
         self._idle_ticks = 0
         self.bytes_up += len(data)
         try:
-            stream.write(data)  # flushed to the tunnel at once (latency); big reads make big writes
+            # flushed to the tunnel at once (latency); big reads make big writes
+            stream._write(data, owned)
         except (StreamClosedError, FerroTunnelError):
             self._finish(abort=True)
             return

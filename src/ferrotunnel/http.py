@@ -76,6 +76,9 @@ class _HttpBridge(TcpBridge):
             self._head_timer.cancel()
         self._finish(abort=False)
 
+    def _pass_owned(self) -> bool:
+        return self._routed
+
     def data_received(self, data: bytes) -> None:
         if self._routed:
             super().data_received(data)

@@ -189,11 +189,15 @@ class VirtualStream:
             raise StreamClosedError(f"stream {self._st.id} is closed for writing")
 
     def write(self, data: Any) -> None:
+        self._write(data, False)
+
+    def _write(self, data: Any, owned: bool) -> None:
+        # ``owned``: the caller gives the buffer up (it is queued without a copy)
         self._check_writable()
         conn = self._conn
         conn._flush_follows = True
         try:
-            conn.core.send(self._st, data)
+            conn.core.send(self._st, data, owned)
         finally:
             conn._flush_follows = False
         conn.flush_now()
