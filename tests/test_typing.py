@@ -36,3 +36,13 @@ def test_mypy_sees_public_signatures(tmp_path):
     assert len(lines) == 2, out.stdout
     assert "Incompatible types in assignment" in lines[0] and ":11:" in lines[0]
     assert "max_frame_size" in lines[1] or "incompatible type" in lines[1]
+
+
+def test_package_itself_type_checks(tmp_path):
+    import ferrotunnel
+    from pathlib import Path
+
+    pkg = Path(ferrotunnel.__file__).parent
+    out = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental", "--cache-dir", str(tmp_path / "c"),
+                          "--ignore-missing-imports", str(pkg)], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:]

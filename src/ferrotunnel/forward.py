@@ -154,7 +154,7 @@ class TcpBridge(asyncio.BufferedProtocol):
         if not stream.can_write() and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
-            stream._conn.core.wait_writable(stream._st)
+            stream._conn.score.wait_writable(stream._st)
 
     def eof_received(self) -> bool:
         self._tcp_eof = True

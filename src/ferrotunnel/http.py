@@ -168,7 +168,7 @@ class HttpIngress(Ingress):
         self.head_timeout = head_timeout
         self.responses: dict = {}
 
-    def protocol_factory(self) -> asyncio.Protocol:
+    def protocol_factory(self) -> asyncio.BaseProtocol:
         return _HttpBridge(self)
 
     def route(self, tunnel_id: str) -> Optional[Session]:

@@ -54,11 +54,11 @@ class Ingress:
         self.server = server
         self._bind = address
         self.priority = StreamPriority.NORMAL if priority is None else StreamPriority(priority)
-        self._server: Optional[asyncio.AbstractServer] = None
+        self._server: Optional[asyncio.Server] = None
         self.connections = 0
         self.sweeper = IdleSweeper(server.config.ingress_idle_timeout)
 
-    def protocol_factory(self) -> asyncio.Protocol:  # pragma: no cover - subclasses
+    def protocol_factory(self) -> asyncio.BaseProtocol:  # pragma: no cover - subclasses
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -107,7 +107,7 @@ class TcpIngress(Ingress):
         self.idle_timeout = idle_timeout if idle_timeout is not None else server.config.ingress_idle_timeout
         self.sweeper.timeout = self.idle_timeout
 
-    def protocol_factory(self) -> asyncio.Protocol:
+    def protocol_factory(self) -> asyncio.BaseProtocol:
         return _IngressBridge(self)
 
     def describe(self) -> str:

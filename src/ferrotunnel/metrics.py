@@ -67,7 +67,7 @@ class MetricsServer:
         self.registry.register(_Collector(server, ingresses or []))  # type: ignore[arg-type]
         self.server = server
         self._bind = address
-        self._srv: Optional[asyncio.AbstractServer] = None
+        self._srv: Optional[asyncio.Server] = None
 
     @property
     def address(self) -> Tuple[str, int]:

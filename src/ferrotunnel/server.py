@@ -241,7 +241,7 @@ class TunnelServer:
         self.transport: Transport = resolve_transport(tls)
         self.stream_handler = stream_handler
         self.sessions = SessionStore()
-        self._server: Optional[asyncio.AbstractServer] = None
+        self._server: Optional[asyncio.Server] = None
         self._pending = 0
         self._connections: "set[ServerConnection]" = set()
         self._closing = False
@@ -379,9 +379,9 @@ class TunnelServer:
                         if not s.is_closed:
                             return s
                 else:
-                    s = self.sessions.get_by_tunnel_id(tunnel_id)
-                    if s is not None and not s.is_closed:
-                        return s
+                    found = self.sessions.get_by_tunnel_id(tunnel_id)
+                    if found is not None and not found.is_closed:
+                        return found
                 await self._session_added.wait()
 
     async def close(self) -> None:

@@ -197,7 +197,7 @@ class VirtualStream:
         conn = self._conn
         conn._flush_follows = True
         try:
-            conn.core.send(self._st, data, owned)
+            conn.score.send(self._st, data, owned)
         finally:
             conn._flush_follows = False
         conn.flush_now()
@@ -207,7 +207,7 @@ class VirtualStream:
             self.write(c)
 
     def can_write(self) -> bool:
-        return self._conn.core.writable(self._st)
+        return self._conn.score.writable(self._st)
 
     async def _wait_queue(self, below: Optional[int]) -> None:
         while True:
@@ -215,13 +215,13 @@ class VirtualStream:
                 raise self._exc
             fut = self._conn.loop.create_future()
             self._writer = fut
-            self._conn.core.wait_writable(self._st, below)
+            self._conn.score.wait_writable(self._st, below)
             if not fut.done():
                 await fut
             self._writer = None
             if self._exc is not None:
                 raise self._exc
-            core = self._conn.core
+            core = self._conn.score
             if self._st.done or core.queued(self._st) < (below or core.config.stream_send_buffer):
                 return
 
@@ -229,7 +229,7 @@ class VirtualStream:
         """Wait until the stream's send buffer has room (flow control and transport permitting)."""
         if self._exc is not None:
             raise self._exc
-        if self._conn.core.writable(self._st):
+        if self._conn.score.writable(self._st):
             return
         await self._wait_queue(None)
 
@@ -237,7 +237,7 @@ class VirtualStream:
         """Half-close: the peer reads EOF after everything written so far."""
         if self._exc is not None:
             raise self._exc
-        self._conn.core.send_eof(self._st)
+        self._conn.score.send_eof(self._st)
 
     def can_write_eof(self) -> bool:
         return True
@@ -251,12 +251,12 @@ class VirtualStream:
         self._rbuf = None
         self._rsize = 0
         if self._exc is None:
-            self._conn.core.close(self._st)
+            self._conn.score.close(self._st)
         self._wake_reader()
 
     async def wait_closed(self) -> None:
         """Wait until everything written (and the CloseStream) went to the transport."""
-        if self._exc is not None or self._st.done and not self._conn.core.queued(self._st):
+        if self._exc is not None or self._st.done and not self._conn.score.queued(self._st):
             return
         try:
             await self._wait_queue(1)
@@ -270,7 +270,7 @@ class VirtualStream:
     def abort(self) -> None:
         """Reset now: queued data is dropped and the peer sees a reset (EOF for a Rust peer)."""
         if self._exc is None:
-            self._conn.core.reset(self._st)
+            self._conn.score.reset(self._st)
             self._set_exc(StreamClosedError(f"stream {self._st.id} was aborted"))
         self._closed = True
 
@@ -316,7 +316,7 @@ class Multiplexer:
     @property
     def stream_count(self) -> int:
         """Open streams on this session (either side opened)."""
-        return len(self._conn.core.streams) if self._conn.core else 0
+        return len(self._conn.score.streams) if self._conn.core else 0
 
     def __len__(self) -> int:
         return self.stream_count
@@ -324,7 +324,7 @@ class Multiplexer:
     @property
     def flow_control(self) -> bool:
         """Whether per-stream flow control was negotiated with the peer."""
-        return bool(self._conn.core and self._conn.core.flow)
+        return bool(self._conn.core and self._conn.score.flow)
 
 
 class Session:
@@ -356,7 +356,7 @@ class Session:
     @property
     def rtt(self) -> Optional[float]:
         """Heartbeat round trip in seconds, from our send time to the ack; None until measured."""
-        return self._conn.core.rtt if self._conn.core else None
+        return self._conn.score.rtt if self._conn.core else None
 
     @property
     def is_closed(self) -> bool:
@@ -428,6 +428,13 @@ class TunnelConnection(asyncio.BufferedProtocol):
         self._dirty_sinks: List[Any] = []
         self._flush_follows = False
         self.closed_future: asyncio.Future[None] = loop.create_future()
+
+    @property
+    def score(self) -> SessionCore:
+        """The session core (streams exist only once it does)."""
+        core = self.core
+        assert core is not None
+        return core
 
     # ------------------------------------------------------------------ transport callbacks
 

@@ -73,8 +73,8 @@ def generate_certs(directory: PathLike, names: Iterable[str] = ("localhost",), i
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     names = list(names)
-    ips = [ipaddress.ip_address(i) for i in ips]
-    if not names and not ips:
+    ip_addrs = [ipaddress.ip_address(i) for i in ips]
+    if not names and not ip_addrs:
         raise ValueError("the server certificate needs at least one name or IP address")
 
     def key() -> ec.EllipticCurvePrivateKey:
@@ -132,8 +132,9 @@ def generate_certs(directory: PathLike, names: Iterable[str] = ("localhost",), i
             paths[f"{name}.key"] = out / f"{name}.key"
 
     save("ca", ca, ca_key)
-    sans = [x509.DNSName(n) for n in names] + [x509.IPAddress(i) for i in ips]
-    cert, k = leaf(names[0] if names else str(ips[0]), sans, ExtendedKeyUsageOID.SERVER_AUTH)
+    sans: list = [x509.DNSName(n) for n in names]
+    sans += [x509.IPAddress(i) for i in ip_addrs]
+    cert, k = leaf(names[0] if names else str(ip_addrs[0]), sans, ExtendedKeyUsageOID.SERVER_AUTH)
     save("server", cert, k)
     if client:
         cert, k = leaf("ferrotunnel client", [], ExtendedKeyUsageOID.CLIENT_AUTH)
