@@ -332,6 +332,9 @@ def _rss(pid: int) -> int:
 
 
 def test_soak_flat_memory_and_fds():
+    """Steady traffic for FERROTUNNEL_SOAK_SECONDS: memory and fds of both tunnel processes must
+    plateau. RSS swings with buffers in flight, so the last third of the run is compared with the
+    highest level seen in the first third, not with a single early sample."""
     seconds = float(os.environ.get("FERROTUNNEL_SOAK_SECONDS", "20"))
     port, ingress, echo_port = free_port(), free_port(), free_port()
     echo = _spawn("echo", echo_port)
@@ -339,10 +342,11 @@ def test_soak_flat_memory_and_fds():
     srv = _spawn("server", port, ingress)
     srv.stdout.readline()
     cli = _spawn("client", port, echo_port, "soak")
+    samples: list = []  # (elapsed, {pid: (rss, fds)})
     try:
         assert cli.stdout.readline().startswith("connected")
 
-        async def traffic(until):
+        async def traffic(until, sample):
             async def one(i):
                 r, w = await asyncio.open_connection("127.0.0.1", ingress)
                 payload = random.randbytes(random.choice([10, 1000, 100_000]))
@@ -352,21 +356,27 @@ def test_soak_flat_memory_and_fds():
                 w.close()
                 await w.wait_closed()
 
-            i = 0
+            i, start, last = 0, time.monotonic(), 0.0
             while time.monotonic() < until:
                 await asyncio.gather(*(one(i + k) for k in range(10)))
                 i += 10
+                now = time.monotonic()
+                if sample and now - last >= 1.0:
+                    last = now
+                    samples.append((now - start, {p.pid: (_rss(p.pid), _fds(p.pid)) for p in (srv, cli)}))
+            return i
 
         import uvloop
-        uvloop.run(traffic(time.monotonic() + min(5.0, seconds / 4)))  # warm up
-        time.sleep(0.5)
-        base = {p.pid: (_rss(p.pid), _fds(p.pid)) for p in (srv, cli)}
-        uvloop.run(traffic(time.monotonic() + seconds))
-        time.sleep(0.5)
+        uvloop.run(traffic(time.monotonic() + min(5.0, seconds / 4), False))  # warm up
+        count = uvloop.run(traffic(time.monotonic() + seconds, True))
+        assert count > 100 and len(samples) >= 6
+        third = len(samples) // 3
         for p in (srv, cli):
-            rss0, fds0 = base[p.pid]
-            assert _fds(p.pid) <= fds0 + 2, "file descriptors leak"
-            assert _rss(p.pid) - rss0 < 16 * 1024, "memory grows under steady traffic"
+            early = [s[1][p.pid] for s in samples[:third]]
+            late = sorted(s[1][p.pid] for s in samples[-third:])
+            late_rss = sorted(x[0] for x in late)[len(late) // 2]
+            assert late_rss - max(x[0] for x in early) < 16 * 1024, f"memory keeps growing: {samples}"
+            assert max(x[1] for x in late) <= max(x[1] for x in early) + 4, "file descriptors leak"
         assert srv.poll() is None and cli.poll() is None
     finally:
         for p in (cli, srv, echo):

@@ -13,9 +13,9 @@ from typing import Any, Optional, Tuple
 
 from .errors import FerroTunnelError, StreamClosedError
 from .pool import acquire_bytes, release_bytes
-from .session import VirtualStream, _tune_socket
+from .session import MIN_READ, VirtualStream, _tune_socket, adapt_read_size
 
-#: Bytes read from a forwarded TCP connection per read call.
+#: Largest read from a forwarded TCP connection (reads adapt between 64 KiB and this).
 BRIDGE_READ_SIZE = 256 * 1024
 #: Reads at least this big are handed to the tunnel as they are (no copy); smaller ones are copied
 #: so the read buffer goes straight back.
@@ -66,7 +66,7 @@ class TcpBridge(asyncio.BufferedProtocol):
     """
 
     __slots__ = ("stream", "transport", "_done", "_tcp_eof", "_tunnel_eof", "_closed", "_reading_paused",
-                 "_sweeper", "_idle_ticks", "bytes_up", "bytes_down", "_outq", "_rbuf")
+                 "_sweeper", "_idle_ticks", "bytes_up", "bytes_down", "_outq", "_rbuf", "_read_size")
 
     def __init__(self, stream: Optional[VirtualStream] = None) -> None:
         self.stream = stream
@@ -82,6 +82,7 @@ class TcpBridge(asyncio.BufferedProtocol):
         self.bytes_down = 0
         self._outq: Optional[list] = None  # tunnel payloads waiting for this read's single writev
         self._rbuf: Optional[bytearray] = None
+        self._read_size = MIN_READ
 
     @property
     def done(self) -> "asyncio.Future[None]":
@@ -119,13 +120,14 @@ class TcpBridge(asyncio.BufferedProtocol):
 
     # -- TCP side
     def get_buffer(self, sizehint: int) -> memoryview:
-        self._rbuf = buf = acquire_bytes(BRIDGE_READ_SIZE)
+        self._rbuf = buf = acquire_bytes(self._read_size)
         return memoryview(buf)
 
     def buffer_updated(self, nbytes: int) -> None:
         buf = self._rbuf
         self._rbuf = None
         assert buf is not None
+        self._read_size = adapt_read_size(self._read_size, nbytes, BRIDGE_READ_SIZE)
         if nbytes >= OWN_THRESHOLD and self._pass_owned():
             self._to_tunnel(memoryview(buf)[:nbytes], True)
         else:

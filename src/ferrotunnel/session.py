@@ -28,6 +28,18 @@ log = logging.getLogger("ferrotunnel.session")
 StreamHandler = Callable[["VirtualStream"], Awaitable[None]]
 
 READ_BUFFER = 65536  # default chunk size of `async for` on a stream
+#: Reads start at this size and grow (up to the configured maximum) while they come back full,
+#: and shrink again when they come back mostly empty: small traffic uses small buffers, which
+#: the pool keeps, and bulk traffic gets few, large reads.
+MIN_READ = 64 * 1024
+
+
+def adapt_read_size(size: int, got: int, maximum: int) -> int:
+    if got >= size // 2 and size < maximum:
+        return min(size * 2, maximum)
+    if got < size // 16 and size > MIN_READ:
+        return max(size // 2, MIN_READ)
+    return size
 DRAIN_BUDGET = 256 * 1024
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
