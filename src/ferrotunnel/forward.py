@@ -82,7 +82,7 @@ class TcpBridge(asyncio.BufferedProtocol):
         self.bytes_down = 0
         self._outq: Optional[list] = None  # tunnel payloads waiting for this read's single writev
         self._rbuf: Optional[bytearray] = None
-        self._read_size = MIN_READ
+        self._read_size = BRIDGE_READ_SIZE  # shrinks while reads come back small
 
     @property
     def done(self) -> "asyncio.Future[None]":
