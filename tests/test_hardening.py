@@ -333,8 +333,9 @@ def _rss(pid: int) -> int:
 
 def test_soak_flat_memory_and_fds():
     """Steady traffic for FERROTUNNEL_SOAK_SECONDS: memory and fds of both tunnel processes must
-    plateau. RSS swings with buffers in flight, so the last third of the run is compared with the
-    highest level seen in the first third, not with a single early sample."""
+    plateau. RSS swings by tens of MB with buffers in flight and the allocator's trimming, so what
+    must not grow is the floor: the lowest RSS of the last third against the highest of the first
+    third (a leak lifts the floor; a swing does not)."""
     seconds = float(os.environ.get("FERROTUNNEL_SOAK_SECONDS", "20"))
     port, ingress, echo_port = free_port(), free_port(), free_port()
     echo = _spawn("echo", echo_port)
@@ -373,9 +374,9 @@ def test_soak_flat_memory_and_fds():
         third = len(samples) // 3
         for p in (srv, cli):
             early = [s[1][p.pid] for s in samples[:third]]
-            late = sorted(s[1][p.pid] for s in samples[-third:])
-            late_rss = sorted(x[0] for x in late)[len(late) // 2]
-            assert late_rss - max(x[0] for x in early) < 16 * 1024, f"memory keeps growing: {samples}"
+            late = [s[1][p.pid] for s in samples[-third:]]
+            floor = min(x[0] for x in late)
+            assert floor - max(x[0] for x in early) < 16 * 1024, f"memory keeps growing: {samples}"
             assert max(x[1] for x in late) <= max(x[1] for x in early) + 4, "file descriptors leak"
         assert srv.poll() is None and cli.poll() is None
     finally:

@@ -200,7 +200,9 @@ class TcpBridge(asyncio.BufferedProtocol):
         if q is None:
             self._outq = q = []
             stream._conn._dirty_sinks.append(self)
-        q.append(payload)
+        # a small payload is copied: a view would pin the whole read buffer for as long as the
+        # transport holds it (a slow reader could keep many 256 KiB buffers alive for a few bytes)
+        q.append(payload if n >= OWN_THRESHOLD else bytes(payload))
         if stream._sink_paused:
             stream._sink_owed += n  # credit returns once the TCP side drains
         else:
