@@ -279,16 +279,22 @@ def test_64_streams_move_1_gib_byte_exact(run):
     run(body, timeout=600)
 
 
-def test_churn_with_half_close_between_processes():
-    """Server and client as separate uvloop processes; churn through the ingress; both survive."""
+def _tunnel_processes(tunnel_id):
+    """An echo service, a tunnel server with a TCP ingress and a client, each its own process."""
     port, ingress, echo_port = free_port(), free_port(), free_port()
     echo = _spawn("echo", echo_port)
     echo.stdout.readline()
     srv = _spawn("server", port, ingress)
     srv.stdout.readline()
-    cli = _spawn("client", port, echo_port, "churn")
+    cli = _spawn("client", port, echo_port, tunnel_id)
+    assert cli.stdout.readline().startswith("connected")
+    return echo, srv, cli, ingress
+
+
+def test_churn_with_half_close_between_processes():
+    """Server and client as separate uvloop processes; churn through the ingress; both survive."""
+    echo, srv, cli, ingress = _tunnel_processes("churn")
     try:
-        assert cli.stdout.readline().startswith("connected")
 
         async def churn():
             deadline = time.monotonic() + 4
@@ -337,15 +343,9 @@ def test_soak_flat_memory_and_fds():
     must not grow is the floor: the lowest RSS of the last third against the highest of the first
     third (a leak lifts the floor; a swing does not)."""
     seconds = float(os.environ.get("FERROTUNNEL_SOAK_SECONDS", "20"))
-    port, ingress, echo_port = free_port(), free_port(), free_port()
-    echo = _spawn("echo", echo_port)
-    echo.stdout.readline()
-    srv = _spawn("server", port, ingress)
-    srv.stdout.readline()
-    cli = _spawn("client", port, echo_port, "soak")
+    echo, srv, cli, ingress = _tunnel_processes("soak")
     samples: list = []  # (elapsed, {pid: (rss, fds)})
     try:
-        assert cli.stdout.readline().startswith("connected")
 
         async def traffic(until, sample):
             async def one(i):
