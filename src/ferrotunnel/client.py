@@ -152,7 +152,10 @@ class TunnelClient:
         addr = self.config.local_addr
 
         async def handle(stream: VirtualStream) -> None:
-            await forward(stream, addr, wait=False)  # the pipe runs by itself: no task per stream
+            try:
+                await forward(stream, addr, wait=False)  # the pipe runs by itself: no task per stream
+            except (OSError, TimeoutError):
+                pass  # forward() logged it once and reset the stream; no traceback per stream
 
         return handle
 

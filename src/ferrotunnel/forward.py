@@ -250,6 +250,9 @@ class TcpBridge(asyncio.BufferedProtocol):
             self._sweeper.bridges.discard(self)
         stream = self.stream
         if stream is not None:
+            log.info("stream %d %s: %d bytes to the tunnel, %d from it", stream.stream_id,
+                     "reset" if abort else "closed", self.bytes_up, self.bytes_down)
+        if stream is not None:
             if stream._sink_owed:
                 owed, stream._sink_owed = stream._sink_owed, 0
                 stream._conn.consumed(stream._st, owed)
@@ -284,6 +287,7 @@ async def forward(stream: VirtualStream, address: Tuple[str, int], connect_timeo
         log.warning("stream %d: cannot reach local service %s:%s: %s", stream.stream_id, host, port, exc)
         stream.abort()
         raise
+    log.info("stream %d (%s) forwarded to %s:%s", stream.stream_id, stream.protocol.name, host, port)
     bridge.attach(stream)
     if wait:
         await bridge.done

@@ -40,6 +40,8 @@ class _IngressBridge(TcpBridge):
             self._finish(abort=True)
             return
         self.ingress.connections += 1
+        log.info("ingress %s:%s: %s -> tunnel %s, stream %d", *self.ingress.address,
+                 transport.get_extra_info("peername"), session.tunnel_id, stream.stream_id)
         self.attach(stream)
 
 
