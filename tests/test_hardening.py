@@ -10,7 +10,6 @@ import gc
 import hashlib
 import os
 import random
-import resource
 import signal
 import subprocess
 import sys

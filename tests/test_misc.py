@@ -9,7 +9,7 @@ import time
 import pytest
 
 import ferrotunnel as ft
-from conftest import echo_handler, tunnel
+from conftest import tunnel
 
 
 def test_backoff_sequence_jitter_and_cap():

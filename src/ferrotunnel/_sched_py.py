@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
-from ._model import FLAG_END_OF_STREAM, MAX_DATA_PAYLOAD
+from ._model import MAX_DATA_PAYLOAD
 
 __all__ = ["PriorityScheduler", "DEFAULT_DRAIN_BUDGET", "DEFAULT_COALESCE"]
 

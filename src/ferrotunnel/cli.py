@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from typing import Any, List, Optional, Sequence, Tuple
 
 __all__ = ["main"]

@@ -26,7 +26,7 @@ from .errors import (
     TunnelTimeoutError,
 )
 from .forward import forward
-from .frames import FrameDecoder, encode
+from .frames import encode
 from .session import Session, StreamHandler, TunnelConnection, VirtualStream
 from .transport import Transport, resolve_transport
 
@@ -63,7 +63,6 @@ class ClientConnection(TunnelConnection):
         self.client = client
         self.stream_handler = handler
         self.ack: asyncio.Future[HandshakeAck] = self.loop.create_future()
-        self._decoder = FrameDecoder(client.config.max_frame_size)
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -78,7 +77,7 @@ class ClientConnection(TunnelConnection):
         if self.ack.done():
             return
         try:
-            frames = self._decoder.feed(data)
+            frames = self.handshake_decoder.feed(data)
         except FrameError as exc:
             self.ack.set_exception(HandshakeError(f"malformed reply to the handshake: {exc}"))
             self.close()
@@ -97,14 +96,10 @@ class ClientConnection(TunnelConnection):
         caps = list(first.server_capabilities)
         core = SessionCore(is_client=True, config=self.client.config, peer_capabilities=caps, listener=self,
                            now=time.monotonic())
-        core.decoder = self._decoder
         session = Session(self, first.session_id, self.client.tunnel_id, self.peer_address, caps)
         self.start_session(core, session)
-        now = time.monotonic()
-        for frame in frames[1:]:
-            core.dispatch(frame, now)
+        self.dispatch_pipelined(frames[1:])
         self.ack.set_result(first)
-        self._after_receive()
 
     def on_closed(self) -> None:
         if not self.ack.done():

@@ -27,8 +27,6 @@ from ._model import (
     Data,
     Error,
     ErrorCode,
-    Handshake,
-    HandshakeAck,
     Heartbeat,
     HeartbeatAck,
     OpenStream,

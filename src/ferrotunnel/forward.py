@@ -13,7 +13,7 @@ from typing import Any, Optional, Tuple
 
 from .errors import FerroTunnelError, StreamClosedError
 from .pool import acquire_bytes, release_bytes
-from .session import MIN_READ, VirtualStream, _tune_socket, adapt_read_size
+from .session import VirtualStream, _tune_socket, adapt_read_size
 
 #: Largest read from a forwarded TCP connection (reads adapt between 64 KiB and this).
 BRIDGE_READ_SIZE = 256 * 1024

@@ -10,6 +10,7 @@ from ._model import Protocol
 from .errors import FerroTunnelError
 from .forward import IdleSweeper, TcpBridge
 from .server import TunnelServer
+from .transport import bound_address
 from .session import Session
 
 __all__ = ["TcpIngress", "Ingress"]
@@ -68,9 +69,7 @@ class Ingress:
 
     @property
     def address(self) -> Tuple[str, int]:
-        if self._server is None or not self._server.sockets:
-            raise RuntimeError("the ingress is not started")
-        return self._server.sockets[0].getsockname()[:2]
+        return bound_address(self._server, "ingress")
 
     async def start(self) -> None:
         host, port = self._bind

@@ -71,8 +71,9 @@ class MetricsServer:
 
     @property
     def address(self) -> Tuple[str, int]:
-        assert self._srv is not None
-        return self._srv.sockets[0].getsockname()[:2]
+        from .transport import bound_address
+
+        return bound_address(self._srv, "metrics server")
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

@@ -8,16 +8,16 @@ import logging
 import ssl
 import time
 import uuid
-from typing import Any, Deque, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Deque, Dict, Iterator, Optional, Tuple, Union
 
 from ._model import PROTOCOL_VERSION, Handshake, HandshakeAck, HandshakeStatus
 from .auth import TokenFormatError, constant_time_eq, validate_token_format
 from .config import ServerConfig
 from .core import EXT_CAPABILITY, SessionCore, flow_capability
 from .errors import ConnectionLostError, FrameError
-from .frames import FrameDecoder, encode
+from .frames import encode
 from .session import Session, StreamHandler, TunnelConnection, _ServerTls
-from .transport import TcpTransport, TlsTransport, Transport, resolve_transport
+from .transport import Transport, bound_address, resolve_transport
 
 __all__ = ["TunnelServer", "SessionStore"]
 
@@ -107,7 +107,6 @@ class ServerConnection(TunnelConnection):
     def __init__(self, server: "TunnelServer") -> None:
         super().__init__(asyncio.get_running_loop(), server.config, tls=server.transport.is_tls)
         self.server = server
-        self._decoder = FrameDecoder(server.config.max_frame_size)
         self._hs_timer: Optional[asyncio.TimerHandle] = None
         self._pending = False
         self._counted = False
@@ -170,7 +169,7 @@ class ServerConnection(TunnelConnection):
         if self.closed:
             return
         try:
-            frames = self._decoder.feed(data)
+            frames = self.handshake_decoder.feed(data)
         except FrameError as exc:
             log.info("closing connection from %s: malformed handshake: %s", self.peer_address, exc)
             self.server._auth_failure(self.peer_address)
@@ -185,15 +184,8 @@ class ServerConnection(TunnelConnection):
             self.server._auth_failure(self.peer_address)
             self.close()
             return
-        if not self.server._handshake(self, first):
-            return
-        core = self.core
-        assert core is not None
-        core.decoder = self._decoder  # bytes already buffered behind the handshake stay in order
-        now = time.monotonic()
-        for frame in frames[1:]:
-            core.dispatch(frame, now)
-        self._after_receive()
+        if self.server._handshake(self, first):
+            self.dispatch_pipelined(frames[1:])
 
     def reject(self, status: HandshakeStatus, session_id: Optional[uuid.UUID] = None) -> None:
         ack = HandshakeAck(session_id or uuid.UUID(int=0), status, 0, ())
@@ -269,9 +261,7 @@ class TunnelServer:
 
     @property
     def address(self) -> Tuple[str, int]:
-        if self._server is None or not self._server.sockets:
-            raise RuntimeError("the server is not started")
-        return self._server.sockets[0].getsockname()[:2]
+        return bound_address(self._server, "server")
 
     async def start(self) -> None:
         if self._server is not None:

@@ -13,12 +13,13 @@ import collections
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, AsyncIterator, Awaitable, Callable, Deque, List, Optional, Sequence, Tuple
 
 from ._model import Protocol, StreamPriority
 from .config import StreamConfig
 from .core import CoreStream, SessionCore
 from .errors import ConnectionLostError, FerroTunnelError, FrameError, StreamClosedError
+from .frames import FrameDecoder
 from .pool import acquire_bytes, release_bytes
 
 __all__ = ["VirtualStream", "Multiplexer", "Session", "TunnelConnection", "StreamHandler"]
@@ -380,10 +381,10 @@ class Session:
 
     async def open_stream(self, protocol: Protocol = Protocol.TCP,
                           priority: StreamPriority = StreamPriority.NORMAL) -> VirtualStream:
-        return self._conn.open_stream(protocol, priority)
+        return await self.multiplexer.open_stream(protocol, priority)
 
     async def open_stream_with_priority(self, protocol: Protocol, priority: StreamPriority) -> VirtualStream:
-        return self._conn.open_stream(protocol, priority)
+        return await self.multiplexer.open_stream(protocol, priority)
 
     async def accept(self) -> VirtualStream:
         """Next stream the peer opened (when no stream handler is set)."""
@@ -440,6 +441,7 @@ class TunnelConnection(asyncio.BufferedProtocol):
         self._dirty_sinks: List[Any] = []
         self._flush_follows = False
         self.closed_future: asyncio.Future[None] = loop.create_future()
+        self.handshake_decoder = FrameDecoder(config.max_frame_size)
 
     @property
     def score(self) -> SessionCore:
@@ -669,10 +671,20 @@ class TunnelConnection(asyncio.BufferedProtocol):
     # ------------------------------------------------------------------ session setup and timers
 
     def start_session(self, core: SessionCore, session: Session) -> None:
+        # bytes already buffered behind the handshake stay in order: the core keeps our decoder
+        core.decoder = self.handshake_decoder
         self.core = core
         self.session = session
         self._schedule_timer(core.tick(time.monotonic()))
         self._flush()
+
+    def dispatch_pipelined(self, frames: Sequence[Any]) -> None:
+        """Frames that arrived in the same read as the handshake, in order."""
+        core = self.score
+        now = time.monotonic()
+        for frame in frames:
+            core.dispatch(frame, now)
+        self._after_receive()
 
     def _schedule_timer(self, deadline: float) -> None:
         if self._timer is not None:

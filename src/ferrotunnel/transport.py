@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
-__all__ = ["Transport", "TcpTransport", "TlsTransport", "resolve_transport"]
+__all__ = ["Transport", "TcpTransport", "TlsTransport", "resolve_transport", "bound_address"]
+
+
+def bound_address(server: "Optional[asyncio.Server]", what: str) -> Tuple[str, int]:
+    """(host, port) of a started listener (port 0 resolved); RuntimeError before it starts."""
+    if server is None or not server.sockets:
+        raise RuntimeError(f"the {what} is not started")
+    host, port = server.sockets[0].getsockname()[:2]
+    return host, port
 
 
 class Transport:
