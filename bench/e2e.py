@@ -8,6 +8,13 @@ GB of the relaying processes (both tunnel ends together), 64-byte echo RTT p50/p
 per second, and memory per idle open stream (RSS of the relaying processes before and one second
 after opening 1,000 idle connections, on fresh processes). Ratios are against the 1:1 relay
 measured in the same run. FERROTUNNEL_NO_EXTENSIONS=1 measures the pure-Python twins.
+
+The paths: ``direct`` (load to backend), ``relay`` (one 1:1 uvloop relay process in between),
+``relay2`` (two such relays in series: the hop structure every reverse tunnel has, visitor ->
+server process -> client process -> service, with no framing, multiplexing or Python work beyond
+the relay's own) and ``tunnel`` (ferrotunnel server and client, traffic in through TcpIngress).
+``relay2`` shows what the extra process hop alone costs on the machine at hand; the tunnel's
+ratio to it is what the tunnel itself adds.
 """
 
 from __future__ import annotations
@@ -306,6 +313,8 @@ class Paths:
         self.backend_port, self.relay_port = free_port(), free_port()
         self.backend = self._start("backend", self.backend_port)
         self.relay = self._start("relay", self.relay_port, self.backend_port)
+        self.relay2_port = free_port()  # a second relay in front of the first
+        self.relay2 = self._start("relay", self.relay2_port, self.relay_port)
         self.server = self.client = None
         self.fresh_tunnel()
 
@@ -347,13 +356,16 @@ class Paths:
         time.sleep(0.2)
 
     def fresh_relay(self):
-        self.relay.kill()
-        self.relay.wait()
-        self.relay_port = free_port()
+        for p in (self.relay2, self.relay):
+            p.kill()
+            p.wait()
+        self.relay_port, self.relay2_port = free_port(), free_port()
         self.relay = self._start("relay", self.relay_port, self.backend_port)
+        self.relay2 = self._start("relay", self.relay2_port, self.relay_port)
 
     def targets(self):
         return {"direct": (self.backend_port, []), "relay": (self.relay_port, [self.relay.pid]),
+                "relay2": (self.relay2_port, [self.relay2.pid, self.relay.pid]),
                 "tunnel": (self.ingress_port, [self.server.pid, self.client.pid])}
 
     def close(self):
@@ -368,7 +380,7 @@ class Paths:
 def measure_all(args, tls_dir=""):
     """Returns {path: {figure: value}} for direct, relay and tunnel."""
     paths = Paths(tls_dir, cli=getattr(args, "cli", False))
-    res = {k: {} for k in ("direct", "relay", "tunnel")}
+    res = {k: {} for k in ("direct", "relay", "relay2", "tunnel")}
     try:
         nbytes = args.mb * 1_000_000
         targets = paths.targets()
@@ -398,7 +410,7 @@ def measure_all(args, tls_dir=""):
             res[name]["new_streams_per_s"] = uvloop.run(new_streams(port, 300 if args.quick else 2000))
         paths.fresh_tunnel()
         paths.fresh_relay()
-        for name in ("relay", "tunnel"):
+        for name in ("relay", "relay2", "tunnel"):
             port, pids = paths.targets()[name]
             res[name]["idle_kib_per_stream"] = uvloop.run(idle(port, pids))
     finally:
@@ -407,11 +419,21 @@ def measure_all(args, tls_dir=""):
 
 
 def ratios(res):
-    t, r = res["tunnel"], res["relay"]
+    t, r, r2 = res["tunnel"], res["relay"], res["relay2"]
     return {
         "throughput_1_vs_relay": t["mbps_1"] / r["mbps_1"],
         "throughput_16_vs_relay": t["mbps_16"] / r["mbps_16"],
         "rtt_p99_vs_relay": t["rtt_p99_us"] / r["rtt_p99_us"],
+        # what the hop structure alone costs (two plain relays in series against one)
+        "relay2_throughput_1_vs_relay": r2["mbps_1"] / r["mbps_1"],
+        "relay2_rtt_p50_vs_relay": r2["rtt_p50_us"] / r["rtt_p50_us"],
+        "relay2_rtt_p99_vs_relay": r2["rtt_p99_us"] / r["rtt_p99_us"],
+        # what the tunnel adds on top of that structure
+        "throughput_1_vs_relay2": t["mbps_1"] / r2["mbps_1"],
+        "throughput_16_vs_relay2": t["mbps_16"] / r2["mbps_16"],
+        "cpu_vs_relay2": t["cpu_s_per_gb_1"] / r2["cpu_s_per_gb_1"],
+        "rtt_p50_vs_relay2": t["rtt_p50_us"] / r2["rtt_p50_us"],
+        "rtt_p99_vs_relay2": t["rtt_p99_us"] / r2["rtt_p99_us"],
     }
 
 
@@ -425,7 +447,10 @@ def table(res, label):
                      f"{(f'{cpu:.2f}' if cpu is not None else '-'):>10}{f['rtt_p50_us']:>9.0f}{f['rtt_p99_us']:>9.0f}"
                      f"{f['new_streams_per_s']:>9.0f}{(f'{idle_k:.1f}' if idle_k is not None else '-'):>10}")
     rt = ratios(res)
-    lines.append("ratios (tunnel / relay, same run): " + ", ".join(f"{k} {v:.2f}" for k, v in rt.items()))
+    lines.append("ratios (same run): " + ", ".join(f"{k} {v:.2f}" for k, v in rt.items() if "relay2" not in k))
+    lines.append("  hop structure (relay2 / relay): " + ", ".join(
+        f"{k[len('relay2_'):]} {v:.2f}" for k, v in rt.items() if k.startswith("relay2_")))
+    lines.append("  tunnel / relay2: " + ", ".join(f"{k} {v:.2f}" for k, v in rt.items() if k.endswith("_vs_relay2")))
     return "\n".join(lines)
 
 
