@@ -277,3 +277,39 @@ class TunnelModel(RuleBasedStateMachine):
 
 TunnelModel.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 test_core_state_machine = TunnelModel.TestCase
+
+
+def test_send_now_only_when_nothing_is_queued():
+    """The small-write fast path: a frame may go out directly only when no frame of any stream is
+    queued and the stream's own queue is empty; credit and the sent counters are kept as if it had
+    been queued and drained."""
+    client, server, rc, rs = pair(window=1000)
+    a = server.open_stream()
+    assert not server.send_now(a, 10)  # the OpenStream frame is still queued
+    pump(server, client)
+    sched = server.sched
+    frames, nbytes, credit = sched.drained_frames, sched.drained_bytes, a.send_credit
+    assert server.send_now(a, 10)
+    assert (sched.drained_frames, sched.drained_bytes, a.send_credit) == (frames + 1, nbytes + 20, credit - 10)
+    assert not server.send_now(a, 0) and not server.send_now(a, server.config.max_chunk + 1)
+    assert not server.send_now(a, a.send_credit + 1)  # beyond the credit: queue and wait for it
+    b = server.open_stream()  # another stream's frame waiting in the scheduler blocks it too
+    assert not server.send_now(a, 10)
+    pump(server, client)
+    rc.auto_consume = False  # the reader stops: no more credit comes back
+    server.send(a, b"x" * 5000)  # more than the credit: the rest stays in a's own queue
+    pump(server, client)
+    assert a.pending is not None and not server.send_now(a, 1)  # never ahead of a's queued bytes
+    server.send_eof(b)
+    assert not server.send_now(b, 1)  # closed for writing: ``send`` raises, the fast path declines
+
+
+def test_send_now_frame_is_what_the_queue_would_send():
+    """A frame written by the fast path is byte for byte the one ``send`` + ``data_to_send`` makes."""
+    client, server, rc, rs = pair(flow=False, ext=False)
+    st = server.open_stream()
+    pump(server, client)
+    server.send(st, b"hi")
+    queued = b"".join(bytes(x) for x in server.data_to_send(1 << 20, 1 << 30))
+    assert server.send_now(st, 2)
+    assert queued == F.encode_data_header(st.id, 2) + b"hi" == bytes.fromhex("00000008 01 00000002 00 6869".replace(" ", ""))

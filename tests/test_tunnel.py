@@ -411,3 +411,59 @@ def test_session_store_lookups(run):
             assert store.find_with_capability("tcp") is session and store.find_with_capability("nope") is None
             assert len(store) == 1 and list(store) == [session] and session in store
     run(body)
+
+
+def test_small_writes_never_overtake_queued_data(run):
+    """Small writes may leave as one frame at once (the fast path), but only when nothing is
+    queued: behind a big queued write, on the same stream or another, they wait their turn."""
+    async def body():
+        async with tunnel() as (server, client, session):
+            a = await session.open_stream()
+            b = await session.open_stream(priority=ft.StreamPriority.LOW)
+            expect_a, expect_b = bytearray(), bytearray()
+            for i in range(20):
+                big = os.urandom(random.choice([100_000, 700_000]))
+                a.write(big)          # queued beyond what the transport takes at once
+                small = b"a%03d" % i
+                a.write(small)        # must come after ``big``
+                b.write(b"b%03d" % i)  # another stream: its own order only
+                expect_a += big + small
+                expect_b += b"b%03d" % i
+            a.write_eof()
+            b.write_eof()
+
+            async def collect(s):
+                out = bytearray()
+                while chunk := await s.read(1 << 20):
+                    out += chunk
+                return out
+
+            got_a, got_b = await asyncio.gather(collect(a), collect(b))
+            assert got_a == expect_a and got_b == expect_b
+    run(body, timeout=60)
+
+
+def test_ping_pong_small_messages_through_ingress(run):
+    """Many small request/response rounds (the fast path each way) arrive intact and in order."""
+    async def body():
+        async def local_echo(reader, writer):
+            while data := await reader.read(65536):
+                writer.write(data)
+            writer.close()
+
+        local = await asyncio.start_server(local_echo, "127.0.0.1", 0)
+        cfg = ft.ClientConfig(local_addr=local.sockets[0].getsockname()[:2])
+        async with tunnel(None, client_config=cfg) as (server, client, session):
+            async with ft.TcpIngress(server, ("127.0.0.1", 0)) as ingress:
+                r, w = await asyncio.open_connection(*ingress.address)
+                for i in range(500):
+                    msg = os.urandom(random.choice([1, 64, 1500, 16383]))
+                    w.write(msg)
+                    assert await r.readexactly(len(msg)) == msg
+                frames_before = session._conn.core.sched.drained_frames
+                w.write(b"z" * 100)
+                assert await r.readexactly(100) == b"z" * 100
+                assert session._conn.core.sched.drained_frames == frames_before + 1  # counted, once
+                w.close()
+        local.close()
+    run(body, timeout=60)

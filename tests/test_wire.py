@@ -226,3 +226,21 @@ def test_flow_control_overrun_resets_the_stream(run):
             err = next(f for f in frames if isinstance(f, F.Error))
             assert err.stream_id == 1 and "window" in err.message
     run(body)
+
+
+def test_small_write_is_the_exact_rust_data_frame(run):
+    """A small write (sent at once by the fast path) is byte for byte PROTOCOL.md's Data frame."""
+    async def body():
+        async with ft.TunnelServer(("127.0.0.1", 0), "secret") as server:
+            r, w = await asyncio.open_connection(*server.address)
+            w.write(RUST_HANDSHAKE)
+            dec = F.FrameDecoder()
+            ack, = await read_frames(r, 1, dec)
+            session = server.sessions.get_by_tunnel_id(str(ack.session_id))
+            s = await session.open_stream()
+            await read_frames(r, 1, dec)  # the OpenStream
+            s.write(b"hi")
+            raw = await asyncio.wait_for(r.readexactly(12), 5)
+            assert raw == bytes.fromhex("00000008 01 00000002 00 6869".replace(" ", ""))
+            w.close()
+    run(body)

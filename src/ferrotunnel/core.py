@@ -46,6 +46,9 @@ from .errors import (
 from .frames import FrameDecoder, encode
 from .scheduler import PriorityScheduler
 
+#: Bytes in front of every Data frame's payload (PROTOCOL.md 1.1: length, type, stream id, flags).
+DATA_HEADER_LEN = 10
+
 __all__ = [
     "EXT_CAPABILITY",
     "FLOW_CAPABILITY",
@@ -362,6 +365,23 @@ class SessionCore:
         st.pending_bytes += len(data)
         self._pump(st)
 
+    def send_now(self, st: CoreStream, n: int) -> bool:
+        """The small-write fast path. When nothing at all is queued (no frame of any stream waits
+        in the scheduler, and this stream's own queue is empty) and an ``n``-byte payload fits one
+        Data frame and the stream's credit, it is counted as sent and True is returned: the caller
+        then writes that frame to the transport itself, at once, which is exactly what queueing and
+        draining would have produced. Otherwise False, and the caller uses ``send``."""
+        sched = self.sched
+        if sched or st.pending is not None or st.done or st.eof_requested or n <= 0 or n > self.config.max_chunk:
+            return False
+        if self.flow:
+            if st.send_credit < n:
+                return False
+            st.send_credit -= n
+        sched.drained_frames += 1
+        sched.drained_bytes += n + DATA_HEADER_LEN
+        return True
+
     def writable(self, st: CoreStream) -> bool:
         """Whether a writer may queue more (below the stream's send buffer)."""
         return st.done or st.pending_bytes + self.sched.stream_pending(st.id) < self.config.stream_send_buffer
@@ -425,7 +445,8 @@ class SessionCore:
             self._over_limit.discard(st.id)
         if self.flow and not st.done and not st.remote_eof:
             st.owed += n
-            self._grant(st)
+            if st.owed >= st.window // 2 or st.closing:  # _grant's own first test, without the call
+                self._grant(st)
             if self._deferred and self.total_unread < self.config.session_recv_budget // 2:
                 for other in list(self._deferred):
                     self._deferred.discard(other)

@@ -13,6 +13,7 @@ from typing import Any, Optional, Tuple
 
 from .errors import FerroTunnelError, StreamClosedError
 from .pool import acquire_bytes, release_bytes
+from .core import DATA_HEADER_LEN
 from .session import VirtualStream, _tune_socket, adapt_read_size
 
 #: Largest read from a forwarded TCP connection (reads adapt between 64 KiB and this).
@@ -120,20 +121,31 @@ class TcpBridge(asyncio.BufferedProtocol):
 
     # -- TCP side
     def get_buffer(self, sizehint: int) -> memoryview:
+        # data lands behind room for a Data frame header, so a small read can leave as one frame
         self._rbuf = buf = acquire_bytes(self._read_size)
-        return memoryview(buf)
+        return memoryview(buf)[DATA_HEADER_LEN:]
 
     def buffer_updated(self, nbytes: int) -> None:
         buf = self._rbuf
         self._rbuf = None
         assert buf is not None
         self._read_size = adapt_read_size(self._read_size, nbytes, BRIDGE_READ_SIZE)
-        if nbytes >= OWN_THRESHOLD and self._pass_owned():
-            self._to_tunnel(memoryview(buf)[:nbytes], True)
+        if nbytes >= OWN_THRESHOLD:
+            if self._pass_owned():
+                self._to_tunnel(memoryview(buf)[DATA_HEADER_LEN:DATA_HEADER_LEN + nbytes], True)
+                return
         else:
-            data = bytes(memoryview(buf)[:nbytes])
-            release_bytes(buf)
-            self.data_received(data)
+            stream = self.stream
+            # nothing queued anywhere: the frame goes out now, header and payload in one write
+            if (stream is not None and not self._closed and self._pass_owned()
+                    and stream._conn.send_frame_now(stream._st, buf, nbytes)):
+                self._idle_ticks = 0
+                self.bytes_up += nbytes
+                release_bytes(buf)
+                return
+        data = bytes(memoryview(buf)[DATA_HEADER_LEN:DATA_HEADER_LEN + nbytes])
+        release_bytes(buf)
+        self.data_received(data)
 
     def _pass_owned(self) -> bool:
         return True
@@ -206,7 +218,12 @@ class TcpBridge(asyncio.BufferedProtocol):
         if stream._sink_paused:
             stream._sink_owed += n  # credit returns once the TCP side drains
         else:
-            stream._conn.consumed(stream._st, n)
+            conn = stream._conn
+            core = conn.core
+            if core is not None:
+                core.consumed(stream._st, n)
+                if conn._read_paused:
+                    conn._maybe_resume()
 
     def flush_out(self) -> None:
         q = self._outq

@@ -17,9 +17,9 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Deque, List, Optiona
 
 from ._model import Protocol, StreamPriority
 from .config import StreamConfig
-from .core import CoreStream, SessionCore
+from .core import DATA_HEADER_LEN, CoreStream, SessionCore
 from .errors import ConnectionLostError, FerroTunnelError, FrameError, StreamClosedError
-from .frames import FrameDecoder
+from .frames import FrameDecoder, encode_data_header, encode_data_header_into
 from .pool import acquire_bytes, release_bytes
 
 __all__ = ["VirtualStream", "Multiplexer", "Session", "TunnelConnection", "StreamHandler"]
@@ -42,6 +42,8 @@ def adapt_read_size(size: int, got: int, maximum: int) -> int:
         return max(size // 2, MIN_READ)
     return size
 DRAIN_BUDGET = 256 * 1024
+#: Writes below this size may take the fast path (one frame written at once, payload copied once).
+SMALL_WRITE = 16 * 1024
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 
@@ -208,6 +210,8 @@ class VirtualStream:
         # ``owned``: the caller gives the buffer up (it is queued without a copy)
         self._check_writable()
         conn = self._conn
+        if type(data) is bytes and len(data) < SMALL_WRITE and conn.send_small_now(self._st, data):
+            return
         conn._flush_follows = True
         try:
             conn.score.send(self._st, data, owned)
@@ -565,9 +569,10 @@ class TunnelConnection(asyncio.BufferedProtocol):
         if core is None:
             self.handshake_data(data)
             return
+        now = time.monotonic()
         self._flush_follows = True
         try:
-            core.receive(data, time.monotonic())
+            core.receive(data, now)
         finally:
             self._flush_follows = False
         sinks = self._dirty_sinks
@@ -576,15 +581,17 @@ class TunnelConnection(asyncio.BufferedProtocol):
             self._dirty_sinks = []
             for sink in sinks:
                 sink.flush_out()
-        self._after_receive()
-        if core.has_output and not self._write_paused:
+        if not self._read_paused and not self.closed and (core.reading_blocked or core.throttle_until > now):
+            self._after_receive(now)  # the rare case: stop reading for a while
+        if core.sched and not self._write_paused:
             self._flush()  # acks and credit now, not an event-loop turn later
 
-    def _after_receive(self) -> None:
+    def _after_receive(self, now: Optional[float] = None) -> None:
         core = self.core
         if core is None or self._read_paused or self.closed:
             return
-        now = time.monotonic()
+        if now is None:
+            now = time.monotonic()
         if core.reading_blocked or core.throttle_until > now:
             self._pause_reading(now)
             if core.throttle_until > now and self._resume_timer is None:
@@ -645,6 +652,35 @@ class TunnelConnection(asyncio.BufferedProtocol):
         if not self._flush_scheduled and not self._write_paused and not self.closed:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
+
+    def send_frame_now(self, st: CoreStream, buf: bytearray, n: int) -> bool:
+        """Fast path for a small read from a forwarded connection: ``buf`` holds the payload at
+        ``[DATA_HEADER_LEN:DATA_HEADER_LEN + n]`` with room for the header in front. If nothing is
+        queued (``SessionCore.send_now``) the frame is written at once, as one buffer, and True is
+        returned; ``buf`` is not kept. Otherwise False and nothing happened."""
+        core = self.core
+        if core is None or self._write_paused or self.closed or not core.send_now(st, n):
+            return False
+        encode_data_header_into(buf, 0, st.id, n)
+        frame = buf[:n + DATA_HEADER_LEN]  # a copy: the read buffer goes straight back
+        if self._stls is None:
+            self.transport.write(frame)
+        else:
+            self.send_raw(frame)
+        return True
+
+    def send_small_now(self, st: CoreStream, data: bytes) -> bool:
+        """``send_frame_now`` for a small ``bytes`` payload written through the stream API."""
+        n = len(data)
+        core = self.core
+        if core is None or self._write_paused or self.closed or not core.send_now(st, n):
+            return False
+        frame = encode_data_header(st.id, n) + data
+        if self._stls is None:
+            self.transport.write(frame)
+        else:
+            self.send_raw(frame)
+        return True
 
     def flush_now(self) -> None:
         """Hand queued frames to the transport now (latency) instead of at the next loop turn."""
