@@ -1,5 +1,6 @@
 """End-to-end benchmark: ferrotunnel (server and client each in its own process, traffic in
-through TcpIngress) beside direct loopback and a minimal 1:1 uvloop relay, in one run.
+through TcpIngress) beside direct loopback, a minimal 1:1 uvloop relay and two such relays in
+series, in one run.
 
     python bench/e2e.py [--mb 512] [--rounds 3] [--tls] [--quick] [--json FILE]
 

@@ -2,8 +2,9 @@
 
     python -m pytest bench/test_bench_e2e.py --benchmark-json e2e.json
 
-Each test runs the whole comparison once (direct, 1:1 relay, tunnel in their own processes) and
-stores every figure and the same-run ratios in ``extra_info``; the timed value is the whole run.
+Each test runs the whole comparison once (direct, 1:1 relay, two relays in series and the tunnel,
+each in its own processes) and stores every figure and the same-run ratios in ``extra_info``; the
+timed value is the whole run.
 """
 
 from __future__ import annotations
