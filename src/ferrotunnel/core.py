@@ -22,6 +22,7 @@ from collections import deque
 from typing import Any, Deque, Dict, Iterable, List, Optional, Protocol as TypingProtocol, Sequence, Set
 
 from ._model import (
+    DATA_HEADER_SIZE,
     CloseReason,
     CloseStream,
     Data,
@@ -45,9 +46,6 @@ from .errors import (
 )
 from .frames import FrameDecoder, encode
 from .scheduler import PriorityScheduler
-
-#: Bytes in front of every Data frame's payload (PROTOCOL.md 1.1: length, type, stream id, flags).
-DATA_HEADER_LEN = 10
 
 __all__ = [
     "EXT_CAPABILITY",
@@ -379,7 +377,7 @@ class SessionCore:
                 return False
             st.send_credit -= n
         sched.drained_frames += 1
-        sched.drained_bytes += n + DATA_HEADER_LEN
+        sched.drained_bytes += n + DATA_HEADER_SIZE
         return True
 
     def writable(self, st: CoreStream) -> bool:
@@ -445,8 +443,7 @@ class SessionCore:
             self._over_limit.discard(st.id)
         if self.flow and not st.done and not st.remote_eof:
             st.owed += n
-            if st.owed >= st.window // 2 or st.closing:  # _grant's own first test, without the call
-                self._grant(st)
+            self._grant(st)
             if self._deferred and self.total_unread < self.config.session_recv_budget // 2:
                 for other in list(self._deferred):
                     self._deferred.discard(other)

@@ -13,7 +13,7 @@ from typing import Any, Optional, Tuple
 
 from .errors import FerroTunnelError, StreamClosedError
 from .pool import acquire_bytes, release_bytes
-from .core import DATA_HEADER_LEN
+from ._model import DATA_HEADER_SIZE
 from .session import VirtualStream, _tune_socket, adapt_read_size
 
 #: Largest read from a forwarded TCP connection (reads adapt between 64 KiB and this).
@@ -123,7 +123,7 @@ class TcpBridge(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         # data lands behind room for a Data frame header, so a small read can leave as one frame
         self._rbuf = buf = acquire_bytes(self._read_size)
-        return memoryview(buf)[DATA_HEADER_LEN:]
+        return memoryview(buf)[DATA_HEADER_SIZE:]
 
     def buffer_updated(self, nbytes: int) -> None:
         buf = self._rbuf
@@ -132,7 +132,7 @@ class TcpBridge(asyncio.BufferedProtocol):
         self._read_size = adapt_read_size(self._read_size, nbytes, BRIDGE_READ_SIZE)
         if nbytes >= OWN_THRESHOLD:
             if self._pass_owned():
-                self._to_tunnel(memoryview(buf)[DATA_HEADER_LEN:DATA_HEADER_LEN + nbytes], True)
+                self._to_tunnel(memoryview(buf)[DATA_HEADER_SIZE:DATA_HEADER_SIZE + nbytes], True)
                 return
         else:
             stream = self.stream
@@ -143,9 +143,18 @@ class TcpBridge(asyncio.BufferedProtocol):
                 self.bytes_up += nbytes
                 release_bytes(buf)
                 return
-        data = bytes(memoryview(buf)[DATA_HEADER_LEN:DATA_HEADER_LEN + nbytes])
+        data = bytes(memoryview(buf)[DATA_HEADER_SIZE:DATA_HEADER_SIZE + nbytes])
         release_bytes(buf)
         self.data_received(data)
+
+    def _drop_read_buffer(self) -> None:
+        # The loop asks for a buffer before every read, so when the connection ends (EOF, error,
+        # close) the last one was never filled. Let it go now: a finished bridge can sit in a
+        # reference cycle until the next garbage collection, and 256 KiB each adds up under churn.
+        buf = self._rbuf
+        if buf is not None:
+            self._rbuf = None
+            release_bytes(buf)
 
     def _pass_owned(self) -> bool:
         return True
@@ -172,6 +181,7 @@ class TcpBridge(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self._tcp_eof = True
+        self._drop_read_buffer()  # no more reads on this side
         if self.stream is not None and not self._closed:
             try:
                 self.stream.write_eof()
@@ -182,6 +192,7 @@ class TcpBridge(asyncio.BufferedProtocol):
         return True  # keep our sending half open
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._drop_read_buffer()
         if not self._closed:
             # the TCP side went away before both halves finished: reset the stream
             self._finish(abort=not (self._tcp_eof and self._tunnel_eof), exc=exc)
@@ -218,12 +229,7 @@ class TcpBridge(asyncio.BufferedProtocol):
         if stream._sink_paused:
             stream._sink_owed += n  # credit returns once the TCP side drains
         else:
-            conn = stream._conn
-            core = conn.core
-            if core is not None:
-                core.consumed(stream._st, n)
-                if conn._read_paused:
-                    conn._maybe_resume()
+            stream._conn.consumed(stream._st, n)
 
     def flush_out(self) -> None:
         q = self._outq

@@ -17,7 +17,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Deque, List, Optiona
 
 from ._model import Protocol, StreamPriority
 from .config import StreamConfig
-from .core import DATA_HEADER_LEN, CoreStream, SessionCore
+from ._model import DATA_HEADER_SIZE
+from .core import CoreStream, SessionCore
 from .errors import ConnectionLostError, FerroTunnelError, FrameError, StreamClosedError
 from .frames import FrameDecoder, encode_data_header, encode_data_header_into
 from .pool import acquire_bytes, release_bytes
@@ -581,9 +582,8 @@ class TunnelConnection(asyncio.BufferedProtocol):
             self._dirty_sinks = []
             for sink in sinks:
                 sink.flush_out()
-        if not self._read_paused and not self.closed and (core.reading_blocked or core.throttle_until > now):
-            self._after_receive(now)  # the rare case: stop reading for a while
-        if core.sched and not self._write_paused:
+        self._after_receive(now)
+        if core.has_output and not self._write_paused:
             self._flush()  # acks and credit now, not an event-loop turn later
 
     def _after_receive(self, now: Optional[float] = None) -> None:
@@ -653,33 +653,27 @@ class TunnelConnection(asyncio.BufferedProtocol):
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
+    def _may_send_now(self, st: CoreStream, n: int) -> bool:
+        # the small-write fast path: see SessionCore.send_now (never while the transport pushes back)
+        core = self.core
+        return core is not None and not self._write_paused and not self.closed and core.send_now(st, n)
+
     def send_frame_now(self, st: CoreStream, buf: bytearray, n: int) -> bool:
         """Fast path for a small read from a forwarded connection: ``buf`` holds the payload at
-        ``[DATA_HEADER_LEN:DATA_HEADER_LEN + n]`` with room for the header in front. If nothing is
-        queued (``SessionCore.send_now``) the frame is written at once, as one buffer, and True is
-        returned; ``buf`` is not kept. Otherwise False and nothing happened."""
-        core = self.core
-        if core is None or self._write_paused or self.closed or not core.send_now(st, n):
+        ``[DATA_HEADER_SIZE:DATA_HEADER_SIZE + n]`` with room for the header in front. If nothing
+        is queued, the frame is written at once, as one buffer, and True is returned; ``buf`` is
+        not kept. Otherwise False, and nothing happened."""
+        if not self._may_send_now(st, n):
             return False
         encode_data_header_into(buf, 0, st.id, n)
-        frame = buf[:n + DATA_HEADER_LEN]  # a copy: the read buffer goes straight back
-        if self._stls is None:
-            self.transport.write(frame)
-        else:
-            self.send_raw(frame)
+        self.send_raw(buf[:n + DATA_HEADER_SIZE])  # a copy: the read buffer goes straight back
         return True
 
     def send_small_now(self, st: CoreStream, data: bytes) -> bool:
         """``send_frame_now`` for a small ``bytes`` payload written through the stream API."""
-        n = len(data)
-        core = self.core
-        if core is None or self._write_paused or self.closed or not core.send_now(st, n):
+        if not self._may_send_now(st, len(data)):
             return False
-        frame = encode_data_header(st.id, n) + data
-        if self._stls is None:
-            self.transport.write(frame)
-        else:
-            self.send_raw(frame)
+        self.send_raw(encode_data_header(st.id, len(data)) + data)
         return True
 
     def flush_now(self) -> None:
