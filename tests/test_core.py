@@ -313,3 +313,23 @@ def test_send_now_frame_is_what_the_queue_would_send():
     queued = b"".join(bytes(x) for x in server.data_to_send(1 << 20, 1 << 30))
     assert server.send_now(st, 2)
     assert queued == F.encode_data_header(st.id, 2) + b"hi" == bytes.fromhex("00000008 01 00000002 00 6869".replace(" ", ""))
+
+
+def test_a_reset_drops_queued_data_at_once():
+    """Data still queued on a stream that is reset (by us or by the peer) is let go right away: an
+    ended stream can outlive its reset for a while (the application keeps its handle), and its
+    queue must not pin buffers meanwhile."""
+    client, server, rc, rs = pair(window=1000)
+    rc.auto_consume = False
+    ours = server.open_stream()
+    server.send(ours, b"x" * 50_000)  # beyond the credit: most of it stays queued
+    pump(server, client)
+    assert server.queued(ours) > 40_000
+    server.reset(ours)
+    assert server.queued(ours) == 0 and ours.pending is None
+    theirs = server.open_stream()
+    server.send(theirs, b"y" * 50_000)
+    pump(server, client)
+    client.reset(client.streams[theirs.id])
+    pump(client, server)
+    assert theirs.done and server.queued(theirs) == 0 and theirs.pending is None

@@ -510,6 +510,9 @@ class SessionCore:
 
     def _remove(self, st: CoreStream) -> None:
         st.done = True
+        # queued payload goes now (after a graceful end there is none; after a reset it is dropped)
+        st.pending = None
+        st.pending_bytes = 0
         if self.streams.get(st.id) is st:
             del self.streams[st.id]
         if st.unread and st.closing:
