@@ -11,9 +11,9 @@ import asyncio
 import logging
 from typing import Any, Optional, Tuple
 
+from ._model import DATA_HEADER_SIZE
 from .errors import FerroTunnelError, StreamClosedError
 from .pool import acquire_bytes, release_bytes
-from ._model import DATA_HEADER_SIZE
 from .session import VirtualStream, _tune_socket, adapt_read_size
 
 #: Largest read from a forwarded TCP connection (reads adapt between 64 KiB and this).

@@ -15,9 +15,8 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable, Deque, List, Optional, Sequence, Tuple
 
-from ._model import Protocol, StreamPriority
+from ._model import DATA_HEADER_SIZE, Protocol, StreamPriority
 from .config import StreamConfig
-from ._model import DATA_HEADER_SIZE
 from .core import CoreStream, SessionCore
 from .errors import ConnectionLostError, FerroTunnelError, FrameError, StreamClosedError
 from .frames import FrameDecoder, encode_data_header, encode_data_header_into
