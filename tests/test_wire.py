@@ -16,14 +16,20 @@ from test_handshake import RUST_HANDSHAKE, TOKEN, hs
 EXTENSION_TYPES = (F.PluginData, F.Error, F.StreamAck, F.Register, F.RegisterAck)
 
 
+async def rust_client(server):
+    """A raw client sending the Rust client's exact handshake; returns (reader, writer, decoder,
+    the server's session for it) once the HandshakeAck is in."""
+    r, w = await asyncio.open_connection(*server.address)
+    w.write(RUST_HANDSHAKE)
+    dec = F.FrameDecoder()
+    ack, = await read_frames(r, 1, dec)
+    return r, w, dec, server.sessions.get_by_tunnel_id(str(ack.session_id))
+
+
 def test_python_server_with_rust_client_frames(run):
     async def body():
         async with ft.TunnelServer(("127.0.0.1", 0), "secret") as server:
-            r, w = await asyncio.open_connection(*server.address)
-            w.write(RUST_HANDSHAKE)
-            dec = F.FrameDecoder()
-            ack, = await read_frames(r, 1, dec)
-            session = server.sessions.get_by_tunnel_id(str(ack.session_id))
+            r, w, dec, session = await rust_client(server)
             assert not session.flow_control
             s = await session.open_stream(ft.Protocol.TCP, priority=ft.StreamPriority.HIGH)
             opened, = await read_frames(r, 1, dec)
@@ -232,11 +238,7 @@ def test_small_write_is_the_exact_rust_data_frame(run):
     """A small write (sent at once by the fast path) is byte for byte PROTOCOL.md's Data frame."""
     async def body():
         async with ft.TunnelServer(("127.0.0.1", 0), "secret") as server:
-            r, w = await asyncio.open_connection(*server.address)
-            w.write(RUST_HANDSHAKE)
-            dec = F.FrameDecoder()
-            ack, = await read_frames(r, 1, dec)
-            session = server.sessions.get_by_tunnel_id(str(ack.session_id))
+            r, w, dec, session = await rust_client(server)
             s = await session.open_stream()
             await read_frames(r, 1, dec)  # the OpenStream
             s.write(b"hi")
