@@ -16,20 +16,20 @@ from test_handshake import RUST_HANDSHAKE, TOKEN, hs
 EXTENSION_TYPES = (F.PluginData, F.Error, F.StreamAck, F.Register, F.RegisterAck)
 
 
-async def rust_client(server):
-    """A raw client sending the Rust client's exact handshake; returns (reader, writer, decoder,
-    the server's session for it) once the HandshakeAck is in."""
+async def raw_client(server, handshake=RUST_HANDSHAKE):
+    """A raw client that sends ``handshake`` (default: the Rust client's exact bytes); returns
+    (reader, writer, decoder, HandshakeAck, the server's session or None) once the ack is in."""
     r, w = await asyncio.open_connection(*server.address)
-    w.write(RUST_HANDSHAKE)
+    w.write(handshake)
     dec = F.FrameDecoder()
-    ack, = await read_frames(r, 1, dec)
-    return r, w, dec, server.sessions.get_by_tunnel_id(str(ack.session_id))
+    ack = (await read_frames(r, 1, dec))[0]
+    return r, w, dec, ack, server.sessions.get(ack.session_id)
 
 
 def test_python_server_with_rust_client_frames(run):
     async def body():
         async with ft.TunnelServer(("127.0.0.1", 0), "secret") as server:
-            r, w, dec, session = await rust_client(server)
+            r, w, dec, _, session = await raw_client(server)
             assert not session.flow_control
             s = await session.open_stream(ft.Protocol.TCP, priority=ft.StreamPriority.HIGH)
             opened, = await read_frames(r, 1, dec)
@@ -118,10 +118,9 @@ def test_server_drops_silent_client(run):
     async def body():
         cfg = ft.ServerConfig(heartbeat_interval=0.1, session_timeout=0.4)
         async with ft.TunnelServer(("127.0.0.1", 0), TOKEN, config=cfg) as server:
-            r, w = await asyncio.open_connection(*server.address)
-            w.write(hs(tunnel_id="quiet", caps=("basic", "tcp")))  # a Rust-like client that then goes silent
-            await read_frames(r, 1)
-            session = server.sessions.get_by_tunnel_id("quiet")
+            # a Rust-like client that then goes silent
+            r, w, _, _, session = await raw_client(server, hs(tunnel_id="quiet", caps=("basic", "tcp")))
+            assert session is server.sessions.get_by_tunnel_id("quiet")
             s = await session.open_stream()
             with pytest.raises(ft.TunnelTimeoutError):
                 await asyncio.wait_for(s.read(), 3)
@@ -160,13 +159,9 @@ def test_stale_session_is_replaced(run):
     async def body():
         cfg = ft.ServerConfig(stale_session_after=0.2)
         async with ft.TunnelServer(("127.0.0.1", 0), TOKEN, config=cfg) as server:
-            r, w = await asyncio.open_connection(*server.address)
-            w.write(hs(tunnel_id="app"))
-            await read_frames(r, 1)
-            old = server.sessions.get_by_tunnel_id("app")
-            r2, w2 = await asyncio.open_connection(*server.address)
-            w2.write(hs(tunnel_id="app"))
-            ack, = await read_frames(r2, 1)
+            r, w, _, _, old = await raw_client(server, hs(tunnel_id="app"))
+            assert old is server.sessions.get_by_tunnel_id("app")
+            r2, w2, _, ack, _ = await raw_client(server, hs(tunnel_id="app"))
             assert ack.status == ft.HandshakeStatus.TUNNEL_ID_TAKEN  # still fresh
             await asyncio.sleep(0.3)
             host, port = server.address
@@ -181,11 +176,8 @@ def test_stale_session_is_replaced(run):
 def test_error_frames_reset_stream_or_end_session(run):
     async def body():
         async with ft.TunnelServer(("127.0.0.1", 0), TOKEN) as server:
-            r, w = await asyncio.open_connection(*server.address)
-            w.write(hs(tunnel_id="e", caps=("basic", "tcp", "ferrotunnel-py/1")))
-            dec = F.FrameDecoder()
-            await read_frames(r, 1, dec)
-            session = server.sessions.get_by_tunnel_id("e")
+            r, w, dec, _, session = await raw_client(
+                server, hs(tunnel_id="e", caps=("basic", "tcp", "ferrotunnel-py/1")))
             s = await session.open_stream()
             w.write(F.encode(F.Error(stream_id=s.stream_id, code=ft.ErrorCode.STREAM_NOT_FOUND, message="gone")))
             with pytest.raises(ft.StreamResetError, match="gone"):
@@ -200,11 +192,7 @@ def test_stream_open_rate_limit(run):
     async def body():
         cfg = ft.ServerConfig(rate_limits=ft.RateLimits(streams_per_second=1, burst=2))
         async with ft.TunnelServer(("127.0.0.1", 0), TOKEN, config=cfg) as server:
-            r, w = await asyncio.open_connection(*server.address)
-            w.write(hs(tunnel_id="rl", caps=("basic", "ferrotunnel-py/1")))
-            dec = F.FrameDecoder()
-            await read_frames(r, 1, dec)
-            session = server.sessions.get_by_tunnel_id("rl")
+            r, w, dec, _, session = await raw_client(server, hs(tunnel_id="rl", caps=("basic", "ferrotunnel-py/1")))
             for sid in (1, 3, 5, 7):
                 w.write(F.encode(F.OpenStream(stream_id=sid, protocol=ft.Protocol.TCP)))
             frames: list = []
@@ -219,10 +207,8 @@ def test_flow_control_overrun_resets_the_stream(run):
     async def body():
         cfg = ft.ServerConfig(initial_window=1000, max_window=1000)
         async with ft.TunnelServer(("127.0.0.1", 0), TOKEN, config=cfg) as server:
-            r, w = await asyncio.open_connection(*server.address)
-            w.write(hs(tunnel_id="fc", caps=("basic", "ferrotunnel-py/1", "flow-control/1;window=65536")))
-            dec = F.FrameDecoder()
-            ack = (await read_frames(r, 1, dec))[0]
+            r, w, dec, ack, _ = await raw_client(
+                server, hs(tunnel_id="fc", caps=("basic", "ferrotunnel-py/1", "flow-control/1;window=65536")))
             assert "flow-control/1;window=1000" in ack.server_capabilities
             w.write(F.encode(F.OpenStream(stream_id=1, protocol=ft.Protocol.TCP)))
             w.write(F.encode(F.Data(stream_id=1, data=b"x" * 1001)))  # over the 1000-byte window
@@ -238,7 +224,7 @@ def test_small_write_is_the_exact_rust_data_frame(run):
     """A small write (sent at once by the fast path) is byte for byte PROTOCOL.md's Data frame."""
     async def body():
         async with ft.TunnelServer(("127.0.0.1", 0), "secret") as server:
-            r, w, dec, session = await rust_client(server)
+            r, w, dec, _, session = await raw_client(server)
             s = await session.open_stream()
             await read_frames(r, 1, dec)  # the OpenStream
             s.write(b"hi")
