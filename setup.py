@@ -9,5 +9,6 @@ extensions = [
 ]
 
 setup(
-    ext_modules=cythonize(extensions, compiler_directives={"language_level": 3}),
+    # src on the include path: _sched.pyx cimports ferrotunnel/_frames.pxd (relative or absolute)
+    ext_modules=cythonize(extensions, include_path=["src"], compiler_directives={"language_level": 3}),
 )

@@ -12,7 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 import ferrotunnel as ft
 from ferrotunnel import frames as F
 from ferrotunnel.config import StreamConfig
-from ferrotunnel.core import EXT_CAPABILITY, FLOW_PLUGIN_ID, SessionCore, flow_capability, parse_flow_capability
+from ferrotunnel.protocol import EXT_CAPABILITY, FLOW_PLUGIN_ID, SessionCore, flow_capability, parse_flow_capability
 
 
 class Recorder:
@@ -213,7 +213,7 @@ class TunnelModel(RuleBasedStateMachine):
     def write(self, data, writer, n):
         _, sid = data.draw(st.sampled_from(self.streams))
         local = self._local(writer, sid)
-        if local is None or local.eof_requested or sid in self.reset:
+        if local is None or local.write_shut or sid in self.reset:
             return
         payload = bytes([len(self.sent.get((writer, sid), b"")) % 251]) * n
         self._core(writer).send(local, payload)

@@ -111,7 +111,7 @@ def test_handshake_timeout_frees_the_slot(run):
             assert await asyncio.wait_for(r3.read(), 2) == b""
             for r, w in silent:  # closed at the handshake timeout
                 assert await asyncio.wait_for(r.read(), 3) == b""
-            assert server._pending == 0
+            assert server.pending_handshakes == 0
             r, w = await raw_handshake(server, hs())
             ack, = await read_frames(r, 1)
             assert ack.status == ft.HandshakeStatus.SUCCESS

@@ -112,7 +112,7 @@ def test_silent_connections_do_not_block_a_real_client(run):
             await client.connect(echo_handler)
             assert time.monotonic() - t0 < 0.9  # before the silent ones time out
             closed = await asyncio.gather(*(asyncio.wait_for(r.read(), 5) for r, _ in silent))
-            assert closed == [b""] * 200 and server._pending == 0
+            assert closed == [b""] * 200 and server.pending_handshakes == 0
             assert server.sessions.get_by_tunnel_id("real") is not None
             await client.close()
     run(body, timeout=60)

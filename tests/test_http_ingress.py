@@ -6,7 +6,7 @@ import asyncio
 
 import ferrotunnel as ft
 from conftest import tunnel
-from ferrotunnel.http import normalize_host
+from ferrotunnel.server import normalize_host
 
 
 def test_normalize_host():

@@ -69,10 +69,10 @@ def test_tls_tunnel_carries_data(run, certs):
         task = asyncio.create_task(client.connect_and_run(echo_handler))
         try:
             session = await server.wait_for_session("tls", timeout=10)
-            assert session._conn._stls.obj.version() == "TLSv1.3"
+            assert session.connection.tls.version == "TLSv1.3"
             while client.session is None:
                 await asyncio.sleep(0.01)
-            assert client.session._conn.transport.get_extra_info("ssl_object").version() == "TLSv1.3"
+            assert client.session.connection.transport.get_extra_info("ssl_object").version() == "TLSv1.3"
             s = await session.open_stream()
             data = os.urandom(3 * 1024 * 1024)
             s.write(data)

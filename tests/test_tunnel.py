@@ -141,7 +141,7 @@ def test_lost_connection_errors_every_stream(run):
         async with tunnel(silent) as (server, client, session):
             streams = [await session.open_stream() for _ in range(5)]
             await asyncio.sleep(0.05)
-            client.session._conn.transport.abort()
+            client.session.connection.transport.abort()
             for s in streams:
                 with pytest.raises(ft.ConnectionLostError):
                     await asyncio.wait_for(s.read(10), 5)
@@ -184,7 +184,7 @@ def test_never_reading_stream_does_not_stall_others(run):
                 got += chunk
             assert bytes(got) == b"E" + blob
             # the stuck stream holds at most its window on the receiving side
-            client_core = client.session._conn.core
+            client_core = client.session.connection.core
             assert client_core.total_unread <= cfg.max_window
             filler.cancel()
     run(body, timeout=60)
@@ -302,9 +302,9 @@ def test_idle_stream_holds_no_buffer_and_pool_is_used(run):
                 await s.drain()
                 await s.readexactly(30000)
             # each end reads into a pooled buffer; an idle stream keeps none of its own
-            assert len(session._conn._rbuf) == 65536
+            assert len(session.connection._rbuf) == 65536
             assert s._rbuf is None and s._rsize == 0
-            assert session._conn.core.sched.queued_streams == 0
+            assert session.connection.core.sched.queued_streams == 0
             s.write_eof()
             await s.read()
         await asyncio.sleep(0.1)
@@ -374,8 +374,8 @@ def test_without_flow_control_reading_pauses_and_memory_stays_bounded(run):
 
             task = asyncio.create_task(flood())
             await asyncio.sleep(1.0)  # twice the session timeout: pausing our own reads is not silence
-            core = client.session._conn.core
-            assert client.session._conn._read_paused
+            core = client.session.connection.core
+            assert client.session.connection.read_paused
             assert core.total_unread <= 256 * 1024 + cc.read_buffer_size + 65546
             assert not task.done() and not session.is_closed and not client.session.is_closed
             task.cancel()
@@ -460,10 +460,10 @@ def test_ping_pong_small_messages_through_ingress(run):
                     msg = os.urandom(random.choice([1, 64, 1500, 16383]))
                     w.write(msg)
                     assert await r.readexactly(len(msg)) == msg
-                frames_before = session._conn.core.sched.drained_frames
+                frames_before = session.connection.core.sched.drained_frames
                 w.write(b"z" * 100)
                 assert await r.readexactly(100) == b"z" * 100
-                assert session._conn.core.sched.drained_frames == frames_before + 1  # counted, once
+                assert session.connection.core.sched.drained_frames == frames_before + 1  # counted, once
                 w.close()
         local.close()
     run(body, timeout=60)

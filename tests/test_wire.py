@@ -148,7 +148,7 @@ def test_client_detects_dead_server_and_reconnects(run):
         task = asyncio.create_task(client.connect_and_run(echo_handler, on_connected=sessions.append))
         while len(sessions) < 2:
             await asyncio.sleep(0.05)
-        assert sessions[0].is_closed and isinstance(sessions[0]._conn.close_exc, ft.TunnelTimeoutError)
+        assert sessions[0].is_closed and isinstance(sessions[0].connection.close_exc, ft.TunnelTimeoutError)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         srv.close()
@@ -184,7 +184,7 @@ def test_error_frames_reset_stream_or_end_session(run):
                 await asyncio.wait_for(s.read(), 3)
             w.write(F.encode(F.Error(stream_id=None, code=ft.ErrorCode.INTERNAL_SERVER_ERROR, message="bye")))
             await asyncio.wait_for(session.wait_closed(), 3)
-            assert "bye" in str(session._conn.close_exc)
+            assert "bye" in str(session.connection.close_exc)
     run(body)
 
 

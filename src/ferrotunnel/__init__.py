@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._model import (
+from .frames import (
     MAX_FRAME_SIZE,
     CloseReason,
     ErrorCode,
@@ -25,17 +25,29 @@ from .errors import (
 )
 
 from .auth import constant_time_eq, hash_token, validate_token_format
-from .backoff import Backoff, BackoffConfig
-from .config import ClientConfig, RateLimits, ServerConfig, StreamConfig
+from .config import BackoffConfig, ClientConfig, RateLimits, ServerConfig, StreamConfig
 from .errors import PeerUnsupportedError, RetryableHandshakeError, TlsVerificationError
 from . import tls
-from .forward import forward
-from .session import Multiplexer, Session, VirtualStream
-from .server import SessionStore, TunnelServer
-from .client import TunnelClient
-from .ingress import TcpIngress
-from .http import HttpIngress
-from .transport import TcpTransport, TlsTransport
+from .protocol import (
+    ClientHandshake,
+    HandshakeRequest,
+    HandshakeResult,
+    ServerHandshake,
+    StreamEvent,
+    StreamState,
+)
+from .aio import Multiplexer, Session, SessionStats, StreamSink, TcpTransport, TlsTransport, VirtualStream, forward
+from .server import (
+    HttpIngress,
+    LocalRegistry,
+    LocalRoute,
+    Route,
+    SessionRegistry,
+    SessionStore,
+    TcpIngress,
+    TunnelServer,
+)
+from .client import Backoff, TunnelClient
 
 __version__ = "0.1.0"
 
@@ -46,7 +58,19 @@ __all__ = [
     "TcpIngress",
     "HttpIngress",
     "Session",
+    "SessionStats",
     "SessionStore",
+    "SessionRegistry",
+    "LocalRegistry",
+    "Route",
+    "LocalRoute",
+    "ClientHandshake",
+    "ServerHandshake",
+    "HandshakeRequest",
+    "HandshakeResult",
+    "StreamState",
+    "StreamEvent",
+    "StreamSink",
     "Multiplexer",
     "VirtualStream",
     "forward",

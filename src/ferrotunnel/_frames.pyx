@@ -25,8 +25,9 @@ cdef extern from "Python.h":
     ctypedef struct _TypeAlloc "PyTypeObject":
         allocfunc tp_alloc
 
+from . import _model
 from ._model import (
-    DATA_HEADER_SIZE, FLAG_END_OF_STREAM, MAX_DATA_PAYLOAD, MAX_FRAME_SIZE,
+    MAX_DATA_PAYLOAD, MAX_FRAME_SIZE,
     CloseReason, CloseStream, Data, Error, ErrorCode, Handshake, HandshakeAck, HandshakeStatus,
     Heartbeat, HeartbeatAck, OpenStream, PluginData, Protocol, Register, RegisterAck,
     RegisterStatus, StreamAck, StreamPriority, StreamStatus,
@@ -44,6 +45,9 @@ cdef uint64_t _U32_MAX = 0xFFFFFFFF
 cdef object _U64_MAX = 0xFFFFFFFFFFFFFFFF
 cdef Py_ssize_t _MAX_FRAME = MAX_FRAME_SIZE
 cdef Py_ssize_t _MAX_PAYLOAD = MAX_DATA_PAYLOAD
+# DATA_HEADER_SIZE is a C constant (_frames.pxd): it must not drift from the model the twin uses
+if DATA_HEADER_SIZE != _model.DATA_HEADER_SIZE:
+    raise ImportError(f"_frames.pxd DATA_HEADER_SIZE {DATA_HEADER_SIZE} != _model's {_model.DATA_HEADER_SIZE}")
 
 cdef dict _ENUMS = {
     "HandshakeStatus": HandshakeStatus, "RegisterStatus": RegisterStatus,
@@ -244,22 +248,8 @@ cdef _encode_body(object frame, _Writer w):
         raise FrameError(f"cannot encode {t.__name__}: not a FerroTunnel frame")
 
 
-cdef inline void _put_be32(unsigned char* p, uint32_t v) noexcept nogil:
-    p[0] = (v >> 24) & 0xFF
-    p[1] = (v >> 16) & 0xFF
-    p[2] = (v >> 8) & 0xFF
-    p[3] = v & 0xFF
-
-
 cdef inline uint32_t _get_be32(const unsigned char* p) noexcept nogil:
     return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | <uint32_t>p[3]
-
-
-cdef inline void _write_data_header(unsigned char* p, uint32_t sid, Py_ssize_t n, bint eos) noexcept nogil:
-    _put_be32(p, <uint32_t>(n + 6))
-    p[4] = 1
-    _put_be32(p + 5, sid)
-    p[9] = 1 if eos else 0
 
 
 cdef _check_data(object stream_id, Py_ssize_t payload_len):
@@ -272,9 +262,7 @@ cdef _check_data(object stream_id, Py_ssize_t payload_len):
 def encode_data_header(stream_id, Py_ssize_t payload_len, bint end_of_stream=False):
     """The 10-byte wire header of a data frame carrying ``payload_len`` bytes."""
     _check_data(stream_id, payload_len)
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, 10)
-    _write_data_header(<unsigned char*>PyBytes_AS_STRING(out), <uint32_t>stream_id, payload_len, end_of_stream)
-    return out
+    return data_header(<uint32_t>stream_id, payload_len, end_of_stream)
 
 
 def encode_data_header_into(buf, Py_ssize_t offset, stream_id, Py_ssize_t payload_len, bint end_of_stream=False):
@@ -283,12 +271,12 @@ def encode_data_header_into(buf, Py_ssize_t offset, stream_id, Py_ssize_t payloa
     cdef Py_buffer view
     PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
     try:
-        if offset < 0 or offset + 10 > view.len:
-            raise FrameError(f"no room for a 10-byte header at offset {offset} of {view.len}")
-        _write_data_header(<unsigned char*>view.buf + offset, <uint32_t>stream_id, payload_len, end_of_stream)
+        if offset < 0 or offset + DATA_HEADER_SIZE > view.len:
+            raise FrameError(f"no room for a {DATA_HEADER_SIZE}-byte header at offset {offset} of {view.len}")
+        write_data_header(<unsigned char*>view.buf + offset, <uint32_t>stream_id, payload_len, end_of_stream)
     finally:
         PyBuffer_Release(&view)
-    return offset + 10
+    return offset + DATA_HEADER_SIZE
 
 
 def encode(frame):
@@ -304,10 +292,10 @@ def encode(frame):
             raise FrameError(f"Data.data must be bytes-like, got {type(payload).__name__}") from None
         try:
             _check_data(frame.stream_id, view.len)
-            out = PyBytes_FromStringAndSize(NULL, view.len + 10)
+            out = PyBytes_FromStringAndSize(NULL, view.len + DATA_HEADER_SIZE)
             p = <unsigned char*>PyBytes_AS_STRING(out)
-            _write_data_header(p, <uint32_t>frame.stream_id, view.len, bool(frame.end_of_stream))
-            memcpy(p + 10, view.buf, view.len)
+            write_data_header(p, <uint32_t>frame.stream_id, view.len, bool(frame.end_of_stream))
+            memcpy(p + DATA_HEADER_SIZE, view.buf, view.len)
         finally:
             PyBuffer_Release(&view)
         return out
@@ -485,8 +473,8 @@ cdef int _check_header(uint32_t length, int ftype, Py_ssize_t max_frame_size) ex
         raise FrameError(f"frame too large: {length} bytes (max {max_frame_size})")
     if ftype > 1:
         raise FrameError(f"unknown frame type 0x{ftype:02x} (expected 0x00 control or 0x01 data)")
-    if ftype == 1 and length < 6:
-        raise FrameError(f"data frame too short: length {length}, need at least 6")
+    if ftype == 1 and length < DATA_BODY_PREFIX:
+        raise FrameError(f"data frame too short: length {length}, need at least {DATA_BODY_PREFIX}")
     return 0
 
 
@@ -519,7 +507,7 @@ def scan_frames(buf, out, Py_ssize_t max_frame_size=MAX_FRAME_SIZE):
         while count < cap and n - pos >= 5:
             length = _get_be32(p + pos)
             ftype = p[pos + 4]
-            if length == 0 or length > max_frame_size or ftype > 1 or (ftype == 1 and length < 6):
+            if length == 0 or length > max_frame_size or ftype > 1 or (ftype == 1 and length < DATA_BODY_PREFIX):
                 _check_header(length, ftype, max_frame_size)
             if pos + 4 + <Py_ssize_t>length > n:
                 break
@@ -528,8 +516,8 @@ def scan_frames(buf, out, Py_ssize_t max_frame_size=MAX_FRAME_SIZE):
                 o[k] = 1
                 o[k + 1] = _get_be32(p + pos + 5)
                 o[k + 2] = p[pos + 9]
-                o[k + 3] = <uint32_t>(pos + 10)
-                o[k + 4] = length - 6
+                o[k + 3] = <uint32_t>(pos + DATA_HEADER_SIZE)
+                o[k + 4] = length - DATA_BODY_PREFIX
             else:
                 o[k] = 0
                 o[k + 1] = 0
@@ -560,8 +548,8 @@ cdef class FrameDecoder:
     cdef readonly Py_ssize_t max_frame_size
 
     def __init__(self, Py_ssize_t max_frame_size=MAX_FRAME_SIZE):
-        if not 6 <= max_frame_size <= _MAX_FRAME:
-            raise ValueError(f"max_frame_size must be in 6..{_MAX_FRAME}, got {max_frame_size}")
+        if not DATA_BODY_PREFIX <= max_frame_size <= _MAX_FRAME:
+            raise ValueError(f"max_frame_size must be in {DATA_BODY_PREFIX}..{_MAX_FRAME}, got {max_frame_size}")
         self.max_frame_size = max_frame_size
         self._buf = bytearray()
         self._want = 0
@@ -632,7 +620,7 @@ cdef class FrameDecoder:
         while n - pos >= 5:
             length = _get_be32(p + pos)
             ftype = p[pos + 4]
-            if length == 0 or length > maxf or ftype > 1 or (ftype == 1 and length < 6):
+            if length == 0 or length > maxf or ftype > 1 or (ftype == 1 and length < DATA_BODY_PREFIX):
                 _check_header(length, ftype, maxf)
             end = pos + 4 + length
             if end > n:
@@ -644,7 +632,7 @@ cdef class FrameDecoder:
             if ftype == 1:
                 sid = _get_be32(p + pos + 5)
                 flags = p[pos + 9]
-                payload = mv[pos + 10:end]
+                payload = mv[pos + DATA_HEADER_SIZE:end]
                 if out is not None:
                     out.append(_make_data(sid, payload, flags & 1))
                 else:

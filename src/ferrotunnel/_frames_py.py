@@ -53,8 +53,12 @@ _U64_MAX = 0xFFFFFFFFFFFFFFFF
 #: Entries ``scan_frames`` writes per frame: type, stream id, flags, body offset, body length.
 SCAN_FIELDS = 5
 
+#: What a data frame's length counts before the payload (type, stream id, flags): the length
+#: prefix does not count itself.
+DATA_BODY_PREFIX = DATA_HEADER_SIZE - 4
+
 _HDR = struct.Struct(">IB")
-_DATA_HDR = struct.Struct(">IBIB")
+_DATA_HDR = struct.Struct(">IBIB")  # length, type, stream id, flags: DATA_HEADER_SIZE bytes
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -225,10 +229,15 @@ def _encode_body(frame: Any, out: bytearray) -> None:
         raise FrameError(f"cannot encode {t.__name__}: not a FerroTunnel frame")
 
 
+def data_header(stream_id: int, payload_len: int, end_of_stream: bool) -> bytes:
+    """``encode_data_header`` without the checks, for callers that validated (the scheduler)."""
+    return _DATA_HDR.pack(payload_len + DATA_BODY_PREFIX, 1, stream_id, FLAG_END_OF_STREAM if end_of_stream else 0)
+
+
 def encode_data_header(stream_id: int, payload_len: int, end_of_stream: bool = False) -> bytes:
     """The 10-byte wire header of a data frame carrying ``payload_len`` bytes."""
     _check_data(stream_id, payload_len)
-    return _DATA_HDR.pack(payload_len + 6, 1, stream_id, FLAG_END_OF_STREAM if end_of_stream else 0)
+    return data_header(stream_id, payload_len, end_of_stream)
 
 
 def encode_data_header_into(
@@ -238,7 +247,8 @@ def encode_data_header_into(
     _check_data(stream_id, payload_len)
     if offset < 0 or offset + DATA_HEADER_SIZE > len(buf):
         raise FrameError(f"no room for a {DATA_HEADER_SIZE}-byte header at offset {offset} of {len(buf)}")
-    _DATA_HDR.pack_into(buf, offset, payload_len + 6, 1, stream_id, FLAG_END_OF_STREAM if end_of_stream else 0)
+    # data_header's fields, written in place (a call through it would cost more than the pack)
+    _DATA_HDR.pack_into(buf, offset, payload_len + DATA_BODY_PREFIX, 1, stream_id, FLAG_END_OF_STREAM if end_of_stream else 0)
     return offset + DATA_HEADER_SIZE
 
 
@@ -257,7 +267,8 @@ def encode(frame: Frame) -> bytes:
             n = memoryview(payload).nbytes
         except TypeError:
             raise FrameError(f"Data.data must be bytes-like, got {type(payload).__name__}") from None
-        return encode_data_header(frame.stream_id, n, bool(frame.end_of_stream)) + bytes(payload)
+        _check_data(frame.stream_id, n)
+        return data_header(frame.stream_id, n, bool(frame.end_of_stream)) + bytes(payload)
     out = bytearray(b"\0\0\0\0\0")
     _encode_body(frame, out)
     n = len(out) - 4
@@ -425,8 +436,8 @@ def _check_header(length: int, ftype: int, max_frame_size: int) -> None:
         raise FrameError(f"frame too large: {length} bytes (max {max_frame_size})")
     if ftype > 1:
         raise FrameError(f"unknown frame type 0x{ftype:02x} (expected 0x00 control or 0x01 data)")
-    if ftype == 1 and length < 6:
-        raise FrameError(f"data frame too short: length {length}, need at least 6")
+    if ftype == 1 and length < DATA_BODY_PREFIX:
+        raise FrameError(f"data frame too short: length {length}, need at least {DATA_BODY_PREFIX}")
 
 
 def _as_bytes_view(data: Any) -> memoryview:
@@ -465,8 +476,8 @@ def scan_frames(buf: Any, out: Any, max_frame_size: int = MAX_FRAME_SIZE) -> Tup
             o[k] = 1
             o[k + 1] = int.from_bytes(mv[pos + 5 : pos + 9], "big")
             o[k + 2] = mv[pos + 9]
-            o[k + 3] = pos + 10
-            o[k + 4] = length - 6
+            o[k + 3] = pos + DATA_HEADER_SIZE
+            o[k + 4] = length - DATA_BODY_PREFIX
         else:
             o[k] = 0
             o[k + 1] = 0
@@ -490,8 +501,8 @@ class FrameDecoder:
     """
 
     def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
-        if not 6 <= max_frame_size <= MAX_FRAME_SIZE:
-            raise ValueError(f"max_frame_size must be in 6..{MAX_FRAME_SIZE}, got {max_frame_size}")
+        if not DATA_BODY_PREFIX <= max_frame_size <= MAX_FRAME_SIZE:
+            raise ValueError(f"max_frame_size must be in {DATA_BODY_PREFIX}..{MAX_FRAME_SIZE}, got {max_frame_size}")
         self.max_frame_size = max_frame_size
         self._buf = bytearray()
         self._want = 0  # total bytes (prefix included) of the pending frame, 0 = unknown yet
@@ -558,7 +569,7 @@ class FrameDecoder:
                 break
             if ftype == 1:
                 _, _, sid, flags = unpack(mv, pos)
-                payload = mv[pos + 10 : end]
+                payload = mv[pos + DATA_HEADER_SIZE : end]
                 if out is not None:
                     out.append(Data(sid, payload, bool(flags & FLAG_END_OF_STREAM)))
                 else:

@@ -15,6 +15,11 @@ __all__ = [
     "MAX_FRAME_SIZE",
     "MAX_DATA_PAYLOAD",
     "DATA_HEADER_SIZE",
+    "FRAME_PREFIX_SIZE",
+    "FRAME_TYPE_CONTROL",
+    "FRAME_TYPE_DATA",
+    "VARIANT_HANDSHAKE",
+    "VARIANT_HANDSHAKE_ACK",
     "PROTOCOL_VERSION",
     "FLAG_END_OF_STREAM",
     "Protocol",
@@ -42,10 +47,18 @@ __all__ = [
 
 #: Largest allowed value of the 4-byte length prefix (type byte + body), PROTOCOL.md 1.2.
 MAX_FRAME_SIZE = 16 * 1024 * 1024
+#: The u32 length prefix in front of every frame (it counts the type byte and the body, not itself).
+FRAME_PREFIX_SIZE = 4
+#: Type byte of control frames (bincode body) and data frames (stream id, flags, payload).
+FRAME_TYPE_CONTROL = 0x00
+FRAME_TYPE_DATA = 0x01
 #: Data frame header: length (4) + type (1) + stream id (4) + flags (1).
 DATA_HEADER_SIZE = 10
+#: Wire index of the Handshake and HandshakeAck control variants (one varint byte each).
+VARIANT_HANDSHAKE = 0
+VARIANT_HANDSHAKE_ACK = 1
 #: Largest payload one data frame can carry.
-MAX_DATA_PAYLOAD = MAX_FRAME_SIZE - 6
+MAX_DATA_PAYLOAD = MAX_FRAME_SIZE - (DATA_HEADER_SIZE - FRAME_PREFIX_SIZE)
 PROTOCOL_VERSION = 1
 FLAG_END_OF_STREAM = 0x01
 

@@ -3,9 +3,10 @@
 
 from collections import deque
 
-from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.stdint cimport uint32_t
 
+# inlined at C level from _frames.pxd: no runtime import of the codec
+from ._frames cimport DATA_HEADER_SIZE, data_header
 from ._model import MAX_DATA_PAYLOAD
 
 __all__ = ["PriorityScheduler", "DEFAULT_DRAIN_BUDGET", "DEFAULT_COALESCE"]
@@ -30,17 +31,6 @@ cdef class _StreamQueue:
         self.items = deque()
         self.nbytes = 0
         self.dead = False
-
-
-cdef inline bytes _data_header(uint32_t sid, Py_ssize_t n, bint eos):
-    cdef bytes h = PyBytes_FromStringAndSize(NULL, 10)
-    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(h)
-    cdef uint32_t length = <uint32_t>(n + 6)
-    p[0] = (length >> 24) & 0xFF; p[1] = (length >> 16) & 0xFF; p[2] = (length >> 8) & 0xFF; p[3] = length & 0xFF
-    p[4] = 1
-    p[5] = (sid >> 24) & 0xFF; p[6] = (sid >> 16) & 0xFF; p[7] = (sid >> 8) & 0xFF; p[8] = sid & 0xFF
-    p[9] = 1 if eos else 0
-    return h
 
 
 cdef class PriorityScheduler:
@@ -113,12 +103,12 @@ cdef class PriorityScheduler:
             raise ValueError(f"data payload of {n} bytes exceeds the maximum of {_MAX_PAYLOAD}")
         if not 0 <= stream_id <= 0xFFFFFFFF:
             raise ValueError(f"stream_id must be in 0..4294967295, got {stream_id}")
-        header = _data_header(<uint32_t>stream_id, n, end_of_stream)
+        header = data_header(<uint32_t>stream_id, n, end_of_stream)
         cdef _StreamQueue q = self._queue(stream_id, priority)
         q.items.append((header, payload))
-        q.nbytes += n + 10
+        q.nbytes += n + DATA_HEADER_SIZE
         self._frames += 1
-        self._bytes += n + 10
+        self._bytes += n + DATA_HEADER_SIZE
 
     def discard(self, stream_id):
         """Drop everything queued for a stream (a reset); returns the wire bytes dropped."""
@@ -150,7 +140,7 @@ cdef class PriorityScheduler:
                 if q.dead or not q.items:
                     continue
                 item = <tuple>q.items.popleft()
-                q.nbytes -= (10 if item[0] is not None else 0) + len(item[1])
+                q.nbytes -= (DATA_HEADER_SIZE if item[0] is not None else 0) + len(item[1])
                 if q.items:
                     ring.append(q)
                 else:  # an idle stream keeps no scheduler state
@@ -174,7 +164,7 @@ cdef class PriorityScheduler:
             frames += 1
             if header is not None:
                 chunk += <bytes>header
-                total += 10
+                total += DATA_HEADER_SIZE
             n = len(payload)
             total += n
             if n >= coalesce:

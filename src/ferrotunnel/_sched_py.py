@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
-from ._model import MAX_DATA_PAYLOAD
+from ._frames_py import data_header
+from ._model import DATA_HEADER_SIZE, MAX_DATA_PAYLOAD
 
 __all__ = ["PriorityScheduler", "DEFAULT_DRAIN_BUDGET", "DEFAULT_COALESCE"]
 
@@ -98,14 +99,12 @@ class PriorityScheduler:
             raise ValueError(f"data payload of {n} bytes exceeds the maximum of {MAX_DATA_PAYLOAD}")
         if not 0 <= stream_id <= 0xFFFFFFFF:
             raise ValueError(f"stream_id must be in 0..4294967295, got {stream_id}")
-        header = (n + 6).to_bytes(4, "big") + b"\x01" + stream_id.to_bytes(4, "big") + (
-            b"\x01" if end_of_stream else b"\x00"
-        )
+        header = data_header(stream_id, n, end_of_stream)
         q = self._queue(stream_id, priority)
         q.items.append((header, payload))
-        q.nbytes += n + 10
+        q.nbytes += n + DATA_HEADER_SIZE
         self._frames += 1
-        self._bytes += n + 10
+        self._bytes += n + DATA_HEADER_SIZE
 
     def discard(self, stream_id: int) -> int:
         """Drop everything queued for a stream (a reset); returns the wire bytes dropped."""
@@ -134,7 +133,7 @@ class PriorityScheduler:
                 if q.dead or not q.items:
                     continue
                 item = q.items.popleft()
-                q.nbytes -= (10 if item[0] is not None else 0) + len(item[1])
+                q.nbytes -= (DATA_HEADER_SIZE if item[0] is not None else 0) + len(item[1])
                 if q.items:
                     ring.append(q)
                 else:  # an idle stream keeps no scheduler state
@@ -162,7 +161,7 @@ class PriorityScheduler:
             frames += 1
             if header is not None:
                 chunk += header
-                total += 10
+                total += DATA_HEADER_SIZE
             n = len(payload)
             total += n
             if n >= coalesce:

@@ -5,13 +5,30 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
-from ._model import MAX_FRAME_SIZE
-from .backoff import BackoffConfig
+from .frames import DATA_HEADER_SIZE, FRAME_PREFIX_SIZE, MAX_FRAME_SIZE
 
-__all__ = ["RateLimits", "StreamConfig", "ServerConfig", "ClientConfig"]
+__all__ = ["BackoffConfig", "RateLimits", "StreamConfig", "ServerConfig", "ClientConfig"]
 
 KiB = 1024
 MiB = 1024 * KiB
+
+
+@dataclass(frozen=True)
+class BackoffConfig:
+    """Reconnect delays: base * factor**n, +- jitter, then capped (PROTOCOL.md 7.2)."""
+
+    base: float = 1.0
+    factor: float = 2.0
+    jitter: float = 0.3
+    max_delay: float = 60.0
+    #: Give up after this many consecutive failed attempts (None: never).
+    max_attempts: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.base < 0 or self.factor < 1 or not 0 <= self.jitter <= 1 or self.max_delay < 0:
+            raise ValueError("backoff needs base >= 0, factor >= 1, 0 <= jitter <= 1, max_delay >= 0")
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1 (or None for no limit)")
 
 
 @dataclass(frozen=True)
@@ -55,17 +72,22 @@ class StreamConfig:
     session_timeout: float = 90.0
     #: Time allowed for the whole handshake (TCP accept/connect to HandshakeAck).
     handshake_timeout: float = 10.0
+    #: Largest first frame (Handshake, or HandshakeAck on the client) accepted from a peer that has
+    #: not yet completed the handshake; refused from its length prefix (a real one is under 1 KiB).
+    max_handshake_frame: int = 64 * KiB
     #: Per-session rate limits applied to what the peer sends (off by default).
     rate_limits: RateLimits = field(default_factory=RateLimits)
 
     def __post_init__(self) -> None:
-        if not 6 <= self.max_frame_size <= MAX_FRAME_SIZE:
-            raise ValueError(f"max_frame_size must be in 6..{MAX_FRAME_SIZE}")
-        if not 1 <= self.max_chunk <= MAX_FRAME_SIZE - 6:
-            raise ValueError(f"max_chunk must be between 1 and {MAX_FRAME_SIZE - 6}")
+        smallest = DATA_HEADER_SIZE - FRAME_PREFIX_SIZE  # an empty Data frame
+        if not smallest <= self.max_frame_size <= MAX_FRAME_SIZE:
+            raise ValueError(f"max_frame_size must be in {smallest}..{MAX_FRAME_SIZE}")
+        if not 1 <= self.max_chunk <= MAX_FRAME_SIZE - smallest:
+            raise ValueError(f"max_chunk must be between 1 and {MAX_FRAME_SIZE - smallest}")
         if self.initial_window < 1 or self.max_window < self.initial_window:
             raise ValueError("need 1 <= initial_window <= max_window")
-        for name in ("read_buffer_size", "max_streams_per_session", "stream_send_buffer", "stream_recv_buffer", "session_recv_budget"):
+        for name in ("read_buffer_size", "max_streams_per_session", "stream_send_buffer", "stream_recv_buffer", "session_recv_budget",
+                     "max_handshake_frame"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
         for name in ("heartbeat_interval", "session_timeout", "handshake_timeout"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 __all__ = [
     "FerroTunnelError",
     "FrameError",
@@ -14,6 +16,7 @@ __all__ = [
     "LimitExceededError",
     "TunnelTimeoutError",
     "ConnectionLostError",
+    "PeerUnsupportedError",
 ]
 
 
@@ -26,7 +29,15 @@ class FrameError(FerroTunnelError, ValueError):
 
 
 class HandshakeError(FerroTunnelError):
-    """The tunnel handshake failed (version mismatch, unexpected reply, closed early)."""
+    """The tunnel handshake failed (version mismatch, unexpected reply, closed early).
+
+    ``status`` is the ``HandshakeStatus`` the server answered with (None if it never answered);
+    ``reason`` is the server's explanation when it sent one."""
+
+    def __init__(self, message: str, status: Optional[Any] = None, reason: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
 
 
 class RetryableHandshakeError(HandshakeError):
@@ -64,5 +75,3 @@ class TunnelTimeoutError(FerroTunnelError, TimeoutError):
 class PeerUnsupportedError(FerroTunnelError):
     """The peer did not announce the extension this operation needs (e.g. a Rust server and client-opened streams)."""
 
-
-__all__.append("PeerUnsupportedError")

@@ -3,26 +3,11 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from typing import Optional
 
+from ..config import BackoffConfig
+
 __all__ = ["BackoffConfig", "Backoff"]
-
-
-@dataclass(frozen=True)
-class BackoffConfig:
-    base: float = 1.0
-    factor: float = 2.0
-    jitter: float = 0.3
-    max_delay: float = 60.0
-    #: Give up after this many consecutive failed attempts (None: never).
-    max_attempts: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        if self.base < 0 or self.factor < 1 or not 0 <= self.jitter <= 1 or self.max_delay < 0:
-            raise ValueError("backoff needs base >= 0, factor >= 1, 0 <= jitter <= 1, max_delay >= 0")
-        if self.max_attempts is not None and self.max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1 (or None for no limit)")
 
 
 class Backoff:

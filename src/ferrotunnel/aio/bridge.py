@@ -11,10 +11,12 @@ import asyncio
 import logging
 from typing import Any, Optional, Tuple
 
-from ._model import DATA_HEADER_SIZE
-from .errors import FerroTunnelError, StreamClosedError
-from .pool import acquire_bytes, release_bytes
-from .session import VirtualStream, _tune_socket, adapt_read_size
+from ..errors import FerroTunnelError, StreamClosedError
+from ..frames import DATA_HEADER_SIZE
+from ..pool import acquire_bytes, release_bytes
+from .connection import adapt_read_size
+from .stream import VirtualStream
+from .transport import tune_socket
 
 #: Largest read from a forwarded TCP connection (reads adapt between 64 KiB and this).
 BRIDGE_READ_SIZE = 256 * 1024
@@ -23,6 +25,9 @@ BRIDGE_READ_SIZE = 256 * 1024
 OWN_THRESHOLD = 16 * 1024
 
 __all__ = ["forward", "TcpBridge", "IdleSweeper"]
+
+#: Sweeps (every half timeout) a bridge may stay silent before the next one closes it.
+IDLE_TICKS = 2
 
 log = logging.getLogger("ferrotunnel.forward")
 
@@ -38,18 +43,16 @@ class IdleSweeper:
 
     def add(self, bridge: "TcpBridge") -> None:
         self.bridges.add(bridge)
-        bridge._sweeper = self
+        bridge.sweeper = self
         if self._handle is None:
             self._handle = asyncio.get_running_loop().call_later(self.timeout / 2, self._sweep)
 
     def _sweep(self) -> None:
         self._handle = None
         for bridge in list(self.bridges):
-            if bridge._idle_ticks >= 2:
+            if bridge.idle_tick() >= IDLE_TICKS:
                 log.info("closing idle connection (no traffic for %.0fs)", self.timeout)
-                bridge._finish(abort=True)
-            else:
-                bridge._idle_ticks += 1
+                bridge.abort()
         if self.bridges:
             self._handle = asyncio.get_running_loop().call_later(self.timeout / 2, self._sweep)
 
@@ -66,8 +69,9 @@ class TcpBridge(asyncio.BufferedProtocol):
     holds none); a big read goes into the stream's send queue without being copied.
     """
 
-    __slots__ = ("stream", "transport", "_done", "_tcp_eof", "_tunnel_eof", "_closed", "_reading_paused",
-                 "_sweeper", "_idle_ticks", "bytes_up", "bytes_down", "_outq", "_rbuf", "_read_size")
+    __slots__ = ("stream", "transport", "_done", "_tcp_eof", "_tunnel_eof", "_finished", "_reading_paused",
+                 "sweeper", "_idle_ticks", "bytes_up", "bytes_down", "_outq", "_rbuf", "_read_size",
+                 "_out_paused", "_owed", "_early")
 
     def __init__(self, stream: Optional[VirtualStream] = None) -> None:
         self.stream = stream
@@ -75,9 +79,12 @@ class TcpBridge(asyncio.BufferedProtocol):
         self._done: Optional[asyncio.Future[None]] = None  # made only if someone waits
         self._tcp_eof = False       # the TCP side finished sending (we half-closed the stream)
         self._tunnel_eof = False    # the stream finished (we half-closed the TCP side)
-        self._closed = False
+        self._finished = False
         self._reading_paused = False
-        self._sweeper: Optional[IdleSweeper] = None
+        self._out_paused = False    # the TCP side pushes back: credit for what we wrote waits
+        self._owed = 0              # tunnel bytes written while paused, credited on resume
+        self._early: Optional[list] = None  # TCP bytes read before a stream was attached
+        self.sweeper: Optional[IdleSweeper] = None
         self._idle_ticks = 0
         self.bytes_up = 0
         self.bytes_down = 0
@@ -89,33 +96,59 @@ class TcpBridge(asyncio.BufferedProtocol):
     def done(self) -> "asyncio.Future[None]":
         if self._done is None:
             self._done = asyncio.get_running_loop().create_future()
-            if self._closed:
+            if self._finished:
                 self._done.set_result(None)
         return self._done
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def idle_tick(self) -> int:
+        """One sweep without traffic; returns how many in a row."""
+        self._idle_ticks += 1
+        return self._idle_ticks - 1
+
+    def abort(self) -> None:
+        """End both sides now: the TCP connection is aborted and the stream reset."""
+        self._finish(abort=True)
+
+    def close(self) -> None:
+        """End both sides gracefully: the TCP side is flushed and closed, the stream closed."""
+        self._finish(abort=False)
+
+    def hold_reading(self) -> None:
+        """Stop reading the TCP side until ``release_reading`` (while no stream is attached)."""
+        self.transport.pause_reading()
+        # uvloop starts reading after connection_made returns, undoing a pause made in it: again
+        # at the next loop turn, before the loop polls for I/O
+        asyncio.get_running_loop().call_soon(self._hold_again)
+
+    def _hold_again(self) -> None:
+        if self.stream is None and not self._finished:
+            self.transport.pause_reading()
+
+    def release_reading(self) -> None:
+        if not self._finished and not self._tcp_eof and not self._reading_paused:
+            self.transport.resume_reading()
 
     # -- wiring
     def attach(self, stream: VirtualStream) -> None:
         """Start piping (called once both the transport and the stream exist)."""
         self.stream = stream
-        stream._sink = self
-        conn = stream._conn
-        if stream._rbuf:  # tunnel data that arrived before the TCP side was ready
-            for chunk in stream._rbuf:
-                self.transport.write(chunk)
-            n = stream._rsize
-            stream._rbuf = None
-            stream._rsize = 0
-            conn.consumed(stream._st, n)
-        if stream._exc is not None:
-            self.tunnel_reset(stream._exc)
-        elif stream._eof:
-            self.tunnel_eof()
+        stream.attach_sink(self)  # tunnel data that arrived before the TCP side was ready goes first
+        early, self._early = self._early, None
+        for chunk in early or ():
+            self._to_tunnel(chunk, True)
+        if self._tcp_eof and not self._finished:
+            self._tcp_eof = False
+            self.eof_received()
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            _tune_socket(sock)
+            tune_socket(sock)
         if self.stream is not None:
             self.attach(self.stream)
 
@@ -131,14 +164,14 @@ class TcpBridge(asyncio.BufferedProtocol):
         assert buf is not None
         self._read_size = adapt_read_size(self._read_size, nbytes, BRIDGE_READ_SIZE)
         if nbytes >= OWN_THRESHOLD:
-            if self._pass_owned():
+            if self.pass_owned():
                 self._to_tunnel(memoryview(buf)[DATA_HEADER_SIZE:DATA_HEADER_SIZE + nbytes], True)
                 return
         else:
             stream = self.stream
             # nothing queued anywhere: the frame goes out now, header and payload in one write
-            if (stream is not None and not self._closed and self._pass_owned()
-                    and stream._conn.send_frame_now(stream._st, buf, nbytes)):
+            if (stream is not None and not self._finished and self.pass_owned()
+                    and stream.try_send_frame(buf, nbytes)):
                 self._idle_ticks = 0
                 self.bytes_up += nbytes
                 release_bytes(buf)
@@ -156,7 +189,8 @@ class TcpBridge(asyncio.BufferedProtocol):
             self._rbuf = None
             release_bytes(buf)
 
-    def _pass_owned(self) -> bool:
+    def pass_owned(self) -> bool:
+        """Whether reads may go to the tunnel as they are (a subclass may still need the bytes)."""
         return True
 
     def data_received(self, data: bytes) -> None:
@@ -164,25 +198,34 @@ class TcpBridge(asyncio.BufferedProtocol):
 
     def _to_tunnel(self, data: Any, owned: bool) -> None:
         stream = self.stream
-        if stream is None or self._closed:
+        if stream is None:  # not attached yet: kept until it is (the owner pauses reading meanwhile)
+            if not self._finished:
+                if self._early is None:
+                    self._early = []
+                self._early.append(bytes(data))
+            return
+        if self._finished:
             return
         self._idle_ticks = 0
         self.bytes_up += len(data)
         try:
             # flushed to the tunnel at once (latency); big reads make big writes
-            stream._write(data, owned)
+            if owned:
+                stream.write_owned(data)
+            else:
+                stream.write(data)
         except (StreamClosedError, FerroTunnelError):
             self._finish(abort=True)
             return
         if not stream.can_write() and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
-            stream._conn.score.wait_writable(stream._st)
+            stream.request_writable()
 
     def eof_received(self) -> bool:
         self._tcp_eof = True
         self._drop_read_buffer()  # no more reads on this side
-        if self.stream is not None and not self._closed:
+        if self.stream is not None and not self._finished:
             try:
                 self.stream.write_eof()
             except FerroTunnelError:
@@ -193,21 +236,21 @@ class TcpBridge(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._drop_read_buffer()
-        if not self._closed:
+        if not self._finished:
             # the TCP side went away before both halves finished: reset the stream
             self._finish(abort=not (self._tcp_eof and self._tunnel_eof), exc=exc)
 
     def pause_writing(self) -> None:
-        if self.stream is not None:
-            self.stream._sink_paused = True
+        self._out_paused = True
 
     def resume_writing(self) -> None:
-        stream = self.stream
-        if stream is not None:
-            stream._sink_paused = False
-            owed, stream._sink_owed = stream._sink_owed, 0
-            if owed:
-                stream._conn.consumed(stream._st, owed)
+        self._out_paused = False
+        self._give_back()
+
+    def _give_back(self) -> None:
+        owed, self._owed = self._owed, 0
+        if owed and self.stream is not None:
+            self.stream.consumed(owed)
 
     # -- tunnel side (called by the tunnel connection)
     def tunnel_data(self, payload: memoryview) -> None:
@@ -216,26 +259,26 @@ class TcpBridge(asyncio.BufferedProtocol):
         n = len(payload)
         self._idle_ticks = 0
         self.bytes_down += n
-        if self._closed:
-            stream._conn.consumed(stream._st, n)
+        if self._finished:
+            stream.consumed(n)
             return
         q = self._outq
         if q is None:
             self._outq = q = []
-            stream._conn._dirty_sinks.append(self)
+            stream.defer_flush(self)
         # a small payload is copied: a view would pin the whole read buffer for as long as the
         # transport holds it (a slow reader could keep many 256 KiB buffers alive for a few bytes)
         q.append(payload if n >= OWN_THRESHOLD else bytes(payload))
-        if stream._sink_paused:
-            stream._sink_owed += n  # credit returns once the TCP side drains
+        if self._out_paused:
+            self._owed += n  # credit returns once the TCP side drains
         else:
-            stream._conn.consumed(stream._st, n)
+            stream.consumed(n)
 
     def flush_out(self) -> None:
         q = self._outq
         if q is not None:
             self._outq = None
-            if not self._closed:
+            if not self._finished:
                 if len(q) == 1:
                     self.transport.write(q[0])
                 else:
@@ -247,7 +290,7 @@ class TcpBridge(asyncio.BufferedProtocol):
         # When the TCP side has finished too, close() (which flushes, then sends FIN) says the
         # same thing; write_eof is kept for a real half-close only, since uvloop 0.23 has aborted
         # ("double free or corruption") on write_eof paths under connection churn.
-        if not self._closed and not self._tcp_eof:
+        if not self._finished and not self._tcp_eof:
             if self.transport.can_write_eof():
                 self.transport.write_eof()
         self._maybe_done()
@@ -256,7 +299,7 @@ class TcpBridge(asyncio.BufferedProtocol):
         self._finish(abort=True, exc=exc, from_tunnel=True)
 
     def tunnel_writable(self) -> None:
-        if self._reading_paused and not self._tcp_eof and not self._closed:
+        if self._reading_paused and not self._tcp_eof and not self._finished:
             self._reading_paused = False
             self.transport.resume_reading()  # never after EOF (uvloop aborts on that)
 
@@ -266,19 +309,17 @@ class TcpBridge(asyncio.BufferedProtocol):
             self._finish(abort=False)
 
     def _finish(self, abort: bool, exc: Optional[BaseException] = None, from_tunnel: bool = False) -> None:
-        if self._closed:
+        if self._finished:
             return
-        self._closed = True
-        if self._sweeper is not None:
-            self._sweeper.bridges.discard(self)
+        self._finished = True
+        if self.sweeper is not None:
+            self.sweeper.bridges.discard(self)
         stream = self.stream
         if stream is not None:
             log.info("stream %d %s: %d bytes to the tunnel, %d from it", stream.stream_id,
                      "reset" if abort else "closed", self.bytes_up, self.bytes_down)
         if stream is not None:
-            if stream._sink_owed:
-                owed, stream._sink_owed = stream._sink_owed, 0
-                stream._conn.consumed(stream._st, owed)
+            self._give_back()
             if abort and not from_tunnel:
                 stream.abort()
             elif not abort:

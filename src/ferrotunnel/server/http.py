@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
-from ._model import Protocol
-from .errors import FerroTunnelError
-from .forward import TcpBridge
+from ..aio.bridge import TcpBridge
+from ..aio.stream import VirtualStream
+from ..errors import FerroTunnelError
+from ..frames import Protocol
 from .ingress import Ingress
+from .registry import Route
 from .server import TunnelServer
-from .session import Session
 
 __all__ = ["HttpIngress", "normalize_host"]
 
@@ -50,7 +51,7 @@ def _response(status: str, body: str) -> bytes:
 
 
 class _HttpBridge(TcpBridge):
-    __slots__ = ("ingress", "_head", "_routed", "_head_timer")
+    __slots__ = ("ingress", "_head", "_routed", "_head_timer", "_request", "_held")
 
     def __init__(self, ingress: "HttpIngress") -> None:
         super().__init__()
@@ -58,6 +59,8 @@ class _HttpBridge(TcpBridge):
         self._head = bytearray()
         self._routed = False
         self._head_timer: Optional[asyncio.TimerHandle] = None
+        self._request: Tuple[str, str, str] = ("", "", "")  # method, target, tunnel id
+        self._held = False  # the head is complete and the registry is looking the tunnel up
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -66,7 +69,7 @@ class _HttpBridge(TcpBridge):
         self._head_timer = asyncio.get_running_loop().call_later(self.ingress.head_timeout, self._slow_head)
 
     def _slow_head(self) -> None:
-        if not self._routed and not self._closed:
+        if not self._routed and not self.finished:
             self._reply("408 Request Timeout", "request head not received in time\n")
 
     def _reply(self, status: str, body: str) -> None:
@@ -74,18 +77,20 @@ class _HttpBridge(TcpBridge):
         self.transport.write(_response(status, body))
         if self._head_timer is not None:
             self._head_timer.cancel()
-        self._finish(abort=False)
+        self.close()
 
-    def _pass_owned(self) -> bool:
+    def pass_owned(self) -> bool:
         return self._routed
 
     def data_received(self, data: bytes) -> None:
         if self._routed:
             super().data_received(data)
             return
-        if self._closed:
+        if self.finished:
             return
         self._head += data
+        if self._held:
+            return  # reading is paused; this is the rest of the last read, kept for the stream
         end = self._head.find(b"\r\n\r\n")
         if end < 0:
             if len(self._head) > self.ingress.max_head:
@@ -120,29 +125,38 @@ class _HttpBridge(TcpBridge):
             self._reply("400 Bad Request", "missing Host header\n")
             return
         tunnel_id = normalize_host(host)
-        session = self.ingress.route(tunnel_id)
-        if session is None:
+        self._request = (parts[0], path, tunnel_id)
+        if not self.ingress.open_stream(tunnel_id, Protocol.WEB_SOCKET if upgrade else Protocol.HTTP, self._opened):
+            self._held = True
+            self.hold_reading()
+
+    def _opened(self, route: Optional[Route], result: Union[VirtualStream, FerroTunnelError, None]) -> None:
+        method, path, tunnel_id = self._request
+        if route is None:
             self._reply("404 Not Found", f"no tunnel is connected for {tunnel_id}\n")
             return
-        try:
-            stream = session._conn.open_stream(Protocol.WEB_SOCKET if upgrade else Protocol.HTTP,
-                                               self.ingress.priority)
-        except FerroTunnelError as exc:
-            log.warning("http ingress: cannot open a stream to tunnel %s: %s", tunnel_id, exc)
+        if not isinstance(result, VirtualStream):
+            log.warning("http ingress: cannot open a stream to tunnel %s: %s", tunnel_id, result)
             self._reply("502 Bad Gateway", "the tunnel could not take the request\n")
+            return
+        if self.finished:  # the visitor left while the route was looked up
+            result.abort()
             return
         if self._head_timer is not None:
             self._head_timer.cancel()
         self._routed = True
-        log.info("http %s %s -> tunnel %s stream %d", parts[0], path, tunnel_id, stream.stream_id)
+        log.info("http %s %s -> tunnel %s stream %d", method, path, tunnel_id, result.stream_id)
         head_bytes = bytes(self._head)
         self._head = bytearray()
-        self.attach(stream)
+        self.attach(result)
         super().data_received(head_bytes)
+        if self._held:
+            self._held = False
+            self.release_reading()
 
     # a stream that ends before any response byte: the local service did not answer
     def tunnel_eof(self) -> None:
-        if self.bytes_down == 0 and not self._closed:
+        if self.bytes_down == 0 and not self.finished:
             self._reply("502 Bad Gateway", "the local service closed the connection without answering\n")
             if self.stream is not None:
                 self.stream.close()
@@ -150,7 +164,7 @@ class _HttpBridge(TcpBridge):
         super().tunnel_eof()
 
     def tunnel_reset(self, exc: BaseException) -> None:
-        if self.bytes_down == 0 and not self._closed:
+        if self.bytes_down == 0 and not self.finished:
             self._reply("502 Bad Gateway", "the local service is unreachable\n")
             return
         super().tunnel_reset(exc)
@@ -170,7 +184,3 @@ class HttpIngress(Ingress):
 
     def protocol_factory(self) -> asyncio.BaseProtocol:
         return _HttpBridge(self)
-
-    def route(self, tunnel_id: str) -> Optional[Session]:
-        s = self.server.sessions.get_by_tunnel_id(tunnel_id)
-        return s if s is not None and not s.is_closed else None

@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
-from typing import Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
-__all__ = ["Transport", "TcpTransport", "TlsTransport", "resolve_transport", "bound_address"]
+__all__ = ["Transport", "TcpTransport", "TlsTransport", "resolve_transport", "bound_address", "tune_socket"]
+
+
+def tune_socket(sock: Any) -> None:
+    """TCP_NODELAY and keepalive on a tunnel or forwarded socket."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+    except OSError:  # not fatal: a socket type without these options
+        pass
 
 
 def bound_address(server: "Optional[asyncio.Server]", what: str) -> Tuple[str, int]:

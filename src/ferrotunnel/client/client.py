@@ -10,12 +10,17 @@ import time
 import uuid
 from typing import Any, Awaitable, Callable, Optional, Tuple, Union
 
-from ._model import PROTOCOL_VERSION, Handshake, HandshakeAck, HandshakeStatus
-from .auth import TokenFormatError, validate_token_format
-from .backoff import Backoff
-from .config import ClientConfig
-from .core import EXT_CAPABILITY, SessionCore, flow_capability
-from .errors import (
+from ..aio.bridge import forward
+from ..aio.connection import StreamHandler, TunnelConnection
+from ..aio.session import Session
+from ..aio.stream import VirtualStream
+from ..aio.transport import Transport, resolve_transport
+from ..auth import TokenFormatError, validate_token_format
+from ..config import ClientConfig
+from ..protocol.core import SessionCore
+from ..protocol.handshake import ClientHandshake, HandshakeResult
+from .reconnect import Backoff
+from ..errors import (
     AuthenticationError,
     ConnectionLostError,
     FerroTunnelError,
@@ -25,10 +30,6 @@ from .errors import (
     TlsVerificationError,
     TunnelTimeoutError,
 )
-from .forward import forward
-from .frames import encode
-from .session import Session, StreamHandler, TunnelConnection, VirtualStream
-from .transport import Transport, resolve_transport
 
 __all__ = ["TunnelClient", "parse_address"]
 
@@ -58,55 +59,41 @@ def parse_address(addr: str) -> Tuple[str, int]:
 class ClientConnection(TunnelConnection):
     is_client = True
 
-    def __init__(self, client: "TunnelClient", handler: Optional[StreamHandler]) -> None:
+    def __init__(self, client: "TunnelClient", handler: Optional[StreamHandler], handshake: ClientHandshake) -> None:
         super().__init__(asyncio.get_running_loop(), client.config, tls=client.transport.is_tls)
         self.client = client
         self.stream_handler = handler
-        self.ack: asyncio.Future[HandshakeAck] = self.loop.create_future()
+        self.handshake = handshake
+        self.ack: asyncio.Future[HandshakeResult] = self.loop.create_future()
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        c = self.client
-        caps = ["basic", "tcp", EXT_CAPABILITY]
-        if c.config.flow_control:
-            caps.append(flow_capability(c.config.initial_window))
-        caps.extend(c.config.capabilities)
-        transport.write(encode(Handshake(c._token, c.tunnel_id, PROTOCOL_VERSION, PROTOCOL_VERSION, caps)))
+        transport.write(self.handshake.data_to_send())
 
     def handshake_data(self, data: memoryview) -> None:
         if self.ack.done():
             return
+        hs = self.handshake
         try:
-            frames = self.handshake_decoder.feed(data)
-        except FrameError as exc:
-            self.ack.set_exception(HandshakeError(f"malformed reply to the handshake: {exc}"))
+            hs.receive_data(data)
+        except HandshakeError as exc:
+            self.ack.set_exception(exc)
             self.close()
             return
-        if not frames:
+        result = hs.result
+        if result is None:
             return
-        first = frames[0]
-        if type(first) is not HandshakeAck:
-            self.ack.set_exception(HandshakeError(f"expected HandshakeAck, got {type(first).__name__}"))
-            self.close()
-            return
-        if first.status != HandshakeStatus.SUCCESS:
-            self.ack.set_result(first)
-            self.close()
-            return
-        caps = list(first.server_capabilities)
-        core = SessionCore(is_client=True, config=self.client.config, peer_capabilities=caps, listener=self,
+        core = SessionCore(is_client=True, config=self.client.config, negotiated=result.negotiated, listener=self,
                            now=time.monotonic())
-        session = Session(self, first.session_id, self.client.tunnel_id, self.peer_address, caps)
-        self.start_session(core, session)
-        self.dispatch_pipelined(frames[1:])
-        self.ack.set_result(first)
+        session = Session(self, result.session_id, self.client.tunnel_id, self.peer_address,
+                          result.server_capabilities)
+        self.open_session(core, session, hs.leftover)
+        self.ack.set_result(result)
 
     def on_closed(self) -> None:
         if not self.ack.done():
             self.ack.set_exception(ConnectionLostError(
                 f"the server closed the connection before answering the handshake{f': {self.close_exc}' if self.close_exc else ''}"))
-        for task in list(self._tasks):
-            task.cancel()
 
 
 OnConnected = Callable[[Session], Union[None, Awaitable[None]]]
@@ -163,7 +150,7 @@ class TunnelClient:
 
         def factory() -> ClientConnection:
             nonlocal conn
-            conn = ClientConnection(self, handler)
+            conn = ClientConnection(self, handler, ClientHandshake(self._token, self.tunnel_id, self.config))
             return conn
 
         ctx = self.transport.client_ssl()
@@ -172,7 +159,7 @@ class TunnelClient:
                 await loop.create_connection(factory, self.host, self.port, ssl=ctx,
                                              server_hostname=self.server_name if ctx else None)
                 assert conn is not None
-                ack = await conn.ack
+                await conn.ack
         except ssl.SSLCertVerificationError as exc:
             raise TlsVerificationError(
                 f"the TLS certificate of {self.server_name} ({self.host}:{self.port}) failed verification: "
@@ -187,18 +174,10 @@ class TunnelClient:
                 conn.close()
             raise
         assert conn is not None
-        st = ack.status
-        if st == HandshakeStatus.SUCCESS:
-            self._conn = conn
-            assert conn.session is not None
-            log.info("connected to %s:%s: session %s, tunnel id %s%s", self.host, self.port, conn.session.id,
-                     self.tunnel_id, " (flow control)" if conn.core and conn.core.flow else "")
-            return conn.session
-        if st == HandshakeStatus.INVALID_TOKEN:
-            raise AuthenticationError("the server rejected the token (InvalidToken): check the token you configured")
-        if st in (HandshakeStatus.RATE_LIMITED, HandshakeStatus.TUNNEL_ID_TAKEN):
-            raise RetryableHandshakeError(f"the server refused this attempt ({st.name}); will retry")
-        raise HandshakeError(f"the server refused the handshake ({st.name}): incompatible protocol versions")
+        self._conn = conn
+        log.info("connected to %s:%s: session %s, tunnel id %s%s", self.host, self.port, conn.session.id,
+                 self.tunnel_id, " (flow control)" if conn.core.flow else "")
+        return conn.session
 
     async def connect_and_run(self, handler: Optional[StreamHandler] = None,
                               on_connected: Optional[OnConnected] = None) -> None:

@@ -2,41 +2,20 @@
 
 Bytes from the peer go in through ``receive(data, now)``; what to send comes out of
 ``data_to_send()``; time is passed in. Stream events are reported to a listener object (the
-asyncio adapter in production, a recorder in tests). Everything protocol-shaped lives here.
-
-Extensions, switched on only when the peer announced them in its handshake capabilities:
-
-- ``ferrotunnel-py/1``: the peer is this package. It accepts client-opened streams, answers
-  server heartbeats, and understands ``Error{stream_id}`` as a stream reset.
-- ``flow-control/1;window=N``: per-stream credit. A side may have at most the granted credit of
-  payload in flight per stream; the receiver grants more with ``PluginData`` frames under plugin
-  id ``ft.flow/1`` whose data is a list of (stream id u32 BE, increment u32 BE) pairs.
+asyncio adapter in production, a recorder in tests). The policies are small classes of their
+own: ``FlowWindows`` (flow.py), ``Keepalive`` (keepalive.py), ``RatePolicy`` (ratelimit.py); the
+negotiated extensions come from the table in extensions.py.
 """
 
 from __future__ import annotations
 
 import logging
-import struct
 import time
 from collections import deque
-from typing import Any, Deque, Dict, Iterable, List, Optional, Protocol as TypingProtocol, Sequence, Set
+from typing import Any, Dict, List, Optional, Protocol as TypingProtocol, Sequence, Set
 
-from ._model import (
-    DATA_HEADER_SIZE,
-    CloseReason,
-    CloseStream,
-    Data,
-    Error,
-    ErrorCode,
-    Heartbeat,
-    HeartbeatAck,
-    OpenStream,
-    PluginData,
-    Protocol,
-    StreamPriority,
-)
-from .config import RateLimits, StreamConfig
-from .errors import (
+from ..config import StreamConfig
+from ..errors import (
     ConnectionLostError,
     FerroTunnelError,
     LimitExceededError,
@@ -44,202 +23,148 @@ from .errors import (
     StreamClosedError,
     StreamResetError,
 )
-from .frames import FrameDecoder, encode
-from .scheduler import PriorityScheduler
+from ..frames import (
+    DATA_HEADER_SIZE,
+    CloseReason,
+    CloseStream,
+    Error,
+    ErrorCode,
+    FrameDecoder,
+    Heartbeat,
+    HeartbeatAck,
+    OpenStream,
+    PluginData,
+    Protocol,
+    StreamPriority,
+    encode,
+)
+from ..scheduler import PriorityScheduler
+from .extensions import EXT_CAPABILITY, Negotiated, negotiate, plugin_handlers
+from .flow import FLOW_PLUGIN_ID, FlowWindows, decode_credit, encode_credit
+from .keepalive import Keepalive
+from .ratelimit import RatePolicy
+from .streams import CLOSED, HALF_CLOSED_LOCAL, OPEN, CoreStream, StreamEvent
 
-__all__ = [
-    "EXT_CAPABILITY",
-    "FLOW_CAPABILITY",
-    "FLOW_PLUGIN_ID",
-    "flow_capability",
-    "parse_flow_capability",
-    "CoreStream",
-    "SessionCore",
-    "CoreListener",
-]
+__all__ = ["SessionCore", "CoreListener", "CoreStream"]
 
 log = logging.getLogger("ferrotunnel.core")
 
-EXT_CAPABILITY = "ferrotunnel-py/1"
-FLOW_CAPABILITY = "flow-control/1"
-FLOW_PLUGIN_ID = "ft.flow/1"
-_MAX_WINDOW = 0x7FFFFFFF
-_UPDATE = struct.Struct(">II")
-_RESET_MEMORY = 1024
-
-
-def flow_capability(window: int) -> str:
-    return f"{FLOW_CAPABILITY};window={window}"
-
-
-def parse_flow_capability(caps: Iterable[str]) -> Optional[int]:
-    """The peer's initial per-stream window, or None if it did not announce flow control."""
-    for cap in caps:
-        if cap.startswith(FLOW_CAPABILITY + ";window="):
-            value = cap[len(FLOW_CAPABILITY) + 8:]
-            if value.isdigit() and 0 < int(value) <= _MAX_WINDOW:
-                return int(value)
-    return None
+#: Stream ids remembered as "already told the peer it is gone" (bounded; cleared when full).
+RESET_MEMORY = 1024
 
 
 class CoreListener(TypingProtocol):
-    def on_stream_opened(self, st: "CoreStream") -> None: ...
-    def on_stream_data(self, st: "CoreStream", payload: memoryview) -> None: ...
-    def on_stream_eof(self, st: "CoreStream") -> None: ...
-    def on_stream_reset(self, st: "CoreStream", exc: Exception) -> None: ...
-    def on_stream_writable(self, st: "CoreStream") -> None: ...
+    def on_stream_opened(self, st: CoreStream) -> None: ...
+    def on_stream_data(self, st: CoreStream, payload: memoryview) -> None: ...
+    def on_stream_eof(self, st: CoreStream) -> None: ...
+    def on_stream_reset(self, st: CoreStream, exc: Exception) -> None: ...
+    def on_stream_writable(self, st: CoreStream) -> None: ...
     def on_session_error(self, exc: Exception) -> None: ...
     def on_output(self) -> None: ...
 
 
-class CoreStream:
-    """Protocol state of one stream. ``app`` is the adapter's object for it."""
-
-    __slots__ = (
-        "id", "protocol", "priority", "local", "app",
-        "send_credit", "pending", "pending_bytes", "eof_requested", "local_eof", "remote_eof",
-        "closing", "done", "window", "recv_avail", "owed", "unread",
-    )
-
-    def __init__(self, sid: int, protocol: Protocol, priority: StreamPriority, local: bool,
-                 send_credit: int, window: int) -> None:
-        self.id = sid
-        self.protocol = protocol
-        self.priority = priority
-        self.local = local
-        self.app: Any = None
-        self.send_credit = send_credit      # payload bytes we may still send (flow control)
-        self.pending: Optional[Deque[memoryview]] = None  # written, waiting for credit
-        self.pending_bytes = 0
-        self.eof_requested = False          # write_eof() asked; CloseStream follows pending data
-        self.local_eof = False              # our CloseStream is queued
-        self.remote_eof = False             # the peer's CloseStream arrived
-        self.closing = False                # close(): discard what still arrives
-        self.done = False                   # removed from the session (closed both ways or reset)
-        self.window = window                # current receive window target
-        self.recv_avail = window            # bytes the peer may still send before more credit
-        self.owed = 0                       # consumed bytes not yet granted back
-        self.unread = 0                     # delivered to the app, not yet consumed
-
-    def __repr__(self) -> str:
-        return f"<CoreStream {self.id} {self.protocol.name} {self.priority.name}>"
-
-
-class _Bucket:
-    __slots__ = ("rate", "cap", "level", "at")
-
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        self.rate = rate
-        self.cap = max(rate * burst, 1.0)
-        self.level = self.cap
-        self.at = now
-
-    def take(self, n: float, now: float) -> float:
-        """Take n tokens; returns 0 if they were there, else seconds until the deficit refills."""
-        self.level = min(self.cap, self.level + (now - self.at) * self.rate)
-        self.at = now
-        self.level -= n
-        return 0.0 if self.level >= 0 else -self.level / self.rate
-
-
 class SessionCore:
-    """One session's protocol state machine (after the handshake)."""
+    """One session's protocol state machine (after the handshake).
 
-    def __init__(self, *, is_client: bool, config: StreamConfig, peer_capabilities: Sequence[str],
-                 listener: CoreListener, now: float) -> None:
+    ``negotiated`` (from the handshake) or the peer's raw ``peer_capabilities`` say which
+    extensions are on. Bytes pipelined behind the handshake go to ``receive`` like any others."""
+
+    def __init__(self, *, is_client: bool, config: StreamConfig, listener: CoreListener, now: float,
+                 negotiated: Optional[Negotiated] = None, peer_capabilities: Sequence[str] = ()) -> None:
         self.is_client = is_client
         self.config = config
         self.listener = listener
-        caps = list(peer_capabilities)
-        self.peer_is_ext = EXT_CAPABILITY in caps
-        peer_window = parse_flow_capability(caps)
-        self.flow = bool(config.flow_control and peer_window is not None)
+        self.negotiated = negotiated if negotiated is not None else negotiate(config, peer_capabilities)
+        self.peer_is_ext = self.negotiated.peer_is_ext
+        peer_window = self.negotiated.flow_window
+        self.flow = peer_window is not None
         self.peer_window = peer_window or 0
+        self.windows = FlowWindows(config, self.flow)
         self.streams: Dict[int, CoreStream] = {}
         self.sched = PriorityScheduler()
         self.decoder = FrameDecoder(config.max_frame_size)
         self._next_id = 1 if is_client else 2
         self._peer_parity = 0 if is_client else 1
-        self.last_seen = now
-        self._paused_at: Optional[float] = None
-        self._hb_sent: Deque[float] = deque()
         # a client heartbeats every server; a server only peers of this package (Rust never acks)
-        self.sends_heartbeats = is_client or self.peer_is_ext
-        self._next_heartbeat = now
-        self.rtt: Optional[float] = None
-        self.total_unread = 0
-        self._over_limit: Set[int] = set()
+        self.keepalive = Keepalive(config.heartbeat_interval, config.session_timeout,
+                                   is_client or self.peer_is_ext, now)
+        self.rates = RatePolicy(config.rate_limits, now)
+        # unbound functions (a bound method here would make a reference cycle)
+        self._plugins = {pid: getattr(type(self), name) for pid, name in plugin_handlers(self.negotiated).items()}
         self._blocked: Dict[CoreStream, int] = {}
-        self._deferred: Set[CoreStream] = set()
         self._reset_sent: Set[int] = set()
         self.closed = False
         self.close_exc: Optional[Exception] = None
         self._now = now
         self.frames_in = 0
         self.bytes_in = 0  # wire bytes received; what was sent is counted by the scheduler
-        rl: RateLimits = config.rate_limits
-        self._open_bucket = _Bucket(rl.streams_per_second, rl.burst, now) if rl.streams_per_second else None
-        self._byte_bucket = _Bucket(rl.bytes_per_second, rl.burst, now) if rl.bytes_per_second else None
-        self.throttle_until = 0.0
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def rtt(self) -> Optional[float]:
+        return self.keepalive.rtt
+
+    @property
+    def last_seen(self) -> float:
+        return self.keepalive.last_seen
+
+    @property
+    def total_unread(self) -> int:
+        return self.windows.total_unread
+
+    @property
+    def throttle_until(self) -> float:
+        return self.rates.throttle_until
+
+    @property
+    def reading_blocked(self) -> bool:
+        """True while the adapter should stop reading the tunnel (bounded buffering)."""
+        return self.windows.blocked
+
+    @property
+    def has_output(self) -> bool:
+        return bool(self.sched)
 
     # ------------------------------------------------------------------ input
 
     def receive(self, data: Any, now: float) -> None:
         """Feed bytes read from the tunnel connection. Raises FrameError on a protocol violation."""
         self._now = now
-        self.last_seen = now
-        self.bytes_in += len(data)
+        self.keepalive.last_seen = now
+        n = len(data)
+        self.bytes_in += n
         self.decoder.feed_raw(data, self._on_data, self._on_control)
-        if self._byte_bucket is not None:
-            wait = self._byte_bucket.take(len(data), now)
-            if wait:
-                self.throttle_until = now + wait
-
-    def dispatch(self, frame: Any, now: float) -> None:
-        """Process one already-decoded frame (frames pipelined behind the handshake)."""
-        self._now = now
-        if type(frame) is Data:
-            self._on_data(frame.stream_id, 1 if frame.end_of_stream else 0, memoryview(frame.data))
-        else:
-            self._on_control(frame)
-
-    @property
-    def reading_blocked(self) -> bool:
-        """True while the adapter should stop reading the tunnel (bounded buffering)."""
-        return bool(self._over_limit) or self.total_unread > self.config.session_recv_budget
+        self.rates.received(n, now)
 
     def _on_data(self, sid: int, flags: int, payload: memoryview) -> None:
         self.frames_in += 1
         n = len(payload)
         st = self.streams.get(sid)
-        if st is None or st.remote_eof:
-            if st is None:
-                self._unknown_stream(sid)
+        if st is None:
+            self._unknown_stream(sid)
             return
-        if self.flow:
-            if n > st.recv_avail:
-                log.debug("stream %d: peer overran its window (%d > %d)", sid, n, st.recv_avail)
-                self._reset(st, ErrorCode.PROTOCOL_ERROR, "flow-control window exceeded",
-                            StreamResetError(f"stream {sid}: peer exceeded the flow-control window"))
-                return
-            st.recv_avail -= n
-        if st.closing:
-            if self.flow:
-                st.owed += n
-                self._grant(st)
+        state = st.state
+        if state is not OPEN and state is not HALF_CLOSED_LOCAL:
+            return  # after the peer's CloseStream: ignored, as the Rust peer does
+        windows = self.windows
+        if not windows.arrived(st, n):
+            log.debug("stream %d: peer overran its window (%d > %d)", sid, n, st.recv_avail)
+            self._reset(st, ErrorCode.PROTOCOL_ERROR, "flow-control window exceeded",
+                        StreamResetError(f"stream {sid}: peer exceeded the flow-control window"))
+            return
+        if st.discarding:
+            self._credit(st, windows.discarded(st, n))
             return
         if n == 0:
             return
-        st.unread += n
-        self.total_unread += n
-        if not self.flow and st.unread > self.config.stream_recv_buffer:
-            self._over_limit.add(sid)
+        windows.delivered(st, n)
         self.listener.on_stream_data(st, payload)
 
     def _unknown_stream(self, sid: int) -> None:
         # a peer of this package is told once, so it stops sending (like TCP's RST)
         if self.peer_is_ext and sid not in self._reset_sent:
-            if len(self._reset_sent) >= _RESET_MEMORY:
+            if len(self._reset_sent) >= RESET_MEMORY:
                 self._reset_sent.clear()
             self._reset_sent.add(sid)
             self._control(Error(sid, ErrorCode.STREAM_NOT_FOUND, "stream is closed"))
@@ -251,30 +176,31 @@ class SessionCore:
             self._peer_open(frame)
         elif t is CloseStream:
             st = self.streams.get(frame.stream_id)
-            if st is not None and not st.remote_eof:
-                st.remote_eof = True
-                if not st.closing:
+            if st is not None and st.receiving:
+                discarding = st.discarding
+                if st.move(StreamEvent.RECV_EOF) is CLOSED:
+                    self._remove(st)
+                if not discarding:
                     self.listener.on_stream_eof(st)
-                self._maybe_done(st)
         elif t is Heartbeat:
             self._control(HeartbeatAck(int(time.time() * 1000)))
         elif t is HeartbeatAck:
-            if self._hb_sent:
-                self.rtt = self._now - self._hb_sent.popleft()
+            self.keepalive.acked(self._now)
         elif t is PluginData:
-            if frame.plugin_id == FLOW_PLUGIN_ID and self.flow:
-                self._on_credit(frame.data)
+            handler = self._plugins.get(frame.plugin_id)
+            if handler is not None:
+                handler(self, frame.data)
             else:
                 log.debug("ignoring PluginData for plugin %r", frame.plugin_id)
         elif t is Error:
             if frame.stream_id is None:
-                exc = FerroTunnelError(f"peer ended the session: {frame.code.name}: {frame.message}")
-                self.listener.on_session_error(exc)
+                self.listener.on_session_error(
+                    FerroTunnelError(f"peer ended the session: {frame.code.name}: {frame.message}"))
             else:
                 st = self.streams.get(frame.stream_id)
                 if st is not None:
-                    self._remove(st)
                     self.sched.discard(st.id)
+                    self._remove(st, StreamEvent.RECV_RESET)
                     self.listener.on_stream_reset(
                         st, StreamResetError(f"stream {st.id} reset by peer: {frame.code.name}: {frame.message}"))
         else:  # Register, RegisterAck, StreamAck, a late Handshake/HandshakeAck: not used by v1 peers
@@ -293,7 +219,7 @@ class SessionCore:
             log.warning("refusing stream %d: %d streams open (max_streams_per_session)", sid, len(self.streams))
             self._refuse(sid, "too many streams")
             return
-        if self._open_bucket is not None and self._open_bucket.take(1, self._now):
+        if not self.rates.allow_open(self._now):
             log.warning("refusing stream %d: stream-open rate limit", sid)
             self._refuse(sid, "stream-open rate limit exceeded")
             return
@@ -308,16 +234,17 @@ class SessionCore:
             self.sched.push(sid, StreamPriority.NORMAL, encode(CloseStream(sid, CloseReason.NORMAL)))
             self.listener.on_output()
 
-    def _on_credit(self, data: Any) -> None:
-        raw = bytes(data)
-        if len(raw) % 8:
-            log.debug("ignoring malformed flow-control update of %d bytes", len(raw))
+    def on_credit(self, data: Any) -> None:
+        """PluginData of the flow-control extension: more send credit for some streams."""
+        pairs = decode_credit(data)
+        if pairs is None:
+            log.debug("ignoring malformed flow-control update of %d bytes", len(data))
             return
-        for sid, inc in _UPDATE.iter_unpack(raw):
+        for sid, inc in pairs:
             st = self.streams.get(sid)
             if st is not None:
                 st.send_credit += inc
-                if st.pending_bytes or st.eof_requested:
+                if st.pending_bytes or st.write_shut:
                     self._pump(st)
         self._wake_writers()
 
@@ -351,7 +278,7 @@ class SessionCore:
     def send(self, st: CoreStream, data: Any, owned: bool = False) -> None:
         """Queue payload on a stream; it leaves as credit allows. With ``owned`` the caller hands
         its buffer over and it is queued without a copy."""
-        if st.done or st.eof_requested:
+        if st.write_shut or st.state is CLOSED:
             raise StreamClosedError(f"stream {st.id} is closed for writing")
         if not owned and type(data) is not bytes:
             data = bytes(data)  # the caller may reuse its buffer
@@ -370,7 +297,7 @@ class SessionCore:
         then writes that frame to the transport itself, at once, which is exactly what queueing and
         draining would have produced. Otherwise False, and the caller uses ``send``."""
         sched = self.sched
-        if sched or st.pending is not None or st.done or st.eof_requested or n <= 0 or n > self.config.max_chunk:
+        if sched or st.pending is not None or st.write_shut or st.state is CLOSED or n <= 0 or n > self.config.max_chunk:
             return False
         if self.flow:
             if st.send_credit < n:
@@ -380,46 +307,46 @@ class SessionCore:
         sched.drained_bytes += n + DATA_HEADER_SIZE
         return True
 
-    def writable(self, st: CoreStream) -> bool:
-        """Whether a writer may queue more (below the stream's send buffer)."""
-        return st.done or st.pending_bytes + self.sched.stream_pending(st.id) < self.config.stream_send_buffer
-
-    def wait_writable(self, st: CoreStream, below: Optional[int] = None) -> None:
-        """Ask for ``on_stream_writable`` once the stream has fewer than ``below`` bytes queued
-        (default: its send buffer; 1 means fully handed to the transport), or is done."""
-        self._blocked[st] = self.config.stream_send_buffer if below is None else below
-        if st.done or st.pending_bytes + self.sched.stream_pending(st.id) < self._blocked[st]:
-            del self._blocked[st]
-            self.listener.on_stream_writable(st)
-
     def queued(self, st: CoreStream) -> int:
         """Bytes of this stream not yet handed to the transport."""
         return st.pending_bytes + self.sched.stream_pending(st.id)
 
+    def writable(self, st: CoreStream) -> bool:
+        """Whether a writer may queue more (below the stream's send buffer)."""
+        return st.state is CLOSED or self.queued(st) < self.config.stream_send_buffer
+
+    def wait_writable(self, st: CoreStream, below: Optional[int] = None) -> None:
+        """Ask for ``on_stream_writable`` once the stream has fewer than ``below`` bytes queued
+        (default: its send buffer; 1 means fully handed to the transport), or is done."""
+        limit = self.config.stream_send_buffer if below is None else below
+        if st.state is CLOSED or self.queued(st) < limit:
+            self._blocked.pop(st, None)
+            self.listener.on_stream_writable(st)
+        else:
+            self._blocked[st] = limit
+
     def send_eof(self, st: CoreStream) -> None:
         """Half-close: CloseStream(Normal) after everything already written."""
-        if st.eof_requested or st.done:
+        if st.write_shut or st.state is CLOSED:
             return
-        st.eof_requested = True
+        st.write_shut = True
         self._pump(st)
 
     def close(self, st: CoreStream) -> None:
         """Graceful close: flush, half-close, and discard whatever still arrives."""
-        if st.done:
+        if st.state is CLOSED:
             return
-        st.closing = True
-        if st.unread:
-            self.total_unread -= st.unread
-            st.unread = 0
-            self._over_limit.discard(st.id)
+        st.discarding = True
+        self.windows.drop_unread(st)
         self.send_eof(st)
-        self._maybe_done(st)
+        if st.state is HALF_CLOSED_LOCAL:
+            st.move(StreamEvent.ABANDON)
+            self._remove(st)
 
     def reset(self, st: CoreStream, message: str = "stream aborted") -> None:
         """Abort: drop queued data and tell the peer (a reset for our peers, EOF for Rust)."""
-        if st.done:
-            return
-        self._reset(st, ErrorCode.INTERNAL_SERVER_ERROR, message, None)
+        if st.state is not CLOSED:
+            self._reset(st, ErrorCode.INTERNAL_SERVER_ERROR, message, None)
 
     def _reset(self, st: CoreStream, code: ErrorCode, message: str, exc: Optional[Exception]) -> None:
         self.sched.discard(st.id)
@@ -428,8 +355,8 @@ class SessionCore:
         elif not st.local_eof:
             self.sched.push(st.id, st.priority, encode(CloseStream(st.id, CloseReason.NORMAL)))
             self.listener.on_output()
-        st.local_eof = st.eof_requested = True
-        self._remove(st)
+        st.write_shut = True
+        self._remove(st, StreamEvent.SEND_RESET)
         if exc is not None:
             self.listener.on_stream_reset(st, exc)
 
@@ -437,35 +364,17 @@ class SessionCore:
         """The application took ``n`` delivered bytes off the stream: free them, grant credit."""
         if n <= 0:
             return
-        st.unread -= n
-        self.total_unread -= n
-        if st.id in self._over_limit and st.unread <= self.config.stream_recv_buffer // 2:
-            self._over_limit.discard(st.id)
-        if self.flow and not st.done and not st.remote_eof:
-            st.owed += n
-            self._grant(st)
-            if self._deferred and self.total_unread < self.config.session_recv_budget // 2:
-                for other in list(self._deferred):
-                    self._deferred.discard(other)
-                    self._grant(other)
+        windows = self.windows
+        inc = windows.consumed(st, n)
+        if inc:
+            self._credit(st, inc)
+        if windows.deferred:
+            for other in windows.undeferred():
+                self._credit(other, windows.grant(other))
 
-    def _grant(self, st: CoreStream) -> None:
-        if st.owed < st.window // 2 and not (st.closing and st.owed):
-            return
-        if st.done or st.remote_eof:
-            return
-        if self.total_unread > self.config.session_recv_budget and not st.closing:
-            self._deferred.add(st)  # the session holds too much unread: credit waits
-            return
-        inc = st.owed
-        if st.unread == 0 and st.window < self.config.max_window and not st.closing:
-            # the reader keeps up: a bigger window lets one fast stream beat window / RTT
-            grow = min(st.window, self.config.max_window - st.window)
-            st.window += grow
-            inc += grow
-        st.owed = 0
-        st.recv_avail += inc
-        self._control(PluginData(FLOW_PLUGIN_ID, _UPDATE.pack(st.id, min(inc, 0xFFFFFFFF))))
+    def _credit(self, st: CoreStream, inc: int) -> None:
+        if inc:
+            self._control(PluginData(FLOW_PLUGIN_ID, encode_credit(st.id, inc)))
 
     # ------------------------------------------------------------------ internals
 
@@ -498,28 +407,25 @@ class SessionCore:
             if not pending:
                 st.pending = None
             self.listener.on_output()
-        if st.eof_requested and not st.local_eof and not st.pending_bytes:
-            st.local_eof = True
+        if st.write_shut and not st.pending_bytes and not st.local_eof:
             self.sched.push(st.id, st.priority, encode(CloseStream(st.id, CloseReason.NORMAL)))
             self.listener.on_output()
-            self._maybe_done(st)
+            if st.move(StreamEvent.SEND_EOF) is CLOSED:
+                self._remove(st)
+            elif st.discarding:
+                st.move(StreamEvent.ABANDON)
+                self._remove(st)
 
-    def _maybe_done(self, st: CoreStream) -> None:
-        if not st.done and st.local_eof and (st.remote_eof or st.closing):
-            self._remove(st)
-
-    def _remove(self, st: CoreStream) -> None:
-        st.done = True
+    def _remove(self, st: CoreStream, event: Optional[StreamEvent] = None) -> None:
+        """Take a stream out of the session (its state is CLOSED, or ``event`` makes it so)."""
+        if event is not None:
+            st.move(event)
         # queued payload goes now (after a graceful end there is none; after a reset it is dropped)
         st.pending = None
         st.pending_bytes = 0
         if self.streams.get(st.id) is st:
             del self.streams[st.id]
-        if st.unread and st.closing:
-            self.total_unread -= st.unread
-            st.unread = 0
-        self._over_limit.discard(st.id)
-        self._deferred.discard(st)
+        self.windows.removed(st)
         if st in self._blocked:
             del self._blocked[st]
             self.listener.on_stream_writable(st)
@@ -531,7 +437,9 @@ class SessionCore:
     def _wake_writers(self) -> None:
         if self._blocked:
             pending = self.sched.stream_pending
-            for st in [s for s, below in self._blocked.items() if s.done or s.pending_bytes + pending(s.id) < below]:
+            ready = [s for s, below in self._blocked.items()
+                     if s.state is CLOSED or s.pending_bytes + pending(s.id) < below]
+            for st in ready:
                 del self._blocked[st]
                 self.listener.on_stream_writable(st)
 
@@ -543,39 +451,20 @@ class SessionCore:
             self._wake_writers()
         return out
 
-    @property
-    def has_output(self) -> bool:
-        return bool(self.sched)
-
     def tick(self, now: float) -> float:
         """Run timers; returns when to call again. Raises TunnelTimeoutError for a dead peer."""
-        from .errors import TunnelTimeoutError
-
         self._now = now
-        if self._paused_at is None and now - self.last_seen > self.config.session_timeout:
-            raise TunnelTimeoutError(
-                f"no frame from the peer for {now - self.last_seen:.1f}s (session_timeout "
-                f"{self.config.session_timeout}s)")
-        deadline = self.last_seen + self.config.session_timeout
-        if self.sends_heartbeats:
-            if now >= self._next_heartbeat:
-                self._hb_sent.append(now)
-                if len(self._hb_sent) > 8:  # unanswered ones: keep the bookkeeping small
-                    self._hb_sent.popleft()
-                self._control(Heartbeat(int(time.time() * 1000)))
-                self._next_heartbeat = now + self.config.heartbeat_interval
-            deadline = min(deadline, self._next_heartbeat)
+        send, deadline = self.keepalive.tick(now)
+        if send:
+            self._control(Heartbeat(int(time.time() * 1000)))
         return deadline
 
     def reading_paused(self, now: float) -> None:
-        if self._paused_at is None:
-            self._paused_at = now
+        self.keepalive.reading_paused(now)
 
     def reading_resumed(self, now: float) -> None:
         # time we ourselves did not read is not the peer's silence
-        if self._paused_at is not None:
-            self.last_seen += now - self._paused_at
-            self._paused_at = None
+        self.keepalive.reading_resumed(now)
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         """The connection is gone: every open stream ends with an error."""
@@ -588,7 +477,7 @@ class SessionCore:
         streams = list(self.streams.values())
         self.streams.clear()
         for st in streams:
-            st.done = True
+            st.move(StreamEvent.CONNECTION_LOST)
             self.listener.on_stream_reset(st, err)
         self._blocked.clear()
-        self._deferred.clear()
+        self.windows.clear()

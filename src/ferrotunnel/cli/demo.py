@@ -60,10 +60,11 @@ async def run_demo(requests: int = 300, concurrency: int = 8) -> int:
 
     app = await asyncio.start_server(_app, "127.0.0.1", 0)
     app_addr = app.sockets[0].getsockname()[:2]
-    server = ft.TunnelServer(("127.0.0.1", 0), "demo-token-" + str(time.monotonic_ns()))
+    token = "demo-token-" + str(time.monotonic_ns())
+    server = ft.TunnelServer(("127.0.0.1", 0), token)
     async with server, ft.HttpIngress(server, ("127.0.0.1", 0)) as ingress:
         th, tp = server.address
-        client = ft.TunnelClient(f"{th}:{tp}", server._token, tunnel_id="demo",
+        client = ft.TunnelClient(f"{th}:{tp}", token, tunnel_id="demo",
                                  config=ft.ClientConfig(local_addr=app_addr))
         task = asyncio.create_task(client.connect_and_run())
         session = await server.wait_for_session("demo", timeout=10)

@@ -37,7 +37,7 @@ def _env_flag(name: str) -> bool:
 
 
 def _addr(text: str, what: str) -> Tuple[str, int]:
-    from .client import parse_address
+    from ..client.client import parse_address
 
     try:
         return parse_address(text)
@@ -52,7 +52,7 @@ def _file(path: Optional[str], what: str) -> Optional[str]:
 
 
 def _token(args: argparse.Namespace) -> str:
-    from .auth import TokenFormatError, validate_token_format
+    from ..auth import TokenFormatError, validate_token_format
 
     token = args.token or _env("FERROTUNNEL_TOKEN")
     if not token and sys.stdin.isatty():
@@ -98,7 +98,7 @@ async def _until_signal(*tasks: "asyncio.Task[Any]") -> Optional["asyncio.Task[A
 
 
 def _server_tls(args: argparse.Namespace) -> Any:
-    from . import tls
+    from .. import tls
 
     cert, key = args.tls_cert, args.tls_key
     if not cert and not key:
@@ -174,7 +174,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def _client_tls(args: argparse.Namespace) -> Any:
-    from . import tls
+    from .. import tls
 
     wants = args.tls or args.tls_ca or args.tls_skip_verify or args.tls_cert or args.tls_key or args.tls_server_name
     if not wants:
@@ -223,7 +223,7 @@ async def _connect(args: argparse.Namespace) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from .tls import generate_certs
+    from ..tls import generate_certs
 
     names = args.name or ["localhost"]
     ips = args.ip or ["127.0.0.1"]
@@ -244,7 +244,7 @@ def _version() -> int:
     import platform
 
     import ferrotunnel as ft
-    from .frames import IMPLEMENTATION
+    from ..frames import IMPLEMENTATION
 
     impl = "compiled" if IMPLEMENTATION == "c" else "pure Python"
     print(f"ferrotunnel {ft.__version__} (FerroTunnel protocol v1, {impl} codec, Python "

@@ -71,7 +71,7 @@ class MetricsServer:
 
     @property
     def address(self) -> Tuple[str, int]:
-        from .transport import bound_address
+        from ..aio.transport import bound_address
 
         return bound_address(self._srv, "metrics server")
 
@@ -88,7 +88,7 @@ class MetricsServer:
         if path == "/metrics":
             body, ctype, status = generate_latest(self.registry), CONTENT_TYPE_LATEST, "200 OK"
         elif path == "/health/ready":
-            ready = self.server._server is not None and not self.server._closing
+            ready = self.server.is_serving
             body, ctype = (b"ready\n" if ready else b"not ready\n"), "text/plain"
             status = "200 OK" if ready else "503 Service Unavailable"
         else:

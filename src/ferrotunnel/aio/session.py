@@ -1,0 +1,159 @@
+"""The facades of a live tunnel session: ``Session``, its ``Multiplexer`` and ``SessionStats``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple
+
+from ..errors import ConnectionLostError
+from ..frames import Protocol, StreamPriority
+from .connection import OPEN, TunnelConnection
+from .stream import VirtualStream
+
+__all__ = ["Session", "Multiplexer", "SessionStats"]
+
+
+@dataclass(frozen=True)
+class SessionStats:
+    """Traffic of one session's tunnel connection so far."""
+
+    frames_in: int
+    bytes_in: int
+    frames_out: int
+    bytes_out: int
+    streams: int
+    rtt: Optional[float]
+
+
+class _StreamOpener:
+    """``open_stream`` in its three spellings, over one ``open_stream_nowait``."""
+
+    _conn: TunnelConnection
+
+    def open_stream_nowait(self, protocol: Protocol = Protocol.TCP,
+                           priority: StreamPriority = StreamPriority.NORMAL) -> VirtualStream:
+        """Open a stream now (the OpenStream frame is queued); ConnectionLostError if the
+        session is not connected, LimitExceededError at ``max_streams_per_session``."""
+        return self._conn.open_stream(protocol, priority)
+
+    async def open_stream(self, protocol: Protocol = Protocol.TCP,
+                          priority: StreamPriority = StreamPriority.NORMAL) -> VirtualStream:
+        return self.open_stream_nowait(protocol, priority)
+
+    async def open_stream_with_priority(self, protocol: Protocol, priority: StreamPriority) -> VirtualStream:
+        return self.open_stream_nowait(protocol, priority)
+
+
+class Multiplexer(_StreamOpener):
+    """The streams of one session. Open streams here or through the ``Session`` shortcuts."""
+
+    def __init__(self, conn: TunnelConnection) -> None:
+        self._conn = conn
+
+    @property
+    def stream_count(self) -> int:
+        """Open streams on this session (either side opened)."""
+        return len(self._conn.core.streams) if self._conn.opened else 0
+
+    def __len__(self) -> int:
+        return self.stream_count
+
+    @property
+    def flow_control(self) -> bool:
+        """Whether per-stream flow control was negotiated with the peer."""
+        return self._conn.opened and self._conn.core.flow
+
+
+class Session(_StreamOpener):
+    """A live tunnel session, on either end."""
+
+    def __init__(self, conn: TunnelConnection, session_id: uuid.UUID, tunnel_id: str,
+                 peer_address: Any, capabilities: Sequence[str]) -> None:
+        self._conn = conn
+        self.id = session_id
+        self.tunnel_id = tunnel_id
+        self.peer_address = peer_address
+        self.capabilities: Tuple[str, ...] = tuple(capabilities)
+        self.connected_at = time.time()
+        self.multiplexer = Multiplexer(conn)
+        self._accept_queue: Optional[asyncio.Queue[VirtualStream]] = None
+        self.closed_event = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} tunnel_id={self.tunnel_id!r} peer={self.peer_address}>"
+
+    @property
+    def connection(self) -> TunnelConnection:
+        """The tunnel connection carrying this session."""
+        return self._conn
+
+    @property
+    def established(self) -> bool:
+        """The handshake completed and the session has not closed: streams can be opened."""
+        return self._conn.phase is OPEN
+
+    @property
+    def last_seen(self) -> float:
+        """Wall-clock time of the last frame received."""
+        if not self._conn.opened:
+            return self.connected_at
+        return time.time() - (time.monotonic() - self._conn.core.last_seen)
+
+    def silent_for(self, now: float) -> float:
+        """Seconds (monotonic ``now``) since the peer's last frame, not counting time we paused reading."""
+        if not self._conn.opened:
+            return 0.0
+        return self._conn.core.keepalive.silent_for(now)
+
+    @property
+    def rtt(self) -> Optional[float]:
+        """Heartbeat round trip in seconds, from our send time to the ack; None until measured."""
+        return self._conn.core.rtt if self._conn.opened else None
+
+    @property
+    def is_closed(self) -> bool:
+        return self._conn.closed
+
+    @property
+    def flow_control(self) -> bool:
+        return self.multiplexer.flow_control
+
+    def stats(self) -> SessionStats:
+        if not self._conn.opened:
+            return SessionStats(0, 0, 0, 0, 0, None)
+        core = self._conn.core
+        return SessionStats(core.frames_in, core.bytes_in, core.sched.drained_frames, core.sched.drained_bytes,
+                            len(core.streams), core.rtt)
+
+    def enqueue_accepted(self, stream: VirtualStream) -> None:
+        """A stream the peer opened, for ``accept()`` (when no stream handler is set)."""
+        if self._accept_queue is None:
+            self._accept_queue = asyncio.Queue()
+        self._accept_queue.put_nowait(stream)
+
+    async def accept(self) -> VirtualStream:
+        """Next stream the peer opened (when no stream handler is set)."""
+        if self._accept_queue is None:
+            self._accept_queue = asyncio.Queue()
+        if self._conn.closed and self._accept_queue.empty():
+            raise ConnectionLostError("the session is closed")
+        getter = asyncio.ensure_future(self._accept_queue.get())
+        closed = asyncio.ensure_future(self.closed_event.wait())
+        try:
+            await asyncio.wait({getter, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+        if getter.done():
+            return getter.result()
+        getter.cancel()
+        raise ConnectionLostError("the session is closed")
+
+    def close(self, exc: Optional[BaseException] = None) -> None:
+        """End the session: the connection is closed and every stream ends with an error."""
+        self._conn.close(exc)
+
+    async def wait_closed(self) -> None:
+        await self.closed_event.wait()

@@ -1,0 +1,143 @@
+"""The negotiated extensions beyond protocol v1, in one table used by both handshake sides.
+
+An extension is switched on only when both ends announce it in the handshake capabilities, so a
+Rust peer never sees an extension frame. Each entry says what a client announces, what a server
+announces, how the value both sides agree on is worked out, and which ``PluginData`` plugin id
+(if any) carries its frames, with the name of the ``SessionCore`` method that handles them.
+
+Adding an extension: one ``Extension`` entry in ``EXTENSIONS`` and, if it has frames, its handler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from ..config import StreamConfig
+from .flow import FLOW_PLUGIN_ID, flow_capability, parse_flow_capability
+
+__all__ = ["Extension", "EXTENSIONS", "EXT_CAPABILITY", "REASON_CAPABILITY", "Negotiated",
+           "client_capabilities", "server_capabilities", "negotiate", "plugin_handlers", "keep_capabilities",
+           "BASE_CLIENT_CAPABILITIES", "BASE_SERVER_CAPABILITIES", "MAX_CAPABILITIES", "MAX_CAPABILITY_LEN"]
+
+#: What a Rust client announces, and what a Rust server answers (PROTOCOL.md 3.2, 3.3).
+BASE_CLIENT_CAPABILITIES = ("basic", "tcp")
+BASE_SERVER_CAPABILITIES = ("basic",)
+#: Capabilities kept from a peer's handshake, and the longest one kept (PROTOCOL.md 3.7).
+MAX_CAPABILITIES = 32
+MAX_CAPABILITY_LEN = 64
+
+EXT_CAPABILITY = "ferrotunnel-py/1"
+REASON_CAPABILITY = "reject-reason/1"
+
+Announce = Callable[[StreamConfig], Optional[str]]
+
+
+@dataclass(frozen=True)
+class Extension:
+    #: Key of the negotiated value in ``Negotiated``.
+    name: str
+    #: The capability string a client announces (None: clients announce nothing).
+    client: Announce
+    #: The capability string a server announces (None: servers announce nothing).
+    server: Announce
+    #: The agreed value from our config and the peer's capabilities; None when it is off.
+    agree: Callable[[StreamConfig, Sequence[str]], Any]
+    #: PluginData id of the extension's frames, and the SessionCore method that handles them.
+    plugin_id: Optional[str] = None
+    handler: Optional[str] = None
+
+
+def _always(cap: str) -> Announce:
+    return lambda config: cap
+
+
+def _never(config: StreamConfig) -> None:
+    return None
+
+
+def _has(cap: str) -> Callable[[StreamConfig, Sequence[str]], Optional[bool]]:
+    return lambda config, peer: True if cap in peer else None
+
+
+def _flow_announce(config: StreamConfig) -> Optional[str]:
+    return flow_capability(config.initial_window) if config.flow_control else None
+
+
+def _flow_agree(config: StreamConfig, peer: Sequence[str]) -> Optional[int]:
+    return parse_flow_capability(peer) if config.flow_control else None
+
+
+EXTENSIONS: Tuple[Extension, ...] = (
+    # The peer is this package: it accepts client-opened streams, answers server heartbeats and
+    # reads Error{stream_id} as a stream reset.
+    Extension("ferrotunnel", _always(EXT_CAPABILITY), _always(EXT_CAPABILITY), _has(EXT_CAPABILITY)),
+    # Per-stream credit; the value is the peer's initial per-stream window.
+    Extension("flow", _flow_announce, _flow_announce, _flow_agree, FLOW_PLUGIN_ID, "on_credit"),
+    # A refused handshake says why: the server adds "reason=<text>" to the ack's capabilities.
+    Extension("reject_reason", _always(REASON_CAPABILITY), _never, _has(REASON_CAPABILITY)),
+)
+
+
+class Negotiated:
+    """What both ends agreed on: ``values[name]`` for each extension that is on."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self.values: Dict[str, Any] = dict(values)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.values
+
+    def get(self, name: str) -> Any:
+        return self.values.get(name)
+
+    @property
+    def peer_is_ext(self) -> bool:
+        return "ferrotunnel" in self.values
+
+    @property
+    def flow_window(self) -> Optional[int]:
+        """The peer's initial per-stream window when flow control is on, else None."""
+        return self.values.get("flow")
+
+    def __repr__(self) -> str:
+        return f"Negotiated({sorted(self.values)})"
+
+
+def _announce(base: Sequence[str], side: str, config: StreamConfig) -> List[str]:
+    caps = list(base)
+    for ext in EXTENSIONS:
+        cap = getattr(ext, side)(config)
+        if cap is not None:
+            caps.append(cap)
+    return caps
+
+
+def client_capabilities(config: StreamConfig, extra: Sequence[str] = ()) -> List[str]:
+    return _announce(BASE_CLIENT_CAPABILITIES, "client", config) + list(extra)
+
+
+def server_capabilities(config: StreamConfig) -> List[str]:
+    return _announce(BASE_SERVER_CAPABILITIES, "server", config)
+
+
+def negotiate(config: StreamConfig, peer_capabilities: Sequence[str]) -> Negotiated:
+    values = {}
+    for ext in EXTENSIONS:
+        value = ext.agree(config, peer_capabilities)
+        if value is not None:
+            values[ext.name] = value
+    return Negotiated(values)
+
+
+def plugin_handlers(negotiated: Negotiated) -> Dict[str, str]:
+    """PluginData id -> SessionCore method name, for the extensions that are on."""
+    return {ext.plugin_id: ext.handler for ext in EXTENSIONS
+            if ext.plugin_id and ext.handler and ext.name in negotiated}
+
+
+def keep_capabilities(caps: Sequence[str]) -> Tuple[str, ...]:
+    """A peer's capabilities, bounded: at most MAX_CAPABILITIES of at most MAX_CAPABILITY_LEN bytes."""
+    return tuple(c for c in caps if len(c.encode()) <= MAX_CAPABILITY_LEN)[:MAX_CAPABILITIES]

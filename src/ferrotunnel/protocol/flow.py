@@ -1,0 +1,155 @@
+"""Receive-side buffering and per-stream flow control (the ``flow-control/1`` extension).
+
+With flow control a sender never has more than the granted credit of payload in flight per
+stream; the receiver grants more as the application consumes data, and grows a stream's window
+(up to ``max_window``) while its reader keeps up. The session budget bounds what all streams
+together may hold unread: over it, credit waits. Without flow control (a Rust peer) a stream
+with ``stream_recv_buffer`` bytes unread makes the tunnel stop reading until it drains.
+
+Credit travels in ``PluginData`` frames under ``ft.flow/1``: (stream id u32 BE, increment u32 BE)
+pairs.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Iterable, List, Optional, Set, Tuple
+
+from ..config import StreamConfig
+from .streams import CoreStream
+
+__all__ = ["FLOW_CAPABILITY", "FLOW_PLUGIN_ID", "MAX_WINDOW", "flow_capability", "parse_flow_capability",
+           "encode_credit", "decode_credit", "FlowWindows"]
+
+FLOW_CAPABILITY = "flow-control/1"
+FLOW_PLUGIN_ID = "ft.flow/1"
+#: Largest window a peer may announce (as HTTP/2, 2^31 - 1).
+MAX_WINDOW = 0x7FFFFFFF
+_UPDATE = struct.Struct(">II")
+_WINDOW_PREFIX = FLOW_CAPABILITY + ";window="
+
+
+def flow_capability(window: int) -> str:
+    return f"{_WINDOW_PREFIX}{window}"
+
+
+def parse_flow_capability(caps: Iterable[str]) -> Optional[int]:
+    """The peer's initial per-stream window, or None if it did not announce flow control."""
+    for cap in caps:
+        if cap.startswith(_WINDOW_PREFIX):
+            value = cap[len(_WINDOW_PREFIX):]
+            if value.isdigit() and 0 < int(value) <= MAX_WINDOW:
+                return int(value)
+    return None
+
+
+def encode_credit(sid: int, inc: int) -> bytes:
+    return _UPDATE.pack(sid, min(inc, 0xFFFFFFFF))
+
+
+def decode_credit(data: Any) -> Optional[List[Tuple[int, int]]]:
+    """The (stream id, increment) pairs of a credit update, or None if it is malformed."""
+    raw = bytes(data)
+    if len(raw) % _UPDATE.size:
+        return None
+    return list(_UPDATE.iter_unpack(raw))
+
+
+class FlowWindows:
+    """Unread bytes per stream and per session, receive windows and the credit they earn.
+
+    Methods that may earn the peer credit return the increment to send (0: nothing now)."""
+
+    __slots__ = ("enabled", "initial_window", "max_window", "stream_limit", "budget", "total_unread",
+                 "over_limit", "deferred")
+
+    def __init__(self, config: StreamConfig, enabled: bool) -> None:
+        self.enabled = enabled
+        self.initial_window = config.initial_window
+        self.max_window = config.max_window
+        self.stream_limit = config.stream_recv_buffer
+        self.budget = config.session_recv_budget
+        self.total_unread = 0
+        self.over_limit: Set[int] = set()       # without flow control: streams over stream_recv_buffer
+        self.deferred: Set[CoreStream] = set()  # credit held back while the session is over budget
+
+    @property
+    def blocked(self) -> bool:
+        """True while the tunnel should not be read (bounded buffering)."""
+        return bool(self.over_limit) or self.total_unread > self.budget
+
+    def arrived(self, st: CoreStream, n: int) -> bool:
+        """``n`` payload bytes arrived for ``st``; False if they overran its window."""
+        if self.enabled:
+            if n > st.recv_avail:
+                return False
+            st.recv_avail -= n
+        return True
+
+    def delivered(self, st: CoreStream, n: int) -> None:
+        """``n`` bytes went to the application, which has not consumed them yet."""
+        st.unread += n
+        self.total_unread += n
+        if not self.enabled and st.unread > self.stream_limit:
+            self.over_limit.add(st.id)
+
+    def discarded(self, st: CoreStream, n: int) -> int:
+        """``n`` bytes arrived for a stream that discards its input: the peer gets them back."""
+        if not self.enabled:
+            return 0
+        st.owed += n
+        return self.grant(st)
+
+    def consumed(self, st: CoreStream, n: int) -> int:
+        st.unread -= n
+        self.total_unread -= n
+        if st.id in self.over_limit and st.unread <= self.stream_limit // 2:
+            self.over_limit.discard(st.id)
+        if self.enabled and st.receiving:
+            st.owed += n
+            return self.grant(st)
+        return 0
+
+    def undeferred(self) -> List[CoreStream]:
+        """Streams whose held-back credit may go now (the session fell well under its budget)."""
+        if not self.deferred or self.total_unread >= self.budget // 2:
+            return []
+        out = list(self.deferred)
+        self.deferred.clear()
+        return out
+
+    def grant(self, st: CoreStream) -> int:
+        discarding = st.discarding
+        if st.owed < st.window // 2 and not (discarding and st.owed):
+            return 0
+        if not st.receiving:
+            return 0
+        if self.total_unread > self.budget and not discarding:
+            self.deferred.add(st)  # the session holds too much unread: credit waits
+            return 0
+        inc = st.owed
+        if st.unread == 0 and st.window < self.max_window and not discarding:
+            # the reader keeps up: a bigger window lets one fast stream beat window / RTT
+            grow = min(st.window, self.max_window - st.window)
+            st.window += grow
+            inc += grow
+        st.owed = 0
+        st.recv_avail += inc
+        return inc
+
+    def drop_unread(self, st: CoreStream) -> None:
+        """The application will never read what ``st`` holds (it closed the stream)."""
+        if st.unread:
+            self.total_unread -= st.unread
+            st.unread = 0
+            self.over_limit.discard(st.id)
+
+    def removed(self, st: CoreStream) -> None:
+        if st.discarding:
+            self.drop_unread(st)
+        self.over_limit.discard(st.id)
+        self.deferred.discard(st)
+
+    def clear(self) -> None:
+        self.over_limit.clear()
+        self.deferred.clear()

@@ -1,0 +1,347 @@
+"""TunnelServer: accepts tunnel clients, authenticates them, keeps one Session per client.
+
+The handshake bytes are the protocol layer's (``ServerHandshake``); what to answer is decided
+here, by ``TunnelServer.authorize``, which may await (the registry may be on the network).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import ssl
+import time
+import uuid
+from typing import Any, Dict, Optional, Tuple, Union
+
+from ..auth import TokenFormatError, constant_time_eq, validate_token_format
+from ..config import ServerConfig
+from ..errors import ConnectionLostError, FrameError
+from ..frames import PROTOCOL_VERSION, HandshakeStatus
+from ..aio.connection import StreamHandler, TunnelConnection
+from ..aio.session import Session
+from ..aio.tlsbio import ServerTls
+from ..aio.transport import Transport, bound_address, resolve_transport
+from ..protocol.core import SessionCore
+from ..protocol.handshake import HandshakeRequest, ServerHandshake
+from .registry import LocalRegistry, SessionRegistry, SessionStore
+from .throttle import AuthThrottle
+
+__all__ = ["TunnelServer", "ServerConnection", "MAX_TUNNEL_ID_LEN"]
+
+log = logging.getLogger("ferrotunnel.server")
+
+MAX_TUNNEL_ID_LEN = 255
+
+
+def _host(peer: Any) -> str:
+    return peer[0] if isinstance(peer, tuple) else str(peer)
+
+
+class ServerConnection(TunnelConnection):
+    """Server end of one tunnel connection: the handshake, then the session."""
+
+    def __init__(self, server: "TunnelServer") -> None:
+        super().__init__(asyncio.get_running_loop(), server.config, tls=server.transport.is_tls)
+        self.server = server
+        self.handshake = ServerHandshake(server.config)
+        self.deciding = False
+        self._hs_timer: Optional[asyncio.TimerHandle] = None
+        self._pending = False
+        self.stream_handler = server.stream_handler
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        srv = self.server
+        if not srv.admit(self):
+            transport.abort()
+            return
+        self._pending = True
+        self._hs_timer = self.loop.call_later(srv.config.handshake_timeout, self._handshake_timeout)
+        ctx = srv.transport.server_ssl()
+        if ctx is not None:
+            self.tls = ServerTls(ctx)
+
+    def eof_received(self) -> Optional[bool]:
+        if self.tls is not None and not self.tls.established and not self.closed:
+            self.tls_failed(ConnectionLostError("the client closed the connection during the TLS handshake"))
+            return False
+        return super().eof_received()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self.tls is not None and not self.tls.established and not self.closed:
+            self.tls_failed(exc or ConnectionLostError("the connection was lost during the TLS handshake"))
+        super().connection_lost(exc)
+
+    def tls_failed(self, exc: BaseException) -> None:
+        why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        log.info("TLS handshake from %s failed: %s", self.peer_address, why)
+        self.server.tls_failures += 1
+        self.server.auth_failure(self.peer_address)
+        self.close()
+
+    def _handshake_timeout(self) -> None:
+        self._hs_timer = None
+        if not self.opened and not self.closed:
+            log.info("closing connection from %s: no handshake within %.1fs", self.peer_address,
+                     self.server.config.handshake_timeout)
+            self.server.auth_failure(self.peer_address)
+            self.close()
+
+    def end_pending(self) -> None:
+        if self._pending:
+            self._pending = False
+            self.server.pending_handshakes -= 1
+        if self._hs_timer is not None:
+            self._hs_timer.cancel()
+            self._hs_timer = None
+
+    def handshake_data(self, data: memoryview) -> None:
+        hs = self.handshake
+        try:
+            hs.receive_data(data)
+        except FrameError as exc:
+            log.info("closing connection from %s: not a handshake: %s", self.peer_address, exc)
+            self.server.auth_failure(self.peer_address)
+            self.close()
+            return
+        if hs.request is not None and not self.deciding:
+            # the policy may await: hold further bytes in the transport until it has decided
+            self.deciding = True
+            self.hold_reading()
+            self.spawn(self.server.authorize(self, hs.request))
+
+    def reject(self, status: HandshakeStatus, reason: Optional[str]) -> None:
+        if self.closed:
+            return
+        self.send_raw(self.handshake.reject(status, reason))
+        self.end_pending()
+        self.close()  # the transport flushes the ack first
+
+    def accept(self, session: Session) -> SessionCore:
+        hs = self.handshake
+        # the ack goes out before the session is routable, so no OpenStream can precede it
+        self.send_raw(hs.accept(session.id))
+        self.end_pending()
+        assert hs.negotiated is not None
+        core = SessionCore(is_client=False, config=self.server.config, negotiated=hs.negotiated, listener=self,
+                           now=time.monotonic())
+        self.open_session(core, session, hs.leftover)
+        self.release_reading()
+        return core
+
+    def on_closed(self) -> None:
+        self.end_pending()
+        self.server.connection_closed(self)
+
+
+class TunnelServer:
+    """Listens for tunnel clients. Use ``async with server:`` or ``await server.start()``.
+
+    ``stream_handler`` (optional) runs for each stream a client opens; without one, such streams
+    wait for ``await session.accept()``. ``registry`` decides who serves which tunnel id
+    (default: a ``LocalRegistry`` of this process).
+    """
+
+    def __init__(self, address: Tuple[str, int], token: str, *, tls: Union[None, ssl.SSLContext, Transport] = None,
+                 config: ServerConfig = ServerConfig(), stream_handler: Optional[StreamHandler] = None,
+                 registry: Optional[SessionRegistry] = None) -> None:
+        try:
+            validate_token_format(token)
+        except TokenFormatError as exc:
+            raise ValueError(f"invalid server token: {exc}") from None
+        self._token = token
+        self._bind = address
+        self.config = config
+        self.transport: Transport = resolve_transport(tls)
+        self.stream_handler = stream_handler
+        self.registry: SessionRegistry = registry if registry is not None else LocalRegistry()
+        self.sessions = SessionStore(self.registry)
+        self._server: Optional[asyncio.Server] = None
+        self.pending_handshakes = 0
+        self._connections: "set[ServerConnection]" = set()
+        self._closing = False
+        self._throttle = AuthThrottle(config.auth_failure_threshold, config.auth_failure_window)
+        self._session_added = asyncio.Event()
+        self.handshake_failures: Dict[str, int] = collections.Counter()
+        self.tls_failures = 0
+        #: frames in, wire bytes in, frames out, wire bytes out of sessions that have ended
+        self.totals_closed = [0, 0, 0, 0]
+
+    def traffic_totals(self) -> Tuple[int, int, int, int]:
+        """(frames in, bytes in, frames out, bytes out) over all sessions, live and ended."""
+        t = list(self.totals_closed)
+        for s in self.sessions:
+            if not s.is_closed:
+                st = s.stats()
+                t[0] += st.frames_in
+                t[1] += st.bytes_in
+                t[2] += st.frames_out
+                t[3] += st.bytes_out
+        return t[0], t[1], t[2], t[3]
+
+    def __repr__(self) -> str:  # the token stays out
+        return f"<TunnelServer {self._bind} sessions={len(self.sessions)}>"
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        return bound_address(self._server, "server")
+
+    @property
+    def is_serving(self) -> bool:
+        """Started, and not closing."""
+        return self._server is not None and not self._closing
+
+    async def start(self) -> None:
+        if self._server is not None:
+            return
+        loop = asyncio.get_running_loop()
+        host, port = self._bind
+        self._server = await loop.create_server(lambda: ServerConnection(self), host, port, backlog=1024,
+                                                reuse_address=True)
+        log.info("tunnel server listening on %s:%s%s", *self.address, " (TLS)" if self.transport.is_tls else "")
+
+    async def __aenter__(self) -> "TunnelServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    # ------------------------------------------------------------------ connections and handshakes
+
+    def admit(self, conn: ServerConnection) -> bool:
+        """A new connection: may it start a handshake?"""
+        if self._closing:
+            return False
+        if self.pending_handshakes >= self.config.max_pending_handshakes:
+            log.warning("refusing connection from %s: %d handshakes pending (max_pending_handshakes)",
+                        conn.peer_address, self.pending_handshakes)
+            return False
+        self.pending_handshakes += 1
+        self._connections.add(conn)
+        return True
+
+    def auth_failure(self, peer: Any) -> None:
+        self._throttle.failure(_host(peer), time.monotonic())
+
+    async def authorize(self, conn: ServerConnection, req: HandshakeRequest) -> None:
+        """The server's policy for one Handshake: accept it or refuse it, with a reason."""
+        if conn.closed:
+            return None
+        cfg = self.config
+        peer = conn.peer_address
+        host = _host(peer)
+        now = time.monotonic()
+
+        def fail(status: HandshakeStatus, why: str, count: bool = True) -> None:
+            log.info("handshake from %s refused (%s): %s", peer, status.name, why)
+            self.handshake_failures[status.name] += 1
+            if count:
+                self._throttle.failure(host, now)
+            conn.reject(status, why)
+
+        if self._throttle.throttled(host, now):
+            return fail(HandshakeStatus.RATE_LIMITED, "too many failed handshakes from this address", count=False)
+        try:
+            validate_token_format(req.token)
+        except TokenFormatError as exc:
+            return fail(HandshakeStatus.INVALID_TOKEN, f"malformed token ({exc})")
+        if not constant_time_eq(req.token, self._token):
+            return fail(HandshakeStatus.INVALID_TOKEN, "wrong token")
+        if not req.version_ok:
+            return fail(HandshakeStatus.VERSION_MISMATCH,
+                        f"client speaks versions {req.min_version}..{req.max_version}, server {PROTOCOL_VERSION}")
+        session_id = uuid.uuid4()
+        tunnel_id = req.tunnel_id if req.tunnel_id is not None else str(session_id)
+        if not tunnel_id or len(tunnel_id.encode()) > MAX_TUNNEL_ID_LEN:
+            return fail(HandshakeStatus.UNSUPPORTED_VERSION, f"tunnel id must be 1..{MAX_TUNNEL_ID_LEN} bytes")
+        live = len(self.registry.local_sessions())
+        if live >= cfg.max_sessions:
+            return fail(HandshakeStatus.RATE_LIMITED, f"{live} sessions (max_sessions)", count=False)
+        session = Session(conn, session_id, tunnel_id, peer, req.capabilities)
+        claim = await self.registry.claim(tunnel_id, session, self._is_stale)
+        if conn.closed:  # gone while the registry answered
+            if claim.granted:
+                await self.registry.release(tunnel_id, session)
+            return None
+        if not claim.granted:
+            return fail(HandshakeStatus.TUNNEL_ID_TAKEN, f"tunnel id {tunnel_id!r} is in use", count=False)
+        if claim.replaced is not None:
+            log.info("tunnel %s: replacing stale session %s with a new connection from %s",
+                     tunnel_id, claim.replaced.id, peer)
+            claim.replaced.close(ConnectionLostError("replaced by a new connection for the same tunnel id"))
+        core = conn.accept(session)
+        self._session_added.set()
+        self._session_added = asyncio.Event()
+        log.info("session %s (tunnel %s) from %s established%s", session_id, tunnel_id, peer,
+                 " with flow control" if core.flow else "")
+        return None
+
+    def _is_stale(self, session: Session) -> bool:
+        if session.is_closed:
+            return True
+        stale_after = self.config.stale_session_after or 2 * self.config.heartbeat_interval
+        return session.silent_for(time.monotonic()) > stale_after
+
+    def connection_closed(self, conn: ServerConnection) -> None:
+        self._connections.discard(conn)
+        if not conn.opened:
+            return
+        session = conn.session
+        st = session.stats()
+        for i, v in enumerate((st.frames_in, st.bytes_in, st.frames_out, st.bytes_out)):
+            self.totals_closed[i] += v
+        if session in self.sessions:
+            log.info("session %s (tunnel %s) from %s closed%s", session.id, session.tunnel_id,
+                     conn.peer_address, f": {conn.close_exc}" if conn.close_exc else "")
+        self.registry.session_ended(session)
+
+    # ------------------------------------------------------------------ lookups and lifecycle
+
+    async def wait_for_session(self, tunnel_id: Optional[str] = None, timeout: Optional[float] = None) -> Session:
+        """The live session for ``tunnel_id`` (any session if None); TimeoutError if none in time."""
+        async with asyncio.timeout(timeout):
+            while True:
+                if tunnel_id is None:
+                    for s in self.sessions:
+                        if s.established:
+                            return s
+                else:
+                    found = self.sessions.get_by_tunnel_id(tunnel_id)
+                    if found is not None and found.established:
+                        return found
+                await self._session_added.wait()
+
+    async def close(self) -> None:
+        """Stop accepting, end every session and stream with an error (returns within a second)."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        err = ConnectionLostError("the tunnel server is shutting down")
+        for conn in list(self._connections):
+            conn.close(err)
+        if self._server is not None:
+            try:
+                async with asyncio.timeout(1.0):
+                    await self._server.wait_closed()
+            except TimeoutError:
+                pass
+        await asyncio.sleep(0)
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting, let open streams finish for up to ``grace`` seconds, then close."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        deadline = asyncio.get_running_loop().time() + grace
+        while asyncio.get_running_loop().time() < deadline:
+            if not any(len(s.multiplexer) for s in self.sessions):
+                break
+            await asyncio.sleep(0.05)
+        await self.close()
