@@ -77,6 +77,22 @@ class StreamConfig:
     max_handshake_frame: int = 64 * KiB
     #: Per-session rate limits applied to what the peer sends (off by default).
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    #: After the handshake: largest control frame accepted, refused from its length prefix (Data
+    #: frames are bounded by ``max_frame_size``; a real control frame is under 1 KiB).
+    max_control_frame: int = 256 * KiB
+    #: Frames queued for the peer (replies, credit, stream data) while it does not read: over
+    #: this the session stops reading from the peer; still over it after ``session_timeout``, it ends.
+    max_queued_output: int = 8 * MiB
+    #: Streams the peer opened that wait for ``Session.accept()``; beyond it new ones are refused.
+    max_accept_queue: int = 128
+    #: Peer resets (Error{stream_id}) per second above which the session ends (rapid reset).
+    max_peer_resets_per_second: float = 200.0
+    #: Bytes held for one stream whose reader does not read (a slow visitor); over it the
+    #: stream's credit is withheld (flow control) or, without flow control, the stream is reset
+    #: once it stays over for ``stalled_stream_timeout``.
+    stream_hold_cap: int = 1 * MiB
+    #: Without flow control: how long a stream may stay over ``stream_hold_cap`` before it is reset.
+    stalled_stream_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         smallest = DATA_HEADER_SIZE - FRAME_PREFIX_SIZE  # an empty Data frame
@@ -87,10 +103,12 @@ class StreamConfig:
         if self.initial_window < 1 or self.max_window < self.initial_window:
             raise ValueError("need 1 <= initial_window <= max_window")
         for name in ("read_buffer_size", "max_streams_per_session", "stream_send_buffer", "stream_recv_buffer", "session_recv_budget",
-                     "max_handshake_frame"):
+                     "max_handshake_frame", "max_control_frame", "max_queued_output", "max_accept_queue",
+                     "stream_hold_cap"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
-        for name in ("heartbeat_interval", "session_timeout", "handshake_timeout"):
+        for name in ("heartbeat_interval", "session_timeout", "handshake_timeout", "max_peer_resets_per_second",
+                     "stalled_stream_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
 
@@ -109,6 +127,22 @@ class ServerConfig(StreamConfig):
     stale_session_after: Optional[float] = None
     #: TCP ingress: a public connection with no traffic either way for this long is closed.
     ingress_idle_timeout: float = 300.0
+    #: Handshakes pending from one source address; beyond it its new connections are closed at once.
+    max_pending_per_address: int = 64
+    #: Bytes all pending handshakes may hold together before a new connection is refused.
+    max_preauth_bytes: int = 8 * MiB
+    #: Whether client-opened streams are accepted at all (the CLI server has no use for them).
+    accept_client_streams: bool = True
+    #: Ingress connections at once, per source address and in total (per ingress).
+    ingress_max_per_address: int = 4096
+    ingress_max_connections: int = 65536
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("max_sessions", "max_pending_handshakes", "max_pending_per_address", "max_preauth_bytes",
+                     "ingress_max_per_address", "ingress_max_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
 
 
 @dataclass(frozen=True)

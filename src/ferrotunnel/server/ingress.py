@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from typing import Any, Awaitable, Callable, Optional, Tuple, Union
 
@@ -12,7 +11,7 @@ from ..aio.stream import VirtualStream
 from ..aio.transport import bound_address
 from ..errors import FerroTunnelError
 from ..frames import Protocol, StreamPriority
-from .registry import Route, first_with_capability, resolve
+from .registry import Route, first_with_capability
 from .server import TunnelServer
 
 __all__ = ["TcpIngress", "Ingress", "Opened"]
@@ -85,23 +84,25 @@ class Ingress:
     def describe_bind(self) -> str:
         return self._where
 
-    def lookup(self, tunnel_id: Optional[str]) -> Union[Optional[Route], Awaitable[Optional[Route]]]:
-        """The route for ``tunnel_id`` through the server's registry (the only way ingresses find
-        tunnels): at once for a local route, else an awaitable."""
-        return resolve(self.server.registry, tunnel_id) if tunnel_id is not None else None
+    def lookup(self, tunnel_id: Optional[str]) -> Optional[Route]:
+        """The local route for ``tunnel_id`` through the server's registry, without waiting (None:
+        not here; the registry's awaitable ``lookup`` may still know it, see ``open_stream``)."""
+        return self.server.registry.lookup_local(tunnel_id) if tunnel_id is not None else None
 
     def open_stream(self, tunnel_id: Optional[str], protocol: Protocol, then: Opened) -> bool:
         """Open a stream to the tunnel and report it to ``then``: synchronously when the route is
         local (no await on the path of a new connection; returns True), after the registry
-        answered otherwise (returns False: the caller holds the visitor's bytes meanwhile)."""
-        found = self.lookup(tunnel_id)
-        if inspect.isawaitable(found):
-            task = asyncio.get_running_loop().create_task(self._open_later(found, protocol, then))
-            self._lookups.add(task)
-            task.add_done_callback(self._lookups.discard)
-            return False
-        self._open(found, protocol, then)
-        return True
+        answered otherwise (returns False: the caller holds the visitor's bytes meanwhile).
+        Ingresses find tunnels only here, through the registry."""
+        route = self.lookup(tunnel_id)
+        registry = self.server.registry
+        if route is not None or tunnel_id is None or registry.local_only:
+            self._open(route, protocol, then)
+            return True
+        task = asyncio.get_running_loop().create_task(self._open_later(registry.lookup(tunnel_id), protocol, then))
+        self._lookups.add(task)
+        task.add_done_callback(self._lookups.discard)
+        return False
 
     async def _open_later(self, found: Awaitable[Optional[Route]], protocol: Protocol, then: Opened) -> None:
         try:
@@ -172,7 +173,7 @@ class TcpIngress(Ingress):
     def describe(self) -> str:
         return f" -> {self.tunnel_id or 'first tcp session'}"
 
-    def lookup(self, tunnel_id: Optional[str]) -> Union[Optional[Route], Awaitable[Optional[Route]]]:
-        if tunnel_id is None:
+    def lookup(self, tunnel_id: Optional[str]) -> Optional[Route]:
+        if tunnel_id is None:  # the first local session that offers tcp
             return first_with_capability(self.server.registry, "tcp")
         return super().lookup(tunnel_id)

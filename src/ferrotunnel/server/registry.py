@@ -3,9 +3,10 @@
 
 A registry maps a tunnel id to a ``Route``. Today a route is a session of this process
 (``LocalRoute``); the type leaves room for a pool of local sessions and for a tunnel owned by
-another node. Ingresses resolve tunnels only through ``resolve`` (below): a synchronous fast
-path for local routes, so opening a stream costs no extra await, and the registry's awaitable
-``lookup`` only when the registry can know of routes elsewhere.
+another node. Tunnels are resolved in two steps: the synchronous ``lookup_local`` first, so a
+local route costs no await, then the registry's awaitable ``lookup`` only when the registry can
+know of routes elsewhere (``Ingress.open_stream`` does this for every ingress; ``resolve`` below
+is the same for code that can await).
 """
 
 from __future__ import annotations
