@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import selectors
 import signal
 import socket
@@ -30,21 +31,25 @@ class Proc:
         self.err = b""
 
     def wait_for(self, text: str, timeout: float = 15.0) -> str:
+        self.wait_until(lambda: text.encode() in self.out, timeout, repr(text))
+        return self.out.decode()
+
+    def wait_until(self, cond, timeout: float = 15.0, what: str = "the condition") -> None:
+        """Read stdout and stderr until ``cond()`` holds."""
         sel = selectors.DefaultSelector()
         sel.register(self.p.stdout, selectors.EVENT_READ)
         sel.register(self.p.stderr, selectors.EVENT_READ)
         deadline = time.monotonic() + timeout
-        while text.encode() not in self.out:
+        while not cond():
             left = deadline - time.monotonic()
             if left <= 0 or self.p.poll() is not None and not sel.select(0):
-                raise AssertionError(f"{text!r} not seen; stdout={self.out!r} stderr={self.err[-2000:]!r}")
+                raise AssertionError(f"{what} not seen; stdout={self.out!r} stderr={self.err[-2000:]!r}")
             for key, _ in sel.select(min(left, 0.2)):
                 chunk = os.read(key.fd, 65536)
                 if key.fileobj is self.p.stdout:
                     self.out += chunk
                 else:
                     self.err += chunk
-        return self.out.decode()
 
     def finish(self, sig=signal.SIGTERM, timeout=15.0) -> int:
         if self.p.poll() is None:
@@ -286,8 +291,42 @@ def test_metrics_endpoint(cleanup):
     metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in body.splitlines()
                if line and not line.startswith("#")}
     assert metrics["ferrotunnel_sessions"] == 1
+    assert "ferrotunnel_streams" in metrics  # a stable name (output contract)
     assert metrics['ferrotunnel_bytes_total{direction="in"}'] > 1000
     assert metrics['ferrotunnel_frames_total{direction="out"}'] > 2
     assert metrics['ferrotunnel_handshake_failures_total{status="INVALID_TOKEN"}'] == 1
     assert any(k.startswith("ferrotunnel_ingress_connections_total") and v == 1 for k, v in metrics.items())
     assert http(mport, "m", "/health/ready")[0] == "HTTP/1.1 200 OK"
+
+
+def test_output_contract(cleanup):
+    """Operators' scripts read these lines; they stay as they are: the server's "listening on ADDR"
+    when the tunnel port is ready, the client's "connected to ADDR" with the session id on each
+    handshake and "reconnecting in N.Ns" before each retry."""
+    tport = free_port()
+    addr = f"127.0.0.1:{tport}"
+    srv = Proc("server", "--bind", addr, "--token", TOKEN)
+    cleanup.append(srv)
+    srv.wait_for(f"listening on {addr}")
+    with socket.create_connection(("127.0.0.1", tport), timeout=5):
+        pass  # ready when it says so
+    cli = Proc("client", "--server", addr, "--token", TOKEN, "--local-addr", "127.0.0.1:9")
+    cleanup.append(cli)
+    connected = re.compile(rf"connected to {re.escape(addr)}: session ([0-9a-f-]{{36}})")
+    cli.wait_for("connected to")
+    first = connected.findall(cli.out.decode())
+    assert len(first) == 1
+    assert srv.finish() == 0
+    assert re.search(rf"listening on {re.escape(addr)}", srv.err.decode())  # the log line too
+    retry = re.compile(r"reconnecting in \d+\.\ds")
+    cli.wait_until(lambda: retry.search(cli.err.decode()), 15, "reconnecting in N.Ns")
+    srv2 = Proc("server", "--bind", addr, "--token", TOKEN)
+    cleanup.append(srv2)
+    srv2.wait_for(f"listening on {addr}")
+    cli.wait_until(lambda: len(connected.findall(cli.out.decode())) == 2, 20, "a second connected to")
+    second = connected.findall(cli.out.decode())
+    assert second[0] == first[0] and second[1] != first[0]  # a new session after the reconnect
+    assert cli.finish() == 0
+    log = cli.err.decode()
+    assert connected.findall(log) == second  # the log says it as well, each time
+    assert retry.search(log)

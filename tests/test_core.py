@@ -168,15 +168,26 @@ def test_heartbeats_rtt_and_dead_peer():
     with pytest.raises(ft.TunnelTimeoutError):
         client.tick(10.25 + 91)
     # time spent with reading paused by our own backpressure does not count
+    timeout = server.config.session_timeout
+    assert server.last_seen == 10.0
     server.reading_paused(20.0)
-    server.reading_resumed(200.0)
-    server.tick(200.0 + 50)
+    assert server.tick(20.0 + 2 * timeout) > 20.0 + 2 * timeout  # paused: no timeout, look again later
+    server.reading_resumed(200.0)  # 180 s paused: the peer is taken as last heard at 190
+    assert server.last_seen == 190.0
+    assert server.tick(250.0) <= 190.0 + timeout  # 60 s of its own silence: alive, due by 280
+    with pytest.raises(ft.TunnelTimeoutError):
+        server.tick(190.0 + timeout + 1)  # its own silence past session_timeout: dead after all
 
 
 def test_parse_flow_capability():
     assert parse_flow_capability(["basic", "flow-control/1;window=123"]) == 123
-    assert parse_flow_capability(["flow-control/1;window=0", "flow-control/1;window=x"]) is None
+    assert parse_flow_capability(["flow-control/1;window=2147483647"]) == 2**31 - 1
+    assert parse_flow_capability(["basic", "tcp"]) is None
+    # each malformed announcement on its own (in one list, one refusal could hide the other)
+    for bad in ("0", "x", "", "-1", "+5", "1.5", "2147483648", "99999999999999999999"):
+        assert parse_flow_capability([f"flow-control/1;window={bad}"]) is None, bad
     assert parse_flow_capability(["flow-control/2;window=5"]) is None
+    assert parse_flow_capability(["flow-control/1;windows=5"]) is None
 
 
 class TunnelModel(RuleBasedStateMachine):

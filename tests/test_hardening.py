@@ -11,6 +11,8 @@ import hashlib
 import os
 import random
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -105,7 +107,9 @@ def test_silent_connections_do_not_block_a_real_client(run):
     async def body():
         cfg = ft.ServerConfig(handshake_timeout=1.0)
         async with ft.TunnelServer(("127.0.0.1", 0), TOKEN, config=cfg) as server:
-            silent = [await asyncio.open_connection(*server.address) for _ in range(200)]
+            # from four other addresses, 50 each: under the per-address cap, so they all wait
+            silent = [await asyncio.open_connection(*server.address, local_addr=(f"127.0.0.{2 + i % 4}", 0))
+                      for i in range(200)]
             host, port = server.address
             t0 = time.monotonic()
             client = ft.TunnelClient(f"{host}:{port}", TOKEN, tunnel_id="real")
@@ -141,11 +145,15 @@ def test_malformed_frames_leave_server_up_with_bounded_memory(run, after_handsha
                     r, w = await asyncio.open_connection(*server.address)
                     if after_handshake:
                         w.write(hs(tunnel_id=f"bad-{name}"))
-                        await read_frames(r, 1)
+                        ack, = await read_frames(r, 1)
+                        assert ack.status == ft.HandshakeStatus.SUCCESS  # the bad frame hits a live session
                     w.write(bad + b"\x00" * 100)
                     await w.drain()
-                    rest = await asyncio.wait_for(r.read(), 5)  # closed by the server
-                    assert not rest or after_handshake
+                    rest = await asyncio.wait_for(r.read(), 5)
+                    assert r.at_eof(), name  # closed by the server
+                    # Before the handshake garbage gets no ack; after it, this Rust-style peer is
+                    # sent nothing it does not speak (an Error frame is an extension): it just ends.
+                    assert rest == b"", (name, rest)
                     w.close()
                 _, peak = tracemalloc.get_traced_memory()
             finally:
@@ -290,40 +298,6 @@ def _tunnel_processes(tunnel_id):
     return echo, srv, cli, ingress
 
 
-def test_churn_with_half_close_between_processes():
-    """Server and client as separate uvloop processes; churn through the ingress; both survive."""
-    echo, srv, cli, ingress = _tunnel_processes("churn")
-    try:
-
-        async def churn():
-            deadline = time.monotonic() + 4
-            done = 0
-
-            async def one(i):
-                r, w = await asyncio.open_connection("127.0.0.1", ingress)
-                w.write(b"%d|" % i * 50)
-                if i % 3:
-                    w.write_eof()
-                    data = await r.read()
-                    assert data == b"%d|" % i * 50
-                else:  # abrupt close mid-stream
-                    await asyncio.sleep(0)
-                w.close()
-
-            while time.monotonic() < deadline:
-                await asyncio.gather(*(one(done + k) for k in range(25)))
-                done += 25
-            return done
-
-        import uvloop
-        assert uvloop.run(churn()) > 100
-        time.sleep(0.5)
-        assert srv.poll() is None and cli.poll() is None  # neither process aborted
-    finally:
-        for p in (cli, srv, echo):
-            p.kill()
-
-
 def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -336,17 +310,97 @@ def _rss(pid: int) -> int:
     return 0
 
 
-def test_soak_flat_memory_and_fds():
-    """Steady traffic for FERROTUNNEL_SOAK_SECONDS: memory and fds of both tunnel processes must
-    plateau. RSS swings by tens of MB with buffers in flight and the allocator's trimming, so what
-    must not grow is the floor: the lowest RSS of the last third against the highest of the first
-    third (a leak lifts the floor; a swing does not)."""
-    seconds = float(os.environ.get("FERROTUNNEL_SOAK_SECONDS", "20"))
-    echo, srv, cli, ingress = _tunnel_processes("soak")
-    samples: list = []  # (elapsed, {pid: (rss, fds)})
+def _rst_close(writer) -> None:
+    """Close a client socket with RST (SO_LINGER 0), as a crashed or impatient visitor does."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+def _wait_fds(procs, want=None, settle=0.5, deadline=15.0):
+    """Fd counts of ``procs`` once traffic has ended: with ``want``, poll until every process is
+    back to it (or the deadline passes); without, until the counts hold still for ``settle`` s."""
+    end = time.monotonic() + deadline
+    last, since = None, time.monotonic()
+    while True:
+        now = {p.pid: _fds(p.pid) for p in procs}
+        if want is not None and all(now[pid] <= want[pid] for pid in want):
+            return now
+        if want is None:
+            if now != last:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= settle:
+                return now
+        if time.monotonic() > end:
+            return now
+        time.sleep(0.05)
+
+
+def test_churn_with_half_close_between_processes():
+    """Server and client as separate uvloop processes; churn through the ingress, a third of the
+    visitors leaving abruptly; both survive, and every abrupt end is carried through the tunnel:
+    afterwards no process (server, client, the service behind it) holds a socket of it."""
+    echo, srv, cli, ingress = _tunnel_processes("churn")
+    procs = (srv, cli, echo)
     try:
 
-        async def traffic(until, sample):
+        async def churn(seconds, abrupt=True):
+            deadline = time.monotonic() + seconds
+            done = 0
+
+            async def one(i):
+                r, w = await asyncio.open_connection("127.0.0.1", ingress)
+                msg = b"%d|" % i * 50
+                w.write(msg)
+                if not abrupt or i % 3:
+                    w.write_eof()
+                    data = await r.read()
+                    assert data == msg
+                    w.close()
+                elif i % 6 == 0:  # gone at once, maybe before the tunnel stream is even open: RST
+                    await asyncio.sleep(0)
+                    _rst_close(w)
+                else:  # mid-stream: the echo has started coming back, then RST
+                    got = await asyncio.wait_for(r.read(10), 10)
+                    assert got and msg.startswith(got)
+                    _rst_close(w)
+
+            while time.monotonic() < deadline:
+                async with asyncio.timeout(30):  # pytest-timeout's signal cannot interrupt uvloop.run
+                    await asyncio.gather(*(one(done + k) for k in range(25)))
+                done += 25
+            return done
+
+        import uvloop
+        uvloop.run(churn(0.3, abrupt=False))  # every process has served a stream once
+        idle = _wait_fds(procs)
+        assert uvloop.run(churn(4)) > 100
+        after = _wait_fds(procs, want=idle)
+        assert all(after[pid] <= idle[pid] for pid in idle), f"sockets left behind: idle {idle}, after {after}"
+        assert srv.poll() is None and cli.poll() is None  # neither process aborted
+        assert uvloop.run(churn(0.1, abrupt=False)) >= 25  # and the tunnel still serves
+    finally:
+        for p in (cli, srv, echo):
+            p.kill()
+
+
+SOAK_SECONDS = float(os.environ.get("FERROTUNNEL_SOAK_SECONDS", "20"))
+
+
+@pytest.mark.timeout(SOAK_SECONDS + 90)
+def test_soak_flat_memory_and_fds():
+    """Steady traffic for FERROTUNNEL_SOAK_SECONDS through a server and a client, each its own
+    process. Fds and RSS are read from /proc with no traffic: idle before the soak (after a
+    warm-up with the same mix, so buffer pools and allocator arenas have their working size)
+    against idle after it, once the last connections have been carried to their end. A leak
+    shows there; a count taken while connections are still closing shows only how many were in
+    flight at that instant (which is what an in-flight maximum compared)."""
+    seconds = SOAK_SECONDS
+    echo, srv, cli, ingress = _tunnel_processes("soak")
+    procs = (srv, cli)
+    try:
+
+        async def traffic(until):
             async def one(i):
                 r, w = await asyncio.open_connection("127.0.0.1", ingress)
                 payload = random.randbytes(random.choice([10, 1000, 100_000]))
@@ -356,27 +410,30 @@ def test_soak_flat_memory_and_fds():
                 w.close()
                 await w.wait_closed()
 
-            i, start, last = 0, time.monotonic(), 0.0
+            i = 0
             while time.monotonic() < until:
-                await asyncio.gather(*(one(i + k) for k in range(10)))
+                # a hang guard of our own: pytest-timeout's signal cannot interrupt uvloop.run
+                async with asyncio.timeout(30):
+                    await asyncio.gather(*(one(i + k) for k in range(10)))
                 i += 10
-                now = time.monotonic()
-                if sample and now - last >= 1.0:
-                    last = now
-                    samples.append((now - start, {p.pid: (_rss(p.pid), _fds(p.pid)) for p in (srv, cli)}))
             return i
 
         import uvloop
-        uvloop.run(traffic(time.monotonic() + min(5.0, seconds / 4), False))  # warm up
-        count = uvloop.run(traffic(time.monotonic() + seconds, True))
-        assert count > 100 and len(samples) >= 6
-        third = len(samples) // 3
-        for p in (srv, cli):
-            early = [s[1][p.pid] for s in samples[:third]]
-            late = [s[1][p.pid] for s in samples[-third:]]
-            floor = min(x[0] for x in late)
-            assert floor - max(x[0] for x in early) < 16 * 1024, f"memory keeps growing: {samples}"
-            assert max(x[1] for x in late) <= max(x[1] for x in early) + 4, "file descriptors leak"
+        uvloop.run(traffic(time.monotonic() + min(5.0, seconds / 4)))  # warm-up
+        fds_before = _wait_fds(procs)
+        rss_before = {p.pid: _rss(p.pid) for p in procs}
+        count = uvloop.run(traffic(time.monotonic() + seconds))
+        assert count > 100
+        fds_after = _wait_fds(procs, want=fds_before)
+        rss_after = {p.pid: _rss(p.pid) for p in procs}
+        figures = {name: {"fds": (fds_before[p.pid], fds_after[p.pid]),
+                          "rss_kib": (rss_before[p.pid], rss_after[p.pid])}
+                   for name, p in (("server", srv), ("client", cli))}
+        print(f"soak: {count} connections in {seconds:g} s, idle before/after: {figures}")
+        for p in procs:
+            assert fds_after[p.pid] <= fds_before[p.pid], f"file descriptors leak over {count} connections: {figures}"
+            growth = rss_after[p.pid] - rss_before[p.pid]
+            assert growth < 4 * 1024, f"memory grows: {growth} KiB over {count} connections: {figures}"
         assert srv.poll() is None and cli.poll() is None
     finally:
         for p in (cli, srv, echo):

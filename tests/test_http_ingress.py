@@ -38,10 +38,16 @@ def test_routing_and_local_answers(run):
                 ok = await _request(ing.address, b"GET / HTTP/1.1\r\nHost: WEB:80\r\n\r\n")
                 assert ok.startswith(b"HTTP/1.1 200 OK") and ok.endswith(b"hello")
                 assert (await _request(ing.address, b"GET / HTTP/1.1\r\nHost: other\r\n\r\n")).startswith(b"HTTP/1.1 404")
-                assert (await _request(ing.address, b"GET /health HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 200")
+                # /health without a Host, or for a Host no tunnel serves, is the ingress's own answer
+                assert (await _request(ing.address, b"GET /health HTTP/1.1\r\n\r\n")).endswith(b"\r\n\r\nok\n")
+                assert (await _request(ing.address, b"GET /health HTTP/1.1\r\nHost: other\r\n\r\n")).endswith(b"\r\n\r\nok\n")
+                # ...but it no longer shadows a tunnel's paths (it used to answer "ok" for every Host):
+                # an app behind a tunnel has its own /health, and it must be the app that answers it
+                served = await _request(ing.address, b"GET /health HTTP/1.1\r\nHost: web\r\n\r\n")
+                assert served.startswith(b"HTTP/1.1 200 OK") and served.endswith(b"hello")
                 big = b"GET / HTTP/1.1\r\nHost: web\r\nX: " + b"a" * 5000 + b"\r\n\r\n"
                 assert (await _request(ing.address, big)).startswith(b"HTTP/1.1 431")
                 assert (await _request(ing.address, b"GET / HTTP/1.1\r\nHost: web\r\n")).startswith(b"HTTP/1.1 408")
                 assert (await _request(ing.address, b"nonsense\r\n\r\n")).startswith(b"HTTP/1.1 400")
-                assert ing.responses.get("404") == 1 and ing.responses.get("431") == 1
+                assert ing.responses.get("404") == 1 and ing.responses.get("431") == 1 and ing.responses.get("200") == 2
     run(body)

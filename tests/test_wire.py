@@ -119,13 +119,18 @@ def test_server_drops_silent_client(run):
         cfg = ft.ServerConfig(heartbeat_interval=0.1, session_timeout=0.4)
         async with ft.TunnelServer(("127.0.0.1", 0), TOKEN, config=cfg) as server:
             # a Rust-like client that then goes silent
-            r, w, _, _, session = await raw_client(server, hs(tunnel_id="quiet", caps=("basic", "tcp")))
+            r, w, dec, _, session = await raw_client(server, hs(tunnel_id="quiet", caps=("basic", "tcp")))
             assert session is server.sessions.get_by_tunnel_id("quiet")
             s = await session.open_stream()
             with pytest.raises(ft.TunnelTimeoutError):
                 await asyncio.wait_for(s.read(), 3)
             assert server.sessions.get_by_tunnel_id("quiet") is None
-            assert await asyncio.wait_for(r.read(), 3) != None  # noqa: E711 - connection closed by the server
+            # the server closed the connection: EOF, after whole frames only, and nothing but the
+            # OpenStream it sent (a Rust peer gets no Heartbeat and no Error frame on the way out)
+            rest = await asyncio.wait_for(r.read(), 3)
+            assert r.at_eof()
+            assert dec.feed(rest) == [F.OpenStream(stream_id=s.stream_id, protocol=ft.Protocol.TCP)]
+            assert dec.buffered == 0
     run(body)
 
 

@@ -27,7 +27,8 @@ cdef extern from "Python.h":
 
 from . import _model
 from ._model import (
-    MAX_DATA_PAYLOAD, MAX_FRAME_SIZE,
+    MAX_CAPABILITIES_WIRE, MAX_DATA_PAYLOAD, MAX_FRAME_SIZE, MAX_HEADER_BYTES, MAX_HEADERS, MAX_METADATA,
+    MAX_STRING,
     CloseReason, CloseStream, Data, Error, ErrorCode, Handshake, HandshakeAck, HandshakeStatus,
     Heartbeat, HeartbeatAck, OpenStream, PluginData, Protocol, Register, RegisterAck,
     RegisterStatus, StreamAck, StreamPriority, StreamStatus,
@@ -45,6 +46,12 @@ cdef uint64_t _U32_MAX = 0xFFFFFFFF
 cdef object _U64_MAX = 0xFFFFFFFFFFFFFFFF
 cdef Py_ssize_t _MAX_FRAME = MAX_FRAME_SIZE
 cdef Py_ssize_t _MAX_PAYLOAD = MAX_DATA_PAYLOAD
+# decode caps of control frames (_model.py says why and how much)
+cdef Py_ssize_t _MAX_STRING = MAX_STRING
+cdef Py_ssize_t _MAX_HEADERS = MAX_HEADERS
+cdef Py_ssize_t _MAX_HEADER_BYTES = MAX_HEADER_BYTES
+cdef Py_ssize_t _MAX_METADATA = MAX_METADATA
+cdef Py_ssize_t _MAX_CAPS = MAX_CAPABILITIES_WIRE
 # DATA_HEADER_SIZE is a C constant (_frames.pxd): it must not drift from the model the twin uses
 if DATA_HEADER_SIZE != _model.DATA_HEADER_SIZE:
     raise ImportError(f"_frames.pxd DATA_HEADER_SIZE {DATA_HEADER_SIZE} != _model's {_model.DATA_HEADER_SIZE}")
@@ -357,8 +364,16 @@ cdef class _Reader:
             raise FrameError(f"{what} length {n} exceeds the {self.end - self.pos} bytes left in the frame")
         return n
 
-    cdef str string(self, str what):
-        cdef Py_ssize_t n = self.length(what)
+    cdef Py_ssize_t str_len(self, str what) except -1:
+        # the cap before the bytes left: a String never costs more than MAX_STRING
+        n = self.varint(True, what + " length")
+        if n > _MAX_STRING:
+            raise FrameError(f"{what} length {n} exceeds MAX_STRING ({_MAX_STRING})")
+        if n > self.end - self.pos:
+            raise FrameError(f"{what} length {n} exceeds the {self.end - self.pos} bytes left in the frame")
+        return n
+
+    cdef str text(self, Py_ssize_t n, str what):
         cdef Py_ssize_t start = self.pos
         self.pos += n
         try:
@@ -366,13 +381,20 @@ cdef class _Reader:
         except UnicodeDecodeError:
             raise FrameError(f"{what} is not valid UTF-8") from None
 
+    cdef str string(self, str what):
+        return self.text(self.str_len(what), what)
+
     cdef bytes raw(self, str what):
         cdef Py_ssize_t n = self.length(what)
         self.pos += n
         return PyBytes_FromStringAndSize(<const char*>self.p + self.pos - n, n)
 
-    cdef Py_ssize_t count(self, str what) except -1:
+    cdef Py_ssize_t count(self, str what, Py_ssize_t cap, str cap_name) except -1:
+        # the named cap first; then, as every element takes at least one byte, a count above the
+        # bytes left is a lie
         n = self.varint(True, what + " count")
+        if n > cap:
+            raise FrameError(f"{what} count {n} exceeds {cap_name} ({cap})")
         if n > self.end - self.pos:
             raise FrameError(f"{what} count {n} exceeds the {self.end - self.pos} bytes left in the frame")
         return n
@@ -391,8 +413,25 @@ cdef class _Reader:
         return members[idx]
 
     cdef list str_list(self, str what):
-        cdef Py_ssize_t n = self.count(what)
+        cdef Py_ssize_t n = self.count(what, _MAX_CAPS, "MAX_CAPABILITIES_WIRE")
         return [self.string(what) for _ in range(n)]
+
+    cdef list headers(self):
+        cdef Py_ssize_t n = self.count("headers", _MAX_HEADERS, "MAX_HEADERS")
+        cdef Py_ssize_t i, kn, vn, total = 0
+        cdef list out = []
+        for i in range(n):
+            kn = self.str_len("header name")
+            total += kn
+            if total > _MAX_HEADER_BYTES:
+                raise FrameError(f"header bytes {total} exceed MAX_HEADER_BYTES ({_MAX_HEADER_BYTES})")
+            k = self.text(kn, "header name")
+            vn = self.str_len("header value")
+            total += vn
+            if total > _MAX_HEADER_BYTES:
+                raise FrameError(f"header bytes {total} exceed MAX_HEADER_BYTES ({_MAX_HEADER_BYTES})")
+            out.append((k, self.text(vn, "header value")))
+        return out
 
 
 def decode_control(body):
@@ -411,7 +450,7 @@ def decode_control(body):
     if idx == 4:
         sid = r.varint(False, "stream_id")
         proto = r.enum_("Protocol")
-        headers = [(r.string("header name"), r.string("header value")) for _ in range(r.count("headers"))]
+        headers = r.headers()
         hint = r.varint(True, "body_hint") if r.tag("Option tag") else None
         return OpenStream(sid, proto, headers, hint, r.enum_("StreamPriority"))
     if idx == 6:
@@ -438,7 +477,7 @@ def decode_control(body):
         name = r.string("service_name")
         proto = r.enum_("Protocol")
         meta = {}
-        for _ in range(r.count("metadata")):
+        for _ in range(r.count("metadata", _MAX_METADATA, "MAX_METADATA")):
             k = r.string("metadata key")
             meta[k] = r.string("metadata value")
         return Register(name, proto, meta)
@@ -466,7 +505,9 @@ cdef inline int _ba_append(bytearray ba, const void* src, Py_ssize_t n) except -
     return 0
 
 
-cdef int _check_header(uint32_t length, int ftype, Py_ssize_t max_frame_size) except -1:
+cdef int _check_header(uint32_t length, int ftype, Py_ssize_t max_frame_size,
+                       Py_ssize_t max_control=_MAX_FRAME) except -1:
+    # max_control: the control frame limit, at most max_frame_size (see FrameDecoder)
     if length == 0:
         raise FrameError("frame length must be at least 1")
     if length > max_frame_size:
@@ -475,6 +516,8 @@ cdef int _check_header(uint32_t length, int ftype, Py_ssize_t max_frame_size) ex
         raise FrameError(f"unknown frame type 0x{ftype:02x} (expected 0x00 control or 0x01 data)")
     if ftype == 1 and length < DATA_BODY_PREFIX:
         raise FrameError(f"data frame too short: length {length}, need at least {DATA_BODY_PREFIX}")
+    if ftype == 0 and length > max_control:
+        raise FrameError(f"control frame too large: {length} bytes exceeds max_control_frame ({max_control})")
     return 0
 
 
@@ -541,16 +584,27 @@ cdef class FrameDecoder:
     The decoder itself keeps no view of your buffer after ``feed`` returns: a partial frame's
     bytes are copied into storage the decoder owns, and a frame completed from that storage views
     a buffer that nothing else writes, so returned frames stay valid forever.
+
+    Limits, both checked from the 5-byte header before any of the frame's body is buffered:
+    ``max_frame_size`` bounds every frame's length prefix; ``max_control_frame`` (None: no limit
+    beyond ``max_frame_size``) bounds control frames (type 0x00) only.
     """
 
     cdef bytearray _buf
     cdef Py_ssize_t _want
+    cdef Py_ssize_t _maxc  # the control limit the header check applies, at most max_frame_size
     cdef readonly Py_ssize_t max_frame_size
+    cdef readonly object max_control_frame
 
-    def __init__(self, Py_ssize_t max_frame_size=MAX_FRAME_SIZE):
+    def __init__(self, Py_ssize_t max_frame_size=MAX_FRAME_SIZE, max_control_frame=None):
         if not DATA_BODY_PREFIX <= max_frame_size <= _MAX_FRAME:
             raise ValueError(f"max_frame_size must be in {DATA_BODY_PREFIX}..{_MAX_FRAME}, got {max_frame_size}")
+        if max_control_frame is not None and max_control_frame < 1:
+            raise ValueError(f"max_control_frame must be at least 1 (or None), got {max_control_frame}")
         self.max_frame_size = max_frame_size
+        self.max_control_frame = max_control_frame
+        # over max_frame_size, that one speaks first
+        self._maxc = max_frame_size if max_control_frame is None else min(max_control_frame, max_frame_size)
         self._buf = bytearray()
         self._want = 0
 
@@ -589,7 +643,7 @@ cdef class FrameDecoder:
                     if blen + take < 5:
                         return
                     hp = <const unsigned char*>PyByteArray_AS_STRING(buf)
-                    _check_header(_get_be32(hp), hp[4], self.max_frame_size)
+                    _check_header(_get_be32(hp), hp[4], self.max_frame_size, self._maxc)
                     self._want = <Py_ssize_t>_get_be32(hp) + 4
                 need = self._want - PyByteArray_GET_SIZE(buf)
                 if n - pos < need:
@@ -616,12 +670,14 @@ cdef class FrameDecoder:
         cdef int ftype, flags
         cdef Py_ssize_t end
         cdef Py_ssize_t maxf = self.max_frame_size
+        cdef Py_ssize_t maxc = self._maxc
         mv = None
         while n - pos >= 5:
             length = _get_be32(p + pos)
             ftype = p[pos + 4]
-            if length == 0 or length > maxf or ftype > 1 or (ftype == 1 and length < DATA_BODY_PREFIX):
-                _check_header(length, ftype, maxf)
+            if (length == 0 or length > maxf or ftype > 1 or (ftype == 1 and length < DATA_BODY_PREFIX)
+                    or (ftype == 0 and length > maxc)):
+                _check_header(length, ftype, maxf, maxc)
             end = pos + 4 + length
             if end > n:
                 break

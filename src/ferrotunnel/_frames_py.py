@@ -13,8 +13,13 @@ from typing import Any, Callable, List, Optional, Tuple
 from ._model import (
     DATA_HEADER_SIZE,
     FLAG_END_OF_STREAM,
+    MAX_CAPABILITIES_WIRE,
     MAX_DATA_PAYLOAD,
     MAX_FRAME_SIZE,
+    MAX_HEADER_BYTES,
+    MAX_HEADERS,
+    MAX_METADATA,
+    MAX_STRING,
     CloseReason,
     CloseStream,
     Data,
@@ -326,8 +331,16 @@ class _Reader:
             raise FrameError(f"{what} length {n} exceeds the {self.end - self.pos} bytes left in the frame")
         return n
 
-    def string(self, what: str) -> str:
-        n = self.length(what)
+    def str_len(self, what: str) -> int:
+        # the cap before the bytes left: a String never costs more than MAX_STRING
+        n = self.varint(True, what + " length")
+        if n > MAX_STRING:
+            raise FrameError(f"{what} length {n} exceeds MAX_STRING ({MAX_STRING})")
+        if n > self.end - self.pos:
+            raise FrameError(f"{what} length {n} exceeds the {self.end - self.pos} bytes left in the frame")
+        return n
+
+    def text(self, n: int, what: str) -> str:
         raw = self.b[self.pos : self.pos + n]
         self.pos += n
         try:
@@ -335,15 +348,21 @@ class _Reader:
         except UnicodeDecodeError:
             raise FrameError(f"{what} is not valid UTF-8") from None
 
+    def string(self, what: str) -> str:
+        return self.text(self.str_len(what), what)
+
     def raw(self, what: str) -> bytes:
         n = self.length(what)
         raw = self.b[self.pos : self.pos + n]
         self.pos += n
         return raw
 
-    def count(self, what: str) -> int:
-        # every element takes at least one byte, so a count above the bytes left is a lie
+    def count(self, what: str, cap: int, cap_name: str) -> int:
+        # the named cap first; then, as every element takes at least one byte, a count above the
+        # bytes left is a lie
         n = self.varint(True, what + " count")
+        if n > cap:
+            raise FrameError(f"{what} count {n} exceeds {cap_name} ({cap})")
         if n > self.end - self.pos:
             raise FrameError(f"{what} count {n} exceeds the {self.end - self.pos} bytes left in the frame")
         return n
@@ -363,7 +382,24 @@ class _Reader:
             raise FrameError(f"invalid {enum_name} variant index {idx} (expected 0..{len(cls) - 1})") from None
 
     def str_list(self, what: str) -> List[str]:
-        return [self.string(what) for _ in range(self.count(what))]
+        return [self.string(what) for _ in range(self.count(what, MAX_CAPABILITIES_WIRE, "MAX_CAPABILITIES_WIRE"))]
+
+    def headers(self) -> List[Tuple[str, str]]:
+        n = self.count("headers", MAX_HEADERS, "MAX_HEADERS")
+        out = []
+        total = 0
+        for _ in range(n):
+            kn = self.str_len("header name")
+            total += kn
+            if total > MAX_HEADER_BYTES:
+                raise FrameError(f"header bytes {total} exceed MAX_HEADER_BYTES ({MAX_HEADER_BYTES})")
+            k = self.text(kn, "header name")
+            vn = self.str_len("header value")
+            total += vn
+            if total > MAX_HEADER_BYTES:
+                raise FrameError(f"header bytes {total} exceed MAX_HEADER_BYTES ({MAX_HEADER_BYTES})")
+            out.append((k, self.text(vn, "header value")))
+        return out
 
 
 def decode_control(body: Any) -> Frame:
@@ -382,7 +418,7 @@ def decode_control(body: Any) -> Frame:
     if idx == 4:
         sid = r.varint(False, "stream_id")
         proto = r.enum("Protocol")
-        headers = [(r.string("header name"), r.string("header value")) for _ in range(r.count("headers"))]
+        headers = r.headers()
         hint = r.varint(True, "body_hint") if r.tag("Option tag") else None
         return OpenStream(sid, proto, headers, hint, r.enum("StreamPriority"))
     if idx == 6:
@@ -409,7 +445,7 @@ def decode_control(body: Any) -> Frame:
         name = r.string("service_name")
         proto = r.enum("Protocol")
         meta = {}
-        for _ in range(r.count("metadata")):
+        for _ in range(r.count("metadata", MAX_METADATA, "MAX_METADATA")):
             k = r.string("metadata key")
             meta[k] = r.string("metadata value")
         return Register(name, proto, meta)
@@ -429,7 +465,8 @@ def decode_control(body: Any) -> Frame:
     raise FrameError(f"unknown frame variant index {idx} (expected 0..{_NUM_VARIANTS - 1})")
 
 
-def _check_header(length: int, ftype: int, max_frame_size: int) -> None:
+def _check_header(length: int, ftype: int, max_frame_size: int, max_control: int = MAX_FRAME_SIZE) -> None:
+    """``max_control``: the control frame limit, at most ``max_frame_size`` (see FrameDecoder)."""
     if length == 0:
         raise FrameError("frame length must be at least 1")
     if length > max_frame_size:
@@ -438,6 +475,8 @@ def _check_header(length: int, ftype: int, max_frame_size: int) -> None:
         raise FrameError(f"unknown frame type 0x{ftype:02x} (expected 0x00 control or 0x01 data)")
     if ftype == 1 and length < DATA_BODY_PREFIX:
         raise FrameError(f"data frame too short: length {length}, need at least {DATA_BODY_PREFIX}")
+    if ftype == 0 and length > max_control:
+        raise FrameError(f"control frame too large: {length} bytes exceeds max_control_frame ({max_control})")
 
 
 def _as_bytes_view(data: Any) -> memoryview:
@@ -498,12 +537,21 @@ class FrameDecoder:
     The decoder itself keeps no view of your buffer after ``feed`` returns: a partial frame's
     bytes are copied into storage the decoder owns, and a frame completed from that storage views
     a buffer that nothing else writes, so returned frames stay valid forever.
+
+    Limits, both checked from the 5-byte header before any of the frame's body is buffered:
+    ``max_frame_size`` bounds every frame's length prefix; ``max_control_frame`` (None: no limit
+    beyond ``max_frame_size``) bounds control frames (type 0x00) only.
     """
 
-    def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
+    def __init__(self, max_frame_size: int = MAX_FRAME_SIZE, max_control_frame: Optional[int] = None) -> None:
         if not DATA_BODY_PREFIX <= max_frame_size <= MAX_FRAME_SIZE:
             raise ValueError(f"max_frame_size must be in {DATA_BODY_PREFIX}..{MAX_FRAME_SIZE}, got {max_frame_size}")
+        if max_control_frame is not None and max_control_frame < 1:
+            raise ValueError(f"max_control_frame must be at least 1 (or None), got {max_control_frame}")
         self.max_frame_size = max_frame_size
+        self.max_control_frame = max_control_frame
+        # the control limit the header check applies (over max_frame_size, that one speaks first)
+        self._maxc = max_frame_size if max_control_frame is None else min(max_control_frame, max_frame_size)
         self._buf = bytearray()
         self._want = 0  # total bytes (prefix included) of the pending frame, 0 = unknown yet
 
@@ -540,7 +588,7 @@ class FrameDecoder:
                 if len(buf) < 5:
                     return
                 length, ftype = _HDR.unpack_from(buf, 0)
-                _check_header(length, ftype, self.max_frame_size)
+                _check_header(length, ftype, self.max_frame_size, self._maxc)
                 self._want = length + 4
             need = self._want - len(buf)
             if n - pos < need:
@@ -561,9 +609,10 @@ class FrameDecoder:
     def _frames(self, mv: memoryview, pos: int, n: int, on_data: Any, on_control: Any, out: Any) -> int:
         unpack = _DATA_HDR.unpack_from
         maxf = self.max_frame_size
+        maxc = self._maxc
         while n - pos >= 5:
             length, ftype = _HDR.unpack_from(mv, pos)
-            _check_header(length, ftype, maxf)
+            _check_header(length, ftype, maxf, maxc)
             end = pos + 4 + length
             if end > n:
                 break

@@ -14,6 +14,11 @@ from typing import Optional, Sequence, Tuple, Union
 __all__ = [
     "MAX_FRAME_SIZE",
     "MAX_DATA_PAYLOAD",
+    "MAX_STRING",
+    "MAX_HEADERS",
+    "MAX_HEADER_BYTES",
+    "MAX_METADATA",
+    "MAX_CAPABILITIES_WIRE",
     "DATA_HEADER_SIZE",
     "FRAME_PREFIX_SIZE",
     "FRAME_TYPE_CONTROL",
@@ -61,6 +66,22 @@ VARIANT_HANDSHAKE_ACK = 1
 MAX_DATA_PAYLOAD = MAX_FRAME_SIZE - (DATA_HEADER_SIZE - FRAME_PREFIX_SIZE)
 PROTOCOL_VERSION = 1
 FLAG_END_OF_STREAM = 0x01
+
+# Decode caps of control frames, enforced by ``decode_control`` before it allocates, so that no
+# control frame costs more than its own size plus a small constant to decode. Real peers stay far
+# below them: a Rust Handshake carries 2 capabilities and a token of at most 256 bytes, the Rust
+# opener sends no headers, and a Rust server answers with 1 capability.
+#: Longest String field (token, tunnel id, names, URLs, messages, each header name or value), in UTF-8 bytes.
+MAX_STRING = 64 * 1024
+#: Most headers in one OpenStream.
+MAX_HEADERS = 256
+#: Most header bytes in one OpenStream: names plus values, in UTF-8 bytes.
+MAX_HEADER_BYTES = 64 * 1024
+#: Most metadata entries in one Register (entries on the wire, duplicates included).
+MAX_METADATA = 256
+#: Most capabilities in one Handshake or HandshakeAck as decoded from the wire (the handshake
+#: then keeps at most ``protocol.extensions.MAX_CAPABILITIES`` of them).
+MAX_CAPABILITIES_WIRE = 256
 
 BytesLike = Union[bytes, bytearray, memoryview]
 

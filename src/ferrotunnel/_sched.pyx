@@ -41,6 +41,8 @@ cdef class PriorityScheduler:
     cdef dict _streams
     cdef Py_ssize_t _frames, _bytes
     cdef public long long drained_frames, drained_bytes
+    # wire bytes of connection-level frames queued (what a peer that does not read makes us hold)
+    cdef readonly Py_ssize_t control_bytes
 
     def __cinit__(self):
         self._control = deque()
@@ -48,6 +50,7 @@ cdef class PriorityScheduler:
         self._streams = {}
         self._frames = 0
         self._bytes = 0
+        self.control_bytes = 0
         self.drained_frames = 0
         self.drained_bytes = 0
 
@@ -70,6 +73,7 @@ cdef class PriorityScheduler:
     def push_control(self, frame_bytes):
         """A connection-level frame, sent ahead of all stream traffic."""
         self._control.append(frame_bytes)
+        self.control_bytes += len(frame_bytes)
         self._frames += 1
         self._bytes += len(frame_bytes)
 
@@ -132,7 +136,9 @@ cdef class PriorityScheduler:
         cdef _StreamQueue q
         cdef int level
         if self._control:
-            return (None, self._control.popleft())
+            frame = self._control.popleft()
+            self.control_bytes -= len(frame)
+            return (None, frame)
         for level in range(1, NUM_LEVELS):
             ring = self._rings[level]
             while ring:

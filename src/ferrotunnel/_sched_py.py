@@ -46,6 +46,9 @@ class PriorityScheduler:
         self._streams: Dict[int, _StreamQueue] = {}
         self._frames = 0
         self._bytes = 0
+        #: Wire bytes of connection-level frames queued (replies, credit): what a peer that does
+        #: not read makes us hold, since stream data is bounded per stream by its writers.
+        self.control_bytes = 0
         #: Frames and wire bytes handed out by ``drain`` so far (for metrics).
         self.drained_frames = 0
         self.drained_bytes = 0
@@ -69,6 +72,7 @@ class PriorityScheduler:
     def push_control(self, frame_bytes: Any) -> None:
         """A connection-level frame, sent ahead of all stream traffic."""
         self._control.append(frame_bytes)
+        self.control_bytes += len(frame_bytes)
         self._frames += 1
         self._bytes += len(frame_bytes)
 
@@ -125,7 +129,9 @@ class PriorityScheduler:
 
     def _next(self) -> Optional[Tuple[Optional[bytes], Any]]:
         if self._control:
-            return None, self._control.popleft()
+            frame = self._control.popleft()
+            self.control_bytes -= len(frame)
+            return None, frame
         for level in range(1, _NUM_LEVELS):
             ring = self._rings[level]
             while ring:

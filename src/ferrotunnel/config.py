@@ -85,13 +85,10 @@ class StreamConfig:
     max_queued_output: int = 8 * MiB
     #: Streams the peer opened that wait for ``Session.accept()``; beyond it new ones are refused.
     max_accept_queue: int = 128
-    #: Peer resets (Error{stream_id}) per second above which the session ends (rapid reset).
+    #: Server: resets of client-opened streams per second above which the session ends (rapid reset).
     max_peer_resets_per_second: float = 200.0
-    #: Bytes held for one stream whose reader does not read (a slow visitor); over it the
-    #: stream's credit is withheld (flow control) or, without flow control, the stream is reset
-    #: once it stays over for ``stalled_stream_timeout``.
-    stream_hold_cap: int = 1 * MiB
-    #: Without flow control: how long a stream may stay over ``stream_hold_cap`` before it is reset.
+    #: Without flow control: how long a stream may hold more than ``stream_recv_buffer`` unread
+    #: (which pauses reading the whole tunnel) before it is reset so the tunnel resumes.
     stalled_stream_timeout: float = 30.0
 
     def __post_init__(self) -> None:
@@ -103,8 +100,7 @@ class StreamConfig:
         if self.initial_window < 1 or self.max_window < self.initial_window:
             raise ValueError("need 1 <= initial_window <= max_window")
         for name in ("read_buffer_size", "max_streams_per_session", "stream_send_buffer", "stream_recv_buffer", "session_recv_budget",
-                     "max_handshake_frame", "max_control_frame", "max_queued_output", "max_accept_queue",
-                     "stream_hold_cap"):
+                     "max_handshake_frame", "max_control_frame", "max_queued_output", "max_accept_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
         for name in ("heartbeat_interval", "session_timeout", "handshake_timeout", "max_peer_resets_per_second",

@@ -2,6 +2,11 @@
 
 The codec is the compiled ``_frames`` module or its pure-Python twin; ``IMPLEMENTATION`` says
 which one is active (``"c"`` or ``"py"``).
+
+Decoder limits: ``FrameDecoder(max_frame_size, max_control_frame)`` refuses an oversized frame from
+its 5-byte header; ``decode_control`` enforces the named caps ``MAX_STRING``, ``MAX_HEADERS``,
+``MAX_HEADER_BYTES``, ``MAX_METADATA`` and ``MAX_CAPABILITIES_WIRE`` (exported here from ``_model``)
+before it allocates.
 """
 
 from __future__ import annotations

@@ -8,13 +8,16 @@ back on the other (``pause_reading`` / credit), with half-close carried through.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-from typing import Any, Optional, Tuple
+import socket
+import struct
+import time
+from typing import Any, Dict, Optional, Tuple
 
 from ..errors import FerroTunnelError, StreamClosedError
 from ..frames import DATA_HEADER_SIZE
 from ..pool import acquire_bytes, release_bytes
-from .connection import adapt_read_size
 from .stream import VirtualStream
 from .transport import tune_socket
 
@@ -24,7 +27,23 @@ BRIDGE_READ_SIZE = 256 * 1024
 #: so the read buffer goes straight back.
 OWN_THRESHOLD = 16 * 1024
 
-__all__ = ["forward", "TcpBridge", "IdleSweeper"]
+__all__ = ["forward", "TcpBridge", "IdleSweeper", "ConnectionGate"]
+
+#: Reads of a forwarded connection start at BRIDGE_READ_SIZE, shrink (down to this) while they
+#: come back mostly empty, and grow again while they come back full: small traffic uses small
+#: buffers, which the pool keeps, and bulk traffic gets few, large reads.
+MIN_READ = 64 * 1024
+
+
+def adapt_read_size(size: int, got: int, maximum: int) -> int:
+    if got >= size // 2 and size < maximum:
+        return min(size * 2, maximum)
+    if got < size // 16 and size > MIN_READ:
+        return max(size // 2, MIN_READ)
+    return size
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends RST
 
 #: Sweeps (every half timeout) a bridge may stay silent before the next one closes it.
 IDLE_TICKS = 2
@@ -42,6 +61,8 @@ class IdleSweeper:
         self._handle: Optional[asyncio.TimerHandle] = None
 
     def add(self, bridge: "TcpBridge") -> None:
+        if bridge.finished:
+            return
         self.bridges.add(bridge)
         bridge.sweeper = self
         if self._handle is None:
@@ -52,7 +73,7 @@ class IdleSweeper:
         for bridge in list(self.bridges):
             if bridge.idle_tick() >= IDLE_TICKS:
                 log.info("closing idle connection (no traffic for %.0fs)", self.timeout)
-                bridge.abort()
+                bridge.abort(reset_peer=False)
         if self.bridges:
             self._handle = asyncio.get_running_loop().call_later(self.timeout / 2, self._sweep)
 
@@ -60,6 +81,51 @@ class IdleSweeper:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+
+
+class ConnectionGate:
+    """Caps connections at once, per source address and in total. Refusals are counted by limit
+    and logged at most once per address and limit every ``log_interval`` seconds."""
+
+    def __init__(self, per_address: int, total: int, what: str, log_interval: float = 10.0) -> None:
+        self.per_address = per_address
+        self.total = total
+        self.what = what
+        self.log_interval = log_interval
+        self.open = 0
+        self._by_host: Dict[str, int] = {}
+        self.refused: Dict[str, int] = collections.Counter()
+        self._logged: Dict[Tuple[str, str], float] = {}
+
+    def enter(self, host: str) -> bool:
+        if self.open >= self.total:
+            return self._refuse(host, "total", f"{self.open} connections open")
+        n = self._by_host.get(host, 0)
+        if n >= self.per_address:
+            return self._refuse(host, "per_address", f"{n} connections open from this address")
+        self._by_host[host] = n + 1
+        self.open += 1
+        return True
+
+    def leave(self, host: str) -> None:
+        self.open -= 1
+        n = self._by_host.get(host, 0) - 1
+        if n > 0:
+            self._by_host[host] = n
+        else:
+            self._by_host.pop(host, None)
+
+    def _refuse(self, host: str, limit: str, why: str) -> bool:
+        self.refused[limit] += 1
+        now = time.monotonic()
+        key = (host, limit)
+        if now - self._logged.get(key, -self.log_interval) >= self.log_interval:
+            if len(self._logged) >= 10_000:
+                self._logged.clear()
+            self._logged[key] = now
+            log.warning("%s: refusing connections from %s: %s (limit %s); said once per %.0fs", self.what,
+                        host, why, limit, self.log_interval)
+        return False
 
 
 class TcpBridge(asyncio.BufferedProtocol):
@@ -71,7 +137,7 @@ class TcpBridge(asyncio.BufferedProtocol):
 
     __slots__ = ("stream", "transport", "_done", "_tcp_eof", "_tunnel_eof", "_finished", "_reading_paused",
                  "sweeper", "_idle_ticks", "bytes_up", "bytes_down", "_outq", "_rbuf", "_read_size",
-                 "_out_paused", "_owed", "_early")
+                 "_out_paused", "_owed", "_early", "gate", "_gate_host")
 
     def __init__(self, stream: Optional[VirtualStream] = None) -> None:
         self.stream = stream
@@ -84,6 +150,8 @@ class TcpBridge(asyncio.BufferedProtocol):
         self._out_paused = False    # the TCP side pushes back: credit for what we wrote waits
         self._owed = 0              # tunnel bytes written while paused, credited on resume
         self._early: Optional[list] = None  # TCP bytes read before a stream was attached
+        self.gate: Optional[ConnectionGate] = None  # set by an ingress: connection caps
+        self._gate_host: Optional[str] = None
         self.sweeper: Optional[IdleSweeper] = None
         self._idle_ticks = 0
         self.bytes_up = 0
@@ -109,9 +177,10 @@ class TcpBridge(asyncio.BufferedProtocol):
         self._idle_ticks += 1
         return self._idle_ticks - 1
 
-    def abort(self) -> None:
-        """End both sides now: the TCP connection is aborted and the stream reset."""
-        self._finish(abort=True)
+    def abort(self, reset_peer: bool = True) -> None:
+        """End both sides now: the stream is reset and the TCP connection aborted, with an RST
+        unless ``reset_peer`` is False (an idle timeout cut nothing)."""
+        self._finish(abort=True, rst=reset_peer)
 
     def close(self) -> None:
         """End both sides gracefully: the TCP side is flushed and closed, the stream closed."""
@@ -146,11 +215,26 @@ class TcpBridge(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        gate = self.gate
+        if gate is not None:
+            peer = transport.get_extra_info("peername")
+            host = peer[0] if isinstance(peer, tuple) else str(peer)
+            if not gate.enter(host):
+                self._finished = True  # subclasses check ``finished`` after this
+                transport.abort()
+                return
+            self._gate_host = host
         sock = transport.get_extra_info("socket")
         if sock is not None:
             tune_socket(sock)
         if self.stream is not None:
             self.attach(self.stream)
+
+    def _leave_gate(self) -> None:
+        host = self._gate_host
+        if host is not None and self.gate is not None:
+            self._gate_host = None
+            self.gate.leave(host)
 
     # -- TCP side
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -236,6 +320,7 @@ class TcpBridge(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._drop_read_buffer()
+        self._leave_gate()
         if not self._finished:
             # the TCP side went away before both halves finished: reset the stream
             self._finish(abort=not (self._tcp_eof and self._tunnel_eof), exc=exc)
@@ -308,7 +393,8 @@ class TcpBridge(asyncio.BufferedProtocol):
         if self._tcp_eof and self._tunnel_eof:
             self._finish(abort=False)
 
-    def _finish(self, abort: bool, exc: Optional[BaseException] = None, from_tunnel: bool = False) -> None:
+    def _finish(self, abort: bool, exc: Optional[BaseException] = None, from_tunnel: bool = False,
+                rst: bool = True) -> None:
         if self._finished:
             return
         self._finished = True
@@ -324,8 +410,17 @@ class TcpBridge(asyncio.BufferedProtocol):
                 stream.abort()
             elif not abort:
                 stream.close()
+            stream.sink = None  # no cycle between a finished bridge and its stream
+            self.stream = None
         if self.transport is not None:
             if abort:
+                # RST, not FIN: the peer must not take a cut connection for a complete one
+                sock = self.transport.get_extra_info("socket") if rst else None
+                if sock is not None:
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                    except OSError:
+                        pass
                 self.transport.abort()
             else:
                 self.transport.close()
@@ -343,14 +438,21 @@ async def forward(stream: VirtualStream, address: Tuple[str, int], connect_timeo
     """
     loop = asyncio.get_running_loop()
     host, port = address
-    bridge = TcpBridge()
+    # The factory reads the bridge from a box that a failure empties: a failed connect leaves an
+    # exception, its traceback and the loop's future in a reference cycle, which would otherwise
+    # keep the bridge (and the stream) until the cyclic GC ran.
+    box = [TcpBridge()]
     try:
         async with asyncio.timeout(connect_timeout):
-            await loop.create_connection(lambda: bridge, host, port)
+            await loop.create_connection(lambda: box[0], host, port)
     except (OSError, TimeoutError) as exc:
+        box.clear()
         log.warning("stream %d: cannot reach local service %s:%s: %s", stream.stream_id, host, port, exc)
         stream.abort()
+        # the loop's future and this exception's traceback form a cycle: keep our frames out of it
+        exc.__traceback__ = exc.__context__ = exc.__cause__ = None
         raise
+    bridge = box.pop()
     log.info("stream %d (%s) forwarded to %s:%s", stream.stream_id, stream.protocol.name, host, port)
     bridge.attach(stream)
     if wait:

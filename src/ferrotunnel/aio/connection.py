@@ -12,13 +12,15 @@ import asyncio
 import enum
 import logging
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, List, Optional
 
 from ..config import StreamConfig
-from ..errors import ConnectionLostError, FerroTunnelError, FrameError, StreamClosedError
+from ..errors import ConnectionLostError, FerroTunnelError, FrameError, LimitExceededError, StreamClosedError
 from ..frames import DATA_HEADER_SIZE, Protocol, StreamPriority, encode_data_header, encode_data_header_into
 from ..pool import acquire_bytes, release_bytes
 from ..protocol.core import SessionCore
+from ..protocol.listener import NULL_LISTENER
 from ..protocol.streams import CoreStream
 from .stream import StreamSink, VirtualStream
 from .tlsbio import ServerTls, TlsHandshakeFailed
@@ -27,27 +29,15 @@ from .transport import tune_socket
 if TYPE_CHECKING:
     from .session import Session
 
-__all__ = ["TunnelConnection", "ConnectionPhase", "StreamHandler", "adapt_read_size", "MIN_READ"]
+__all__ = ["TunnelConnection", "ConnectionPhase", "StreamHandler"]
 
 log = logging.getLogger("ferrotunnel.session")
 
 StreamHandler = Callable[[VirtualStream], Awaitable[None]]
 
-#: Reads start at this size and grow (up to the configured maximum) while they come back full,
-#: and shrink again when they come back mostly empty: small traffic uses small buffers, which
-#: the pool keeps, and bulk traffic gets few, large reads.
-MIN_READ = 64 * 1024
 DRAIN_BUDGET = 256 * 1024
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
-
-
-def adapt_read_size(size: int, got: int, maximum: int) -> int:
-    if got >= size // 2 and size < maximum:
-        return min(size * 2, maximum)
-    if got < size // 16 and size > MIN_READ:
-        return max(size // 2, MIN_READ)
-    return size
 
 
 class ConnectionPhase(enum.Enum):
@@ -66,7 +56,6 @@ class TunnelConnection(asyncio.BufferedProtocol):
 
     is_client = False
     core: SessionCore          # set when the phase becomes OPEN, never unset
-    session: "Session"         # likewise
 
     def __init__(self, loop: asyncio.AbstractEventLoop, config: StreamConfig, tls: bool = False) -> None:
         self.loop = loop
@@ -86,6 +75,7 @@ class TunnelConnection(asyncio.BufferedProtocol):
         self._eof = False
         self._timer: Optional[asyncio.TimerHandle] = None
         self._resume_timer: Optional[asyncio.TimerHandle] = None
+        self._output_over_since: Optional[float] = None  # when queued output went over its cap
         self.stream_handler: Optional[StreamHandler] = None
         self._tasks: "set[asyncio.Task[None]]" = set()
         self._coalesce = DRAIN_BUDGET + 1 if tls else 16 * 1024
@@ -93,10 +83,26 @@ class TunnelConnection(asyncio.BufferedProtocol):
         #: Sinks that got tunnel data during the current read: each is flushed once after it.
         self.dirty_sinks: List[StreamSink] = []
         self.closed_future: asyncio.Future[None] = loop.create_future()
+        # The session, held strongly while the connection is open and weakly after, so a closed
+        # connection and its session are freed without the cyclic GC (the session keeps the
+        # connection: it is what its owner holds).
+        self._session: Optional["Session"] = None
+        self._session_ref: Optional["weakref.ref[Session]"] = None
 
     @property
     def closed(self) -> bool:
         return self.phase is CLOSED
+
+    @property
+    def session(self) -> "Session":
+        """The session this connection carries (after the handshake)."""
+        session = self._session
+        if session is None:
+            ref = self._session_ref
+            session = ref() if ref is not None else None
+            if session is None:
+                raise ConnectionLostError("the session is closed and gone")
+        return session
 
     @property
     def read_paused(self) -> bool:
@@ -113,13 +119,9 @@ class TunnelConnection(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        # Every read takes its buffer from the pool, and the previous one goes back (the loop has
-        # released it by now). A payload view that escaped (to a transport that could not send it
-        # at once) keeps it exported, and the pool refuses it then, so a buffer someone still reads
-        # is never reused. (Measured: a fresh buffer per read beat reading into the same one,
-        # 0.66-0.70x vs 0.49-0.56x of a 1:1 relay, 0.8 vs 1.1 CPU s/GB; see bench/e2e.py.)
-        # A memoryview, not the bytearray: asyncio's SSL transport reads into slices of what we
-        # return, and a bytearray slice would be a copy.
+        # A fresh buffer per read (the last one goes back to the pool, which refuses it while a
+        # payload view still exports it); measured faster than reusing one. A memoryview: the SSL
+        # transport reads into slices of it, and a bytearray slice would be a copy.
         self._rview = None
         if self._rbuf is not None:
             release_bytes(self._rbuf)
@@ -197,18 +199,18 @@ class TunnelConnection(asyncio.BufferedProtocol):
             self.dirty_sinks = []
             for sink in sinks:
                 sink.flush_out()
-        self._after_receive(now)
         if core.has_output and not self._write_paused:
             self._flush()  # acks and credit now, not an event-loop turn later
+        self._after_receive(now)
 
     def _after_receive(self, now: float) -> None:
         if self._read_paused or self.phase is not OPEN:
             return
         core = self.core
-        if core.reading_blocked or core.throttle_until > now:
+        if core.reading_blocked or core.rates.throttle_until > now or self._output_over(now):
             self._pause_reading(now)
-            if core.throttle_until > now and self._resume_timer is None:
-                self._resume_timer = self.loop.call_later(core.throttle_until - now, self._maybe_resume)
+            if core.rates.throttle_until > now and self._resume_timer is None:
+                self._resume_timer = self.loop.call_later(core.rates.throttle_until - now, self._maybe_resume)
 
     def hold_reading(self) -> None:
         """Stop reading the transport until ``release_reading`` (e.g. while a policy decides)."""
@@ -231,14 +233,25 @@ class TunnelConnection(asyncio.BufferedProtocol):
             return
         core = self.core
         now = time.monotonic()
-        if core.reading_blocked:
+        if core.reading_blocked or self._output_over(now):
             return
-        if core.throttle_until > now:
-            self._resume_timer = self.loop.call_later(core.throttle_until - now, self._maybe_resume)
+        if core.rates.throttle_until > now:
+            self._resume_timer = self.loop.call_later(core.rates.throttle_until - now, self._maybe_resume)
             return
         self._read_paused = False
         core.reading_resumed(now)
         self.transport.resume_reading()  # never after EOF: guarded above (uvloop aborts otherwise)
+
+    def _output_over(self, now: float) -> bool:
+        """Whether more than ``max_queued_output`` of replies waits for a peer that does not read:
+        then nothing more is read from it (reading is what makes replies). Stream data is bounded
+        per stream by its writers (``stream_send_buffer``) and does not count."""
+        if self.core.sched.control_bytes <= self.config.max_queued_output:
+            self._output_over_since = None
+            return False
+        if self._output_over_since is None:
+            self._output_over_since = now
+        return True
 
     def consumed(self, st: CoreStream, n: int) -> None:
         if self.phase is CLOSED:
@@ -325,6 +338,8 @@ class TunnelConnection(asyncio.BufferedProtocol):
                 transport.write(bufs[0])
             else:
                 transport.writelines(bufs)
+        if self._output_over_since is not None and self._read_paused:
+            self._maybe_resume()  # replies went out: the peer may be read again
 
     # ------------------------------------------------------------------ session setup and timers
 
@@ -332,7 +347,8 @@ class TunnelConnection(asyncio.BufferedProtocol):
         """The handshake succeeded: from now on bytes go to ``core``, starting with ``leftover``
         (frames the peer pipelined behind its handshake)."""
         self.core = core
-        self.session = session
+        self._session = session
+        self._session_ref = weakref.ref(session)
         self.opened = True
         self.phase = OPEN
         self._schedule_timer(core.tick(time.monotonic()))
@@ -349,8 +365,14 @@ class TunnelConnection(asyncio.BufferedProtocol):
         self._timer = None
         if self.phase is not OPEN:
             return
+        now = time.monotonic()
         try:
-            deadline = self.core.tick(time.monotonic())
+            deadline = self.core.tick(now)
+            since = self._output_over_since
+            if since is not None and self._output_over(now) and now - since > self.config.session_timeout:
+                raise LimitExceededError(
+                    f"the peer has not read for {now - since:.0f}s with more than {self.config.max_queued_output} "
+                    "bytes waiting for it (max_queued_output, session_timeout)")
         except FerroTunnelError as exc:
             log.warning("session %s (%s): %s; closing", self.session.id, self.peer_address, exc)
             self.close(exc)
@@ -372,18 +394,22 @@ class TunnelConnection(asyncio.BufferedProtocol):
         if self.phase is not OPEN:
             raise ConnectionLostError("the session is not connected")
         st = self.core.open_stream(protocol, priority)
-        vs = st.app = VirtualStream(self, st)
+        vs = VirtualStream(self, st)
+        st.app = weakref.ref(vs)  # weak: a finished stream and its core state free each other by refcount
         return vs
 
     # CoreListener
     def on_stream_opened(self, st: CoreStream) -> None:
-        vs = st.app = VirtualStream(self, st)
+        vs = VirtualStream(self, st)
+        st.app = weakref.ref(vs)
         log.debug("stream %d opened by peer (%s, %s)", st.id, st.protocol.name, st.priority.name)
         handler = self.stream_handler
         if handler is not None:
             self.spawn(self._run_handler(handler, vs))
-        else:
-            self.session.enqueue_accepted(vs)
+        elif not self.session.enqueue_accepted(vs):
+            log.warning("refusing stream %d: %d streams wait for accept() (max_accept_queue)", st.id,
+                        self.config.max_accept_queue)
+            vs.abort()
 
     async def _run_handler(self, handler: StreamHandler, vs: VirtualStream) -> None:
         try:
@@ -402,7 +428,11 @@ class TunnelConnection(asyncio.BufferedProtocol):
                 await vs.aclose()
 
     def on_stream_data(self, st: CoreStream, payload: memoryview) -> None:
-        vs: VirtualStream = st.app
+        vs: Optional[VirtualStream] = st.app()
+        if vs is None:  # nobody holds the stream any more: nobody will read it
+            self.core.consumed(st, len(payload))
+            self.core.reset(st, "stream abandoned")
+            return
         sink = vs.sink
         if sink is not None:
             sink.tunnel_data(payload)
@@ -410,15 +440,19 @@ class TunnelConnection(asyncio.BufferedProtocol):
             vs.feed_data(payload)
 
     def on_stream_eof(self, st: CoreStream) -> None:
-        st.app.feed_eof()
+        vs: Optional[VirtualStream] = st.app()
+        if vs is not None:
+            vs.feed_eof()
 
     def on_stream_reset(self, st: CoreStream, exc: Exception) -> None:
-        if st.app is not None:
-            st.app.feed_reset(exc)
+        vs: Optional[VirtualStream] = st.app() if st.app is not None else None
+        if vs is not None:
+            vs.feed_reset(exc)
 
     def on_stream_writable(self, st: CoreStream) -> None:
-        if st.app is not None:
-            st.app.feed_writable()
+        vs: Optional[VirtualStream] = st.app() if st.app is not None else None
+        if vs is not None:
+            vs.feed_writable()
 
     def on_session_error(self, exc: Exception) -> None:
         log.warning("session %s: %s", self.session.id, exc)
@@ -449,15 +483,18 @@ class TunnelConnection(asyncio.BufferedProtocol):
                 h.cancel()
         self._timer = self._resume_timer = None
         if was is OPEN:
-            if not self.core.closed:
-                self.core.connection_lost(exc if isinstance(exc, Exception) else None)
+            core = self.core
+            if not core.closed:
+                core.connection_lost(exc if isinstance(exc, Exception) else None)
             self.session.closed_event.set()
+            core.listener = NULL_LISTENER  # no cycle between a closed core and this connection
         if not self.closed_future.done():
             self.closed_future.set_result(None)
         if was is not CLOSED:
             for task in list(self._tasks):  # stream handlers (and the server's handshake policy)
                 task.cancel()
             self.on_closed()
+        self._session = None  # from now on held by its owner only (see __init__)
 
     def on_closed(self) -> None:
         """Hook for the server and client (runs once)."""

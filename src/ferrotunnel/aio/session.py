@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Deque, Optional, Sequence, Tuple
 
 from ..errors import ConnectionLostError
 from ..frames import Protocol, StreamPriority
@@ -79,7 +80,8 @@ class Session(_StreamOpener):
         self.capabilities: Tuple[str, ...] = tuple(capabilities)
         self.connected_at = time.time()
         self.multiplexer = Multiplexer(conn)
-        self._accept_queue: Optional[asyncio.Queue[VirtualStream]] = None
+        self._accept_queue: Optional[Deque[VirtualStream]] = None
+        self._accept_waiter: Optional[asyncio.Future[None]] = None
         self.closed_event = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -128,28 +130,41 @@ class Session(_StreamOpener):
         return SessionStats(core.frames_in, core.bytes_in, core.sched.drained_frames, core.sched.drained_bytes,
                             len(core.streams), core.rtt)
 
-    def enqueue_accepted(self, stream: VirtualStream) -> None:
-        """A stream the peer opened, for ``accept()`` (when no stream handler is set)."""
-        if self._accept_queue is None:
-            self._accept_queue = asyncio.Queue()
-        self._accept_queue.put_nowait(stream)
+    def enqueue_accepted(self, stream: VirtualStream) -> bool:
+        """A stream the peer opened, for ``accept()`` (when no stream handler is set). False when
+        ``max_accept_queue`` streams already wait (streams reset while waiting do not count)."""
+        queue = self._accept_queue
+        if queue is None:
+            queue = self._accept_queue = collections.deque()
+        limit = self._conn.config.max_accept_queue
+        if len(queue) >= limit:
+            for dead in [s for s in queue if s.exception is not None]:
+                queue.remove(dead)  # reset before anyone accepted it: nothing of it stays
+            if len(queue) >= limit:
+                return False
+        queue.append(stream)
+        waiter = self._accept_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        return True
 
     async def accept(self) -> VirtualStream:
         """Next stream the peer opened (when no stream handler is set)."""
-        if self._accept_queue is None:
-            self._accept_queue = asyncio.Queue()
-        if self._conn.closed and self._accept_queue.empty():
-            raise ConnectionLostError("the session is closed")
-        getter = asyncio.ensure_future(self._accept_queue.get())
-        closed = asyncio.ensure_future(self.closed_event.wait())
-        try:
-            await asyncio.wait({getter, closed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closed.cancel()
-        if getter.done():
-            return getter.result()
-        getter.cancel()
-        raise ConnectionLostError("the session is closed")
+        while True:
+            queue = self._accept_queue
+            while queue:
+                stream = queue.popleft()
+                if stream.exception is None:  # one reset before it was accepted is dropped
+                    return stream
+            if self._conn.closed:
+                raise ConnectionLostError("the session is closed")
+            waiter = self._accept_waiter = self._conn.loop.create_future()
+            closed = asyncio.ensure_future(self.closed_event.wait())
+            try:
+                await asyncio.wait({waiter, closed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                closed.cancel()
+                self._accept_waiter = None
 
     def close(self, exc: Optional[BaseException] = None) -> None:
         """End the session: the connection is closed and every stream ends with an error."""

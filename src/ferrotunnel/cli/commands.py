@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import getpass
 import logging
 import os
@@ -51,19 +52,123 @@ def _file(path: Optional[str], what: str) -> Optional[str]:
     return path
 
 
+# ------------------------------------------------------------------ the token
+
+TOKEN_HELP = ("Where the token comes from, first found wins: --token-file PATH or --token (not both), then "
+              "FERROTUNNEL_TOKEN, then the file named by FERROTUNNEL_TOKEN_FILE, then a prompt without echo "
+              "when standard input is a terminal. A token file holds the token on its first line (surrounding "
+              "whitespace is ignored). --token is visible to every local user in the process list: at start-up "
+              "ferrotunnel moves it into its environment (re-executing itself, same PID) and warns; prefer "
+              "--token-file or FERROTUNNEL_TOKEN.")
+
+#: Set in the environment of the re-executed process: FERROTUNNEL_TOKEN holds what --token said.
+#: Also the guard against re-executing twice.
+_FROM_ARGV = "_FERROTUNNEL_TOKEN_FROM_ARGV"
+_MAX_TOKEN_FILE = 64 * 1024
+
+
+def _read_token_file(path: str, source: str) -> str:
+    """The first line of ``path``, stripped. Errors name the path, never the content."""
+    where = f"{source} {path}"
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_TOKEN_FILE)
+    except OSError as exc:
+        why = {errno.ENOENT: "no such file", errno.EISDIR: "is a directory, not a token file",
+               errno.EACCES: "permission denied; it must be readable by the user running ferrotunnel"}
+        raise UsageError(f"{where}: {why.get(exc.errno or 0, f'cannot read it ({exc.strerror})')}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{where}: not UTF-8 text; put the token on the file's first line") from None
+    token = text.split("\n", 1)[0].strip()
+    if not token:
+        raise UsageError(f"{where}: the first line is empty; put the token on the file's first line")
+    return token
+
+
 def _token(args: argparse.Namespace) -> str:
+    """The token, by the precedence in TOKEN_HELP. Nothing here prints or logs it."""
     from ..auth import TokenFormatError, validate_token_format
 
-    token = args.token or _env("FERROTUNNEL_TOKEN")
-    if not token and sys.stdin.isatty():
-        token = getpass.getpass("Tunnel token: ")  # no echo
-    if not token:
-        raise UsageError("no token: pass --token, set FERROTUNNEL_TOKEN, or run in a terminal to be prompted")
+    if args.token is not None and args.token_file is not None:
+        raise UsageError("give either --token-file or --token, not both")
+    if args.token_file is not None:
+        token, source = _read_token_file(args.token_file, "--token-file"), f"--token-file {args.token_file}"
+    elif args.token is not None:
+        token, source = args.token, "--token"
+    elif _env("FERROTUNNEL_TOKEN"):
+        token, source = os.environ["FERROTUNNEL_TOKEN"], "FERROTUNNEL_TOKEN"
+    elif _env("FERROTUNNEL_TOKEN_FILE"):
+        path = os.environ["FERROTUNNEL_TOKEN_FILE"]
+        token, source = _read_token_file(path, "FERROTUNNEL_TOKEN_FILE"), f"FERROTUNNEL_TOKEN_FILE {path}"
+    elif sys.stdin is not None and sys.stdin.isatty():
+        token, source = getpass.getpass("Tunnel token: "), "the prompt"  # no echo
+    else:
+        raise UsageError("no token: pass --token-file PATH, set FERROTUNNEL_TOKEN or FERROTUNNEL_TOKEN_FILE, or "
+                         "run in a terminal to be prompted")
     try:
         validate_token_format(token)
     except TokenFormatError as exc:
-        raise UsageError(f"invalid token: {exc}") from None
+        raise UsageError(f"invalid token (from {source}): {exc}") from None
     return token
+
+
+def _without_token(argv: Sequence[str]) -> Tuple[List[str], Optional[str]]:
+    """``argv`` without ``--token VALUE`` and ``--token=VALUE`` (every occurrence), and the value
+    argparse took (the last one). ``--token`` is never an abbreviation: ``--token-file`` shares
+    its prefix, so argparse accepts only the full flag for it."""
+    out: List[str] = []
+    token: Optional[str] = None
+    it = iter(argv)
+    for arg in it:
+        if arg == "--":
+            out.append(arg)
+            out.extend(it)
+            break
+        if arg == "--token":
+            token = next(it, None)
+            continue
+        if arg.startswith("--token="):
+            token = arg[len("--token="):]
+            continue
+        out.append(arg)
+    return out, token
+
+
+def _hide_token(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """Take a --token value out of /proc/PID/cmdline: re-execute this process (same PID) without
+    it, the token in FERROTUNNEL_TOKEN. Runs before any socket is opened. Returns only when there
+    is nothing to do (or re-executing is impossible: then it warns that the token stays visible)."""
+    if os.environ.pop(_FROM_ARGV, None) is not None:  # the re-executed process: never again
+        if "FERROTUNNEL_TOKEN" in os.environ:
+            args.token = os.environ["FERROTUNNEL_TOKEN"]  # what --token said: it wins over the rest
+        if "--token" in argv or any(a.startswith("--token=") for a in argv):
+            print(f"ferrotunnel {args.command}: WARNING: --token is still in the process list; use --token-file "
+                  f"or FERROTUNNEL_TOKEN", file=sys.stderr, flush=True)
+        return
+    if getattr(args, "token", None) is None:
+        return
+    if args.token_file is not None:
+        raise UsageError("give either --token-file or --token, not both")
+    rest, token = _without_token(argv)
+    if token is None or os.name != "posix" or not sys.executable:
+        print(f"ferrotunnel {args.command}: WARNING: the token given with --token is visible to local users in "
+              f"the process list; use --token-file or FERROTUNNEL_TOKEN", file=sys.stderr, flush=True)
+        return
+    print(f"ferrotunnel {args.command}: WARNING: the token given with --token was visible to local users in the "
+          f"process list (/proc/{os.getpid()}/cmdline) until now and is removed from it at start-up; use "
+          f"--token-file or FERROTUNNEL_TOKEN to keep it out entirely", file=sys.stderr, flush=True)
+    import subprocess
+
+    try:  # -X, -W, -O ... of this interpreter (the helper multiprocessing uses)
+        flags: List[str] = list(getattr(subprocess, "_args_from_interpreter_flags")())
+    except Exception:  # pragma: no cover - a private helper that went away
+        flags = []
+    env = {**os.environ, "FERROTUNNEL_TOKEN": token, _FROM_ARGV: "1"}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *flags, "-m", "ferrotunnel", *rest], env)
 
 
 def _setup_logging(level: str) -> None:
@@ -116,8 +221,18 @@ def _server_tls(args: argparse.Namespace) -> Any:
     return tls.server_context(cert, key, args.tls_ca, require_client_cert=bool(args.tls_ca))
 
 
+def server_config() -> Any:
+    """The CLI server's configuration: the library defaults, except that client-opened streams
+    are refused at once (the CLI server has no handler for them; the library keeps them on so
+    ``Session.accept()`` works)."""
+    import ferrotunnel as ft
+
+    return ft.ServerConfig(accept_client_streams=False)
+
+
 async def _serve(args: argparse.Namespace) -> int:
     import ferrotunnel as ft
+    from ..client.client import describe_error, format_address
 
     token = _token(args)
     bind = _addr(args.bind, "--bind")
@@ -129,7 +244,7 @@ async def _serve(args: argparse.Namespace) -> int:
     http_bind = _addr(args.http_bind, "--http-bind") if args.http_bind else None
     metrics_bind = _addr(args.metrics_bind, "--metrics-bind") if args.metrics else None
 
-    server = ft.TunnelServer(bind, token, tls=ctx, config=ft.ServerConfig())
+    server = ft.TunnelServer(bind, token, tls=ctx, config=server_config())
     ingresses: List[Any] = [ft.TcpIngress(server, a, tunnel_id=t) for a, t in tcp_binds]
     if http_bind:
         ingresses.append(ft.HttpIngress(server, http_bind))
@@ -144,20 +259,19 @@ async def _serve(args: argparse.Namespace) -> int:
             metrics = MetricsServer(server, metrics_bind, ingresses)
             await metrics.start()
     except OSError as exc:
-        print(f"ferrotunnel: cannot listen: {exc}. Is another process using the port?", file=sys.stderr)
+        print(f"ferrotunnel: cannot listen: {describe_error(exc)}. Is another process using the port?", file=sys.stderr)
         await server.close()
         return 1
     except RuntimeError as exc:
-        print(f"ferrotunnel: {exc}", file=sys.stderr)
+        print(f"ferrotunnel: {describe_error(exc)}", file=sys.stderr)
         await server.close()
         return 1
-    host, port = server.address
-    print(f"ferrotunnel server listening on {host}:{port}{' (TLS)' if ctx else ''}", flush=True)
+    # "listening on ADDR" is part of the output contract: operators' scripts wait for it
+    print(f"ferrotunnel server listening on {format_address(*server.address)}{' (TLS)' if ctx else ''}", flush=True)
     for ing in ingresses:
-        h, p = ing.address
         kind = "HTTP" if isinstance(ing, ft.HttpIngress) else "TCP"
         target = getattr(ing, "tunnel_id", None) or ("by Host header" if kind == "HTTP" else "first tcp client")
-        print(f"{kind} ingress on {h}:{p} -> {target}", flush=True)
+        print(f"{kind} ingress on {format_address(*ing.address)} -> {target}", flush=True)
     if metrics is not None:
         print(f"metrics on http://{metrics.address[0]}:{metrics.address[1]}/metrics", flush=True)
     await _until_signal()
@@ -191,6 +305,7 @@ def _client_tls(args: argparse.Namespace) -> Any:
 
 async def _connect(args: argparse.Namespace) -> int:
     import ferrotunnel as ft
+    from ..client.client import describe_error, format_address
 
     token = _token(args)
     if not args.server:
@@ -202,8 +317,9 @@ async def _connect(args: argparse.Namespace) -> int:
                              server_name=args.tls_server_name, config=ft.ClientConfig(local_addr=local))
 
     def connected(session: Any) -> None:
-        print(f"connected to {args.server}: session {session.id}, tunnel id {client.tunnel_id}; "
-              f"forwarding streams to {local[0]}:{local[1]}", flush=True)
+        # "connected to ADDR: session ID" is part of the output contract
+        print(f"connected to {client.address}: session {session.id}, tunnel id {client.tunnel_id}; "
+              f"forwarding streams to {format_address(*local)}", flush=True)
 
     task = asyncio.ensure_future(client.connect_and_run(on_connected=connected))
     finished = await _until_signal(task)
@@ -214,7 +330,10 @@ async def _connect(args: argparse.Namespace) -> int:
         return 0
     exc = finished.exception()
     if exc is not None:
-        print(f"ferrotunnel: {exc}", file=sys.stderr)
+        hint = ""
+        if isinstance(exc, ft.AuthenticationError):
+            hint = "; the client's token (--token-file, FERROTUNNEL_TOKEN or --token) must equal the server's"
+        print(f"ferrotunnel: {describe_error(exc)}{hint}", file=sys.stderr)
         return 1
     return 0
 
@@ -223,6 +342,7 @@ async def _connect(args: argparse.Namespace) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
+    from ..client.client import describe_error
     from ..tls import generate_certs
 
     names = args.name or ["localhost"]
@@ -232,7 +352,7 @@ def _certs(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:
-        print(f"ferrotunnel: cannot write certificates to {args.out}: {exc}", file=sys.stderr)
+        print(f"ferrotunnel: cannot write certificates to {args.out}: {describe_error(exc)}", file=sys.stderr)
         return 1
     for name, path in sorted(paths.items()):
         print(f"wrote {path}")
@@ -261,14 +381,22 @@ async def _demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ parser
 
 
+def _token_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token-file", default=None, metavar="PATH",
+                   help="read the tunnel token from the first line of PATH (or FERROTUNNEL_TOKEN_FILE)")
+    p.add_argument("--token", default=None,
+                   help="the tunnel token; visible in the process list until start-up moves it out: prefer "
+                        "--token-file or FERROTUNNEL_TOKEN (precedence below)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ferrotunnel", description="Expose a local TCP or HTTP service through a "
                                 "FerroTunnel-compatible reverse tunnel.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    s = sub.add_parser("server", help="run the tunnel server and its public ingresses")
+    s = sub.add_parser("server", help="run the tunnel server and its public ingresses", epilog=TOKEN_HELP)
     s.add_argument("--bind", default=_env("FERROTUNNEL_BIND", DEFAULT_BIND), help="tunnel listener (default %(default)s)")
-    s.add_argument("--token", default=None, help="tunnel token (or FERROTUNNEL_TOKEN, or a prompt)")
+    _token_flags(s)
     s.add_argument("--http-bind", default=_env("FERROTUNNEL_HTTP_BIND"),
                    help="HTTP ingress routed by Host (off unless given)")
     s.add_argument("--tcp-bind", action="append", metavar="ADDR[=TUNNEL_ID]",
@@ -284,9 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grace", type=float, default=10.0, help="seconds open streams get on SIGTERM (default 10)")
     s.add_argument("--log-level", default=_env("FERROTUNNEL_LOG_LEVEL", "info"))
 
-    c = sub.add_parser("client", help="connect to a server and forward its streams to a local service")
+    c = sub.add_parser("client", help="connect to a server and forward its streams to a local service",
+                       epilog=TOKEN_HELP)
     c.add_argument("--server", default=_env("FERROTUNNEL_SERVER"), help="HOST:PORT of the tunnel server")
-    c.add_argument("--token", default=None, help="tunnel token (or FERROTUNNEL_TOKEN, or a prompt)")
+    _token_flags(c)
     c.add_argument("--local-addr", default=_env("FERROTUNNEL_LOCAL_ADDR", "127.0.0.1:8000"))
     c.add_argument("--tunnel-id", default=_env("FERROTUNNEL_TUNNEL_ID"),
                    help="the name to route by (HTTP Host, or =TUNNEL_ID on a TCP ingress)")
@@ -315,12 +444,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line. With ``argv`` None (the real command) a --token is moved out of the
+    process list by re-executing; an explicit ``argv`` (a caller in-process) is never re-executed."""
     parser = build_parser()
+    real = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
     try:
+        if real and args.command in ("server", "client"):
+            _hide_token(args, argv)  # before anything else: no socket is open yet
         if args.command == "version":
             return _version()
         if args.command == "certs":

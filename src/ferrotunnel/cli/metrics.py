@@ -48,6 +48,13 @@ class _Collector:
             if s.rtt is not None:
                 g.add_metric([s.tunnel_id], s.rtt)
         yield g
+        c = CounterMetricFamily("ferrotunnel_refused_connections", "Connections refused by a limit",
+                                labels=["listener", "limit"])
+        for limit, n in sorted(srv.refused_connections.items()):
+            c.add_metric(["tunnel", limit], n)
+        for limit, n in sorted(srv.ingress_gate.refused.items()):
+            c.add_metric(["ingress", limit], n)
+        yield c
         c = CounterMetricFamily("ferrotunnel_ingress_connections", "Public connections accepted", labels=["ingress"])
         for ing in self.ingresses:
             host, port = ing.address

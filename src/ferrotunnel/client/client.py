@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import socket
 import ssl
 import time
 import uuid
+import weakref
 from typing import Any, Awaitable, Callable, Optional, Tuple, Union
 
 from ..aio.bridge import forward
@@ -56,29 +58,121 @@ def parse_address(addr: str) -> Tuple[str, int]:
     return host, int(port)
 
 
+def format_address(host: str, port: int) -> str:
+    """(host, port) as ``HOST:PORT``, an IPv6 host in brackets: what ``parse_address`` reads."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# An exception that came without a message (``ConnectionResetError()`` from a TLS handshake the
+# peer cut short, a bare ``TimeoutError()``) is shown as its type and what it usually means.
+_NO_MESSAGE = {
+    ssl.SSLEOFError: "the TLS connection was closed in the middle of a record or handshake",
+    ConnectionResetError: "the connection was reset",
+    ConnectionAbortedError: "the connection was aborted",
+    BrokenPipeError: "the connection was closed while we were sending",
+    TimeoutError: "no answer in time",
+    EOFError: "the connection was closed",
+}
+
+
+def describe_error(exc: BaseException) -> str:
+    """``str(exc)``, or, when that is empty, the exception's type and what it usually means:
+    never an empty reason."""
+    text = str(exc)
+    if text.strip() not in ("", "()", "None"):  # an SSLError without arguments says "()"
+        return text
+    for cls, meaning in _NO_MESSAGE.items():
+        if isinstance(exc, cls):
+            return f"{type(exc).__name__}: {meaning}, no details given"
+    return f"{type(exc).__name__}, no details given: run with --log-level debug and see the server's log"
+
+
+#: The first bytes of a TLS record: content type 20-23 (ChangeCipherSpec, Alert, Handshake,
+#: ApplicationData), then major version 3. A HandshakeAck starts with a small length prefix
+#: (0x00 0x00 ...), so these two bytes cannot begin one.
+_TLS_RECORD_TYPES = frozenset((0x14, 0x15, 0x16, 0x17))
+
+
+def _looks_like_tls(head: bytes) -> bool:
+    return len(head) >= 2 and head[0] in _TLS_RECORD_TYPES and head[1] == 0x03
+
+
+# OpenSSL reasons, as ``ssl.SSLError.reason``.
+_SSL_PLAINTEXT_ANSWER = frozenset(("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST",
+                                   "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE", "UNKNOWN_PROTOCOL",
+                                   "RECORD_LENGTH_MISMATCH", "BAD_RECORD_TYPE", "WRONG_SSL_VERSION"))
+_SSL_CLOSED = frozenset(("UNEXPECTED_EOF_WHILE_READING", "EOF_OCCURRED_IN_VIOLATION_OF_PROTOCOL"))
+_SSL_CLIENT_CERT_REQUIRED = frozenset(("TLSV13_ALERT_CERTIFICATE_REQUIRED", "PEER_DID_NOT_RETURN_A_CERTIFICATE"))
+_SSL_CLIENT_CERT_REFUSED = frozenset((
+    "TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED", "SSLV3_ALERT_CERTIFICATE_REVOKED", "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+    "TLSV1_ALERT_ACCESS_DENIED", "TLSV1_ALERT_DECRYPT_ERROR", "SSLV3_ALERT_HANDSHAKE_FAILURE"))
+_SSL_OLD_VERSION = frozenset(("TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL", "NO_PROTOCOLS_AVAILABLE",
+                              "TLSV1_ALERT_INAPPROPRIATE_FALLBACK"))
+
+_HINT_NO_TLS = "drop --tls, or start the server with --tls-cert/--tls-key"
+_HINT_ADD_TLS = "add --tls (and --tls-ca if its certificate is self-signed)"
+_HINT_CLIENT_CERT = ("give the client a certificate signed by the CA the server's --tls-ca names: --tls-cert and "
+                     "--tls-key (ferrotunnel certs --client writes client.pem and client.key)")
+
+
+def _ssl_reason(exc: Optional[BaseException]) -> str:
+    return (getattr(exc, "reason", None) or "") if isinstance(exc, ssl.SSLError) else ""
+
+
+def _client_cert_hint(exc: Optional[BaseException]) -> Optional[str]:
+    """What to do when the server refused this client at the TLS layer (mutual TLS), or None."""
+    reason = _ssl_reason(exc)
+    if reason in _SSL_CLIENT_CERT_REQUIRED:
+        return f"the server requires a client certificate ({reason}): {_HINT_CLIENT_CERT}"
+    if reason in _SSL_CLIENT_CERT_REFUSED:
+        return (f"the server refused the TLS connection ({reason}), most likely the client certificate (missing, "
+                f"or not signed by a CA it trusts): {_HINT_CLIENT_CERT}")
+    return None
+
+
 class ClientConnection(TunnelConnection):
     is_client = True
 
     def __init__(self, client: "TunnelClient", handler: Optional[StreamHandler], handshake: ClientHandshake) -> None:
         super().__init__(asyncio.get_running_loop(), client.config, tls=client.transport.is_tls)
-        self.client = client
+        # a proxy: the client holds its connection, and a connection that held its client back would
+        # keep both (and the session) alive after close until the cyclic GC ran
+        self.client: "TunnelClient" = weakref.proxy(client)
         self.stream_handler = handler
         self.handshake = handshake
         self.ack: asyncio.Future[HandshakeResult] = self.loop.create_future()
+        #: connection_made ran: TCP (and TLS, with a context) is up and the Handshake is sent.
+        self.made = False
+        #: Bytes of the server's answer so far, and the first few of them (to recognise a TLS
+        #: record or an HTTP response where a HandshakeAck should be).
+        self.received = 0
+        self._head = b""
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
+        self.made = True
         transport.write(self.handshake.data_to_send())
+
+    def _fail(self, exc: BaseException) -> None:
+        self.ack.set_exception(exc)
+        self.close()
 
     def handshake_data(self, data: memoryview) -> None:
         if self.ack.done():
+            return
+        self.received += len(data)
+        if len(self._head) < 5:
+            self._head += bytes(data[:5 - len(self._head)])
+        client = self.client
+        if not client.transport.is_tls and _looks_like_tls(self._head):
+            self._fail(HandshakeError(f"the server at {client.address} answered with TLS: {_HINT_ADD_TLS}"))
             return
         hs = self.handshake
         try:
             hs.receive_data(data)
         except HandshakeError as exc:
-            self.ack.set_exception(exc)
-            self.close()
+            self._fail(self._explain_reply(exc))
             return
         result = hs.result
         if result is None:
@@ -90,10 +184,56 @@ class ClientConnection(TunnelConnection):
         self.open_session(core, session, hs.leftover)
         self.ack.set_result(result)
 
+    def _explain_reply(self, exc: HandshakeError) -> HandshakeError:
+        """A refusal (with a status) stands as it is; a reply that is no HandshakeAck says what
+        answered instead."""
+        if exc.status is not None:
+            return exc
+        addr = self.client.address
+        if self._head.startswith(b"HTTP"):
+            return HandshakeError(
+                f"the server at {addr} answered in HTTP: {self.client.port} is an HTTP port (an HTTP ingress, "
+                f"--http-bind, or a web server), not a tunnel port: point --server at the port the tunnel server "
+                f"listens on (server --bind)")
+        return HandshakeError(f"{exc} (from {addr}): is {addr} the tunnel port of a ferrotunnel server "
+                              f"(server --bind)?")
+
     def on_closed(self) -> None:
         if not self.ack.done():
-            self.ack.set_exception(ConnectionLostError(
-                f"the server closed the connection before answering the handshake{f': {self.close_exc}' if self.close_exc else ''}"))
+            self.ack.set_exception(self.closed_early())
+
+    def closed_early(self) -> ConnectionLostError:
+        """The connection ended before the HandshakeAck: what most likely happened."""
+        exc = self.close_exc
+        what = "the server closed the connection before answering the handshake"
+        cert = _client_cert_hint(exc)
+        if cert is not None:
+            return ConnectionLostError(f"{what}: {cert}")
+        # our own "the peer closed the tunnel connection" says nothing new here
+        if exc is not None and not isinstance(exc, ConnectionLostError):
+            what += f" ({describe_error(exc)})"
+        if self.received:
+            return ConnectionLostError(
+                f"{what}, after {self.received} bytes of an answer: is {self.client.address} the tunnel port of a "
+                f"ferrotunnel server (server --bind)? Its log may say more")
+        if not self.client.transport.is_tls:
+            return ConnectionLostError(
+                f"{what}: it most likely expects TLS — {_HINT_ADD_TLS}; if it does not use TLS, its log says why "
+                f"it closed the connection")
+        return ConnectionLostError(
+            f"{what}: its log says why — most often a client certificate it requires ({_HINT_CLIENT_CERT}), "
+            f"or a port that is not its tunnel port (server --bind)")
+
+
+def _os_error(exc: OSError, message: str) -> OSError:
+    """``exc``'s class with ``message`` (and its errno), so ``except ConnectionRefusedError`` and
+    the retry policy see the same error."""
+    try:
+        new = type(exc)(message)
+    except TypeError:  # pragma: no cover - an OSError subclass with another signature
+        new = OSError(message)
+    new.errno = exc.errno
+    return new
 
 
 OnConnected = Callable[[Session], Union[None, Awaitable[None]]]
@@ -117,6 +257,8 @@ class TunnelClient:
         self.transport = resolve_transport(tls)
         self.server_name = server_name or self.host
         self.config = config
+        #: ``HOST:PORT`` of the server, as it appears in messages.
+        self.address = format_address(self.host, self.port)
         self._conn: Optional[ClientConnection] = None
 
     def __repr__(self) -> str:  # the token stays out
@@ -142,8 +284,11 @@ class TunnelClient:
         return handle
 
     async def connect(self, handler: Optional[StreamHandler] = None) -> Session:
-        """One connection and handshake. Raises AuthenticationError, HandshakeError, or a
-        retryable error (OSError, ConnectionLostError, RetryableHandshakeError, TimeoutError)."""
+        """One connection and handshake. Raises AuthenticationError, TlsVerificationError,
+        HandshakeError (also for a peer that is demonstrably not a tunnel server of the expected
+        kind: a TLS answer to a plaintext client, a plaintext or HTTP answer), or a retryable error
+        (OSError, ConnectionLostError, RetryableHandshakeError, TimeoutError). Every message names
+        the likely cause and the flag that fixes it."""
         loop = asyncio.get_running_loop()
         handler = handler or self._default_handler()
         conn: Optional[ClientConnection] = None
@@ -160,30 +305,111 @@ class TunnelClient:
                                              server_hostname=self.server_name if ctx else None)
                 assert conn is not None
                 await conn.ack
-        except ssl.SSLCertVerificationError as exc:
-            raise TlsVerificationError(
-                f"the TLS certificate of {self.server_name} ({self.host}:{self.port}) failed verification: "
-                f"{exc.verify_message or exc.reason}; check the CA (--tls-ca) and the server name") from None
-        except TimeoutError:
+        except BaseException as exc:
             if conn is not None:
                 conn.close()
-            raise TunnelTimeoutError(
-                f"no handshake answer from {self.host}:{self.port} within {self.config.handshake_timeout}s") from None
-        except BaseException:
-            if conn is not None:
-                conn.close()
-            raise
+                if conn.ack.done() and not conn.ack.cancelled():
+                    conn.ack.exception()  # retrieved: what we raise says it better
+            better = self._explain(exc, conn)
+            if better is None:
+                raise
+            raise better from exc
         assert conn is not None
         self._conn = conn
-        log.info("connected to %s:%s: session %s, tunnel id %s%s", self.host, self.port, conn.session.id,
+        log.info("connected to %s: session %s, tunnel id %s%s", self.address, conn.session.id,
                  self.tunnel_id, " (flow control)" if conn.core.flow else "")
         return conn.session
+
+    def _explain(self, exc: BaseException, conn: Optional[ClientConnection]) -> Optional[BaseException]:
+        """The failure of one connect() as an error that names the likely cause and the flag that
+        fixes it, of a class that keeps its retry semantics (see ``connect_and_run``); None to
+        raise ``exc`` as it is (it says enough already, or it is not a failure: a cancellation)."""
+        addr, tls = self.address, self.transport.is_tls
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return self._verify_error(exc)
+        if isinstance(exc, TimeoutError) and not isinstance(exc, TunnelTimeoutError):
+            t = self.config.handshake_timeout
+            # (uvloop makes the protocol before the TCP connection is up, asyncio after: for TLS
+            # the two stages cannot be told apart here)
+            if tls and (conn is None or not conn.made):
+                return TunnelTimeoutError(
+                    f"the connection to {addr} and its TLS handshake did not complete within {t}s: either the host "
+                    f"does not answer (it is down, or a firewall drops the packets: check --server), or the server "
+                    f"does not speak TLS ({_HINT_NO_TLS})")
+            if conn is None or not conn.made:
+                return TunnelTimeoutError(
+                    f"cannot connect to {addr} within {t}s: no answer to the connection attempt — the host may be "
+                    f"down or a firewall may drop the packets; check --server")
+            hint = "" if tls else f"; if the server uses TLS, {_HINT_ADD_TLS}"
+            return TunnelTimeoutError(
+                f"no handshake answer from {addr} within {t}s: the server accepted the connection but did not "
+                f"answer — check that {self.port} is its tunnel port (server --bind), not an ingress port{hint}")
+        if isinstance(exc, FerroTunnelError) or not isinstance(exc, Exception):
+            return None  # ours (ClientConnection explained it), or a cancellation
+        in_tls_handshake = tls and (conn is None or not conn.made)
+        if isinstance(exc, ssl.SSLError):
+            reason = _ssl_reason(exc)
+            where = f"TLS handshake with {addr} failed ({reason or describe_error(exc)})"
+            if reason in _SSL_PLAINTEXT_ANSWER:
+                # not retried: the server demonstrably does not speak TLS
+                return HandshakeError(f"{where}: the server does not speak TLS (it answered in plaintext): "
+                                      f"{_HINT_NO_TLS}")
+            if reason in _SSL_CLOSED or isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+                return ConnectionLostError(f"{where}: the server closed the connection during the TLS handshake; "
+                                           f"it most likely does not speak TLS — {_HINT_NO_TLS}")
+            cert = _client_cert_hint(exc)
+            if cert is not None:
+                return ConnectionLostError(f"{where}: {cert}")
+            if reason in _SSL_OLD_VERSION:
+                return ConnectionLostError(f"{where}: the server does not accept TLS 1.3, which ferrotunnel "
+                                           f"requires: upgrade the server's TLS library or configuration")
+            return ConnectionLostError(f"{where}: check that the server uses TLS (server --tls-cert/--tls-key) "
+                                       f"and the client's --tls-ca and --tls-server-name")
+        if isinstance(exc, ConnectionRefusedError):
+            return _os_error(exc, f"cannot connect to {addr}: connection refused — is the server running, and is "
+                                  f"{self.port} its tunnel port (server --bind)?")
+        if isinstance(exc, socket.gaierror):
+            return _os_error(exc, f"cannot resolve {self.host!r} ({describe_error(exc)}): check the host name "
+                                  f"in --server")
+        if isinstance(exc, ConnectionError) and in_tls_handshake:
+            return ConnectionLostError(
+                f"the server at {addr} closed the connection during the TLS handshake ({describe_error(exc)}): "
+                f"it most likely does not speak TLS — {_HINT_NO_TLS}")
+        if isinstance(exc, ConnectionError):
+            return _os_error(exc, f"the connection to {addr} failed: {describe_error(exc)}; the server's log may "
+                                  f"say why")
+        if isinstance(exc, OSError):
+            why = exc.strerror or describe_error(exc)
+            return _os_error(exc, f"cannot connect to {addr}: {why} — check --server and that the host is "
+                                  f"reachable from here")
+        return None
+
+    def _verify_error(self, exc: ssl.SSLCertVerificationError) -> TlsVerificationError:
+        code = exc.verify_code
+        msg = (exc.verify_message or exc.reason or describe_error(exc)).rstrip(".")
+        name = self.server_name
+        if code in (62, 64) or "mismatch" in msg.lower():  # X509_V_ERR_HOSTNAME/IP_ADDRESS_MISMATCH
+            hint = (f"the certificate is not valid for {name!r} — connect with a name on the certificate "
+                    f"(--server NAME:PORT) or set --tls-server-name to one of its names")
+        elif code in (2, 18, 19, 20, 21):  # no trusted issuer / self-signed
+            hint = ("the certificate is not signed by a CA this client trusts — pass the CA that signed it with "
+                    "--tls-ca (ferrotunnel certs writes it as ca.pem)")
+        elif code == 10:
+            hint = "the server's certificate has expired — renew it on the server (e.g. ferrotunnel certs)"
+        elif code == 9:
+            hint = "the server's certificate is not valid yet — check the clocks of both machines"
+        else:
+            hint = "check the CA (--tls-ca) and the server name (--tls-server-name)"
+        return TlsVerificationError(f"the TLS certificate of {name} ({self.address}) failed verification: "
+                                    f"{msg}: {hint}")
 
     async def connect_and_run(self, handler: Optional[StreamHandler] = None,
                               on_connected: Optional[OnConnected] = None) -> None:
         """Serve streams with ``handler`` (default: forward to ``config.local_addr``), reconnecting
         with backoff after passing failures, until cancelled. Raises AuthenticationError for a
-        rejected token and HandshakeError for a version mismatch."""
+        rejected token, TlsVerificationError for a certificate that fails verification and
+        HandshakeError for a version mismatch or a peer that is no tunnel server of the expected
+        kind (see ``connect``)."""
         backoff = Backoff(self.config.backoff)
         try:
             while True:
@@ -217,8 +443,9 @@ class TunnelClient:
         delay = backoff.next_delay()
         if delay is None:
             raise FerroTunnelError(
-                f"giving up after {backoff.attempts} attempts to reach {self.host}:{self.port}: {exc}") from exc
-        log.warning("tunnel to %s:%s: %s; reconnecting in %.1fs", self.host, self.port, exc or "disconnected", delay)
+                f"giving up after {backoff.attempts} attempts to reach {self.address}: {describe_error(exc)}") from exc
+        # "reconnecting in N.Ns" is part of the output contract (operators' scripts read it)
+        log.warning("tunnel to %s: %s; reconnecting in %.1fs", self.address, describe_error(exc), delay)
         await asyncio.sleep(delay)
 
     async def close(self) -> None:

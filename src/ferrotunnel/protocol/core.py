@@ -1,18 +1,14 @@
-"""Sans-IO core of one tunnel session: streams, flow control, heartbeats. No sockets, no event loop.
-
-Bytes from the peer go in through ``receive(data, now)``; what to send comes out of
-``data_to_send()``; time is passed in. Stream events are reported to a listener object (the
-asyncio adapter in production, a recorder in tests). The policies are small classes of their
-own: ``FlowWindows`` (flow.py), ``Keepalive`` (keepalive.py), ``RatePolicy`` (ratelimit.py); the
-negotiated extensions come from the table in extensions.py.
-"""
+"""Sans-IO core of one tunnel session. Bytes from the peer go in through ``receive(data, now)``,
+what to send comes out of ``data_to_send()``, time is passed in, stream events go to a
+``CoreListener``. The policies are classes of their own (``FlowWindows``, ``Keepalive``,
+``RatePolicy``); the negotiated extensions come from the table in extensions.py."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections import deque
-from typing import Any, Dict, List, Optional, Protocol as TypingProtocol, Sequence, Set
+from typing import Any, Dict, List, Optional, Sequence, Set
 
 from ..config import StreamConfig
 from ..errors import (
@@ -40,9 +36,10 @@ from ..frames import (
 )
 from ..scheduler import PriorityScheduler
 from .extensions import EXT_CAPABILITY, Negotiated, negotiate, plugin_handlers
-from .flow import FLOW_PLUGIN_ID, FlowWindows, decode_credit, encode_credit
+from .flow import FLOW_PLUGIN_ID, MAX_WINDOW, FlowWindows, decode_credit, encode_credit
 from .keepalive import Keepalive
-from .ratelimit import RatePolicy
+from .listener import CoreListener
+from .ratelimit import RatePolicy, TokenBucket
 from .streams import CLOSED, HALF_CLOSED_LOCAL, OPEN, CoreStream, StreamEvent
 
 __all__ = ["SessionCore", "CoreListener", "CoreStream"]
@@ -53,16 +50,6 @@ log = logging.getLogger("ferrotunnel.core")
 RESET_MEMORY = 1024
 
 
-class CoreListener(TypingProtocol):
-    def on_stream_opened(self, st: CoreStream) -> None: ...
-    def on_stream_data(self, st: CoreStream, payload: memoryview) -> None: ...
-    def on_stream_eof(self, st: CoreStream) -> None: ...
-    def on_stream_reset(self, st: CoreStream, exc: Exception) -> None: ...
-    def on_stream_writable(self, st: CoreStream) -> None: ...
-    def on_session_error(self, exc: Exception) -> None: ...
-    def on_output(self) -> None: ...
-
-
 class SessionCore:
     """One session's protocol state machine (after the handshake).
 
@@ -70,7 +57,8 @@ class SessionCore:
     extensions are on. Bytes pipelined behind the handshake go to ``receive`` like any others."""
 
     def __init__(self, *, is_client: bool, config: StreamConfig, listener: CoreListener, now: float,
-                 negotiated: Optional[Negotiated] = None, peer_capabilities: Sequence[str] = ()) -> None:
+                 negotiated: Optional[Negotiated] = None, peer_capabilities: Sequence[str] = (),
+                 accept_peer_streams: bool = True) -> None:
         self.is_client = is_client
         self.config = config
         self.listener = listener
@@ -82,13 +70,16 @@ class SessionCore:
         self.windows = FlowWindows(config, self.flow)
         self.streams: Dict[int, CoreStream] = {}
         self.sched = PriorityScheduler()
-        self.decoder = FrameDecoder(config.max_frame_size)
+        self.decoder = FrameDecoder(config.max_frame_size, config.max_control_frame)
         self._next_id = 1 if is_client else 2
         self._peer_parity = 0 if is_client else 1
         # a client heartbeats every server; a server only peers of this package (Rust never acks)
         self.keepalive = Keepalive(config.heartbeat_interval, config.session_timeout,
                                    is_client or self.peer_is_ext, now)
         self.rates = RatePolicy(config.rate_limits, now)
+        self.accept_peer_streams = accept_peer_streams
+        # rapid reset (CVE-2023-44487): a peer that resets streams faster than this ends the session
+        self._peer_resets = TokenBucket(config.max_peer_resets_per_second, 1.0, now)
         # unbound functions (a bound method here would make a reference cycle)
         self._plugins = {pid: getattr(type(self), name) for pid, name in plugin_handlers(self.negotiated).items()}
         self._blocked: Dict[CoreStream, int] = {}
@@ -98,8 +89,8 @@ class SessionCore:
         self._now = now
         self.frames_in = 0
         self.bytes_in = 0  # wire bytes received; what was sent is counted by the scheduler
-
-    # ------------------------------------------------------------------ views
+        self.malformed_credit = 0  # flow-control updates ignored: malformed, or for unknown streams
+        self.unknown_credit = 0
 
     @property
     def rtt(self) -> Optional[float]:
@@ -112,10 +103,6 @@ class SessionCore:
     @property
     def total_unread(self) -> int:
         return self.windows.total_unread
-
-    @property
-    def throttle_until(self) -> float:
-        return self.rates.throttle_until
 
     @property
     def reading_blocked(self) -> bool:
@@ -158,7 +145,7 @@ class SessionCore:
             return
         if n == 0:
             return
-        windows.delivered(st, n)
+        windows.delivered(st, n, self._now)
         self.listener.on_stream_data(st, payload)
 
     def _unknown_stream(self, sid: int) -> None:
@@ -199,6 +186,13 @@ class SessionCore:
             else:
                 st = self.streams.get(frame.stream_id)
                 if st is not None:
+                    # rapid reset: a client that opens and resets streams faster than the limit
+                    if not self.is_client and not st.local and not self._peer_resets.try_take(1, self._now):
+                        self.listener.on_session_error(LimitExceededError(
+                            f"the peer reset more than {self.config.max_peer_resets_per_second:g} streams a "
+                            "second (max_peer_resets_per_second)"))
+                        if st.state is CLOSED:  # the session ended just now
+                            return
                     self.sched.discard(st.id)
                     self._remove(st, StreamEvent.RECV_RESET)
                     self.listener.on_stream_reset(
@@ -210,6 +204,10 @@ class SessionCore:
         sid = frame.stream_id
         if sid in self.streams:
             log.debug("ignoring duplicate OpenStream for live stream %d", sid)
+            return
+        if not self.accept_peer_streams:
+            log.debug("refusing stream %d: streams opened by this peer are not accepted", sid)
+            self._refuse(sid, "this end does not accept streams opened by its peer")
             return
         if sid == 0 or sid % 2 != self._peer_parity:
             log.debug("refusing stream %d: wrong parity for the peer's side", sid)
@@ -230,19 +228,26 @@ class SessionCore:
     def _refuse(self, sid: int, why: str) -> None:
         if self.peer_is_ext:
             self._control(Error(sid, ErrorCode.SERVICE_UNAVAILABLE, why))
-        else:  # all a Rust peer understands: end of stream
-            self.sched.push(sid, StreamPriority.NORMAL, encode(CloseStream(sid, CloseReason.NORMAL)))
-            self.listener.on_output()
+        else:  # all a Rust peer understands: end of stream (a reply: it counts as control output)
+            self._control(CloseStream(sid, CloseReason.NORMAL))
 
     def on_credit(self, data: Any) -> None:
-        """PluginData of the flow-control extension: more send credit for some streams."""
+        """PluginData of the flow-control extension: more send credit for some streams. Credit
+        that would take a stream past 2^31 - 1 resets that stream (as HTTP/2 does); credit for
+        an unknown stream and a malformed update are ignored and counted."""
         pairs = decode_credit(data)
         if pairs is None:
+            self.malformed_credit += 1
             log.debug("ignoring malformed flow-control update of %d bytes", len(data))
             return
         for sid, inc in pairs:
             st = self.streams.get(sid)
-            if st is not None:
+            if st is None:
+                self.unknown_credit += 1
+            elif st.send_credit + inc > MAX_WINDOW:
+                self._reset(st, ErrorCode.PROTOCOL_ERROR, "flow-control window overflow",
+                            StreamResetError(f"stream {sid}: the peer granted credit past 2^31 - 1"))
+            else:
                 st.send_credit += inc
                 if st.pending_bytes or st.write_shut:
                     self._pump(st)
@@ -291,11 +296,9 @@ class SessionCore:
         self._pump(st)
 
     def send_now(self, st: CoreStream, n: int) -> bool:
-        """The small-write fast path. When nothing at all is queued (no frame of any stream waits
-        in the scheduler, and this stream's own queue is empty) and an ``n``-byte payload fits one
-        Data frame and the stream's credit, it is counted as sent and True is returned: the caller
-        then writes that frame to the transport itself, at once, which is exactly what queueing and
-        draining would have produced. Otherwise False, and the caller uses ``send``."""
+        """The small-write fast path: with nothing queued anywhere, an ``n``-byte payload that fits
+        one frame and the stream's credit is counted as sent and True returned; the caller writes
+        that frame at once (exactly what queueing and draining would produce). Else False: ``send``."""
         sched = self.sched
         if sched or st.pending is not None or st.write_shut or st.state is CLOSED or n <= 0 or n > self.config.max_chunk:
             return False
@@ -454,7 +457,20 @@ class SessionCore:
     def tick(self, now: float) -> float:
         """Run timers; returns when to call again. Raises TunnelTimeoutError for a dead peer."""
         self._now = now
+        windows = self.windows
+        if windows.over_limit:  # without flow control: a reader stalled this long costs its stream
+            timeout = self.config.stalled_stream_timeout
+            for sid in windows.stalled(now, timeout):
+                st = self.streams.get(sid)
+                if st is not None:
+                    log.warning("stream %d: %d bytes unread for %.0fs (stalled_stream_timeout); resetting it",
+                                sid, st.unread, timeout)
+                    self._reset(st, ErrorCode.TIMEOUT, "the reader stalled",
+                                StreamResetError(f"stream {sid}: nothing read for {timeout:g}s (stalled_stream_timeout)"))
         send, deadline = self.keepalive.tick(now)
+        if windows.over_limit:
+            soonest = min(windows.over_limit.values()) + self.config.stalled_stream_timeout
+            deadline = min(deadline, max(soonest, now + 0.05))
         if send:
             self._control(Heartbeat(int(time.time() * 1000)))
         return deadline

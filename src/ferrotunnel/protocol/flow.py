@@ -13,7 +13,7 @@ pairs.
 from __future__ import annotations
 
 import struct
-from typing import Any, Iterable, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from ..config import StreamConfig
 from .streams import CoreStream
@@ -38,7 +38,7 @@ def parse_flow_capability(caps: Iterable[str]) -> Optional[int]:
     for cap in caps:
         if cap.startswith(_WINDOW_PREFIX):
             value = cap[len(_WINDOW_PREFIX):]
-            if value.isdigit() and 0 < int(value) <= MAX_WINDOW:
+            if value.isascii() and value.isdigit() and 0 < int(value) <= MAX_WINDOW:
                 return int(value)
     return None
 
@@ -70,12 +70,17 @@ class FlowWindows:
         self.stream_limit = config.stream_recv_buffer
         self.budget = config.session_recv_budget
         self.total_unread = 0
-        self.over_limit: Set[int] = set()       # without flow control: streams over stream_recv_buffer
+        # without flow control: streams over stream_recv_buffer, and since when (monotonic)
+        self.over_limit: Dict[int, float] = {}
         self.deferred: Set[CoreStream] = set()  # credit held back while the session is over budget
 
     @property
     def blocked(self) -> bool:
-        """True while the tunnel should not be read (bounded buffering)."""
+        """True while the tunnel should not be read (bounded buffering). With flow control the
+        peer cannot send past its credit, so the budget binds credit, never reading: one stream
+        whose reader stalls cannot stop the others."""
+        if self.enabled:
+            return False
         return bool(self.over_limit) or self.total_unread > self.budget
 
     def arrived(self, st: CoreStream, n: int) -> bool:
@@ -86,12 +91,12 @@ class FlowWindows:
             st.recv_avail -= n
         return True
 
-    def delivered(self, st: CoreStream, n: int) -> None:
+    def delivered(self, st: CoreStream, n: int, now: float = 0.0) -> None:
         """``n`` bytes went to the application, which has not consumed them yet."""
         st.unread += n
         self.total_unread += n
-        if not self.enabled and st.unread > self.stream_limit:
-            self.over_limit.add(st.id)
+        if not self.enabled and st.unread > self.stream_limit and st.id not in self.over_limit:
+            self.over_limit[st.id] = now
 
     def discarded(self, st: CoreStream, n: int) -> int:
         """``n`` bytes arrived for a stream that discards its input: the peer gets them back."""
@@ -104,11 +109,15 @@ class FlowWindows:
         st.unread -= n
         self.total_unread -= n
         if st.id in self.over_limit and st.unread <= self.stream_limit // 2:
-            self.over_limit.discard(st.id)
+            del self.over_limit[st.id]
         if self.enabled and st.receiving:
             st.owed += n
             return self.grant(st)
         return 0
+
+    def stalled(self, now: float, timeout: float) -> List[int]:
+        """Streams over ``stream_recv_buffer`` for longer than ``timeout`` (without flow control)."""
+        return [sid for sid, since in self.over_limit.items() if now - since > timeout]
 
     def undeferred(self) -> List[CoreStream]:
         """Streams whose held-back credit may go now (the session fell well under its budget)."""
@@ -124,9 +133,23 @@ class FlowWindows:
             return 0
         if not st.receiving:
             return 0
-        if self.total_unread > self.budget and not discarding:
-            self.deferred.add(st)  # the session holds too much unread: credit waits
-            return 0
+        over_budget = self.total_unread > self.budget
+        if over_budget and not discarding:
+            # The session holds too much unread. Credit waits, except that a stream holding less
+            # than its initial window is topped up to it: the streams holding the most pay, and
+            # a reader that keeps up is never starved by readers that stall.
+            floor = self.initial_window - st.unread - st.recv_avail
+            if floor <= 0:
+                self.deferred.add(st)
+                return 0
+            inc = min(st.owed, floor)
+            st.owed -= inc
+            st.recv_avail += inc
+            if st.owed:
+                self.deferred.add(st)
+            return inc
+        if self.deferred:
+            self.deferred.discard(st)
         inc = st.owed
         if st.unread == 0 and st.window < self.max_window and not discarding:
             # the reader keeps up: a bigger window lets one fast stream beat window / RTT
@@ -142,12 +165,12 @@ class FlowWindows:
         if st.unread:
             self.total_unread -= st.unread
             st.unread = 0
-            self.over_limit.discard(st.id)
+            self.over_limit.pop(st.id, None)
 
     def removed(self, st: CoreStream) -> None:
         if st.discarding:
             self.drop_unread(st)
-        self.over_limit.discard(st.id)
+        self.over_limit.pop(st.id, None)
         self.deferred.discard(st)
 
     def clear(self) -> None:

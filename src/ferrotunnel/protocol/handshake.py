@@ -60,6 +60,14 @@ _NIL = uuid.UUID(int=0)
 #: Control variants by wire index, for saying what a wrong first frame was.
 _VARIANTS = ("Handshake", "HandshakeAck", "Register", "RegisterAck", "OpenStream", "StreamAck", "Data",
              "CloseStream", "Heartbeat", "HeartbeatAck", "Error", "PluginData")
+#: First bytes of a TLS record (alert, handshake) where a plaintext frame was expected.
+_TLS_RECORD_TYPES = (0x15, 0x16)
+_TLS_HINT = {
+    VARIANT_HANDSHAKE: "the client speaks TLS but this server is plaintext: start the server with "
+                       "--tls-cert/--tls-key, or connect without --tls",
+    VARIANT_HANDSHAKE_ACK: "the server answered with TLS: connect with --tls (and --tls-ca if its "
+                           "certificate is not in the system trust store)",
+}
 _HEAD = FRAME_PREFIX_SIZE + 2  # length prefix, type byte, first byte of the variant index
 _LEN = struct.Struct(">I")
 
@@ -92,11 +100,15 @@ class _FirstFrame:
         if len(buf) < self.need:
             return None
         self.leftover = bytes(view[take:])
-        return bytes(buf[FRAME_PREFIX_SIZE + 1:])
+        body = bytes(buf[FRAME_PREFIX_SIZE + 1:])
+        self.buf = bytearray()  # done: hold nothing more than the caller needs
+        return body
 
     def _check_head(self) -> None:
         buf = self.buf
         want = _VARIANTS[self.variant]
+        if len(buf) >= 2 and buf[0] in _TLS_RECORD_TYPES and buf[1] == 3:  # a TLS record, not a frame
+            raise FrameError(_TLS_HINT[self.variant])
         if len(buf) >= FRAME_PREFIX_SIZE and not self.need:
             (length,) = _LEN.unpack_from(buf)
             if length < 2:
@@ -162,8 +174,14 @@ class ServerHandshake:
 
     @property
     def buffered(self) -> int:
-        """Bytes of the first frame held so far (bounded by ``max_handshake_frame``)."""
+        """Bytes of the first frame held so far (bounded by ``max_handshake_frame``; 0 once the
+        frame is complete)."""
         return len(self._frame.buf)
+
+    def take_leftover(self) -> bytes:
+        """``leftover``, handed over: the handshake keeps no copy."""
+        out, self._frame.leftover = self._frame.leftover, b""
+        return out
 
     def receive_data(self, data: Any) -> None:
         if self.request is not None:

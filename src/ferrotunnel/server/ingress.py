@@ -33,6 +33,8 @@ class _IngressBridge(TcpBridge):
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
+        if self.finished:  # over a connection cap
+            return
         self.peer = transport.get_extra_info("peername")
         self.ingress.sweeper.add(self)
         if not self.ingress.open_stream(self.ingress.tunnel_id, Protocol.TCP, self._opened):
@@ -44,7 +46,7 @@ class _IngressBridge(TcpBridge):
         if route is None:
             log.info("ingress %s: no session for %s; closing %s", ing.describe_bind(),
                      ing.tunnel_id or "a tcp-capable client", self.peer)
-            self.abort()
+            self.close()  # nothing was cut: a plain close
         elif not isinstance(result, VirtualStream):
             log.warning("ingress %s: cannot open a stream: %s", ing.describe_bind(), result)
             self.abort()
@@ -75,8 +77,13 @@ class Ingress:
         self._lookups: "set[asyncio.Task[None]]" = set()
         self._where = "%s:%s" % address  # the bound address once started
 
-    def protocol_factory(self) -> asyncio.BaseProtocol:  # pragma: no cover - subclasses
+    def protocol_factory(self) -> TcpBridge:  # pragma: no cover - subclasses
         raise NotImplementedError
+
+    def _make_protocol(self) -> TcpBridge:
+        bridge = self.protocol_factory()
+        bridge.gate = self.server.ingress_gate
+        return bridge
 
     def describe(self) -> str:
         return ""
@@ -129,7 +136,7 @@ class Ingress:
 
     async def start(self) -> None:
         host, port = self._bind
-        self._server = await asyncio.get_running_loop().create_server(self.protocol_factory, host, port,
+        self._server = await asyncio.get_running_loop().create_server(self._make_protocol, host, port,
                                                                       backlog=1024, reuse_address=True)
         self._where = "%s:%s" % self.address
         log.info("%s listening on %s%s", self.kind, self._where, self.describe())
@@ -167,7 +174,7 @@ class TcpIngress(Ingress):
         self.idle_timeout = idle_timeout if idle_timeout is not None else server.config.ingress_idle_timeout
         self.sweeper.timeout = self.idle_timeout
 
-    def protocol_factory(self) -> asyncio.BaseProtocol:
+    def protocol_factory(self) -> TcpBridge:
         return _IngressBridge(self)
 
     def describe(self) -> str:

@@ -18,6 +18,7 @@ from ..auth import TokenFormatError, constant_time_eq, validate_token_format
 from ..config import ServerConfig
 from ..errors import ConnectionLostError, FrameError
 from ..frames import PROTOCOL_VERSION, HandshakeStatus
+from ..aio.bridge import ConnectionGate
 from ..aio.connection import StreamHandler, TunnelConnection
 from ..aio.session import Session
 from ..aio.tlsbio import ServerTls
@@ -32,6 +33,25 @@ __all__ = ["TunnelServer", "ServerConnection", "MAX_TUNNEL_ID_LEN"]
 log = logging.getLogger("ferrotunnel.server")
 
 MAX_TUNNEL_ID_LEN = 255
+#: OpenSSL's reasons when a plaintext client talks to a TLS server.
+_PLAINTEXT_REASONS = {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL", "WRONG_SSL_VERSION",
+                      "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"}
+#: A refusal of connections from one address for one reason is logged at most this often.
+REFUSAL_LOG_INTERVAL = 10.0
+
+
+#: File descriptors the ingresses leave for the tunnel port and the process itself.
+FD_RESERVE = 256
+
+
+def _fd_budget() -> int:
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, ValueError, OSError):
+        return 1 << 30
+    return max(soft - FD_RESERVE, 1) if soft != resource.RLIM_INFINITY else 1 << 30
 
 
 def _host(peer: Any) -> str:
@@ -48,6 +68,7 @@ class ServerConnection(TunnelConnection):
         self.deciding = False
         self._hs_timer: Optional[asyncio.TimerHandle] = None
         self._pending = False
+        self._held = 0  # bytes of the first frame held, counted in server.preauth_bytes
         self.stream_handler = server.stream_handler
 
     def connection_made(self, transport: Any) -> None:
@@ -75,6 +96,8 @@ class ServerConnection(TunnelConnection):
 
     def tls_failed(self, exc: BaseException) -> None:
         why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        if why in _PLAINTEXT_REASONS:
+            why = f"{why} (the client speaks plaintext: it needs --tls)"
         log.info("TLS handshake from %s failed: %s", self.peer_address, why)
         self.server.tls_failures += 1
         self.server.auth_failure(self.peer_address)
@@ -91,7 +114,8 @@ class ServerConnection(TunnelConnection):
     def end_pending(self) -> None:
         if self._pending:
             self._pending = False
-            self.server.pending_handshakes -= 1
+            self.server.handshake_ended(self, self._held)
+            self._held = 0
         if self._hs_timer is not None:
             self._hs_timer.cancel()
             self._hs_timer = None
@@ -100,6 +124,10 @@ class ServerConnection(TunnelConnection):
         hs = self.handshake
         try:
             hs.receive_data(data)
+            if self._pending:
+                held = hs.buffered
+                self.server.preauth_bytes += held - self._held
+                self._held = held
         except FrameError as exc:
             log.info("closing connection from %s: not a handshake: %s", self.peer_address, exc)
             self.server.auth_failure(self.peer_address)
@@ -124,9 +152,10 @@ class ServerConnection(TunnelConnection):
         self.send_raw(hs.accept(session.id))
         self.end_pending()
         assert hs.negotiated is not None
-        core = SessionCore(is_client=False, config=self.server.config, negotiated=hs.negotiated, listener=self,
-                           now=time.monotonic())
-        self.open_session(core, session, hs.leftover)
+        cfg = self.server.config
+        core = SessionCore(is_client=False, config=cfg, negotiated=hs.negotiated, listener=self,
+                           now=time.monotonic(), accept_peer_streams=cfg.accept_client_streams)
+        self.open_session(core, session, hs.take_leftover())
         self.release_reading()
         return core
 
@@ -159,6 +188,16 @@ class TunnelServer:
         self.sessions = SessionStore(self.registry)
         self._server: Optional[asyncio.Server] = None
         self.pending_handshakes = 0
+        self._pending_by_host: Dict[str, int] = {}
+        #: Bytes held by the first frames of pending handshakes, all together.
+        self.preauth_bytes = 0
+        #: Connections refused before their handshake, by the limit that refused them.
+        self.refused_connections: Dict[str, int] = collections.Counter()
+        self._refusal_logged: Dict[Tuple[str, str], float] = {}
+        #: Connection caps shared by all ingresses of this server; the total leaves
+        #: ``FD_RESERVE`` file descriptors free, so tunnel clients can still connect.
+        self.ingress_gate = ConnectionGate(config.ingress_max_per_address,
+                                           min(config.ingress_max_connections, _fd_budget()), "ingress")
         self._connections: "set[ServerConnection]" = set()
         self._closing = False
         self._throttle = AuthThrottle(config.auth_failure_threshold, config.auth_failure_window)
@@ -216,16 +255,46 @@ class TunnelServer:
     # ------------------------------------------------------------------ connections and handshakes
 
     def admit(self, conn: ServerConnection) -> bool:
-        """A new connection: may it start a handshake?"""
+        """A new connection: may it start a handshake? Refusals are counted by reason and logged
+        at most once per address and reason every ``REFUSAL_LOG_INTERVAL`` seconds."""
         if self._closing:
             return False
-        if self.pending_handshakes >= self.config.max_pending_handshakes:
-            log.warning("refusing connection from %s: %d handshakes pending (max_pending_handshakes)",
-                        conn.peer_address, self.pending_handshakes)
-            return False
+        cfg = self.config
+        host = _host(conn.peer_address)
+        if self.pending_handshakes >= cfg.max_pending_handshakes:
+            return self._refuse(host, "max_pending_handshakes", f"{self.pending_handshakes} handshakes pending")
+        if self._pending_by_host.get(host, 0) >= cfg.max_pending_per_address:
+            return self._refuse(host, "max_pending_per_address",
+                                f"{self._pending_by_host[host]} handshakes pending from this address")
+        if self.preauth_bytes >= cfg.max_preauth_bytes:
+            return self._refuse(host, "max_preauth_bytes", f"{self.preauth_bytes} bytes held by pending handshakes")
         self.pending_handshakes += 1
+        self._pending_by_host[host] = self._pending_by_host.get(host, 0) + 1
         self._connections.add(conn)
         return True
+
+    def _refuse(self, host: str, limit: str, why: str) -> bool:
+        self.refused_connections[limit] += 1
+        now = time.monotonic()
+        key = (host, limit)
+        if now - self._refusal_logged.get(key, -REFUSAL_LOG_INTERVAL) >= REFUSAL_LOG_INTERVAL:
+            if len(self._refusal_logged) >= AuthThrottle.MAX_TRACKED:
+                self._refusal_logged.clear()
+            self._refusal_logged[key] = now
+            log.warning("refusing connections from %s: %s (%s); said once per %.0fs", host, why, limit,
+                        REFUSAL_LOG_INTERVAL)
+        return False
+
+    def handshake_ended(self, conn: ServerConnection, held: int) -> None:
+        """A connection left the handshake phase (done, refused or closed), holding ``held`` bytes."""
+        self.pending_handshakes -= 1
+        self.preauth_bytes -= held
+        host = _host(conn.peer_address)
+        n = self._pending_by_host.get(host, 0) - 1
+        if n > 0:
+            self._pending_by_host[host] = n
+        else:
+            self._pending_by_host.pop(host, None)
 
     def auth_failure(self, peer: Any) -> None:
         self._throttle.failure(_host(peer), time.monotonic())
@@ -276,7 +345,13 @@ class TunnelServer:
             log.info("tunnel %s: replacing stale session %s with a new connection from %s",
                      tunnel_id, claim.replaced.id, peer)
             claim.replaced.close(ConnectionLostError("replaced by a new connection for the same tunnel id"))
-        core = conn.accept(session)
+        try:
+            core = conn.accept(session)
+        except Exception:  # a bug must not leave the tunnel id claimed by a connection that is gone
+            log.exception("handshake from %s failed after the tunnel id was claimed", peer)
+            self.registry.session_ended(session)
+            conn.close()
+            return None
         self._session_added.set()
         self._session_added = asyncio.Event()
         log.info("session %s (tunnel %s) from %s established%s", session_id, tunnel_id, peer,
