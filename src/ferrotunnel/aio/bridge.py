@@ -27,7 +27,7 @@ BRIDGE_READ_SIZE = 256 * 1024
 #: so the read buffer goes straight back.
 OWN_THRESHOLD = 16 * 1024
 
-__all__ = ["forward", "TcpBridge", "IdleSweeper", "ConnectionGate"]
+__all__ = ["forward", "TcpBridge", "IdleSweeper", "ConnectionGate", "RefusalLog"]
 
 #: Reads of a forwarded connection start at BRIDGE_READ_SIZE, shrink (down to this) while they
 #: come back mostly empty, and grow again while they come back full: small traffic uses small
@@ -83,26 +83,51 @@ class IdleSweeper:
             self._handle = None
 
 
-class ConnectionGate:
-    """Caps connections at once, per source address and in total. Refusals are counted by limit
-    and logged at most once per address and limit every ``log_interval`` seconds."""
+class RefusalLog:
+    """Refusals by a limit: counted (``counts``), and logged at most once per address and limit
+    every ``interval`` seconds, so a flood of refused connections costs one line."""
 
-    def __init__(self, per_address: int, total: int, what: str, log_interval: float = 10.0) -> None:
+    #: (address, limit) pairs remembered; beyond it the memory starts over.
+    MAX_TRACKED = 10_000
+
+    def __init__(self, what: str, interval: float = 10.0) -> None:
+        self.what = what
+        self.interval = interval
+        self.counts: Dict[str, int] = collections.Counter()
+        self._logged: Dict[Tuple[str, str], float] = {}
+
+    def refuse(self, host: str, limit: str, why: str) -> bool:
+        """Count and maybe log one refusal; returns False (the answer to "admit?")."""
+        self.counts[limit] += 1
+        now = time.monotonic()
+        key = (host, limit)
+        if now - self._logged.get(key, -self.interval) >= self.interval:
+            if len(self._logged) >= self.MAX_TRACKED:
+                self._logged.clear()
+            self._logged[key] = now
+            log.warning("%s: refusing connections from %s: %s (%s); said once per %.0fs", self.what, host, why,
+                        limit, self.interval)
+        return False
+
+
+class ConnectionGate:
+    """Caps connections at once, per source address and in total; refusals go to a ``RefusalLog``."""
+
+    def __init__(self, per_address: int, total: int, what: str) -> None:
         self.per_address = per_address
         self.total = total
-        self.what = what
-        self.log_interval = log_interval
         self.open = 0
         self._by_host: Dict[str, int] = {}
-        self.refused: Dict[str, int] = collections.Counter()
-        self._logged: Dict[Tuple[str, str], float] = {}
+        self.refusals = RefusalLog(what)
+        #: Refusals by limit ("per_address", "total").
+        self.refused = self.refusals.counts
 
     def enter(self, host: str) -> bool:
         if self.open >= self.total:
-            return self._refuse(host, "total", f"{self.open} connections open")
+            return self.refusals.refuse(host, "total", f"{self.open} connections open")
         n = self._by_host.get(host, 0)
         if n >= self.per_address:
-            return self._refuse(host, "per_address", f"{n} connections open from this address")
+            return self.refusals.refuse(host, "per_address", f"{n} connections open from this address")
         self._by_host[host] = n + 1
         self.open += 1
         return True
@@ -114,18 +139,6 @@ class ConnectionGate:
             self._by_host[host] = n
         else:
             self._by_host.pop(host, None)
-
-    def _refuse(self, host: str, limit: str, why: str) -> bool:
-        self.refused[limit] += 1
-        now = time.monotonic()
-        key = (host, limit)
-        if now - self._logged.get(key, -self.log_interval) >= self.log_interval:
-            if len(self._logged) >= 10_000:
-                self._logged.clear()
-            self._logged[key] = now
-            log.warning("%s: refusing connections from %s: %s (limit %s); said once per %.0fs", self.what,
-                        host, why, limit, self.log_interval)
-        return False
 
 
 class TcpBridge(asyncio.BufferedProtocol):

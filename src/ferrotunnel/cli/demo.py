@@ -105,6 +105,11 @@ async def run_demo(requests: int = 300, concurrency: int = 8) -> int:
             print(f"demo: a request failed: {exc}", file=sys.stderr)
             failures += 1
         elapsed = time.perf_counter() - t0
+        # the visitors closed their keep-alive connections: let those streams end before the
+        # client goes (a stream cut by the client's exit is reported as cut)
+        deadline = time.monotonic() + 5
+        while len(session.multiplexer) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     app.close()

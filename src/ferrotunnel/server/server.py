@@ -18,7 +18,7 @@ from ..auth import TokenFormatError, constant_time_eq, validate_token_format
 from ..config import ServerConfig
 from ..errors import ConnectionLostError, FrameError
 from ..frames import PROTOCOL_VERSION, HandshakeStatus
-from ..aio.bridge import ConnectionGate
+from ..aio.bridge import ConnectionGate, RefusalLog
 from ..aio.connection import StreamHandler, TunnelConnection
 from ..aio.session import Session
 from ..aio.tlsbio import ServerTls
@@ -192,8 +192,8 @@ class TunnelServer:
         #: Bytes held by the first frames of pending handshakes, all together.
         self.preauth_bytes = 0
         #: Connections refused before their handshake, by the limit that refused them.
-        self.refused_connections: Dict[str, int] = collections.Counter()
-        self._refusal_logged: Dict[Tuple[str, str], float] = {}
+        self._refusals = RefusalLog("tunnel port", REFUSAL_LOG_INTERVAL)
+        self.refused_connections: Dict[str, int] = self._refusals.counts
         #: Connection caps shared by all ingresses of this server; the total leaves
         #: ``FD_RESERVE`` file descriptors free, so tunnel clients can still connect.
         self.ingress_gate = ConnectionGate(config.ingress_max_per_address,
@@ -262,28 +262,16 @@ class TunnelServer:
         cfg = self.config
         host = _host(conn.peer_address)
         if self.pending_handshakes >= cfg.max_pending_handshakes:
-            return self._refuse(host, "max_pending_handshakes", f"{self.pending_handshakes} handshakes pending")
+            return self._refusals.refuse(host, "max_pending_handshakes", f"{self.pending_handshakes} handshakes pending")
         if self._pending_by_host.get(host, 0) >= cfg.max_pending_per_address:
-            return self._refuse(host, "max_pending_per_address",
+            return self._refusals.refuse(host, "max_pending_per_address",
                                 f"{self._pending_by_host[host]} handshakes pending from this address")
         if self.preauth_bytes >= cfg.max_preauth_bytes:
-            return self._refuse(host, "max_preauth_bytes", f"{self.preauth_bytes} bytes held by pending handshakes")
+            return self._refusals.refuse(host, "max_preauth_bytes", f"{self.preauth_bytes} bytes held by pending handshakes")
         self.pending_handshakes += 1
         self._pending_by_host[host] = self._pending_by_host.get(host, 0) + 1
         self._connections.add(conn)
         return True
-
-    def _refuse(self, host: str, limit: str, why: str) -> bool:
-        self.refused_connections[limit] += 1
-        now = time.monotonic()
-        key = (host, limit)
-        if now - self._refusal_logged.get(key, -REFUSAL_LOG_INTERVAL) >= REFUSAL_LOG_INTERVAL:
-            if len(self._refusal_logged) >= AuthThrottle.MAX_TRACKED:
-                self._refusal_logged.clear()
-            self._refusal_logged[key] = now
-            log.warning("refusing connections from %s: %s (%s); said once per %.0fs", host, why, limit,
-                        REFUSAL_LOG_INTERVAL)
-        return False
 
     def handshake_ended(self, conn: ServerConnection, held: int) -> None:
         """A connection left the handshake phase (done, refused or closed), holding ``held`` bytes."""
