@@ -462,9 +462,13 @@ async def forward(stream: VirtualStream, address: Tuple[str, int], connect_timeo
         box.clear()
         log.warning("stream %d: cannot reach local service %s:%s: %s", stream.stream_id, host, port, exc)
         stream.abort()
-        # the loop's future and this exception's traceback form a cycle: keep our frames out of it
-        exc.__traceback__ = exc.__context__ = exc.__cause__ = None
-        raise
+        # the loop may keep the exception it raised in a reference cycle (its futures, its frames):
+        # the caller gets a fresh one, raised outside this block, so our frames stay out of it
+        error: Optional[BaseException] = type(exc)(*exc.args)
+    else:
+        error = None
+    if error is not None:
+        raise error
     bridge = box.pop()
     log.info("stream %d (%s) forwarded to %s:%s", stream.stream_id, stream.protocol.name, host, port)
     bridge.attach(stream)
