@@ -240,8 +240,58 @@ async def mixed_client(port: int) -> None:
     await session.wait_closed()
 
 
+async def emfile() -> None:
+    """Server, TCP ingress, client and echo app in one process on the selector event loop, with
+    RLIMIT_NOFILE 256 and no descriptor reserves; commands on stdin: ``fill`` takes every free
+    descriptor (prints "full N"), ``free`` gives them back, ``stats`` prints the listeners'
+    accept-exhaustion counts as JSON, ``quit`` ends."""
+    import os
+    import resource
+
+    import ferrotunnel as ft
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+    loop = asyncio.get_running_loop()
+    app = await loop.create_server(Echo, "127.0.0.1", 0)
+    app_port = app.sockets[0].getsockname()[1]
+    cfg = ft.ServerConfig(ingress_fd_reserve=0, tunnel_fd_reserve=0, heartbeat_interval=0.5)
+    srv = ft.TunnelServer(("127.0.0.1", 0), TOKEN, config=cfg)
+    async with srv, ft.TcpIngress(srv, ("127.0.0.1", 0), tunnel_id="fd") as ingress:
+        c = ft.TunnelClient("%s:%d" % srv.address, TOKEN, tunnel_id="fd",
+                            config=ft.ClientConfig(local_addr=("127.0.0.1", app_port)))
+        task = loop.create_task(c.connect_and_run())
+        await srv.wait_for_session("fd", timeout=10)
+        print("ready", ingress.address[1], flush=True)
+        held: list = []
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while True:
+            cmd = (await reader.readline()).decode().strip()
+            if cmd == "fill":
+                try:
+                    while True:
+                        held.append(os.open(os.devnull, os.O_RDONLY))
+                except OSError:
+                    pass
+                print("full", len(held), flush=True)
+            elif cmd == "free":
+                for fd in held:
+                    os.close(fd)
+                held.clear()
+                print("freed", flush=True)
+            elif cmd == "stats":
+                print(json.dumps({"ingress": dict(ingress.listener_exhaustion),
+                                  "tunnel": dict(srv.listener_exhaustion)}), flush=True)
+            else:
+                break
+        task.cancel()
+
+
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
+    if role == "emfile":  # the selector event loop: there ferrotunnel accepts for itself
+        asyncio.run(emfile())
+        sys.exit(0)
     fn = {"server": server, "client": client, "echo": echo, "httpapp": httpapp,
           "mixed-server": mixed_server, "mixed-client": mixed_client}[role]
     uvloop.run(fn(*[int(a) if a.isdigit() else a for a in args]))

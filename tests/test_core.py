@@ -171,12 +171,13 @@ def test_heartbeats_rtt_and_dead_peer():
     timeout = server.config.session_timeout
     assert server.last_seen == 10.0
     server.reading_paused(20.0)
-    assert server.tick(20.0 + 2 * timeout) > 20.0 + 2 * timeout  # paused: no timeout, look again later
-    server.reading_resumed(200.0)  # 180 s paused: the peer is taken as last heard at 190
-    assert server.last_seen == 190.0
-    assert server.tick(250.0) <= 190.0 + timeout  # 60 s of its own silence: alive, due by 280
+    pause = timeout - 5  # 85 s paused: 95 s since the peer's last frame, but 85 of them were ours
+    assert server.tick(20.0 + pause) > 20.0 + pause  # paused: no timeout, look again later
+    server.reading_resumed(20.0 + pause)  # the peer is taken as last heard at 10 + 85
+    assert server.last_seen == 10.0 + pause
+    assert server.tick(150.0) <= 10.0 + pause + timeout  # 45 s of its own silence: alive
     with pytest.raises(ft.TunnelTimeoutError):
-        server.tick(190.0 + timeout + 1)  # its own silence past session_timeout: dead after all
+        server.tick(10.0 + pause + timeout + 1)  # its own silence past session_timeout: dead after all
 
 
 def test_parse_flow_capability():

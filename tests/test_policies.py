@@ -456,33 +456,45 @@ def test_time_paused_is_not_silence():
     ka.reading_paused(10.0)
     assert ka.paused
     ka.reading_paused(20.0)  # already paused: the first moment counts
-    ka.tick(1000.0)  # no timeout while we do not read
-    assert ka.silent_for(1000.0) == 0.0
-    ka.reading_resumed(1000.0)
-    assert not ka.paused and ka.last_seen == 990.0  # the 990 s pause moved last_seen on
-    assert ka.silent_for(1000.0) == 10.0
-    assert ka.tick(1020.0) == (False, 1020.0)
+    ka.tick(39.0)  # 39 s since the peer's last frame, 29 of them ours: no timeout
+    assert ka.silent_for(39.0) == 0.0
+    ka.reading_resumed(39.0)
+    assert not ka.paused and ka.last_seen == 29.0  # the 29 s pause moved last_seen on
+    assert ka.silent_for(40.0) == 11.0
+    assert ka.tick(59.0) == (False, 59.0)
     with pytest.raises(ft.TunnelTimeoutError):
-        ka.tick(1020.5)  # 10 s before the pause + 20.5 s after it
+        ka.tick(59.5)  # 10 s before the pause + 20.5 s after it
     ka.reading_resumed(2000.0)  # not paused: nothing changes
-    assert ka.last_seen == 990.0
+    assert ka.last_seen == 29.0
+
+
+def test_a_pause_longer_than_the_timeout_ends_the_session():
+    """Our own pause is not the peer's silence, but a pause that outlasts session_timeout means a
+    reader (or the peer, for our replies) stopped for good: the session ends."""
+    ka = Keepalive(10.0, 30.0, False, now=0.0)
+    ka.reading_paused(100.0)
+    send, deadline = ka.tick(100.0)
+    assert 130.0 <= deadline < 131.0  # due when the pause could have lasted too long, not earlier
+    ka.tick(130.0)  # exactly the timeout: still alive
+    with pytest.raises(ft.TunnelTimeoutError, match="paused for 30.5s"):
+        ka.tick(130.5)
 
 
 @pytest.mark.parametrize("sends", [True, False])
 def test_tick_while_paused_asks_to_be_called_in_the_future(sends):
-    """Regression: a pause longer than the timeout made tick() return a deadline in the past, and
-    the adapter's timer (call_later(deadline - now)) spun on it for the whole pause."""
+    """Regression: a pause made tick() return a deadline in the past, and the adapter's timer
+    (call_later(deadline - now)) spun on it for the whole pause."""
     ka = Keepalive(1.0, 5.0, sends, now=0.0)
     ka.tick(0.0)
     ka.reading_paused(1.0)
-    for now in (2.0, 6.0, 10.0, 10.5, 100.0):
+    for now in (2.0, 5.0, 6.0):
         send, deadline = ka.tick(now)
         assert deadline > now
-    ka.reading_resumed(100.0)  # 1 s of silence before the pause, none since
-    assert ka.silent_for(100.0) == 1.0
-    ka.tick(104.0)
+    ka.reading_resumed(6.0)  # 1 s of silence before the pause, none since
+    assert ka.silent_for(6.0) == 1.0
+    ka.tick(10.0)
     with pytest.raises(ft.TunnelTimeoutError):
-        ka.tick(104.5)
+        ka.tick(10.5)
 
 
 def test_acked_measures_rtt_from_oldest_outstanding():

@@ -361,7 +361,7 @@ def test_without_flow_control_reading_pauses_and_memory_stays_bounded(run):
             await asyncio.sleep(3600)
 
         cc = ft.ClientConfig(flow_control=False, stream_recv_buffer=256 * 1024, heartbeat_interval=0.1,
-                             session_timeout=0.5)
+                             session_timeout=1.5, stalled_stream_timeout=60)
         async with tunnel(never_reads, client_config=cc) as (server, client, session):
             assert not session.flow_control
             s = await session.open_stream()
@@ -374,11 +374,18 @@ def test_without_flow_control_reading_pauses_and_memory_stays_bounded(run):
                     await s.drain()
 
             task = asyncio.create_task(flood())
-            await asyncio.sleep(1.0)  # twice the session timeout: pausing our own reads is not silence
-            core = client.session.connection.core
-            assert client.session.connection.read_paused
+            await asyncio.sleep(1.0)
+            conn = client.session.connection
+            core = conn.core
+            assert conn.read_paused
             assert core.total_unread <= 256 * 1024 + cc.read_buffer_size + 65546
             assert not task.done() and not session.is_closed and not client.session.is_closed
+            # a pause that outlasts session_timeout (the reader never comes back) ends the session
+            for _ in range(100):
+                if core.closed:
+                    break
+                await asyncio.sleep(0.05)
+            assert core.closed and "paused for" in str(core.close_exc)
             task.cancel()
     run(body, timeout=30)
 

@@ -132,6 +132,12 @@ class ServerConfig(StreamConfig):
     #: Ingress connections at once, per source address and in total (per ingress).
     ingress_max_per_address: int = 4096
     ingress_max_connections: int = 65536
+    #: File descriptors a new ingress connection must leave free (below the soft RLIMIT_NOFILE),
+    #: so tunnel clients can still connect while visitors take everything else.
+    ingress_fd_reserve: int = 256
+    #: File descriptors a new tunnel connection must leave free, for the process's own files,
+    #: name lookups and registry connections.
+    tunnel_fd_reserve: int = 32
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -139,6 +145,9 @@ class ServerConfig(StreamConfig):
                      "ingress_max_per_address", "ingress_max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        for name in ("ingress_fd_reserve", "tunnel_fd_reserve"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
 
 
 @dataclass(frozen=True)

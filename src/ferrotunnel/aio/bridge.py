@@ -8,16 +8,15 @@ back on the other (``pause_reading`` / credit), with half-close carried through.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import socket
 import struct
-import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 from ..errors import FerroTunnelError, StreamClosedError
 from ..frames import DATA_HEADER_SIZE
 from ..pool import acquire_bytes, release_bytes
+from .listen import ConnectionGate
 from .stream import VirtualStream
 from .transport import tune_socket
 
@@ -27,7 +26,7 @@ BRIDGE_READ_SIZE = 256 * 1024
 #: so the read buffer goes straight back.
 OWN_THRESHOLD = 16 * 1024
 
-__all__ = ["forward", "TcpBridge", "IdleSweeper", "ConnectionGate", "RefusalLog"]
+__all__ = ["forward", "TcpBridge", "IdleSweeper"]
 
 #: Reads of a forwarded connection start at BRIDGE_READ_SIZE, shrink (down to this) while they
 #: come back mostly empty, and grow again while they come back full: small traffic uses small
@@ -81,64 +80,6 @@ class IdleSweeper:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-
-
-class RefusalLog:
-    """Refusals by a limit: counted (``counts``), and logged at most once per address and limit
-    every ``interval`` seconds, so a flood of refused connections costs one line."""
-
-    #: (address, limit) pairs remembered; beyond it the memory starts over.
-    MAX_TRACKED = 10_000
-
-    def __init__(self, what: str, interval: float = 10.0) -> None:
-        self.what = what
-        self.interval = interval
-        self.counts: Dict[str, int] = collections.Counter()
-        self._logged: Dict[Tuple[str, str], float] = {}
-
-    def refuse(self, host: str, limit: str, why: str) -> bool:
-        """Count and maybe log one refusal; returns False (the answer to "admit?")."""
-        self.counts[limit] += 1
-        now = time.monotonic()
-        key = (host, limit)
-        if now - self._logged.get(key, -self.interval) >= self.interval:
-            if len(self._logged) >= self.MAX_TRACKED:
-                self._logged.clear()
-            self._logged[key] = now
-            log.warning("%s: refusing connections from %s: %s (%s); said once per %.0fs", self.what, host, why,
-                        limit, self.interval)
-        return False
-
-
-class ConnectionGate:
-    """Caps connections at once, per source address and in total; refusals go to a ``RefusalLog``."""
-
-    def __init__(self, per_address: int, total: int, what: str) -> None:
-        self.per_address = per_address
-        self.total = total
-        self.open = 0
-        self._by_host: Dict[str, int] = {}
-        self.refusals = RefusalLog(what)
-        #: Refusals by limit ("per_address", "total").
-        self.refused = self.refusals.counts
-
-    def enter(self, host: str) -> bool:
-        if self.open >= self.total:
-            return self.refusals.refuse(host, "total", f"{self.open} connections open")
-        n = self._by_host.get(host, 0)
-        if n >= self.per_address:
-            return self.refusals.refuse(host, "per_address", f"{n} connections open from this address")
-        self._by_host[host] = n + 1
-        self.open += 1
-        return True
-
-    def leave(self, host: str) -> None:
-        self.open -= 1
-        n = self._by_host.get(host, 0) - 1
-        if n > 0:
-            self._by_host[host] = n
-        else:
-            self._by_host.pop(host, None)
 
 
 class TcpBridge(asyncio.BufferedProtocol):
@@ -232,7 +173,7 @@ class TcpBridge(asyncio.BufferedProtocol):
         if gate is not None:
             peer = transport.get_extra_info("peername")
             host = peer[0] if isinstance(peer, tuple) else str(peer)
-            if not gate.enter(host):
+            if not gate.enter(host, transport):
                 self._finished = True  # subclasses check ``finished`` after this
                 transport.abort()
                 return

@@ -367,12 +367,12 @@ class TunnelConnection(asyncio.BufferedProtocol):
             return
         now = time.monotonic()
         try:
-            deadline = self.core.tick(now)
-            since = self._output_over_since
+            since = self._output_over_since  # the more telling reason first: the pause has the same age
             if since is not None and self._output_over(now) and now - since > self.config.session_timeout:
                 raise LimitExceededError(
                     f"the peer has not read for {now - since:.0f}s with more than {self.config.max_queued_output} "
                     "bytes waiting for it (max_queued_output, session_timeout)")
+            deadline = self.core.tick(now)
         except FerroTunnelError as exc:
             log.warning("session %s (%s): %s; closing", self.session.id, self.peer_address, exc)
             self.close(exc)

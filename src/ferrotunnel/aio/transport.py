@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import ssl
 from typing import Any, Optional, Tuple, Union
@@ -22,7 +21,7 @@ def tune_socket(sock: Any) -> None:
         pass
 
 
-def bound_address(server: "Optional[asyncio.Server]", what: str) -> Tuple[str, int]:
+def bound_address(server: Any, what: str) -> Tuple[str, int]:
     """(host, port) of a started listener (port 0 resolved); RuntimeError before it starts."""
     if server is None or not server.sockets:
         raise RuntimeError(f"the {what} is not started")

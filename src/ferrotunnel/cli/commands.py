@@ -181,7 +181,27 @@ def _setup_logging(level: str) -> None:
 def _run(coro: Any) -> int:
     import uvloop
 
+    _raise_fd_limit()
     return uvloop.run(coro)
+
+
+#: The soft file-descriptor limit the commands ask for when the hard limit allows it.
+FD_LIMIT_WANTED = 1 << 16
+
+
+def _raise_fd_limit() -> None:
+    """A tunnel holds a descriptor per visitor: the soft RLIMIT_NOFILE goes up to the hard one (at
+    most FD_LIMIT_WANTED), as servers do at start. Never lowered; a refusal is no error."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = FD_LIMIT_WANTED if hard == resource.RLIM_INFINITY else min(hard, FD_LIMIT_WANTED)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            logging.getLogger("ferrotunnel").debug("file descriptor limit raised from %d to %d", soft, want)
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 async def _until_signal(*tasks: "asyncio.Task[Any]") -> Optional["asyncio.Task[Any]"]:

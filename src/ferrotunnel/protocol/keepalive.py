@@ -1,7 +1,9 @@
 """Liveness of the peer and heartbeats: who sends them, the round trip, and the session timeout.
 
 Time we ourselves did not read (reading paused for backpressure or a rate limit) is not the
-peer's silence, so it is not counted against ``session_timeout``.
+peer's silence, so it is not counted against ``session_timeout``. A pause of ours that itself
+lasts longer than ``session_timeout`` ends the session: whatever holds it (a reader that stopped,
+a peer that does not take our replies) has had the whole timeout to move.
 """
 
 from __future__ import annotations
@@ -43,11 +45,15 @@ class Keepalive:
         if self.paused_at is None and now - self.last_seen > self.timeout:
             raise TunnelTimeoutError(
                 f"no frame from the peer for {now - self.last_seen:.1f}s (session_timeout {self.timeout}s)")
-        if self.paused_at is None:
+        paused_at = self.paused_at
+        if paused_at is None:
             deadline = self.last_seen + self.timeout
-        else:  # while we do not read, the peer cannot time out: look again when it could at the earliest
-            remaining = self.timeout - (self.paused_at - self.last_seen)
-            deadline = now + max(remaining, min(1.0, self.timeout))
+        elif now - paused_at > self.timeout:
+            raise TunnelTimeoutError(
+                f"reading from the peer has been paused for {now - paused_at:.1f}s, longer than session_timeout "
+                f"({self.timeout}s): a stream's reader or the peer stopped taking data")
+        else:  # while we do not read, the peer cannot time out; our pause can
+            deadline = max(paused_at + self.timeout, now) + min(0.01, self.timeout)
         send = False
         if self.sends:
             if now >= self.next_heartbeat:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable, Optional, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, Optional, Tuple, Union
 
 from ..aio.bridge import IdleSweeper, TcpBridge
+from ..aio.listen import Listener, listen
 from ..aio.stream import VirtualStream
 from ..aio.transport import bound_address
 from ..errors import FerroTunnelError
@@ -71,7 +72,7 @@ class Ingress:
         self.server = server
         self._bind = address
         self.priority = StreamPriority.NORMAL if priority is None else StreamPriority(priority)
-        self._server: Optional[asyncio.Server] = None
+        self._server: Optional[Listener] = None
         self.connections = 0
         self.sweeper = IdleSweeper(server.config.ingress_idle_timeout)
         self._lookups: "set[asyncio.Task[None]]" = set()
@@ -131,13 +132,17 @@ class Ingress:
         then(route, stream)
 
     @property
+    def listener_exhaustion(self) -> Dict[str, int]:
+        """Times accepting paused because accept() ran out of descriptors or memory, by errno name."""
+        return dict(self._server.exhaustion) if self._server is not None else {}
+
+    @property
     def address(self) -> Tuple[str, int]:
         return bound_address(self._server, "ingress")
 
     async def start(self) -> None:
         host, port = self._bind
-        self._server = await asyncio.get_running_loop().create_server(self._make_protocol, host, port,
-                                                                      backlog=1024, reuse_address=True)
+        self._server = await listen(self._make_protocol, host, port, self.kind)
         self._where = "%s:%s" % self.address
         log.info("%s listening on %s%s", self.kind, self._where, self.describe())
 

@@ -18,7 +18,7 @@ from ..auth import TokenFormatError, constant_time_eq, validate_token_format
 from ..config import ServerConfig
 from ..errors import ConnectionLostError, FrameError
 from ..frames import PROTOCOL_VERSION, HandshakeStatus
-from ..aio.bridge import ConnectionGate, RefusalLog
+from ..aio.listen import ConnectionGate, FdHeadroom, Listener, RefusalLog, listen
 from ..aio.connection import StreamHandler, TunnelConnection
 from ..aio.session import Session
 from ..aio.tlsbio import ServerTls
@@ -38,20 +38,6 @@ _PLAINTEXT_REASONS = {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL"
                       "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"}
 #: A refusal of connections from one address for one reason is logged at most this often.
 REFUSAL_LOG_INTERVAL = 10.0
-
-
-#: File descriptors the ingresses leave for the tunnel port and the process itself.
-FD_RESERVE = 256
-
-
-def _fd_budget() -> int:
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except (ImportError, ValueError, OSError):
-        return 1 << 30
-    return max(soft - FD_RESERVE, 1) if soft != resource.RLIM_INFINITY else 1 << 30
 
 
 def _host(peer: Any) -> str:
@@ -186,7 +172,7 @@ class TunnelServer:
         self.stream_handler = stream_handler
         self.registry: SessionRegistry = registry if registry is not None else LocalRegistry()
         self.sessions = SessionStore(self.registry)
-        self._server: Optional[asyncio.Server] = None
+        self._server: Optional[Listener] = None
         self.pending_handshakes = 0
         self._pending_by_host: Dict[str, int] = {}
         #: Bytes held by the first frames of pending handshakes, all together.
@@ -194,10 +180,11 @@ class TunnelServer:
         #: Connections refused before their handshake, by the limit that refused them.
         self._refusals = RefusalLog("tunnel port", REFUSAL_LOG_INTERVAL)
         self.refused_connections: Dict[str, int] = self._refusals.counts
-        #: Connection caps shared by all ingresses of this server; the total leaves
-        #: ``FD_RESERVE`` file descriptors free, so tunnel clients can still connect.
-        self.ingress_gate = ConnectionGate(config.ingress_max_per_address,
-                                           min(config.ingress_max_connections, _fd_budget()), "ingress")
+        #: Connection caps shared by all ingresses of this server; each new one must leave
+        #: ``ingress_fd_reserve`` file descriptors free, so tunnel clients can still connect.
+        self.ingress_gate = ConnectionGate(config.ingress_max_per_address, config.ingress_max_connections, "ingress",
+                                           config.ingress_fd_reserve)
+        self._headroom = FdHeadroom(config.tunnel_fd_reserve)
         self._connections: "set[ServerConnection]" = set()
         self._closing = False
         self._throttle = AuthThrottle(config.auth_failure_threshold, config.auth_failure_window)
@@ -227,6 +214,11 @@ class TunnelServer:
         return bound_address(self._server, "server")
 
     @property
+    def listener_exhaustion(self) -> Dict[str, int]:
+        """Times accepting paused because accept() ran out of descriptors or memory, by errno name."""
+        return dict(self._server.exhaustion) if self._server is not None else {}
+
+    @property
     def is_serving(self) -> bool:
         """Started, and not closing."""
         return self._server is not None and not self._closing
@@ -234,10 +226,8 @@ class TunnelServer:
     async def start(self) -> None:
         if self._server is not None:
             return
-        loop = asyncio.get_running_loop()
         host, port = self._bind
-        self._server = await loop.create_server(lambda: ServerConnection(self), host, port, backlog=1024,
-                                                reuse_address=True)
+        self._server = await listen(lambda: ServerConnection(self), host, port, "tunnel port")
         log.info("tunnel server listening on %s:%s%s", *self.address, " (TLS)" if self.transport.is_tls else "")
 
     async def __aenter__(self) -> "TunnelServer":
@@ -263,6 +253,8 @@ class TunnelServer:
         host = _host(conn.peer_address)
         if self.pending_handshakes >= cfg.max_pending_handshakes:
             return self._refusals.refuse(host, "max_pending_handshakes", f"{self.pending_handshakes} handshakes pending")
+        if self._headroom.exhausted(conn.transport):
+            return self._refusals.refuse(host, "tunnel_fd_reserve", self._headroom.why(conn.transport))
         if self._pending_by_host.get(host, 0) >= cfg.max_pending_per_address:
             return self._refusals.refuse(host, "max_pending_per_address",
                                 f"{self._pending_by_host[host]} handshakes pending from this address")
