@@ -135,12 +135,18 @@ class _Lines:
         self.err = b""
 
     def wait_for(self, text: str, timeout: float = 20.0, stream: str = "out") -> str:
-        """Read until ``text`` is in stdout (``stream="err"``: stderr); returns its line."""
+        """Read until a whole line with ``text`` is in stdout (``stream="err"``: stderr); returns
+        the line from ``text`` on."""
         sel = selectors.DefaultSelector()
         sel.register(self.p.stdout, selectors.EVENT_READ)
         sel.register(self.p.stderr, selectors.EVENT_READ)
         deadline = time.monotonic() + timeout
-        while text.encode() not in getattr(self, stream):
+        def whole_line() -> bool:  # the text, and the end of its line (it may come in two reads)
+            data = getattr(self, stream)
+            at = data.rfind(text.encode())
+            return at >= 0 and b"\n" in data[at:]
+
+        while not whole_line():
             left = deadline - time.monotonic()
             if left <= 0 or (self.p.poll() is not None and not sel.select(0)):
                 raise AssertionError(f"{text!r} not seen; stdout={self.out[-2000:]!r} stderr={self.err[-3000:]!r}")
@@ -276,3 +282,18 @@ def test_cli_server_keeps_the_tunnel_port_when_visitors_take_every_descriptor():
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_accept_pauses_are_in_the_metrics(run):
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import generate_latest
+
+    from ferrotunnel.cli.metrics import MetricsServer
+
+    async def body():
+        async with ft.TunnelServer(("127.0.0.1", 0), TOKEN) as server:
+            server._server.exhaustion["EMFILE"] += 2  # what a pause counts (see the emfile test)
+            text = generate_latest(MetricsServer(server, ("127.0.0.1", 0)).registry).decode()
+            assert 'ferrotunnel_accept_paused_total{errno="EMFILE",listener="tunnel"} 2.0' in text
+            assert server.listener_exhaustion == {"EMFILE": 2}
+    run(body)

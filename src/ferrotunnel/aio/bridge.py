@@ -305,12 +305,15 @@ class TcpBridge(asyncio.BufferedProtocol):
         if q is None:
             self._outq = q = []
             stream.defer_flush(self)
-        # a small payload is copied: a view would pin the whole read buffer for as long as the
-        # transport holds it (a slow reader could keep many 256 KiB buffers alive for a few bytes)
-        q.append(payload if n >= OWN_THRESHOLD else bytes(payload))
+        # A view would pin the whole read buffer for as long as the transport holds it: a small
+        # payload is copied, and so is every payload for a TCP side that is not taking its bytes
+        # (a stalled reader would otherwise hold up to read_buffer_size for each max_chunk of
+        # its window). A reader that keeps up gets views, which it sends on at once.
         if self._out_paused:
+            q.append(bytes(payload))
             self._owed += n  # credit returns once the TCP side drains
         else:
+            q.append(payload if n >= OWN_THRESHOLD else bytes(payload))
             stream.consumed(n)
 
     def flush_out(self) -> None:

@@ -55,6 +55,14 @@ class _Collector:
         for limit, n in sorted(srv.ingress_gate.refused.items()):
             c.add_metric(["ingress", limit], n)
         yield c
+        c = CounterMetricFamily("ferrotunnel_accept_paused", "Times accepting paused: accept() out of descriptors",
+                                labels=["listener", "errno"])
+        for name, n in sorted(srv.listener_exhaustion.items()):
+            c.add_metric(["tunnel", name], n)
+        for ing in self.ingresses:
+            for name, n in sorted(ing.listener_exhaustion.items()):
+                c.add_metric([f"{type(ing).__name__}:%s:%s" % ing.address, name], n)
+        yield c
         c = CounterMetricFamily("ferrotunnel_ingress_connections", "Public connections accepted", labels=["ingress"])
         for ing in self.ingresses:
             host, port = ing.address
