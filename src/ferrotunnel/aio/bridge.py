@@ -385,6 +385,22 @@ class TcpBridge(asyncio.BufferedProtocol):
             self._done.set_result(None)
 
 
+async def _connect(bridge: TcpBridge, host: str, port: int, timeout: float) -> Optional[BaseException]:
+    """Connect ``bridge`` to ``host:port``; the error, or None. A failed connect leaves the loop's
+    exception, its traceback and futures in a reference cycle (a timeout: the cancellation's too),
+    holding every frame it passed through until the cyclic GC runs. So this frame knows no stream,
+    the bridge is reached through a box that a failure empties, and the caller gets a fresh error."""
+    box = [bridge]
+    del bridge
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().create_connection(lambda: box[0], host, port)
+    except (OSError, TimeoutError) as exc:
+        box.clear()
+        return type(exc)(*exc.args)
+    return None
+
+
 async def forward(stream: VirtualStream, address: Tuple[str, int], connect_timeout: float = 10.0,
                   wait: bool = True) -> None:
     """Pipe ``stream`` and a new TCP connection to ``address`` both ways until both ends finish.
@@ -393,27 +409,17 @@ async def forward(stream: VirtualStream, address: Tuple[str, int], connect_timeo
     ``wait=False`` it returns once the pipe is set up; the two protocols then run on their own,
     so an idle forwarded stream costs no coroutine or task.
     """
-    loop = asyncio.get_running_loop()
     host, port = address
-    # The factory reads the bridge from a box that a failure empties: a failed connect leaves an
-    # exception, its traceback and the loop's future in a reference cycle, which would otherwise
-    # keep the bridge (and the stream) until the cyclic GC ran.
-    box = [TcpBridge()]
-    try:
-        async with asyncio.timeout(connect_timeout):
-            await loop.create_connection(lambda: box[0], host, port)
-    except (OSError, TimeoutError) as exc:
-        box.clear()
-        log.warning("stream %d: cannot reach local service %s:%s: %s", stream.stream_id, host, port, exc)
-        stream.abort()
-        # the loop may keep the exception it raised in a reference cycle (its futures, its frames):
-        # the caller gets a fresh one, raised outside this block, so our frames stay out of it
-        error: Optional[BaseException] = type(exc)(*exc.args)
-    else:
-        error = None
+    bridge = TcpBridge()
+    error = await _connect(bridge, host, port, connect_timeout)
     if error is not None:
-        raise error
-    bridge = box.pop()
+        log.warning("stream %d: cannot reach local service %s:%s: %s", stream.stream_id, host, port,
+                    str(error) or f"{type(error).__name__} (connect_timeout {connect_timeout:g}s)")
+        stream.abort()
+        try:
+            raise error
+        finally:  # the traceback holds this frame: it must not hold the error back (a cycle)
+            del error
     log.info("stream %d (%s) forwarded to %s:%s", stream.stream_id, stream.protocol.name, host, port)
     bridge.attach(stream)
     if wait:
