@@ -192,3 +192,43 @@ def test_streams_whose_local_connect_times_out_leave_nothing(run):
         counts = run(body, timeout=60)
     assert timeouts[0] == 50  # every connect timed out: the path under test was taken
     assert counts["VirtualStream"] == 0 and counts["CoreStream"] == 0 and counts["TcpBridge"] == 0, counts
+
+
+def test_a_forwarded_stream_waiting_for_credit_survives_a_garbage_collection(run):
+    """Regression: a client bridge whose local side was paused (waiting for credit) with nothing to
+    write was referenced by nobody once the event loop let go of the idle transport (the session
+    knows its streams weakly), so a cyclic GC in that moment collected the bridge and its stream,
+    and the download stalled for good (seen as 10 parallel 10 MiB downloads stopping part-way)."""
+    size = 4 * 1024 * 1024
+
+    async def app(reader, writer):
+        writer.write(b"d" * size)
+        await writer.drain()
+        writer.close()
+
+    async def body():
+        backend = await asyncio.start_server(app, "127.0.0.1", 0)
+        cfg = ft.ClientConfig(local_addr=backend.sockets[0].getsockname()[:2], initial_window=16 * 1024,
+                              max_window=16 * 1024)
+        sc = ft.ServerConfig(initial_window=16 * 1024, max_window=16 * 1024)
+        server = ft.TunnelServer(("127.0.0.1", 0), TOKEN, config=sc)
+        async with server:
+            host, port = server.address
+            client = ft.TunnelClient(f"{host}:{port}", TOKEN, tunnel_id="gc", config=cfg)
+            task = asyncio.create_task(client.connect_and_run())
+            session = await server.wait_for_session("gc", timeout=10)
+            streams = [session.open_stream_nowait() for _ in range(4)]
+            got = [0] * len(streams)
+            for s in streams:
+                s.write(b"go")
+            while not all(n == size for n in got):
+                for i, s in enumerate(streams):
+                    if got[i] < size:
+                        got[i] += len(await asyncio.wait_for(s.read(8192), 10))
+                gc.collect()  # the client's bridges are paused, waiting for this side to read
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        backend.close()
+        return got
+
+    assert run(body, timeout=60) == [size] * 4

@@ -34,6 +34,14 @@ __all__ = ["forward", "TcpBridge", "IdleSweeper"]
 MIN_READ = 64 * 1024
 
 
+#: Bridges piping a stream, held here until they finish. Nothing else need hold one: a bridge
+#: whose TCP side is paused (waiting for credit) with nothing to write is let go by the event loop,
+#: and its stream is only weakly known to the session, so without this the bridge, its stream and
+#: the transfer could be collected in the middle. A finished bridge leaves, and is freed by
+#: reference counting.
+_PIPING: "set[TcpBridge]" = set()
+
+
 def adapt_read_size(size: int, got: int, maximum: int) -> int:
     if got >= size // 2 and size < maximum:
         return min(size * 2, maximum)
@@ -158,7 +166,11 @@ class TcpBridge(asyncio.BufferedProtocol):
     # -- wiring
     def attach(self, stream: VirtualStream) -> None:
         """Start piping (called once both the transport and the stream exist)."""
+        if self._finished:  # the TCP side is gone already: the stream is cut
+            stream.abort()
+            return
         self.stream = stream
+        _PIPING.add(self)
         stream.attach_sink(self)  # tunnel data that arrived before the TCP side was ready goes first
         early, self._early = self._early, None
         for chunk in early or ():
@@ -355,6 +367,7 @@ class TcpBridge(asyncio.BufferedProtocol):
         if self._finished:
             return
         self._finished = True
+        _PIPING.discard(self)
         if self.sweeper is not None:
             self.sweeper.bridges.discard(self)
         stream = self.stream
