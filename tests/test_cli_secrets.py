@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import free_port
-from ferrotunnel.cli import commands
+from ferrotunnel.cli import commands, secrets
 from test_cli import ENV, Proc, cleanup  # noqa: F401  (cleanup is a fixture)
 
 SECRET = "cmdline-secret-7f3a9c"
@@ -149,9 +149,9 @@ def token_of(argv, monkeypatch, env=None, tty=False):
     for k, v in (env or {}).items():
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(sys.stdin, "isatty", lambda: tty, raising=False)
-    monkeypatch.setattr(commands.getpass, "getpass", lambda prompt: "from-the-prompt")
+    monkeypatch.setattr(secrets.getpass, "getpass", lambda prompt: "from-the-prompt")
     args = commands.build_parser().parse_args(["server", *argv])
-    return commands._token(args)
+    return secrets.token_from_args(args)
 
 
 def test_token_precedence(tmp_path, monkeypatch):
@@ -189,7 +189,7 @@ def test_help_documents_the_precedence(capsys):
     (["server", "--bind", "a:1"], ["server", "--bind", "a:1"], None),
 ])
 def test_argv_without_token(argv, rest, token):
-    assert commands._without_token(argv) == (rest, token)
+    assert secrets.without_token(argv) == (rest, token)
 
 
 def test_in_process_main_never_reexecutes(monkeypatch):
@@ -208,7 +208,7 @@ def test_cli_server_refuses_client_opened_streams(monkeypatch):
     class Stop(Exception):
         pass
 
-    def fake_server(bind, token, *, tls=None, config=None):
+    def fake_server(bind, token, *, tls=None, config=None, registry=None):
         seen.append(config)
         raise Stop
 
@@ -241,5 +241,5 @@ def test_unreadable_token_file(tmp_path, monkeypatch, err, message):
 
     monkeypatch.setattr(builtins, "open", failing_open)
     with pytest.raises(commands.UsageError) as ei:
-        commands._read_token_file(str(path), "--token-file")
+        secrets.read_token_file(str(path), "--token-file")
     assert str(ei.value) == f"--token-file {path}: {message}"

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 from .frames import DATA_HEADER_SIZE, FRAME_PREFIX_SIZE, MAX_FRAME_SIZE
 
-__all__ = ["BackoffConfig", "RateLimits", "StreamConfig", "ServerConfig", "ClientConfig"]
+__all__ = ["BackoffConfig", "RateLimits", "StreamConfig", "ServerConfig", "ClientConfig", "ClusterConfig", "redact_url"]
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -157,3 +157,67 @@ class ClientConfig(StreamConfig):
     backoff: BackoffConfig = field(default_factory=BackoffConfig)
     #: Extra capability strings to announce.
     capabilities: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """A server as one node of a cluster: who owns which tunnel id lives in Redis, visitors that
+    land on another node cross one authenticated link per node pair (see docs/cluster.md)."""
+
+    #: ``redis://[:password@]host:port/db`` or ``rediss://...`` (TLS).
+    redis_url: str
+    #: This node's name in the cluster (default: host name and tunnel port).
+    node_id: str
+    #: Where the other nodes reach this node's link listener, ``(host, port)``.
+    node_advertise: Tuple[str, int]
+    #: The shared secret nodes prove to each other (an HMAC challenge; it never crosses the wire).
+    cluster_token: str = field(repr=False, default="")
+    #: A node's liveness key lives this long unless refreshed; a dead node's tunnels can be
+    #: taken over once it expired.
+    node_ttl: float = 5.0
+    #: How often a node refreshes its liveness key.
+    node_refresh: float = 1.0
+    #: A tunnel claim lives this long unless refreshed by its owner.
+    claim_ttl: float = 15.0
+    #: How often an owner refreshes the claims of its live sessions.
+    claim_refresh: float = 3.0
+    #: How long a node trusts what Redis said about a tunnel on another node.
+    route_cache_ttl: float = 2.0
+    #: Each Redis operation gives up after this long (the node then works locally).
+    redis_timeout: float = 1.0
+    #: While Redis is unreachable, a node tries it again this often.
+    redis_probe_interval: float = 1.0
+    #: What a client told "handover pending" waits before it tries again.
+    handover_retry: float = 0.5
+    #: Prefix of every key this cluster writes (several clusters can share one Redis).
+    key_prefix: str = "ferrotunnel:"
+
+    def __post_init__(self) -> None:
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        if not self.node_id or any(c.isspace() for c in self.node_id) or len(self.node_id) > 128:
+            raise ValueError("node_id must be 1..128 characters without spaces")
+        for name in ("node_ttl", "node_refresh", "claim_ttl", "claim_refresh", "route_cache_ttl", "redis_timeout",
+                     "redis_probe_interval", "handover_retry"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.node_refresh * 2 > self.node_ttl:
+            raise ValueError("node_refresh must be at most half of node_ttl")
+        if self.claim_refresh * 2 > self.claim_ttl:
+            raise ValueError("claim_refresh must be at most half of claim_ttl")
+
+    def __repr__(self) -> str:  # the Redis URL may carry a password
+        return (f"ClusterConfig(node_id={self.node_id!r}, redis={redact_url(self.redis_url)!r}, "
+                f"node_advertise={self.node_advertise!r})")
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password: in the authority (``redis://:secret@host`` ->
+    ``redis://:***@host``) and in a ``password=`` query parameter."""
+    import re
+
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        creds, _, host = rest.partition("@")
+        rest = f"{creds.split(':', 1)[0]}:***@{host}"
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", f"{scheme}{sep}{rest}")

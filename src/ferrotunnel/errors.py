@@ -41,7 +41,12 @@ class HandshakeError(FerroTunnelError):
 
 
 class RetryableHandshakeError(HandshakeError):
-    """The server refused this attempt for a passing reason (RateLimited, TunnelIdTaken); retry later."""
+    """The server refused this attempt for a passing reason (RateLimited, TunnelIdTaken); retry later.
+
+    ``retry_after`` (seconds) is set when the server said when to try again: a cluster node that
+    is handing the tunnel id over from another node ("handover pending") asks for a quick retry."""
+
+    retry_after: Optional[float] = None
 
 
 class TlsVerificationError(HandshakeError):

@@ -390,10 +390,10 @@ class TunnelConnection(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------ streams
 
-    def open_stream(self, protocol: Protocol, priority: StreamPriority) -> VirtualStream:
+    def open_stream(self, protocol: Protocol, priority: StreamPriority, headers: Any = ()) -> VirtualStream:
         if self.phase is not OPEN:
             raise ConnectionLostError("the session is not connected")
-        st = self.core.open_stream(protocol, priority)
+        st = self.core.open_stream(protocol, priority, headers)
         vs = VirtualStream(self, st)
         st.app = weakref.ref(vs)  # weak: a finished stream and its core state free each other by refcount
         return vs

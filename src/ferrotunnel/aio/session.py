@@ -35,10 +35,12 @@ class _StreamOpener:
     _conn: TunnelConnection
 
     def open_stream_nowait(self, protocol: Protocol = Protocol.TCP,
-                           priority: StreamPriority = StreamPriority.NORMAL) -> VirtualStream:
-        """Open a stream now (the OpenStream frame is queued); ConnectionLostError if the
-        session is not connected, LimitExceededError at ``max_streams_per_session``."""
-        return self._conn.open_stream(protocol, priority)
+                           priority: StreamPriority = StreamPriority.NORMAL,
+                           headers: Sequence[Tuple[str, str]] = ()) -> VirtualStream:
+        """Open a stream now (the OpenStream frame is queued, carrying ``headers``: name/value
+        pairs the peer reads as ``VirtualStream.headers``); ConnectionLostError if the session is
+        not connected, LimitExceededError at ``max_streams_per_session``."""
+        return self._conn.open_stream(protocol, priority, tuple(headers))
 
     async def open_stream(self, protocol: Protocol = Protocol.TCP,
                           priority: StreamPriority = StreamPriority.NORMAL) -> VirtualStream:

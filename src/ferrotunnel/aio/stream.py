@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import TYPE_CHECKING, Any, AsyncIterator, Deque, List, Optional, Protocol as TypingProtocol, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Deque, List, Optional, Protocol as TypingProtocol, Sequence, Tuple
 
 from ..errors import FerroTunnelError, StreamClosedError
 from ..frames import Protocol, StreamPriority
@@ -72,6 +72,11 @@ class VirtualStream:
     @property
     def priority(self) -> StreamPriority:
         return self._st.priority
+
+    @property
+    def headers(self) -> Tuple[Tuple[str, str], ...]:
+        """The (name, value) pairs its OpenStream carried (empty for most streams)."""
+        return tuple(self._st.headers)
 
     @property
     def session(self) -> "Session":

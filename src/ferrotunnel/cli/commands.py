@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
-import getpass
 import logging
-import os
 import signal
 import sys
+import textwrap
 from typing import Any, List, Optional, Sequence, Tuple
+
+from .common import UsageError, env, env_flag, existing_file, parse_addr
+from .cluster import CLUSTER_HELP, ClusterUsageError, add_cluster_args, cluster_config
+from .secrets import TOKEN_HELP, hide_token, token_from_args
 
 __all__ = ["main"]
 
@@ -24,151 +26,7 @@ log = logging.getLogger("ferrotunnel.cli")
 DEFAULT_BIND = "0.0.0.0:7835"
 
 
-class UsageError(Exception):
-    """A bad flag or a missing file: exit code 2."""
-
-
-def _env(name: str, default: Optional[str] = None) -> Optional[str]:
-    value = os.environ.get(name)
-    return value if value not in (None, "") else default
-
-
-def _env_flag(name: str) -> bool:
-    return (_env(name) or "").lower() in ("1", "true", "yes", "on")
-
-
-def _addr(text: str, what: str) -> Tuple[str, int]:
-    from ..client.client import parse_address
-
-    try:
-        return parse_address(text)
-    except ValueError:
-        raise UsageError(f"{what} must be HOST:PORT (e.g. 127.0.0.1:8000), got {text!r}") from None
-
-
-def _file(path: Optional[str], what: str) -> Optional[str]:
-    if path is not None and not os.path.isfile(path):
-        raise UsageError(f"{what} file not found: {path}")
-    return path
-
-
-# ------------------------------------------------------------------ the token
-
-TOKEN_HELP = ("Where the token comes from, first found wins: --token-file PATH or --token (not both), then "
-              "FERROTUNNEL_TOKEN, then the file named by FERROTUNNEL_TOKEN_FILE, then a prompt without echo "
-              "when standard input is a terminal. A token file holds the token on its first line (surrounding "
-              "whitespace is ignored). --token is visible to every local user in the process list: at start-up "
-              "ferrotunnel moves it into its environment (re-executing itself, same PID) and warns; prefer "
-              "--token-file or FERROTUNNEL_TOKEN.")
-
-#: Set in the environment of the re-executed process: FERROTUNNEL_TOKEN holds what --token said.
-#: Also the guard against re-executing twice.
-_FROM_ARGV = "_FERROTUNNEL_TOKEN_FROM_ARGV"
-_MAX_TOKEN_FILE = 64 * 1024
-
-
-def _read_token_file(path: str, source: str) -> str:
-    """The first line of ``path``, stripped. Errors name the path, never the content."""
-    where = f"{source} {path}"
-    try:
-        with open(path, "rb") as f:
-            data = f.read(_MAX_TOKEN_FILE)
-    except OSError as exc:
-        why = {errno.ENOENT: "no such file", errno.EISDIR: "is a directory, not a token file",
-               errno.EACCES: "permission denied; it must be readable by the user running ferrotunnel"}
-        raise UsageError(f"{where}: {why.get(exc.errno or 0, f'cannot read it ({exc.strerror})')}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"{where}: not UTF-8 text; put the token on the file's first line") from None
-    token = text.split("\n", 1)[0].strip()
-    if not token:
-        raise UsageError(f"{where}: the first line is empty; put the token on the file's first line")
-    return token
-
-
-def _token(args: argparse.Namespace) -> str:
-    """The token, by the precedence in TOKEN_HELP. Nothing here prints or logs it."""
-    from ..auth import TokenFormatError, validate_token_format
-
-    if args.token is not None and args.token_file is not None:
-        raise UsageError("give either --token-file or --token, not both")
-    if args.token_file is not None:
-        token, source = _read_token_file(args.token_file, "--token-file"), f"--token-file {args.token_file}"
-    elif args.token is not None:
-        token, source = args.token, "--token"
-    elif _env("FERROTUNNEL_TOKEN"):
-        token, source = os.environ["FERROTUNNEL_TOKEN"], "FERROTUNNEL_TOKEN"
-    elif _env("FERROTUNNEL_TOKEN_FILE"):
-        path = os.environ["FERROTUNNEL_TOKEN_FILE"]
-        token, source = _read_token_file(path, "FERROTUNNEL_TOKEN_FILE"), f"FERROTUNNEL_TOKEN_FILE {path}"
-    elif sys.stdin is not None and sys.stdin.isatty():
-        token, source = getpass.getpass("Tunnel token: "), "the prompt"  # no echo
-    else:
-        raise UsageError("no token: pass --token-file PATH, set FERROTUNNEL_TOKEN or FERROTUNNEL_TOKEN_FILE, or "
-                         "run in a terminal to be prompted")
-    try:
-        validate_token_format(token)
-    except TokenFormatError as exc:
-        raise UsageError(f"invalid token (from {source}): {exc}") from None
-    return token
-
-
-def _without_token(argv: Sequence[str]) -> Tuple[List[str], Optional[str]]:
-    """``argv`` without ``--token VALUE`` and ``--token=VALUE`` (every occurrence), and the value
-    argparse took (the last one). ``--token`` is never an abbreviation: ``--token-file`` shares
-    its prefix, so argparse accepts only the full flag for it."""
-    out: List[str] = []
-    token: Optional[str] = None
-    it = iter(argv)
-    for arg in it:
-        if arg == "--":
-            out.append(arg)
-            out.extend(it)
-            break
-        if arg == "--token":
-            token = next(it, None)
-            continue
-        if arg.startswith("--token="):
-            token = arg[len("--token="):]
-            continue
-        out.append(arg)
-    return out, token
-
-
-def _hide_token(args: argparse.Namespace, argv: Sequence[str]) -> None:
-    """Take a --token value out of /proc/PID/cmdline: re-execute this process (same PID) without
-    it, the token in FERROTUNNEL_TOKEN. Runs before any socket is opened. Returns only when there
-    is nothing to do (or re-executing is impossible: then it warns that the token stays visible)."""
-    if os.environ.pop(_FROM_ARGV, None) is not None:  # the re-executed process: never again
-        if "FERROTUNNEL_TOKEN" in os.environ:
-            args.token = os.environ["FERROTUNNEL_TOKEN"]  # what --token said: it wins over the rest
-        if "--token" in argv or any(a.startswith("--token=") for a in argv):
-            print(f"ferrotunnel {args.command}: WARNING: --token is still in the process list; use --token-file "
-                  f"or FERROTUNNEL_TOKEN", file=sys.stderr, flush=True)
-        return
-    if getattr(args, "token", None) is None:
-        return
-    if args.token_file is not None:
-        raise UsageError("give either --token-file or --token, not both")
-    rest, token = _without_token(argv)
-    if token is None or os.name != "posix" or not sys.executable:
-        print(f"ferrotunnel {args.command}: WARNING: the token given with --token is visible to local users in "
-              f"the process list; use --token-file or FERROTUNNEL_TOKEN", file=sys.stderr, flush=True)
-        return
-    print(f"ferrotunnel {args.command}: WARNING: the token given with --token was visible to local users in the "
-          f"process list (/proc/{os.getpid()}/cmdline) until now and is removed from it at start-up; use "
-          f"--token-file or FERROTUNNEL_TOKEN to keep it out entirely", file=sys.stderr, flush=True)
-    import subprocess
-
-    try:  # -X, -W, -O ... of this interpreter (the helper multiprocessing uses)
-        flags: List[str] = list(getattr(subprocess, "_args_from_interpreter_flags")())
-    except Exception:  # pragma: no cover - a private helper that went away
-        flags = []
-    env = {**os.environ, "FERROTUNNEL_TOKEN": token, _FROM_ARGV: "1"}
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *flags, "-m", "ferrotunnel", *rest], env)
+# ------------------------------------------------------------------ the token: see secrets.py
 
 
 def _setup_logging(level: str) -> None:
@@ -232,9 +90,9 @@ def _server_tls(args: argparse.Namespace) -> Any:
         return None
     if not (cert and key):
         raise UsageError("TLS needs both --tls-cert and --tls-key")
-    _file(cert, "--tls-cert")
-    _file(key, "--tls-key")
-    _file(args.tls_ca, "--tls-ca")
+    existing_file(cert, "--tls-cert")
+    existing_file(key, "--tls-key")
+    existing_file(args.tls_ca, "--tls-ca")
     if args.tls_client_auth and not args.tls_ca:
         raise UsageError("--tls-client-auth needs --tls-ca (the CA that signs client certificates)")
     # as in the original, a CA means client certificates are required (mutual TLS)
@@ -254,22 +112,33 @@ async def _serve(args: argparse.Namespace) -> int:
     import ferrotunnel as ft
     from ..client.client import describe_error, format_address
 
-    token = _token(args)
-    bind = _addr(args.bind, "--bind")
+    token = token_from_args(args)
+    bind = parse_addr(args.bind, "--bind")
     ctx = _server_tls(args)
     tcp_binds: List[Tuple[Tuple[str, int], Optional[str]]] = []
     for spec in args.tcp_bind:
         addr, _, tid = spec.partition("=")
-        tcp_binds.append((_addr(addr, "--tcp-bind"), tid or None))
-    http_bind = _addr(args.http_bind, "--http-bind") if args.http_bind else None
-    metrics_bind = _addr(args.metrics_bind, "--metrics-bind") if args.metrics else None
+        tcp_binds.append((parse_addr(addr, "--tcp-bind"), tid or None))
+    http_bind = parse_addr(args.http_bind, "--http-bind") if args.http_bind else None
+    metrics_bind = parse_addr(args.metrics_bind, "--metrics-bind") if args.metrics else None
 
-    server = ft.TunnelServer(bind, token, tls=ctx, config=server_config())
+    try:
+        cluster = cluster_config(args, bind, parse_addr)
+    except ClusterUsageError as exc:
+        raise UsageError(str(exc)) from None
+    node = None
+    if cluster is not None:
+        from ..cluster.node import ClusterNode
+
+        node = ClusterNode(*cluster)
+    server = ft.TunnelServer(bind, token, tls=ctx, config=server_config(), registry=node.registry if node else None)
     ingresses: List[Any] = [ft.TcpIngress(server, a, tunnel_id=t) for a, t in tcp_binds]
     if http_bind:
         ingresses.append(ft.HttpIngress(server, http_bind))
     metrics = None
     try:
+        if node is not None:
+            await node.start()
         await server.start()
         for ing in ingresses:
             await ing.start()
@@ -281,6 +150,8 @@ async def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"ferrotunnel: cannot listen: {describe_error(exc)}. Is another process using the port?", file=sys.stderr)
         await server.close()
+        if node is not None:
+            await node.close()
         return 1
     except RuntimeError as exc:
         print(f"ferrotunnel: {describe_error(exc)}", file=sys.stderr)
@@ -296,9 +167,13 @@ async def _serve(args: argparse.Namespace) -> int:
         print(f"metrics on http://{metrics.address[0]}:{metrics.address[1]}/metrics", flush=True)
     await _until_signal()
     print(f"shutting down (up to {args.grace:.0f}s for open streams)", flush=True)
+    if node is not None:
+        await node.drain()  # the other nodes may take this node's tunnels over from now on
     for ing in ingresses:
         await ing.close()
     await server.shutdown(args.grace)
+    if node is not None:
+        await node.close()
     if metrics is not None:
         await metrics.close()
     return 0
@@ -315,9 +190,9 @@ def _client_tls(args: argparse.Namespace) -> Any:
         return None
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("a client certificate needs both --tls-cert and --tls-key")
-    _file(args.tls_ca, "--tls-ca")
-    _file(args.tls_cert, "--tls-cert")
-    _file(args.tls_key, "--tls-key")
+    existing_file(args.tls_ca, "--tls-ca")
+    existing_file(args.tls_cert, "--tls-cert")
+    existing_file(args.tls_key, "--tls-key")
     # unlike the original, no CA means the system trust store, never silently no verification
     return tls.client_context(args.tls_ca, skip_verify=args.tls_skip_verify, certfile=args.tls_cert,
                               keyfile=args.tls_key)
@@ -327,11 +202,11 @@ async def _connect(args: argparse.Namespace) -> int:
     import ferrotunnel as ft
     from ..client.client import describe_error, format_address
 
-    token = _token(args)
+    token = token_from_args(args)
     if not args.server:
         raise UsageError("--server HOST:PORT is required (or FERROTUNNEL_SERVER)")
-    _addr(args.server, "--server")
-    local = _addr(args.local_addr, "--local-addr")
+    parse_addr(args.server, "--server")
+    local = parse_addr(args.local_addr, "--local-addr")
     ctx = _client_tls(args)
     client = ft.TunnelClient(args.server, token, tunnel_id=args.tunnel_id, tls=ctx,
                              server_name=args.tls_server_name, config=ft.ClientConfig(local_addr=local))
@@ -414,39 +289,41 @@ def build_parser() -> argparse.ArgumentParser:
                                 "FerroTunnel-compatible reverse tunnel.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    s = sub.add_parser("server", help="run the tunnel server and its public ingresses", epilog=TOKEN_HELP)
-    s.add_argument("--bind", default=_env("FERROTUNNEL_BIND", DEFAULT_BIND), help="tunnel listener (default %(default)s)")
+    s = sub.add_parser("server", help="run the tunnel server and its public ingresses",
+                       epilog=textwrap.fill(TOKEN_HELP, 100) + "\n\n" + CLUSTER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--bind", default=env("FERROTUNNEL_BIND", DEFAULT_BIND), help="tunnel listener (default %(default)s)")
     _token_flags(s)
-    s.add_argument("--http-bind", default=_env("FERROTUNNEL_HTTP_BIND"),
+    s.add_argument("--http-bind", default=env("FERROTUNNEL_HTTP_BIND"),
                    help="HTTP ingress routed by Host (off unless given)")
     s.add_argument("--tcp-bind", action="append", metavar="ADDR[=TUNNEL_ID]",
-                   default=[x for x in (_env("FERROTUNNEL_TCP_BIND") or "").split(",") if x],
+                   default=[x for x in (env("FERROTUNNEL_TCP_BIND") or "").split(",") if x],
                    help="TCP ingress; repeatable; without =TUNNEL_ID the first tcp client gets it")
-    s.add_argument("--tls-cert", default=_env("FERROTUNNEL_TLS_CERT"))
-    s.add_argument("--tls-key", default=_env("FERROTUNNEL_TLS_KEY"))
-    s.add_argument("--tls-ca", default=_env("FERROTUNNEL_TLS_CA"), help="require client certificates signed by this CA")
-    s.add_argument("--tls-client-auth", action="store_true", default=_env_flag("FERROTUNNEL_TLS_CLIENT_AUTH"))
-    s.add_argument("--metrics", action="store_true", default=_env_flag("FERROTUNNEL_METRICS"),
+    s.add_argument("--tls-cert", default=env("FERROTUNNEL_TLS_CERT"))
+    s.add_argument("--tls-key", default=env("FERROTUNNEL_TLS_KEY"))
+    s.add_argument("--tls-ca", default=env("FERROTUNNEL_TLS_CA"), help="require client certificates signed by this CA")
+    s.add_argument("--tls-client-auth", action="store_true", default=env_flag("FERROTUNNEL_TLS_CLIENT_AUTH"))
+    s.add_argument("--metrics", action="store_true", default=env_flag("FERROTUNNEL_METRICS"),
                    help="serve Prometheus metrics (needs ferrotunnel[metrics])")
-    s.add_argument("--metrics-bind", default=_env("FERROTUNNEL_METRICS_BIND", "127.0.0.1:9090"))
+    s.add_argument("--metrics-bind", default=env("FERROTUNNEL_METRICS_BIND", "127.0.0.1:9090"))
     s.add_argument("--grace", type=float, default=10.0, help="seconds open streams get on SIGTERM (default 10)")
-    s.add_argument("--log-level", default=_env("FERROTUNNEL_LOG_LEVEL", "info"))
+    s.add_argument("--log-level", default=env("FERROTUNNEL_LOG_LEVEL", "info"))
+    add_cluster_args(s)
 
     c = sub.add_parser("client", help="connect to a server and forward its streams to a local service",
                        epilog=TOKEN_HELP)
-    c.add_argument("--server", default=_env("FERROTUNNEL_SERVER"), help="HOST:PORT of the tunnel server")
+    c.add_argument("--server", default=env("FERROTUNNEL_SERVER"), help="HOST:PORT of the tunnel server")
     _token_flags(c)
-    c.add_argument("--local-addr", default=_env("FERROTUNNEL_LOCAL_ADDR", "127.0.0.1:8000"))
-    c.add_argument("--tunnel-id", default=_env("FERROTUNNEL_TUNNEL_ID"),
+    c.add_argument("--local-addr", default=env("FERROTUNNEL_LOCAL_ADDR", "127.0.0.1:8000"))
+    c.add_argument("--tunnel-id", default=env("FERROTUNNEL_TUNNEL_ID"),
                    help="the name to route by (HTTP Host, or =TUNNEL_ID on a TCP ingress)")
-    c.add_argument("--tls", action="store_true", default=_env_flag("FERROTUNNEL_TLS"))
-    c.add_argument("--tls-ca", default=_env("FERROTUNNEL_TLS_CA"))
-    c.add_argument("--tls-server-name", default=_env("FERROTUNNEL_TLS_SERVER_NAME"))
-    c.add_argument("--tls-skip-verify", action="store_true", default=_env_flag("FERROTUNNEL_TLS_SKIP_VERIFY"),
+    c.add_argument("--tls", action="store_true", default=env_flag("FERROTUNNEL_TLS"))
+    c.add_argument("--tls-ca", default=env("FERROTUNNEL_TLS_CA"))
+    c.add_argument("--tls-server-name", default=env("FERROTUNNEL_TLS_SERVER_NAME"))
+    c.add_argument("--tls-skip-verify", action="store_true", default=env_flag("FERROTUNNEL_TLS_SKIP_VERIFY"),
                    help="accept any server certificate (unsafe; never implied)")
-    c.add_argument("--tls-cert", default=_env("FERROTUNNEL_TLS_CERT"))
-    c.add_argument("--tls-key", default=_env("FERROTUNNEL_TLS_KEY"))
-    c.add_argument("--log-level", default=_env("FERROTUNNEL_LOG_LEVEL", "info"))
+    c.add_argument("--tls-cert", default=env("FERROTUNNEL_TLS_CERT"))
+    c.add_argument("--tls-key", default=env("FERROTUNNEL_TLS_KEY"))
+    c.add_argument("--log-level", default=env("FERROTUNNEL_LOG_LEVEL", "info"))
 
     k = sub.add_parser("certs", help="make a CA and a server certificate (and a client pair) for TLS")
     k.add_argument("--out", required=True, help="directory to write ca.pem, ca.key, server.pem, server.key")
@@ -475,7 +352,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         if real and args.command in ("server", "client"):
-            _hide_token(args, argv)  # before anything else: no socket is open yet
+            hide_token(args, argv)  # before anything else: no socket is open yet
         if args.command == "version":
             return _version()
         if args.command == "certs":

@@ -283,12 +283,13 @@ class TunnelClient:
 
         return handle
 
-    async def connect(self, handler: Optional[StreamHandler] = None) -> Session:
+    async def connect(self, handler: Optional[StreamHandler] = None, *, sock: Optional[socket.socket] = None) -> Session:
         """One connection and handshake. Raises AuthenticationError, TlsVerificationError,
         HandshakeError (also for a peer that is demonstrably not a tunnel server of the expected
         kind: a TLS answer to a plaintext client, a plaintext or HTTP answer), or a retryable error
         (OSError, ConnectionLostError, RetryableHandshakeError, TimeoutError). Every message names
-        the likely cause and the flag that fixes it."""
+        the likely cause and the flag that fixes it. With ``sock`` (connected already, e.g. after a
+        preamble of the caller's own) the handshake runs on it instead of a new connection."""
         loop = asyncio.get_running_loop()
         handler = handler or self._default_handler()
         conn: Optional[ClientConnection] = None
@@ -301,8 +302,12 @@ class TunnelClient:
         ctx = self.transport.client_ssl()
         try:
             async with asyncio.timeout(self.config.handshake_timeout):
-                await loop.create_connection(factory, self.host, self.port, ssl=ctx,
-                                             server_hostname=self.server_name if ctx else None)
+                if sock is not None:
+                    await loop.create_connection(factory, sock=sock, ssl=ctx,
+                                                 server_hostname=self.server_name if ctx else None)
+                else:
+                    await loop.create_connection(factory, self.host, self.port, ssl=ctx,
+                                                 server_hostname=self.server_name if ctx else None)
                 assert conn is not None
                 await conn.ack
         except BaseException as exc:
@@ -441,6 +446,9 @@ class TunnelClient:
 
     async def _wait_retry(self, backoff: Backoff, exc: BaseException) -> None:
         delay = backoff.next_delay()
+        hint = exc.retry_after if isinstance(exc, RetryableHandshakeError) else None
+        if hint is not None and delay is not None:  # the server said when (a cluster handover)
+            delay = min(delay, hint)
         if delay is None:
             raise FerroTunnelError(
                 f"giving up after {backoff.attempts} attempts to reach {self.address}: {describe_error(exc)}") from exc

@@ -11,14 +11,8 @@ from collections import deque
 from typing import Any, Dict, List, Optional, Sequence, Set
 
 from ..config import StreamConfig
-from ..errors import (
-    ConnectionLostError,
-    FerroTunnelError,
-    LimitExceededError,
-    PeerUnsupportedError,
-    StreamClosedError,
-    StreamResetError,
-)
+from ..errors import (ConnectionLostError, FerroTunnelError, LimitExceededError, PeerUnsupportedError,
+                      StreamClosedError, StreamResetError)
 from ..frames import (
     DATA_HEADER_SIZE,
     CloseReason,
@@ -221,7 +215,8 @@ class SessionCore:
             log.warning("refusing stream %d: stream-open rate limit", sid)
             self._refuse(sid, "stream-open rate limit exceeded")
             return
-        st = CoreStream(sid, frame.protocol, frame.priority, False, self.peer_window, self.config.initial_window)
+        st = CoreStream(sid, frame.protocol, frame.priority, False, self.peer_window, self.config.initial_window,
+                        frame.headers)
         self.streams[sid] = st
         self.listener.on_stream_opened(st)
 
@@ -255,7 +250,8 @@ class SessionCore:
 
     # ------------------------------------------------------------------ stream operations
 
-    def open_stream(self, protocol: Protocol = Protocol.TCP, priority: StreamPriority = StreamPriority.NORMAL) -> CoreStream:
+    def open_stream(self, protocol: Protocol = Protocol.TCP, priority: StreamPriority = StreamPriority.NORMAL,
+                    headers: Any = ()) -> CoreStream:
         if self.closed:
             raise ConnectionLostError("the session is closed")
         if self.is_client and not self.peer_is_ext:
@@ -274,9 +270,9 @@ class SessionCore:
         self._next_id = (sid + 2) & 0xFFFFFFFF
         if self._next_id < 3:  # wrapped: keep our parity
             self._next_id = 1 if self.is_client else 2
-        st = CoreStream(sid, protocol, priority, True, self.peer_window, self.config.initial_window)
+        st = CoreStream(sid, protocol, priority, True, self.peer_window, self.config.initial_window, headers)
         self.streams[sid] = st
-        self.sched.push(sid, priority, encode(OpenStream(sid, protocol, (), None, priority)))
+        self.sched.push(sid, priority, encode(OpenStream(sid, protocol, headers, None, priority)))
         self.listener.on_output()
         return st
 

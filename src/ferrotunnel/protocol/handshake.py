@@ -271,6 +271,24 @@ class ClientHandshake:
                                       negotiate(self.config, caps))
 
 
+#: In a refusal's reason, "retry-after=SECONDS" asks the client to try again that soon (at most
+#: MAX_RETRY_AFTER): how a cluster node says "handover pending" (reject-reason/1 peers only).
+RETRY_AFTER_KEY = "retry-after="
+MAX_RETRY_AFTER = 5.0
+
+
+def retry_after_hint(reason: Optional[str]) -> Optional[float]:
+    """The "retry-after=SECONDS" a refusal's reason carries, bounded; None without one."""
+    if not reason or RETRY_AFTER_KEY not in reason:
+        return None
+    word = reason.split(RETRY_AFTER_KEY, 1)[1].split()[0].rstrip(";,)")
+    try:
+        value = float(word)
+    except ValueError:
+        return None
+    return min(max(value, 0.05), MAX_RETRY_AFTER) if value == value else None
+
+
 def _reason(caps: Sequence[str]) -> Optional[str]:
     for cap in caps:
         if cap.startswith(_REASON_PREFIX):
@@ -285,7 +303,9 @@ def _refusal(status: HandshakeStatus, reason: Optional[str]) -> HandshakeError:
             f"the server rejected the token (InvalidToken{said}): check the token you configured", status, reason)
     said = f" ({reason})" if reason else ""
     if status in (HandshakeStatus.RATE_LIMITED, HandshakeStatus.TUNNEL_ID_TAKEN):
-        return RetryableHandshakeError(f"the server refused this attempt ({status.name}){said}; will retry",
-                                       status, reason)
+        err = RetryableHandshakeError(f"the server refused this attempt ({status.name}){said}; will retry",
+                                      status, reason)
+        err.retry_after = retry_after_hint(reason)
+        return err
     why = reason or "incompatible protocol versions"
     return HandshakeError(f"the server refused the handshake ({status.name}): {why}", status, reason)

@@ -75,12 +75,13 @@ class CoreStream:
 
     __slots__ = (
         "id", "protocol", "priority", "local", "app", "state", "write_shut", "discarding",
-        "send_credit", "pending", "pending_bytes", "window", "recv_avail", "owed", "unread",
+        "send_credit", "pending", "pending_bytes", "window", "recv_avail", "owed", "unread", "headers",
     )
 
     def __init__(self, sid: int, protocol: Protocol, priority: StreamPriority, local: bool,
-                 send_credit: int, window: int) -> None:
+                 send_credit: int, window: int, headers: Any = ()) -> None:
         self.id = sid
+        self.headers = headers              # (name, value) pairs of its OpenStream
         self.protocol = protocol
         self.priority = priority
         self.local = local                  # we opened it

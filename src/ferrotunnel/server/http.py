@@ -335,6 +335,9 @@ class _HttpBridge(TcpBridge):
         if route is None:
             if health:  # the ingress's own /health, for a request no tunnel takes
                 self._reply("200 OK", "ok\n")
+            elif getattr(self.ingress.server.registry, "outage", False):  # a cluster node without its registry
+                self._reply("503 Service Unavailable", f"tunnel {printable(tunnel_id)} is not on this node and the "
+                            "cluster registry is unreachable; try again shortly\n")
             else:
                 self._reply("404 Not Found", f"no tunnel is connected for {printable(tunnel_id)}\n")
             return

@@ -38,7 +38,7 @@ class _IngressBridge(TcpBridge):
             return
         self.peer = transport.get_extra_info("peername")
         self.ingress.sweeper.add(self)
-        if not self.ingress.open_stream(self.ingress.tunnel_id, Protocol.TCP, self._opened):
+        if not self.ingress.open_stream(self.ingress.tunnel_id, Protocol.TCP, self._opened, self.peer):
             self._held = True  # what the visitor sends waits in the socket until there is a stream
             self.hold_reading()
 
@@ -97,35 +97,40 @@ class Ingress:
         not here; the registry's awaitable ``lookup`` may still know it, see ``open_stream``)."""
         return self.server.registry.lookup_local(tunnel_id) if tunnel_id is not None else None
 
-    def open_stream(self, tunnel_id: Optional[str], protocol: Protocol, then: Opened) -> bool:
+    def open_stream(self, tunnel_id: Optional[str], protocol: Protocol, then: Opened, visitor: Any = None,
+                    host: Optional[str] = None) -> bool:
         """Open a stream to the tunnel and report it to ``then``: synchronously when the route is
         local (no await on the path of a new connection; returns True), after the registry
         answered otherwise (returns False: the caller holds the visitor's bytes meanwhile).
-        Ingresses find tunnels only here, through the registry."""
+        Ingresses find tunnels only here, through the registry. ``visitor`` and ``host`` travel
+        with a stream that a route carries on to another node."""
         route = self.lookup(tunnel_id)
         registry = self.server.registry
         if route is not None or tunnel_id is None or registry.local_only:
-            self._open(route, protocol, then)
+            self._open(route, protocol, then, visitor, host)
             return True
-        task = asyncio.get_running_loop().create_task(self._open_later(registry.lookup(tunnel_id), protocol, then))
+        task = asyncio.get_running_loop().create_task(
+            self._open_later(registry.lookup(tunnel_id), protocol, then, visitor, host))
         self._lookups.add(task)
         task.add_done_callback(self._lookups.discard)
         return False
 
-    async def _open_later(self, found: Awaitable[Optional[Route]], protocol: Protocol, then: Opened) -> None:
+    async def _open_later(self, found: Awaitable[Optional[Route]], protocol: Protocol, then: Opened, visitor: Any,
+                          host: Optional[str]) -> None:
         try:
             route = await found
         except Exception as exc:  # the registry failed: no route, said once in the log
             log.warning("%s: registry lookup failed: %s", self.kind, exc)
             route = None
-        self._open(route, protocol, then)
+        self._open(route, protocol, then, visitor, host)
 
-    def _open(self, route: Optional[Route], protocol: Protocol, then: Opened) -> None:
+    def _open(self, route: Optional[Route], protocol: Protocol, then: Opened, visitor: Any = None,
+              host: Optional[str] = None) -> None:
         if route is None:
             then(None, None)
             return
         try:
-            stream = route.open_stream_nowait(protocol, self.priority)
+            stream = route.open_stream_nowait(protocol, self.priority, visitor, host)
         except FerroTunnelError as exc:
             then(route, exc)
             return

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Collection, Dict, Iterator, Optional, Protocol as TypingProtocol, Union
+from typing import Any, Awaitable, Callable, Collection, Dict, Iterator, Optional, Protocol as TypingProtocol, Union
 
 from ..aio.session import Session
 from ..aio.stream import VirtualStream
@@ -24,7 +24,8 @@ __all__ = ["Route", "LocalRoute", "Claim", "SessionRegistry", "LocalRegistry", "
 
 
 class Route:
-    """Where a tunnel is served. Subclasses: ``LocalRoute`` (a session of this process)."""
+    """Where a tunnel is served. Subclasses: ``LocalRoute`` (a session of this process) and the
+    cluster's route over a link to the node that owns the tunnel."""
 
     __slots__ = ()
 
@@ -32,7 +33,10 @@ class Route:
     def tunnel_id(self) -> str:
         raise NotImplementedError
 
-    def open_stream_nowait(self, protocol: Protocol, priority: StreamPriority) -> VirtualStream:
+    def open_stream_nowait(self, protocol: Protocol, priority: StreamPriority, visitor: Any = None,
+                           host: Optional[str] = None) -> VirtualStream:
+        """A new stream to the tunnel. ``visitor`` (its address) and ``host`` (the HTTP Host) say
+        who the stream is for; a route that carries the stream further passes them on."""
         raise NotImplementedError
 
 
@@ -48,7 +52,8 @@ class LocalRoute(Route):
     def tunnel_id(self) -> str:
         return self.session.tunnel_id
 
-    def open_stream_nowait(self, protocol: Protocol, priority: StreamPriority) -> VirtualStream:
+    def open_stream_nowait(self, protocol: Protocol, priority: StreamPriority, visitor: Any = None,
+                           host: Optional[str] = None) -> VirtualStream:
         return self.session.open_stream_nowait(protocol, priority)
 
     def __repr__(self) -> str:
@@ -58,10 +63,15 @@ class LocalRoute(Route):
 @dataclass(frozen=True)
 class Claim:
     """The answer to ``claim``: granted or not, and the stale local session it displaced, if any
-    (the caller closes it)."""
+    (the caller closes it). Refused with ``retry_after`` set, the id is not held by a live holder
+    but is being handed over (its holder is stale, dead or draining): the client should try again
+    after that many seconds, rather than be told the id is taken."""
 
     granted: bool
     replaced: Optional[Session] = None
+    retry_after: Optional[float] = None
+    #: Why it was refused, for the log and the client (no secret in it).
+    reason: str = ""
 
 
 #: Asked about the session holding a tunnel id: may a new claim replace it?

@@ -230,6 +230,11 @@ class TunnelServer:
         self._server = await listen(lambda: ServerConnection(self), host, port, "tunnel port")
         log.info("tunnel server listening on %s:%s%s", *self.address, " (TLS)" if self.transport.is_tls else "")
 
+    async def adopt(self, sock: Any) -> None:
+        """Serve one connection accepted elsewhere (a connected socket), as if the tunnel port had
+        accepted it: admission limits, handshake and session as usual."""
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: ServerConnection(self), sock)
+
     async def __aenter__(self) -> "TunnelServer":
         await self.start()
         return self
@@ -279,6 +284,10 @@ class TunnelServer:
     def auth_failure(self, peer: Any) -> None:
         self._throttle.failure(_host(peer), time.monotonic())
 
+    def token_ok(self, token: str) -> bool:
+        """Whether a Handshake's token admits it (constant time); subclasses may widen this."""
+        return constant_time_eq(token, self._token)
+
     async def authorize(self, conn: ServerConnection, req: HandshakeRequest) -> None:
         """The server's policy for one Handshake: accept it or refuse it, with a reason."""
         if conn.closed:
@@ -301,7 +310,7 @@ class TunnelServer:
             validate_token_format(req.token)
         except TokenFormatError as exc:
             return fail(HandshakeStatus.INVALID_TOKEN, f"malformed token ({exc})")
-        if not constant_time_eq(req.token, self._token):
+        if not self.token_ok(req.token):
             return fail(HandshakeStatus.INVALID_TOKEN, "wrong token")
         if not req.version_ok:
             return fail(HandshakeStatus.VERSION_MISMATCH,
@@ -319,8 +328,12 @@ class TunnelServer:
             if claim.granted:
                 await self.registry.release(tunnel_id, session)
             return None
+        if not claim.granted and claim.retry_after is not None:  # a cluster handover: retry soon
+            return fail(HandshakeStatus.RATE_LIMITED, f"tunnel id {tunnel_id!r}: {claim.reason or 'handover pending'}; "
+                        f"retry-after={claim.retry_after:g}", count=False)
         if not claim.granted:
-            return fail(HandshakeStatus.TUNNEL_ID_TAKEN, f"tunnel id {tunnel_id!r} is in use", count=False)
+            said = f" ({claim.reason})" if claim.reason else ""
+            return fail(HandshakeStatus.TUNNEL_ID_TAKEN, f"tunnel id {tunnel_id!r} is in use{said}", count=False)
         if claim.replaced is not None:
             log.info("tunnel %s: replacing stale session %s with a new connection from %s",
                      tunnel_id, claim.replaced.id, peer)

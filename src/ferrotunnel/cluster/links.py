@@ -1,0 +1,370 @@
+"""Node links: one persistent, authenticated, multiplexed connection per pair of cluster nodes.
+
+A visitor that reaches node B for a tunnel whose client session is on node A crosses one link
+B -> A: B opens a stream on its link session to A (the tunnel protocol's own framing and flow
+control, one frame to open, no new connection per visitor), with the tunnel id, the visitor's
+address and its Host in the stream's headers; A opens a stream on the client's session and
+joins the two (``splice``). A stream that arrives over a link is only ever given to a local
+session: a visitor crosses at most one hop.
+
+Before the tunnel protocol starts, the two nodes prove to each other that they know the cluster
+secret, without sending it (HMAC-SHA256 over both nodes' ids and fresh nonces)::
+
+    A (accepting) -> B : MAGIC, A's node id, nonce_a
+    B (dialling)  -> A : MAGIC, B's node id, nonce_b, mac("dial", nonce_a, nonce_b, id_a, id_b)
+    A             -> B : mac("accept", nonce_a, nonce_b, id_a, id_b)
+
+Then B speaks first as a tunnel client, with a per-link token derived from the secret and both
+nonces (so the handshake's token is worth nothing elsewhere). The link carries visitor bytes in
+the clear, like the tunnel port without TLS: run node links on a private network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import hmac
+import logging
+import os
+import socket
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from ..aio.listen import RefusalLog
+from ..aio.session import Session
+from ..aio.stream import VirtualStream
+from ..client.client import TunnelClient
+from ..config import ClientConfig, ServerConfig
+from ..errors import ConnectionLostError
+from ..frames import Protocol, StreamPriority
+from ..server.registry import Route
+from ..server.server import TunnelServer
+from .splice import splice
+
+__all__ = ["LinkServer", "LinkPool", "RemoteRoute", "LinkAuthError", "HEADER_TUNNEL", "HEADER_VISITOR", "HEADER_HOST"]
+
+log = logging.getLogger("ferrotunnel.cluster")
+
+MAGIC = b"FTLINK/1"
+NONCE_SIZE = 32
+MAC_SIZE = 32
+#: Longest node id on the wire (ClusterConfig allows 128 characters of UTF-8).
+MAX_NODE_ID = 512
+#: Seconds the preamble may take before the connection is dropped.
+PREAMBLE_TIMEOUT = 5.0
+
+HEADER_TUNNEL = "ft-tunnel"
+HEADER_VISITOR = "ft-visitor"
+HEADER_HOST = "ft-host"
+
+
+class LinkAuthError(ConnectionLostError):
+    """The other node does not know the cluster secret (or is not a cluster node)."""
+
+
+def _mac(secret: bytes, label: bytes, *parts: bytes) -> bytes:
+    msg = bytearray(label)
+    for p in parts:
+        msg += len(p).to_bytes(4, "big") + p
+    return hmac.new(secret, bytes(msg), hashlib.sha256).digest()
+
+
+def _hello(node_id: bytes, nonce: bytes) -> bytes:
+    return MAGIC + len(node_id).to_bytes(2, "big") + node_id + nonce
+
+
+async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await loop.sock_recv(sock, n - len(buf))
+        if not chunk:
+            raise LinkAuthError("the other end closed the connection during the node-link preamble")
+        buf += chunk
+    return bytes(buf)
+
+
+async def _read_hello(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Tuple[bytes, bytes]:
+    head = await _recv_exactly(loop, sock, len(MAGIC) + 2)
+    if head[:len(MAGIC)] != MAGIC:
+        raise LinkAuthError("not a ferrotunnel node link (bad preamble)")
+    size = int.from_bytes(head[len(MAGIC):], "big")
+    if not 1 <= size <= MAX_NODE_ID:
+        raise LinkAuthError(f"node id of {size} bytes in the preamble")
+    node_id = await _recv_exactly(loop, sock, size)
+    nonce = await _recv_exactly(loop, sock, NONCE_SIZE)
+    return node_id, nonce
+
+
+def _printable_id(raw: bytes) -> str:
+    return raw.decode("utf-8", "backslashreplace").encode("unicode_escape").decode("ascii")
+
+
+def link_token(secret: bytes, nonce_a: bytes, nonce_b: bytes) -> str:
+    """The tunnel-protocol token of one link: derived, so the secret never crosses the wire."""
+    return _mac(secret, b"ferrotunnel link token", nonce_a, nonce_b).hex()
+
+
+class _LinkTunnelServer(TunnelServer):
+    """The tunnel server behind the node-link listener: a link's token is one its preamble made."""
+
+    def __init__(self, owner: "LinkServer", *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.owner = owner
+
+    def token_ok(self, token: str) -> bool:
+        return self.owner.take_token(token)
+
+
+class LinkServer:
+    """Accepts node links on ``bind`` and joins every stream that arrives on one to the local
+    session of its tunnel (``local_route(tunnel_id)``)."""
+
+    #: Seconds a token made by a preamble stays valid for its handshake.
+    TOKEN_TTL = 10.0
+
+    def __init__(self, node_id: str, secret: str, bind: Tuple[str, int],
+                 local_route: Callable[[str], Optional[Route]], config: Optional[ServerConfig] = None) -> None:
+        if not secret:
+            raise ValueError("a node link needs the cluster secret")
+        self.node_id = node_id
+        self._secret = secret.encode()
+        self._bind = bind
+        self._local_route = local_route
+        # one tunnel server for the links: a session per link, its streams joined to local sessions
+        cfg = config or ServerConfig(accept_client_streams=True, max_accept_queue=4096,
+                                     max_peer_resets_per_second=1e9, heartbeat_interval=2.0, session_timeout=8.0)
+        self.tunnel = _LinkTunnelServer(self, bind, os.urandom(16).hex(), config=cfg, stream_handler=self._on_stream)
+        self._tokens: Dict[str, float] = {}  # made by a preamble, good for one handshake
+        self._sock: Optional[socket.socket] = None
+        self._task: Optional["asyncio.Task[None]"] = None
+        self._handshakes: "set[asyncio.Task[None]]" = set()
+        self._refusals = RefusalLog("node link")
+        #: streams that arrived over links, by outcome ("joined", "no_session", "refused")
+        self.streams: Dict[str, int] = {"joined": 0, "no_session": 0, "refused": 0}
+
+    def take_token(self, token: str) -> bool:
+        """Whether ``token`` was made by a preamble in the last TOKEN_TTL seconds (used up)."""
+        now = time.monotonic()
+        for t in [t for t, made in self._tokens.items() if now - made > self.TOKEN_TTL]:
+            del self._tokens[t]
+        return self._tokens.pop(token, None) is not None
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        if self._sock is None:
+            raise RuntimeError("the node link listener is not started")
+        host, port = self._sock.getsockname()[:2]
+        return host, port
+
+    async def start(self) -> None:
+        host, port = self._bind
+        infos = await asyncio.get_running_loop().getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                               flags=socket.AI_PASSIVE)
+        family, kind, proto, _, addr = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        self._task = asyncio.get_running_loop().create_task(self._accept_loop())
+        log.info("node %s: node links on %s:%s", self.node_id, *self.address)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(self._sock)
+            except OSError as exc:  # out of descriptors and the like: wait, do not spin
+                log.warning("node links: accept failed: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            conn.setblocking(False)
+            task = loop.create_task(self._handshake(conn, peer))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, sock: socket.socket, peer: Any) -> None:
+        loop = asyncio.get_running_loop()
+        me = self.node_id.encode()
+        nonce_a = os.urandom(NONCE_SIZE)
+        try:
+            async with asyncio.timeout(PREAMBLE_TIMEOUT):
+                await loop.sock_sendall(sock, _hello(me, nonce_a))
+                other, nonce_b = await _read_hello(loop, sock)
+                mac = await _recv_exactly(loop, sock, MAC_SIZE)
+                if not hmac.compare_digest(mac, _mac(self._secret, b"dial", nonce_a, nonce_b, me, other)):
+                    raise LinkAuthError("the dialling node does not know the cluster secret")
+                await loop.sock_sendall(sock, _mac(self._secret, b"accept", nonce_a, nonce_b, me, other))
+        except (OSError, TimeoutError, LinkAuthError) as exc:
+            host = peer[0] if isinstance(peer, tuple) else str(peer)
+            self._refusals.refuse(host, "link_auth", str(exc) or type(exc).__name__)
+            sock.close()
+            return
+        self._tokens[link_token(self._secret, nonce_a, nonce_b)] = time.monotonic()
+        try:
+            await self.tunnel.adopt(sock)
+        except OSError:
+            sock.close()
+
+    async def _on_stream(self, stream: VirtualStream) -> None:
+        headers = dict(stream.headers)
+        tunnel_id = headers.get(HEADER_TUNNEL)
+        route = self._local_route(tunnel_id) if tunnel_id else None
+        if route is None:
+            self.streams["no_session"] += 1
+            log.info("node link from %s: no local session for tunnel %r; resetting the stream",
+                     stream.session.tunnel_id, tunnel_id)
+            stream.abort()
+            return
+        visitor: Any = None
+        if HEADER_VISITOR in headers:
+            vhost, _, vport = headers[HEADER_VISITOR].rpartition(":")
+            visitor = (vhost, int(vport)) if vport.isdigit() else None
+        try:
+            target = route.open_stream_nowait(stream.protocol, stream.priority, visitor, headers.get(HEADER_HOST))
+        except Exception as exc:  # the session is at a limit or closing: the visitor sees a reset
+            self.streams["refused"] += 1
+            log.warning("node link: cannot open a stream to tunnel %s: %s", tunnel_id, exc)
+            stream.abort()
+            return
+        self.streams["joined"] += 1
+        splice(stream, target)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for task in list(self._handshakes):
+            task.cancel()
+        if self._sock is not None:
+            self._sock.close()
+        await self.tunnel.close()
+
+
+class RemoteRoute(Route):
+    """A tunnel whose client session is on another node: streams go over the link to it."""
+
+    __slots__ = ("_tunnel_id", "node_id", "link")
+
+    def __init__(self, tunnel_id: str, node_id: str, link: Session) -> None:
+        self._tunnel_id = tunnel_id
+        self.node_id = node_id
+        self.link = link
+
+    @property
+    def tunnel_id(self) -> str:
+        return self._tunnel_id
+
+    def open_stream_nowait(self, protocol: Protocol, priority: StreamPriority, visitor: Any = None,
+                           host: Optional[str] = None) -> VirtualStream:
+        headers: List[Tuple[str, str]] = [(HEADER_TUNNEL, self._tunnel_id)]
+        if isinstance(visitor, tuple) and len(visitor) >= 2:
+            headers.append((HEADER_VISITOR, f"{visitor[0]}:{visitor[1]}"))
+        if host:
+            headers.append((HEADER_HOST, host))
+        return self.link.open_stream_nowait(protocol, priority, headers)
+
+    def __repr__(self) -> str:
+        return f"<RemoteRoute {self._tunnel_id!r} on node {self.node_id!r}>"
+
+
+class LinkPool:
+    """This node's links to the other nodes, dialled on first use and kept; ``route`` is the
+    ``remote_route`` a cluster registry turns "tunnel X is on node N at ADDR" into a route with."""
+
+    def __init__(self, node_id: str, secret: str, config: Optional[ClientConfig] = None,
+                 connect_timeout: float = 3.0) -> None:
+        if not secret:
+            raise ValueError("a node link needs the cluster secret")
+        self.node_id = node_id
+        self._secret = secret.encode()
+        self.config = config or ClientConfig(heartbeat_interval=2.0, session_timeout=8.0)
+        self.connect_timeout = connect_timeout
+        self._links: Dict[str, Session] = {}
+        self._dialing: Dict[str, "asyncio.Future[Session]"] = {}
+        self._clients: Dict[str, TunnelClient] = {}
+        #: link round trips by node id (heartbeat RTT, seconds), for the metrics
+        self.failures = 0
+
+    async def route(self, node_id: str, address: Tuple[str, int], tunnel_id: str) -> Optional[Route]:
+        """A route to ``tunnel_id`` over the link to ``node_id`` (dialled if needed); None if the
+        node cannot be reached (the caller answers the visitor, and asks again later)."""
+        try:
+            link = await self.link(node_id, address)
+        except (OSError, TimeoutError, ConnectionLostError) as exc:
+            self.failures += 1
+            log.warning("node link to %s at %s:%s failed: %s", node_id, address[0], address[1], exc)
+            return None
+        return RemoteRoute(tunnel_id, node_id, link)
+
+    def links(self) -> Dict[str, Session]:
+        """The live links, by node id."""
+        return {n: s for n, s in self._links.items() if not s.is_closed}
+
+    async def link(self, node_id: str, address: Tuple[str, int]) -> Session:
+        session = self._links.get(node_id)
+        if session is not None and not session.is_closed:
+            return session
+        pending = self._dialing.get(node_id)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_task(self._dial(node_id, address))
+            self._dialing[node_id] = pending
+            pending.add_done_callback(functools.partial(self._dialled, node_id))
+        return await asyncio.shield(pending)
+
+    def _dialled(self, node_id: str, _task: "asyncio.Future[Session]") -> None:
+        self._dialing.pop(node_id, None)
+
+    async def _dial(self, node_id: str, address: Tuple[str, int]) -> Session:
+        loop = asyncio.get_running_loop()
+        host, port = address
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, addr = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        me = self.node_id.encode()
+        nonce_b = os.urandom(NONCE_SIZE)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await loop.sock_connect(sock, addr)
+                other, nonce_a = await _read_hello(loop, sock)
+                if other != node_id.encode():
+                    raise LinkAuthError(f"expected node {node_id!r}, reached node {_printable_id(other)!r}")
+                await loop.sock_sendall(sock, _hello(me, nonce_b) + _mac(self._secret, b"dial", nonce_a, nonce_b,
+                                                                          other, me))
+                proof = await _recv_exactly(loop, sock, MAC_SIZE)
+                if not hmac.compare_digest(proof, _mac(self._secret, b"accept", nonce_a, nonce_b, other, me)):
+                    raise LinkAuthError(f"node {node_id!r} does not know the cluster secret")
+        except BaseException:
+            sock.close()
+            raise
+        token = link_token(self._secret, nonce_a, nonce_b)
+        client = TunnelClient(f"{host}:{port}", token, tunnel_id=f"link:{self.node_id}:{nonce_b[:4].hex()}",
+                              config=self.config)
+        session = await client.connect(_refuse, sock=sock)
+        old = self._clients.pop(node_id, None)
+        if old is not None:
+            await old.close()
+        self._clients[node_id] = client
+        self._links[node_id] = session
+        log.info("node link to %s at %s:%s is up", node_id, host, port)
+        return session
+
+    async def close(self) -> None:
+        for task in list(self._dialing.values()):
+            task.cancel()
+        for client in list(self._clients.values()):
+            await client.close()
+        self._clients.clear()
+        self._links.clear()
+
+
+async def _refuse(stream: VirtualStream) -> None:
+    """Streams the accepting node opens toward the dialler: none are expected."""
+    stream.abort()

@@ -1,0 +1,499 @@
+"""``RedisRegistry``: the ``SessionRegistry`` of a cluster node, who owns which tunnel id in Redis.
+
+Keys (``p``: ``key_prefix``; ``t``: Redis ``TIME`` in ms): ``{p}node:{node_id}`` hash ``epoch
+state addr t`` PX ``node_ttl`` ("up"/"draining", link address, epoch fresh at every start) and
+``{p}tunnel:{tunnel_id}`` hash ``node epoch session t`` PX ``claim_ttl``. Every read-then-write
+is one Lua script: ``claim`` (free, ours, or held by a dead / restarted / draining node: take it;
+a stale holder: "pending"; else "held"), ``refresh`` and ``release`` (compare, then update or
+delete), ``node`` and ``lookup``. While Redis is unreachable the node serves and grants locally,
+then re-asserts everything (where two nodes granted one id, the claim in Redis stays).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+import weakref
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Collection, Dict, List, Optional, Set, Tuple
+
+from ..aio.session import Session
+from ..config import ClusterConfig, redact_url
+from ..errors import ConnectionLostError
+from ..server.registry import Claim, LocalRegistry, Route, StalePredicate
+
+__all__ = ["RedisRegistry", "RegistryStats", "RouteFactory", "connect"]
+
+log = logging.getLogger("ferrotunnel.cluster")
+
+#: ``remote_route(node_id, (host, port), tunnel_id)``: a Route to that tunnel on that node, or None.
+RouteFactory = Callable[[str, Tuple[str, int], str], Awaitable[Optional[Route]]]
+
+_NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) "
+
+#: KEYS: claim. ARGV: node, epoch, session, claim_ttl ms, node key prefix, stale claim ms, stale
+#: node ms, "1" if another claim of this node and epoch may be replaced. {verdict, holder, why}.
+_CLAIM = _NOW + """
+local h = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'session', 't')
+local verdict = 'granted'
+if h[1] and h[1] == ARGV[1] and h[2] == ARGV[2] then
+  if h[3] ~= ARGV[3] and ARGV[8] ~= '1' then return {'mine', h[1], ''} end
+elseif h[1] then
+  local n = redis.call('HMGET', ARGV[5] .. h[1], 'epoch', 'state', 't')
+  if not n[1] then verdict = 'dead'
+  elseif n[1] ~= h[2] then verdict = 'restarted'
+  elseif n[2] == 'draining' then verdict = 'draining'
+  else
+    local claim_age, node_age = now - tonumber(h[4] or 0), now - tonumber(n[3] or 0)
+    local why = claim_age > tonumber(ARGV[6]) and ('its claim was not refreshed for ' .. claim_age .. ' ms')
+      or node_age > tonumber(ARGV[7]) and ('the node was silent for ' .. node_age .. ' ms')
+    if why then return {'pending', h[1], why} end
+    return {'held', h[1], ''}
+  end
+end
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', ARGV[2], 'session', ARGV[3], 't', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return {verdict, h[1] or '', ''}
+"""
+
+#: KEYS: claim. ARGV: node, epoch, session, claim_ttl ms. '' while ours (re-created if it expired:
+#: nobody else holds it), else the holder's node.
+_REFRESH = _NOW + """
+local h = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'session')
+if h[1] and not (h[1] == ARGV[1] and h[2] == ARGV[2] and h[3] == ARGV[3]) then return h[1] end
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', ARGV[2], 'session', ARGV[3], 't', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return ''
+"""
+
+#: KEYS: a claim or a node key. ARGV: field, value, field, value... Compare-and-delete.
+_RELEASE = """
+for i = 1, #ARGV, 2 do if redis.call('HGET', KEYS[1], ARGV[i]) ~= ARGV[i + 1] then return 0 end end
+return redis.call('DEL', KEYS[1])
+"""
+
+#: KEYS: node. ARGV: epoch, state, addr, node_ttl ms. Returns the epoch it replaced ('' if none).
+_NODE = _NOW + """
+local prev = redis.call('HGET', KEYS[1], 'epoch')
+redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'state', ARGV[2], 'addr', ARGV[3], 't', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return prev or ''
+"""
+
+#: KEYS: claim. ARGV: node key prefix. {node, addr} when the claim's node is alive in that epoch.
+_LOOKUP = """
+local h = redis.call('HMGET', KEYS[1], 'node', 'epoch')
+if not h[1] then return false end
+local n = redis.call('HMGET', ARGV[1] .. h[1], 'epoch', 'addr')
+if n[1] ~= h[2] then return false end
+return {h[1], n[2]}
+"""
+
+_SCRIPTS = {"claim": _CLAIM, "refresh": _REFRESH, "release": _RELEASE, "node": _NODE, "lookup": _LOOKUP}
+_TAKEOVER = frozenset({"dead", "restarted", "draining"})
+_BATCH, _CACHE_MAX = 500, 10000
+
+
+@dataclass
+class RegistryStats:
+    """For the node's metrics: Redis operations (a pipeline is one), failed ones, seconds in them;
+    ids taken over from dead, restarted or draining nodes; local sessions closed because another
+    node held their id after an outage (``conflicts``) or took it over (``lost``)."""
+
+    ops: int = 0
+    errors: int = 0
+    op_seconds: float = 0.0
+    takeovers: int = 0
+    conflicts: int = 0
+    lost: int = 0
+
+
+class _Down(Exception):
+    """Redis did not answer (already logged): the caller falls back to local answers."""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else "" if value is None else str(value)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+def _parse_addr(addr: str) -> Tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _redis() -> Any:
+    try:
+        import redis.asyncio as aioredis
+    except ImportError as exc:
+        raise ImportError("cluster mode needs redis-py: pip install 'ferrotunnel[cluster]'") from exc
+    return aioredis
+
+
+def connect(config: ClusterConfig) -> Any:
+    """A ``redis.asyncio`` client: ``redis_timeout`` bounds, one retry (a connection a restart broke)."""
+    aioredis = _redis()
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    return aioredis.from_url(config.redis_url, socket_timeout=config.redis_timeout,
+                             socket_connect_timeout=config.redis_timeout, retry=Retry(NoBackoff(), 1),
+                             client_name=f"ferrotunnel:{config.node_id}")
+
+
+class RedisRegistry:
+    """A ``SessionRegistry`` shared by the nodes of a cluster through Redis (see the module doc).
+    ``remote_route(node_id, (host, port), tunnel_id)`` makes a Route to a tunnel of another node
+    (the node link supplies it; without it remote tunnels are not found). ``epoch``: fresh unless given;
+    ``client``: ``connect(config)`` unless given. ``start()`` / ``close()`` run the tasks."""
+
+    local_only = False
+
+    def __init__(self, config: ClusterConfig, *, remote_route: Optional[RouteFactory] = None,
+                 epoch: Optional[str] = None, client: Any = None) -> None:
+        self.config = config
+        self.node_id = config.node_id
+        self.epoch = epoch or uuid.uuid4().hex
+        self.remote_route = remote_route
+        self.stats = RegistryStats()
+        self._errors = (_redis().RedisError, OSError, TimeoutError)
+        self._own_client = client is None
+        self._client: Any = client if client is not None else connect(config)
+        self._scripts = {name: self._client.register_script(src) for name, src in _SCRIPTS.items()}
+        self._url = redact_url(config.redis_url)
+        self._local = LocalRegistry()
+        #: Where other nodes reach this node's link listener (read at every liveness refresh).
+        self.advertise: Tuple[str, int] = config.node_advertise
+        self._node_key = f"{config.key_prefix}node:{config.node_id}"
+        self._node_prefix = f"{config.key_prefix}node:"
+        self._state = "up"
+        self._outage = False
+        self._stale: Optional[StalePredicate] = None
+        self._unreconciled: Set[str] = set()  # ids granted without Redis' word: claim again
+        self._orphans: Dict[str, str] = {}  # session id hex -> tunnel id, released while Redis was down
+        self._cache: Dict[str, Tuple[float, Optional[Route]]] = {}
+        self._inflight: Dict[str, "asyncio.Task[Optional[Route]]"] = {}
+        self._gates: "weakref.WeakValueDictionary[str, asyncio.Lock]" = weakref.WeakValueDictionary()
+        self._loops: List["asyncio.Task[None]"] = []
+        self._background: Set["asyncio.Task[None]"] = set()
+        self._wrote_node = False
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (f"<RedisRegistry node={self.node_id!r} redis={self._url!r} {self._state}"
+                f"{' outage' if self._outage else ''} claims={len(self._local.local_sessions())}>")
+
+    @property
+    def outage(self) -> bool:
+        """True while Redis is unreachable (the node answers from its own sessions only)."""
+        return self._outage
+
+    @property
+    def draining(self) -> bool:
+        return self._state == "draining"
+
+    def _claim_key(self, tunnel_id: str) -> str:
+        return f"{self.config.key_prefix}tunnel:{tunnel_id}"
+
+    async def _call(self, fn: Callable[[], Awaitable[Any]], probe: bool = False) -> Any:
+        if self._outage and not probe:
+            raise _Down()
+        self.stats.ops += 1
+        t0 = time.monotonic()
+        try:
+            async with asyncio.timeout(self.config.redis_timeout):
+                return await fn()
+        except self._errors as exc:
+            self.stats.errors += 1
+            self._went_down(exc)
+            raise _Down() from exc
+        finally:
+            self.stats.op_seconds += time.monotonic() - t0
+
+    def _went_down(self, exc: BaseException) -> None:
+        if not self._outage:
+            self._outage = True
+            why = str(exc) or f"no answer within {self.config.redis_timeout} s"
+            log.warning("registry: Redis at %s unreachable: %s; serving local tunnels only", self._url, why)
+
+    def _script(self, name: str, keys: List[str], args: List[Any]) -> Callable[[], Awaitable[Any]]:
+        return lambda: self._scripts[name](keys=keys, args=args)
+
+    async def _batch(self, name: str, calls: List[Tuple[List[str], List[Any]]]) -> List[Any]:
+        """Run one script for many keys, in pipelines of ``_BATCH`` (one round trip each)."""
+        out: List[Any] = []
+        for i in range(0, len(calls), _BATCH):
+            pipe = self._client.pipeline(transaction=False)
+            for keys, args in calls[i:i + _BATCH]:
+                await self._scripts[name](keys=keys, args=args, client=pipe)
+            out += await self._call(pipe.execute)
+        return out
+
+    def _claim_call(self, session: Session, replace_own: bool) -> Tuple[List[str], List[Any]]:
+        c = self.config
+        return ([self._claim_key(session.tunnel_id)],
+                [self.node_id, self.epoch, session.id.hex, _ms(c.claim_ttl), self._node_prefix,
+                 _ms(2 * c.claim_refresh), _ms(2 * c.node_refresh), "1" if replace_own else "0"])
+
+    def _owner(self, session_hex: str) -> List[Any]:
+        return ["node", self.node_id, "epoch", self.epoch, "session", session_hex]
+
+    def _refresh_args(self, session: Session) -> List[Any]:
+        return [self.node_id, self.epoch, session.id.hex, _ms(self.config.claim_ttl)]
+
+    async def _write_node(self) -> None:
+        host, port = self.advertise
+        addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        args = [self.epoch, self._state, addr, _ms(self.config.node_ttl)]
+        prev = _text(await self._call(self._script("node", [self._node_key], args)))
+        if prev and prev != self.epoch and self._wrote_node:
+            log.warning("registry: another process also runs as node %s (one node id twice?)", self.node_id)
+        self._wrote_node = True
+
+    def _gate(self, tunnel_id: str) -> asyncio.Lock:
+        """One claim of a tunnel id at a time on this node: Redis and the local registry agree."""
+        lock = self._gates.get(tunnel_id)
+        if lock is None:
+            lock = self._gates[tunnel_id] = asyncio.Lock()
+        return lock
+
+    async def claim(self, tunnel_id: str, session: Session, stale: Optional[StalePredicate] = None) -> Claim:
+        if stale is not None:
+            self._stale = stale
+        async with self._gate(tunnel_id):
+            holder = self._local.local_session(tunnel_id)
+            if holder is not None and not holder.is_closed and (stale is None or not stale(holder)):
+                return Claim(False, reason=f"tunnel id {tunnel_id} is in use on this node")
+            try:
+                answer = await self._call(self._script("claim", *self._claim_call(session, True)))
+            except _Down:  # granted here, claimed in Redis when it is back
+                self._unreconciled.add(tunnel_id)
+                return self._local.claim_nowait(tunnel_id, session, lambda s: True)
+            verdict, node, why = (_text(v) for v in answer)
+            if verdict == "held":
+                return Claim(False, reason=f"held by node {node}")
+            if verdict == "pending":
+                return Claim(False, retry_after=self.config.handover_retry,
+                             reason=f"handover pending: node {node} holds it but {why}")
+            if verdict in _TAKEOVER:
+                self.stats.takeovers += 1
+                log.info("registry: tunnel %s taken over from node %s (%s)", tunnel_id, node, verdict)
+            self._unreconciled.discard(tunnel_id)
+            return self._local.claim_nowait(tunnel_id, session, lambda s: True)
+
+    async def release(self, tunnel_id: str, session: Session) -> None:
+        if self._local.get(session.id) is session:
+            await self._local.release(tunnel_id, session)
+            await self._release_remote(tunnel_id, session.id.hex)
+
+    def session_ended(self, session: Session) -> None:
+        if self._local.get(session.id) is not session:
+            return  # replaced (its id is claimed by the new session) or never granted
+        self._local.session_ended(session)
+        if self._closed:
+            return
+        task = asyncio.get_running_loop().create_task(self._release_remote(session.tunnel_id, session.id.hex))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _release_remote(self, tunnel_id: str, session_hex: str) -> None:
+        try:
+            await self._call(self._script("release", [self._claim_key(tunnel_id)], self._owner(session_hex)))
+        except _Down:
+            self._orphans[session_hex] = tunnel_id
+
+    async def refresh(self, tunnel_id: str, session: Session) -> bool:
+        if self._local.local_session(tunnel_id) is not session:
+            return False
+        try:
+            holder = _text(await self._call(self._script(
+                "refresh", [self._claim_key(tunnel_id)], self._refresh_args(session))))
+        except _Down:
+            return True  # nobody can say otherwise while Redis is away
+        if holder:
+            self._lost(session, holder)
+        return not holder
+
+    def _is_stale(self, session: Session) -> bool:
+        if self._stale is not None:
+            return self._stale(session)
+        return session.silent_for(time.monotonic()) > 2 * self.config.claim_refresh
+
+    def _close_local(self, session: Session, why: str) -> bool:
+        if self._local.local_session(session.tunnel_id) is not session:
+            return False  # replaced on this node meanwhile
+        log.warning("registry: %s; closing session %s", why, session.id)
+        self._local.session_ended(session)
+        session.close(ConnectionLostError(why))
+        return True
+
+    def _lost(self, session: Session, holder: str) -> None:
+        if self._close_local(session, f"tunnel id {session.tunnel_id} was taken over by node {holder}"):
+            self.stats.lost += 1
+
+    async def _refresh_all(self) -> None:
+        live = [s for s in list(self._local.local_sessions()) if not s.is_closed]
+        if self._unreconciled:
+            await self._reconcile(live)
+        mine = [s for s in live if s.tunnel_id not in self._unreconciled and not self._is_stale(s)]
+        holders = await self._batch("refresh", [([self._claim_key(s.tunnel_id)], self._refresh_args(s)) for s in mine])
+        for s, holder in zip(mine, holders):
+            if self._local.get(s.id) is not s:  # ended meanwhile: its release may have run first
+                await self._release_remote(s.tunnel_id, s.id.hex)
+            elif _text(holder):
+                self._lost(s, _text(holder))
+
+    async def _reconcile(self, live: List[Session]) -> None:
+        """Claim in Redis what was granted without it; another live node's claim stays (one owner)."""
+        todo = [s for s in live if s.tunnel_id in self._unreconciled]
+        self._unreconciled &= {s.tunnel_id for s in todo}
+        answers = await self._batch("claim", [self._claim_call(s, False) for s in todo])
+        for s, answer in zip(todo, answers):
+            verdict, node, _ = (_text(v) for v in answer)
+            if verdict == "mine":  # an older claim of this node (its session replaced or gone): take it
+                async with self._gate(s.tunnel_id):
+                    if self._local.local_session(s.tunnel_id) is not s:
+                        continue  # replaced again meanwhile, in Redis too
+                    answer = await self._call(self._script("claim", *self._claim_call(s, True)))
+                verdict, node, _ = (_text(v) for v in answer)
+            if verdict == "pending":
+                continue  # a stale holder: asked again at the next refresh
+            self._unreconciled.discard(s.tunnel_id)
+            if verdict in _TAKEOVER:
+                self.stats.takeovers += 1
+            elif verdict == "held" and self._close_local(
+                    s, f"tunnel id {s.tunnel_id} is held by node {node}; this session was accepted while Redis "
+                       f"was unreachable and is closed so that one owner remains"):
+                self.stats.conflicts += 1
+
+    async def lookup(self, tunnel_id: str) -> Optional[Route]:
+        route = self._local.lookup_local(tunnel_id)
+        if route is not None:
+            return route
+        hit = self._cache.get(tunnel_id)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        if self._outage:
+            return None
+        task = self._inflight.get(tunnel_id)
+        if task is None:  # one Redis question per id, however many visitors wait for it
+            task = self._inflight[tunnel_id] = asyncio.get_running_loop().create_task(self._resolve(tunnel_id))
+            task.add_done_callback(lambda t: self._inflight.pop(tunnel_id, None))
+        return await asyncio.shield(task)
+
+    async def _resolve(self, tunnel_id: str) -> Optional[Route]:
+        try:
+            found = await self._call(self._script("lookup", [self._claim_key(tunnel_id)], [self._node_prefix]))
+        except _Down:
+            return None
+        route: Optional[Route] = None
+        if found:
+            node, addr = _text(found[0]), _text(found[1])
+            if node != self.node_id and self.remote_route is not None:
+                try:
+                    route = await self.remote_route(node, _parse_addr(addr), tunnel_id)
+                except Exception as exc:  # the link's failure: no route, for route_cache_ttl
+                    log.warning("registry: no route to node %s at %s for tunnel %s: %s", node, addr, tunnel_id, exc)
+        if len(self._cache) >= _CACHE_MAX:
+            now = time.monotonic()
+            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+        self._cache[tunnel_id] = (time.monotonic() + self.config.route_cache_ttl, route)
+        return route
+
+    def invalidate(self, tunnel_id: str) -> None:
+        """Forget the cached route of ``tunnel_id`` (it failed): the next lookup asks Redis."""
+        self._cache.pop(tunnel_id, None)
+
+    def lookup_local(self, tunnel_id: str) -> Optional[Route]:
+        return self._local.lookup_local(tunnel_id)
+
+    def local_session(self, tunnel_id: str) -> Optional[Session]:
+        return self._local.local_session(tunnel_id)
+
+    def local_sessions(self) -> Collection[Session]:
+        return self._local.local_sessions()
+
+    async def start(self) -> None:
+        """Announce this node, start refreshing (Redis down is no error: the node serves locally)."""
+        if self._loops:
+            return
+        with contextlib.suppress(_Down):
+            await self._write_node()
+        self._loops = [asyncio.ensure_future(c) for c in (self._liveness_loop(), self._claims_loop())]
+
+    async def drain(self) -> None:
+        """Mark this node draining: other nodes may take its tunnel ids over at once."""
+        self._state = "draining"
+        with contextlib.suppress(_Down):
+            await self._write_node()
+
+    # The loops check ``_closed``: on 3.11 redis-py's ``asyncio.wait_for`` can swallow a cancel.
+    async def _liveness_loop(self) -> None:
+        while not self._closed:
+            if self._outage:
+                await asyncio.sleep(self.config.redis_probe_interval)
+                await self._probe()
+            else:
+                with contextlib.suppress(_Down):
+                    await self._write_node()
+                await asyncio.sleep(self.config.node_refresh if not self._outage else 0)
+
+    async def _claims_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.config.claim_refresh)
+            if not self._outage:
+                with contextlib.suppress(_Down):
+                    await self._refresh_all()
+
+    async def _probe(self) -> None:
+        """While Redis is down: PING it; once it answers, re-assert liveness and every claim."""
+        with contextlib.suppress(_Down):
+            await self._call(self._client.ping, probe=True)
+            live = [s for s in list(self._local.local_sessions()) if not s.is_closed]
+            log.info("registry: Redis at %s is back; re-asserting %d claims", self._url, len(live))
+            self._outage = False
+            self._unreconciled |= {s.tunnel_id for s in live}
+            await self._write_node()
+            await self._reconcile(live)
+            orphans, self._orphans = self._orphans, {}
+            for session_hex, tunnel_id in orphans.items():
+                await self._release_remote(tunnel_id, session_hex)
+
+    async def close(self, *, release: bool = True) -> None:
+        """Stop the tasks; release this node's claims and liveness key (best effort, within
+        ``redis_timeout``). ``release=False`` leaves them to expire, as a crash would."""
+        self._closed = True
+        for task in list(self._inflight.values()):
+            task.cancel()
+        while not all(t.done() for t in self._loops):  # again if a cancel was lost (see the loops)
+            for task in self._loops:
+                task.cancel()
+            await asyncio.wait(self._loops, timeout=0.05)
+        if self._background:
+            await asyncio.wait(self._background, timeout=self.config.redis_timeout)
+        for task in list(self._background):
+            task.cancel()
+        if release and not self._outage:
+            pipe = self._client.pipeline(transaction=False)
+            for s in list(self._local.local_sessions()):
+                await self._scripts["release"](keys=[self._claim_key(s.tunnel_id)], args=self._owner(s.id.hex),
+                                               client=pipe)
+            await self._scripts["release"](keys=[self._node_key], args=["epoch", self.epoch], client=pipe)
+            with contextlib.suppress(_Down):
+                await self._call(pipe.execute)
+        if self._own_client:
+            with contextlib.suppress(Exception):
+                await self._client.aclose()
+
+    async def __aenter__(self) -> "RedisRegistry":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()

@@ -1,0 +1,128 @@
+"""Two virtual streams joined end to end: what a node does with a stream that arrives over a node
+link for a tunnel whose client session is local. Bytes, half-closes and resets pass both ways,
+and credit flows back only as fast as the other stream takes the bytes, so a slow end slows
+its peer and memory stays within one stream's send buffer per direction.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from ..aio.stream import VirtualStream
+from ..errors import FerroTunnelError
+
+__all__ = ["Splice", "splice"]
+
+log = logging.getLogger("ferrotunnel.cluster")
+
+#: Splices in progress, held until both directions end (the streams know their sinks, but the
+#: sessions know their streams only weakly: see aio/bridge.py for the same rule).
+_LIVE: "set[Splice]" = set()
+
+
+class _Half:
+    """The sink of one stream: what it receives goes out on the other."""
+
+    __slots__ = ("src", "dst", "splice", "owed", "eof", "partner")
+
+    def __init__(self, src: VirtualStream, dst: VirtualStream, splice: "Splice") -> None:
+        self.src = src
+        self.dst = dst
+        self.splice = splice
+        self.owed = 0  # bytes passed on that the other stream has not taken yet: credit waits
+        self.eof = False
+        self.partner: Optional[_Half] = None
+
+    def tunnel_data(self, payload: memoryview) -> None:
+        n = len(payload)
+        if self.splice.done:
+            self.src.consumed(n)
+            return
+        try:
+            self.dst.write(bytes(payload))  # a copy: the payload is a view of the tunnel's read buffer
+        except FerroTunnelError as exc:
+            self.splice.end(exc)
+            return
+        if self.dst.can_write():
+            self.src.consumed(n)
+        else:
+            self.owed += n
+            self.dst.request_writable()  # the partner's tunnel_writable gives the credit back
+
+    def give_back(self) -> None:
+        owed, self.owed = self.owed, 0
+        if owed and not self.splice.done:
+            self.src.consumed(owed)
+
+    def tunnel_eof(self) -> None:
+        self.eof = True
+        try:
+            self.dst.write_eof()
+        except FerroTunnelError as exc:
+            self.splice.end(exc)
+            return
+        self.splice.maybe_finished()
+
+    def tunnel_reset(self, exc: BaseException) -> None:
+        self.splice.end(exc)
+
+    def tunnel_writable(self) -> None:
+        # this stream (the partner's destination) has room again: the partner's credit may flow
+        if self.partner is not None:
+            self.partner.give_back()
+
+    def flush_out(self) -> None:
+        pass
+
+
+class Splice:
+    """``a`` and ``b`` joined; ``done`` once both directions ended or either was reset."""
+
+    __slots__ = ("a", "b", "halves", "done", "__weakref__")
+
+    def __init__(self, a: VirtualStream, b: VirtualStream) -> None:
+        self.a = a
+        self.b = b
+        self.done = False
+        ab, ba = _Half(a, b, self), _Half(b, a, self)
+        ab.partner, ba.partner = ba, ab
+        self.halves = (ab, ba)
+
+    def start(self) -> None:
+        _LIVE.add(self)
+        ab, ba = self.halves
+        self.a.attach_sink(ab)  # what arrived before goes first
+        if not self.done:
+            self.b.attach_sink(ba)
+
+    def maybe_finished(self) -> None:
+        if self.done or not all(h.eof for h in self.halves):
+            return
+        self._release()
+        self.a.close()
+        self.b.close()
+
+    def end(self, exc: Optional[BaseException]) -> None:
+        """A reset (or a failed write) on either side: both streams are reset."""
+        if self.done:
+            return
+        self._release()
+        log.debug("splice of streams %d and %d reset: %s", self.a.stream_id, self.b.stream_id, exc)
+        self.a.abort()
+        self.b.abort()
+
+    def _release(self) -> None:
+        self.done = True
+        _LIVE.discard(self)
+        for half in self.halves:
+            half.partner = None
+        self.a.sink = None  # no cycle between finished streams and this splice
+        self.b.sink = None
+
+
+def splice(a: VirtualStream, b: VirtualStream) -> Splice:
+    """Join ``a`` and ``b`` both ways until both ends finish (or either is reset)."""
+    s = Splice(a, b)
+    s.start()
+    return s
