@@ -44,6 +44,18 @@ def require_redis_py() -> None:
         _missing("redis-py is not installed (pip install '.[cluster]')")
 
 
+def stop_by_pid(proc: "Optional[subprocess.Popen[bytes]]") -> None:
+    """SIGTERM by pid, SIGKILL if it has not exited within 5 s (nothing if it is gone already)."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -109,14 +121,7 @@ class RedisServer:
     def stop(self) -> None:
         """SIGTERM by pid, SIGKILL if it has not exited within 5 s."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+        stop_by_pid(proc)
 
     def __enter__(self) -> "RedisServer":
         return self.start()

@@ -257,9 +257,20 @@ def test_lookup_local_remote_cached_and_invalidated(run, redis):
             assert isinstance(await b.lookup("t1"), FakeRoute) and len(calls) == 1  # cached
             b.invalidate("t1")
             assert isinstance(await b.lookup("t1"), FakeRoute) and len(calls) == 2
-            ops = b.stats.ops
-            assert await b.lookup("nope") is None and await b.lookup("nope") is None
-            assert b.stats.ops == ops + 1  # "none" is cached too
+            quiet = dict(node_ttl=30.0, node_refresh=10.0, claim_ttl=30.0, claim_refresh=10.0)  # no background ops
+            for name, miss, asks in (("c", 0.0, 2), ("d", 5.0, 1)):
+                async with RedisRegistry(cfg(redis.url, name, port=7003, miss_cache_ttl=miss, **quiet)) as r:
+                    await asyncio.sleep(0.1)  # the first rounds of the background loops
+                    ops = r.stats.ops
+                    assert await r.lookup("nope") is None and await r.lookup("nope") is None
+                    assert r.stats.ops == ops + asks  # "none" remembered only with a miss_cache_ttl
+            sn = StubSession("nope")  # and without one, a tunnel that just came is seen at once
+            assert await b.lookup("nope") is None
+            assert (await a.claim("nope", sn)).granted
+            assert isinstance(await b.lookup("nope"), FakeRoute)
+            await a.release("nope", sn)
+            b.invalidate("nope")
+            calls.pop()
             await a.release("t1", sa)
             assert isinstance(await b.lookup("t1"), FakeRoute)  # still the cached answer...
             await asyncio.sleep(0.6)

@@ -160,3 +160,25 @@ def test_skip_verify_only_when_asked(run, certs):
         finally:
             await server.close()
     run(body)
+
+
+def test_health_checks_are_not_authentication_failures(run, certs):
+    """A connection closed before its first byte (a balancer's TCP check) is neither a TLS failure
+    nor counted against its address: ten of them, then a real client from the same address."""
+
+    async def body():
+        cfg = ft.ServerConfig(auth_failure_threshold=2)
+        server, addr = await start(server_ctx(certs), config=cfg)
+        try:
+            for _ in range(10):
+                r, w = await asyncio.open_connection(*server.address)
+                w.close()
+                await w.wait_closed()
+            await asyncio.sleep(0.2)
+            assert server.tls_failures == 0
+            ok = ft.TunnelClient(addr, "secret-token", tunnel_id="hc", tls=tls.client_context(certs["ca.pem"]))
+            await ok.connect(echo_handler)  # not throttled
+            await ok.close()
+        finally:
+            await server.close()
+    run(body)

@@ -138,6 +138,12 @@ class ServerConfig(StreamConfig):
     #: File descriptors a new tunnel connection must leave free, for the process's own files,
     #: name lookups and registry connections.
     tunnel_fd_reserve: int = 32
+    #: Addresses (CIDRs) of balancers whose PROXY protocol v2 header names the real peer, on the
+    #: tunnel port and every ingress; a header from any other address closes the connection.
+    trusted_proxies: Tuple[str, ...] = ()
+    #: With trusted proxies: how long a new connection's first bytes are awaited to look for a
+    #: header (a connection that sends nothing in this time goes on without one).
+    proxy_header_timeout: float = 3.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -148,6 +154,10 @@ class ServerConfig(StreamConfig):
         for name in ("ingress_fd_reserve", "tunnel_fd_reserve"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if isinstance(self.trusted_proxies, str):
+            raise ValueError("trusted_proxies must be a tuple of CIDRs, not one string")
+        if self.proxy_header_timeout <= 0:
+            raise ValueError("proxy_header_timeout must be positive")
 
 
 @dataclass(frozen=True)
@@ -183,6 +193,9 @@ class ClusterConfig:
     claim_refresh: float = 3.0
     #: How long a node trusts what Redis said about a tunnel on another node.
     route_cache_ttl: float = 2.0
+    #: How long "no such tunnel" is remembered (0: not at all, so a tunnel that just connected on
+    #: another node is reachable at once; concurrent lookups of one id still share one question).
+    miss_cache_ttl: float = 0.0
     #: Each Redis operation gives up after this long (the node then works locally).
     redis_timeout: float = 1.0
     #: While Redis is unreachable, a node tries it again this often.
@@ -197,6 +210,8 @@ class ClusterConfig:
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         if not self.node_id or any(c.isspace() for c in self.node_id) or len(self.node_id) > 128:
             raise ValueError("node_id must be 1..128 characters without spaces")
+        if self.miss_cache_ttl < 0:
+            raise ValueError("miss_cache_ttl must not be negative")
         for name in ("node_ttl", "node_refresh", "claim_ttl", "claim_refresh", "route_cache_ttl", "redis_timeout",
                      "redis_probe_interval", "handover_retry"):
             if getattr(self, name) <= 0:

@@ -99,7 +99,7 @@ class TcpBridge(asyncio.BufferedProtocol):
 
     __slots__ = ("stream", "transport", "_done", "_tcp_eof", "_tunnel_eof", "_finished", "_reading_paused",
                  "sweeper", "_idle_ticks", "bytes_up", "bytes_down", "_outq", "_rbuf", "_read_size",
-                 "_out_paused", "_owed", "_early", "gate", "_gate_host")
+                 "_out_paused", "_owed", "_early", "gate", "_gate_host", "peer_address")
 
     def __init__(self, stream: Optional[VirtualStream] = None) -> None:
         self.stream = stream
@@ -113,6 +113,7 @@ class TcpBridge(asyncio.BufferedProtocol):
         self._owed = 0              # tunnel bytes written while paused, credited on resume
         self._early: Optional[list] = None  # TCP bytes read before a stream was attached
         self.gate: Optional[ConnectionGate] = None  # set by an ingress: connection caps
+        self.peer_address: Any = None  # the visitor's address (set first when a PROXY header named it)
         self._gate_host: Optional[str] = None
         self.sweeper: Optional[IdleSweeper] = None
         self._idle_ticks = 0
@@ -181,9 +182,9 @@ class TcpBridge(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        self.peer_address = peer = self.peer_address or transport.get_extra_info("peername")
         gate = self.gate
         if gate is not None:
-            peer = transport.get_extra_info("peername")
             host = peer[0] if isinstance(peer, tuple) else str(peer)
             if not gate.enter(host, transport):
                 self._finished = True  # subclasses check ``finished`` after this

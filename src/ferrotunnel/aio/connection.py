@@ -112,7 +112,7 @@ class TunnelConnection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        self.peer_address = transport.get_extra_info("peername")
+        self.peer_address = self.peer_address or transport.get_extra_info("peername")  # a PROXY header's first
         sock = transport.get_extra_info("socket")
         if sock is not None:
             tune_socket(sock)

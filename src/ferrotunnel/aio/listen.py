@@ -22,11 +22,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import functools
 import logging
 import os
 import socket
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from ..protocol.proxyproto import (PROXY_V2_PREFIX, ProxyProtocolError, ProxyV2Reader, TrustedProxies,
+                                   maybe_header)
 
 __all__ = ["RefusalLog", "ConnectionGate", "FdHeadroom", "Listener", "listen", "ACCEPT_PAUSE"]
 
@@ -141,6 +145,30 @@ class ConnectionGate:
             self._by_host.pop(host, None)
 
 
+#: What ``_proxy_header`` answers for a connection that is closed here and now.
+_DROP = object()
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float) -> bool:
+    """Wait until ``sock`` has bytes (or EOF) to read; False after ``timeout`` seconds."""
+    if timeout <= 0:
+        return False
+    fut: "asyncio.Future[None]" = loop.create_future()
+    fd = sock.fileno()
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(fd, ready)
+    try:
+        await asyncio.wait_for(fut, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+
+
 def _uses_libuv(loop: asyncio.AbstractEventLoop) -> bool:
     return type(loop).__module__.startswith("uvloop")
 
@@ -201,8 +229,14 @@ class Listener:
     #: Seconds between the lines that say accepting paused.
     LOG_INTERVAL = 10.0
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, proxies: Optional[TrustedProxies] = None, header_timeout: float = 3.0) -> None:
         self.what = what
+        #: Addresses whose PROXY protocol v2 header is used (None: headers are not looked for).
+        self.proxies = proxies
+        self.header_timeout = header_timeout
+        self._proxy_log = RefusalLog(what)
+        #: Connections closed for their PROXY header, by reason ("untrusted", "malformed").
+        self.proxy_refused = self._proxy_log.counts
         self._server: Optional[asyncio.AbstractServer] = None
         self._acceptors: List[_Acceptor] = []
         self._tasks: "set[asyncio.Task[Any]]" = set()
@@ -231,9 +265,79 @@ class Listener:
 
     async def _connect(self, conn: socket.socket, factory: Callable[[], Any]) -> None:
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(factory, conn)
+            make = factory
+            if self.proxies is not None:
+                peer = await self._proxy_header(conn)
+                if peer is _DROP:
+                    conn.close()
+                    return
+                if peer is not None:
+                    make = functools.partial(_with_peer, factory, peer)
+            await asyncio.get_running_loop().connect_accepted_socket(make, conn)
         except (OSError, asyncio.CancelledError):
             conn.close()
+
+    async def _proxy_header(self, conn: socket.socket) -> Any:
+        """The address a PROXY v2 header names (consumed from the socket), None to go on with the
+        socket's own (no header, a LOCAL header, nothing sent in ``header_timeout``), or _DROP
+        (closed before its first byte; a header from an untrusted address; a malformed one)."""
+        loop = asyncio.get_running_loop()
+        try:
+            host = conn.getpeername()[0]
+        except OSError:
+            return _DROP
+        deadline = loop.time() + self.header_timeout
+        head = b""
+        while len(head) < 12:
+            if not await _readable(loop, conn, deadline - loop.time()):
+                return None  # nothing yet: no header (a protocol whose server speaks first)
+            try:
+                head = conn.recv(PROXY_V2_PREFIX, socket.MSG_PEEK)
+            except BlockingIOError:
+                continue
+            if not head:
+                return _DROP  # closed before its first byte: a health check, nothing to log
+            if not maybe_header(head):
+                return None
+            if len(head) < 12:
+                await asyncio.sleep(0.01)  # part of the signature so far: the rest follows
+        if not self.proxies.trusts(host):  # type: ignore[union-attr]
+            if self._proxy_log.due(host, "untrusted"):
+                log.warning("%s: refusing a PROXY protocol header from %s, which is not a trusted proxy "
+                            "(--trusted-proxy); said once per %.0fs", self.what, host, self._proxy_log.interval)
+            return _DROP
+        reader = ProxyV2Reader()
+        try:
+            header = None
+            while header is None:
+                if not await _readable(loop, conn, deadline - loop.time()):
+                    raise ProxyProtocolError("PROXY v2 header not complete in time")
+                chunk = conn.recv(reader.needed)  # never past the header: what follows is the stream's
+                if not chunk:
+                    raise ProxyProtocolError("closed in the middle of a PROXY v2 header")
+                header = reader.feed(chunk)
+        except (ProxyProtocolError, BlockingIOError) as exc:
+            if self._proxy_log.due(host, "malformed"):
+                log.warning("%s: closing a connection from proxy %s: %s; said once per %.0fs", self.what, host, exc,
+                            self._proxy_log.interval)
+            return _DROP
+        if header.command == "local" and not await self._has_traffic(conn, deadline):
+            return _DROP  # the balancer's health check: a header, then a close
+        return header.source
+
+    async def _has_traffic(self, conn: socket.socket, deadline: float) -> bool:
+        """After a LOCAL header (the proxy's own connection): False if the connection ends before
+        another byte; True once a byte is there, or nothing came before ``deadline``."""
+        loop = asyncio.get_running_loop()
+        if not await _readable(loop, conn, deadline - loop.time()):
+            return True
+        try:
+            return conn.recv(1, socket.MSG_PEEK) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
 
     async def serve_forever(self) -> None:
         """Wait until closed (then CancelledError, as ``asyncio.Server``); cancelled, it closes."""
@@ -264,7 +368,7 @@ class Listener:
 
     async def _bind(self, factory: Callable[[], Any], host: str, port: int, backlog: int) -> None:
         loop = asyncio.get_running_loop()
-        if _uses_libuv(loop):
+        if _uses_libuv(loop) and self.proxies is None:  # with trusted proxies: our accept loop, as below
             self._server = await loop.create_server(factory, host, port, backlog=backlog, reuse_address=True)
             return
         infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -290,8 +394,17 @@ class Listener:
         self._acceptors = [_Acceptor(loop, sock, factory, self) for sock in socks]
 
 
-async def listen(factory: Callable[[], Any], host: str, port: int, what: str, backlog: int = 1024) -> Listener:
-    """Listen on ``host:port`` (every address it resolves to), making a protocol per connection."""
-    listener = Listener(what)
+async def listen(factory: Callable[[], Any], host: str, port: int, what: str, backlog: int = 1024,
+                 proxies: Optional[TrustedProxies] = None, header_timeout: float = 3.0) -> Listener:
+    """Listen on ``host:port`` (every address it resolves to), making a protocol per connection.
+    With ``proxies``, a PROXY protocol v2 header from those addresses names the peer (used when
+    present); one from any other address closes the connection."""
+    listener = Listener(what, proxies or None, header_timeout)
     await listener._bind(factory, host, port, backlog)
     return listener
+
+
+def _with_peer(factory: Callable[[], Any], peer: Any) -> Any:
+    protocol = factory()
+    protocol.peer_address = peer  # the visitor a trusted proxy named: used for caps, throttles and logs
+    return protocol

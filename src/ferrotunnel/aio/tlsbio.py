@@ -25,7 +25,7 @@ class TlsHandshakeFailed(Exception):
 
 
 class ServerTls:
-    __slots__ = ("obj", "incoming", "outgoing", "established", "stopped")
+    __slots__ = ("obj", "incoming", "outgoing", "established", "stopped", "seen")
 
     def __init__(self, ctx: ssl.SSLContext) -> None:
         self.incoming = ssl.MemoryBIO()
@@ -34,6 +34,8 @@ class ServerTls:
         self.established = False
         #: Set when the connection closes: decrypting stops at the next record.
         self.stopped = False
+        #: Any byte arrived (a connection closed before its first byte is a health check).
+        self.seen = False
 
     @property
     def version(self) -> Any:
@@ -47,6 +49,7 @@ class ServerTls:
         client ended TLS (close_notify). Raises TlsHandshakeFailed while the handshake fails and
         ConnectionLostError for a TLS error after it. The caller sends ``pending_output()``."""
         self.incoming.write(data)
+        self.seen = True
         if not self.established:
             try:
                 self.obj.do_handshake()

@@ -99,13 +99,13 @@ def _server_tls(args: argparse.Namespace) -> Any:
     return tls.server_context(cert, key, args.tls_ca, require_client_cert=bool(args.tls_ca))
 
 
-def server_config() -> Any:
+def server_config(trusted_proxies: Sequence[str] = ()) -> Any:
     """The CLI server's configuration: the library defaults, except that client-opened streams
     are refused at once (the CLI server has no handler for them; the library keeps them on so
-    ``Session.accept()`` works)."""
+    ``Session.accept()`` works), and the trusted proxies given."""
     import ferrotunnel as ft
 
-    return ft.ServerConfig(accept_client_streams=False)
+    return ft.ServerConfig(accept_client_streams=False, trusted_proxies=tuple(trusted_proxies))
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -131,7 +131,11 @@ async def _serve(args: argparse.Namespace) -> int:
         from ..cluster.node import ClusterNode
 
         node = ClusterNode(*cluster)
-    server = ft.TunnelServer(bind, token, tls=ctx, config=server_config(), registry=node.registry if node else None)
+    try:
+        server = ft.TunnelServer(bind, token, tls=ctx, config=server_config(args.trusted_proxy),
+                                 registry=node.registry if node else None)
+    except ValueError as exc:  # a bad --trusted-proxy CIDR
+        raise UsageError(str(exc)) from None
     ingresses: List[Any] = [ft.TcpIngress(server, a, tunnel_id=t) for a, t in tcp_binds]
     if http_bind:
         ingresses.append(ft.HttpIngress(server, http_bind))
@@ -306,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve Prometheus metrics (needs ferrotunnel[metrics])")
     s.add_argument("--metrics-bind", default=env("FERROTUNNEL_METRICS_BIND", "127.0.0.1:9090"))
     s.add_argument("--grace", type=float, default=10.0, help="seconds open streams get on SIGTERM (default 10)")
+    s.add_argument("--trusted-proxy", action="append", metavar="CIDR",
+                   default=[x for x in (env("FERROTUNNEL_TRUSTED_PROXY") or "").split(",") if x],
+                   help="a balancer whose PROXY protocol v2 header names the real client (repeatable; env "
+                        "FERROTUNNEL_TRUSTED_PROXY, comma-separated); a header from any other address is refused")
     s.add_argument("--log-level", default=env("FERROTUNNEL_LOG_LEVEL", "info"))
     add_cluster_args(s)
 

@@ -403,7 +403,8 @@ class RedisRegistry:
         if len(self._cache) >= _CACHE_MAX:
             now = time.monotonic()
             self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
-        self._cache[tunnel_id] = (time.monotonic() + self.config.route_cache_ttl, route)
+        ttl = self.config.route_cache_ttl if route is not None else self.config.miss_cache_ttl
+        self._cache[tunnel_id] = (time.monotonic() + ttl, route)
         return route
 
     def invalidate(self, tunnel_id: str) -> None:

@@ -171,6 +171,13 @@ class ProxyV2Reader:
         return len(self._pp_buf)
 
     @property
+    def needed(self) -> int:
+        """Bytes the header still lacks: the rest of the 16-byte prefix until its length field is
+        in, then the rest of the header (a socket reader asks for exactly this many, so it never
+        takes the stream's first bytes)."""
+        return (self._pp_total or PROXY_V2_PREFIX) - len(self._pp_buf)
+
+    @property
     def header(self) -> Optional[ProxyHeader]:
         return self._pp_header  # None until complete
 

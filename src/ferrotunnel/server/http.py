@@ -243,7 +243,7 @@ class _HttpBridge(TcpBridge):
         head = bytes(self._head)
         line = head.lstrip(b"\r\n").split(b"\r\n", 1)[0]
         log.info("http ingress: %s for %s: %s; request line: %s", status.split()[0],
-                 self.transport.get_extra_info("peername"), reason, printable(line))
+                 self.peer_address, reason, printable(line))
         self._reply(status, reason + "\n")
 
     def pass_owned(self) -> bool:

@@ -36,7 +36,7 @@ class _IngressBridge(TcpBridge):
         super().connection_made(transport)
         if self.finished:  # over a connection cap
             return
-        self.peer = transport.get_extra_info("peername")
+        self.peer = self.peer_address
         self.ingress.sweeper.add(self)
         if not self.ingress.open_stream(self.ingress.tunnel_id, Protocol.TCP, self._opened, self.peer):
             self._held = True  # what the visitor sends waits in the socket until there is a stream
@@ -147,7 +147,8 @@ class Ingress:
 
     async def start(self) -> None:
         host, port = self._bind
-        self._server = await listen(self._make_protocol, host, port, self.kind)
+        self._server = await listen(self._make_protocol, host, port, self.kind, proxies=self.server.trusted_proxies,
+                                    header_timeout=self.server.config.proxy_header_timeout)
         self._where = "%s:%s" % self.address
         log.info("%s listening on %s%s", self.kind, self._where, self.describe())
 

@@ -19,6 +19,7 @@ from ..config import ServerConfig
 from ..errors import ConnectionLostError, FrameError
 from ..frames import PROTOCOL_VERSION, HandshakeStatus
 from ..aio.listen import ConnectionGate, FdHeadroom, Listener, RefusalLog, listen
+from ..protocol.proxyproto import TrustedProxies
 from ..aio.connection import StreamHandler, TunnelConnection
 from ..aio.session import Session
 from ..aio.tlsbio import ServerTls
@@ -81,6 +82,10 @@ class ServerConnection(TunnelConnection):
         super().connection_lost(exc)
 
     def tls_failed(self, exc: BaseException) -> None:
+        if self.tls is not None and not self.tls.seen:  # closed before its first byte: a health check
+            log.debug("connection from %s closed before its first byte", self.peer_address)
+            self.close()
+            return
         why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
         if why in _PLAINTEXT_REASONS:
             why = f"{why} (the client speaks plaintext: it needs --tls)"
@@ -185,6 +190,8 @@ class TunnelServer:
         self.ingress_gate = ConnectionGate(config.ingress_max_per_address, config.ingress_max_connections, "ingress",
                                            config.ingress_fd_reserve)
         self._headroom = FdHeadroom(config.tunnel_fd_reserve)
+        #: Balancers whose PROXY v2 header names the peer (ValueError here for a bad CIDR).
+        self.trusted_proxies = TrustedProxies(config.trusted_proxies) if config.trusted_proxies else None
         self._connections: "set[ServerConnection]" = set()
         self._closing = False
         self._throttle = AuthThrottle(config.auth_failure_threshold, config.auth_failure_window)
@@ -227,7 +234,8 @@ class TunnelServer:
         if self._server is not None:
             return
         host, port = self._bind
-        self._server = await listen(lambda: ServerConnection(self), host, port, "tunnel port")
+        self._server = await listen(lambda: ServerConnection(self), host, port, "tunnel port",
+                                    proxies=self.trusted_proxies, header_timeout=self.config.proxy_header_timeout)
         log.info("tunnel server listening on %s:%s%s", *self.address, " (TLS)" if self.transport.is_tls else "")
 
     async def adopt(self, sock: Any) -> None:
