@@ -8,6 +8,8 @@ import asyncio
 import hashlib
 import os
 
+import pytest
+
 
 import ferrotunnel as ft
 from ferrotunnel.config import ClusterConfig
@@ -201,3 +203,41 @@ def test_a_redis_outage_keeps_local_tunnels_and_answers_503_across_nodes(run):
             finally:
                 await _teardown(tasks, nodes, apps)
     run(body, timeout=120)
+
+
+def test_a_nodes_metrics_count_streams_links_and_registry_work(run):
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import generate_latest
+
+    from ferrotunnel.cli.metrics import MetricsServer
+
+    async def body():
+        with RedisServer() as redis:
+            nodes = [Node(n, redis.url) for n in ("a", "b")]
+            apps, tasks = [], []
+            try:
+                for n in nodes:
+                    await n.start()
+                app, addr = await _name_app("app0")
+                apps.append(app)
+                c = ft.TunnelClient("%s:%d" % nodes[0].server.address, TOKEN, tunnel_id="t0",
+                                    config=ft.ClientConfig(local_addr=addr))
+                tasks.append(asyncio.create_task(c.connect_and_run()))
+                await nodes[0].server.wait_for_session("t0", timeout=10)
+                for k in range(3):  # through node b: over the link to a
+                    assert (await _get(nodes[1].http.address, "t0", f"/{k}")).startswith(b"HTTP/1.1 200")
+                text_a = generate_latest(MetricsServer(nodes[0].server, ("127.0.0.1", 0), node=nodes[0].node).registry).decode()
+                text_b = generate_latest(MetricsServer(nodes[1].server, ("127.0.0.1", 0), node=nodes[1].node).registry).decode()
+                assert 'ferrotunnel_cluster_streams_total{direction="in",outcome="joined"} 3.0' in text_a
+                assert 'ferrotunnel_cluster_streams_total{direction="out",outcome="opened"} 3.0' in text_b
+                assert "ferrotunnel_cluster_links 1.0" in text_b and "ferrotunnel_cluster_links 0.0" in text_a
+                assert "ferrotunnel_cluster_registry_outage 0.0" in text_a
+                assert "ferrotunnel_cluster_draining 0.0" in text_a
+                ops = [ln for ln in text_b.splitlines() if ln.startswith("ferrotunnel_cluster_registry_operations_total")]
+                assert ops and float(ops[0].split()[-1]) > 0
+                await nodes[0].node.drain()
+                text_a = generate_latest(MetricsServer(nodes[0].server, ("127.0.0.1", 0), node=nodes[0].node).registry).decode()
+                assert "ferrotunnel_cluster_draining 1.0" in text_a
+            finally:
+                await _teardown(tasks, nodes, apps)
+    run(body, timeout=60)

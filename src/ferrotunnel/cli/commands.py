@@ -149,7 +149,7 @@ async def _serve(args: argparse.Namespace) -> int:
         if metrics_bind:
             from .metrics import MetricsServer
 
-            metrics = MetricsServer(server, metrics_bind, ingresses)
+            metrics = MetricsServer(server, metrics_bind, ingresses, node)
             await metrics.start()
     except OSError as exc:
         print(f"ferrotunnel: cannot listen: {describe_error(exc)}. Is another process using the port?", file=sys.stderr)

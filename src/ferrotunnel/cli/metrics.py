@@ -16,9 +16,10 @@ log = logging.getLogger("ferrotunnel.metrics")
 
 
 class _Collector:
-    def __init__(self, server: Any, ingresses: List[Any]) -> None:
+    def __init__(self, server: Any, ingresses: List[Any], node: Any = None) -> None:
         self.server = server
         self.ingresses = ingresses
+        self.node = node
 
     def collect(self) -> Iterable[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -63,6 +64,8 @@ class _Collector:
             for name, n in sorted(ing.listener_exhaustion.items()):
                 c.add_metric([f"{type(ing).__name__}:%s:%s" % ing.address, name], n)
         yield c
+        if self.node is not None:
+            yield from _cluster_metrics(self.node)
         c = CounterMetricFamily("ferrotunnel_ingress_connections", "Public connections accepted", labels=["ingress"])
         for ing in self.ingresses:
             host, port = ing.address
@@ -70,16 +73,45 @@ class _Collector:
         yield c
 
 
+def _cluster_metrics(node: Any) -> Iterable[Any]:
+    """A cluster node's figures: streams carried over node links each way, link round trips,
+    registry operations (count, errors, seconds), outage and drain state."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    st = node.stats()
+    c = CounterMetricFamily("ferrotunnel_cluster_streams", "Streams carried over node links", labels=["direction", "outcome"])
+    for outcome, n in sorted(st["links_in"].items()):
+        c.add_metric(["in", outcome], n)
+    c.add_metric(["out", "opened"], st["streams_out"])
+    yield c
+    g = GaugeMetricFamily("ferrotunnel_cluster_link_rtt_seconds", "Heartbeat round trip of each node link", labels=["node"])
+    for peer, rtt in sorted(st["link_rtt"].items()):
+        g.add_metric([peer], rtt)
+    yield g
+    yield GaugeMetricFamily("ferrotunnel_cluster_links", "Live links to other nodes", value=st["links_out"])
+    reg = st["registry"]
+    yield CounterMetricFamily("ferrotunnel_cluster_registry_operations", "Redis operations", value=reg.ops)
+    yield CounterMetricFamily("ferrotunnel_cluster_registry_errors", "Redis operations that failed", value=reg.errors)
+    yield CounterMetricFamily("ferrotunnel_cluster_registry_seconds", "Time spent in Redis operations",
+                              value=reg.op_seconds)
+    yield CounterMetricFamily("ferrotunnel_cluster_takeovers", "Tunnel ids taken over from other nodes",
+                              value=reg.takeovers)
+    yield GaugeMetricFamily("ferrotunnel_cluster_registry_outage", "1 while Redis is unreachable",
+                            value=1 if st["outage"] else 0)
+    yield GaugeMetricFamily("ferrotunnel_cluster_draining", "1 while this node drains", value=1 if st["draining"] else 0)
+
+
 class MetricsServer:
     """``/metrics`` (Prometheus text format) and ``/health/ready`` on ``address``."""
 
-    def __init__(self, server: Any, address: Tuple[str, int], ingresses: Optional[List[Any]] = None) -> None:
+    def __init__(self, server: Any, address: Tuple[str, int], ingresses: Optional[List[Any]] = None,
+                 node: Any = None) -> None:
         try:
             from prometheus_client import CollectorRegistry
         except ImportError:
             raise RuntimeError("metrics need prometheus_client: pip install 'ferrotunnel[metrics]'") from None
         self.registry = CollectorRegistry()
-        self.registry.register(_Collector(server, ingresses or []))  # type: ignore[arg-type]
+        self.registry.register(_Collector(server, ingresses or [], node))  # type: ignore[arg-type]
         self.server = server
         self._bind = address
         self._srv: Optional[asyncio.Server] = None

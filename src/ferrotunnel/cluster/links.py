@@ -250,12 +250,13 @@ class LinkServer:
 class RemoteRoute(Route):
     """A tunnel whose client session is on another node: streams go over the link to it."""
 
-    __slots__ = ("_tunnel_id", "node_id", "link")
+    __slots__ = ("_tunnel_id", "node_id", "link", "pool")
 
-    def __init__(self, tunnel_id: str, node_id: str, link: Session) -> None:
+    def __init__(self, tunnel_id: str, node_id: str, link: Session, pool: Optional["LinkPool"] = None) -> None:
         self._tunnel_id = tunnel_id
         self.node_id = node_id
         self.link = link
+        self.pool = pool
 
     @property
     def tunnel_id(self) -> str:
@@ -268,7 +269,10 @@ class RemoteRoute(Route):
             headers.append((HEADER_VISITOR, f"{visitor[0]}:{visitor[1]}"))
         if host:
             headers.append((HEADER_HOST, host))
-        return self.link.open_stream_nowait(protocol, priority, headers)
+        stream = self.link.open_stream_nowait(protocol, priority, headers)
+        if self.pool is not None:
+            self.pool.streams_out += 1
+        return stream
 
     def __repr__(self) -> str:
         return f"<RemoteRoute {self._tunnel_id!r} on node {self.node_id!r}>"
@@ -289,8 +293,9 @@ class LinkPool:
         self._links: Dict[str, Session] = {}
         self._dialing: Dict[str, "asyncio.Future[Session]"] = {}
         self._clients: Dict[str, TunnelClient] = {}
-        #: link round trips by node id (heartbeat RTT, seconds), for the metrics
+        #: dials that failed, and streams opened over links, for the metrics
         self.failures = 0
+        self.streams_out = 0
 
     async def route(self, node_id: str, address: Tuple[str, int], tunnel_id: str) -> Optional[Route]:
         """A route to ``tunnel_id`` over the link to ``node_id`` (dialled if needed); None if the
@@ -301,7 +306,7 @@ class LinkPool:
             self.failures += 1
             log.warning("node link to %s at %s:%s failed: %s", node_id, address[0], address[1], exc)
             return None
-        return RemoteRoute(tunnel_id, node_id, link)
+        return RemoteRoute(tunnel_id, node_id, link, self)
 
     def links(self) -> Dict[str, Session]:
         """The live links, by node id."""

@@ -63,6 +63,9 @@ class ClusterNode:
 
     def stats(self) -> Dict[str, Any]:
         """Figures for the metrics: streams carried in over links, links out, registry counters."""
-        return {"links_in": dict(self.links_in.streams), "links_out": len(self.links_out.links()),
+        links = self.links_out.links()
+        return {"links_in": dict(self.links_in.streams), "links_out": len(links),
+                "streams_out": self.links_out.streams_out,
+                "link_rtt": {peer: s.rtt for peer, s in links.items() if s.rtt is not None},
                 "link_failures": self.links_out.failures, "registry": self.registry.stats,
                 "outage": self.registry.outage, "draining": self.registry.draining}
