@@ -146,3 +146,33 @@ def test_bad_trusted_proxies_are_refused():
         ft.ServerConfig(trusted_proxies="10.0.0.0/8")  # one string, not a tuple
     with pytest.raises(ValueError, match="not-a-cidr"):
         ft.TunnelServer(("127.0.0.1", 0), TOKEN, config=ft.ServerConfig(trusted_proxies=("not-a-cidr",)))
+
+
+def test_connections_waiting_for_their_first_bytes_are_capped(run, monkeypatch):
+    """Before a protocol exists (and with it every other cap), a connection waits for its first
+    bytes to look for a header: how many may wait at once is capped, the rest closed at once."""
+    import ferrotunnel.aio.listen as listen
+
+    monkeypatch.setattr(listen, "MAX_AWAITING_HEADER", 5)
+
+    async def body():
+        app, app_addr = await _app()
+        cfg = ft.ServerConfig(trusted_proxies=("127.0.0.1/32",), proxy_header_timeout=5.0)
+        async with tunnel(None, server_config=cfg, client_config=ft.ClientConfig(local_addr=app_addr)) as (server, _c, _s):
+            async with ft.TcpIngress(server, ("127.0.0.1", 0)) as ing:
+                silent = [await asyncio.open_connection(*ing.address) for _ in range(5)]
+                await asyncio.sleep(0.2)
+                assert ing._server.awaiting_header == 5
+                r, w = await asyncio.open_connection(*ing.address)  # the sixth: closed at once
+                assert await asyncio.wait_for(r.read(), 5) == b""
+                w.close()
+                assert ing._server.proxy_refused["awaiting"] == 1
+                for _, sw in silent:
+                    sw.close()
+                await asyncio.sleep(0.3)
+                assert ing._server.awaiting_header == 0
+                got, (r, w) = await _visit(ing.address, b"")  # room again
+                assert got == b"payload\n"
+                w.close()
+        app.close()
+    run(body)

@@ -40,6 +40,9 @@ log = logging.getLogger("ferrotunnel.listen")
 ACCEPT_PAUSE = 0.5
 #: Connections taken per readiness of a listening socket (the rest wait for the next turn).
 ACCEPT_BATCH = 64
+#: With trusted proxies: connections at once still waiting for their first bytes (before any
+#: protocol, and so any other cap, exists); beyond it new ones are closed at once.
+MAX_AWAITING_HEADER = 1024
 #: accept() errors that mean "out of resources": pause, do not spin, do not fail.
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -169,6 +172,13 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeou
         loop.remove_reader(fd)
 
 
+def _peer_host(conn: socket.socket) -> str:
+    try:
+        return str(conn.getpeername()[0])
+    except OSError:
+        return "?"
+
+
 def _uses_libuv(loop: asyncio.AbstractEventLoop) -> bool:
     return type(loop).__module__.startswith("uvloop")
 
@@ -235,8 +245,10 @@ class Listener:
         self.proxies = proxies
         self.header_timeout = header_timeout
         self._proxy_log = RefusalLog(what)
-        #: Connections closed for their PROXY header, by reason ("untrusted", "malformed").
+        #: Connections closed for their PROXY header, by reason ("untrusted", "malformed",
+        #: "awaiting": over MAX_AWAITING_HEADER still waiting for their first bytes).
         self.proxy_refused = self._proxy_log.counts
+        self.awaiting_header = 0
         self._server: Optional[asyncio.AbstractServer] = None
         self._acceptors: List[_Acceptor] = []
         self._tasks: "set[asyncio.Task[Any]]" = set()
@@ -267,7 +279,19 @@ class Listener:
         try:
             make = factory
             if self.proxies is not None:
-                peer = await self._proxy_header(conn)
+                if self.awaiting_header >= MAX_AWAITING_HEADER:
+                    host = _peer_host(conn)
+                    if self._proxy_log.due(host, "awaiting"):
+                        log.warning("%s: refusing connections from %s: %d connections are waiting for their first "
+                                    "bytes (MAX_AWAITING_HEADER); said once per %.0fs", self.what, host,
+                                    self.awaiting_header, self._proxy_log.interval)
+                    conn.close()
+                    return
+                self.awaiting_header += 1
+                try:
+                    peer = await self._proxy_header(conn)
+                finally:
+                    self.awaiting_header -= 1
                 if peer is _DROP:
                     conn.close()
                     return
