@@ -182,9 +182,9 @@ class TcpBridge(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        self.peer_address = peer = self.peer_address or transport.get_extra_info("peername")
         gate = self.gate
-        if gate is not None:
+        if gate is not None:  # a public connection (ingress bridges are gated): who it is
+            self.peer_address = peer = self.peer_address or transport.get_extra_info("peername")
             host = peer[0] if isinstance(peer, tuple) else str(peer)
             if not gate.enter(host, transport):
                 self._finished = True  # subclasses check ``finished`` after this
