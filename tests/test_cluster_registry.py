@@ -201,7 +201,7 @@ def test_a_dead_nodes_claim_is_pending_then_taken_over(run, redis):
     run(body)
 
 
-def test_draining_node_is_taken_over_at_once_and_its_session_closed(run, redis):
+def test_draining_node_is_taken_over_at_once_and_its_session_finishes(run, redis):
     async def body():
         async with RedisRegistry(cfg(redis.url, "a")) as a, RedisRegistry(cfg(redis.url, "b")) as b:
             sa = StubSession("t1")
@@ -210,10 +210,32 @@ def test_draining_node_is_taken_over_at_once_and_its_session_closed(run, redis):
             await a.drain()
             assert a.draining
             assert (await b.claim("t1", StubSession("t1"))).granted and b.stats.takeovers == 1
-            await wait_for(lambda: sa.is_closed)  # a's next refresh finds the claim gone
+            # a's next refresh finds the claim gone: the old session is handed over, not cut (its
+            # streams in flight finish; its client closes it), and a stops refreshing it
+            await wait_for(lambda: a.stats.handovers == 1)
+            assert not sa.is_closed and a.stats.lost == 0
+            assert a.local_session("t1") is sa  # streams still reaching a (stale routes) are served
+            await asyncio.sleep(2.5 * a.config.claim_refresh)
+            assert a.stats.handovers == 1 and not sa.is_closed
+            assert (await b.lookup("t1")) is not None  # b's claim stands: a never took it back
+    run(body)
+
+
+def test_a_node_that_is_not_draining_closes_a_session_whose_id_was_taken(run, redis):
+    async def body():
+        # a refreshes only when told to here, so nothing re-creates the claim in between
+        async with RedisRegistry(cfg(redis.url, "a", claim_refresh=60, claim_ttl=120)) as a, \
+                RedisRegistry(cfg(redis.url, "b")) as b:
+            sa = StubSession("t1")
+            assert (await a.claim("t1", sa)).granted
+            r = await raw(redis.url)
+            await r.delete("test:tunnel:t1")  # lost in Redis (an outage, a flush)
+            await r.aclose()
+            assert (await b.claim("t1", StubSession("t1"))).granted
+            assert not await a.refresh("t1", sa)  # a's refresh finds another holder
             assert isinstance(sa.closed_with, ConnectionLostError)
             assert str(sa.closed_with) == "tunnel id t1 was taken over by node b"
-            assert a.local_session("t1") is None and a.stats.lost == 1
+            assert a.local_session("t1") is None and a.stats.lost == 1 and a.stats.handovers == 0
     run(body)
 
 

@@ -167,6 +167,9 @@ class ClientConfig(StreamConfig):
     backoff: BackoffConfig = field(default_factory=BackoffConfig)
     #: Extra capability strings to announce.
     capabilities: Tuple[str, ...] = ()
+    #: Announce this package's extensions (flow control, reasons, drain, ...). False: only
+    #: ``basic`` and ``tcp`` (and ``capabilities``), exactly what a Rust FerroTunnel client announces.
+    extensions: bool = True
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,8 @@
 
 It reads into buffers from the pool, hands the bytes to the handshake and then to the core, and
 writes what the core's scheduler drains, only while the transport is not paused, so urgent frames
-never queue behind more than one drain budget of bulk data. The handshake itself is the
-subclass's (server or client); after it the connection always has a core.
-"""
+never queue behind more than one drain budget of bulk data. The handshake is the subclass's
+(server or client); after it the connection always has a core."""
 
 from __future__ import annotations
 
@@ -46,9 +45,7 @@ class ConnectionPhase(enum.Enum):
     CLOSED = "closed"
 
 
-HANDSHAKE = ConnectionPhase.HANDSHAKE
-OPEN = ConnectionPhase.OPEN
-CLOSED = ConnectionPhase.CLOSED
+HANDSHAKE, OPEN, CLOSED = ConnectionPhase.HANDSHAKE, ConnectionPhase.OPEN, ConnectionPhase.CLOSED
 
 
 class TunnelConnection(asyncio.BufferedProtocol):
@@ -83,9 +80,8 @@ class TunnelConnection(asyncio.BufferedProtocol):
         #: Sinks that got tunnel data during the current read: each is flushed once after it.
         self.dirty_sinks: List[StreamSink] = []
         self.closed_future: asyncio.Future[None] = loop.create_future()
-        # The session, held strongly while the connection is open and weakly after, so a closed
-        # connection and its session are freed without the cyclic GC (the session keeps the
-        # connection: it is what its owner holds).
+        # The session: held strongly while open, weakly after, so a closed connection and its session
+        # are freed without the cyclic GC (the session keeps the connection: its owner holds that).
         self._session: Optional["Session"] = None
         self._session_ref: Optional["weakref.ref[Session]"] = None
 
@@ -457,6 +453,9 @@ class TunnelConnection(asyncio.BufferedProtocol):
     def on_session_error(self, exc: Exception) -> None:
         log.warning("session %s: %s", self.session.id, exc)
         self.close(exc)
+
+    def on_peer_draining(self) -> None:  # the drain extension: see Session.draining / moved
+        (self.session.draining if self.is_client else self.session.moved).set()
 
     # ------------------------------------------------------------------ closing
 

@@ -85,6 +85,11 @@ class Session(_StreamOpener):
         self._accept_queue: Optional[Deque[VirtualStream]] = None
         self._accept_waiter: Optional[asyncio.Future[None]] = None
         self.closed_event = asyncio.Event()
+        #: The drain extension. Client side: set when the server said its node is leaving (the
+        #: client opens a new session and lets this one's streams finish). Server side: ``moved``
+        #: is set when the client, asked to leave, said its new session is up.
+        self.draining = asyncio.Event()
+        self.moved = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"<Session {self.id} tunnel_id={self.tunnel_id!r} peer={self.peer_address}>"
@@ -167,6 +172,12 @@ class Session(_StreamOpener):
             finally:
                 closed.cancel()
                 self._accept_waiter = None
+
+    def send_drain(self) -> bool:
+        """The drain extension. Server side: tell the client this node is leaving, so that it opens
+        a new session now. Client side: tell the server the new session is up (after it asked).
+        False when the peer did not negotiate it, the session is closed, or nobody asked."""
+        return self.established and self._conn.core.send_drain()
 
     def close(self, exc: Optional[BaseException] = None) -> None:
         """End the session: the connection is closed and every stream ends with an error."""

@@ -171,11 +171,15 @@ async def _serve(args: argparse.Namespace) -> int:
         print(f"metrics on http://{metrics.address[0]}:{metrics.address[1]}/metrics", flush=True)
     await _until_signal()
     print(f"shutting down (up to {args.grace:.0f}s for open streams)", flush=True)
+    server.stop_listening()  # at once: a balancer's health checks take this node out
+    for ing in ingresses:
+        ing.stop_listening()
     if node is not None:
         await node.drain()  # the other nodes may take this node's tunnels over from now on
+    # clients that can are told to move to another node now; streams in flight finish here
+    await server.shutdown(args.grace, handover=node is not None, busy=node.busy if node else None)
     for ing in ingresses:
         await ing.close()
-    await server.shutdown(args.grace)
     if node is not None:
         await node.close()
     if metrics is not None:

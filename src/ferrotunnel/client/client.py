@@ -21,6 +21,8 @@ from ..auth import TokenFormatError, validate_token_format
 from ..config import ClientConfig
 from ..protocol.core import SessionCore
 from ..protocol.handshake import ClientHandshake, HandshakeResult
+from .diagnose import (HINT_ADD_TLS, HINT_CLIENT_CERT, HINT_NO_TLS, SSL_CLOSED, SSL_OLD_VERSION,
+                       SSL_PLAINTEXT_ANSWER, client_cert_hint, looks_like_tls, ssl_reason, describe_error)
 from .reconnect import Backoff
 from ..errors import (
     AuthenticationError,
@@ -63,74 +65,6 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-# An exception that came without a message (``ConnectionResetError()`` from a TLS handshake the
-# peer cut short, a bare ``TimeoutError()``) is shown as its type and what it usually means.
-_NO_MESSAGE = {
-    ssl.SSLEOFError: "the TLS connection was closed in the middle of a record or handshake",
-    ConnectionResetError: "the connection was reset",
-    ConnectionAbortedError: "the connection was aborted",
-    BrokenPipeError: "the connection was closed while we were sending",
-    TimeoutError: "no answer in time",
-    EOFError: "the connection was closed",
-}
-
-
-def describe_error(exc: BaseException) -> str:
-    """``str(exc)``, or, when that is empty, the exception's type and what it usually means:
-    never an empty reason."""
-    text = str(exc)
-    if text.strip() not in ("", "()", "None"):  # an SSLError without arguments says "()"
-        return text
-    for cls, meaning in _NO_MESSAGE.items():
-        if isinstance(exc, cls):
-            return f"{type(exc).__name__}: {meaning}, no details given"
-    return f"{type(exc).__name__}, no details given: run with --log-level debug and see the server's log"
-
-
-#: The first bytes of a TLS record: content type 20-23 (ChangeCipherSpec, Alert, Handshake,
-#: ApplicationData), then major version 3. A HandshakeAck starts with a small length prefix
-#: (0x00 0x00 ...), so these two bytes cannot begin one.
-_TLS_RECORD_TYPES = frozenset((0x14, 0x15, 0x16, 0x17))
-
-
-def _looks_like_tls(head: bytes) -> bool:
-    return len(head) >= 2 and head[0] in _TLS_RECORD_TYPES and head[1] == 0x03
-
-
-# OpenSSL reasons, as ``ssl.SSLError.reason``.
-_SSL_PLAINTEXT_ANSWER = frozenset(("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST",
-                                   "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE", "UNKNOWN_PROTOCOL",
-                                   "RECORD_LENGTH_MISMATCH", "BAD_RECORD_TYPE", "WRONG_SSL_VERSION"))
-_SSL_CLOSED = frozenset(("UNEXPECTED_EOF_WHILE_READING", "EOF_OCCURRED_IN_VIOLATION_OF_PROTOCOL"))
-_SSL_CLIENT_CERT_REQUIRED = frozenset(("TLSV13_ALERT_CERTIFICATE_REQUIRED", "PEER_DID_NOT_RETURN_A_CERTIFICATE"))
-_SSL_CLIENT_CERT_REFUSED = frozenset((
-    "TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
-    "SSLV3_ALERT_CERTIFICATE_EXPIRED", "SSLV3_ALERT_CERTIFICATE_REVOKED", "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
-    "TLSV1_ALERT_ACCESS_DENIED", "TLSV1_ALERT_DECRYPT_ERROR", "SSLV3_ALERT_HANDSHAKE_FAILURE"))
-_SSL_OLD_VERSION = frozenset(("TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL", "NO_PROTOCOLS_AVAILABLE",
-                              "TLSV1_ALERT_INAPPROPRIATE_FALLBACK"))
-
-_HINT_NO_TLS = "drop --tls, or start the server with --tls-cert/--tls-key"
-_HINT_ADD_TLS = "add --tls (and --tls-ca if its certificate is self-signed)"
-_HINT_CLIENT_CERT = ("give the client a certificate signed by the CA the server's --tls-ca names: --tls-cert and "
-                     "--tls-key (ferrotunnel certs --client writes client.pem and client.key)")
-
-
-def _ssl_reason(exc: Optional[BaseException]) -> str:
-    return (getattr(exc, "reason", None) or "") if isinstance(exc, ssl.SSLError) else ""
-
-
-def _client_cert_hint(exc: Optional[BaseException]) -> Optional[str]:
-    """What to do when the server refused this client at the TLS layer (mutual TLS), or None."""
-    reason = _ssl_reason(exc)
-    if reason in _SSL_CLIENT_CERT_REQUIRED:
-        return f"the server requires a client certificate ({reason}): {_HINT_CLIENT_CERT}"
-    if reason in _SSL_CLIENT_CERT_REFUSED:
-        return (f"the server refused the TLS connection ({reason}), most likely the client certificate (missing, "
-                f"or not signed by a CA it trusts): {_HINT_CLIENT_CERT}")
-    return None
-
-
 class ClientConnection(TunnelConnection):
     is_client = True
 
@@ -165,8 +99,8 @@ class ClientConnection(TunnelConnection):
         if len(self._head) < 5:
             self._head += bytes(data[:5 - len(self._head)])
         client = self.client
-        if not client.transport.is_tls and _looks_like_tls(self._head):
-            self._fail(HandshakeError(f"the server at {client.address} answered with TLS: {_HINT_ADD_TLS}"))
+        if not client.transport.is_tls and looks_like_tls(self._head):
+            self._fail(HandshakeError(f"the server at {client.address} answered with TLS: {HINT_ADD_TLS}"))
             return
         hs = self.handshake
         try:
@@ -206,7 +140,7 @@ class ClientConnection(TunnelConnection):
         """The connection ended before the HandshakeAck: what most likely happened."""
         exc = self.close_exc
         what = "the server closed the connection before answering the handshake"
-        cert = _client_cert_hint(exc)
+        cert = client_cert_hint(exc)
         if cert is not None:
             return ConnectionLostError(f"{what}: {cert}")
         # our own "the peer closed the tunnel connection" says nothing new here
@@ -218,10 +152,10 @@ class ClientConnection(TunnelConnection):
                 f"ferrotunnel server (server --bind)? Its log may say more")
         if not self.client.transport.is_tls:
             return ConnectionLostError(
-                f"{what}: it most likely expects TLS — {_HINT_ADD_TLS}; if it does not use TLS, its log says why "
+                f"{what}: it most likely expects TLS — {HINT_ADD_TLS}; if it does not use TLS, its log says why "
                 f"it closed the connection")
         return ConnectionLostError(
-            f"{what}: its log says why — most often a client certificate it requires ({_HINT_CLIENT_CERT}), "
+            f"{what}: its log says why — most often a client certificate it requires ({HINT_CLIENT_CERT}), "
             f"or a port that is not its tunnel port (server --bind)")
 
 
@@ -237,6 +171,9 @@ def _os_error(exc: OSError, message: str) -> OSError:
 
 
 OnConnected = Callable[[Session], Union[None, Awaitable[None]]]
+
+#: Seconds between checks whether a new session is up beside a retiring one (its node is leaving).
+RETIRE_POLL = 0.05
 
 _RETRYABLE = (OSError, ConnectionLostError, RetryableHandshakeError, TunnelTimeoutError, TimeoutError, FrameError)
 
@@ -260,6 +197,8 @@ class TunnelClient:
         #: ``HOST:PORT`` of the server, as it appears in messages.
         self.address = format_address(self.host, self.port)
         self._conn: Optional[ClientConnection] = None
+        #: Sessions on a node that is leaving (drain), kept until their streams are done.
+        self._retiring: "set[ClientConnection]" = set()
 
     def __repr__(self) -> str:  # the token stays out
         return f"<TunnelClient {self.host}:{self.port} tunnel_id={self.tunnel_id!r}>"
@@ -340,12 +279,12 @@ class TunnelClient:
                 return TunnelTimeoutError(
                     f"the connection to {addr} and its TLS handshake did not complete within {t}s: either the host "
                     f"does not answer (it is down, or a firewall drops the packets: check --server), or the server "
-                    f"does not speak TLS ({_HINT_NO_TLS})")
+                    f"does not speak TLS ({HINT_NO_TLS})")
             if conn is None or not conn.made:
                 return TunnelTimeoutError(
                     f"cannot connect to {addr} within {t}s: no answer to the connection attempt — the host may be "
                     f"down or a firewall may drop the packets; check --server")
-            hint = "" if tls else f"; if the server uses TLS, {_HINT_ADD_TLS}"
+            hint = "" if tls else f"; if the server uses TLS, {HINT_ADD_TLS}"
             return TunnelTimeoutError(
                 f"no handshake answer from {addr} within {t}s: the server accepted the connection but did not "
                 f"answer — check that {self.port} is its tunnel port (server --bind), not an ingress port{hint}")
@@ -353,19 +292,19 @@ class TunnelClient:
             return None  # ours (ClientConnection explained it), or a cancellation
         in_tls_handshake = tls and (conn is None or not conn.made)
         if isinstance(exc, ssl.SSLError):
-            reason = _ssl_reason(exc)
+            reason = ssl_reason(exc)
             where = f"TLS handshake with {addr} failed ({reason or describe_error(exc)})"
-            if reason in _SSL_PLAINTEXT_ANSWER:
+            if reason in SSL_PLAINTEXT_ANSWER:
                 # not retried: the server demonstrably does not speak TLS
                 return HandshakeError(f"{where}: the server does not speak TLS (it answered in plaintext): "
-                                      f"{_HINT_NO_TLS}")
-            if reason in _SSL_CLOSED or isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+                                      f"{HINT_NO_TLS}")
+            if reason in SSL_CLOSED or isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
                 return ConnectionLostError(f"{where}: the server closed the connection during the TLS handshake; "
-                                           f"it most likely does not speak TLS — {_HINT_NO_TLS}")
-            cert = _client_cert_hint(exc)
+                                           f"it most likely does not speak TLS — {HINT_NO_TLS}")
+            cert = client_cert_hint(exc)
             if cert is not None:
                 return ConnectionLostError(f"{where}: {cert}")
-            if reason in _SSL_OLD_VERSION:
+            if reason in SSL_OLD_VERSION:
                 return ConnectionLostError(f"{where}: the server does not accept TLS 1.3, which ferrotunnel "
                                            f"requires: upgrade the server's TLS library or configuration")
             return ConnectionLostError(f"{where}: check that the server uses TLS (server --tls-cert/--tls-key) "
@@ -379,7 +318,7 @@ class TunnelClient:
         if isinstance(exc, ConnectionError) and in_tls_handshake:
             return ConnectionLostError(
                 f"the server at {addr} closed the connection during the TLS handshake ({describe_error(exc)}): "
-                f"it most likely does not speak TLS — {_HINT_NO_TLS}")
+                f"it most likely does not speak TLS — {HINT_NO_TLS}")
         if isinstance(exc, ConnectionError):
             return _os_error(exc, f"the connection to {addr} failed: {describe_error(exc)}; the server's log may "
                                   f"say why")
@@ -436,13 +375,52 @@ class TunnelClient:
                     result = on_connected(session)
                     if inspect.isawaitable(result):
                         await result
-                await session.wait_closed()
+                if await self._until_closed_or_moved(session):
+                    continue  # the server's node is leaving: a new session at once
                 conn = self._conn
                 reason = conn.close_exc if conn is not None else None
                 await self._wait_retry(backoff, reason or ConnectionLostError("session ended"))
         finally:
+            for old in list(self._retiring):
+                old.close()
             if self._conn is not None:
                 self._conn.close()
+
+    async def _until_closed_or_moved(self, session: Session) -> bool:
+        """Wait until the session ends (False) or its server node says it is leaving (True: the
+        session is retired, see ``_retire``, and the caller connects again at once)."""
+        waits = [asyncio.ensure_future(session.closed_event.wait()), asyncio.ensure_future(session.draining.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if not session.draining.is_set():
+            return False
+        conn = self._conn
+        streams = len(session.multiplexer)
+        log.info("the server at %s is leaving (drain): opening a new session through %s now%s", self.address,
+                 self.address, f"; {streams} streams finish on the old one" if streams else "")
+        if conn is not None and not conn.closed:
+            self._retiring.add(conn)
+            asyncio.get_running_loop().create_task(self._retire(conn))
+        return True
+
+    async def _retire(self, conn: ClientConnection) -> None:
+        """An old session whose node is leaving: it serves its streams (and any that still arrive
+        on it) until a new session is up; then it tells the server it moved, and the server closes
+        it once its last stream is done (only the server knows when the last byte went out). It
+        is closed here only when the client stops."""
+        try:
+            while not conn.closed:
+                new = self._conn
+                if new is not conn and new is not None and not new.closed and new.opened:
+                    conn.session.send_drain()
+                    await conn.closed_future
+                    break
+                await asyncio.sleep(RETIRE_POLL)
+        finally:
+            self._retiring.discard(conn)
 
     async def _wait_retry(self, backoff: Backoff, exc: BaseException) -> None:
         delay = backoff.next_delay()

@@ -237,6 +237,11 @@ class LinkServer:
         self.streams["joined"] += 1
         splice(stream, target)
 
+    def announce_drain(self) -> int:
+        """Tell the nodes linked to this one that it is leaving: they stop trusting their cached
+        routes to it (see ``RemoteRoute.stale``). Returns how many were told."""
+        return sum(s.send_drain() for s in list(self.tunnel.sessions))
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -273,6 +278,12 @@ class RemoteRoute(Route):
         if self.pool is not None:
             self.pool.streams_out += 1
         return stream
+
+    @property
+    def stale(self) -> bool:
+        """The node at the far end is leaving (it said so over the link) or the link is gone: ask
+        Redis again rather than trust the cached route."""
+        return self.link.draining.is_set() or self.link.is_closed
 
     def __repr__(self) -> str:
         return f"<RemoteRoute {self._tunnel_id!r} on node {self.node_id!r}>"

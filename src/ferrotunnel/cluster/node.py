@@ -53,8 +53,15 @@ class ClusterNode:
                  redact_url(self.config.redis_url), *self.links_in.address, *self.registry.advertise)
 
     async def drain(self) -> None:
-        """Say this node is leaving: its tunnels may be taken over by other nodes at once."""
+        """Say this node is leaving: its tunnels may be taken over by other nodes at once (in
+        Redis), and the nodes linked to it stop using their cached routes to it."""
         await self.registry.drain()
+        told = self.links_in.announce_drain()
+        log.info("node %s: draining; told %d linked nodes", self.node_id, told)
+
+    def busy(self) -> bool:
+        """Streams this node carries to other nodes (its visitors for their tunnels) are open."""
+        return any(len(s.multiplexer) for s in self.links_out.links().values())
 
     async def close(self) -> None:
         await self.registry.close()

@@ -24,6 +24,7 @@ from ..aio.session import Session
 from ..config import ClusterConfig, redact_url
 from ..errors import ConnectionLostError
 from ..server.registry import Claim, LocalRegistry, Route, StalePredicate
+from .scripts import SCRIPTS
 
 __all__ = ["RedisRegistry", "RegistryStats", "RouteFactory", "connect"]
 
@@ -32,67 +33,6 @@ log = logging.getLogger("ferrotunnel.cluster")
 #: ``remote_route(node_id, (host, port), tunnel_id)``: a Route to that tunnel on that node, or None.
 RouteFactory = Callable[[str, Tuple[str, int], str], Awaitable[Optional[Route]]]
 
-_NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) "
-
-#: KEYS: claim. ARGV: node, epoch, session, claim_ttl ms, node key prefix, stale claim ms, stale
-#: node ms, "1" if another claim of this node and epoch may be replaced. {verdict, holder, why}.
-_CLAIM = _NOW + """
-local h = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'session', 't')
-local verdict = 'granted'
-if h[1] and h[1] == ARGV[1] and h[2] == ARGV[2] then
-  if h[3] ~= ARGV[3] and ARGV[8] ~= '1' then return {'mine', h[1], ''} end
-elseif h[1] then
-  local n = redis.call('HMGET', ARGV[5] .. h[1], 'epoch', 'state', 't')
-  if not n[1] then verdict = 'dead'
-  elseif n[1] ~= h[2] then verdict = 'restarted'
-  elseif n[2] == 'draining' then verdict = 'draining'
-  else
-    local claim_age, node_age = now - tonumber(h[4] or 0), now - tonumber(n[3] or 0)
-    local why = claim_age > tonumber(ARGV[6]) and ('its claim was not refreshed for ' .. claim_age .. ' ms')
-      or node_age > tonumber(ARGV[7]) and ('the node was silent for ' .. node_age .. ' ms')
-    if why then return {'pending', h[1], why} end
-    return {'held', h[1], ''}
-  end
-end
-redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', ARGV[2], 'session', ARGV[3], 't', now)
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return {verdict, h[1] or '', ''}
-"""
-
-#: KEYS: claim. ARGV: node, epoch, session, claim_ttl ms. '' while ours (re-created if it expired:
-#: nobody else holds it), else the holder's node.
-_REFRESH = _NOW + """
-local h = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'session')
-if h[1] and not (h[1] == ARGV[1] and h[2] == ARGV[2] and h[3] == ARGV[3]) then return h[1] end
-redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', ARGV[2], 'session', ARGV[3], 't', now)
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return ''
-"""
-
-#: KEYS: a claim or a node key. ARGV: field, value, field, value... Compare-and-delete.
-_RELEASE = """
-for i = 1, #ARGV, 2 do if redis.call('HGET', KEYS[1], ARGV[i]) ~= ARGV[i + 1] then return 0 end end
-return redis.call('DEL', KEYS[1])
-"""
-
-#: KEYS: node. ARGV: epoch, state, addr, node_ttl ms. Returns the epoch it replaced ('' if none).
-_NODE = _NOW + """
-local prev = redis.call('HGET', KEYS[1], 'epoch')
-redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'state', ARGV[2], 'addr', ARGV[3], 't', now)
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return prev or ''
-"""
-
-#: KEYS: claim. ARGV: node key prefix. {node, addr} when the claim's node is alive in that epoch.
-_LOOKUP = """
-local h = redis.call('HMGET', KEYS[1], 'node', 'epoch')
-if not h[1] then return false end
-local n = redis.call('HMGET', ARGV[1] .. h[1], 'epoch', 'addr')
-if n[1] ~= h[2] then return false end
-return {h[1], n[2]}
-"""
-
-_SCRIPTS = {"claim": _CLAIM, "refresh": _REFRESH, "release": _RELEASE, "node": _NODE, "lookup": _LOOKUP}
 _TAKEOVER = frozenset({"dead", "restarted", "draining"})
 _BATCH, _CACHE_MAX = 500, 10000
 
@@ -109,6 +49,8 @@ class RegistryStats:
     takeovers: int = 0
     conflicts: int = 0
     lost: int = 0
+    #: ids that moved to another node while this one drained (their old sessions finish their streams)
+    handovers: int = 0
 
 
 class _Down(Exception):
@@ -165,7 +107,7 @@ class RedisRegistry:
         self._errors = (_redis().RedisError, OSError, TimeoutError)
         self._own_client = client is None
         self._client: Any = client if client is not None else connect(config)
-        self._scripts = {name: self._client.register_script(src) for name, src in _SCRIPTS.items()}
+        self._scripts = {name: self._client.register_script(src) for name, src in SCRIPTS.items()}
         self._url = redact_url(config.redis_url)
         self._local = LocalRegistry()
         #: Where other nodes reach this node's link listener (read at every liveness refresh).
@@ -176,6 +118,7 @@ class RedisRegistry:
         self._outage = False
         self._stale: Optional[StalePredicate] = None
         self._unreconciled: Set[str] = set()  # ids granted without Redis' word: claim again
+        self._moved: Set[uuid.UUID] = set()  # sessions whose id went to another node while draining
         self._orphans: Dict[str, str] = {}  # session id hex -> tunnel id, released while Redis was down
         self._cache: Dict[str, Tuple[float, Optional[Route]]] = {}
         self._inflight: Dict[str, "asyncio.Task[Optional[Route]]"] = {}
@@ -334,14 +277,21 @@ class RedisRegistry:
         return True
 
     def _lost(self, session: Session, holder: str) -> None:
-        if self._close_local(session, f"tunnel id {session.tunnel_id} was taken over by node {holder}"):
+        if self.draining:  # handed over: the old session finishes its streams (the client closes it)
+            if session.id not in self._moved:
+                self._moved.add(session.id)
+                self.stats.handovers += 1
+                log.info("registry: tunnel %s moved to node %s; its old session here finishes its %d streams",
+                         session.tunnel_id, holder, len(session.multiplexer))
+        elif self._close_local(session, f"tunnel id {session.tunnel_id} was taken over by node {holder}"):
             self.stats.lost += 1
 
     async def _refresh_all(self) -> None:
         live = [s for s in list(self._local.local_sessions()) if not s.is_closed]
         if self._unreconciled:
             await self._reconcile(live)
-        mine = [s for s in live if s.tunnel_id not in self._unreconciled and not self._is_stale(s)]
+        mine = [s for s in live if s.tunnel_id not in self._unreconciled and s.id not in self._moved
+                and not self._is_stale(s)]
         holders = await self._batch("refresh", [([self._claim_key(s.tunnel_id)], self._refresh_args(s)) for s in mine])
         for s, holder in zip(mine, holders):
             if self._local.get(s.id) is not s:  # ended meanwhile: its release may have run first
@@ -377,7 +327,7 @@ class RedisRegistry:
         if route is not None:
             return route
         hit = self._cache.get(tunnel_id)
-        if hit is not None and hit[0] > time.monotonic():
+        if hit is not None and hit[0] > time.monotonic() and not (hit[1] is not None and hit[1].stale):
             return hit[1]
         if self._outage:
             return None

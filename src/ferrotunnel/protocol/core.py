@@ -29,6 +29,7 @@ from ..frames import (
     encode,
 )
 from ..scheduler import PriorityScheduler
+from .drain import DrainMixin
 from .extensions import EXT_CAPABILITY, Negotiated, negotiate, plugin_handlers
 from .flow import FLOW_PLUGIN_ID, MAX_WINDOW, FlowWindows, decode_credit, encode_credit
 from .keepalive import Keepalive
@@ -44,7 +45,7 @@ log = logging.getLogger("ferrotunnel.core")
 RESET_MEMORY = 1024
 
 
-class SessionCore:
+class SessionCore(DrainMixin):
     """One session's protocol state machine (after the handshake).
 
     ``negotiated`` (from the handshake) or the peer's raw ``peer_capabilities`` say which

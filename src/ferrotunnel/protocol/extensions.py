@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from ..config import StreamConfig
 from .flow import FLOW_PLUGIN_ID, flow_capability, parse_flow_capability
 
-__all__ = ["Extension", "EXTENSIONS", "EXT_CAPABILITY", "REASON_CAPABILITY", "Negotiated",
+__all__ = ["Extension", "EXTENSIONS", "EXT_CAPABILITY", "REASON_CAPABILITY", "DRAIN_CAPABILITY", "DRAIN_PLUGIN_ID", "Negotiated",
            "client_capabilities", "server_capabilities", "negotiate", "plugin_handlers", "keep_capabilities",
            "BASE_CLIENT_CAPABILITIES", "BASE_SERVER_CAPABILITIES", "MAX_CAPABILITIES", "MAX_CAPABILITY_LEN"]
 
@@ -29,6 +29,9 @@ MAX_CAPABILITY_LEN = 64
 
 EXT_CAPABILITY = "ferrotunnel-py/1"
 REASON_CAPABILITY = "reject-reason/1"
+#: A server node that is leaving (a cluster drain) tells its clients to reconnect now.
+DRAIN_CAPABILITY = "drain/1"
+DRAIN_PLUGIN_ID = "ft.drain/1"
 
 Announce = Callable[[StreamConfig], Optional[str]]
 
@@ -76,6 +79,10 @@ EXTENSIONS: Tuple[Extension, ...] = (
     Extension("flow", _flow_announce, _flow_announce, _flow_agree, FLOW_PLUGIN_ID, "on_credit"),
     # A refused handshake says why: the server adds "reason=<text>" to the ack's capabilities.
     Extension("reject_reason", _always(REASON_CAPABILITY), _never, _has(REASON_CAPABILITY)),
+    # Drain: the server sends one PluginData ("ft.drain/1", no payload) when its node leaves; the
+    # client opens a new session (through the balancer) at once and lets this one's streams finish.
+    Extension("drain", _always(DRAIN_CAPABILITY), _always(DRAIN_CAPABILITY), _has(DRAIN_CAPABILITY),
+              DRAIN_PLUGIN_ID, "on_drain"),
 )
 
 

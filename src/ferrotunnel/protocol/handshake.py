@@ -43,6 +43,7 @@ from ..frames import (
     encode,
 )
 from .extensions import (
+    BASE_CLIENT_CAPABILITIES,
     REASON_CAPABILITY,
     Negotiated,
     client_capabilities,
@@ -233,7 +234,8 @@ class ClientHandshake:
 
     def __init__(self, token: str, tunnel_id: Optional[str] = None, config: ClientConfig = ClientConfig()) -> None:
         self.config = config
-        self.capabilities = client_capabilities(config, config.capabilities)
+        self.capabilities = (client_capabilities(config, config.capabilities) if config.extensions
+                             else list(BASE_CLIENT_CAPABILITIES) + list(config.capabilities))
         self._hello: Optional[bytes] = encode(Handshake(token, tunnel_id, PROTOCOL_VERSION, PROTOCOL_VERSION,
                                                         self.capabilities))
         self._frame = _FirstFrame(VARIANT_HANDSHAKE_ACK, _limit(config))
@@ -268,7 +270,7 @@ class ClientHandshake:
         if ack.status != HandshakeStatus.SUCCESS:
             raise _refusal(ack.status, _reason(caps))
         self.result = HandshakeResult(ack.session_id, ack.version, keep_capabilities(caps),
-                                      negotiate(self.config, caps))
+                                      negotiate(self.config, caps) if self.config.extensions else Negotiated({}))
 
 
 #: In a refusal's reason, "retry-after=SECONDS" asks the client to try again that soon (at most

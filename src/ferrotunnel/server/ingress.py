@@ -152,6 +152,12 @@ class Ingress:
         self._where = "%s:%s" % self.address
         log.info("%s listening on %s%s", self.kind, self._where, self.describe())
 
+    def stop_listening(self) -> None:
+        """Close the listening socket (a balancer's health checks now fail); connections already
+        accepted keep being served."""
+        if self._server is not None:
+            self._server.close()
+
     async def close(self) -> None:
         self.sweeper.close()
         for task in list(self._lookups):

@@ -39,6 +39,11 @@ class Route:
         who the stream is for; a route that carries the stream further passes them on."""
         raise NotImplementedError
 
+    @property
+    def stale(self) -> bool:
+        """True when a cached copy of this route should not be used any more."""
+        return False
+
 
 class LocalRoute(Route):
     """A tunnel served by one session of this process."""

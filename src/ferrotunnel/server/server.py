@@ -12,7 +12,7 @@ import logging
 import ssl
 import time
 import uuid
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
 
 from ..auth import TokenFormatError, constant_time_eq, validate_token_format
 from ..config import ServerConfig
@@ -410,14 +410,41 @@ class TunnelServer:
                 pass
         await asyncio.sleep(0)
 
-    async def shutdown(self, grace: float) -> None:
-        """Stop accepting, let open streams finish for up to ``grace`` seconds, then close."""
+    def stop_listening(self) -> None:
+        """Close the tunnel port and refuse handshakes from now on; open sessions carry on."""
         self._closing = True
         if self._server is not None:
             self._server.close()
-        deadline = asyncio.get_running_loop().time() + grace
-        while asyncio.get_running_loop().time() < deadline:
-            if not any(len(s.multiplexer) for s in self.sessions):
+
+    async def shutdown(self, grace: float, *, handover: bool = False,
+                       busy: Optional[Callable[[], bool]] = None) -> None:
+        """Stop accepting, let open streams finish for up to ``grace`` seconds, then close.
+
+        ``handover`` (a cluster node leaving): clients that negotiated the drain extension are told
+        to open a new session now (through the balancer, on another node); their old session is
+        closed once the client said its new one is up and the old one has no stream left. Other
+        sessions are waited for until their streams are done. ``busy()``, if given, also holds the exit while it returns True (streams
+        this node carries to other nodes)."""
+        self.stop_listening()
+        told: Set[Session] = set()
+        if handover:
+            told = {s for s in self.sessions if s.send_drain()}
+            log.info("draining: told %d of %d clients to move to another node", len(told), len(self.sessions))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while loop.time() < deadline:
+            waiting = False
+            for s in list(self.sessions):
+                if s.is_closed:
+                    continue
+                if len(s.multiplexer):
+                    waiting = True
+                elif s in told:
+                    if s.moved.is_set():  # the client's new session is up and this one is done
+                        s.close()
+                    else:
+                        waiting = True
+            if not waiting and not (busy is not None and busy()):
                 break
             await asyncio.sleep(0.05)
         await self.close()
