@@ -233,6 +233,7 @@ def test_a_nodes_metrics_count_streams_links_and_registry_work(run):
                 assert "ferrotunnel_cluster_links 1.0" in text_b and "ferrotunnel_cluster_links 0.0" in text_a
                 assert "ferrotunnel_cluster_registry_outage 0.0" in text_a
                 assert "ferrotunnel_cluster_draining 0.0" in text_a
+                assert 'ferrotunnel_cluster_sessions_moved_total{how="handover"} 0.0' in text_a
                 ops = [ln for ln in text_b.splitlines() if ln.startswith("ferrotunnel_cluster_registry_operations_total")]
                 assert ops and float(ops[0].split()[-1]) > 0
                 await nodes[0].node.drain()

@@ -96,6 +96,12 @@ def _cluster_metrics(node: Any) -> Iterable[Any]:
                               value=reg.op_seconds)
     yield CounterMetricFamily("ferrotunnel_cluster_takeovers", "Tunnel ids taken over from other nodes",
                               value=reg.takeovers)
+    c = CounterMetricFamily("ferrotunnel_cluster_sessions_moved", "Local sessions whose tunnel id went to "
+                            "another node", labels=["how"])
+    c.add_metric(["handover"], reg.handovers)  # asked to move while this node drained
+    c.add_metric(["lost"], reg.lost)  # closed: another node held the id
+    c.add_metric(["conflict"], reg.conflicts)  # closed: both granted during a Redis outage
+    yield c
     yield GaugeMetricFamily("ferrotunnel_cluster_registry_outage", "1 while Redis is unreachable",
                             value=1 if st["outage"] else 0)
     yield GaugeMetricFamily("ferrotunnel_cluster_draining", "1 while this node drains", value=1 if st["draining"] else 0)
