@@ -40,8 +40,9 @@ class StubSession:
     def silent_for(self, now: float) -> float:
         return self.silent
 
-    def close(self, exc: Optional[BaseException] = None) -> None:
+    def close(self, exc: Optional[BaseException] = None, *, tell_peer: bool = False) -> None:
         self.closed_with = exc if exc is not None else ConnectionLostError("closed")
+        self.told = tell_peer
 
     def __repr__(self) -> str:
         return f"<StubSession {self.tunnel_id}>"
@@ -363,7 +364,7 @@ def test_redis_outage_local_service_then_reconciliation(run, redis, caplog):
             survivor, closed = ("a", sb1) if sb1.is_closed else ("b", sa1)
             assert (await r.hgetall("test:tunnel:t1"))["node"] == survivor
             assert f"is held by node {survivor}" in str(closed.closed_with)
-            assert "one owner remains" in str(closed.closed_with)
+            assert "one owner remains" in str(closed.closed_with) and closed.told  # its client is told why
             assert a.stats.conflicts + b.stats.conflicts == 1
             assert (await r.hgetall("test:tunnel:t2"))["node"] == "a"
             assert (await r.hgetall("test:tunnel:t9"))["node"] == "b"

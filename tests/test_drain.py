@@ -263,3 +263,21 @@ def test_the_notice_reaches_the_client_session(run):
                 await client.close()
 
     run(body, timeout=60)
+
+
+def test_a_session_closed_with_tell_peer_tells_the_client_why(run):
+    async def body():
+        async with _two_servers() as (a, b, ing_a, ing_b, front):
+            client = ft.TunnelClient("%s:%d" % a.address, TOKEN, tunnel_id="web")
+            session = await client.connect(App())
+            try:
+                server_side = await a.wait_for_session("web", timeout=10)
+                why = "tunnel id web is held by node b; this session is closed so that one owner remains"
+                server_side.close(ft.ConnectionLostError(why), tell_peer=True)
+                await asyncio.wait_for(session.wait_closed(), 10)
+                said = str(session.connection.close_exc)
+                assert "SERVICE_UNAVAILABLE" in said and why in said, said
+            finally:
+                await client.close()
+
+    run(body, timeout=60)

@@ -179,8 +179,12 @@ class Session(_StreamOpener):
         False when the peer did not negotiate it, the session is closed, or nobody asked."""
         return self.established and self._conn.core.send_drain()
 
-    def close(self, exc: Optional[BaseException] = None) -> None:
-        """End the session: the connection is closed and every stream ends with an error."""
+    def close(self, exc: Optional[BaseException] = None, *, tell_peer: bool = False) -> None:
+        """End the session: the connection is closed and every stream ends with an error. With
+        ``tell_peer``, the peer is sent ``exc``'s message first, so that it can say why."""
+        if tell_peer and exc is not None and self.established:
+            self._conn.core.send_goodbye(str(exc))
+            self._conn.flush_now()
         self._conn.close(exc)
 
     async def wait_closed(self) -> None:

@@ -273,7 +273,7 @@ class RedisRegistry:
             return False  # replaced on this node meanwhile
         log.warning("registry: %s; closing session %s", why, session.id)
         self._local.session_ended(session)
-        session.close(ConnectionLostError(why))
+        session.close(ConnectionLostError(why), tell_peer=True)
         return True
 
     def _lost(self, session: Session, holder: str) -> None:

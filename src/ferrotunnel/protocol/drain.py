@@ -16,13 +16,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..frames import PluginData
+from ..frames import Error, ErrorCode, PluginData
 from .extensions import DRAIN_PLUGIN_ID, Negotiated
 from .listener import CoreListener
 
 __all__ = ["DrainMixin"]
 
 log = logging.getLogger("ferrotunnel.core")
+
+#: Longest reason sent in a goodbye (a control frame: well under max_control_frame).
+MAX_GOODBYE = 400
 
 
 class DrainMixin:
@@ -59,3 +62,10 @@ class DrainMixin:
             self.drain_sent = True
         self._control(PluginData(DRAIN_PLUGIN_ID, b""))
         return True
+
+    def send_goodbye(self, message: str) -> None:
+        """Say why the session is about to end (a session-level ``Error``, SERVICE_UNAVAILABLE; any
+        peer, a Rust one too, reads it as the session's end), e.g. "another node holds this tunnel
+        id". The caller closes the connection after it."""
+        if not self.closed:
+            self._control(Error(None, ErrorCode.SERVICE_UNAVAILABLE, message[:MAX_GOODBYE]))
