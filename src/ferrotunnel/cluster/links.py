@@ -53,6 +53,13 @@ MAC_SIZE = 32
 MAX_NODE_ID = 512
 #: Seconds the preamble may take before the connection is dropped.
 PREAMBLE_TIMEOUT = 5.0
+#: A link's heartbeat, and the silence after which it is declared dead (a partition between nodes:
+#: streams on it end, and the next visitor's lookup dials again).
+LINK_HEARTBEAT = 1.0
+LINK_TIMEOUT = 5.0
+#: After a failed dial, visitors for that node are answered at once (503) for this long instead of
+#: each waiting for a new dial.
+LINK_REDIAL_INTERVAL = 1.0
 
 HEADER_TUNNEL = "ft-tunnel"
 HEADER_VISITOR = "ft-visitor"
@@ -133,7 +140,8 @@ class LinkServer:
         self._local_route = local_route
         # one tunnel server for the links: a session per link, its streams joined to local sessions
         cfg = config or ServerConfig(accept_client_streams=True, max_accept_queue=4096,
-                                     max_peer_resets_per_second=1e9, heartbeat_interval=2.0, session_timeout=8.0)
+                                     max_peer_resets_per_second=1e9, heartbeat_interval=LINK_HEARTBEAT,
+                                     session_timeout=LINK_TIMEOUT)
         self.tunnel = _LinkTunnelServer(self, bind, os.urandom(16).hex(), config=cfg, stream_handler=self._on_stream)
         self._tokens: Dict[str, float] = {}  # made by a preamble, good for one handshake
         self._sock: Optional[socket.socket] = None
@@ -299,11 +307,12 @@ class LinkPool:
             raise ValueError("a node link needs the cluster secret")
         self.node_id = node_id
         self._secret = secret.encode()
-        self.config = config or ClientConfig(heartbeat_interval=2.0, session_timeout=8.0)
+        self.config = config or ClientConfig(heartbeat_interval=LINK_HEARTBEAT, session_timeout=LINK_TIMEOUT)
         self.connect_timeout = connect_timeout
         self._links: Dict[str, Session] = {}
         self._dialing: Dict[str, "asyncio.Future[Session]"] = {}
         self._clients: Dict[str, TunnelClient] = {}
+        self._failed_at: Dict[str, float] = {}  # node id -> when its last dial failed
         #: dials that failed, and streams opened over links, for the metrics
         self.failures = 0
         self.streams_out = 0
@@ -311,12 +320,17 @@ class LinkPool:
     async def route(self, node_id: str, address: Tuple[str, int], tunnel_id: str) -> Optional[Route]:
         """A route to ``tunnel_id`` over the link to ``node_id`` (dialled if needed); None if the
         node cannot be reached (the caller answers the visitor, and asks again later)."""
+        failed = self._failed_at.get(node_id)
+        if failed is not None and time.monotonic() - failed < LINK_REDIAL_INTERVAL and node_id not in self.links():
+            return None
         try:
             link = await self.link(node_id, address)
         except (OSError, TimeoutError, ConnectionLostError) as exc:
             self.failures += 1
+            self._failed_at[node_id] = time.monotonic()
             log.warning("node link to %s at %s:%s failed: %s", node_id, address[0], address[1], exc)
             return None
+        self._failed_at.pop(node_id, None)
         return RemoteRoute(tunnel_id, node_id, link, self)
 
     def links(self) -> Dict[str, Session]:

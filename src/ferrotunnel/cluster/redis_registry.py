@@ -121,6 +121,7 @@ class RedisRegistry:
         self._moved: Set[uuid.UUID] = set()  # sessions whose id went to another node while draining
         self._orphans: Dict[str, str] = {}  # session id hex -> tunnel id, released while Redis was down
         self._cache: Dict[str, Tuple[float, Optional[Route]]] = {}
+        self._unreachable: Dict[str, str] = {}  # tunnel id -> its node, which the last lookup could not reach
         self._inflight: Dict[str, "asyncio.Task[Optional[Route]]"] = {}
         self._gates: "weakref.WeakValueDictionary[str, asyncio.Lock]" = weakref.WeakValueDictionary()
         self._loops: List["asyncio.Task[None]"] = []
@@ -343,6 +344,7 @@ class RedisRegistry:
         except _Down:
             return None
         route: Optional[Route] = None
+        unreachable = ""  # the owning node, when it cannot be reached from here
         if found:
             node, addr = _text(found[0]), _text(found[1])
             if node != self.node_id and self.remote_route is not None:
@@ -350,12 +352,27 @@ class RedisRegistry:
                     route = await self.remote_route(node, _parse_addr(addr), tunnel_id)
                 except Exception as exc:  # the link's failure: no route, for route_cache_ttl
                     log.warning("registry: no route to node %s at %s for tunnel %s: %s", node, addr, tunnel_id, exc)
+                unreachable = node if route is None else ""
+        if unreachable:  # the visitor is told so (503), not that there is no such tunnel (404)
+            if len(self._unreachable) >= _CACHE_MAX:
+                self._unreachable.clear()
+            self._unreachable[tunnel_id] = unreachable
+        else:
+            self._unreachable.pop(tunnel_id, None)
         if len(self._cache) >= _CACHE_MAX:
             now = time.monotonic()
             self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
         ttl = self.config.route_cache_ttl if route is not None else self.config.miss_cache_ttl
         self._cache[tunnel_id] = (time.monotonic() + ttl, route)
         return route
+
+    def why_missing(self, tunnel_id: str) -> Optional[str]:
+        """Why the last lookup of ``tunnel_id`` found no route when the tunnel may well exist (Redis
+        down, or its node unreachable from here); None when there is no such tunnel."""
+        if self._outage:
+            return "the cluster registry is unreachable"
+        node = self._unreachable.get(tunnel_id)
+        return f"its node ({node}) cannot be reached from this node" if node is not None else None
 
     def invalidate(self, tunnel_id: str) -> None:
         """Forget the cached route of ``tunnel_id`` (it failed): the next lookup asks Redis."""

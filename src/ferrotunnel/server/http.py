@@ -149,6 +149,13 @@ def _head_end(data: bytes) -> int:
     return len(data) if end < 0 else end + 4
 
 
+
+def _why_missing(registry: Any, tunnel_id: str) -> Optional[str]:
+    """Why a cluster registry found no route other than "no such tunnel" (Redis or the owning
+    node unreachable), or None."""
+    why = getattr(registry, "why_missing", None)
+    return why(tunnel_id) if why is not None else None
+
 class _Complete(Exception):
     """Raised from on_headers_complete: llhttp stops at the end of the first head."""
 
@@ -335,9 +342,9 @@ class _HttpBridge(TcpBridge):
         if route is None:
             if health:  # the ingress's own /health, for a request no tunnel takes
                 self._reply("200 OK", "ok\n")
-            elif getattr(self.ingress.server.registry, "outage", False):  # a cluster node without its registry
-                self._reply("503 Service Unavailable", f"tunnel {printable(tunnel_id)} is not on this node and the "
-                            "cluster registry is unreachable; try again shortly\n")
+            elif (why := _why_missing(self.ingress.server.registry, tunnel_id)) is not None:  # a cluster node
+                self._reply("503 Service Unavailable", f"tunnel {printable(tunnel_id)} is not on this node and "
+                            f"{why}; try again shortly\n")
             else:
                 self._reply("404 Not Found", f"no tunnel is connected for {printable(tunnel_id)}\n")
             return
