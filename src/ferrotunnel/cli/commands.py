@@ -278,7 +278,7 @@ def _version() -> int:
 async def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return await run_demo(requests=args.requests, concurrency=args.concurrency)
+    return await run_demo(requests=args.requests, concurrency=args.concurrency, cluster=args.cluster)
 
 
 # ------------------------------------------------------------------ parser
@@ -347,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="server, client and a small HTTP app in one process, with traffic")
     d.add_argument("--requests", type=int, default=300)
     d.add_argument("--concurrency", type=int, default=8)
+    d.add_argument("--cluster", action="store_true", help="three cluster nodes, redis-server and haproxy (from PATH) "
+                   "on loopback, with traffic and a node failover (docs/cluster.md)")
 
     sub.add_parser("version", help="print the version")
     return p

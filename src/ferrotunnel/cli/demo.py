@@ -55,7 +55,11 @@ def _progress(done: int, total: int, tty: bool) -> None:
         print(f"  {done}/{total} requests", flush=True)
 
 
-async def run_demo(requests: int = 300, concurrency: int = 8) -> int:
+async def run_demo(requests: int = 300, concurrency: int = 8, cluster: bool = False) -> int:
+    if cluster:  # three nodes, Redis and HAProxy as subprocesses: see demo_cluster.py
+        from .demo_cluster import run_cluster_demo
+
+        return await run_cluster_demo(requests, concurrency)
     import ferrotunnel as ft
 
     app = await asyncio.start_server(_app, "127.0.0.1", 0)
