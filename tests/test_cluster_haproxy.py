@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import re
+import time
 
 import ferrotunnel as ft
 
@@ -19,6 +20,8 @@ from test_cluster_nodes import _get, _name_app
 
 TOKEN = "cluster-haproxy-token"
 SECRET = "cluster-haproxy-secret"
+#: the tunnels whose clients announce no extensions (a Rust client's capabilities)
+PLAIN = (3, 7)
 
 
 def test_ten_tunnels_and_200_visitors_through_haproxy(run, tmp_path):
@@ -46,15 +49,20 @@ def test_ten_tunnels_and_200_visitors_through_haproxy(run, tmp_path):
                         for i in range(10):
                             app, addr = await _name_app(f"app{i}")
                             apps.append(app)
+                            # t3 and t7 announce only basic and tcp, exactly like a Rust FerroTunnel client
                             c = ft.TunnelClient(f"127.0.0.1:{fronts[7835]}", TOKEN, tunnel_id=f"t{i}",
-                                                config=ft.ClientConfig(local_addr=addr))
+                                                config=ft.ClientConfig(local_addr=addr, extensions=i not in PLAIN))
                             connected = asyncio.Event()
                             clients.append(c)
                             tasks.append(asyncio.create_task(c.connect_and_run(on_connected=lambda s, e=connected: e.set())))
                             await asyncio.wait_for(connected.wait(), 15)
+                            assert c.session is not None and c.session.flow_control == (i not in PLAIN), i
                         entry = [("127.0.0.1", fronts[80])] + [("127.0.0.1", n[8080]) for n in nodes]
                         jobs = [(entry[k % len(entry)], k % 10, k) for k in range(200)]
+                        t0 = time.monotonic()
                         answers = await asyncio.gather(*(_get(addr, f"t{i}", f"/{k}") for addr, i, k in jobs))
+                        print(f"[{run.loop_name}] 200 visitors (tunnels t3 and t7 with extensions-off clients) "
+                              f"answered in {time.monotonic() - t0:.2f} s")
                         for (addr, i, k), answer in zip(jobs, answers):
                             assert answer.startswith(b"HTTP/1.1 200"), (addr, i, answer[:300])
                             assert answer.endswith(f"app{i} /{k}".encode()), (addr, i, answer[-80:])
@@ -84,6 +92,9 @@ def test_ten_tunnels_and_200_visitors_through_haproxy(run, tmp_path):
                 assert p.finish() == 0
                 text = (p.out + p.err).decode()
                 owners[p] = len(re.findall(r"\(tunnel t\d\) from .* established", text))
+                for i in range(10):  # the extensions-off clients got a plain session (no flow control)
+                    for line in re.findall(rf"\(tunnel t{i}\) from .* established.*", text):
+                        assert line.endswith("with flow control") == (i not in PLAIN), line
                 assert "not a handshake" not in text and "no handshake within" not in text, text[-2000:]
             # the balancer spread the ten tunnels over the three nodes (round robin: 4, 3, 3)
             assert sum(owners.values()) == 10 and all(owners.values()), owners

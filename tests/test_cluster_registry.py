@@ -469,3 +469,61 @@ def test_the_helper_restarts_redis_empty_on_the_same_port():
         r.start()
         assert r.port == port and r.proc.pid != pid and r.ping()
         assert sync_redis.Redis.from_url(r.url).get("k") is None  # back empty
+
+
+def test_why_missing_names_a_dead_node_an_unreachable_one_and_a_recovering_registry(run, redis):
+    async def unreachable(node: str, address: Tuple[str, int], tunnel_id: str) -> Optional[Route]:
+        return None  # the link could not be dialled
+
+    async def body():
+        r = await raw(redis.url)
+        async with RedisRegistry(cfg(redis.url, "b"), remote_route=_route_to) as b, \
+                RedisRegistry(cfg(redis.url, "c"), remote_route=unreachable) as c:
+            a = RedisRegistry(cfg(redis.url, "a"))
+            await a.start()
+            assert (await a.claim("t1", StubSession("t1"))).granted
+            assert await b.lookup("nope") is None and b.why_missing("nope") is None  # no such tunnel: 404
+            assert await c.lookup("t1") is None
+            assert c.why_missing("t1") == "its node (a) cannot be reached from this node"
+            await a.close(release=False)  # a dies: its liveness key expires, its claim stays a while
+            await wait_for_async(lambda: _none_exist(r, "test:node:a"))
+            assert await b.lookup("t1") is None
+            assert b.why_missing("t1") == "its node (a) has stopped; the tunnel reconnects to another node shortly"
+            assert (await b.claim("t1", StubSession("t1"))).granted  # the client came back on b
+            assert isinstance(await b.lookup("t1"), LocalRoute) and b.why_missing("t1") is None
+
+            redis.stop()
+            await wait_for(lambda: c.outage)
+            assert c.why_missing("nope") == "the cluster registry is unreachable"
+            redis.start()  # empty: b has yet to re-assert t1 when c is back
+            await wait_for(lambda: not c.outage)
+            assert c.why_missing("nope") == "the cluster registry is recovering from an outage"
+            await asyncio.sleep(c.config.redis_probe_interval + c.config.node_refresh + 0.1)
+            assert c.why_missing("nope") is None  # every node re-asserted by now: a plain 404
+        await r.aclose()
+
+    run(body)
+
+
+async def _none_exist(r: Any, *keys: str) -> bool:
+    return await r.exists(*keys) == 0
+
+
+def test_a_lookup_racing_a_claim_on_the_same_node_finds_the_new_session(run, redis):
+    """Redis already names this node while the claim has yet to register the session locally: the
+    lookup waits for the claim (its gate) instead of answering "no session"."""
+    async def body():
+        async with RedisRegistry(cfg(redis.url, "c")) as c:
+            s = StubSession("t1")
+            gate = c._gate("t1")
+            async with gate:  # what claim() holds between its Redis write and its local grant
+                await c._call(c._script("claim", *c._claim_call(s, True)))
+                lookup = asyncio.ensure_future(c.lookup("t1"))
+                await asyncio.sleep(0.2)
+                assert not lookup.done()  # it waits for the claim
+                c._local.claim_nowait("t1", s, lambda old: True)
+            route = await asyncio.wait_for(lookup, 5)
+            assert isinstance(route, LocalRoute)
+            c._local.session_ended(s)  # the session ends: nothing cached keeps routing to it
+            assert c.lookup_local("t1") is None
+    run(body)

@@ -121,7 +121,8 @@ class RedisRegistry:
         self._moved: Set[uuid.UUID] = set()  # sessions whose id went to another node while draining
         self._orphans: Dict[str, str] = {}  # session id hex -> tunnel id, released while Redis was down
         self._cache: Dict[str, Tuple[float, Optional[Route]]] = {}
-        self._unreachable: Dict[str, str] = {}  # tunnel id -> its node, which the last lookup could not reach
+        self._unreachable: Dict[str, str] = {}  # tunnel id -> why the last lookup could not reach it
+        self._recovering_until = 0.0  # monotonic: Redis came back lately and may not know every claim
         self._inflight: Dict[str, "asyncio.Task[Optional[Route]]"] = {}
         self._gates: "weakref.WeakValueDictionary[str, asyncio.Lock]" = weakref.WeakValueDictionary()
         self._loops: List["asyncio.Task[None]"] = []
@@ -326,6 +327,8 @@ class RedisRegistry:
     async def lookup(self, tunnel_id: str) -> Optional[Route]:
         route = self._local.lookup_local(tunnel_id)
         if route is not None:
+            if self._unreachable:
+                self._unreachable.pop(tunnel_id, None)
             return route
         hit = self._cache.get(tunnel_id)
         if hit is not None and hit[0] > time.monotonic() and not (hit[1] is not None and hit[1].stale):
@@ -344,19 +347,27 @@ class RedisRegistry:
         except _Down:
             return None
         route: Optional[Route] = None
-        unreachable = ""  # the owning node, when it cannot be reached from here
+        why = ""  # why the tunnel, which exists, cannot be reached from here
         if found:
             node, addr = _text(found[0]), _text(found[1])
-            if node != self.node_id and self.remote_route is not None:
+            if node == self.node_id:  # claimed here just now: the claim finishes under its gate
+                async with self._gate(tunnel_id):
+                    local = self._local.lookup_local(tunnel_id)
+                if local is not None:
+                    return local  # never cached: lookup() asks the local sessions first anyway
+            elif not addr:  # its node died (or restarted): until the client reconnects elsewhere
+                why = f"its node ({node}) has stopped; the tunnel reconnects to another node shortly"
+            elif node != self.node_id and self.remote_route is not None:
                 try:
                     route = await self.remote_route(node, _parse_addr(addr), tunnel_id)
-                except Exception as exc:  # the link's failure: no route, for route_cache_ttl
+                except Exception as exc:  # pragma: no cover - a route factory that raises
                     log.warning("registry: no route to node %s at %s for tunnel %s: %s", node, addr, tunnel_id, exc)
-                unreachable = node if route is None else ""
-        if unreachable:  # the visitor is told so (503), not that there is no such tunnel (404)
+                if route is None:  # the link said why in the log
+                    why = f"its node ({node}) cannot be reached from this node"
+        if why:  # the visitor is told so (503), not that there is no such tunnel (404)
             if len(self._unreachable) >= _CACHE_MAX:
                 self._unreachable.clear()
-            self._unreachable[tunnel_id] = unreachable
+            self._unreachable[tunnel_id] = why
         else:
             self._unreachable.pop(tunnel_id, None)
         if len(self._cache) >= _CACHE_MAX:
@@ -371,8 +382,11 @@ class RedisRegistry:
         down, or its node unreachable from here); None when there is no such tunnel."""
         if self._outage:
             return "the cluster registry is unreachable"
-        node = self._unreachable.get(tunnel_id)
-        return f"its node ({node}) cannot be reached from this node" if node is not None else None
+        why = self._unreachable.get(tunnel_id)
+        if why is None and time.monotonic() < self._recovering_until:
+            # Redis is back but may be empty: the owner of this id may not have re-asserted it yet
+            return "the cluster registry is recovering from an outage"
+        return why
 
     def invalidate(self, tunnel_id: str) -> None:
         """Forget the cached route of ``tunnel_id`` (it failed): the next lookup asks Redis."""
@@ -426,6 +440,9 @@ class RedisRegistry:
             live = [s for s in list(self._local.local_sessions()) if not s.is_closed]
             log.info("registry: Redis at %s is back; re-asserting %d claims", self._url, len(live))
             self._outage = False
+            # every node re-asserts within its own probe interval and refresh: until then a
+            # missing claim may be one not re-asserted yet (503, not 404)
+            self._recovering_until = time.monotonic() + self.config.redis_probe_interval + self.config.node_refresh
             self._unreconciled |= {s.tunnel_id for s in live}
             await self._write_node()
             await self._reconcile(live)

@@ -55,12 +55,13 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return prev or ''
 """
 
-#: KEYS: claim. ARGV: node key prefix. {node, addr} when the claim's node is alive in that epoch.
+#: KEYS: claim. ARGV: node key prefix. {node, addr} when the claim's node is alive in that epoch,
+#: {node, ''} when that node is dead or restarted (its client has yet to reconnect elsewhere).
 _LOOKUP = """
 local h = redis.call('HMGET', KEYS[1], 'node', 'epoch')
 if not h[1] then return false end
 local n = redis.call('HMGET', ARGV[1] .. h[1], 'epoch', 'addr')
-if n[1] ~= h[2] then return false end
+if n[1] ~= h[2] then return {h[1], ''} end
 return {h[1], n[2]}
 """
 
