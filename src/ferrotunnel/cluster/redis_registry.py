@@ -294,7 +294,12 @@ class RedisRegistry:
             await self._reconcile(live)
         mine = [s for s in live if s.tunnel_id not in self._unreconciled and s.id not in self._moved
                 and not self._is_stale(s)]
-        holders = await self._batch("refresh", [([self._claim_key(s.tunnel_id)], self._refresh_args(s)) for s in mine])
+        head = [self.node_id, self.epoch, _ms(self.config.claim_ttl)]
+        holders: List[Any] = []
+        for i in range(0, len(mine), _BATCH):  # one script call per _BATCH claims, each within redis_timeout
+            part = mine[i:i + _BATCH]
+            holders += await self._call(self._script(
+                "refresh_many", [self._claim_key(s.tunnel_id) for s in part], head + [s.id.hex for s in part]))
         for s, holder in zip(mine, holders):
             if self._local.get(s.id) is not s:  # ended meanwhile: its release may have run first
                 await self._release_remote(s.tunnel_id, s.id.hex)
@@ -465,13 +470,13 @@ class RedisRegistry:
         for task in list(self._background):
             task.cancel()
         if release and not self._outage:
-            pipe = self._client.pipeline(transaction=False)
-            for s in list(self._local.local_sessions()):
-                await self._scripts["release"](keys=[self._claim_key(s.tunnel_id)], args=self._owner(s.id.hex),
-                                               client=pipe)
-            await self._scripts["release"](keys=[self._node_key], args=["epoch", self.epoch], client=pipe)
+            sessions = list(self._local.local_sessions())
             with contextlib.suppress(_Down):
-                await self._call(pipe.execute)
+                for i in range(0, len(sessions), _BATCH):  # each call within redis_timeout
+                    part = sessions[i:i + _BATCH]
+                    await self._call(self._script("release_many", [self._claim_key(s.tunnel_id) for s in part],
+                                                  [self.node_id, self.epoch] + [s.id.hex for s in part]))
+                await self._call(self._script("release", [self._node_key], ["epoch", self.epoch]))
         if self._own_client:
             with contextlib.suppress(Exception):
                 await self._client.aclose()

@@ -41,6 +41,35 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return ''
 """
 
+#: ``refresh`` for many claims of one node in one call (a node refreshes all its claims every
+#: ``claim_refresh``: one script call per key would cost Redis and the node several times more).
+#: KEYS: claims. ARGV: node, epoch, claim_ttl ms, then one session per key. One answer per key.
+_REFRESH_MANY = _NOW + """
+local out = {}
+for i = 1, #KEYS do
+  local h = redis.call('HMGET', KEYS[i], 'node', 'epoch', 'session')
+  if h[1] and not (h[1] == ARGV[1] and h[2] == ARGV[2] and h[3] == ARGV[3 + i]) then
+    out[i] = h[1]
+  else
+    redis.call('HSET', KEYS[i], 'node', ARGV[1], 'epoch', ARGV[2], 'session', ARGV[3 + i], 't', now)
+    redis.call('PEXPIRE', KEYS[i], ARGV[3])
+    out[i] = ''
+  end
+end
+return out
+"""
+
+#: ``release`` of many claims of one node in one call. KEYS: claims. ARGV: node, epoch, then one
+#: session per key. Returns how many were deleted.
+_RELEASE_MANY = """
+local n = 0
+for i = 1, #KEYS do
+  local h = redis.call('HMGET', KEYS[i], 'node', 'epoch', 'session')
+  if h[1] == ARGV[1] and h[2] == ARGV[2] and h[3] == ARGV[2 + i] then n = n + redis.call('DEL', KEYS[i]) end
+end
+return n
+"""
+
 #: KEYS: a claim or a node key. ARGV: field, value, field, value... Compare-and-delete.
 _RELEASE = """
 for i = 1, #ARGV, 2 do if redis.call('HGET', KEYS[1], ARGV[i]) ~= ARGV[i + 1] then return 0 end end
@@ -65,4 +94,5 @@ if n[1] ~= h[2] then return {h[1], ''} end
 return {h[1], n[2]}
 """
 
-SCRIPTS = {"claim": _CLAIM, "refresh": _REFRESH, "release": _RELEASE, "node": _NODE, "lookup": _LOOKUP}
+SCRIPTS = {"claim": _CLAIM, "refresh": _REFRESH, "release": _RELEASE, "node": _NODE, "lookup": _LOOKUP,
+           "refresh_many": _REFRESH_MANY, "release_many": _RELEASE_MANY}
