@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import frame_from_json, load_vectors
+from conftest import both_codecs, frame_from_json, load_vectors
 from ferrotunnel import frames as F
 
 CASES = load_vectors()
@@ -165,6 +165,47 @@ def test_feed_raw_fast_path():
     seen = []
     F.FrameDecoder().feed_raw(wire, lambda sid, flags, p: seen.append((sid, flags, bytes(p))), seen.append)
     assert seen == [(3, 1, b"ab"), F.Heartbeat(timestamp=9), (4, 0, b"c")]
+
+
+@pytest.mark.parametrize("mod", both_codecs(), ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_feed_raw_passes_a_split_data_frame_on_as_it_arrives(mod):
+    """Every split of a data frame: its payload comes out in pieces as the bytes arrive, views of
+    the caller's buffers (nothing buffered in the decoder), the frame's flags on the last piece
+    only; frames around it and an empty data frame come out whole."""
+    payload = bytes(range(256)) * 40
+    wire = (F.encode(F.Heartbeat(timestamp=1)) + F.encode(F.Data(stream_id=5, data=payload, end_of_stream=True))
+            + F.encode(F.Data(stream_id=7, data=b"")) + F.encode(F.Data(stream_id=9, data=b"xy")))
+    start = len(F.encode(F.Heartbeat(timestamp=1)))
+    for cut in list(range(start, start + 14)) + [start + 5000, len(wire) - 13, len(wire) - 12, len(wire) - 3]:
+        for cut2 in (None, cut + 1, cut + 7, cut + 3000):
+            cuts = [0, cut] + ([cut2] if cut2 else []) + [len(wire)]
+            dec = mod.FrameDecoder()
+            seen: list = []
+
+            def on_data(sid, fl, p):
+                assert isinstance(p, memoryview)
+                seen.append((sid, fl, bytes(p), dec.pending_payload))
+
+            for a, b in zip(cuts, cuts[1:]):
+                dec.feed_raw(wire[a:b], on_data, seen.append)
+                assert dec.buffered < F.DATA_HEADER_SIZE  # at most a header: payload is never held
+            assert seen[0] == F.Heartbeat(timestamp=1)
+            five = [x for x in seen[1:] if x[0] == 5]
+            assert b"".join(x[2] for x in five) == payload, (cut, cut2)
+            assert all(x[1] == 0 and x[3] > 0 for x in five[:-1]) and five[-1][1] == 1 and five[-1][3] == 0
+            assert [x[:3] for x in seen if not isinstance(x, F.Heartbeat) and x[0] != 5] == [(7, 0, b""), (9, 0, b"xy")]
+
+
+@pytest.mark.parametrize("mod", both_codecs(), ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_feed_raw_checks_a_split_data_frame_header_before_passing_anything_on(mod):
+    header = (F.MAX_FRAME_SIZE + 1).to_bytes(4, "big") + b"\x01" + (3).to_bytes(4, "big") + b"\x00"
+    for cut in range(1, len(header)):
+        dec = mod.FrameDecoder()
+        seen: list = []
+        with pytest.raises(F.FrameError, match="too large"):
+            dec.feed_raw(header[:cut], lambda *a: seen.append(a), seen.append)
+            dec.feed_raw(header[cut:] + b"payload", lambda *a: seen.append(a), seen.append)
+        assert seen == []
 
 
 def test_scan_frames_object_free():

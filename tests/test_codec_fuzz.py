@@ -73,11 +73,18 @@ def run(mod, chunks: list[bytes], raw: bool, **kw):
     """Feed ``chunks`` to a fresh decoder: (frames in order, error message or None, bytes buffered)."""
     dec = mod.FrameDecoder(**kw)
     got: list = []
+    pieces: list = []
+
+    def on_data(sid, fl, p):  # a frame split across calls comes in pieces: joined here again
+        pieces.append(bytes(p))
+        if not dec.pending_payload:
+            got.append(("data", sid, b"".join(pieces), bool(fl & 1)))
+            pieces.clear()
+
     try:
         for chunk in chunks:
             if raw:
-                dec.feed_raw(chunk, lambda sid, fl, p: got.append(("data", sid, bytes(p), bool(fl & 1))),
-                             lambda fr: got.append(_norm(fr)))
+                dec.feed_raw(chunk, on_data, lambda fr: got.append(_norm(fr)))
             else:
                 got += [_norm(f) for f in dec.feed(chunk)]
     except F.FrameError as exc:

@@ -592,6 +592,10 @@ cdef class FrameDecoder:
 
     cdef bytearray _buf
     cdef Py_ssize_t _want
+    # feed_raw only: a Data frame whose payload is being passed on as it arrives (see feed_raw)
+    cdef Py_ssize_t _rem
+    cdef uint32_t _rsid
+    cdef int _rflags
     cdef Py_ssize_t _maxc  # the control limit the header check applies, at most max_frame_size
     cdef readonly Py_ssize_t max_frame_size
     cdef readonly object max_control_frame
@@ -607,6 +611,13 @@ cdef class FrameDecoder:
         self._maxc = max_frame_size if max_control_frame is None else min(max_control_frame, max_frame_size)
         self._buf = bytearray()
         self._want = 0
+        self._rem = 0
+
+    @property
+    def pending_payload(self):
+        """feed_raw: bytes still to come of a data frame whose payload is being passed on in pieces
+        (0 between frames). Read in ``on_data``, it says whether that piece is the frame's last."""
+        return self._rem
 
     @property
     def buffered(self):
@@ -620,7 +631,9 @@ cdef class FrameDecoder:
 
     def feed_raw(self, data, on_data, on_control):
         """Fast path: ``on_data(stream_id, flags, payload_view)`` per data frame (no frame object),
-        ``on_control(frame)`` per control frame, in wire order."""
+        ``on_control(frame)`` per control frame, in wire order. A data frame split across calls is
+        passed on as it arrives, in pieces (views of the caller's buffer, never copied): every
+        piece but the last has flags 0, the last has the frame's flags (it may be empty then)."""
         self._run(data, on_data, on_control, None)
 
     cdef _run(self, object data, object on_data, object on_control, list out):
@@ -633,8 +646,34 @@ cdef class FrameDecoder:
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             n = view.len
+            if self._rem:  # the rest of a data frame's payload (feed_raw)
+                take = self._rem if self._rem < n else n
+                self._rem -= take
+                if self._rem == 0 or take:
+                    on_data(self._rsid, 0 if self._rem else self._rflags, _byte_view(data)[:take])
+                pos = take
+                if self._rem or pos == n:
+                    return
             buf = self._buf
             blen = PyByteArray_GET_SIZE(buf)
+            if blen and blen < DATA_HEADER_SIZE and out is None and blen + n - pos >= DATA_HEADER_SIZE and (
+                    blen >= 5 and PyByteArray_AS_STRING(buf)[4] == 1 or blen < 5 and (
+                    (<const unsigned char*>view.buf)[pos + 4 - blen] == 1)):
+                # a data frame whose header straddles the calls: its payload is passed on as it arrives
+                take = DATA_HEADER_SIZE - blen
+                _ba_append(buf, <const char*>view.buf + pos, take)
+                pos += take
+                hp = <const unsigned char*>PyByteArray_AS_STRING(buf)
+                _check_header(_get_be32(hp), hp[4], self.max_frame_size, self._maxc)
+                self._rsid = _get_be32(hp + 5)
+                self._rflags = hp[9]
+                self._rem = <Py_ssize_t>_get_be32(hp) + 4 - DATA_HEADER_SIZE
+                self._buf = bytearray()
+                self._want = 0
+                if self._rem == 0:  # an empty data frame
+                    on_data(self._rsid, self._rflags, _byte_view(data)[pos:pos])
+                self._run(_byte_view(data)[pos:], on_data, on_control, out)
+                return
             if blen:
                 if blen < 5:
                     take = min(5 - blen, n)
@@ -680,6 +719,18 @@ cdef class FrameDecoder:
                 _check_header(length, ftype, maxf, maxc)
             end = pos + 4 + length
             if end > n:
+                if ftype == 1 and out is None and n - pos >= DATA_HEADER_SIZE:
+                    # feed_raw: pass on what arrived of the payload now, the rest as it comes
+                    self._rsid = _get_be32(p + pos + 5)
+                    self._rflags = p[pos + 9]
+                    self._rem = end - n
+                    if n - pos > DATA_HEADER_SIZE:
+                        if mv is None:
+                            mv = memoryview(owner)
+                            if mv.format != "B" or mv.ndim != 1:
+                                mv = mv.cast("B")
+                        on_data(self._rsid, 0, mv[pos + DATA_HEADER_SIZE:n])
+                    return n
                 break
             if mv is None:
                 mv = memoryview(owner)

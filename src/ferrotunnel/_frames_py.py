@@ -554,6 +554,16 @@ class FrameDecoder:
         self._maxc = max_frame_size if max_control_frame is None else min(max_control_frame, max_frame_size)
         self._buf = bytearray()
         self._want = 0  # total bytes (prefix included) of the pending frame, 0 = unknown yet
+        # feed_raw only: a data frame whose payload is passed on as it arrives (see feed_raw)
+        self._rem = 0
+        self._rsid = 0
+        self._rflags = 0
+
+    @property
+    def pending_payload(self) -> int:
+        """feed_raw: bytes still to come of a data frame whose payload is being passed on in pieces
+        (0 between frames). Read in ``on_data``, it says whether that piece is the frame's last."""
+        return self._rem
 
     @property
     def buffered(self) -> int:
@@ -572,14 +582,41 @@ class FrameDecoder:
         on_control: Callable[[Frame], Any],
     ) -> None:
         """Fast path: ``on_data(stream_id, flags, payload_view)`` per data frame (no frame object),
-        ``on_control(frame)`` per control frame, in wire order."""
+        ``on_control(frame)`` per control frame, in wire order. A data frame split across calls is
+        passed on as it arrives, in pieces (views of the caller's buffer, never copied): every
+        piece but the last has flags 0, the last has the frame's flags (it may be empty then)."""
         self._run(data, on_data, on_control, None)
 
     def _run(self, data: Any, on_data: Any, on_control: Any, out: Optional[List[Frame]]) -> None:
         mv = _as_bytes_view(data)
         n = len(mv)
         pos = 0
+        if self._rem:  # the rest of a data frame's payload (feed_raw)
+            take = min(self._rem, n)
+            self._rem -= take
+            if self._rem == 0 or take:
+                on_data(self._rsid, 0 if self._rem else self._rflags, mv[:take])
+            pos = take
+            if self._rem or pos == n:
+                return
         buf = self._buf
+        blen = len(buf)
+        if (blen and blen < DATA_HEADER_SIZE and out is None and blen + n - pos >= DATA_HEADER_SIZE
+                and (buf[4] if blen >= 5 else mv[pos + 4 - blen]) == 1):
+            # a data frame whose header straddles the calls: its payload is passed on as it arrives
+            take = DATA_HEADER_SIZE - blen
+            buf += mv[pos:pos + take]
+            pos += take
+            length, ftype = _HDR.unpack_from(buf, 0)
+            _check_header(length, ftype, self.max_frame_size, self._maxc)
+            _, _, self._rsid, self._rflags = _DATA_HDR.unpack_from(buf, 0)
+            self._rem = length + 4 - DATA_HEADER_SIZE
+            self._buf = bytearray()
+            self._want = 0
+            if self._rem == 0:  # an empty data frame
+                on_data(self._rsid, self._rflags, mv[pos:pos])
+            self._run(mv[pos:], on_data, on_control, out)
+            return
         if buf:
             if len(buf) < 5:
                 take = min(5 - len(buf), n)
@@ -615,6 +652,13 @@ class FrameDecoder:
             _check_header(length, ftype, maxf, maxc)
             end = pos + 4 + length
             if end > n:
+                if ftype == 1 and out is None and n - pos >= DATA_HEADER_SIZE:
+                    # feed_raw: pass on what arrived of the payload now, the rest as it comes
+                    _, _, self._rsid, self._rflags = unpack(mv, pos)
+                    self._rem = end - n
+                    if n - pos > DATA_HEADER_SIZE:
+                        on_data(self._rsid, 0, mv[pos + DATA_HEADER_SIZE:n])
+                    return n
                 break
             if ftype == 1:
                 _, _, sid, flags = unpack(mv, pos)

@@ -255,6 +255,17 @@ class VirtualStream:
             return
         conn.send(self._st, data, owned)
 
+    def write_queued(self, data: Any, owned: bool = False) -> None:
+        """``write`` that leaves handing the frames to the transport to ``flush()`` (or the end of
+        this event-loop turn): a sink relaying every frame of one tunnel read writes them out at
+        once. With ``owned`` the caller gives ``data`` up (a view too) and it is queued without a copy."""
+        self._check_writable()
+        self._conn.core.send(self._st, data, owned)
+
+    def flush(self) -> None:
+        """Hand what ``write_queued`` left to the transport now."""
+        self._conn.flush_now()
+
     def writelines(self, chunks: Sequence[Any]) -> None:
         for c in chunks:
             self.write(c)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+from ..aio.bridge import OWN_THRESHOLD
 from ..aio.stream import VirtualStream
 from ..errors import FerroTunnelError
 
@@ -24,7 +25,7 @@ _LIVE: "set[Splice]" = set()
 class _Half:
     """The sink of one stream: what it receives goes out on the other."""
 
-    __slots__ = ("src", "dst", "splice", "owed", "eof", "partner")
+    __slots__ = ("src", "dst", "splice", "owed", "eof", "partner", "dirty")
 
     def __init__(self, src: VirtualStream, dst: VirtualStream, splice: "Splice") -> None:
         self.src = src
@@ -33,18 +34,26 @@ class _Half:
         self.owed = 0  # bytes passed on that the other stream has not taken yet: credit waits
         self.eof = False
         self.partner: Optional[_Half] = None
+        self.dirty = False  # written during the current read of src: flushed once after it
 
     def tunnel_data(self, payload: memoryview) -> None:
         n = len(payload)
         if self.splice.done:
             self.src.consumed(n)
             return
+        dst = self.dst
         try:
-            self.dst.write(bytes(payload))  # a copy: the payload is a view of the tunnel's read buffer
+            # A view of the tunnel's read buffer while dst takes its bytes (they leave at the end
+            # of this read: see flush_out); a copy when dst is backed up, so that a slow end never
+            # pins whole read buffers (a fresh one is used per read; see aio/connection.py).
+            dst.write_queued(payload if n >= OWN_THRESHOLD and dst.can_write() else bytes(payload), True)
         except FerroTunnelError as exc:
             self.splice.end(exc)
             return
-        if self.dst.can_write():
+        if not self.dirty:
+            self.dirty = True
+            self.src.defer_flush(self)
+        if dst.can_write():
             self.src.consumed(n)
         else:
             self.owed += n
@@ -73,7 +82,10 @@ class _Half:
             self.partner.give_back()
 
     def flush_out(self) -> None:
-        pass
+        # every frame of one read of src goes to dst's transport at once (one writev), not per frame
+        self.dirty = False
+        if not self.splice.done:
+            self.dst.flush()
 
 
 class Splice:
