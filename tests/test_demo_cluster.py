@@ -12,10 +12,15 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from ferrotunnel.cli.demo_cluster import DEPLOY, HAPROXY_TEMPLATE, haproxy_config
+
+#: The repository's deploy/haproxy.cfg (DEPLOY is where the package looks: there only when the
+#: package runs from the source tree).
+REPO_DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "haproxy.cfg"
 from haproxy_server import haproxy_binary
 from redis_server import redis_binary, require_redis_py
 from test_cli import ENV
@@ -59,7 +64,9 @@ def test_demo_cluster_summary():
     finally:
         _kill_group(p)
     assert p.returncode == 0, out + err
-    assert f"haproxy with {DEPLOY}: tunnel clients" in out, out
+    # an editable install finds the repository's file; an installed package uses its built-in copy
+    where = str(DEPLOY) if DEPLOY.is_file() else "a built-in copy of deploy/haproxy.cfg"
+    assert f"haproxy with {where}: tunnel clients" in out, out
     owners = dict(re.findall(r"(app\d) on node ([abc])", re.search(r"^tunnels, connected through haproxy "
                                                                    r":\d+: (.*)$", out, re.M)[1]))
     assert sorted(owners) == ["app1", "app2", "app3"], out
@@ -125,9 +132,9 @@ def test_missing_redis_py_is_named(tmp_path):
 
 def test_the_built_in_config_is_the_deploy_file():
     """The copy used where deploy/haproxy.cfg is not installed maps to the same configuration."""
-    assert DEPLOY.is_file()
+    assert REPO_DEPLOY.is_file()
     ours = haproxy_config(HAPROXY_TEMPLATE, FRONTS, NODES)
-    assert ours == haproxy_config(DEPLOY.read_text(), FRONTS, NODES)
+    assert ours == haproxy_config(REPO_DEPLOY.read_text(), FRONTS, NODES)
     assert "10.0.0." not in ours and "9000" not in ours
     assert re.findall(r"bind (\S+)", ours) == ["127.0.0.1:17835", "127.0.0.1:18080"]
     assert sorted(re.findall(r"server [abc] (\S+)", ours)) == sorted(
