@@ -120,7 +120,8 @@ class SessionCore(DrainMixin):
         self.rates.received(n, now)
 
     def _on_data(self, sid: int, flags: int, payload: memoryview) -> None:
-        self.frames_in += 1
+        if not self.decoder.pending_payload:  # a frame split across reads counts once, at its end
+            self.frames_in += 1
         n = len(payload)
         st = self.streams.get(sid)
         if st is None:
