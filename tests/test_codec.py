@@ -192,7 +192,7 @@ def test_feed_raw_passes_a_split_data_frame_on_as_it_arrives(mod):
             assert seen[0] == F.Heartbeat(timestamp=1)
             five = [x for x in seen[1:] if x[0] == 5]
             assert b"".join(x[2] for x in five) == payload, (cut, cut2)
-            assert all(x[1] == 0 and x[3] > 0 for x in five[:-1]) and five[-1][1] == 1 and five[-1][3] == 0
+            assert all(x[1] == F.FLAG_PARTIAL and x[3] > 0 for x in five[:-1]) and five[-1][1] == 1 and five[-1][3] == 0
             assert [x[:3] for x in seen if not isinstance(x, F.Heartbeat) and x[0] != 5] == [(7, 0, b""), (9, 0, b"xy")]
 
 

@@ -27,7 +27,7 @@ cdef extern from "Python.h":
 
 from . import _model
 from ._model import (
-    MAX_CAPABILITIES_WIRE, MAX_DATA_PAYLOAD, MAX_FRAME_SIZE, MAX_HEADER_BYTES, MAX_HEADERS, MAX_METADATA,
+    FLAG_PARTIAL, MAX_CAPABILITIES_WIRE, MAX_DATA_PAYLOAD, MAX_FRAME_SIZE, MAX_HEADER_BYTES, MAX_HEADERS, MAX_METADATA,
     MAX_STRING,
     CloseReason, CloseStream, Data, Error, ErrorCode, Handshake, HandshakeAck, HandshakeStatus,
     Heartbeat, HeartbeatAck, OpenStream, PluginData, Protocol, Register, RegisterAck,
@@ -633,7 +633,7 @@ cdef class FrameDecoder:
         """Fast path: ``on_data(stream_id, flags, payload_view)`` per data frame (no frame object),
         ``on_control(frame)`` per control frame, in wire order. A data frame split across calls is
         passed on as it arrives, in pieces (views of the caller's buffer, never copied): every
-        piece but the last has flags 0, the last has the frame's flags (it may be empty then)."""
+        piece but the last has flags FLAG_PARTIAL, the last the frame's flags (it may be empty)."""
         self._run(data, on_data, on_control, None)
 
     cdef _run(self, object data, object on_data, object on_control, list out):
@@ -650,7 +650,7 @@ cdef class FrameDecoder:
                 take = self._rem if self._rem < n else n
                 self._rem -= take
                 if self._rem == 0 or take:
-                    on_data(self._rsid, 0 if self._rem else self._rflags, _byte_view(data)[:take])
+                    on_data(self._rsid, FLAG_PARTIAL if self._rem else self._rflags, _byte_view(data)[:take])
                 pos = take
                 if self._rem or pos == n:
                     return
@@ -729,7 +729,7 @@ cdef class FrameDecoder:
                             mv = memoryview(owner)
                             if mv.format != "B" or mv.ndim != 1:
                                 mv = mv.cast("B")
-                        on_data(self._rsid, 0, mv[pos + DATA_HEADER_SIZE:n])
+                        on_data(self._rsid, FLAG_PARTIAL, mv[pos + DATA_HEADER_SIZE:n])
                     return n
                 break
             if mv is None:

@@ -13,6 +13,7 @@ from typing import Any, Callable, List, Optional, Tuple
 from ._model import (
     DATA_HEADER_SIZE,
     FLAG_END_OF_STREAM,
+    FLAG_PARTIAL,
     MAX_CAPABILITIES_WIRE,
     MAX_DATA_PAYLOAD,
     MAX_FRAME_SIZE,
@@ -584,7 +585,7 @@ class FrameDecoder:
         """Fast path: ``on_data(stream_id, flags, payload_view)`` per data frame (no frame object),
         ``on_control(frame)`` per control frame, in wire order. A data frame split across calls is
         passed on as it arrives, in pieces (views of the caller's buffer, never copied): every
-        piece but the last has flags 0, the last has the frame's flags (it may be empty then)."""
+        piece but the last has flags FLAG_PARTIAL, the last the frame's flags (it may be empty)."""
         self._run(data, on_data, on_control, None)
 
     def _run(self, data: Any, on_data: Any, on_control: Any, out: Optional[List[Frame]]) -> None:
@@ -595,7 +596,7 @@ class FrameDecoder:
             take = min(self._rem, n)
             self._rem -= take
             if self._rem == 0 or take:
-                on_data(self._rsid, 0 if self._rem else self._rflags, mv[:take])
+                on_data(self._rsid, FLAG_PARTIAL if self._rem else self._rflags, mv[:take])
             pos = take
             if self._rem or pos == n:
                 return
@@ -657,7 +658,7 @@ class FrameDecoder:
                     _, _, self._rsid, self._rflags = unpack(mv, pos)
                     self._rem = end - n
                     if n - pos > DATA_HEADER_SIZE:
-                        on_data(self._rsid, 0, mv[pos + DATA_HEADER_SIZE:n])
+                        on_data(self._rsid, FLAG_PARTIAL, mv[pos + DATA_HEADER_SIZE:n])
                     return n
                 break
             if ftype == 1:

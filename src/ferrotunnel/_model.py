@@ -27,6 +27,7 @@ __all__ = [
     "VARIANT_HANDSHAKE_ACK",
     "PROTOCOL_VERSION",
     "FLAG_END_OF_STREAM",
+    "FLAG_PARTIAL",
     "Protocol",
     "StreamPriority",
     "HandshakeStatus",
@@ -66,6 +67,9 @@ VARIANT_HANDSHAKE_ACK = 1
 MAX_DATA_PAYLOAD = MAX_FRAME_SIZE - (DATA_HEADER_SIZE - FRAME_PREFIX_SIZE)
 PROTOCOL_VERSION = 1
 FLAG_END_OF_STREAM = 0x01
+#: Not a wire flag (the wire's flags are one byte): ``FrameDecoder.feed_raw`` passes it with every
+#: piece of a data frame split across reads except the last.
+FLAG_PARTIAL = 0x100
 
 # Decode caps of control frames, enforced by ``decode_control`` before it allocates, so that no
 # control frame costs more than its own size plus a small constant to decode. Real peers stay far

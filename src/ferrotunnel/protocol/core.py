@@ -15,6 +15,7 @@ from ..errors import (ConnectionLostError, FerroTunnelError, LimitExceededError,
                       StreamClosedError, StreamResetError)
 from ..frames import (
     DATA_HEADER_SIZE,
+    FLAG_PARTIAL,
     CloseReason,
     CloseStream,
     Error,
@@ -120,7 +121,7 @@ class SessionCore(DrainMixin):
         self.rates.received(n, now)
 
     def _on_data(self, sid: int, flags: int, payload: memoryview) -> None:
-        if not self.decoder.pending_payload:  # a frame split across reads counts once, at its end
+        if flags < FLAG_PARTIAL:  # a frame split across reads counts once, at its last piece
             self.frames_in += 1
         n = len(payload)
         st = self.streams.get(sid)
