@@ -423,8 +423,8 @@ class TunnelServer:
         ``handover`` (a cluster node leaving): clients that negotiated the drain extension are told
         to open a new session now (through the balancer, on another node); their old session is
         closed once the client said its new one is up and the old one has no stream left. Other
-        sessions are waited for until their streams are done. ``busy()``, if given, also holds the exit while it returns True (streams
-        this node carries to other nodes)."""
+        sessions are waited for until their streams are done. ``busy()``, if given, also holds the
+        exit while it returns True (streams this node carries to other nodes)."""
         self.stop_listening()
         told: Set[Session] = set()
         if handover:
