@@ -2,8 +2,8 @@
 ports), one real redis-server: SIGTERM on the node that holds a tunnel closes its listeners at
 once, its ferrotunnel client moves to another node through the balancer while a 200 MB download
 in flight on the draining node completes byte-exact; visitors during the drain are all served,
-by the new session once the claim moved; the node exits 0 once its streams are done, long before
-its grace period ends."""
+by the new session once the claim moved and the routes followed; the node exits 0 once its
+streams are done, long before its grace period ends."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ from test_drain import App, _ask, _download, _expected
 TOKEN = "cluster-drain-token"
 SECRET = "cluster-drain-secret"
 SIZE = 200 * 1000 * 1000
+#: Seconds after the claim moved within which a visitor may still reach the old session (a lookup
+#: that was in flight when it moved); generous, to catch a route that never follows.
+ROUTES_FOLLOW = 1.0
 
 
 class NodeProc:
@@ -115,7 +118,11 @@ def test_drain_hands_the_client_over_and_the_200_mb_download_completes(run, tmp_
                             who = await _ask(("127.0.0.1", fronts[9000]), b"WHO\n")
                             assert who, "a visitor during the drain got no answer"
                             if who == str(old_id).encode():
-                                assert moved_at is None, "served by the old session after the claim moved"
+                                # once the claim moved, the other nodes' routes follow at once (the
+                                # leaving node told them over the links), but a lookup already in
+                                # flight may still name the old node: allow that for a moment only
+                                late = 0.0 if moved_at is None else time.monotonic() - t0 - moved_at
+                                assert late < ROUTES_FOLLOW, f"old session {late:.2f} s after the claim moved"
                                 served_old += 1
                             else:
                                 served_new += 1

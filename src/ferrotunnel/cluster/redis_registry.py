@@ -344,7 +344,10 @@ class RedisRegistry:
         if task is None:  # one Redis question per id, however many visitors wait for it
             task = self._inflight[tunnel_id] = asyncio.get_running_loop().create_task(self._resolve(tunnel_id))
             task.add_done_callback(lambda t: self._inflight.pop(tunnel_id, None))
-        return await asyncio.shield(task)
+        route = await asyncio.shield(task)
+        if route is not None and route.stale:  # its node said it is leaving while Redis was asked
+            route = await self._resolve(tunnel_id)  # once more: the id may have moved meanwhile
+        return route
 
     async def _resolve(self, tunnel_id: str) -> Optional[Route]:
         try:
