@@ -229,55 +229,50 @@ def test_without_handover_nobody_is_told(run):
     run(body, timeout=60)
 
 
+@contextlib.asynccontextmanager
+async def _direct_session():
+    """A client connected straight to server a (no balancer): (a, its ingress, client session,
+    server-side session)."""
+    async with _two_servers() as (a, b, ing_a, ing_b, front):
+        client = ft.TunnelClient("%s:%d" % a.address, TOKEN, tunnel_id="web")
+        session = await client.connect(App())
+        try:
+            yield a, ing_a, session, await a.wait_for_session("web", timeout=10)
+        finally:
+            await client.close()
+
+
 def test_a_drain_notice_from_a_client_is_ignored_by_the_server(run):
     async def body():
-        async with _two_servers() as (a, b, ing_a, ing_b, front):
-            client = ft.TunnelClient("%s:%d" % a.address, TOKEN, tunnel_id="web")
-            session = await client.connect(App())
-            try:
-                server_side = await a.wait_for_session("web", timeout=10)
-                assert not session.send_drain()  # a client has nothing to drain
-                core = session.connection.core
-                core._control(PluginData(DRAIN_PLUGIN_ID, b""))  # sent anyway, as a hostile client could
-                await asyncio.sleep(0.2)
-                assert not server_side.connection.core.peer_draining and not server_side.is_closed
-                assert (await _ask(ing_a.address, b"WHO\n")) == str(session.id).encode()
-            finally:
-                await client.close()
+        async with _direct_session() as (a, ing_a, session, server_side):
+            assert not session.send_drain()  # a client has nothing to drain
+            core = session.connection.core
+            core._control(PluginData(DRAIN_PLUGIN_ID, b""))  # sent anyway, as a hostile client could
+            await asyncio.sleep(0.2)
+            assert not server_side.connection.core.peer_draining and not server_side.is_closed
+            assert (await _ask(ing_a.address, b"WHO\n")) == str(session.id).encode()
 
     run(body, timeout=60)
 
 
 def test_the_notice_reaches_the_client_session(run):
     async def body():
-        async with _two_servers() as (a, b, ing_a, ing_b, front):
-            client = ft.TunnelClient("%s:%d" % a.address, TOKEN, tunnel_id="web")
-            session = await client.connect(App())
-            try:
-                server_side = await a.wait_for_session("web", timeout=10)
-                assert "drain" in server_side.connection.core.negotiated
-                assert server_side.send_drain()
-                await asyncio.wait_for(session.draining.wait(), 10)
-                assert session.connection.core.peer_draining and not session.is_closed
-            finally:
-                await client.close()
+        async with _direct_session() as (a, ing_a, session, server_side):
+            assert "drain" in server_side.connection.core.negotiated
+            assert server_side.send_drain()
+            await asyncio.wait_for(session.draining.wait(), 10)
+            assert session.connection.core.peer_draining and not session.is_closed
 
     run(body, timeout=60)
 
 
 def test_a_session_closed_with_tell_peer_tells_the_client_why(run):
     async def body():
-        async with _two_servers() as (a, b, ing_a, ing_b, front):
-            client = ft.TunnelClient("%s:%d" % a.address, TOKEN, tunnel_id="web")
-            session = await client.connect(App())
-            try:
-                server_side = await a.wait_for_session("web", timeout=10)
-                why = "tunnel id web is held by node b; this session is closed so that one owner remains"
-                server_side.close(ft.ConnectionLostError(why), tell_peer=True)
-                await asyncio.wait_for(session.wait_closed(), 10)
-                said = str(session.connection.close_exc)
-                assert "SERVICE_UNAVAILABLE" in said and why in said, said
-            finally:
-                await client.close()
+        async with _direct_session() as (a, ing_a, session, server_side):
+            why = "tunnel id web is held by node b; this session is closed so that one owner remains"
+            server_side.close(ft.ConnectionLostError(why), tell_peer=True)
+            await asyncio.wait_for(session.wait_closed(), 10)
+            said = str(session.connection.close_exc)
+            assert "SERVICE_UNAVAILABLE" in said and why in said, said
 
     run(body, timeout=60)
