@@ -242,3 +242,34 @@ def test_a_nodes_metrics_count_streams_links_and_registry_work(run):
             finally:
                 await _teardown(tasks, nodes, apps)
     run(body, timeout=60)
+
+
+def test_a_node_that_links_in_after_the_drain_began_is_told_at_once(run):
+    """Node a drains before any node linked to it; node b's route to a's tunnel, made afterwards,
+    is stale as soon as its link is up (otherwise it would be trusted for ``route_cache_ttl``
+    after the tunnel moved)."""
+    async def body():
+        with RedisServer() as redis:
+            nodes = [Node(n, redis.url) for n in ("a", "b")]
+            apps, tasks = [], []
+            try:
+                for n in nodes:
+                    await n.start()
+                app, addr = await _name_app("app0")
+                apps.append(app)
+                c = ft.TunnelClient("%s:%d" % nodes[0].server.address, TOKEN, tunnel_id="t0",
+                                    config=ft.ClientConfig(local_addr=addr))
+                tasks.append(asyncio.create_task(c.connect_and_run()))
+                await nodes[0].server.wait_for_session("t0", timeout=10)
+                await nodes[0].node.drain()
+                assert nodes[1].node.links_out.links() == {}  # nobody was linked to a when it drained
+                # the client has not moved (nobody asked it): a still serves t0, through b too
+                assert (await _get(nodes[1].http.address, "t0", "/x")).startswith(b"HTTP/1.1 200")
+                route = await nodes[1].node.registry.lookup("t0")
+                assert route is not None and getattr(route, "node_id", None) == "a"
+                async with asyncio.timeout(10):
+                    while not route.stale:
+                        await asyncio.sleep(0.01)
+            finally:
+                await _teardown(tasks, nodes, apps)
+    run(body, timeout=60)

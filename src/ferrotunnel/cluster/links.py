@@ -122,6 +122,12 @@ class _LinkTunnelServer(TunnelServer):
     def token_ok(self, token: str) -> bool:
         return self.owner.take_token(token)
 
+    async def authorize(self, conn: Any, req: Any) -> None:
+        await super().authorize(conn, req)
+        # a node that links in after this one began to drain is told at once, as the linked ones were
+        if self.owner.draining and conn.opened and not conn.closed:
+            conn.session.send_drain()
+
 
 class LinkServer:
     """Accepts node links on ``bind`` and joins every stream that arrives on one to the local
@@ -150,6 +156,8 @@ class LinkServer:
         self._refusals = RefusalLog("node link")
         #: streams that arrived over links, by outcome ("joined", "no_session", "refused")
         self.streams: Dict[str, int] = {"joined": 0, "no_session": 0, "refused": 0}
+        #: this node is leaving (``announce_drain``): links made from now on are told at once
+        self.draining = False
 
     def take_token(self, token: str) -> bool:
         """Whether ``token`` was made by a preamble in the last TOKEN_TTL seconds (used up)."""
@@ -247,7 +255,9 @@ class LinkServer:
 
     def announce_drain(self) -> int:
         """Tell the nodes linked to this one that it is leaving: they stop trusting their cached
-        routes to it (see ``RemoteRoute.stale``). Returns how many were told."""
+        routes to it (see ``RemoteRoute.stale``); nodes that link in later are told as their link
+        opens. Returns how many were told now."""
+        self.draining = True
         return sum(s.send_drain() for s in list(self.tunnel.sessions))
 
     async def close(self) -> None:
