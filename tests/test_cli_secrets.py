@@ -208,7 +208,7 @@ def test_cli_server_refuses_client_opened_streams(monkeypatch):
     class Stop(Exception):
         pass
 
-    def fake_server(bind, token, *, tls=None, config=None, registry=None):
+    def fake_server(bind, token, *, tls=None, config=None, registry=None, domain=None):
         seen.append(config)
         raise Stop
 

@@ -607,13 +607,13 @@ OFF = StreamConfig(flow_control=False)
 
 def test_capabilities_exact():
     assert ext.client_capabilities(ON) == ["basic", "tcp", "ferrotunnel-py/1", "flow-control/1;window=1000",
-                                           "reject-reason/1", "drain/1"]
-    assert ext.client_capabilities(OFF) == ["basic", "tcp", "ferrotunnel-py/1", "reject-reason/1", "drain/1"]
-    assert ext.client_capabilities(OFF, ("x/1",)) == ["basic", "tcp", "ferrotunnel-py/1", "reject-reason/1", "drain/1", "x/1"]
-    assert ext.server_capabilities(ON) == ["basic", "ferrotunnel-py/1", "flow-control/1;window=1000", "drain/1"]
-    assert ext.server_capabilities(OFF) == ["basic", "ferrotunnel-py/1", "drain/1"]
+                                           "reject-reason/1", "drain/1", "public-urls/1"]
+    assert ext.client_capabilities(OFF) == ["basic", "tcp", "ferrotunnel-py/1", "reject-reason/1", "drain/1", "public-urls/1"]
+    assert ext.client_capabilities(OFF, ("x/1",)) == ["basic", "tcp", "ferrotunnel-py/1", "reject-reason/1", "drain/1", "public-urls/1", "x/1"]
+    assert ext.server_capabilities(ON) == ["basic", "ferrotunnel-py/1", "flow-control/1;window=1000", "drain/1", "public-urls/1"]
+    assert ext.server_capabilities(OFF) == ["basic", "ferrotunnel-py/1", "drain/1", "public-urls/1"]
     assert ext.client_capabilities(ft.ClientConfig()) == ["basic", "tcp", "ferrotunnel-py/1",
-                                                         "flow-control/1;window=262144", "reject-reason/1", "drain/1"]
+                                                         "flow-control/1;window=262144", "reject-reason/1", "drain/1", "public-urls/1"]
 
 
 def test_negotiate_with_a_rust_peer_gives_nothing():
@@ -627,20 +627,20 @@ def test_negotiate_with_a_rust_peer_gives_nothing():
 def test_negotiate_server_side():
     server = ServerConfig(initial_window=5000)
     n = ext.negotiate(server, ext.client_capabilities(StreamConfig(initial_window=1234)))
-    assert n.values == {"ferrotunnel": True, "flow": 1234, "reject_reason": True, "drain": True}  # the client's window
+    assert n.values == {"ferrotunnel": True, "flow": 1234, "reject_reason": True, "drain": True, "public_urls": True}  # the client's window
     assert n.peer_is_ext and n.flow_window == 1234 and "reject_reason" in n
     n = ext.negotiate(server, ext.client_capabilities(OFF))
-    assert n.values == {"ferrotunnel": True, "reject_reason": True, "drain": True}
+    assert n.values == {"ferrotunnel": True, "reject_reason": True, "drain": True, "public_urls": True}
     n = ext.negotiate(ServerConfig(flow_control=False), ext.client_capabilities(ON))
-    assert n.values == {"ferrotunnel": True, "reject_reason": True, "drain": True}  # our side switched it off
+    assert n.values == {"ferrotunnel": True, "reject_reason": True, "drain": True, "public_urls": True}  # our side switched it off
 
 
 def test_negotiate_client_side():
     client = ft.ClientConfig(initial_window=1234)
     n = ext.negotiate(client, ext.server_capabilities(ServerConfig(initial_window=5000)))
-    assert n.values == {"ferrotunnel": True, "flow": 5000, "drain": True}  # servers never announce reject-reason
+    assert n.values == {"ferrotunnel": True, "flow": 5000, "drain": True, "public_urls": True}  # servers never announce reject-reason
     n = ext.negotiate(client, ext.server_capabilities(ServerConfig(flow_control=False)))
-    assert n.values == {"ferrotunnel": True, "drain": True}
+    assert n.values == {"ferrotunnel": True, "drain": True, "public_urls": True}
 
 
 def test_negotiate_refuses_bad_flow_windows():
@@ -652,9 +652,10 @@ def test_negotiate_refuses_bad_flow_windows():
 
 def test_plugin_handlers_follow_negotiation():
     on = ext.negotiate(ON, ext.client_capabilities(ON))
-    assert ext.plugin_handlers(on) == {"ft.flow/1": "on_credit", "ft.drain/1": "on_drain"}
+    assert ext.plugin_handlers(on) == {"ft.flow/1": "on_credit", "ft.drain/1": "on_drain",
+                                        "ft.urls/1": "on_public_urls"}
     off = ext.negotiate(ON, ext.client_capabilities(OFF))
-    assert ext.plugin_handlers(off) == {"ft.drain/1": "on_drain"}
+    assert ext.plugin_handlers(off) == {"ft.drain/1": "on_drain", "ft.urls/1": "on_public_urls"}
     assert ext.plugin_handlers(ext.negotiate(ON, ["basic", "tcp"])) == {}  # a Rust peer: none
 
 
@@ -678,7 +679,8 @@ def test_extension_table_is_the_single_source(monkeypatch):
     assert ext.server_capabilities(ON)[-1] == "fake/1;srv"
     n = ext.negotiate(ON, ext.client_capabilities(ON))
     assert n.get("fake") == "yes" and n.flow_window == 1000
-    assert ext.plugin_handlers(n) == {"ft.flow/1": "on_credit", "ft.drain/1": "on_drain", "ft.fake/1": "on_fake"}
+    assert ext.plugin_handlers(n) == {"ft.flow/1": "on_credit", "ft.drain/1": "on_drain", "ft.urls/1": "on_public_urls",
+                                      "ft.fake/1": "on_fake"}
     assert "fake" not in ext.negotiate(ON, ["basic", "tcp"])
 
     # the sans-IO handshake of both sides picks it up too, through the same functions

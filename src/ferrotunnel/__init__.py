@@ -47,6 +47,7 @@ from .server import (
     TcpIngress,
     TunnelServer,
 )
+from .server.public import PublicEndpoint
 from .client import Backoff, TunnelClient
 
 __version__ = "0.1.0"
@@ -57,6 +58,7 @@ __all__ = [
     "TunnelClient",
     "TcpIngress",
     "HttpIngress",
+    "PublicEndpoint",
     "Session",
     "SessionStats",
     "SessionStore",

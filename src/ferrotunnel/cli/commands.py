@@ -99,6 +99,39 @@ def _server_tls(args: argparse.Namespace) -> Any:
     return tls.server_context(cert, key, args.tls_ca, require_client_cert=bool(args.tls_ca))
 
 
+def public_flags(args: argparse.Namespace) -> Tuple[Optional[str], Optional[str], Optional[int]]:
+    """--domain (normalised), --public-host and --public-http-port; UsageError for bad ones."""
+    from ..server.public import normalize_domain
+
+    try:
+        domain = normalize_domain(args.domain) if args.domain else None
+    except ValueError as exc:
+        raise UsageError(f"--domain: {exc}") from None
+    host = args.public_host or None
+    if host is not None and (any(c.isspace() or c in "/@?#" for c in host) or not host.isprintable()):
+        raise UsageError(f"--public-host must be a host name or address (no scheme, port or path), got {host!r}")
+    port = args.public_http_port
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise UsageError(f"--public-http-port must be a port in 1..65535, got {port!r}")
+    return domain, (host.strip("[]") if host else domain), int(port) if port else None
+
+
+def public_endpoints(ingresses: Sequence[Any], public_host: Optional[str], http_port: Optional[int]) -> Any:
+    """Where visitors reach each bound ingress: ``public_host`` (default: the ingress's bind host)
+    and its bound port (``http_port`` for HTTP when given)."""
+    import ferrotunnel as ft
+    from ..server.public import PublicEndpoint
+
+    out = []
+    for ing in ingresses:
+        host, port = ing.address
+        if isinstance(ing, ft.HttpIngress):
+            out.append(PublicEndpoint("http", public_host or host, http_port or port))
+        else:
+            out.append(PublicEndpoint("tcp", public_host or host, port, ing.tunnel_id))
+    return tuple(sorted(out, key=lambda ep: ep.scheme != "http"))  # http first, as it is printed
+
+
 def server_config(trusted_proxies: Sequence[str] = ()) -> Any:
     """The CLI server's configuration: the library defaults, except that client-opened streams
     are refused at once (the CLI server has no handler for them; the library keeps them on so
@@ -118,7 +151,8 @@ async def _serve(args: argparse.Namespace) -> int:
     tcp_binds: List[Tuple[Tuple[str, int], Optional[str]]] = []
     for spec in args.tcp_bind:
         addr, _, tid = spec.partition("=")
-        tcp_binds.append((parse_addr(addr, "--tcp-bind"), tid or None))
+        tcp_binds.append((parse_addr(addr, "--tcp-bind"), tid.lower() or None))  # ids are claimed in lower case
+    domain, public_host, public_http_port = public_flags(args)
     http_bind = parse_addr(args.http_bind, "--http-bind") if args.http_bind else None
     metrics_bind = parse_addr(args.metrics_bind, "--metrics-bind") if args.metrics else None
 
@@ -133,7 +167,7 @@ async def _serve(args: argparse.Namespace) -> int:
         node = ClusterNode(*cluster)
     try:
         server = ft.TunnelServer(bind, token, tls=ctx, config=server_config(args.trusted_proxy),
-                                 registry=node.registry if node else None)
+                                 registry=node.registry if node else None, domain=domain)
     except ValueError as exc:  # a bad --trusted-proxy CIDR
         raise UsageError(str(exc)) from None
     ingresses: List[Any] = [ft.TcpIngress(server, a, tunnel_id=t) for a, t in tcp_binds]
@@ -146,6 +180,7 @@ async def _serve(args: argparse.Namespace) -> int:
         await server.start()
         for ing in ingresses:
             await ing.start()
+        server.public_endpoints = public_endpoints(ingresses, public_host, public_http_port)
         if metrics_bind:
             from .metrics import MetricsServer
 
@@ -165,7 +200,8 @@ async def _serve(args: argparse.Namespace) -> int:
     print(f"ferrotunnel server listening on {format_address(*server.address)}{' (TLS)' if ctx else ''}", flush=True)
     for ing in ingresses:
         kind = "HTTP" if isinstance(ing, ft.HttpIngress) else "TCP"
-        target = getattr(ing, "tunnel_id", None) or ("by Host header" if kind == "HTTP" else "first tcp client")
+        by_host = f"by Host header (ID.{server.domain} or ID)" if server.domain else "by Host header"
+        target = getattr(ing, "tunnel_id", None) or (by_host if kind == "HTTP" else "first tcp client")
         print(f"{kind} ingress on {format_address(*ing.address)} -> {target}", flush=True)
     if metrics is not None:
         print(f"metrics on http://{metrics.address[0]}:{metrics.address[1]}/metrics", flush=True)
@@ -224,7 +260,12 @@ async def _connect(args: argparse.Namespace) -> int:
         print(f"connected to {client.address}: session {session.id}, tunnel id {client.tunnel_id}; "
               f"forwarding streams to {format_address(*local)}", flush=True)
 
-    task = asyncio.ensure_future(client.connect_and_run(on_connected=connected))
+    def public(urls: Tuple[str, ...]) -> None:
+        # "Forwarding URL -> LOCAL", one line per public URL, is part of the output contract
+        for url in urls:
+            print(f"Forwarding {url} -> {format_address(*local)}{host_hint(url, client.tunnel_id)}", flush=True)
+
+    task = asyncio.ensure_future(client.connect_and_run(on_connected=connected, on_public_urls=public))
     finished = await _until_signal(task)
     if finished is None:
         print("shutting down", flush=True)
@@ -239,6 +280,21 @@ async def _connect(args: argparse.Namespace) -> int:
         print(f"ferrotunnel: {describe_error(exc)}{hint}", file=sys.stderr)
         return 1
     return 0
+
+
+def host_hint(url: str, tunnel_id: str) -> str:
+    """For an http URL whose host name does not carry the tunnel id (a server without --domain):
+    the Host header visitors must send."""
+    from urllib.parse import urlsplit
+
+    if not url.startswith(("http://", "https://")):
+        return ""
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return ""
+    tid = tunnel_id.lower()
+    return "" if host == tid or host.startswith(tid + ".") else f" (visitors send Host: {tid})"
 
 
 # ------------------------------------------------------------------ certs, version, demo
@@ -303,6 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     _token_flags(s)
     s.add_argument("--http-bind", default=env("FERROTUNNEL_HTTP_BIND"),
                    help="HTTP ingress routed by Host (off unless given)")
+    s.add_argument("--domain", default=env("FERROTUNNEL_DOMAIN"),
+                   help="visitors reach tunnel ID as ID.DOMAIN at the HTTP ingress (a bare Host: ID still works); "
+                        "tunnel ids must then be DNS labels")
+    s.add_argument("--public-host", default=env("FERROTUNNEL_PUBLIC_HOST"),
+                   help="host name the URLs told to clients show (behind a balancer); default: the domain, else the "
+                        "ingress's bind host")
+    s.add_argument("--public-http-port", default=env("FERROTUNNEL_PUBLIC_HTTP_PORT"), metavar="PORT",
+                   help="port the http:// URLs show (default: the HTTP ingress's bound port)")
     s.add_argument("--tcp-bind", action="append", metavar="ADDR[=TUNNEL_ID]",
                    default=[x for x in (env("FERROTUNNEL_TCP_BIND") or "").split(",") if x],
                    help="TCP ingress; repeatable; without =TUNNEL_ID the first tcp client gets it")

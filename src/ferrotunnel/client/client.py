@@ -82,6 +82,8 @@ class ClientConnection(TunnelConnection):
         #: record or an HTTP response where a HandshakeAck should be).
         self.received = 0
         self._head = b""
+        #: connect_and_run took this session over: public URLs that arrive are reported.
+        self.serving = False
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -117,6 +119,15 @@ class ClientConnection(TunnelConnection):
                           result.server_capabilities)
         self.open_session(core, session, hs.leftover)
         self.ack.set_result(result)
+
+    def public_urls_received(self, urls: Tuple[str, ...]) -> None:
+        """The server said where visitors reach this session (the public-URLs extension)."""
+        log.debug("public URLs of session %s: %s", self.session.id, ", ".join(urls) or "none")
+        if self.serving:
+            try:
+                self.client.report_public_urls(self)
+            except ReferenceError:  # the client is gone
+                pass
 
     def _explain_reply(self, exc: HandshakeError) -> HandshakeError:
         """A refusal (with a status) stands as it is; a reply that is no HandshakeAck says what
@@ -171,6 +182,7 @@ def _os_error(exc: OSError, message: str) -> OSError:
 
 
 OnConnected = Callable[[Session], Union[None, Awaitable[None]]]
+OnPublicUrls = Callable[[Tuple[str, ...]], None]
 
 #: Seconds between checks whether a new session is up beside a retiring one (its node is leaving).
 RETIRE_POLL = 0.05
@@ -199,6 +211,7 @@ class TunnelClient:
         self._conn: Optional[ClientConnection] = None
         #: Sessions on a node that is leaving (drain), kept until their streams are done.
         self._retiring: "set[ClientConnection]" = set()
+        self._on_public_urls: Optional[OnPublicUrls] = None
 
     def __repr__(self) -> str:  # the token stays out
         return f"<TunnelClient {self.host}:{self.port} tunnel_id={self.tunnel_id!r}>"
@@ -210,6 +223,29 @@ class TunnelClient:
         if conn is None or conn.closed:
             return None
         return conn.session
+
+    @property
+    def public_urls(self) -> Tuple[str, ...]:
+        """Where visitors reach this tunnel, as the server said for the live session: e.g.
+        ``("http://web.example.test:8080", "tcp://example.test:9000")``; an ``http://HOST:PORT``
+        without the tunnel id in its host name is routed by ``Host: <tunnel id>``. Empty while
+        not connected, until the server has said, and with a server that does not (a Rust one,
+        or one that knows no public address)."""
+        conn = self._conn
+        if conn is None or conn.closed or not conn.opened:
+            return ()
+        return conn.core.public_urls
+
+    def report_public_urls(self, conn: ClientConnection) -> None:
+        """Hand ``conn``'s public URLs to ``connect_and_run``'s ``on_public_urls`` (once they are
+        known and while ``conn`` is the live connection)."""
+        hook = self._on_public_urls
+        if hook is None or conn is not self._conn or conn.closed or not conn.core.public_urls:
+            return
+        try:
+            hook(conn.core.public_urls)
+        except Exception:  # the caller's bug must not end the session
+            log.exception("on_public_urls failed")
 
     def _default_handler(self) -> StreamHandler:
         addr = self.config.local_addr
@@ -348,13 +384,17 @@ class TunnelClient:
                                     f"{msg}: {hint}")
 
     async def connect_and_run(self, handler: Optional[StreamHandler] = None,
-                              on_connected: Optional[OnConnected] = None) -> None:
+                              on_connected: Optional[OnConnected] = None, *,
+                              on_public_urls: Optional[OnPublicUrls] = None) -> None:
         """Serve streams with ``handler`` (default: forward to ``config.local_addr``), reconnecting
         with backoff after passing failures, until cancelled. Raises AuthenticationError for a
         rejected token, TlsVerificationError for a certificate that fails verification and
-        HandshakeError for a version mismatch or a peer that is no tunnel server of the expected
-        kind (see ``connect``)."""
+        HandshakeError for a version mismatch, a refused tunnel id (e.g. not a DNS label for a
+        server with a domain) or a peer that is no tunnel server of the expected kind (see
+        ``connect``). ``on_public_urls(urls)`` runs once per session, after ``on_connected``, when
+        the server says where visitors reach the tunnel (see ``public_urls``)."""
         backoff = Backoff(self.config.backoff)
+        self._on_public_urls = on_public_urls
         try:
             while True:
                 try:
@@ -375,6 +415,10 @@ class TunnelClient:
                     result = on_connected(session)
                     if inspect.isawaitable(result):
                         await result
+                conn = self._conn
+                if conn is not None and conn.session is session:
+                    conn.serving = True
+                    self.report_public_urls(conn)
                 if await self._until_closed_or_moved(session):
                     continue  # the server's node is leaving: a new session at once
                 conn = self._conn

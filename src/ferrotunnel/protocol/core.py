@@ -31,6 +31,7 @@ from ..frames import (
 )
 from ..scheduler import PriorityScheduler
 from .drain import DrainMixin
+from .publicurls import PublicUrlsMixin
 from .extensions import EXT_CAPABILITY, Negotiated, negotiate, plugin_handlers
 from .flow import FLOW_PLUGIN_ID, MAX_WINDOW, FlowWindows, decode_credit, encode_credit
 from .keepalive import Keepalive
@@ -46,7 +47,7 @@ log = logging.getLogger("ferrotunnel.core")
 RESET_MEMORY = 1024
 
 
-class SessionCore(DrainMixin):
+class SessionCore(DrainMixin, PublicUrlsMixin):
     """One session's protocol state machine (after the handshake).
 
     ``negotiated`` (from the handshake) or the peer's raw ``peer_capabilities`` say which

@@ -16,7 +16,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from ..config import StreamConfig
 from .flow import FLOW_PLUGIN_ID, flow_capability, parse_flow_capability
 
-__all__ = ["Extension", "EXTENSIONS", "EXT_CAPABILITY", "REASON_CAPABILITY", "DRAIN_CAPABILITY", "DRAIN_PLUGIN_ID", "Negotiated",
+__all__ = ["Extension", "EXTENSIONS", "EXT_CAPABILITY", "REASON_CAPABILITY", "DRAIN_CAPABILITY", "DRAIN_PLUGIN_ID",
+           "PUBLIC_URLS_CAPABILITY", "PUBLIC_URLS_PLUGIN_ID", "Negotiated",
            "client_capabilities", "server_capabilities", "negotiate", "plugin_handlers", "keep_capabilities",
            "BASE_CLIENT_CAPABILITIES", "BASE_SERVER_CAPABILITIES", "MAX_CAPABILITIES", "MAX_CAPABILITY_LEN"]
 
@@ -32,6 +33,9 @@ REASON_CAPABILITY = "reject-reason/1"
 #: A server node that is leaving (a cluster drain) tells its clients to reconnect now.
 DRAIN_CAPABILITY = "drain/1"
 DRAIN_PLUGIN_ID = "ft.drain/1"
+#: After the handshake the server tells the client where visitors reach its tunnel (public URLs).
+PUBLIC_URLS_CAPABILITY = "public-urls/1"
+PUBLIC_URLS_PLUGIN_ID = "ft.urls/1"
 
 Announce = Callable[[StreamConfig], Optional[str]]
 
@@ -83,6 +87,10 @@ EXTENSIONS: Tuple[Extension, ...] = (
     # client opens a new session (through the balancer) at once and lets this one's streams finish.
     Extension("drain", _always(DRAIN_CAPABILITY), _always(DRAIN_CAPABILITY), _has(DRAIN_CAPABILITY),
               DRAIN_PLUGIN_ID, "on_drain"),
+    # Public URLs: right after accepting, the server sends one PluginData ("ft.urls/1") listing
+    # where visitors reach this session's tunnel (see publicurls.py); the client prints them.
+    Extension("public_urls", _always(PUBLIC_URLS_CAPABILITY), _always(PUBLIC_URLS_CAPABILITY),
+              _has(PUBLIC_URLS_CAPABILITY), PUBLIC_URLS_PLUGIN_ID, "on_public_urls"),
 )
 
 

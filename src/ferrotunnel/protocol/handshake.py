@@ -309,5 +309,9 @@ def _refusal(status: HandshakeStatus, reason: Optional[str]) -> HandshakeError:
                                       status, reason)
         err.retry_after = retry_after_hint(reason)
         return err
-    why = reason or "incompatible protocol versions"
+    if reason:  # the server's own words first: they name what to change
+        return HandshakeError(f"the server refused the handshake: {reason} ({status.name})", status, reason)
+    why = "incompatible protocol versions"
+    if status == HandshakeStatus.UNSUPPORTED_VERSION:  # a Rust-style client hears no reason
+        why += ", or a tunnel id it does not accept (with a domain: 1..63 of a-z, 0-9 and '-')"
     return HandshakeError(f"the server refused the handshake ({status.name}): {why}", status, reason)

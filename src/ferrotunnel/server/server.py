@@ -12,7 +12,7 @@ import logging
 import ssl
 import time
 import uuid
-from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple, Union
 
 from ..auth import TokenFormatError, constant_time_eq, validate_token_format
 from ..config import ServerConfig
@@ -26,6 +26,7 @@ from ..aio.tlsbio import ServerTls
 from ..aio.transport import Transport, bound_address, resolve_transport
 from ..protocol.core import SessionCore
 from ..protocol.handshake import HandshakeRequest, ServerHandshake
+from .public import DNS_LABEL_RULE, PublicEndpoint, is_dns_label, normalize_domain, public_urls
 from .registry import LocalRegistry, SessionRegistry, SessionStore
 from .throttle import AuthThrottle
 
@@ -160,16 +161,23 @@ class TunnelServer:
 
     ``stream_handler`` (optional) runs for each stream a client opens; without one, such streams
     wait for ``await session.accept()``. ``registry`` decides who serves which tunnel id
-    (default: a ``LocalRegistry`` of this process).
+    (default: a ``LocalRegistry`` of this process). Tunnel ids are claimed in lower case; with a
+    ``domain`` (visitors reach ``ID.DOMAIN``) an id that cannot be a DNS label is refused.
+    ``public_endpoints`` (assignable once the ingresses are bound) say where visitors arrive;
+    each client that negotiated ``public-urls/1`` is told its URLs after the handshake.
     """
 
     def __init__(self, address: Tuple[str, int], token: str, *, tls: Union[None, ssl.SSLContext, Transport] = None,
                  config: ServerConfig = ServerConfig(), stream_handler: Optional[StreamHandler] = None,
-                 registry: Optional[SessionRegistry] = None) -> None:
+                 registry: Optional[SessionRegistry] = None, domain: Optional[str] = None,
+                 public_endpoints: Sequence[PublicEndpoint] = ()) -> None:
         try:
             validate_token_format(token)
         except TokenFormatError as exc:
             raise ValueError(f"invalid server token: {exc}") from None
+        #: Visitors reach tunnel ``ID`` as ``ID.<domain>`` (lower case; None: no domain).
+        self.domain = normalize_domain(domain) if domain else None
+        self.public_endpoints: Tuple[PublicEndpoint, ...] = tuple(public_endpoints)
         self._token = token
         self._bind = address
         self.config = config
@@ -324,9 +332,12 @@ class TunnelServer:
             return fail(HandshakeStatus.VERSION_MISMATCH,
                         f"client speaks versions {req.min_version}..{req.max_version}, server {PROTOCOL_VERSION}")
         session_id = uuid.uuid4()
-        tunnel_id = req.tunnel_id if req.tunnel_id is not None else str(session_id)
+        tunnel_id = (req.tunnel_id if req.tunnel_id is not None else str(session_id)).lower()
         if not tunnel_id or len(tunnel_id.encode()) > MAX_TUNNEL_ID_LEN:
             return fail(HandshakeStatus.UNSUPPORTED_VERSION, f"tunnel id must be 1..{MAX_TUNNEL_ID_LEN} bytes")
+        if self.domain and not is_dns_label(tunnel_id):  # not retryable: the client stops and says why
+            return fail(HandshakeStatus.UNSUPPORTED_VERSION, f"tunnel id {(req.tunnel_id or '')[:70]!r} cannot be "
+                        f"a DNS label under {self.domain} ({DNS_LABEL_RULE}): choose another tunnel id", count=False)
         live = len(self.registry.local_sessions())
         if live >= cfg.max_sessions:
             return fail(HandshakeStatus.RATE_LIMITED, f"{live} sessions (max_sessions)", count=False)
@@ -353,11 +364,18 @@ class TunnelServer:
             self.registry.session_ended(session)
             conn.close()
             return None
+        urls = self.public_urls(tunnel_id, req.capabilities)
+        if urls:
+            core.send_public_urls(urls)
         self._session_added.set()
         self._session_added = asyncio.Event()
         log.info("session %s (tunnel %s) from %s established%s", session_id, tunnel_id, peer,
                  " with flow control" if core.flow else "")
         return None
+
+    def public_urls(self, tunnel_id: str, capabilities: Tuple[str, ...] = ("tcp",)) -> Tuple[str, ...]:
+        """Where visitors reach ``tunnel_id`` through ``public_endpoints`` (see ``public.public_urls``)."""
+        return public_urls(self.public_endpoints, tunnel_id.lower(), capabilities, self.domain)
 
     def _is_stale(self, session: Session) -> bool:
         if session.is_closed:
@@ -381,7 +399,9 @@ class TunnelServer:
     # ------------------------------------------------------------------ lookups and lifecycle
 
     async def wait_for_session(self, tunnel_id: Optional[str] = None, timeout: Optional[float] = None) -> Session:
-        """The live session for ``tunnel_id`` (any session if None); TimeoutError if none in time."""
+        """The live session for ``tunnel_id`` (any session if None; ids are matched in lower case,
+        as they are claimed); TimeoutError if none in time."""
+        tunnel_id = tunnel_id.lower() if tunnel_id is not None else None
         async with asyncio.timeout(timeout):
             while True:
                 if tunnel_id is None:
