@@ -16,6 +16,7 @@ import pytest
 import ferrotunnel as ft
 from conftest import free_port, tunnel
 from ferrotunnel.server import http as http_mod
+from ferrotunnel.server import http1, http_names
 
 WAIT = 20.0  # generous: a slow CI machine must not fail these
 
@@ -118,6 +119,12 @@ def body_of(data: bytes) -> bytes:
 # ------------------------------------------------------------------ bytes pass unchanged
 
 
+def xf(head: bytes, host: bytes, client: bytes = b"127.0.0.1", proto: bytes = b"http") -> bytes:
+    """``head`` as the app receives it: X-Forwarded-For/-Proto/-Host added at its end."""
+    return head[:-2] + b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n\r\n" % (
+        client, proto, host)
+
+
 def test_head_reaches_the_app_byte_for_byte_with_keep_alive_and_chunked_bodies(run):
     async def body():
         async with rig() as (ing, app, client):
@@ -128,20 +135,22 @@ def test_head_reaches_the_app_byte_for_byte_with_keep_alive_and_chunked_bodies(r
                 await w.drain()
                 await asyncio.sleep(0.05)
             line, got = await response(r)
-            assert line == b"HTTP/1.1 200 OK" and got == b"app " + first
-            # keep-alive: later requests on the connection are not parsed or re-routed
-            second = b"GET /two HTTP/1.1\r\nHost: not-a-tunnel\r\n\r\n"
-            w.write(second)
-            assert (await response(r))[1] == b"app " + second
+            assert line == b"HTTP/1.1 200 OK" and got == b"app " + xf(first, b"Web.:8080")
+            # keep-alive: every later head is parsed too, and its body delimited
             chunked = (b"POST /up HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n"
                        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
             w.write(chunked)
-            assert (await response(r))[1] == b"app " + chunked
+            head_end = chunked.index(b"\r\n\r\n") + 4
+            assert (await response(r))[1] == b"app " + xf(chunked[:head_end], b"web") + chunked[head_end:]
+            second = b"GET /two HTTP/1.1\r\nHost: web\r\n\r\n"
+            w.write(second)
+            assert (await response(r))[1] == b"app " + xf(second, b"web")
             w.close()
             # a head and its body in one write, the body passed through
             post = b"POST /p HTTP/1.1\r\nHost: web\r\nContent-Length: 4\r\nConnection: close\r\n\r\nBODY"
-            assert body_of(await exchange(ing.address, post)) == b"app " + post
-            assert app.heads == [first, second, chunked[:chunked.index(b"\r\n\r\n") + 4], post[:-4]]
+            assert body_of(await exchange(ing.address, post)) == b"app " + xf(post[:-4], b"web") + b"BODY"
+            assert app.heads == [xf(first, b"Web.:8080"), xf(chunked[:head_end], b"web"), xf(second, b"web"),
+                                 xf(post[:-4], b"web")]
     run(body)
 
 
@@ -210,11 +219,11 @@ def test_raw_head_checks_hold_when_the_parser_is_lenient(run, monkeypatch):
 
 
 def test_head_violation_unit():
-    assert http_mod.head_violation(b"GET / HTTP/1.1\r\nHost: a\r\nX: b\r\n c\r\n\r\n")
-    assert http_mod.head_violation(b"GET / HTTP/1.1\r\n\tHost: a\r\n\r\n")
-    assert http_mod.head_violation(b"GET / HTTP/1.1\r\nHost : a\r\n\r\n")
-    assert http_mod.head_violation(b"GET / HTTP/1.1\r\nHost: a\r\nX: b : c\r\n\r\n") is None  # in a value: fine
-    assert http_mod.head_violation(b"GET / HTTP/1.1\r\nHost: a\r\nX: b\tc\r\n\r\n") is None
+    assert http1.head_violation(b"GET / HTTP/1.1\r\nHost: a\r\nX: b\r\n c\r\n\r\n")
+    assert http1.head_violation(b"GET / HTTP/1.1\r\n\tHost: a\r\n\r\n")
+    assert http1.head_violation(b"GET / HTTP/1.1\r\nHost : a\r\n\r\n")
+    assert http1.head_violation(b"GET / HTTP/1.1\r\nHost: a\r\nX: b : c\r\n\r\n") is None  # in a value: fine
+    assert http1.head_violation(b"GET / HTTP/1.1\r\nHost: a\r\nX: b\tc\r\n\r\n") is None
 
 
 INVALID_HOSTS = [b"", b"  ", b"we b", b"web@evil", b"user:pw@web", b"web:http", b"web:99999", b"web:123456",
@@ -253,12 +262,12 @@ def test_absolute_form_target_routes_by_its_authority(run):
             # the Host names no tunnel, the target's authority does: routed to it, head unchanged
             raw = b"GET http://WEB:8080/path?q=1 HTTP/1.1\r\nHost: nobody\r\nConnection: close\r\n\r\n"
             got = await exchange(ing.address, raw)
-            assert status(got) == b"HTTP/1.1 200 OK" and body_of(got) == b"app " + raw
+            assert status(got) == b"HTTP/1.1 200 OK" and body_of(got) == b"app " + xf(raw, b"WEB:8080")
             # the Host names the tunnel, the target another host: the target wins
             got = await exchange(ing.address, b"GET http://other.example/ HTTP/1.1\r\nHost: web\r\n\r\n")
             assert status(got) == b"HTTP/1.1 404 Not Found"
             assert body_of(got) == b"no tunnel is connected for other.example\n"
-            assert app.heads == [raw[:raw.index(b"\r\n\r\n") + 4]]
+            assert app.heads == [xf(raw, b"WEB:8080")]
             for bad in (b"GET http:///x HTTP/1.1\r\nHost: web\r\n\r\n",          # empty authority
                         b"GET http://web@x/ HTTP/1.1\r\nHost: web\r\n\r\n",       # userinfo
                         b"GET http://web:99999/ HTTP/1.1\r\nHost: web\r\n\r\n",   # bad port
@@ -280,7 +289,8 @@ def test_head_over_max_head_or_without_an_end_is_431(run):
             exact = head_of(limit)
             assert len(exact) == limit
             got = await exchange(ing.address, exact + b"after the head, not part of it")
-            assert status(got) == b"HTTP/1.1 200 OK" and body_of(got) == b"app " + exact
+            # (Connection: close: what follows the head is not read)
+            assert status(got) == b"HTTP/1.1 200 OK" and body_of(got) == b"app " + xf(exact, b"web")
             got = await exchange(ing.address, head_of(limit + 1))
             assert status(got) == b"HTTP/1.1 431 Request Header Fields Too Large"
             got = await exchange(ing.address, head_of(5 * limit))
@@ -323,7 +333,8 @@ def test_health_reaches_the_app_when_a_tunnel_serves_the_host(run):
                         b"GET /health?deep=1 HTTP/1.1\r\nHost: WEB:80\r\nConnection: close\r\n\r\n",
                         b"GET http://web/health HTTP/1.1\r\nHost: nobody\r\nConnection: close\r\n\r\n"):
                 got = await exchange(ing.address, raw)
-                assert status(got) == b"HTTP/1.1 200 OK" and body_of(got) == b"app " + raw, raw
+                host = b"web" if b"http://" in raw else raw.split(b"Host: ")[1].split(b"\r\n")[0]
+                assert status(got) == b"HTTP/1.1 200 OK" and body_of(got) == b"app " + xf(raw, host), raw
             # no tunnel for the request: the ingress answers itself
             for raw in (b"GET /health HTTP/1.1\r\n\r\n",
                         b"GET /health HTTP/1.0\r\n\r\n",
@@ -374,7 +385,7 @@ def test_printable_unit():
     assert p(b"plain /path?x=1") == "plain /path?x=1"
     assert p(b"a\nb\rc\x1b\x7f\x00\\\xff") == "a\\x0ab\\x0dc\\x1b\\x7f\\x00\\x5c\\xff"
     assert p("t\u00e9") == "t\\xc3\\xa9"
-    assert p(b"x" * 500) == "x" * http_mod.PRINTABLE_LIMIT + "..."
+    assert p(b"x" * 500) == "x" * http_names.PRINTABLE_LIMIT + "..."
     assert p(b"\n" * 500, limit=3) == "\\x0a" * 3 + "..."
 
 

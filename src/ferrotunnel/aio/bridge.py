@@ -164,6 +164,31 @@ class TcpBridge(asyncio.BufferedProtocol):
         if not self._finished and not self._tcp_eof and not self._reading_paused:
             self.transport.resume_reading()
 
+    # -- for subclasses that move a connection between streams (the HTTP ingress)
+    def to_tunnel(self, data: Any) -> None:
+        """Send visitor bytes (a copy or a buffer not reused) to the current stream."""
+        self._to_tunnel(data, False)
+
+    def detach(self) -> None:
+        """Let the current stream go: what was queued for the TCP side is written, credit owed is
+        given back, the stream is closed gracefully and whatever it still sends is discarded.
+        The TCP side stays; ``attach`` may join it to another stream."""
+        stream = self.stream
+        if stream is None:
+            return
+        self.flush_out()
+        self._give_back()
+        stream.sink = None
+        _PIPING.discard(self)
+        stream.close()
+        self.stream = None
+        self._tunnel_eof = False
+        self._reading_paused = False
+
+    def release_read_buffer(self) -> None:
+        """No more reads will come (an EOF kept back by a subclass): the pooled buffer goes back."""
+        self._drop_read_buffer()
+
     # -- wiring
     def attach(self, stream: VirtualStream) -> None:
         """Start piping (called once both the transport and the stream exist)."""

@@ -1,13 +1,19 @@
-"""HttpIngress: a public HTTP port that routes each connection by its first request's Host header.
+"""HttpIngress: a public HTTP/1.1 reverse proxy that routes every request by its own Host header.
 
-The first request head is parsed with httptools (llhttp, the parser uvicorn uses), bounded in size
-(``max_head``) and time (``head_timeout``), and checked as RFC 9112 asks: one Host header, a
-valid Host, no whitespace between a field name and its colon, no obs-fold. A request with an
-absolute-form target (``GET http://app.example/ HTTP/1.1``) is routed by the target's authority,
-otherwise by Host; the name is normalised as the Rust server does (port stripped, lower-cased, one
-trailing dot dropped) and matched against the live sessions' tunnel ids. From then on the
-connection's bytes flow both ways unchanged (the head exactly as it was received), so keep-alive,
-chunked bodies and WebSocket upgrades just work; nothing after the first head is parsed.
+Every request head on a visitor's connection is parsed with httptools (llhttp), bounded in size
+(``max_head``; the first one also in time, ``head_timeout``) and checked as RFC 9112 asks (see
+``http1``). A request with an absolute-form target (``GET http://app.example/ HTTP/1.1``) is
+routed by the target's authority, otherwise by Host; the name is normalised as the Rust server
+does (port stripped, lower-cased, one trailing dot dropped), ``.<domain>`` is dropped when the
+ingress has a domain, and the result is matched against the live sessions' tunnel ids.
+
+A keep-alive request for the tunnel of the connection's current stream goes on that stream; one
+for another tunnel waits until every response owed on the current stream has reached the
+visitor, then gets a stream to its own tunnel (so no request ever reaches another tunnel's app,
+and responses keep their order). Each head gets X-Forwarded-For, -Proto and -Host (appended to
+what a trusted front proxy, ``--trusted-proxy``, sent; replacing what anyone else sent); bodies
+(Content-Length, chunked) pass unchanged, only delimited, and after a 101 (a WebSocket) or a 2xx
+to CONNECT the connection is a raw byte pipe both ways.
 
 ``/health`` is answered locally only for a request that does not route to a tunnel (no Host, or
 no tunnel for it): an app behind a tunnel gets its own ``/health``. Public visitors need no token.
@@ -21,19 +27,15 @@ response is not taken for a complete one.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-import re
-import socket
-import struct
 from typing import Any, List, Optional, Tuple, Union
-
-import httptools
 
 from ..aio.bridge import TcpBridge
 from ..aio.stream import VirtualStream
 from ..errors import ConnectionLostError, FerroTunnelError
 from ..frames import Protocol
+from .http1 import Chunked, HeadError, Request, ResponseTracker, check_partial, forwarded_head, parse_request
+from .http_names import ABSOLUTE_FORM, is_health, normalize_host, parse_authority, printable, response, why_missing
 from .ingress import Ingress
 from .registry import Route
 from .server import TunnelServer
@@ -44,195 +46,62 @@ log = logging.getLogger("ferrotunnel.http")
 
 MAX_HEAD = 16 * 1024
 HEAD_TIMEOUT = 10.0
-#: At most this many bytes of visitor input go into one log line or error body (escaped).
-PRINTABLE_LIMIT = 200
-
-_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends RST
-
-
-def normalize_host(value: str) -> str:
-    """Host header to tunnel id: trim, drop the port (keep a bare IPv6 address), lower-case,
-    drop one trailing dot."""
-    host = value.strip()
-    if host.startswith("["):
-        end = host.find("]")
-        host = host[1:end] if end > 0 else host
-    elif host.count(":") == 1:
-        host = host.split(":", 1)[0]
-    host = host.lower()
-    if host.endswith("."):
-        host = host[:-1]
-    return host
-
-
-# -------------------------------------------------------------------- escaping visitor input
-
-_UNSAFE = re.compile(rb"[^\x20-\x5b\x5d-\x7e]")  # control bytes, DEL, non-ASCII and the backslash
-
-
-def _hex(m: "re.Match[bytes]") -> bytes:
-    return b"\\x%02x" % m[0][0]
-
-
-def printable(data: Union[bytes, bytearray, memoryview, str], limit: int = PRINTABLE_LIMIT) -> str:
-    """Visitor input for a log line or an error body: printable ASCII as it is, every other byte
-    (control bytes, DEL, non-ASCII, the backslash) as ``\\xNN``; at most ``limit`` input bytes,
-    then ``...``."""
-    raw = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else bytes(data)
-    cut = len(raw) > limit
-    if cut:
-        raw = raw[:limit]
-    text = _UNSAFE.sub(_hex, raw).decode("ascii")
-    return text + "..." if cut else text
-
-
-# -------------------------------------------------------------------- RFC 9112 checks
-
-#: reg-name / IPv4address of RFC 3986: unreserved, sub-delims and pct-encoded, at least one.
-_REG_NAME = re.compile(rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+")
-_IPV6 = re.compile(rb"[0-9A-Fa-f:.]+")
-#: The start of an absolute-form target: scheme "://" authority (up to "/", "?" or "#").
-_ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)")
-#: A field line that starts with whitespace: obs-fold (or whitespace before the first field).
-_OBS_FOLD = re.compile(rb"\n[ \t]")
-#: Whitespace between a field name and the colon (the name is everything before the first colon).
-_SPACE_COLON = re.compile(rb"\n[^:\r\n]*[ \t]:")
-#: method SP request-target SP HTTP-version CRLF (the method a token).
-_REQUEST_LINE = re.compile(rb"(?:\r\n)*[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/[0-9]\.[0-9]\r\n")
-
-
-def parse_authority(raw: bytes) -> Optional[str]:
-    """A Host field value or the authority of an absolute-form target to a tunnel id, or None when
-    it is invalid (RFC 9112 §3.2, RFC 3986 §3.2.2): empty, a character outside reg-name (so no
-    userinfo, no space, nothing raw), a bad IPv6 literal or a port that is not 0..65535."""
-    value = raw.strip(b" \t")
-    if value.startswith(b"["):
-        end = value.find(b"]")
-        if end < 0:
-            return None
-        literal, rest = value[1:end], value[end + 1:]
-        if not _IPV6.fullmatch(literal):
-            return None
-        try:
-            ipaddress.IPv6Address(literal.decode("ascii"))
-        except ValueError:
-            return None
-    else:
-        host, sep, port = value.partition(b":")
-        if not _REG_NAME.fullmatch(host):
-            return None
-        rest = sep + port
-    if rest:
-        port = rest[1:]
-        if rest[:1] != b":" or (port and (not port.isdigit() or len(port) > 5 or int(port) > 65535)):
-            return None
-    return normalize_host(value.decode("ascii"))
-
-
-def head_violation(head: bytes) -> Optional[str]:
-    """What RFC 9112 forbids in a request head that a lenient parser may let through: obs-fold
-    (a field line starting with SP or HTAB, §5.2) and whitespace between a field name and the
-    colon (§5.1). ``head`` is the head up to its end; None if neither is there."""
-    if _OBS_FOLD.search(head):
-        return "obs-fold (a header line starting with whitespace) is not allowed"
-    if _SPACE_COLON.search(head):
-        return "whitespace between a header name and the colon is not allowed"
-    return None
-
-
-def _head_end(data: bytes) -> int:
-    """Where a complete head (as llhttp accepted it: CRLF line ends, maybe empty lines first) ends."""
-    start = 0
-    while data.startswith(b"\r\n", start):
-        start += 2
-    end = data.find(b"\r\n\r\n", start)
-    return len(data) if end < 0 else end + 4
 
 
 
-def _why_missing(registry: Any, tunnel_id: str) -> Optional[str]:
-    """Why a cluster registry found no route other than "no such tunnel" (Redis or the owning
-    node unreachable), or None."""
-    why = getattr(registry, "why_missing", None)
-    return why(tunnel_id) if why is not None else None
-
-class _Complete(Exception):
-    """Raised from on_headers_complete: llhttp stops at the end of the first head."""
-
-
-class _Head:
-    """httptools callbacks for the first request head: the target, the Host values, an Upgrade."""
-
-    __slots__ = ("url", "hosts", "upgrade", "complete", "parser", "fed")
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.hosts: List[bytes] = []
-        self.upgrade = False
-        self.complete = False
-        self.fed = 0  # bytes given to the parser (never more than max_head)
-        self.parser = httptools.HttpRequestParser(self)
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        lname = name.lower()
-        if lname == b"host":
-            self.hosts.append(value)
-        elif lname == b"upgrade" and value.strip():
-            self.upgrade = True
-
-    def on_headers_complete(self) -> None:
-        self.complete = True
-        raise _Complete
-
-    def feed(self, data: bytes) -> None:
-        """Parse on; HttpParserError for a malformed head. Stops at the end of the head."""
-        self.fed += len(data)
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError:
-            if not self.complete:
-                raise
-        except httptools.HttpParserUpgrade:  # not reached (the callback stops llhttp first); never let it out
-            if not self.complete:
-                raise httptools.HttpParserError("upgrade before the end of the head") from None
-
-
-def _response(status: str, body: str) -> bytes:
-    data = body.encode("ascii", "backslashreplace")
-    return (f"HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {len(data)}\r\n"
-            f"Connection: close\r\n\r\n").encode() + data
-
-
-def _is_health(path: bytes) -> bool:
-    return path == b"/health" or path.startswith(b"/health?")
+_HEAD, _LENGTH, _CHUNKED, _RAW, _WAIT, _DISCARD = range(6)
 
 
 class _HttpBridge(TcpBridge):
-    __slots__ = ("ingress", "_head", "_routed", "_head_timer", "_request", "_held", "_parse")
+    """One visitor connection: every request head is parsed and routed by its own Host; a request
+    for the tunnel of the current stream goes on that stream, one for another tunnel waits until
+    every response owed on the current stream has gone out, then gets a stream of its own. Bodies
+    pass as they are (only delimited); after a 101 (or a 2xx to CONNECT) the connection is a raw
+    byte pipe both ways."""
+
+    __slots__ = ("ingress", "_buf", "_state", "_left", "_chunked", "_tracker", "_tunnel", "_head_timer",
+                 "_next", "_stash", "_visitor_eof", "_trusted", "_client", "_mark", "_request", "_leaving",
+                 "_fast", "_opened_once", "_partial", "_after")
 
     def __init__(self, ingress: "HttpIngress") -> None:
         super().__init__()
         self.ingress = ingress
-        self._head = bytearray()  # everything read before routing: forwarded as it is
-        self._routed = False
+        self._buf = bytearray()  # a request head so far
+        self._state = _HEAD
+        self._left = 0  # Content-Length body bytes still to come
+        self._chunked: Optional[Chunked] = None
+        self._tracker: Optional[ResponseTracker] = None  # the responses on the current stream
+        self._tunnel: Optional[str] = None  # the tunnel of the current stream
         self._head_timer: Optional[asyncio.TimerHandle] = None
-        self._request: Tuple[bytes, bytes, str, bool] = (b"", b"", "", False)  # method, target, tunnel id, /health
-        self._held = False  # the head is complete and the registry is looking the tunnel up
-        self._parse: Optional[_Head] = None  # made at the first byte; dropped once the head is complete
+        self._next: Any = None  # while waiting: ("open", ...), ("reply", status, reason) or ("upgrade",)
+        self._stash: List[bytes] = []  # visitor bytes read while waiting
+        self._visitor_eof = False  # the visitor's EOF, held back while waiting
+        self._trusted = False  # the connection comes from a trusted proxy: its X-Forwarded-* are kept
+        self._client = ""
+        self._mark = 0  # bytes_down when the current stream was attached
+        self._request: Tuple[bytes, bytes, str] = (b"", b"", "")  # method, target, tunnel id (for logs)
+        self._leaving = False  # the current stream is done with; what it still sends is dropped
+        self._fast = False  # the read being passed on is body or raw bytes (counted already)
+        self._opened_once = False
+        self._partial: Optional[Request] = None  # the parser of a head that is not complete yet
+        self._after = _HEAD  # the state once the current request's body has passed
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         if self.finished:  # refused by a connection cap (when the bridge has one)
             return
+        peer = self.peer_address or transport.get_extra_info("peername")
+        self._client = peer[0] if isinstance(peer, tuple) else str(peer or "")
+        proxies = self.ingress.server.trusted_proxies
+        if proxies is not None:
+            sock_peer = transport.get_extra_info("peername")
+            self._trusted = isinstance(sock_peer, tuple) and proxies.trusts(sock_peer[0])
         self.ingress.sweeper.add(self)
         self.ingress.connections += 1
         self._head_timer = asyncio.get_running_loop().call_later(self.ingress.head_timeout, self._slow_head)
 
-    def _slow_head(self) -> None:
-        if not self._routed and not self.finished:
+    def _slow_head(self) -> None:  # the first head only: later ones have the idle timeout
+        if not self._opened_once and not self.finished and self._state == _HEAD:
             self._reply("408 Request Timeout", "request head not received in time\n")
 
     def _reply(self, status: str, body: str) -> None:
@@ -242,107 +111,234 @@ class _HttpBridge(TcpBridge):
             self._head_timer.cancel()
         if self.finished:
             return
-        self.transport.write(_response(status, body))
+        self._leave_stream()
+        self.transport.write(response(status, body))
         self.close()
 
-    def _reject(self, status: str, reason: str) -> None:
+    def _reject(self, status: str, reason: str, head: bytes) -> None:
         """An error answer for a request we do not forward, logged with the request line escaped."""
-        head = bytes(self._head)
         line = head.lstrip(b"\r\n").split(b"\r\n", 1)[0]
         log.info("http ingress: %s for %s: %s; request line: %s", status.split()[0],
                  self.peer_address, reason, printable(line))
         self._reply(status, reason + "\n")
 
+    # -- visitor to tunnel
     def pass_owned(self) -> bool:
-        return self._routed
+        return self._fast
+
+    def buffer_updated(self, nbytes: int) -> None:
+        state = self._state
+        if state == _RAW or (state == _LENGTH and self._left > nbytes):
+            if state == _LENGTH:
+                self._left -= nbytes
+            self._fast = True
+            try:
+                super().buffer_updated(nbytes)
+            finally:
+                self._fast = False
+        else:
+            super().buffer_updated(nbytes)
 
     def data_received(self, data: bytes) -> None:
-        if self._routed:
-            super().data_received(data)
-            return
-        if self.finished:
-            return
-        self._head += data
-        parse = self._parse
-        if parse is None:
-            if self._held:
-                return  # reading is paused; this is the rest of the last read, kept for the stream
-            self._parse = parse = _Head()
-        max_head = self.ingress.max_head
-        room = max_head - parse.fed
-        try:
-            parse.feed(data if len(data) <= room else data[:room])
-        except httptools.HttpParserError as exc:
-            self._malformed(parse, exc)
-            return
-        if not parse.complete:
-            if parse.fed >= max_head:
-                self._reject("431 Request Header Fields Too Large",
-                             f"request head too large (over {max_head} bytes)")
-            return
-        self._parse = None
-        self._route(parse)
-
-    def _malformed(self, parse: _Head, exc: Exception) -> None:
-        head = bytes(self._head[:parse.fed])
-        if (isinstance(exc, (httptools.HttpParserInvalidMethodError, httptools.HttpParserInvalidURLError))
-                or not _REQUEST_LINE.match(head)):
-            reason = "malformed request line"
+        if self._fast:
+            self.to_tunnel(data)
+        elif self.finished:
+            pass
+        elif self._state == _WAIT:
+            self._stash.append(data)
         else:
-            reason = head_violation(head[:_head_end(head)]) or "malformed request head (%s)" % printable(str(exc))
-        self._reject("400 Bad Request", reason)
+            self._feed(data)
 
-    def _route(self, parse: _Head) -> None:
-        head = bytes(self._head)
-        # llhttp takes an HTTP/0.9-style line ("GET /" without a version) and several spaces
-        # between the parts; RFC 9112 §3 wants exactly method SP target SP version
-        if not _REQUEST_LINE.match(head):
-            self._reject("400 Bad Request", "malformed request line")
-            return
-        problem = head_violation(head[:_head_end(head)])
-        if problem is not None:  # llhttp refuses these itself unless built or set lenient
-            self._reject("400 Bad Request", problem)
-            return
-        if len(parse.hosts) > 1:
-            self._reject("400 Bad Request", "more than one Host header")
-            return
+    def _feed(self, data: bytes) -> None:
+        """Delimit requests in ``data``: bodies and heads for the current stream are written to it;
+        a head that needs another stream (or an answer of ours) starts a wait."""
+        out: List[bytes] = []
+        pos, n = 0, len(data)
+        while pos < n:
+            state = self._state
+            if state == _RAW:
+                out.append(data[pos:] if pos else data)
+                break
+            if state == _LENGTH:
+                take = min(self._left, n - pos)
+                out.append(data[pos:pos + take])
+                self._left -= take
+                pos += take
+                if not self._left:
+                    self._state = self._after
+            elif state == _CHUNKED:
+                assert self._chunked is not None
+                try:
+                    end = self._chunked.feed(data, pos)
+                except HeadError as exc:
+                    self._flush_up(out)
+                    self._wait(("reply", exc.status, exc.reason, b""))
+                    return
+                if end < 0:
+                    out.append(data[pos:])
+                    break
+                out.append(data[pos:end])
+                pos = end
+                self._state = self._after
+                self._chunked = None
+            elif state == _HEAD:
+                buf = self._buf
+                if not buf:
+                    while data.startswith(b"\r\n", pos):
+                        pos += 2
+                    if pos >= n:
+                        break
+                before = len(buf)
+                buf += data[pos:]
+                end = buf.find(b"\r\n\r\n", max(0, before - 3))
+                max_head = self.ingress.max_head
+                if end < 0 or end + 4 > max_head:
+                    if len(buf) > max_head:
+                        self._flush_up(out)
+                        self._wait(("reply", "431 Request Header Fields Too Large",
+                                    f"request head too large (over {max_head} bytes)", bytes(buf[:200])))
+                        return
+                    if self._partial is None:
+                        self._partial = Request()
+                    try:  # a head that cannot become valid is answered now, not at its end
+                        check_partial(self._partial, data[pos:], bytes(buf))
+                    except HeadError as exc:
+                        self._flush_up(out)
+                        self._wait(("reply", exc.status, exc.reason, bytes(buf[:200])))
+                        return
+                    break
+                head = bytes(buf[:end + 4])
+                pos = n - (len(buf) - end - 4)
+                self._buf = bytearray()
+                self._partial = None
+                if not self._on_head(head, out):
+                    self._flush_up(out)
+                    if pos < n:
+                        self._stash.append(data[pos:])
+                    return
+            elif state == _DISCARD:  # after a request that closes the connection: nothing more is read
+                break
+            else:  # _WAIT
+                self._stash.append(data[pos:])
+                break
+        self._flush_up(out)
+
+    def _flush_up(self, out: List[bytes]) -> None:
+        if out:
+            self.to_tunnel(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def _on_head(self, head: bytes, out: List[bytes]) -> bool:
+        """A complete request head: True if it went on the current stream (``out``), False if the
+        bridge now waits (for another stream, or to answer it itself)."""
+        try:
+            req = parse_request(head)
+            framing = req.body()
+        except HeadError as exc:
+            return self._wait(("reply", exc.status, exc.reason, head))
         tunnel_id: Optional[str] = None
-        if parse.hosts:
-            tunnel_id = parse_authority(parse.hosts[0])
+        host = b""
+        if req.hosts:
+            host = req.hosts[0].strip(b" \t")
+            tunnel_id = parse_authority(host)
             if tunnel_id is None:
-                self._reject("400 Bad Request", "invalid Host header: %s" % printable(parse.hosts[0]))
-                return
-        target = parse.url
-        path = target
-        absolute = _ABSOLUTE.match(target)
+                return self._wait(("reply", "400 Bad Request", f"invalid Host header: {printable(host)}", head))
+        target = path = req.url
+        absolute = ABSOLUTE_FORM.match(target)
         if absolute is not None:  # absolute-form: the target's authority wins over Host (RFC 9112 §3.2.2)
             if absolute[1].lower() not in (b"http", b"https"):
-                self._reject("400 Bad Request", "unsupported scheme in the request target")
-                return
-            tunnel_id = parse_authority(absolute[2])
+                return self._wait(("reply", "400 Bad Request", "unsupported scheme in the request target", head))
+            host = absolute[2]
+            tunnel_id = parse_authority(host)
             if tunnel_id is None:
-                self._reject("400 Bad Request", "invalid authority in the request target: %s" % printable(absolute[2]))
-                return
+                return self._wait(("reply", "400 Bad Request", f"invalid authority in the request target: "
+                                   f"{printable(host)}", head))
             path = target[absolute.end():] or b"/"
-        health = _is_health(path)
+        health = is_health(path)
         if tunnel_id is None:
-            if health:
-                self._reply("200 OK", "ok\n")
-            else:
-                self._reject("400 Bad Request", "missing Host header")
+            return self._wait(("reply", "200 OK", "ok", None) if health else
+                              ("reply", "400 Bad Request", "missing Host header", head))
+        tunnel_id = self.ingress.tunnel_for(tunnel_id)
+        self._request = (req.method, target, tunnel_id)
+        fwd = forwarded_head(head, req, self._client, host.decode("ascii"), self.ingress.scheme, self._trusted)
+        if self.stream is not None and tunnel_id == self._tunnel and not self._leaving:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("http %s %s -> tunnel %s stream %d", printable(req.method), printable(target),
+                          printable(tunnel_id), self.stream.stream_id)
+            out.append(fwd)
+            return self._sent(req, framing, out)
+        return self._wait(("open", tunnel_id, req, fwd, framing, host.decode("ascii"), health))
+
+    def _sent(self, req: Request, framing: Any, out: List[bytes]) -> bool:
+        """The head went (in ``out``) to the current stream: expect its answer and its body."""
+        assert self._tracker is not None
+        self._tracker.sent(req.method, req.upgrade)
+        after = _HEAD if req.keep_alive else _DISCARD  # after a "Connection: close" request, nothing
+        if req.upgrade and framing:  # an upgrade with a body: the body, then raw bytes both ways
+            self._tracker.raw = True
+            after = _RAW
+        self._after = after
+        if framing == "chunked":
+            self._chunked = Chunked()
+            self._state = _CHUNKED
+        elif framing:
+            self._left = framing
+            self._state = _LENGTH
+        else:
+            self._state = after
+        if req.upgrade and not framing:  # what follows waits for the answer: 101 makes a raw pipe
+            return self._wait(("upgrade",))
+        return True
+
+    def _wait(self, action: Any) -> bool:
+        """Stop reading the visitor; ``action`` runs once every response owed on the current
+        stream has gone out (at once when there is none)."""
+        self._state = _WAIT
+        self._next = action
+        self.transport.pause_reading()
+        if action[0] != "upgrade":
+            asyncio.get_running_loop().call_soon(self._proceed)
+        return False
+
+    def _proceed(self) -> None:
+        if self.finished or self._state != _WAIT or self._next is None or self._next[0] == "upgrade":
             return
-        self._request = (parse.parser.get_method(), target, tunnel_id, health)
-        protocol = Protocol.WEB_SOCKET if parse.upgrade else Protocol.HTTP
-        if not self.ingress.open_stream(tunnel_id, protocol, self._opened):
-            self._held = True
-            self.hold_reading()
+        tracker = self._tracker
+        if self.stream is not None and tracker is not None and not tracker.idle and not self._leaving:
+            return  # tunnel_data calls again when the last owed response has gone out
+        action, self._next = self._next, None
+        if action[0] == "reply":
+            _, status, reason, head = action
+            if head is None:  # the ingress's own /health, for a request no tunnel takes
+                self._reply(status, reason + "\n")
+            else:
+                self._reject(status, reason, head)
+            return
+        _, tunnel_id, req, fwd, framing, host, health = action
+        self._leave_stream()
+        self._next = ("opening", req, fwd, framing, health)
+        protocol = Protocol.WEB_SOCKET if req.upgrade else Protocol.HTTP
+        self.ingress.open_stream(tunnel_id, protocol, self._opened, self.peer_address, host or None)
+
+    def _leave_stream(self) -> None:
+        """Done with the current stream: what it still sends is dropped; it is closed gracefully."""
+        self.detach()
+        self._tracker = None
+        self._tunnel = None
+        self._leaving = False
 
     def _opened(self, route: Optional[Route], result: Union[VirtualStream, FerroTunnelError, None]) -> None:
-        method, target, tunnel_id, health = self._request
+        pending, self._next = self._next, None
+        method, target, tunnel_id = self._request
+        if self.finished:  # the visitor left while the route was looked up
+            if isinstance(result, VirtualStream):
+                result.abort()
+            return
+        _, req, fwd, framing, health = pending
         if route is None:
             if health:  # the ingress's own /health, for a request no tunnel takes
                 self._reply("200 OK", "ok\n")
-            elif (why := _why_missing(self.ingress.server.registry, tunnel_id)) is not None:  # a cluster node
+            elif (why := why_missing(self.ingress.server.registry, tunnel_id)) is not None:  # a cluster node
                 self._reply("503 Service Unavailable", f"tunnel {printable(tunnel_id)} is not on this node and "
                             f"{why}; try again shortly\n")
             else:
@@ -353,26 +349,99 @@ class _HttpBridge(TcpBridge):
                         printable(str(result)))
             self._reply("502 Bad Gateway", "the tunnel could not take the request\n")
             return
-        if self.finished:  # the visitor left while the route was looked up
-            result.abort()
-            return
         if self._head_timer is not None:
             self._head_timer.cancel()
-        self._routed = True
+        self._opened_once = True
         log.info("http %s %s -> tunnel %s stream %d", printable(method), printable(target), printable(tunnel_id),
                  result.stream_id)
-        head_bytes = bytes(self._head)
-        self._head = bytearray()
+        self._tracker = ResponseTracker()
+        self._tunnel = tunnel_id
+        self._mark = self.bytes_down
+        self._state = _HEAD
         self.attach(result)
-        super().data_received(head_bytes)
-        if self._held:
-            self._held = False
-            self.release_reading()
+        if self.finished:
+            return
+        out = [fwd]
+        going = self._sent(req, framing, out)
+        self._flush_up(out)
+        if going:
+            self._resume()
+
+    def _resume(self) -> None:
+        """The wait is over: what the visitor sent meanwhile is delimited now, then reading goes on."""
+        stash, self._stash = self._stash, []
+        while stash and self._state != _WAIT and not self.finished:
+            self._feed(stash.pop(0))
+        if self._state == _WAIT:
+            self._stash.extend(stash)
+            return
+        if self.finished:
+            return
+        if self._visitor_eof:
+            self._visitor_eof = False
+            super().eof_received()
+        elif not self._reading_paused:
+            self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        if self._state == _WAIT:
+            self._visitor_eof = True
+            self.release_read_buffer()
+            return True
+        if self.stream is None:  # a visitor that sent no complete head: nothing to answer
+            self.close()
+            return False
+        return super().eof_received()
+
+    # -- tunnel to visitor
+    def tunnel_data(self, payload: memoryview) -> None:
+        tracker = self._tracker
+        if self._leaving or tracker is None:
+            if self.stream is not None:
+                self.stream.consumed(len(payload))
+            return
+        n = len(payload)
+        if tracker.raw or tracker.lost or (tracker.state == tracker.LENGTH and tracker.left > n):
+            if tracker.state == tracker.LENGTH and not tracker.raw:
+                tracker.left -= n
+            super().tunnel_data(payload)
+            return
+        waiting = self._state == _WAIT and self._next is not None and self._next[0] != "upgrade"
+        used = tracker.feed(payload, waiting)
+        if used < n:  # bytes after the last owed response: nobody asked for them
+            if used:
+                super().tunnel_data(payload[:used])
+            assert self.stream is not None
+            self.stream.consumed(n - used)
+        else:
+            super().tunnel_data(payload)
+        if self._state == _WAIT and self._next is not None:
+            if self._next[0] == "upgrade":
+                if tracker.answered_upgrade is not None:
+                    switched, tracker.answered_upgrade = tracker.answered_upgrade, None
+                    self._next = None
+                    self._state = _RAW if switched else self._after
+                    asyncio.get_running_loop().call_soon(self._resume)
+            elif tracker.idle:
+                self._leaving = True
+                asyncio.get_running_loop().call_soon(self._proceed)
+
+    def tunnel_writable(self) -> None:
+        if self._state == _WAIT:  # reading stays paused; it resumes when the wait is over
+            self._reading_paused = False
+            return
+        super().tunnel_writable()
 
     # a stream that ends before any response byte: the local service did not answer
     def tunnel_eof(self) -> None:
-        if self.bytes_down == 0 and not self.finished:
+        if self._leaving:
+            return
+        if self.bytes_down == self._mark and not self.finished:
             self._reply("502 Bad Gateway", "the local service closed the connection without answering\n")
+            return
+        if self._state == _WAIT:  # the app ended the connection (a response delimited by its end)
+            self.flush_out()
+            self.close()
             return
         super().tunnel_eof()
 
@@ -380,28 +449,26 @@ class _HttpBridge(TcpBridge):
         """The stream was reset or its session died: a 502 if the visitor got no response byte yet,
         otherwise the visitor's connection is aborted with a RST (a FIN would make a truncated
         response look complete)."""
+        if self._leaving:
+            return
         if self.finished:
             super().tunnel_reset(exc)
             return
         pending = self._outq
         unsent = sum(len(p) for p in pending) if pending else 0
-        if self.bytes_down == unsent:  # nothing of the response went out to the visitor
+        tunnel_id = self._request[2]
+        if self.bytes_down - self._mark == unsent:  # nothing of the response went out to the visitor
             self._outq = None  # what arrived in this read is dropped with the stream
             lost = isinstance(exc, ConnectionLostError)
-            log.warning("http ingress: tunnel %s %s before answering; 502", printable(self._request[2]),
+            log.warning("http ingress: tunnel %s %s before answering; 502", printable(tunnel_id),
                         "went away" if lost else "reset the stream")
+            self.stream = None
             self._reply("502 Bad Gateway", "the tunnel went away before the local service answered\n" if lost
                         else "the local service is unreachable\n")
             return
         log.warning("http ingress: tunnel %s stream cut after %d response bytes; aborting the visitor's connection",
-                    printable(self._request[2]), self.bytes_down - unsent)
-        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            except OSError:
-                pass
-        super().tunnel_reset(exc)
+                    printable(tunnel_id), self.bytes_down - self._mark - unsent)
+        super().tunnel_reset(exc)  # an abort with SO_LINGER 0: a RST
 
 
 class HttpIngress(Ingress):
@@ -411,11 +478,23 @@ class HttpIngress(Ingress):
     kind = "HTTP ingress"
 
     def __init__(self, server: TunnelServer, address: Tuple[str, int], *, max_head: int = MAX_HEAD,
-                 head_timeout: float = HEAD_TIMEOUT, priority: Any = None) -> None:
+                 head_timeout: float = HEAD_TIMEOUT, priority: Any = None, domain: Optional[str] = None) -> None:
         super().__init__(server, address, priority)
         self.max_head = max_head
         self.head_timeout = head_timeout
         self.responses: dict = {}
+        #: ``<tunnel-id>.<domain>`` routes to the tunnel ``<tunnel-id>`` (a bare id still works)
+        self.domain = normalize_host(domain) if domain else None
+        self._suffix = "." + self.domain if self.domain else ""
+        #: what X-Forwarded-Proto says
+        self.scheme = "http"
+
+    def tunnel_for(self, name: str) -> str:
+        """The tunnel id a normalised Host names: ``<id>.<domain>`` -> ``<id>``, else itself."""
+        suffix = self._suffix
+        if suffix and name.endswith(suffix) and len(name) > len(suffix):
+            return name[:-len(suffix)]
+        return name
 
     def protocol_factory(self) -> TcpBridge:
         return _HttpBridge(self)

@@ -1,0 +1,103 @@
+"""Names and text at the HTTP ingress: a Host (or an absolute-form authority) to a tunnel id,
+visitor input escaped for logs and error bodies, and the ingress's own small answers."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any, Optional, Union
+
+__all__ = ["normalize_host", "printable", "parse_authority", "response", "is_health", "why_missing",
+           "ABSOLUTE_FORM", "PRINTABLE_LIMIT"]
+
+#: At most this many bytes of visitor input go into one log line or error body (escaped).
+PRINTABLE_LIMIT = 200
+
+
+def normalize_host(value: str) -> str:
+    """Host header to tunnel id: trim, drop the port (keep a bare IPv6 address), lower-case,
+    drop one trailing dot."""
+    host = value.strip()
+    if host.startswith("["):
+        end = host.find("]")
+        host = host[1:end] if end > 0 else host
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    host = host.lower()
+    if host.endswith("."):
+        host = host[:-1]
+    return host
+
+
+# -------------------------------------------------------------------- escaping visitor input
+
+_UNSAFE = re.compile(rb"[^\x20-\x5b\x5d-\x7e]")  # control bytes, DEL, non-ASCII and the backslash
+
+
+def _hex(m: "re.Match[bytes]") -> bytes:
+    return b"\\x%02x" % m[0][0]
+
+
+def printable(data: Union[bytes, bytearray, memoryview, str], limit: int = PRINTABLE_LIMIT) -> str:
+    """Visitor input for a log line or an error body: printable ASCII as it is, every other byte
+    (control bytes, DEL, non-ASCII, the backslash) as ``\\xNN``; at most ``limit`` input bytes,
+    then ``...``."""
+    raw = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else bytes(data)
+    cut = len(raw) > limit
+    if cut:
+        raw = raw[:limit]
+    text = _UNSAFE.sub(_hex, raw).decode("ascii")
+    return text + "..." if cut else text
+
+
+# -------------------------------------------------------------------- RFC 9112 checks
+
+#: reg-name / IPv4address of RFC 3986: unreserved, sub-delims and pct-encoded, at least one.
+_REG_NAME = re.compile(rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+")
+_IPV6 = re.compile(rb"[0-9A-Fa-f:.]+")
+#: The start of an absolute-form target: scheme "://" authority (up to "/", "?" or "#").
+ABSOLUTE_FORM = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)")
+
+
+def parse_authority(raw: bytes) -> Optional[str]:
+    """A Host field value or the authority of an absolute-form target to a tunnel id, or None when
+    it is invalid (RFC 9112 §3.2, RFC 3986 §3.2.2): empty, a character outside reg-name (so no
+    userinfo, no space, nothing raw), a bad IPv6 literal or a port that is not 0..65535."""
+    value = raw.strip(b" \t")
+    if value.startswith(b"["):
+        end = value.find(b"]")
+        if end < 0:
+            return None
+        literal, rest = value[1:end], value[end + 1:]
+        if not _IPV6.fullmatch(literal):
+            return None
+        try:
+            ipaddress.IPv6Address(literal.decode("ascii"))
+        except ValueError:
+            return None
+    else:
+        host, sep, port = value.partition(b":")
+        if not _REG_NAME.fullmatch(host):
+            return None
+        rest = sep + port
+    if rest:
+        port = rest[1:]
+        if rest[:1] != b":" or (port and (not port.isdigit() or len(port) > 5 or int(port) > 65535)):
+            return None
+    return normalize_host(value.decode("ascii"))
+
+
+def why_missing(registry: Any, tunnel_id: str) -> Optional[str]:
+    """Why a cluster registry found no route other than "no such tunnel" (Redis or the owning
+    node unreachable), or None."""
+    why = getattr(registry, "why_missing", None)
+    return why(tunnel_id) if why is not None else None
+
+def response(status: str, body: str) -> bytes:
+    data = body.encode("ascii", "backslashreplace")
+    return (f"HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {len(data)}\r\n"
+            f"Connection: close\r\n\r\n").encode() + data
+
+
+def is_health(path: bytes) -> bool:
+    return path == b"/health" or path.startswith(b"/health?")
