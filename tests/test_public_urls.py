@@ -308,7 +308,9 @@ def test_cli_prints_urls_with_a_domain(cleanup):
     assert lines == [f"Forwarding http://myapp.example.test:{hport} -> 127.0.0.1:{app}",
                      f"Forwarding tcp://example.test:{iport} -> 127.0.0.1:{app}",
                      f"Forwarding tcp://example.test:{iport2} -> 127.0.0.1:{app}"]
-    # the TCP ingress named with the id as the client spelled it reaches the app
+    # the printed URL's host name reaches the app (the Host a browser sends), and so does the TCP
+    # ingress named with the id as the client spelled it
+    assert "webapp" in _http_get(hport, f"myapp.example.test:{hport}")
     assert "webapp" in _http_get(iport2, "anything")
     assert cli.finish() == 0 and srv.finish() == 0
     assert TOKEN.encode() not in cli.out + cli.err + srv.out + srv.err

@@ -172,7 +172,7 @@ async def _serve(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     ingresses: List[Any] = [ft.TcpIngress(server, a, tunnel_id=t) for a, t in tcp_binds]
     if http_bind:
-        ingresses.append(ft.HttpIngress(server, http_bind))
+        ingresses.append(ft.HttpIngress(server, http_bind, domain=server.domain))
     metrics = None
     try:
         if node is not None:
