@@ -137,12 +137,12 @@ async def one_run(dest: str, mb: int, seconds: float) -> dict:
         while True:  # ready: a request through the tunnel is answered
             try:
                 r, w = await asyncio.open_connection("127.0.0.1", hport)
-                w.write(b"GET /small HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
-                if (await asyncio.wait_for(r.read(), 5)).startswith(b"HTTP/1.1 200"):
+                w.write(b"GET /small HTTP/1.1\r\nHost: web\r\n\r\n")
+                if (await asyncio.wait_for(r.readexactly(len(SMALL)), 5)) == SMALL:
                     w.close()
                     break
                 w.close()
-            except (OSError, asyncio.TimeoutError):
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
                 pass
             if time.monotonic() > deadline:
                 raise SystemExit("the tunnel did not come up")
@@ -199,8 +199,7 @@ def main() -> None:
         ab.build(dest, os.path.join(work, f"build-{tag}.log"))
         sides[tag] = (sha, dest)
         print(f"{tag}: {ref} ({sha[:10]}) in {dest}", flush=True)
-    runner = uvloop.new_event_loop
-    asyncio.run(_noop())  # nothing; the runs below each get a fresh loop
+    runner = uvloop.new_event_loop  # each run gets a fresh loop
     results = {"A": [], "B": []}
     order = [("A", "B") if i % 2 == 0 else ("B", "A") for i in range(args.pairs)]
     _run(runner, sides["A"][1], args)  # warm-up, discarded
@@ -216,10 +215,6 @@ def main() -> None:
         ratios = [y / x for x, y in zip(a, b)]
         print(f"{label:<26}{statistics.median(a):>12.0f}{statistics.median(b):>12.0f}"
               f"{statistics.median(ratios):>14.3f} ({min(ratios):.3f}..{max(ratios):.3f})")
-
-
-async def _noop() -> None:
-    return None
 
 
 def _run(runner, dest: str, args) -> dict:

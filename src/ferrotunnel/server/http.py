@@ -34,13 +34,14 @@ from ..aio.bridge import TcpBridge
 from ..aio.stream import VirtualStream
 from ..errors import ConnectionLostError, FerroTunnelError
 from ..frames import Protocol
-from .http1 import Chunked, HeadError, Request, ResponseTracker, check_partial, forwarded_head, parse_request
-from .http_names import ABSOLUTE_FORM, is_health, normalize_host, parse_authority, printable, response, why_missing
+from .http1 import (Chunked, HeadError, Request, ResponseTracker, check_partial, forwarded_head, forwarded_lines,
+                    parse_request)
+from .http_names import normalize_host, parse_authority, printable, response, route_name, why_missing
 from .ingress import Ingress
 from .registry import Route
 from .server import TunnelServer
 
-__all__ = ["HttpIngress", "normalize_host", "printable"]
+__all__ = ["HttpIngress", "normalize_host", "parse_authority", "printable"]
 
 log = logging.getLogger("ferrotunnel.http")
 
@@ -61,7 +62,7 @@ class _HttpBridge(TcpBridge):
 
     __slots__ = ("ingress", "_buf", "_state", "_left", "_chunked", "_tracker", "_tunnel", "_head_timer",
                  "_next", "_stash", "_visitor_eof", "_trusted", "_client", "_mark", "_request", "_leaving",
-                 "_fast", "_opened_once", "_partial", "_after")
+                 "_fast", "_opened_once", "_partial", "_after", "_seen")
 
     def __init__(self, ingress: "HttpIngress") -> None:
         super().__init__()
@@ -85,6 +86,7 @@ class _HttpBridge(TcpBridge):
         self._opened_once = False
         self._partial: Optional[Request] = None  # the parser of a head that is not complete yet
         self._after = _HEAD  # the state once the current request's body has passed
+        self._seen: Optional[Tuple[bytes, str, bytes]] = None
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -236,31 +238,25 @@ class _HttpBridge(TcpBridge):
             framing = req.body()
         except HeadError as exc:
             return self._wait(("reply", exc.status, exc.reason, head))
-        tunnel_id: Optional[str] = None
-        host = b""
-        if req.hosts:
-            host = req.hosts[0].strip(b" \t")
-            tunnel_id = parse_authority(host)
-            if tunnel_id is None:
-                return self._wait(("reply", "400 Bad Request", f"invalid Host header: {printable(host)}", head))
-        target = path = req.url
-        absolute = ABSOLUTE_FORM.match(target)
-        if absolute is not None:  # absolute-form: the target's authority wins over Host (RFC 9112 §3.2.2)
-            if absolute[1].lower() not in (b"http", b"https"):
-                return self._wait(("reply", "400 Bad Request", "unsupported scheme in the request target", head))
-            host = absolute[2]
-            tunnel_id = parse_authority(host)
-            if tunnel_id is None:
-                return self._wait(("reply", "400 Bad Request", f"invalid authority in the request target: "
-                                   f"{printable(host)}", head))
-            path = target[absolute.end():] or b"/"
-        health = is_health(path)
+        seen = self._seen  # the last request's Host, tunnel and X-Forwarded-* lines: most repeat them
+        if (seen is not None and req.hosts and req.hosts[0] == seen[0] and req.url[:1] == b"/" and not req.xff
+                and not req.xfp and not req.xfh and seen[1] == self._tunnel and not self._leaving
+                and self.stream is not None):
+            self._request = (req.method, req.url, seen[1])
+            out.append(head[:-2] + seen[2])
+            return self._sent(req, framing, out)
+        try:
+            tunnel_id, host, target, health = route_name(req)
+        except HeadError as exc:
+            return self._wait(("reply", exc.status, exc.reason, head))
         if tunnel_id is None:
             return self._wait(("reply", "200 OK", "ok", None) if health else
                               ("reply", "400 Bad Request", "missing Host header", head))
         tunnel_id = self.ingress.tunnel_for(tunnel_id)
         self._request = (req.method, target, tunnel_id)
         fwd = forwarded_head(head, req, self._client, host.decode("ascii"), self.ingress.scheme, self._trusted)
+        if target[:1] == b"/":
+            self._seen = (host, tunnel_id, forwarded_lines(self._client.encode(), self.ingress.scheme.encode(), host))
         if self.stream is not None and tunnel_id == self._tunnel and not self._leaving:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("http %s %s -> tunnel %s stream %d", printable(req.method), printable(target),

@@ -20,7 +20,7 @@ from typing import Any, Deque, List, Optional, Tuple
 
 import httptools
 
-__all__ = ["HeadError", "Request", "parse_request", "check_partial", "Chunked", "ResponseTracker", "forwarded_head",
+__all__ = ["HeadError", "Request", "parse_request", "check_partial", "Chunked", "ResponseTracker", "forwarded_head", "forwarded_lines",
            "head_end", "MAX_CHUNK_LINE", "MAX_TRAILERS", "MAX_RESPONSE_HEAD"]
 
 #: Longest chunk-size line (with extensions) and most trailer bytes accepted in a chunked body.
@@ -39,6 +39,13 @@ REQUEST_LINE = re.compile(rb"(?:\r\n)*[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTT
 #: An X-Forwarded-For/-Proto/-Host field line (with the CRLF before it).
 _XF_LINE = re.compile(rb"\r\nx-forwarded-(?:for|proto|host)[ \t]*:[^\r\n]*", re.IGNORECASE)
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+#: The request fields the ingress reads (name, value without the whitespace around it).
+_FIELDS = re.compile(rb"\r\n(host|content-length|transfer-encoding|upgrade|x-forwarded-(?:for|proto|host)):"
+                     rb"[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)", re.IGNORECASE)
+#: A response's status line and the fields that delimit its body.
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})[ \r]")
+_RESPONSE_FIELDS = re.compile(rb"\r\n(content-length|transfer-encoding)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)",
+                              re.IGNORECASE)
 
 
 class HeadError(Exception):
@@ -70,12 +77,10 @@ def head_end(data: bytes) -> int:
     return len(data) if end < 0 else end + 4
 
 
-class _Complete(Exception):
-    """Raised from on_headers_complete: llhttp stops at the end of the head."""
-
-
 class Request:
-    """One request head, as parsed: what routing, framing and forwarding need."""
+    """One request head, as parsed: what routing, framing and forwarding need. llhttp checks the
+    syntax (no Python callback per field: only the end of the head is reported); the few fields
+    the ingress needs are then found in the raw head by one regular expression."""
 
     __slots__ = ("url", "hosts", "upgrade", "te", "cl", "xff", "xfp", "xfh", "complete", "parser", "method",
                  "keep_alive")
@@ -94,31 +99,30 @@ class Request:
         self.keep_alive = True
         self.parser = httptools.HttpRequestParser(self)
 
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        n = name.lower()
-        if n == b"host":
-            self.hosts.append(value)
-        elif n == b"content-length":
-            self.cl.append(value)
-        elif n == b"transfer-encoding":
-            self.te.append(value)
-        elif n == b"upgrade":
-            if value.strip():
-                self.upgrade = True
-        elif n.startswith(b"x-forwarded-"):
-            if n == b"x-forwarded-for":
-                self.xff.append(value.strip(b" \t"))
-            elif n == b"x-forwarded-proto":
-                self.xfp.append(value.strip(b" \t"))
-            elif n == b"x-forwarded-host":
-                self.xfh.append(value.strip(b" \t"))
-
     def on_headers_complete(self) -> None:
-        self.complete = True
-        raise _Complete
+        self.complete = True  # read now: once the message is complete llhttp starts on the next one
+        self.keep_alive = self.parser.should_keep_alive()
+        self.method = self.parser.get_method()
+
+    def fields(self, head: bytes) -> None:
+        """Collect Host, Content-Length, Transfer-Encoding, Upgrade and X-Forwarded-* from a head
+        llhttp accepted (so every field line is ``name:value`` with a token name)."""
+        for name, value in _FIELDS.findall(head):
+            n = name.lower()
+            if n == b"host":
+                self.hosts.append(value)
+            elif n == b"content-length":
+                self.cl.append(value)
+            elif n == b"transfer-encoding":
+                self.te.append(value)
+            elif n == b"upgrade":
+                self.upgrade = self.upgrade or bool(value)
+            elif n == b"x-forwarded-for":
+                self.xff.append(value)
+            elif n == b"x-forwarded-proto":
+                self.xfp.append(value)
+            else:
+                self.xfh.append(value)
 
     def body(self) -> Any:
         """How the body is delimited: an int (Content-Length, 0 for none) or "chunked"; HeadError
@@ -147,9 +151,6 @@ def parse_request(head: bytes) -> Request:
     req = Request()
     try:
         req.parser.feed_data(head)
-    except httptools.HttpParserCallbackError:
-        if not req.complete:
-            raise HeadError("400 Bad Request", "malformed request head") from None
     except httptools.HttpParserUpgrade:
         pass
     except (httptools.HttpParserInvalidMethodError, httptools.HttpParserInvalidURLError):
@@ -167,10 +168,10 @@ def parse_request(head: bytes) -> Request:
     problem = head_violation(head)
     if problem is not None:
         raise HeadError("400 Bad Request", problem)
+    req.fields(head)
     if len(req.hosts) > 1:
         raise HeadError("400 Bad Request", "more than one Host header")
-    req.method = req.parser.get_method()
-    req.keep_alive = req.parser.should_keep_alive()
+    req.url = head.lstrip(b"\r\n").split(b" ", 2)[1]
     if req.method == b"CONNECT":
         req.upgrade = True
     return req
@@ -181,8 +182,6 @@ def check_partial(req: Request, data: bytes, head: bytes) -> None:
     it cannot become a valid one."""
     try:
         req.parser.feed_data(data)
-    except httptools.HttpParserCallbackError:
-        pass
     except httptools.HttpParserError:
         parse_request(head)  # raises the HeadError that says why
         raise HeadError("400 Bad Request", "malformed request head") from None
@@ -203,8 +202,12 @@ def forwarded_head(head: bytes, req: Request, client: str, host: str, proto: str
         xff, xfp, xfh = client.encode(), proto.encode(), host.encode()
     if req.xff or req.xfp or req.xfh:
         head = _XF_LINE.sub(b"", head)
-    return b"%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n\r\n" % (
-        head[:-2], xff, xfp, xfh)
+    return head[:-2] + forwarded_lines(xff, xfp, xfh)
+
+
+def forwarded_lines(xff: bytes, proto: bytes, host: bytes) -> bytes:
+    """The X-Forwarded-* field lines and the empty line that ends the head."""
+    return b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n\r\n" % (xff, proto, host)
 
 
 class Chunked:
@@ -279,27 +282,6 @@ class Chunked:
         return -1
 
 
-class _Status:
-    __slots__ = ("complete", "cl", "te", "parser")
-
-    def __init__(self) -> None:
-        self.complete = False
-        self.cl: List[bytes] = []
-        self.te: List[bytes] = []
-        self.parser = httptools.HttpResponseParser(self)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        n = name.lower()
-        if n == b"content-length":
-            self.cl.append(value)
-        elif n == b"transfer-encoding":
-            self.te.append(value)
-
-    def on_headers_complete(self) -> None:
-        self.complete = True
-        raise _Complete
-
-
 class ResponseTracker:
     """Follows the responses on one stream to the requests sent on it (``sent(method, upgrade)``).
     ``feed`` takes response bytes in order and returns how many of them belong to responses still
@@ -366,28 +348,25 @@ class ResponseTracker:
 
     def _head(self, data: Any, pos: int) -> int:
         before = len(self.head)
-        piece = bytes(data[pos:pos + MAX_RESPONSE_HEAD - before + 4])
-        self.head += piece
-        end = self.head.find(b"\r\n\r\n", max(0, before - 3))
+        end = -1
+        for window in (4096, MAX_RESPONSE_HEAD - before + 4):  # most heads are found in the first
+            piece = bytes(data[pos:pos + window])
+            end = (self.head + piece).find(b"\r\n\r\n", max(0, before - 3)) if before else piece.find(b"\r\n\r\n")
+            if end >= 0 or len(piece) < window:
+                break
         if end < 0:
+            self.head += piece
             if len(self.head) > MAX_RESPONSE_HEAD:
                 self.lost = True
             return pos + len(piece)
-        head = bytes(self.head[:end + 4])
+        head = bytes(self.head + piece[:end + 4 - before]) if before else piece[:end + 4]
         self.head = bytearray()
         used = end + 4 - before
-        st = _Status()
-        try:
-            st.parser.feed_data(head)
-        except httptools.HttpParserCallbackError:
-            pass
-        except httptools.HttpParserError:
+        m = _STATUS_LINE.match(head)
+        if m is None:
             self.lost = True
             return pos + used
-        if not st.complete:
-            self.lost = True
-            return pos + used
-        status = st.parser.get_status_code()
+        status = int(m[1])
         method, upgrade = self.pending[0] if self.pending else (b"", False)
         if 100 <= status < 200 and status != 101:
             return pos + used  # interim: the final answer follows
@@ -400,15 +379,20 @@ class ResponseTracker:
                 return pos + used
         if method == b"HEAD" or status in (204, 304) or 100 <= status < 200:
             self._done()
-        elif st.te:
-            codings = [c.strip(b" \t").lower() for c in b",".join(st.te).split(b",")]
+            return pos + used
+        cl: List[bytes] = []
+        te: List[bytes] = []
+        for name, value in _RESPONSE_FIELDS.findall(head):
+            (cl if name.lower() == b"content-length" else te).append(value)
+        if te:
+            codings = [c.strip(b" \t").lower() for c in b",".join(te).split(b",")]
             if codings[-1] == b"chunked":
                 self.chunked = Chunked()
                 self.state = self.CHUNKED
             else:
                 self.state = self.UNTIL_EOF
-        elif st.cl:
-            value = st.cl[0].strip(b" \t")
+        elif cl:
+            value = cl[0]
             if not value.isdigit() or len(value) > 18:
                 self.lost = True
                 return pos + used

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any, Optional, Union
+from typing import Any, Optional, Tuple, Union
 
-__all__ = ["normalize_host", "printable", "parse_authority", "response", "is_health", "why_missing",
+__all__ = ["normalize_host", "printable", "parse_authority", "response", "is_health", "why_missing", "route_name", "route_name",
            "ABSOLUTE_FORM", "PRINTABLE_LIMIT"]
 
 #: At most this many bytes of visitor input go into one log line or error body (escaped).
@@ -101,3 +101,30 @@ def response(status: str, body: str) -> bytes:
 
 def is_health(path: bytes) -> bool:
     return path == b"/health" or path.startswith(b"/health?")
+
+
+def route_name(req: Any) -> Tuple[Optional[str], bytes, bytes, bool]:
+    """Where a parsed request (``http1.Request``) goes: (the normalised name or None, the Host or
+    authority as sent, the target, whether its path is /health). An absolute-form target's
+    authority wins over Host (RFC 9112 §3.2.2). HeadError (400) for an invalid Host, authority or
+    scheme."""
+    from .http1 import HeadError
+
+    name: Optional[str] = None
+    host = b""
+    if req.hosts:
+        host = req.hosts[0]
+        name = parse_authority(host)
+        if name is None:
+            raise HeadError("400 Bad Request", f"invalid Host header: {printable(host)}")
+    target = path = req.url
+    absolute = ABSOLUTE_FORM.match(target)
+    if absolute is not None:
+        if absolute[1].lower() not in (b"http", b"https"):
+            raise HeadError("400 Bad Request", "unsupported scheme in the request target")
+        host = absolute[2]
+        name = parse_authority(host)
+        if name is None:
+            raise HeadError("400 Bad Request", f"invalid authority in the request target: {printable(host)}")
+        path = target[absolute.end():] or b"/"
+    return name, host, target, is_health(path)
