@@ -107,7 +107,12 @@ class Bench:
         self.nodes = {}
         for node in ("a", "b"):
             tun, ingress, link = e2e.free_port(), e2e.free_port(), e2e.free_port()
-            p = self._popen(cmd + ["server", "--bind", f"127.0.0.1:{tun}",
+            run = cmd
+            if node in (self.args.profile or ""):  # cProfile, written when the node exits (SIGTERM)
+                run = [sys.executable, "-m", "cProfile", "-o", os.path.join(self.dir, f"node-{node}.prof"),
+                       "-m", "ferrotunnel"]
+                print(f"profiling node {node} into {run[4]}", flush=True)
+            p = self._popen(run + ["server", "--bind", f"127.0.0.1:{tun}",
                                    "--tcp-bind", f"127.0.0.1:{ingress}={TUNNEL_ID}",
                                    "--node-id", node, "--node-bind", f"127.0.0.1:{link}",
                                    "--log-level", "warning"], f"node-{node}", env)
@@ -277,6 +282,8 @@ def main():
     ap.add_argument("--mb", type=int, default=1024, help="payload per bulk run in MB (10^6 bytes)")
     ap.add_argument("--rtt", type=int, default=20000, help="64-byte round trips per RTT run")
     ap.add_argument("--quick", action="store_true", help="128 MB bulk runs and 5,000 round trips")
+    ap.add_argument("--profile", default="", help="run these nodes (e.g. 'a', 'ab') under cProfile; the .prof "
+                    "files stay in the work directory")
     ap.add_argument("--python-load", action="store_true", help="Python backend and load generator (bench/e2e.py)")
     ap.add_argument("--json", help="write the per-round figures, medians, ratios and check to this file")
     args = ap.parse_args()
@@ -300,10 +307,12 @@ def main():
     except BaseException:
         print(f"logs of the nodes, client and backend kept in {workdir}", file=sys.stderr)
         raise
-    else:
-        shutil.rmtree(workdir)
     finally:
         bench.close()
+    if args.profile:
+        print(f"profiles kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
     summary = summarize(runs)
     print(report(summary))
     if args.json:
