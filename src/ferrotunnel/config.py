@@ -170,6 +170,20 @@ class ClientConfig(StreamConfig):
     #: Announce this package's extensions (flow control, reasons, drain, ...). False: only
     #: ``basic`` and ``tcp`` (and ``capabilities``), exactly what a Rust FerroTunnel client announces.
     extensions: bool = True
+    #: Ask the server for a public TCP port of this session's own (the ``remote-port/1``
+    #: extension): a port of the server's ``tcp_port_range``, or 0 for any free one of it. The
+    #: handshake is refused, with the reason, when the server cannot give it (outside the range,
+    #: taken, no range; a server without the extension). None: ask for none.
+    remote_port: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.remote_port is not None:
+            if isinstance(self.remote_port, bool) or not isinstance(self.remote_port, int) \
+                    or not 0 <= self.remote_port <= 65535:
+                raise ValueError(f"remote_port must be a port in 0..65535 (0: any free port), got {self.remote_port!r}")
+            if not self.extensions:
+                raise ValueError("remote_port needs extensions=True (it travels in a negotiated extension)")
 
 
 @dataclass(frozen=True)

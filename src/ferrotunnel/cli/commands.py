@@ -15,7 +15,7 @@ import sys
 import textwrap
 from typing import Any, List, Optional, Sequence, Tuple
 
-from .common import UsageError, env, env_flag, existing_file, parse_addr
+from .common import UsageError, env, env_flag, existing_file, parse_addr, parse_port_flag, parse_port_range_flag
 from .cluster import CLUSTER_HELP, ClusterUsageError, add_cluster_args, cluster_config
 from .secrets import TOKEN_HELP, hide_token, token_from_args
 
@@ -154,6 +154,7 @@ async def _serve(args: argparse.Namespace) -> int:
         tcp_binds.append((parse_addr(addr, "--tcp-bind"), tid.lower() or None))  # ids are claimed in lower case
     domain, public_host, public_http_port = public_flags(args)
     http_bind = parse_addr(args.http_bind, "--http-bind") if args.http_bind else None
+    port_range = parse_port_range_flag(args.tcp_port_range, "--tcp-port-range")
     metrics_bind = parse_addr(args.metrics_bind, "--metrics-bind") if args.metrics else None
 
     try:
@@ -167,7 +168,8 @@ async def _serve(args: argparse.Namespace) -> int:
         node = ClusterNode(*cluster)
     try:
         server = ft.TunnelServer(bind, token, tls=ctx, config=server_config(args.trusted_proxy),
-                                 registry=node.registry if node else None, domain=domain)
+                                 registry=node.registry if node else None, domain=domain, tcp_port_range=port_range,
+                                 tcp_port_host=args.tcp_port_host or None, tcp_port_public_host=public_host)
     except ValueError as exc:  # a bad --trusted-proxy CIDR
         raise UsageError(str(exc)) from None
     ingresses: List[Any] = [ft.TcpIngress(server, a, tunnel_id=t) for a, t in tcp_binds]
@@ -203,6 +205,8 @@ async def _serve(args: argparse.Namespace) -> int:
         by_host = f"by Host header (ID.{server.domain} or ID)" if server.domain else "by Host header"
         target = getattr(ing, "tunnel_id", None) or (by_host if kind == "HTTP" else "first tcp client")
         print(f"{kind} ingress on {format_address(*ing.address)} -> {target}", flush=True)
+    if port_range is not None:
+        print(f"TCP ports on request on {server.ports.describe()} -> the client that asks (--remote-port)", flush=True)
     if metrics is not None:
         print(f"metrics on http://{metrics.address[0]}:{metrics.address[1]}/metrics", flush=True)
     await _until_signal()
@@ -251,9 +255,10 @@ async def _connect(args: argparse.Namespace) -> int:
         raise UsageError("--server HOST:PORT is required (or FERROTUNNEL_SERVER)")
     parse_addr(args.server, "--server")
     local = parse_addr(args.local_addr, "--local-addr")
+    remote_port = parse_port_flag(args.remote_port, "--remote-port")
     ctx = _client_tls(args)
-    client = ft.TunnelClient(args.server, token, tunnel_id=args.tunnel_id, tls=ctx,
-                             server_name=args.tls_server_name, config=ft.ClientConfig(local_addr=local))
+    client = ft.TunnelClient(args.server, token, tunnel_id=args.tunnel_id, tls=ctx, server_name=args.tls_server_name,
+                             config=ft.ClientConfig(local_addr=local, remote_port=remote_port))
 
     def connected(session: Any) -> None:
         # "connected to ADDR: session ID" is part of the output contract
@@ -370,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tcp-bind", action="append", metavar="ADDR[=TUNNEL_ID]",
                    default=[x for x in (env("FERROTUNNEL_TCP_BIND") or "").split(",") if x],
                    help="TCP ingress; repeatable; without =TUNNEL_ID the first tcp client gets it")
+    s.add_argument("--tcp-port-range", default=env("FERROTUNNEL_TCP_PORT_RANGE"), metavar="LO-HI",
+                   help="ports clients may ask for (client --remote-port), each a TCP ingress of its own while the "
+                        "client is connected (off unless given)")
+    s.add_argument("--tcp-port-host", default=env("FERROTUNNEL_TCP_PORT_HOST"), metavar="HOST",
+                   help="where those ports are bound (default: the host of --bind)")
     s.add_argument("--tls-cert", default=env("FERROTUNNEL_TLS_CERT"))
     s.add_argument("--tls-key", default=env("FERROTUNNEL_TLS_KEY"))
     s.add_argument("--tls-ca", default=env("FERROTUNNEL_TLS_CA"), help="require client certificates signed by this CA")
@@ -392,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--local-addr", default=env("FERROTUNNEL_LOCAL_ADDR", "127.0.0.1:8000"))
     c.add_argument("--tunnel-id", default=env("FERROTUNNEL_TUNNEL_ID"),
                    help="the name to route by (HTTP Host, or =TUNNEL_ID on a TCP ingress)")
+    c.add_argument("--remote-port", default=env("FERROTUNNEL_REMOTE_PORT"), metavar="N",
+                   help="ask the server for public TCP port N of its --tcp-port-range (0: any free one) for this "
+                        "tunnel while connected")
     c.add_argument("--tls", action="store_true", default=env_flag("FERROTUNNEL_TLS"))
     c.add_argument("--tls-ca", default=env("FERROTUNNEL_TLS_CA"))
     c.add_argument("--tls-server-name", default=env("FERROTUNNEL_TLS_SERVER_NAME"))

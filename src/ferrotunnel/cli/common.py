@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Tuple
 
-__all__ = ["UsageError", "env", "env_flag", "parse_addr", "existing_file"]
+__all__ = ["UsageError", "env", "env_flag", "parse_addr", "existing_file", "parse_port_range_flag", "parse_port_flag"]
 
 
 class UsageError(Exception):
@@ -34,3 +34,24 @@ def existing_file(path: Optional[str], what: str) -> Optional[str]:
     if path is not None and not os.path.isfile(path):
         raise UsageError(f"{what} file not found: {path}")
     return path
+
+
+def parse_port_range_flag(text: Optional[str], what: str) -> Optional[Tuple[int, int]]:
+    """``LO-HI`` as ``(LO, HI)`` (None when not given); UsageError for a bad one."""
+    from ..server.ingress import parse_port_range
+
+    if text is None:
+        return None
+    try:
+        return parse_port_range(text)
+    except ValueError as exc:
+        raise UsageError(f"{what}: {exc}") from None
+
+
+def parse_port_flag(text: Optional[str], what: str) -> Optional[int]:
+    """A port in 0..65535 (None when not given); UsageError for anything else."""
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit() and len(text) <= 5 and int(text) <= 65535):
+        raise UsageError(f"{what} must be a port in 0..65535 (0: any free port of the server's range), got {text!r}")
+    return int(text)

@@ -236,6 +236,13 @@ class TunnelClient:
             return ()
         return conn.core.public_urls
 
+    @property
+    def remote_port(self) -> Optional[int]:
+        """The public TCP port the server gave the live session (``ClientConfig(remote_port=)``);
+        None while not connected and when none was asked for."""
+        conn = self._conn
+        return conn.core.negotiated.get("remote_port") if conn is not None and conn.opened and not conn.closed else None
+
     def report_public_urls(self, conn: ClientConnection) -> None:
         """Hand ``conn``'s public URLs to ``connect_and_run``'s ``on_public_urls`` (once they are
         known and while ``conn`` is the live connection)."""

@@ -13,11 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..config import StreamConfig
+from ..config import ClientConfig, StreamConfig
 from .flow import FLOW_PLUGIN_ID, flow_capability, parse_flow_capability
+from .remoteport import REMOTE_PORT_CAPABILITY, parse_remote_port, remote_port_capability
 
 __all__ = ["Extension", "EXTENSIONS", "EXT_CAPABILITY", "REASON_CAPABILITY", "DRAIN_CAPABILITY", "DRAIN_PLUGIN_ID",
-           "PUBLIC_URLS_CAPABILITY", "PUBLIC_URLS_PLUGIN_ID", "Negotiated",
+           "PUBLIC_URLS_CAPABILITY", "PUBLIC_URLS_PLUGIN_ID", "REMOTE_PORT_CAPABILITY", "Negotiated",
            "client_capabilities", "server_capabilities", "negotiate", "plugin_handlers", "keep_capabilities",
            "BASE_CLIENT_CAPABILITIES", "BASE_SERVER_CAPABILITIES", "MAX_CAPABILITIES", "MAX_CAPABILITY_LEN"]
 
@@ -75,6 +76,18 @@ def _flow_agree(config: StreamConfig, peer: Sequence[str]) -> Optional[int]:
     return parse_flow_capability(peer) if config.flow_control else None
 
 
+def _remote_port_announce(config: StreamConfig) -> Optional[str]:
+    port = config.remote_port if isinstance(config, ClientConfig) else None
+    return remote_port_capability(port) if port is not None else None
+
+
+def _remote_port_agree(config: StreamConfig, peer: Sequence[str]) -> Optional[int]:
+    # client: the port the server granted (only when one was asked for); server: the port asked for
+    if isinstance(config, ClientConfig) and config.remote_port is None:
+        return None
+    return parse_remote_port(peer)
+
+
 EXTENSIONS: Tuple[Extension, ...] = (
     # The peer is this package: it accepts client-opened streams, answers server heartbeats and
     # reads Error{stream_id} as a stream reset.
@@ -91,6 +104,10 @@ EXTENSIONS: Tuple[Extension, ...] = (
     # where visitors reach this session's tunnel (see publicurls.py); the client prints them.
     Extension("public_urls", _always(PUBLIC_URLS_CAPABILITY), _always(PUBLIC_URLS_CAPABILITY),
               _has(PUBLIC_URLS_CAPABILITY), PUBLIC_URLS_PLUGIN_ID, "on_public_urls"),
+    # Ports on request (see remoteport.py): a client announces "remote-port/1=N" only when it asks
+    # for a port; a server that bound one answers "remote-port/1=PORT" in its ack (never announced
+    # otherwise). The value is the port asked for (server) or the port granted (client).
+    Extension("remote_port", _remote_port_announce, _never, _remote_port_agree),
 )
 
 

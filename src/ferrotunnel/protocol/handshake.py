@@ -204,13 +204,15 @@ class ServerHandshake:
         self._answered = True
         return self.request
 
-    def accept(self, session_id: Optional[uuid.UUID] = None) -> bytes:
-        """The Success ack (a fresh session id when none is given); sets ``negotiated``."""
+    def accept(self, session_id: Optional[uuid.UUID] = None, extra_capabilities: Sequence[str] = ()) -> bytes:
+        """The Success ack (a fresh session id when none is given); sets ``negotiated``.
+        ``extra_capabilities`` answer this client's requests (e.g. the port granted by the
+        ports-on-request extension, which only a client that asked for one gets)."""
         req = self._answer()
         self.session_id = session_id or uuid.uuid4()
         self.negotiated = negotiate(self.config, req.capabilities)
         return encode(HandshakeAck(self.session_id, HandshakeStatus.SUCCESS, PROTOCOL_VERSION,
-                                   server_capabilities(self.config)))
+                                   server_capabilities(self.config) + list(extra_capabilities)))
 
     def reject(self, status: HandshakeStatus, reason: Optional[str] = None) -> bytes:
         """The refusal ack. The reason travels only to a client that announced it understands one."""
@@ -269,8 +271,13 @@ class ClientHandshake:
         caps = tuple(ack.server_capabilities)
         if ack.status != HandshakeStatus.SUCCESS:
             raise _refusal(ack.status, _reason(caps))
-        self.result = HandshakeResult(ack.session_id, ack.version, keep_capabilities(caps),
-                                      negotiate(self.config, caps) if self.config.extensions else Negotiated({}))
+        negotiated = negotiate(self.config, caps) if self.config.extensions else Negotiated({})
+        if self.config.remote_port is not None and "remote_port" not in negotiated:
+            # the server (a Rust one, or one of an older version) accepted without the port asked for
+            raise HandshakeError(f"the server does not give ports on request (remote port {self.config.remote_port} "
+                                 "asked for): it needs --tcp-port-range and a ferrotunnel version that supports it",
+                                 ack.status, None)
+        self.result = HandshakeResult(ack.session_id, ack.version, keep_capabilities(caps), negotiated)
 
 
 #: In a refusal's reason, "retry-after=SECONDS" asks the client to try again that soon (at most

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
-from typing import Any, Awaitable, Callable, Dict, Optional, Tuple, Union
+import random
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, Optional, Tuple, Union
 
 from ..aio.bridge import IdleSweeper, TcpBridge
 from ..aio.listen import Listener, listen
@@ -12,10 +14,14 @@ from ..aio.stream import VirtualStream
 from ..aio.transport import bound_address
 from ..errors import FerroTunnelError
 from ..frames import Protocol, StreamPriority
+from ..protocol.remoteport import remote_port_capability
+from .public import PublicEndpoint
 from .registry import Route, first_with_capability
-from .server import TunnelServer
 
-__all__ = ["TcpIngress", "Ingress", "Opened"]
+if TYPE_CHECKING:  # the server makes the ingresses of ports on request (PortLeases): no import cycle
+    from .server import TunnelServer
+
+__all__ = ["TcpIngress", "Ingress", "Opened", "PortLeases", "PortUnavailable", "parse_port_range"]
 
 #: What ``Ingress.open_stream`` reports: the route (None: no tunnel) and the stream, or why not.
 Opened = Callable[[Optional[Route], Union[VirtualStream, FerroTunnelError, None]], None]
@@ -201,3 +207,128 @@ class TcpIngress(Ingress):
         if tunnel_id is None:  # the first local session that offers tcp
             return first_with_capability(self.server.registry, "tcp")
         return super().lookup(tunnel_id)
+
+
+class PortUnavailable(Exception):
+    """A port asked for cannot be given; the message is the reason the client is told."""
+
+
+def parse_port_range(text: str) -> Tuple[int, int]:
+    """``"LO-HI"`` (or one port ``"N"``) as ``(LO, HI)``; ValueError unless 1 <= LO <= HI <= 65535."""
+    lo, sep, hi = text.strip().partition("-")
+    if not (lo.strip().isdigit() and (hi.strip().isdigit() or not sep)) or len(text) > 20:
+        raise ValueError(f"a port range is LO-HI, e.g. 20000-20100, got {text!r}")
+    return check_port_range((int(lo), int(hi) if sep else int(lo)))
+
+
+def check_port_range(port_range: Tuple[int, int]) -> Tuple[int, int]:
+    lo, hi = (int(x) for x in port_range)
+    if not 1 <= lo <= hi <= 65535:
+        raise ValueError(f"a port range needs 1 <= LO <= HI <= 65535, got {lo}-{hi}")
+    return lo, hi
+
+
+class PortLeases:
+    """Public TCP ports given to sessions on request (the ``remote-port/1`` extension): each leased
+    port is a ``TcpIngress`` for its session's tunnel id, bound on ``host``, for as long as the
+    session lives; ``release`` closes its listening socket at once, so the port is free again.
+    ``public_host`` (default: ``host``) is what the ``tcp://`` URL told to the client shows.
+    Without a ``port_range`` every request is refused (the server has no ports to give)."""
+
+    #: Binds tried, at most, when any free port of the range is asked for.
+    MAX_TRIES = 64
+
+    def __init__(self, server: "TunnelServer", port_range: Optional[Tuple[int, int]], host: str,
+                 public_host: Optional[str] = None) -> None:
+        self.server = server
+        self.range = check_port_range(port_range) if port_range is not None else None
+        self.host = host
+        self.public_host = public_host or host
+        self.ingresses: Dict[int, Optional[TcpIngress]] = {}  # by port; None while it is being bound
+        self.ports: Dict[Any, int] = {}  # by session
+        self._closing: "set[asyncio.Task[None]]" = set()
+
+    def describe(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.range[0]}-{self.range[1]}" if self.range else "none"
+
+    def refusal(self, port: Optional[int]) -> Optional[str]:
+        """Why ``port`` (0: any; None: no request) cannot be asked for at all; None if it may be."""
+        if port is None:
+            return None
+        if self.range is None:
+            return "this server gives no ports on request (it has no --tcp-port-range)"
+        lo, hi = self.range
+        if port and not lo <= port <= hi:
+            return f"remote port {port} is outside this server's range {lo}-{hi}"
+        return None
+
+    def endpoints(self) -> Tuple[PublicEndpoint, ...]:
+        """One tcp endpoint per leased port, routed to its tunnel id."""
+        return tuple(PublicEndpoint("tcp", self.public_host, port, ing.tunnel_id)
+                     for port, ing in self.ingresses.items() if ing is not None)
+
+    async def grant(self, session: Any, port: Optional[int], replaced: Any = None) -> Tuple[str, ...]:
+        """What the ack adds for ``session``, which asked for ``port`` (None: nothing): the port's
+        ``remote-port/1`` capability once it is bound. ``replaced`` (the session the new one
+        replaces) gives its port back first, so a reconnecting client may have the same port."""
+        if replaced is not None:
+            self.release(replaced)
+        if port is None:
+            return ()
+        return (remote_port_capability(await self.lease(session, port)),)
+
+    async def lease(self, session: Any, port: int) -> int:
+        """Bind ``port`` (0: any free one of the range) for ``session``; the port bound, or
+        PortUnavailable with the reason."""
+        why = self.refusal(port)
+        if why is not None or self.range is None:
+            raise PortUnavailable(why)
+        if port:
+            return await self._bind(session, port)
+        lo, hi = self.range
+        free = [p for p in range(lo, hi + 1) if p not in self.ingresses]
+        start = random.randrange(len(free)) if free else 0
+        for p in (free[start:] + free[:start])[:self.MAX_TRIES]:
+            try:
+                return await self._bind(session, p)
+            except PortUnavailable:
+                continue
+        raise PortUnavailable(f"no free port in this server's range {lo}-{hi}")
+
+    async def _bind(self, session: Any, port: int) -> int:
+        if port in self.ingresses:
+            raise PortUnavailable(f"remote port {port} is taken by another tunnel")
+        self.ingresses[port] = None  # reserved while the bind awaits
+        ingress = TcpIngress(self.server, (self.host, port), tunnel_id=session.tunnel_id)
+        try:
+            await ingress.start()
+        except OSError as exc:
+            del self.ingresses[port]
+            taken = exc.errno == errno.EADDRINUSE
+            log.info("remote port %s for tunnel %s: %s", port, session.tunnel_id, exc)
+            raise PortUnavailable(f"remote port {port} is taken" if taken else
+                                  f"remote port {port} cannot be bound ({exc.strerror or exc})") from None
+        self.ingresses[port] = ingress
+        self.ports[session] = port
+        log.info("remote port %s leased to tunnel %s (session %s)", port, session.tunnel_id, session.id)
+        return port
+
+    def release(self, session: Any) -> None:
+        """``session`` ended (closed, replaced, or the server is closing): its port is free now."""
+        port = self.ports.pop(session, None)
+        ingress = self.ingresses.pop(port, None) if port is not None else None
+        if ingress is None:
+            return
+        ingress.stop_listening()  # the socket closes now; accepted connections end with their streams
+        log.info("remote port %s of tunnel %s released", port, session.tunnel_id)
+        task = asyncio.get_running_loop().create_task(ingress.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        """Release every port and wait (briefly) for their ingresses to close."""
+        for session in list(self.ports):
+            self.release(session)
+        if self._closing:
+            await asyncio.wait(list(self._closing), timeout=2.0)

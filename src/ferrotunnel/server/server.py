@@ -26,6 +26,8 @@ from ..aio.tlsbio import ServerTls
 from ..aio.transport import Transport, bound_address, resolve_transport
 from ..protocol.core import SessionCore
 from ..protocol.handshake import HandshakeRequest, ServerHandshake
+from ..protocol.remoteport import parse_remote_port
+from .ingress import PortLeases, PortUnavailable
 from .public import DNS_LABEL_RULE, PublicEndpoint, is_dns_label, normalize_domain, public_urls
 from .registry import LocalRegistry, SessionRegistry, SessionStore
 from .throttle import AuthThrottle
@@ -138,10 +140,10 @@ class ServerConnection(TunnelConnection):
         self.end_pending()
         self.close()  # the transport flushes the ack first
 
-    def accept(self, session: Session) -> SessionCore:
+    def accept(self, session: Session, extra_capabilities: Sequence[str] = ()) -> SessionCore:
         hs = self.handshake
         # the ack goes out before the session is routable, so no OpenStream can precede it
-        self.send_raw(hs.accept(session.id))
+        self.send_raw(hs.accept(session.id, extra_capabilities))
         self.end_pending()
         assert hs.negotiated is not None
         cfg = self.server.config
@@ -165,12 +167,17 @@ class TunnelServer:
     ``domain`` (visitors reach ``ID.DOMAIN``) an id that cannot be a DNS label is refused.
     ``public_endpoints`` (assignable once the ingresses are bound) say where visitors arrive;
     each client that negotiated ``public-urls/1`` is told its URLs after the handshake.
+    ``tcp_port_range=(LO, HI)`` gives ports on request: a client that asks (``remote-port/1``,
+    ``ClientConfig(remote_port=)``) gets a ``TcpIngress`` of its own on ``tcp_port_host`` (default:
+    the host of ``address``) for the life of its session (``ports``; ``tcp_port_public_host`` is
+    what its URL shows); a port outside the range or taken, or any without a range, is refused.
     """
 
     def __init__(self, address: Tuple[str, int], token: str, *, tls: Union[None, ssl.SSLContext, Transport] = None,
                  config: ServerConfig = ServerConfig(), stream_handler: Optional[StreamHandler] = None,
                  registry: Optional[SessionRegistry] = None, domain: Optional[str] = None,
-                 public_endpoints: Sequence[PublicEndpoint] = ()) -> None:
+                 public_endpoints: Sequence[PublicEndpoint] = (), tcp_port_range: Optional[Tuple[int, int]] = None,
+                 tcp_port_host: Optional[str] = None, tcp_port_public_host: Optional[str] = None) -> None:
         try:
             validate_token_format(token)
         except TokenFormatError as exc:
@@ -180,6 +187,8 @@ class TunnelServer:
         self.public_endpoints: Tuple[PublicEndpoint, ...] = tuple(public_endpoints)
         self._token = token
         self._bind = address
+        #: Ports on request (without a ``tcp_port_range`` every request is refused).
+        self.ports = PortLeases(self, tcp_port_range, tcp_port_host or address[0], tcp_port_public_host)
         self.config = config
         self.transport: Transport = resolve_transport(tls)
         self.stream_handler = stream_handler
@@ -338,6 +347,10 @@ class TunnelServer:
         if self.domain and not is_dns_label(tunnel_id):  # not retryable: the client stops and says why
             return fail(HandshakeStatus.UNSUPPORTED_VERSION, f"tunnel id {(req.tunnel_id or '')[:70]!r} cannot be "
                         f"a DNS label under {self.domain} ({DNS_LABEL_RULE}): choose another tunnel id", count=False)
+        wanted = parse_remote_port(req.capabilities)  # ports on request: checked before the id is claimed
+        why = self.ports.refusal(wanted)
+        if why:
+            return fail(HandshakeStatus.UNSUPPORTED_VERSION, why, count=False)
         live = len(self.registry.local_sessions())
         if live >= cfg.max_sessions:
             return fail(HandshakeStatus.RATE_LIMITED, f"{live} sessions (max_sessions)", count=False)
@@ -357,11 +370,21 @@ class TunnelServer:
             log.info("tunnel %s: replacing stale session %s with a new connection from %s",
                      tunnel_id, claim.replaced.id, peer)
             claim.replaced.close(ConnectionLostError("replaced by a new connection for the same tunnel id"))
+        try:  # a port on request is bound now, for the life of the session
+            granted = await self.ports.grant(session, wanted, claim.replaced)
+        except PortUnavailable as exc:
+            await self.registry.release(tunnel_id, session)
+            return fail(HandshakeStatus.UNSUPPORTED_VERSION, str(exc), count=False)
+        if conn.closed:  # gone while the port was bound
+            self.ports.release(session)
+            await self.registry.release(tunnel_id, session)
+            return None
         try:
-            core = conn.accept(session)
+            core = conn.accept(session, granted)
         except Exception:  # a bug must not leave the tunnel id claimed by a connection that is gone
             log.exception("handshake from %s failed after the tunnel id was claimed", peer)
             self.registry.session_ended(session)
+            self.ports.release(session)
             conn.close()
             return None
         urls = self.public_urls(tunnel_id, req.capabilities)
@@ -374,8 +397,10 @@ class TunnelServer:
         return None
 
     def public_urls(self, tunnel_id: str, capabilities: Tuple[str, ...] = ("tcp",)) -> Tuple[str, ...]:
-        """Where visitors reach ``tunnel_id`` through ``public_endpoints`` (see ``public.public_urls``)."""
-        return public_urls(self.public_endpoints, tunnel_id.lower(), capabilities, self.domain)
+        """Where visitors reach ``tunnel_id`` through ``public_endpoints`` and its ports on request
+        (see ``public.public_urls``)."""
+        endpoints = self.public_endpoints + self.ports.endpoints()
+        return public_urls(endpoints, tunnel_id.lower(), capabilities, self.domain)
 
     def _is_stale(self, session: Session) -> bool:
         if session.is_closed:
@@ -388,6 +413,7 @@ class TunnelServer:
         if not conn.opened:
             return
         session = conn.session
+        self.ports.release(session)
         st = session.stats()
         for i, v in enumerate((st.frames_in, st.bytes_in, st.frames_out, st.bytes_out)):
             self.totals_closed[i] += v
@@ -422,6 +448,7 @@ class TunnelServer:
         err = ConnectionLostError("the tunnel server is shutting down")
         for conn in list(self._connections):
             conn.close(err)
+        await self.ports.close()
         if self._server is not None:
             try:
                 async with asyncio.timeout(1.0):
