@@ -167,6 +167,29 @@ def test_a_specific_free_port_and_its_reuse_after_release(run):
     run(body)
 
 
+def test_a_replaced_session_gives_its_port_to_the_new_one(run):
+    """A client that reconnects while the server still holds its old (stale) session gets the
+    same port at once: the replaced session's port is released before the new one is bound."""
+    async def body():
+        lo, hi = free_range(2)
+        cfg = ft.ServerConfig(stale_session_after=0.2)
+        async with ft.TunnelServer(("127.0.0.1", 0), TOK, config=cfg, tcp_port_range=(lo, hi)) as server:
+            slow = ft.BackoffConfig(base=30.0)  # the old client must not come back during the test
+            old, task, _ = await _start(server, "db", ft.ClientConfig(remote_port=lo, backoff=slow))
+            first = server.sessions.get_by_tunnel_id("db")
+            await asyncio.sleep(0.4)  # no heartbeat for a while: the old session counts as stale
+            new, task2, seen = await _start(server, "db", ft.ClientConfig(remote_port=lo))
+            assert new.remote_port == lo and seen == [(f"tcp://127.0.0.1:{lo}",)]
+            second = server.sessions.get_by_tunnel_id("db")
+            assert second is not first and server.ports.ports == {second: lo}
+            await _stop(task)
+            assert await _echo_through(lo, b"new") == b"new"
+            await _stop(task2)
+            await _released(lo)
+
+    run(body)
+
+
 def test_ports_are_released_when_the_server_closes(run):
     async def body():
         lo, hi = free_range(2)
