@@ -309,3 +309,93 @@ def test_the_response_tracker_counts_answers_wherever_they_are_split():
     t.sent(b"GET", False)
     t.feed(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
     assert not t.idle  # delimited by the stream's end
+
+
+def test_a_repeated_head_is_forwarded_like_the_first_and_routed_by_its_host(run):
+    """Heads taken by the quick way (a plain head in a read of its own, the last Host again) reach
+    the app exactly as the first did; a repeat for another Host, or with X-Forwarded-*, or with a
+    second Host, takes the general way."""
+    async def body():
+        async with two_tunnels() as (ing, apps):
+            r, w = await asyncio.open_connection(*ing.address)
+            for _ in range(4):
+                w.write(get("web", "/same"))
+                assert (await response(r))[1] == b"web GET /same "
+            w.write(get("api", "/same"))
+            assert (await response(r))[1] == b"api GET /same "
+            for _ in range(2):
+                w.write(get("web", "/same"))
+                assert (await response(r))[1] == b"web GET /same "
+            w.write(get("web", "/same", "X-Forwarded-For: 10.9.9.9\r\n"))
+            assert (await response(r))[1] == b"web GET /same "
+            w.write(get("web", "/same", "Host: api\r\n"))
+            line, _ = await response(r)
+            assert line == b"HTTP/1.1 400 Bad Request"
+            w.close()
+            heads = apps["web"].heads
+            assert len(heads) == 7 and len(set(heads[:6])) == 1, heads
+            assert heads[0].endswith(b"\r\nHost: web\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\n"
+                                     b"X-Forwarded-Host: web\r\n\r\n"), heads[0]
+            assert b"10.9.9.9" not in heads[6] and heads[6].count(b"X-Forwarded-For") == 1
+            assert apps["api"].heads == [heads[0].replace(b"web", b"api")]
+    run(body)
+
+
+def test_plain_heads_parse_as_llhttp_does():
+    """parse_plain (no llhttp) takes only heads llhttp takes, and reads them the same way."""
+    import pytest
+
+    from ferrotunnel.server.http1 import HeadError, parse_plain, parse_request_llhttp
+
+    plain = [b"GET / HTTP/1.1\r\nHost: web\r\n\r\n", b"GET /a?b=c&d=%41;x HTTP/1.0\r\nHost: web\r\n\r\n",
+             b"POST /p HTTP/1.1\r\nHost: web:80\r\ncontent-LENGTH:  12 \r\nX-A:\r\n\r\n",
+             b"HEAD /h HTTP/1.1\r\nhost: WEB\r\nX-Forwarded-For: 1.2.3.4\r\nx-forwarded-proto: https\r\n"
+             b"X-Forwarded-Host: a\r\nAccept: */*\r\nUser-Agent: x y\t z\r\n\r\n",
+             b"DELETE /d HTTP/1.1\r\n\r\n", b"OPTIONS /o HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+             b"PUT /u HTTP/1.1\r\nHost: web\r\nContent-Length: 0\r\n\r\n", b"PATCH /~ HTTP/1.1\r\nHost: w\r\n\r\n"]
+    other = [b"GET * HTTP/1.1\r\nHost: web\r\n\r\n", b"GET http://web/ HTTP/1.1\r\n\r\n",
+             b"CONNECT web:80 HTTP/1.1\r\nHost: web\r\n\r\n", b"BREW / HTTP/1.1\r\nHost: web\r\n\r\n",
+             b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+             b"GET / HTTP/1.0\r\nHost: web\r\nConnection: keep-alive\r\n\r\n",
+             b"GET / HTTP/1.1\r\nHost: web\r\nProxy-Connection: close\r\n\r\n",
+             b"GET /ws HTTP/1.1\r\nHost: web\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+             b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n",
+             b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+             b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: x\r\n\r\n",
+             b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 1234567890123456789\r\n\r\n",
+             b"GET / HTTP/1.1\r\nHost : web\r\n\r\n", b"GET / HTTP/1.1\r\nHost: web\r\n x\r\n\r\n",
+             b"GET / HTTP/2.0\r\nHost: web\r\n\r\n", b"GET /a b HTTP/1.1\r\nHost: web\r\n\r\n",
+             b"GET /\xff HTTP/1.1\r\nHost: web\r\n\r\n", b"GET / HTTP/1.1\r\nHost: w\xffb\r\n\r\n",
+             b"GET / HTTP/1.1\r\nHost: web\r\nX: a\x00b\r\n\r\n", b"GET / HTTP/1.1\nHost: web\r\n\r\n",
+             b"\r\nGET / HTTP/1.1\r\nHost: web\r\n\r\n", b"GET /#f HTTP/1.1\r\nHost: web\r\n\r\n"]
+    attrs = ("url", "hosts", "upgrade", "te", "cl", "xff", "xfp", "xfh", "method", "keep_alive")
+    for head in plain + other:
+        try:
+            req = parse_plain(b"xx" + head + b"yy", 2, len(head) + 2)
+        except HeadError as exc:
+            with pytest.raises(HeadError, match=exc.reason):
+                parse_request_llhttp(head)
+            continue
+        assert (req is not None) == (head in plain), head
+        if req is not None:
+            ref = parse_request_llhttp(head)
+            assert [getattr(req, a) for a in attrs] == [getattr(ref, a) for a in attrs], head
+            assert req.body() == ref.body()
+
+
+def test_a_repeated_response_head_is_read_as_the_first_for_the_request_it_answers():
+    from ferrotunnel.server.http1 import ResponseTracker
+
+    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n"
+    t = ResponseTracker()
+    for method, upgrade, body in ((b"GET", False, b"abc"), (b"GET", False, b"abc"), (b"HEAD", False, b""),
+                                  (b"POST", False, b"abc"), (b"GET", True, b"abc"), (b"GET", False, b"abc")):
+        t.sent(method, upgrade)
+        assert t.feed(resp + body + b"HTTP/1.1 200 OK", True) == len(resp + body), method
+        assert t.idle
+        assert t.answered_upgrade is (False if upgrade else None)
+        t.answered_upgrade = None
+    assert t.known == resp and t.known_left == 3
+    t.sent(b"GET", False)
+    t.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n")
+    assert t.state == t.LENGTH and t.left == 30

@@ -234,6 +234,30 @@ class TcpBridge(asyncio.BufferedProtocol):
         self._rbuf = buf = acquire_bytes(self._read_size)
         return memoryview(buf)[DATA_HEADER_SIZE:]
 
+    def read_buffer(self) -> bytearray:
+        """The buffer of the read being reported (in ``buffer_updated``): the bytes read start at
+        DATA_HEADER_SIZE. A subclass may rewrite them there, then ``send_read`` them."""
+        buf = self._rbuf
+        assert buf is not None
+        return buf
+
+    def send_read(self, nbytes: int, n: int) -> None:
+        """Instead of ``buffer_updated(nbytes)``: send the ``n`` bytes now at DATA_HEADER_SIZE in
+        ``read_buffer()`` to the stream (as one frame, with no copy, when nothing is queued)."""
+        buf = self._rbuf
+        self._rbuf = None
+        assert buf is not None
+        self._read_size = adapt_read_size(self._read_size, nbytes, BRIDGE_READ_SIZE)
+        stream = self.stream
+        if stream is not None and not self._finished and stream.try_send_frame(buf, n):
+            self._idle_ticks = 0
+            self.bytes_up += n
+            release_bytes(buf)
+            return
+        data = bytes(memoryview(buf)[DATA_HEADER_SIZE:DATA_HEADER_SIZE + n])
+        release_bytes(buf)
+        self._to_tunnel(data, False)
+
     def buffer_updated(self, nbytes: int) -> None:
         buf = self._rbuf
         self._rbuf = None

@@ -30,13 +30,13 @@ import asyncio
 import logging
 from typing import Any, List, Optional, Tuple, Union
 
-from ..aio.bridge import TcpBridge
+from ..aio.bridge import OWN_THRESHOLD, TcpBridge
 from ..aio.stream import VirtualStream
 from ..errors import ConnectionLostError, FerroTunnelError
-from ..frames import Protocol
+from ..frames import DATA_HEADER_SIZE, Protocol
 from .http1 import (Chunked, HeadError, Request, ResponseTracker, check_partial, forwarded_head, forwarded_lines,
-                    parse_request)
-from .http_names import normalize_host, parse_authority, printable, response, route_name, why_missing
+                    PlainHeads, parse_request)
+from .http_names import no_route, normalize_host, parse_authority, printable, response, route_name, strip_suffix
 from .ingress import Ingress
 from .registry import Route
 from .server import TunnelServer
@@ -47,8 +47,6 @@ log = logging.getLogger("ferrotunnel.http")
 
 MAX_HEAD = 16 * 1024
 HEAD_TIMEOUT = 10.0
-
-
 
 _HEAD, _LENGTH, _CHUNKED, _RAW, _WAIT, _DISCARD = range(6)
 
@@ -62,7 +60,7 @@ class _HttpBridge(TcpBridge):
 
     __slots__ = ("ingress", "_buf", "_state", "_left", "_chunked", "_tracker", "_tunnel", "_head_timer",
                  "_next", "_stash", "_visitor_eof", "_trusted", "_client", "_mark", "_request", "_leaving",
-                 "_fast", "_opened_once", "_partial", "_after", "_seen")
+                 "_fast", "_opened_once", "_partial", "_after", "_seen", "_plain")
 
     def __init__(self, ingress: "HttpIngress") -> None:
         super().__init__()
@@ -87,6 +85,7 @@ class _HttpBridge(TcpBridge):
         self._partial: Optional[Request] = None  # the parser of a head that is not complete yet
         self._after = _HEAD  # the state once the current request's body has passed
         self._seen: Optional[Tuple[bytes, str, bytes]] = None
+        self._plain = PlainHeads()
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -138,8 +137,20 @@ class _HttpBridge(TcpBridge):
                 super().buffer_updated(nbytes)
             finally:
                 self._fast = False
-        else:
+        elif (state != _HEAD or nbytes >= OWN_THRESHOLD or self._seen is None or self._buf or self._leaving
+              or self._seen[1] != self._tunnel or self.stream is None or not self._quick(nbytes, self._seen)):
             super().buffer_updated(nbytes)
+
+    def _quick(self, nbytes: int, seen: Tuple[bytes, str, bytes]) -> bool:
+        """A read that is one plain head with the last head's Host, for the current stream's tunnel,
+        leaves from the read buffer as one frame (``PlainHeads.forward``); False for any other."""
+        req = self._plain.forward(self.read_buffer(), DATA_HEADER_SIZE, DATA_HEADER_SIZE + nbytes, seen[0], seen[2])
+        if req is None:
+            return False
+        self._request = (req.method, req.url, seen[1])
+        self._sent(req, req.body(), [])
+        self.send_read(nbytes, nbytes - 2 + len(seen[2]))
+        return True
 
     def data_received(self, data: bytes) -> None:
         if self._fast:
@@ -239,9 +250,8 @@ class _HttpBridge(TcpBridge):
         except HeadError as exc:
             return self._wait(("reply", exc.status, exc.reason, head))
         seen = self._seen  # the last request's Host, tunnel and X-Forwarded-* lines: most repeat them
-        if (seen is not None and req.hosts and req.hosts[0] == seen[0] and req.url[:1] == b"/" and not req.xff
-                and not req.xfp and not req.xfh and seen[1] == self._tunnel and not self._leaving
-                and self.stream is not None):
+        if (seen is not None and req.hosts and req.hosts[0] == seen[0] and req.url[:1] == b"/" and not req.xff and not
+                req.xfp and not req.xfh and seen[1] == self._tunnel and not self._leaving and self.stream is not None):
             self._request = (req.method, req.url, seen[1])
             out.append(head[:-2] + seen[2])
             return self._sent(req, framing, out)
@@ -332,13 +342,7 @@ class _HttpBridge(TcpBridge):
             return
         _, req, fwd, framing, health = pending
         if route is None:
-            if health:  # the ingress's own /health, for a request no tunnel takes
-                self._reply("200 OK", "ok\n")
-            elif (why := why_missing(self.ingress.server.registry, tunnel_id)) is not None:  # a cluster node
-                self._reply("503 Service Unavailable", f"tunnel {printable(tunnel_id)} is not on this node and "
-                            f"{why}; try again shortly\n")
-            else:
-                self._reply("404 Not Found", f"no tunnel is connected for {printable(tunnel_id)}\n")
+            self._reply(*no_route(self.ingress.server.registry, tunnel_id, health))
             return
         if not isinstance(result, VirtualStream):
             log.warning("http ingress: cannot open a stream to tunnel %s: %s", printable(tunnel_id),
@@ -402,6 +406,8 @@ class _HttpBridge(TcpBridge):
                 tracker.left -= n
             super().tunnel_data(payload)
             return
+        if n < OWN_THRESHOLD:  # copied once, here: the tracker reads it in place, the TCP side keeps it
+            payload = bytes(payload)  # type: ignore[assignment]
         waiting = self._state == _WAIT and self._next is not None and self._next[0] != "upgrade"
         used = tracker.feed(payload, waiting)
         if used < n:  # bytes after the last owed response: nobody asked for them
@@ -487,10 +493,7 @@ class HttpIngress(Ingress):
 
     def tunnel_for(self, name: str) -> str:
         """The tunnel id a normalised Host names: ``<id>.<domain>`` -> ``<id>``, else itself."""
-        suffix = self._suffix
-        if suffix and name.endswith(suffix) and len(name) > len(suffix):
-            return name[:-len(suffix)]
-        return name
+        return strip_suffix(name, self._suffix)
 
     def protocol_factory(self) -> TcpBridge:
         return _HttpBridge(self)

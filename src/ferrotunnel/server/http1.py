@@ -4,31 +4,32 @@ Requests: every head on a visitor's connection is parsed with httptools (llhttp)
 RFC 9112 asks (one Host, a valid Host, no whitespace before a colon, no obs-fold, no
 Transfer-Encoding together with Content-Length, chunked last); its body is delimited by
 Content-Length or by the chunked coding (``Chunked``), so the next head is found wherever it
-starts. ``forwarded_head`` adds X-Forwarded-For/-Proto/-Host.
+starts. ``forwarded_head`` adds X-Forwarded-For/-Proto/-Host. A plain head (``parse_plain``: a
+common method, an origin-form target, ordinary fields, no Connection/Upgrade/Transfer-Encoding)
+is one llhttp would take as it is: it is read by regular expressions alone, with the same result,
+and ``PlainHeads`` reads a head that repeats the last one of its connection only once.
 
-Responses: ``ResponseTracker`` follows the responses coming back on a tunnel stream (status line,
-Content-Length, chunked, no body for HEAD/1xx/204/304, close-delimited, 101 Switching Protocols),
-so the ingress knows when every request sent on a stream has been answered — the moment a
-keep-alive connection may move to another tunnel's stream.
+Responses (``http_framing``): ``ResponseTracker`` follows the responses coming back on a tunnel
+stream (status line, Content-Length, chunked, no body for HEAD/1xx/204/304, close-delimited, 101
+Switching Protocols), so the ingress knows when every request sent on a stream has been answered
+— the moment a keep-alive connection may move to another tunnel's stream.
 """
 
 from __future__ import annotations
 
-import collections
 import re
-from typing import Any, Deque, List, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import httptools
 
-__all__ = ["HeadError", "Request", "parse_request", "check_partial", "Chunked", "ResponseTracker", "forwarded_head", "forwarded_lines",
-           "head_end", "MAX_CHUNK_LINE", "MAX_TRAILERS", "MAX_RESPONSE_HEAD"]
+from .http_framing import MAX_CHUNK_LINE, MAX_RESPONSE_HEAD, MAX_TRAILERS, Chunked, HeadError, ResponseTracker
 
-#: Longest chunk-size line (with extensions) and most trailer bytes accepted in a chunked body.
-MAX_CHUNK_LINE = 4096
-MAX_TRAILERS = 16 * 1024
-#: A response head longer than this stops the tracking of that stream's responses (the stream
-#: then keeps the connection to itself until it ends).
-MAX_RESPONSE_HEAD = 64 * 1024
+__all__ = ["HeadError", "Request", "parse_request", "parse_plain", "PlainHeads", "parse_request_llhttp",
+           "check_partial", "Chunked", "ResponseTracker", "forwarded_head", "forwarded_lines", "head_end",
+           "MAX_CHUNK_LINE", "MAX_TRAILERS", "MAX_RESPONSE_HEAD"]
+
+#: More than any request head the ingress takes.
+MAX_HEAD_BYTES = 1 << 30
 
 #: A field line that starts with whitespace: obs-fold (or whitespace before the first field).
 _OBS_FOLD = re.compile(rb"\n[ \t]")
@@ -38,23 +39,14 @@ _SPACE_COLON = re.compile(rb"\n[^:\r\n]*[ \t]:")
 REQUEST_LINE = re.compile(rb"(?:\r\n)*[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/[0-9]\.[0-9]\r\n")
 #: An X-Forwarded-For/-Proto/-Host field line (with the CRLF before it).
 _XF_LINE = re.compile(rb"\r\nx-forwarded-(?:for|proto|host)[ \t]*:[^\r\n]*", re.IGNORECASE)
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
-#: The request fields the ingress reads (name, value without the whitespace around it).
-_FIELDS = re.compile(rb"\r\n(host|content-length|transfer-encoding|upgrade|x-forwarded-(?:for|proto|host)):"
-                     rb"[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)", re.IGNORECASE)
-#: A response's status line and the fields that delimit its body.
-_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})[ \r]")
-_RESPONSE_FIELDS = re.compile(rb"\r\n(content-length|transfer-encoding)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)",
-                              re.IGNORECASE)
-
-
-class HeadError(Exception):
-    """A request the ingress answers itself: ``status`` (e.g. "400 Bad Request") and why."""
-
-    def __init__(self, status: str, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
+#: The request fields the ingress reads (name, value without the whitespace around it); Connection
+#: only tells the plain heads (``parse_plain``) from the others.
+_FIELDS = re.compile(rb"\r\n(host|content-length|transfer-encoding|upgrade|(?:proxy-)?connection|"
+                     rb"x-forwarded-(?:for|proto|host)):[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)", re.IGNORECASE)
+#: A plain request head, which llhttp takes as it is: a common method, an origin-form target of
+#: RFC 3986 path and query characters, HTTP/1.0 or 1.1, token-named fields with VCHAR/SP/HTAB values.
+_PLAIN_HEAD = re.compile(rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*) "
+                         rb"HTTP/1\.([01])\r\n(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t -~]*\r\n)*\r\n")
 
 
 def head_violation(head: bytes) -> Optional[str]:
@@ -85,44 +77,52 @@ class Request:
     __slots__ = ("url", "hosts", "upgrade", "te", "cl", "xff", "xfp", "xfh", "complete", "parser", "method",
                  "keep_alive")
 
-    def __init__(self) -> None:
+    def __init__(self, parser: bool = True) -> None:
         self.url = b""
-        self.hosts: List[bytes] = []
+        self.hosts: Tuple[bytes, ...] = ()
         self.upgrade = False
-        self.te: List[bytes] = []
-        self.cl: List[bytes] = []
-        self.xff: List[bytes] = []
-        self.xfp: List[bytes] = []
-        self.xfh: List[bytes] = []
+        self.te: Tuple[bytes, ...] = ()
+        self.cl: Tuple[bytes, ...] = ()
+        self.xff: Tuple[bytes, ...] = ()
+        self.xfp: Tuple[bytes, ...] = ()
+        self.xfh: Tuple[bytes, ...] = ()
         self.complete = False
         self.method = b""
         self.keep_alive = True
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser = httptools.HttpRequestParser(self) if parser else None
 
     def on_headers_complete(self) -> None:
+        assert self.parser is not None
         self.complete = True  # read now: once the message is complete llhttp starts on the next one
         self.keep_alive = self.parser.should_keep_alive()
         self.method = self.parser.get_method()
 
-    def fields(self, head: bytes) -> None:
+    def fields(self, head: Any, start: int = 0, stop: int = MAX_HEAD_BYTES) -> bool:
         """Collect Host, Content-Length, Transfer-Encoding, Upgrade and X-Forwarded-* from a head
-        llhttp accepted (so every field line is ``name:value`` with a token name)."""
-        for name, value in _FIELDS.findall(head):
+        llhttp accepted, or a plain one (so every field line is ``name:value`` with a token name),
+        at ``head[start:stop]``. True if llhttp could have told nothing more: no Transfer-Encoding,
+        Upgrade or Connection, at most one Content-Length, of at most 18 digits."""
+        plain = True
+        for name, value in _FIELDS.findall(head, start, stop):
             n = name.lower()
             if n == b"host":
-                self.hosts.append(value)
+                self.hosts += (value,)
             elif n == b"content-length":
-                self.cl.append(value)
-            elif n == b"transfer-encoding":
-                self.te.append(value)
-            elif n == b"upgrade":
-                self.upgrade = self.upgrade or bool(value)
+                plain = plain and not self.cl and value.isdigit() and len(value) <= 18
+                self.cl += (value,)
             elif n == b"x-forwarded-for":
-                self.xff.append(value)
+                self.xff += (value,)
             elif n == b"x-forwarded-proto":
-                self.xfp.append(value)
+                self.xfp += (value,)
+            elif n == b"x-forwarded-host":
+                self.xfh += (value,)
             else:
-                self.xfh.append(value)
+                plain = False
+                if n == b"transfer-encoding":
+                    self.te += (value,)
+                elif n == b"upgrade":
+                    self.upgrade = self.upgrade or bool(value)
+        return plain
 
     def body(self) -> Any:
         """How the body is delimited: an int (Content-Length, 0 for none) or "chunked"; HeadError
@@ -145,10 +145,74 @@ class Request:
         return 0
 
 
+def parse_plain(data: Any, start: int, stop: int) -> Optional[Request]:
+    """``data[start:stop]`` parsed if it is exactly one plain request head (``_PLAIN_HEAD``, and
+    no field that changes llhttp's view of it: see ``Request.fields``), else None: such a head is
+    one llhttp accepts, and the result is the one ``parse_request`` gives. HeadError for more
+    than one Host."""
+    m = _PLAIN_HEAD.fullmatch(data, start, stop)
+    if m is None:
+        return None
+    req = Request(False)
+    if not req.fields(data, start, stop):
+        return None
+    if len(req.hosts) > 1:
+        raise HeadError("400 Bad Request", "more than one Host header")
+    req.method, req.url = m[1], m[2]
+    req.keep_alive = m[3] == b"1"
+    req.complete = True
+    return req
+
+
+class PlainHeads:
+    """The plain request heads (``parse_plain``) of one connection, the last one remembered: a
+    client that repeats its head (most keep-alive traffic: polling, the same call again) has it
+    parsed once. A Request is only read once parsed, so the same one serves each repeat."""
+
+    __slots__ = ("last", "req")
+
+    def __init__(self) -> None:
+        self.last = b""
+        self.req: Optional[Request] = None
+
+    def parse(self, data: Any, start: int, stop: int, host: bytes) -> Optional[Request]:
+        """The plain head at ``data[start:stop]`` if its one Host is ``host`` and it has no
+        X-Forwarded-* field; else None (and it is left to ``parse_request``)."""
+        last = self.last
+        if stop - start == len(last) and data.startswith(last, start):
+            req = self.req
+        else:
+            try:
+                req = parse_plain(data, start, stop)
+            except HeadError:
+                return None
+            if req is None or req.xff or req.xfp or req.xfh:
+                return None
+            self.last, self.req = bytes(data[start:stop]), req
+        return req if req is not None and req.hosts and req.hosts[0] == host else None
+
+    def forward(self, buf: bytearray, start: int, stop: int, host: bytes, lines: bytes) -> Optional[Request]:
+        """``parse`` for a head in ``buf`` (a read buffer, with room after the head): if it is one,
+        its X-Forwarded-* ``lines`` (and the empty line) are written over its empty line, in place."""
+        if stop + len(lines) > len(buf):
+            return None
+        req = self.parse(buf, start, stop, host)
+        if req is not None:
+            buf[stop - 2:stop - 2 + len(lines)] = lines  # as long as what it replaces: buf keeps its size
+        return req
+
+
 def parse_request(head: bytes) -> Request:
     """Parse one complete request head (up to and including its empty line); HeadError if it is
     malformed or not allowed."""
+    req = parse_plain(head, 0, len(head))
+    return req if req is not None else parse_request_llhttp(head)
+
+
+def parse_request_llhttp(head: bytes) -> Request:
+    """``parse_request`` for any head: checked by llhttp."""
     req = Request()
+    assert req.parser is not None
     try:
         req.parser.feed_data(head)
     except httptools.HttpParserUpgrade:
@@ -180,6 +244,7 @@ def parse_request(head: bytes) -> Request:
 def check_partial(req: Request, data: bytes, head: bytes) -> None:
     """Parse on in an incomplete head (``data`` new, ``head`` all so far): HeadError as soon as
     it cannot become a valid one."""
+    assert req.parser is not None
     try:
         req.parser.feed_data(data)
     except httptools.HttpParserError:
@@ -195,7 +260,7 @@ def forwarded_head(head: bytes, req: Request, client: str, host: str, proto: str
     """``head`` with X-Forwarded-For/-Proto/-Host for the app: appended to what a trusted front
     proxy sent, replacing what anyone else sent."""
     if trusted:
-        xff = b", ".join(req.xff + [client.encode()])
+        xff = b", ".join((*req.xff, client.encode()))
         xfp = req.xfp[-1] if req.xfp else proto.encode()
         xfh = req.xfh[-1] if req.xfh else host.encode()
     else:
@@ -208,205 +273,3 @@ def forwarded_head(head: bytes, req: Request, client: str, host: str, proto: str
 def forwarded_lines(xff: bytes, proto: bytes, host: bytes) -> bytes:
     """The X-Forwarded-* field lines and the empty line that ends the head."""
     return b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n\r\n" % (xff, proto, host)
-
-
-class Chunked:
-    """Finds the end of a chunked body (RFC 9112 §7.1): chunk-size lines, data, trailers."""
-
-    __slots__ = ("state", "left", "line")
-
-    SIZE, DATA, DATA_END, TRAILER = range(4)
-
-    def __init__(self) -> None:
-        self.state = self.SIZE
-        self.left = 0
-        self.line = bytearray()
-
-    def feed(self, data: Any, pos: int) -> int:
-        """Consume ``data[pos:]``: the offset just past the body's end, or -1 when all of it is
-        body. HeadError for a malformed coding."""
-        n = len(data)
-        while pos < n:
-            state = self.state
-            if state == self.DATA:
-                take = min(self.left, n - pos)
-                self.left -= take
-                pos += take
-                if self.left == 0:
-                    self.state = self.DATA_END
-            elif state == self.DATA_END:  # the CRLF after a chunk's data
-                crlf = bytes(data[pos:pos + 2 - len(self.line)])
-                self.line += crlf
-                pos += len(crlf)
-                if not b"\r\n".startswith(bytes(self.line)):
-                    raise HeadError("400 Bad Request", "malformed chunked body (data longer than its size)")
-                if len(self.line) == 2:
-                    self.line = bytearray()
-                    self.state = self.SIZE
-            elif state == self.SIZE:
-                room = MAX_CHUNK_LINE - len(self.line)
-                piece = bytes(data[pos:pos + room + 1])
-                cut = piece.find(b"\n")
-                if cut < 0:
-                    if len(self.line) + len(piece) > MAX_CHUNK_LINE:
-                        raise HeadError("400 Bad Request", "chunk-size line too long")
-                    self.line += piece
-                    return -1
-                self.line += piece[:cut + 1]
-                pos += cut + 1
-                line, self.line = bytes(self.line), bytearray()
-                if not line.endswith(b"\r\n"):
-                    raise HeadError("400 Bad Request", "malformed chunked body (bare LF)")
-                size = line[:-2].split(b";", 1)[0].strip(b" \t")
-                if not _HEX.fullmatch(size):
-                    raise HeadError("400 Bad Request", "malformed chunk size")
-                self.left = int(size, 16)
-                self.state = self.DATA if self.left else self.TRAILER
-            else:  # trailer section: field lines, then an empty line
-                room = MAX_TRAILERS - len(self.line)
-                piece = bytes(data[pos:pos + room + 4])
-                before = len(self.line)
-                self.line += piece
-                if self.line.startswith(b"\r\n"):
-                    stop = 2
-                else:
-                    end = self.line.find(b"\r\n\r\n", max(0, before - 3))
-                    stop = end + 4 if end >= 0 else -1
-                if stop < 0:
-                    if len(self.line) > MAX_TRAILERS:
-                        raise HeadError("400 Bad Request", "chunked trailers too long")
-                    return -1
-                self.line = bytearray()
-                self.state = self.SIZE
-                return pos + stop - before
-        return -1
-
-
-class ResponseTracker:
-    """Follows the responses on one stream to the requests sent on it (``sent(method, upgrade)``).
-    ``feed`` takes response bytes in order and returns how many of them belong to responses still
-    owed; ``idle`` says every request sent has its answer. After a 101 (or a 2xx to CONNECT)
-    the stream is a raw byte pipe (``raw``); an unreadable response head ends the tracking
-    (``lost``): from then on the stream's end is its only boundary."""
-
-    __slots__ = ("pending", "state", "left", "chunked", "head", "raw", "lost", "answered_upgrade")
-
-    HEAD, LENGTH, CHUNKED, UNTIL_EOF = range(4)
-
-    def __init__(self) -> None:
-        self.pending: Deque[Tuple[bytes, bool]] = collections.deque()
-        self.state = self.HEAD
-        self.left = 0
-        self.chunked: Optional[Chunked] = None
-        self.head = bytearray()
-        self.raw = False
-        self.lost = False
-        #: set when the answer to an upgrade request arrived: True (switched) or False (refused)
-        self.answered_upgrade: Optional[bool] = None
-
-    def sent(self, method: bytes, upgrade: bool) -> None:
-        self.pending.append((method, upgrade))
-
-    @property
-    def idle(self) -> bool:
-        """Every request sent has its complete answer, and nothing of another one has arrived."""
-        return not self.pending and self.state == self.HEAD and not self.head and not self.raw and not self.lost
-
-    def feed(self, data: Any, stop_when_idle: bool = False) -> int:
-        """Follow ``data``; returns the bytes consumed (all of them, unless ``stop_when_idle`` and
-        the last owed response ended before the end of ``data``)."""
-        n = len(data)
-        pos = 0
-        while pos < n:
-            if self.raw or self.lost:
-                return n
-            state = self.state
-            if state == self.LENGTH:
-                take = min(self.left, n - pos)
-                self.left -= take
-                pos += take
-                if self.left == 0:
-                    self._done()
-            elif state == self.CHUNKED:
-                assert self.chunked is not None
-                try:
-                    end = self.chunked.feed(data, pos)
-                except HeadError:
-                    self.lost = True
-                    return n
-                if end < 0:
-                    return n
-                pos = end
-                self._done()
-            elif state == self.UNTIL_EOF:
-                return n
-            else:
-                if stop_when_idle and not self.pending and not self.head:
-                    return pos
-                pos = self._head(data, pos)
-        return n
-
-    def _head(self, data: Any, pos: int) -> int:
-        before = len(self.head)
-        end = -1
-        for window in (4096, MAX_RESPONSE_HEAD - before + 4):  # most heads are found in the first
-            piece = bytes(data[pos:pos + window])
-            end = (self.head + piece).find(b"\r\n\r\n", max(0, before - 3)) if before else piece.find(b"\r\n\r\n")
-            if end >= 0 or len(piece) < window:
-                break
-        if end < 0:
-            self.head += piece
-            if len(self.head) > MAX_RESPONSE_HEAD:
-                self.lost = True
-            return pos + len(piece)
-        head = bytes(self.head + piece[:end + 4 - before]) if before else piece[:end + 4]
-        self.head = bytearray()
-        used = end + 4 - before
-        m = _STATUS_LINE.match(head)
-        if m is None:
-            self.lost = True
-            return pos + used
-        status = int(m[1])
-        method, upgrade = self.pending[0] if self.pending else (b"", False)
-        if 100 <= status < 200 and status != 101:
-            return pos + used  # interim: the final answer follows
-        if upgrade and self.pending:
-            switched = status == 101 or (method == b"CONNECT" and 200 <= status < 300)
-            self.answered_upgrade = switched
-            if switched:
-                self.pending.popleft()
-                self.raw = True
-                return pos + used
-        if method == b"HEAD" or status in (204, 304) or 100 <= status < 200:
-            self._done()
-            return pos + used
-        cl: List[bytes] = []
-        te: List[bytes] = []
-        for name, value in _RESPONSE_FIELDS.findall(head):
-            (cl if name.lower() == b"content-length" else te).append(value)
-        if te:
-            codings = [c.strip(b" \t").lower() for c in b",".join(te).split(b",")]
-            if codings[-1] == b"chunked":
-                self.chunked = Chunked()
-                self.state = self.CHUNKED
-            else:
-                self.state = self.UNTIL_EOF
-        elif cl:
-            value = cl[0]
-            if not value.isdigit() or len(value) > 18:
-                self.lost = True
-                return pos + used
-            self.left = int(value)
-            if self.left:
-                self.state = self.LENGTH
-            else:
-                self._done()
-        else:
-            self.state = self.UNTIL_EOF
-        return pos + used
-
-    def _done(self) -> None:
-        self.state = self.HEAD
-        self.chunked = None
-        if self.pending:
-            self.pending.popleft()

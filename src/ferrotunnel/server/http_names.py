@@ -7,7 +7,7 @@ import ipaddress
 import re
 from typing import Any, Optional, Tuple, Union
 
-__all__ = ["normalize_host", "printable", "parse_authority", "response", "is_health", "why_missing", "route_name", "route_name",
+__all__ = ["normalize_host", "printable", "parse_authority", "response", "is_health", "why_missing", "route_name", "no_route", "strip_suffix",
            "ABSOLUTE_FORM", "PRINTABLE_LIMIT"]
 
 #: At most this many bytes of visitor input go into one log line or error body (escaped).
@@ -92,6 +92,25 @@ def why_missing(registry: Any, tunnel_id: str) -> Optional[str]:
     node unreachable), or None."""
     why = getattr(registry, "why_missing", None)
     return why(tunnel_id) if why is not None else None
+
+def strip_suffix(name: str, suffix: str) -> str:
+    """``name`` without ``suffix`` (``.<domain>``) when it ends with it and is longer."""
+    if suffix and name.endswith(suffix) and len(name) > len(suffix):
+        return name[:-len(suffix)]
+    return name
+
+
+def no_route(registry: Any, tunnel_id: str, health: bool) -> Tuple[str, str]:
+    """The ingress's answer (status, body) to a request no tunnel takes: its own /health, a 503
+    from a cluster node that could not tell (``why_missing``), else a 404."""
+    if health:
+        return "200 OK", "ok\n"
+    why = why_missing(registry, tunnel_id)
+    if why is not None:
+        return ("503 Service Unavailable",
+                f"tunnel {printable(tunnel_id)} is not on this node and {why}; try again shortly\n")
+    return "404 Not Found", f"no tunnel is connected for {printable(tunnel_id)}\n"
+
 
 def response(status: str, body: str) -> bytes:
     data = body.encode("ascii", "backslashreplace")
