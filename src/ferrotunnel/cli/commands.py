@@ -166,10 +166,12 @@ async def _serve(args: argparse.Namespace) -> int:
         from ..cluster.node import ClusterNode
 
         node = ClusterNode(*cluster)
+    # ports on request: passed only when asked for (a caller's TunnelServer stand-in need not know them)
+    ports: Any = dict(tcp_port_range=port_range, tcp_port_host=args.tcp_port_host or None,
+                      tcp_port_public_host=public_host) if port_range else {}
     try:
         server = ft.TunnelServer(bind, token, tls=ctx, config=server_config(args.trusted_proxy),
-                                 registry=node.registry if node else None, domain=domain, tcp_port_range=port_range,
-                                 tcp_port_host=args.tcp_port_host or None, tcp_port_public_host=public_host)
+                                 registry=node.registry if node else None, domain=domain, **ports)
     except ValueError as exc:  # a bad --trusted-proxy CIDR
         raise UsageError(str(exc)) from None
     ingresses: List[Any] = [ft.TcpIngress(server, a, tunnel_id=t) for a, t in tcp_binds]
