@@ -328,12 +328,17 @@ def test_a_repeated_head_is_forwarded_like_the_first_and_routed_by_its_host(run)
                 assert (await response(r))[1] == b"web GET /same "
             w.write(get("web", "/same", "X-Forwarded-For: 10.9.9.9\r\n"))
             assert (await response(r))[1] == b"web GET /same "
+            for i in range(2):  # a plain head with a body that comes in a later read
+                w.write(b"POST /post HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\n\r\n")
+                await asyncio.sleep(0.05)
+                w.write(b"hel%dX" % i)
+                assert (await response(r))[1] == b"web POST /post hel%dX" % i
             w.write(get("web", "/same", "Host: api\r\n"))
             line, _ = await response(r)
             assert line == b"HTTP/1.1 400 Bad Request"
             w.close()
             heads = apps["web"].heads
-            assert len(heads) == 7 and len(set(heads[:6])) == 1, heads
+            assert len(heads) == 9 and len(set(heads[:6])) == 1 and heads[7] == heads[8], heads
             assert heads[0].endswith(b"\r\nHost: web\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\n"
                                      b"X-Forwarded-Host: web\r\n\r\n"), heads[0]
             assert b"10.9.9.9" not in heads[6] and heads[6].count(b"X-Forwarded-For") == 1

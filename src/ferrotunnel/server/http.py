@@ -15,13 +15,10 @@ what a trusted front proxy, ``--trusted-proxy``, sent; replacing what anyone els
 (Content-Length, chunked) pass unchanged, only delimited, and after a 101 (a WebSocket) or a 2xx
 to CONNECT the connection is a raw byte pipe both ways.
 
-``/health`` is answered locally only for a request that does not route to a tunnel (no Host, or
-no tunnel for it): an app behind a tunnel gets its own ``/health``. Public visitors need no token.
-Whatever a visitor sent appears in log lines and error bodies only escaped (``printable``).
-
-A tunnel stream that is reset, or whose session dies, before any response byte reached the
-visitor becomes a 502; after that the visitor's connection is aborted with a RST, so a truncated
-response is not taken for a complete one.
+``/health`` is answered locally only for a request no tunnel takes (no Host, or no tunnel for it).
+Public visitors need no token. Visitor input appears in logs and error bodies only escaped (``printable``).
+A stream reset, or whose session dies, before any response byte reached the visitor becomes a 502;
+after that the visitor's connection is aborted with a RST (a truncated response is not complete).
 """
 
 from __future__ import annotations
@@ -137,20 +134,22 @@ class _HttpBridge(TcpBridge):
                 super().buffer_updated(nbytes)
             finally:
                 self._fast = False
-        elif (state != _HEAD or nbytes >= OWN_THRESHOLD or self._seen is None or self._buf or self._leaving
-              or self._seen[1] != self._tunnel or self.stream is None or not self._quick(nbytes, self._seen)):
-            super().buffer_updated(nbytes)
-
-    def _quick(self, nbytes: int, seen: Tuple[bytes, str, bytes]) -> bool:
-        """A read that is one plain head with the last head's Host, for the current stream's tunnel,
-        leaves from the read buffer as one frame (``PlainHeads.forward``); False for any other."""
-        req = self._plain.forward(self.read_buffer(), DATA_HEADER_SIZE, DATA_HEADER_SIZE + nbytes, seen[0], seen[2])
-        if req is None:
-            return False
-        self._request = (req.method, req.url, seen[1])
-        self._sent(req, req.body(), [])
-        self.send_read(nbytes, nbytes - 2 + len(seen[2]))
-        return True
+            return
+        # a read that is one plain head with the last Host, for the current stream's tunnel, leaves
+        # from the read buffer as one frame, its X-Forwarded-* lines written there (PlainHeads.forward)
+        seen, tracker, plain = self._seen, self._tracker, self._plain
+        if (state == _HEAD and nbytes < OWN_THRESHOLD and seen is not None and tracker is not None and not self._buf
+                and seen[1] == self._tunnel and not self._leaving and self.stream is not None):
+            req = plain.forward(self.read_buffer(), DATA_HEADER_SIZE, DATA_HEADER_SIZE + nbytes, seen[0], seen[2])
+            if req is not None:
+                self._request = (req.method, req.url, seen[1])
+                if plain.framing or not req.keep_alive:
+                    self._sent(req, plain.framing, [])
+                else:  # what _sent does for a plain head without a body
+                    tracker.pending.append((req.method, False))
+                self.send_read(nbytes, nbytes - 2 + len(seen[2]))
+                return
+        super().buffer_updated(nbytes)
 
     def data_received(self, data: bytes) -> None:
         if self._fast:
@@ -278,7 +277,7 @@ class _HttpBridge(TcpBridge):
     def _sent(self, req: Request, framing: Any, out: List[bytes]) -> bool:
         """The head went (in ``out``) to the current stream: expect its answer and its body."""
         assert self._tracker is not None
-        self._tracker.sent(req.method, req.upgrade)
+        self._tracker.pending.append((req.method, req.upgrade))
         after = _HEAD if req.keep_alive else _DISCARD  # after a "Connection: close" request, nothing
         if req.upgrade and framing:  # an upgrade with a body: the body, then raw bytes both ways
             self._tracker.raw = True

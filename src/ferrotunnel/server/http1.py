@@ -169,36 +169,36 @@ class PlainHeads:
     client that repeats its head (most keep-alive traffic: polling, the same call again) has it
     parsed once. A Request is only read once parsed, so the same one serves each repeat."""
 
-    __slots__ = ("last", "req")
+    __slots__ = ("last", "req", "framing")
 
     def __init__(self) -> None:
         self.last = b""
         self.req: Optional[Request] = None
+        self.framing = 0  # the last one's body length (``Request.body``)
 
-    def parse(self, data: Any, start: int, stop: int, host: bytes) -> Optional[Request]:
-        """The plain head at ``data[start:stop]`` if its one Host is ``host`` and it has no
-        X-Forwarded-* field; else None (and it is left to ``parse_request``)."""
-        last = self.last
-        if stop - start == len(last) and data.startswith(last, start):
-            req = self.req
-        else:
-            try:
-                req = parse_plain(data, start, stop)
-            except HeadError:
-                return None
-            if req is None or req.xff or req.xfp or req.xfh:
-                return None
-            self.last, self.req = bytes(data[start:stop]), req
-        return req if req is not None and req.hosts and req.hosts[0] == host else None
+    def parse(self, data: Any, start: int, stop: int) -> Optional[Request]:
+        """The plain head at ``data[start:stop]`` if it has no X-Forwarded-* field (remembered as
+        the last one); else None (and it is left to ``parse_request``)."""
+        try:
+            req = parse_plain(data, start, stop)
+        except HeadError:
+            return None
+        if req is None or req.xff or req.xfp or req.xfh:
+            return None
+        self.last, self.req, self.framing = bytes(data[start:stop]), req, req.body()
+        return req
 
     def forward(self, buf: bytearray, start: int, stop: int, host: bytes, lines: bytes) -> Optional[Request]:
-        """``parse`` for a head in ``buf`` (a read buffer, with room after the head): if it is one,
-        its X-Forwarded-* ``lines`` (and the empty line) are written over its empty line, in place."""
+        """A plain head at ``buf[start:stop]`` (a read buffer, with room after the head) whose one
+        Host is ``host``: its X-Forwarded-* ``lines`` (and the empty line) are written over its
+        empty line, in place, and its Request returned (its body length is ``framing``). Else None."""
         if stop + len(lines) > len(buf):
             return None
-        req = self.parse(buf, start, stop, host)
-        if req is not None:
-            buf[stop - 2:stop - 2 + len(lines)] = lines  # as long as what it replaces: buf keeps its size
+        last = self.last
+        req = self.req if stop - start == len(last) and buf.startswith(last, start) else self.parse(buf, start, stop)
+        if req is None or not req.hosts or req.hosts[0] != host:
+            return None
+        buf[stop - 2:stop - 2 + len(lines)] = lines  # as long as what it replaces: buf keeps its size
         return req
 
 

@@ -146,6 +146,13 @@ class ResponseTracker:
         """Follow ``data``; returns the bytes consumed (all of them, unless ``stop_when_idle`` and
         the last owed response ended before the end of ``data``)."""
         n = len(data)
+        known = self.known
+        if (known and n == len(known) + self.known_left and self.state == self.HEAD and self.pending and not self.head
+                and type(data) is bytes and data.startswith(known) and not self.raw and not self.lost):
+            method, upgrade = self.pending[0]  # one whole response, a repeat of the last: as the first
+            if not upgrade and method != b"HEAD" and method != b"CONNECT":
+                self.pending.popleft()
+                return n
         pos = 0
         while pos < n:
             if self.raw or self.lost:
