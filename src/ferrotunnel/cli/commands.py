@@ -252,11 +252,16 @@ async def _connect(args: argparse.Namespace) -> int:
     import ferrotunnel as ft
     from ..client.client import describe_error, format_address
 
+    if args.config:
+        from .config_run import run_config
+
+        return await run_config(args, token_from_args=token_from_args, client_tls=_client_tls,
+                                until_signal=_until_signal, describe_error=describe_error, host_hint=host_hint)
     token = token_from_args(args)
     if not args.server:
         raise UsageError("--server HOST:PORT is required (or FERROTUNNEL_SERVER)")
     parse_addr(args.server, "--server")
-    local = parse_addr(args.local_addr, "--local-addr")
+    local = parse_addr(args.local_addr or DEFAULT_LOCAL, "--local-addr")
     remote_port = parse_port_flag(args.remote_port, "--remote-port")
     ctx = _client_tls(args)
     client = ft.TunnelClient(args.server, token, tunnel_id=args.tunnel_id, tls=ctx, server_name=args.tls_server_name,
@@ -346,6 +351,9 @@ async def _demo(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ parser
 
+#: Where a client forwards its streams without --local-addr (or a config file).
+DEFAULT_LOCAL = "127.0.0.1:8000"
+
 
 def _token_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", default=None, metavar="PATH",
@@ -401,7 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=TOKEN_HELP)
     c.add_argument("--server", default=env("FERROTUNNEL_SERVER"), help="HOST:PORT of the tunnel server")
     _token_flags(c)
-    c.add_argument("--local-addr", default=env("FERROTUNNEL_LOCAL_ADDR", "127.0.0.1:8000"))
+    c.add_argument("--config", default=env("FERROTUNNEL_CONFIG"), metavar="FILE.toml",
+                   help="serve every [[tunnel]] of a TOML file (server, token_file or token, [tls], [[tunnel]] id, "
+                        "local, remote_port); flags and environment variables win over the file")
+    c.add_argument("--local-addr", default=env("FERROTUNNEL_LOCAL_ADDR"),
+                   help=f"the local service as HOST:PORT (default {DEFAULT_LOCAL})")
     c.add_argument("--tunnel-id", default=env("FERROTUNNEL_TUNNEL_ID"),
                    help="the name to route by (HTTP Host, or =TUNNEL_ID on a TCP ingress)")
     c.add_argument("--remote-port", default=env("FERROTUNNEL_REMOTE_PORT"), metavar="N",
