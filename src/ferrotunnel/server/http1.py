@@ -169,36 +169,25 @@ class PlainHeads:
     client that repeats its head (most keep-alive traffic: polling, the same call again) has it
     parsed once. A Request is only read once parsed, so the same one serves each repeat."""
 
-    __slots__ = ("last", "req", "framing")
+    __slots__ = ("last", "req", "framing", "answer")
 
     def __init__(self) -> None:
-        self.last = b""
+        self.last = b""  # the last one, as the visitor sent it
         self.req: Optional[Request] = None
-        self.framing = 0  # the last one's body length (``Request.body``)
+        self.framing = 0  # its body length (``Request.body``)
+        self.answer: Tuple[bytes, bool] = (b"", False)  # what ResponseTracker.pending expects for it
 
     def parse(self, data: Any, start: int, stop: int) -> Optional[Request]:
-        """The plain head at ``data[start:stop]`` if it has no X-Forwarded-* field (remembered as
-        the last one); else None (and it is left to ``parse_request``)."""
+        """The plain head at ``data[start:stop]`` if it has one Host and no X-Forwarded-* field
+        (remembered as the last one); else None (and it is left to ``parse_request``)."""
         try:
             req = parse_plain(data, start, stop)
         except HeadError:
             return None
-        if req is None or req.xff or req.xfp or req.xfh:
+        if req is None or not req.hosts or req.xff or req.xfp or req.xfh:
             return None
         self.last, self.req, self.framing = bytes(data[start:stop]), req, req.body()
-        return req
-
-    def forward(self, buf: bytearray, start: int, stop: int, host: bytes, lines: bytes) -> Optional[Request]:
-        """A plain head at ``buf[start:stop]`` (a read buffer, with room after the head) whose one
-        Host is ``host``: its X-Forwarded-* ``lines`` (and the empty line) are written over its
-        empty line, in place, and its Request returned (its body length is ``framing``). Else None."""
-        if stop + len(lines) > len(buf):
-            return None
-        last = self.last
-        req = self.req if stop - start == len(last) and buf.startswith(last, start) else self.parse(buf, start, stop)
-        if req is None or not req.hosts or req.hosts[0] != host:
-            return None
-        buf[stop - 2:stop - 2 + len(lines)] = lines  # as long as what it replaces: buf keeps its size
+        self.answer = (req.method, req.upgrade)
         return req
 
 

@@ -1,0 +1,457 @@
+"""The visitor side of the HTTP ingress (``http.HttpIngress``): one ``HttpBridge`` per visitor
+connection parses and routes every request head, delimits bodies, adds X-Forwarded-*, follows the
+responses on the current tunnel stream, and moves the connection to another tunnel's stream once
+every response owed on the current one has gone out. See ``http`` for the whole picture."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
+
+from ..aio.bridge import OWN_THRESHOLD, TcpBridge
+from ..aio.stream import VirtualStream
+from ..errors import ConnectionLostError, FerroTunnelError
+from ..frames import DATA_HEADER_SIZE, Protocol
+from .http1 import (Chunked, HeadError, PlainHeads, Request, ResponseTracker, check_partial, forwarded_head,
+                    forwarded_lines, parse_request)
+from .http_names import no_route, printable, response, route_name
+from .registry import Route
+
+if TYPE_CHECKING:
+    from .http import HttpIngress
+
+__all__ = ["HttpBridge"]
+
+log = logging.getLogger("ferrotunnel.http")
+
+_HEAD, _LENGTH, _CHUNKED, _RAW, _WAIT, _DISCARD = range(6)
+
+
+class HttpBridge(TcpBridge):
+    """One visitor connection: every request head is parsed and routed by its own Host; a request
+    for the tunnel of the current stream goes on that stream, one for another tunnel waits until
+    every response owed on the current stream has gone out, then gets a stream of its own. Bodies
+    pass as they are (only delimited); after a 101 (or a 2xx to CONNECT) the connection is a raw
+    byte pipe both ways."""
+
+    __slots__ = ("ingress", "_buf", "_state", "_left", "_chunked", "_tracker", "_tunnel", "_head_timer",
+                 "_next", "_stash", "_visitor_eof", "_trusted", "_client", "_mark", "_request", "_leaving",
+                 "_fast", "_opened_once", "_partial", "_after", "_seen", "_plain")
+
+    def __init__(self, ingress: "HttpIngress") -> None:
+        super().__init__()
+        self.ingress = ingress
+        self._buf = bytearray()  # a request head so far
+        self._state = _HEAD
+        self._left = 0  # Content-Length body bytes still to come
+        self._chunked: Optional[Chunked] = None
+        self._tracker: Optional[ResponseTracker] = None  # the responses on the current stream
+        self._tunnel: Optional[str] = None  # the tunnel of the current stream
+        self._head_timer: Optional[asyncio.TimerHandle] = None
+        self._next: Any = None  # while waiting: ("open", ...), ("reply", status, reason) or ("upgrade",)
+        self._stash: List[bytes] = []  # visitor bytes read while waiting
+        self._visitor_eof = False  # the visitor's EOF, held back while waiting
+        self._trusted = False  # the connection comes from a trusted proxy: its X-Forwarded-* are kept
+        self._client = ""
+        self._mark = 0  # bytes_down when the current stream was attached
+        self._request: Tuple[bytes, bytes, str] = (b"", b"", "")  # method, target, tunnel id (for logs)
+        self._leaving = False  # the current stream is done with; what it still sends is dropped
+        self._fast = False  # the read being passed on is body or raw bytes (counted already)
+        self._opened_once = False
+        self._partial: Optional[Request] = None  # the parser of a head that is not complete yet
+        self._after = _HEAD  # the state once the current request's body has passed
+        self._seen: Optional[Tuple[bytes, str, bytes]] = None
+        self._plain = PlainHeads()
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        if self.finished:  # refused by a connection cap (when the bridge has one)
+            return
+        peer = self.peer_address or transport.get_extra_info("peername")
+        self._client = peer[0] if isinstance(peer, tuple) else str(peer or "")
+        proxies = self.ingress.server.trusted_proxies
+        if proxies is not None:
+            sock_peer = transport.get_extra_info("peername")
+            self._trusted = isinstance(sock_peer, tuple) and proxies.trusts(sock_peer[0])
+        self.ingress.sweeper.add(self)
+        self.ingress.connections += 1
+        self._head_timer = asyncio.get_running_loop().call_later(self.ingress.head_timeout, self._slow_head)
+
+    def _slow_head(self) -> None:  # the first head only: later ones have the idle timeout
+        if not self._opened_once and not self.finished and self._state == _HEAD:
+            self._reply("408 Request Timeout", "request head not received in time\n")
+
+    def _reply(self, status: str, body: str) -> None:
+        code = status.split()[0]
+        self.ingress.responses[code] = self.ingress.responses.get(code, 0) + 1
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        if self.finished:
+            return
+        self._leave_stream()
+        self.transport.write(response(status, body))
+        self.close()
+
+    def _reject(self, status: str, reason: str, head: bytes) -> None:
+        """An error answer for a request we do not forward, logged with the request line escaped."""
+        line = head.lstrip(b"\r\n").split(b"\r\n", 1)[0]
+        log.info("http ingress: %s for %s: %s; request line: %s", status.split()[0],
+                 self.peer_address, reason, printable(line))
+        self._reply(status, reason + "\n")
+
+    # -- visitor to tunnel
+    def pass_owned(self) -> bool:
+        return self._fast
+
+    def buffer_updated(self, nbytes: int) -> None:
+        state = self._state
+        if state == _RAW or (state == _LENGTH and self._left > nbytes):
+            if state == _LENGTH:
+                self._left -= nbytes
+            self._fast = True
+            try:
+                super().buffer_updated(nbytes)
+            finally:
+                self._fast = False
+            return
+        # a read that is one plain head (PlainHeads: the last one is not parsed again) with the last
+        # Host, for the current stream's tunnel, gets its X-Forwarded-* lines written over its empty
+        # line in the read buffer (which has room), and leaves from there as one frame
+        seen, tracker, plain = self._seen, self._tracker, self._plain
+        if (state == _HEAD and nbytes < OWN_THRESHOLD and seen is not None and tracker is not None and not self._buf
+                and seen[1] == self._tunnel and not self._leaving and self.stream is not None):
+            buf, stop, lines, last = self.read_buffer(), DATA_HEADER_SIZE + nbytes, seen[2], plain.last
+            if stop + len(lines) <= len(buf):
+                req = (plain.req if nbytes == len(last) and buf.startswith(last, DATA_HEADER_SIZE)
+                       else plain.parse(buf, DATA_HEADER_SIZE, stop))
+                if req is not None and req.hosts[0] == seen[0]:
+                    buf[stop - 2:stop - 2 + len(lines)] = lines  # as long as what it replaces: same size
+                    self._request = (req.method, req.url, seen[1])
+                    if plain.framing or not req.keep_alive:
+                        self._sent(req, plain.framing, [])
+                    else:  # what _sent does for a plain head without a body
+                        tracker.pending.append(plain.answer)
+                    self.send_read(nbytes, nbytes - 2 + len(lines))
+                    return
+        super().buffer_updated(nbytes)
+
+    def data_received(self, data: bytes) -> None:
+        if self._fast:
+            self.to_tunnel(data)
+        elif self.finished:
+            pass
+        elif self._state == _WAIT:
+            self._stash.append(data)
+        else:
+            self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Delimit requests in ``data``: bodies and heads for the current stream are written to it;
+        a head that needs another stream (or an answer of ours) starts a wait."""
+        out: List[bytes] = []
+        pos, n = 0, len(data)
+        while pos < n:
+            state = self._state
+            if state == _RAW:
+                out.append(data[pos:] if pos else data)
+                break
+            if state == _LENGTH:
+                take = min(self._left, n - pos)
+                out.append(data[pos:pos + take])
+                self._left -= take
+                pos += take
+                if not self._left:
+                    self._state = self._after
+            elif state == _CHUNKED:
+                assert self._chunked is not None
+                try:
+                    end = self._chunked.feed(data, pos)
+                except HeadError as exc:
+                    self._flush_up(out)
+                    self._wait(("reply", exc.status, exc.reason, b""))
+                    return
+                if end < 0:
+                    out.append(data[pos:])
+                    break
+                out.append(data[pos:end])
+                pos = end
+                self._state = self._after
+                self._chunked = None
+            elif state == _HEAD:
+                buf = self._buf
+                if not buf:
+                    while data.startswith(b"\r\n", pos):
+                        pos += 2
+                    if pos >= n:
+                        break
+                before = len(buf)
+                buf += data[pos:]
+                end = buf.find(b"\r\n\r\n", max(0, before - 3))
+                max_head = self.ingress.max_head
+                if end < 0 or end + 4 > max_head:
+                    if len(buf) > max_head:
+                        self._flush_up(out)
+                        self._wait(("reply", "431 Request Header Fields Too Large",
+                                    f"request head too large (over {max_head} bytes)", bytes(buf[:200])))
+                        return
+                    if self._partial is None:
+                        self._partial = Request()
+                    try:  # a head that cannot become valid is answered now, not at its end
+                        check_partial(self._partial, data[pos:], bytes(buf))
+                    except HeadError as exc:
+                        self._flush_up(out)
+                        self._wait(("reply", exc.status, exc.reason, bytes(buf[:200])))
+                        return
+                    break
+                head = bytes(buf[:end + 4])
+                pos = n - (len(buf) - end - 4)
+                self._buf = bytearray()
+                self._partial = None
+                if not self._on_head(head, out):
+                    self._flush_up(out)
+                    if pos < n:
+                        self._stash.append(data[pos:])
+                    return
+            elif state == _DISCARD:  # after a request that closes the connection: nothing more is read
+                break
+            else:  # _WAIT
+                self._stash.append(data[pos:])
+                break
+        self._flush_up(out)
+
+    def _flush_up(self, out: List[bytes]) -> None:
+        if out:
+            self.to_tunnel(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def _on_head(self, head: bytes, out: List[bytes]) -> bool:
+        """A complete request head: True if it went on the current stream (``out``), False if the
+        bridge now waits (for another stream, or to answer it itself)."""
+        try:
+            req = parse_request(head)
+            framing = req.body()
+        except HeadError as exc:
+            return self._wait(("reply", exc.status, exc.reason, head))
+        seen = self._seen  # the last request's Host, tunnel and X-Forwarded-* lines: most repeat them
+        if (seen is not None and req.hosts and req.hosts[0] == seen[0] and req.url[:1] == b"/" and not req.xff and not
+                req.xfp and not req.xfh and seen[1] == self._tunnel and not self._leaving and self.stream is not None):
+            self._request = (req.method, req.url, seen[1])
+            out.append(head[:-2] + seen[2])
+            return self._sent(req, framing, out)
+        try:
+            tunnel_id, host, target, health = route_name(req)
+        except HeadError as exc:
+            return self._wait(("reply", exc.status, exc.reason, head))
+        if tunnel_id is None:
+            return self._wait(("reply", "200 OK", "ok", None) if health else
+                              ("reply", "400 Bad Request", "missing Host header", head))
+        tunnel_id = self.ingress.tunnel_for(tunnel_id)
+        self._request = (req.method, target, tunnel_id)
+        fwd = forwarded_head(head, req, self._client, host.decode("ascii"), self.ingress.scheme, self._trusted)
+        if target[:1] == b"/":
+            self._seen = (host, tunnel_id, forwarded_lines(self._client.encode(), self.ingress.scheme.encode(), host))
+        if self.stream is not None and tunnel_id == self._tunnel and not self._leaving:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("http %s %s -> tunnel %s stream %d", printable(req.method), printable(target),
+                          printable(tunnel_id), self.stream.stream_id)
+            out.append(fwd)
+            return self._sent(req, framing, out)
+        return self._wait(("open", tunnel_id, req, fwd, framing, host.decode("ascii"), health))
+
+    def _sent(self, req: Request, framing: Any, out: List[bytes]) -> bool:
+        """The head went (in ``out``) to the current stream: expect its answer and its body."""
+        assert self._tracker is not None
+        self._tracker.pending.append((req.method, req.upgrade))
+        after = _HEAD if req.keep_alive else _DISCARD  # after a "Connection: close" request, nothing
+        if req.upgrade and framing:  # an upgrade with a body: the body, then raw bytes both ways
+            self._tracker.raw = True
+            after = _RAW
+        self._after = after
+        if framing == "chunked":
+            self._chunked = Chunked()
+            self._state = _CHUNKED
+        elif framing:
+            self._left = framing
+            self._state = _LENGTH
+        else:
+            self._state = after
+        if req.upgrade and not framing:  # what follows waits for the answer: 101 makes a raw pipe
+            return self._wait(("upgrade",))
+        return True
+
+    def _wait(self, action: Any) -> bool:
+        """Stop reading the visitor; ``action`` runs once every response owed on the current
+        stream has gone out (at once when there is none)."""
+        self._state = _WAIT
+        self._next = action
+        self.transport.pause_reading()
+        if action[0] != "upgrade":
+            asyncio.get_running_loop().call_soon(self._proceed)
+        return False
+
+    def _proceed(self) -> None:
+        if self.finished or self._state != _WAIT or self._next is None or self._next[0] == "upgrade":
+            return
+        tracker = self._tracker
+        if self.stream is not None and tracker is not None and not tracker.idle and not self._leaving:
+            return  # tunnel_data calls again when the last owed response has gone out
+        action, self._next = self._next, None
+        if action[0] == "reply":
+            _, status, reason, head = action
+            if head is None:  # the ingress's own /health, for a request no tunnel takes
+                self._reply(status, reason + "\n")
+            else:
+                self._reject(status, reason, head)
+            return
+        _, tunnel_id, req, fwd, framing, host, health = action
+        self._leave_stream()
+        self._next = ("opening", req, fwd, framing, health)
+        protocol = Protocol.WEB_SOCKET if req.upgrade else Protocol.HTTP
+        self.ingress.open_stream(tunnel_id, protocol, self._opened, self.peer_address, host or None)
+
+    def _leave_stream(self) -> None:
+        """Done with the current stream: what it still sends is dropped; it is closed gracefully."""
+        self.detach()
+        self._tracker = None
+        self._tunnel = None
+        self._leaving = False
+
+    def _opened(self, route: Optional[Route], result: Union[VirtualStream, FerroTunnelError, None]) -> None:
+        pending, self._next = self._next, None
+        method, target, tunnel_id = self._request
+        if self.finished:  # the visitor left while the route was looked up
+            if isinstance(result, VirtualStream):
+                result.abort()
+            return
+        _, req, fwd, framing, health = pending
+        if route is None:
+            self._reply(*no_route(self.ingress.server.registry, tunnel_id, health))
+            return
+        if not isinstance(result, VirtualStream):
+            log.warning("http ingress: cannot open a stream to tunnel %s: %s", printable(tunnel_id),
+                        printable(str(result)))
+            self._reply("502 Bad Gateway", "the tunnel could not take the request\n")
+            return
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._opened_once = True
+        log.info("http %s %s -> tunnel %s stream %d", printable(method), printable(target), printable(tunnel_id),
+                 result.stream_id)
+        self._tracker = ResponseTracker()
+        self._tunnel = tunnel_id
+        self._mark = self.bytes_down
+        self._state = _HEAD
+        self.attach(result)
+        if self.finished:
+            return
+        out = [fwd]
+        going = self._sent(req, framing, out)
+        self._flush_up(out)
+        if going:
+            self._resume()
+
+    def _resume(self) -> None:
+        """The wait is over: what the visitor sent meanwhile is delimited now, then reading goes on."""
+        stash, self._stash = self._stash, []
+        while stash and self._state != _WAIT and not self.finished:
+            self._feed(stash.pop(0))
+        if self._state == _WAIT:
+            self._stash.extend(stash)
+            return
+        if self.finished:
+            return
+        if self._visitor_eof:
+            self._visitor_eof = False
+            super().eof_received()
+        elif not self._reading_paused:
+            self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        if self._state == _WAIT:
+            self._visitor_eof = True
+            self.release_read_buffer()
+            return True
+        if self.stream is None:  # a visitor that sent no complete head: nothing to answer
+            self.close()
+            return False
+        return super().eof_received()
+
+    # -- tunnel to visitor
+    def tunnel_data(self, payload: memoryview) -> None:
+        tracker = self._tracker
+        if self._leaving or tracker is None:
+            if self.stream is not None:
+                self.stream.consumed(len(payload))
+            return
+        n = len(payload)
+        if tracker.raw or tracker.lost or (tracker.state == tracker.LENGTH and tracker.left > n):
+            if tracker.state == tracker.LENGTH and not tracker.raw:
+                tracker.left -= n
+            super().tunnel_data(payload)
+            return
+        if n < OWN_THRESHOLD:  # copied once, here: the tracker reads it in place, the TCP side keeps it
+            payload = bytes(payload)  # type: ignore[assignment]
+        waiting = self._state == _WAIT and self._next is not None and self._next[0] != "upgrade"
+        used = tracker.feed(payload, waiting)
+        if used < n:  # bytes after the last owed response: nobody asked for them
+            if used:
+                super().tunnel_data(payload[:used])
+            assert self.stream is not None
+            self.stream.consumed(n - used)
+        else:
+            super().tunnel_data(payload)
+        if self._state == _WAIT and self._next is not None:
+            if self._next[0] == "upgrade":
+                if tracker.answered_upgrade is not None:
+                    switched, tracker.answered_upgrade = tracker.answered_upgrade, None
+                    self._next = None
+                    self._state = _RAW if switched else self._after
+                    asyncio.get_running_loop().call_soon(self._resume)
+            elif tracker.idle:
+                self._leaving = True
+                asyncio.get_running_loop().call_soon(self._proceed)
+
+    def tunnel_writable(self) -> None:
+        if self._state == _WAIT:  # reading stays paused; it resumes when the wait is over
+            self._reading_paused = False
+            return
+        super().tunnel_writable()
+
+    # a stream that ends before any response byte: the local service did not answer
+    def tunnel_eof(self) -> None:
+        if self._leaving:
+            return
+        if self.bytes_down == self._mark and not self.finished:
+            self._reply("502 Bad Gateway", "the local service closed the connection without answering\n")
+            return
+        if self._state == _WAIT:  # the app ended the connection (a response delimited by its end)
+            self.flush_out()
+            self.close()
+            return
+        super().tunnel_eof()
+
+    def tunnel_reset(self, exc: BaseException) -> None:
+        """The stream was reset or its session died: a 502 if the visitor got no response byte yet,
+        otherwise the visitor's connection is aborted with a RST (a FIN would make a truncated
+        response look complete)."""
+        if self._leaving:
+            return
+        if self.finished:
+            super().tunnel_reset(exc)
+            return
+        pending = self._outq
+        unsent = sum(len(p) for p in pending) if pending else 0
+        tunnel_id = self._request[2]
+        if self.bytes_down - self._mark == unsent:  # nothing of the response went out to the visitor
+            self._outq = None  # what arrived in this read is dropped with the stream
+            lost = isinstance(exc, ConnectionLostError)
+            log.warning("http ingress: tunnel %s %s before answering; 502", printable(tunnel_id),
+                        "went away" if lost else "reset the stream")
+            self.stream = None
+            self._reply("502 Bad Gateway", "the tunnel went away before the local service answered\n" if lost
+                        else "the local service is unreachable\n")
+            return
+        log.warning("http ingress: tunnel %s stream cut after %d response bytes; aborting the visitor's connection",
+                    printable(tunnel_id), self.bytes_down - self._mark - unsent)
+        super().tunnel_reset(exc)  # an abort with SO_LINGER 0: a RST
