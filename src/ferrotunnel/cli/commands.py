@@ -145,7 +145,16 @@ async def _serve(args: argparse.Namespace) -> int:
     import ferrotunnel as ft
     from ..client.client import describe_error, format_address
 
-    token = token_from_args(args)
+    tokens = None
+    if args.client_tokens:
+        from ..server.client_tokens import ClientTokens, TokensFileError
+
+        try:
+            tokens = ClientTokens(args.client_tokens)
+        except TokensFileError as exc:
+            raise UsageError(str(exc)) from None
+    shared = args.token or args.token_file or env("FERROTUNNEL_TOKEN") or env("FERROTUNNEL_TOKEN_FILE")
+    token = token_from_args(args) if tokens is None or shared else None  # with client tokens it is optional
     bind = parse_addr(args.bind, "--bind")
     ctx = _server_tls(args)
     tcp_binds: List[Tuple[Tuple[str, int], Optional[str]]] = []
@@ -170,8 +179,14 @@ async def _serve(args: argparse.Namespace) -> int:
     ports: Any = dict(tcp_port_range=port_range, tcp_port_host=args.tcp_port_host or None,
                       tcp_port_public_host=public_host) if port_range else {}
     try:
-        server = ft.TunnelServer(bind, token, tls=ctx, config=server_config(args.trusted_proxy),
-                                 registry=node.registry if node else None, domain=domain, **ports)
+        kind: Any = ft.TunnelServer
+        if tokens is not None:
+            from ..server.client_tokens import PolicyServer
+
+            kind, ports["client_tokens"] = PolicyServer, tokens
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, tokens.reload)  # re-read on SIGHUP
+        server = kind(bind, token, tls=ctx, config=server_config(args.trusted_proxy),
+                      registry=node.registry if node else None, domain=domain, **ports)
     except ValueError as exc:  # a bad --trusted-proxy CIDR
         raise UsageError(str(exc)) from None
     ingresses: List[Any] = [ft.TcpIngress(server, a, tunnel_id=t) for a, t in tcp_binds]
@@ -287,7 +302,7 @@ async def _connect(args: argparse.Namespace) -> int:
     exc = finished.exception()
     if exc is not None:
         hint = ""
-        if isinstance(exc, ft.AuthenticationError):
+        if isinstance(exc, ft.AuthenticationError) and "not allowed for this token" not in str(exc):
             hint = "; the client's token (--token-file, FERROTUNNEL_TOKEN or --token) must equal the server's"
         print(f"ferrotunnel: {describe_error(exc)}{hint}", file=sys.stderr)
         return 1
@@ -397,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics", action="store_true", default=env_flag("FERROTUNNEL_METRICS"),
                    help="serve Prometheus metrics (needs ferrotunnel[metrics])")
     s.add_argument("--metrics-bind", default=env("FERROTUNNEL_METRICS_BIND", "127.0.0.1:9090"))
+    s.add_argument("--client-tokens", default=env("FERROTUNNEL_CLIENT_TOKENS"), metavar="FILE.toml",
+                   help="per-client tokens, each with the tunnel ids it may claim ([[token]] token or sha256, "
+                        "tunnels = globs); re-read on SIGHUP; the shared token becomes optional")
     s.add_argument("--grace", type=float, default=10.0, help="seconds open streams get on SIGTERM (default 10)")
     s.add_argument("--trusted-proxy", action="append", metavar="CIDR",
                    default=[x for x in (env("FERROTUNNEL_TRUSTED_PROXY") or "").split(",") if x],

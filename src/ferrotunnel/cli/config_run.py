@@ -105,7 +105,7 @@ async def run_config(args: argparse.Namespace, *, token_from_args: Callable[[arg
             return 0
         who = clients[tasks.index(finished)].tunnel_id
         hint = ""
-        if isinstance(exc, ft.AuthenticationError):
+        if isinstance(exc, ft.AuthenticationError) and "not allowed for this token" not in str(exc):
             hint = f"; the token (flags, environment or {cfg.path}) must equal the server's"
         print(f"ferrotunnel: tunnel {who}: {describe_error(exc)}{hint}", file=sys.stderr)
         return 1

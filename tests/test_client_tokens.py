@@ -1,0 +1,149 @@
+"""Per-client tokens (``server --client-tokens FILE.toml``): each token claims only its own tunnel
+ids; another id is refused with the reason and does not count as a failed login; the shared
+token still works; the file is re-read on SIGHUP."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import signal
+import time
+
+import pytest
+
+import ferrotunnel as ft
+from ferrotunnel.server.client_tokens import ClientTokens, PolicyServer, TokensFileError, load_tokens
+
+from conftest import free_port
+from test_cli import Proc
+
+ALICE = "alice-token-0123456789abcdef"
+BOB = "bob-token-0123456789abcdef-bob"
+SHARED = "shared-token-0123456789abcdef"
+
+
+def tokens_file(tmp_path, text=None):
+    p = tmp_path / "tokens.toml"
+    p.write_text(text if text is not None else
+                 f'[[token]]\ntoken = "{ALICE}"\ntunnels = ["alice-*", "Web"]\n'
+                 f'[[token]]\nsha256 = "{hashlib.sha256(BOB.encode()).hexdigest()}"\ntunnels = ["bob"]\n')
+    return p
+
+
+def test_the_file_and_what_each_token_may_claim(tmp_path):
+    t = ClientTokens(str(tokens_file(tmp_path)))
+    alice, bob = t.match(ALICE), t.match(BOB)
+    assert alice is not None and bob is not None and t.match("someone-else-0123456789") is None
+    assert alice.allows("alice-1") and alice.allows("WEB") and not alice.allows("bob") and not alice.allows("alice")
+    assert bob.allows("bob") and not bob.allows("bobby")
+    assert ALICE not in repr(t) + repr(alice)
+
+
+@pytest.mark.parametrize("text, why", [
+    ('[[token]]\ntoken = "short"\ntunnels = ["a"]\n', "token[1]: key 'token': must be a string of at least 16"),
+    (f'[[token]]\ntoken = "{ALICE}"\nsha256 = "{"0" * 64}"\ntunnels = ["a"]\n', "token[1]: give exactly one"),
+    ('[[token]]\nsha256 = "xyz"\ntunnels = ["a"]\n', "token[1]: key 'sha256': must be 64 hex digits"),
+    (f'[[token]]\ntoken = "{ALICE}"\n', "token[1]: key 'tunnels': must be a non-empty list"),
+    (f'[[token]]\ntoken = "{ALICE}"\ntunnels = []\n', "key 'tunnels'"),
+    (f'[[token]]\ntoken = "{ALICE}"\ntunnels = ["a"]\nextra = 1\n', "token[1]: unknown key 'extra'"),
+    ('other = 1\n', "unknown key 'other'"),
+    ('[[token]\n', "not valid TOML"),
+])
+def test_bad_files_are_refused_naming_the_entry_and_never_the_token(tmp_path, text, why):
+    with pytest.raises(TokensFileError) as err:
+        load_tokens(str(tokens_file(tmp_path, text)))
+    assert why in str(err.value) and ALICE not in str(err.value)
+
+
+def test_a_reload_that_fails_keeps_the_tokens_in_force(tmp_path):
+    p = tokens_file(tmp_path)
+    t = ClientTokens(str(p))
+    p.write_text("[[token]\n")
+    assert not t.reload() and t.match(ALICE) is not None
+    p.write_text(f'[[token]]\ntoken = "{BOB}"\ntunnels = ["*"]\n')
+    assert t.reload() and t.match(ALICE) is None and t.match(BOB).allows("anything")
+
+
+async def _claim(server, token, tunnel_id, extensions=True):
+    client = ft.TunnelClient("%s:%d" % server.address, token, tunnel_id=tunnel_id,
+                             config=ft.ClientConfig(extensions=extensions))
+    task = asyncio.create_task(client.connect_and_run())
+    try:
+        await server.wait_for_session(tunnel_id, timeout=10)
+        return None
+    except TimeoutError:
+        pass
+    finally:
+        task.cancel()
+    try:
+        await task
+    except BaseException as exc:  # noqa: BLE001 - the refusal is what the test looks at
+        return exc
+    return None
+
+
+def test_each_token_claims_only_its_ids_and_a_refusal_is_no_failed_login(run, tmp_path):
+    async def body():
+        tokens = ClientTokens(str(tokens_file(tmp_path)))
+        cfg = ft.ServerConfig(auth_failure_threshold=3)
+        async with PolicyServer(("127.0.0.1", 0), SHARED, client_tokens=tokens, config=cfg) as server:
+            assert await _claim(server, ALICE, "alice-1") is None
+            assert await _claim(server, BOB, "bob") is None
+            assert await _claim(server, SHARED, "anything") is None  # the shared token: any id
+            for _ in range(5):  # more than the throttle's threshold: still no throttling
+                exc = await asyncio.wait_for(_refused(server, ALICE, "bob"), 20)
+                assert isinstance(exc, ft.AuthenticationError), exc
+                assert "tunnel id 'bob' is not allowed for this token" in str(exc)
+            assert await _claim(server, ALICE, "web") is None  # the same address is not throttled
+            assert server.refused_ids == 5
+            # a Rust-style client sees InvalidToken, without the reason
+            exc = await asyncio.wait_for(_refused(server, ALICE, "bob", extensions=False), 20)
+            assert isinstance(exc, ft.AuthenticationError) and "not allowed" not in str(exc)
+    run(body, timeout=120)
+
+
+async def _refused(server, token, tunnel_id, extensions=True):
+    client = ft.TunnelClient("%s:%d" % server.address, token, tunnel_id=tunnel_id,
+                             config=ft.ClientConfig(extensions=extensions))
+    try:
+        await client.connect_and_run()
+    except BaseException as exc:  # noqa: BLE001
+        return exc
+    return None
+
+
+def test_without_a_shared_token_only_the_client_tokens_admit(run, tmp_path):
+    async def body():
+        tokens = ClientTokens(str(tokens_file(tmp_path)))
+        async with PolicyServer(("127.0.0.1", 0), None, client_tokens=tokens) as server:
+            assert await _claim(server, ALICE, "alice-x") is None
+            exc = await asyncio.wait_for(_refused(server, SHARED, "alice-y"), 20)
+            assert isinstance(exc, ft.AuthenticationError) and "not allowed" not in str(exc)
+    run(body, timeout=60)
+
+
+def test_cli_refuses_an_id_outside_the_list_and_rereads_the_file_on_sighup(tmp_path):
+    p = tokens_file(tmp_path)
+    tport = free_port()
+    srv = Proc("server", "--bind", f"127.0.0.1:{tport}", "--client-tokens", str(p),
+               env={"FERROTUNNEL_TOKEN": "", "FERROTUNNEL_TOKEN_FILE": ""})
+    try:
+        srv.wait_for("listening")
+        t0 = time.monotonic()
+        cli = Proc("client", "--server", f"127.0.0.1:{tport}", "--tunnel-id", "bob", env={"FERROTUNNEL_TOKEN": ALICE})
+        cli.p.wait(20)
+        assert cli.finish() == 1 and time.monotonic() - t0 < 15
+        err = cli.err.decode()
+        assert "tunnel id 'bob' is not allowed for this token" in err and "must equal the server's" not in err, err
+        assert ALICE not in err + cli.out.decode()
+        p.write_text(f'[[token]]\ntoken = "{ALICE}"\ntunnels = ["bob"]\n')
+        srv.p.send_signal(signal.SIGHUP)
+        srv.wait_until(lambda: b"client tokens reloaded" in srv.err, what="the reload")
+        ok = Proc("client", "--server", f"127.0.0.1:{tport}", "--tunnel-id", "bob", env={"FERROTUNNEL_TOKEN": ALICE})
+        try:
+            ok.wait_for("connected to", timeout=20)
+        finally:
+            ok.kill()
+    finally:
+        assert srv.finish() == 0
+        assert ALICE not in (srv.out + srv.err).decode()
