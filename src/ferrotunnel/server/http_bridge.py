@@ -400,7 +400,7 @@ class HttpBridge(TcpBridge):
             assert self.stream is not None
             self.stream.consumed(n - used)
         else:
-            super().tunnel_data(payload)
+            TcpBridge.tunnel_data(self, payload)  # (not super(): the common way, kept short)
         if self._state == _WAIT and self._next is not None:
             if self._next[0] == "upgrade":
                 if tracker.answered_upgrade is not None:
