@@ -9,7 +9,7 @@ import ssl
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Union
 
-__all__ = ["server_context", "client_context", "generate_certs"]
+__all__ = ["server_context", "client_context", "generate_certs", "CertificatesExist"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -58,18 +58,43 @@ def client_context(cafile: Optional[PathLike] = None, skip_verify: bool = False,
     return ctx
 
 
+class CertificatesExist(FileExistsError):
+    """``generate_certs(force=False)`` would overwrite these files (``paths``)."""
+
+    def __init__(self, paths: Iterable[Path]) -> None:
+        self.paths = sorted(paths)
+        super().__init__(", ".join(str(p) for p in self.paths))
+
+
 def generate_certs(directory: PathLike, names: Iterable[str] = ("localhost",), ips: Iterable[str] = ("127.0.0.1",),
-                   client: bool = False, days: int = 825) -> Dict[str, Path]:
+                   client: bool = False, days: int = 825, *, domain: Optional[str] = None,
+                   pairs: Optional[Iterable[str]] = None, reuse_ca: bool = False, force: bool = True) -> Dict[str, Path]:
     """Write a CA (``ca.pem``, ``ca.key``) and a server certificate signed by it (``server.pem``,
-    ``server.key``; and ``client.pem``, ``client.key`` with ``client=True``), valid for Python's
-    ``ssl`` and rustls. Keys are readable by the owner only. A negative ``days`` makes leaves
-    that are already expired (for tests). Returns the paths by name."""
+    ``server.key``; and ``client.pem``, ``client.key`` with ``client=True``; ``wildcard.pem``,
+    ``wildcard.key`` for ``*.DOMAIN`` and ``DOMAIN`` with ``domain``), valid for Python's ``ssl``
+    and rustls. Keys are readable by the owner only. A negative ``days`` makes leaves that are
+    already expired (for tests). Returns the paths written, by name.
+
+    ``pairs`` names the leaf pairs to write (default: server, plus client and wildcard as asked);
+    with ``reuse_ca`` a CA already in the directory signs them (else a new CA is made); with
+    ``force=False`` nothing is written if any file would be overwritten (``CertificatesExist``)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     out = Path(directory)
+    wanted = set(pairs) if pairs is not None else {"server"} | ({"client"} if client else set()) | (
+        {"wildcard"} if domain else set())
+    if "wildcard" in wanted and not domain:
+        raise ValueError("a wildcard certificate needs a domain")
+    have_ca = reuse_ca and (out / "ca.pem").is_file() and (out / "ca.key").is_file()
+    targets = [out / f"{n}.{ext}" for n in sorted(wanted) for ext in ("pem", "key")]
+    if not have_ca:
+        targets += [out / "ca.pem", out / "ca.key"]
+    existing = [p for p in targets if p.exists()]
+    if existing and not force:
+        raise CertificatesExist(existing)
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     names = list(names)
@@ -88,18 +113,30 @@ def generate_certs(directory: PathLike, names: Iterable[str] = ("localhost",), i
             f.write(data)
         os.chmod(path, 0o600)
 
-    ca_key = key()
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ferrotunnel CA")])
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=3650))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-          .add_extension(ca_ski, critical=False)
-          .sign(ca_key, hashes.SHA256()))
+    if have_ca:
+        try:
+            ca = x509.load_pem_x509_certificate((out / "ca.pem").read_bytes())
+            loaded = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
+        except ValueError as exc:
+            raise ValueError(f"the CA in {out} cannot be read ({exc}); move it away or pass --force") from None
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"the CA key in {out} is not an EC key made by ferrotunnel certs")
+        ca_key, ca_name = loaded, ca.subject
+        ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    else:
+        ca_key = key()
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ferrotunnel CA")])
+        ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+        ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+              .serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=3650))
+              .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+              .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                           content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                           key_agreement=False, encipher_only=False, decipher_only=False),
+                             critical=True)
+              .add_extension(ca_ski, critical=False)
+              .sign(ca_key, hashes.SHA256()))
 
     def leaf(cn: str, sans: list, usage: x509.ObjectIdentifier) -> tuple:
         k = key()
@@ -131,12 +168,19 @@ def generate_certs(directory: PathLike, names: Iterable[str] = ("localhost",), i
             write_key(out / f"{name}.key", k)
             paths[f"{name}.key"] = out / f"{name}.key"
 
-    save("ca", ca, ca_key)
-    sans: list = [x509.DNSName(n) for n in names]
-    sans += [x509.IPAddress(i) for i in ip_addrs]
-    cert, k = leaf(names[0] if names else str(ip_addrs[0]), sans, ExtendedKeyUsageOID.SERVER_AUTH)
-    save("server", cert, k)
-    if client:
+    if not have_ca:
+        save("ca", ca, ca_key)
+    if "server" in wanted:
+        sans: list = [x509.DNSName(n) for n in names]
+        sans += [x509.IPAddress(i) for i in ip_addrs]
+        cert, k = leaf(names[0] if names else str(ip_addrs[0]), sans, ExtendedKeyUsageOID.SERVER_AUTH)
+        save("server", cert, k)
+    if "client" in wanted:
         cert, k = leaf("ferrotunnel client", [], ExtendedKeyUsageOID.CLIENT_AUTH)
         save("client", cert, k)
+    if "wildcard" in wanted:
+        assert domain is not None
+        d = domain.strip().lower().rstrip(".")
+        cert, k = leaf(f"*.{d}", [x509.DNSName(f"*.{d}"), x509.DNSName(d)], ExtendedKeyUsageOID.SERVER_AUTH)
+        save("wildcard", cert, k)
     return paths

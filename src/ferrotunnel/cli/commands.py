@@ -16,6 +16,7 @@ import textwrap
 from typing import Any, List, Optional, Sequence, Tuple
 
 from .common import UsageError, env, env_flag, existing_file, parse_addr, parse_port_flag, parse_port_range_flag
+from .certs import add_certs_parser, run_certs
 from .cluster import CLUSTER_HELP, ClusterUsageError, add_cluster_args, cluster_config
 from .secrets import TOKEN_HELP, hide_token, token_from_args
 
@@ -327,25 +328,6 @@ def host_hint(url: str, tunnel_id: str) -> str:
 # ------------------------------------------------------------------ certs, version, demo
 
 
-def _certs(args: argparse.Namespace) -> int:
-    from ..client.client import describe_error
-    from ..tls import generate_certs
-
-    names = args.name or ["localhost"]
-    ips = args.ip or ["127.0.0.1"]
-    try:
-        paths = generate_certs(args.out, names=names, ips=ips, client=args.client, days=args.days)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    except OSError as exc:
-        print(f"ferrotunnel: cannot write certificates to {args.out}: {describe_error(exc)}", file=sys.stderr)
-        return 1
-    for name, path in sorted(paths.items()):
-        print(f"wrote {path}")
-    print(f"server certificate valid for {', '.join(names + ips)}; keys are readable by you only")
-    return 0
-
-
 def _version() -> int:
     import platform
 
@@ -446,12 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tls-key", default=env("FERROTUNNEL_TLS_KEY"))
     c.add_argument("--log-level", default=env("FERROTUNNEL_LOG_LEVEL", "info"))
 
-    k = sub.add_parser("certs", help="make a CA and a server certificate (and a client pair) for TLS")
-    k.add_argument("--out", required=True, help="directory to write ca.pem, ca.key, server.pem, server.key")
-    k.add_argument("--name", action="append", help="DNS name on the server certificate (repeatable)")
-    k.add_argument("--ip", action="append", help="IP address on the server certificate (repeatable)")
-    k.add_argument("--client", action="store_true", help="also write client.pem and client.key for mutual TLS")
-    k.add_argument("--days", type=int, default=825, help="validity of the leaf certificates")
+    add_certs_parser(sub)
 
     d = sub.add_parser("demo", help="server, client and a small HTTP app in one process, with traffic")
     d.add_argument("--requests", type=int, default=300)
@@ -479,7 +456,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "version":
             return _version()
         if args.command == "certs":
-            return _certs(args)
+            return run_certs(args)
         if args.command == "demo":
             _setup_logging("warning")
             return _run(_demo(args))
