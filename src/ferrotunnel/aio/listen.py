@@ -239,7 +239,10 @@ class Listener:
     #: Seconds between the lines that say accepting paused.
     LOG_INTERVAL = 10.0
 
-    def __init__(self, what: str, proxies: Optional[TrustedProxies] = None, header_timeout: float = 3.0) -> None:
+    def __init__(self, what: str, proxies: Optional[TrustedProxies] = None, header_timeout: float = 3.0,
+                 ssl: Any = None) -> None:
+        #: an ``ssl.SSLContext``: connections are TLS, terminated here (after any PROXY header)
+        self.ssl = ssl
         self.what = what
         #: Addresses whose PROXY protocol v2 header is used (None: headers are not looked for).
         self.proxies = proxies
@@ -297,7 +300,7 @@ class Listener:
                     return
                 if peer is not None:
                     make = functools.partial(_with_peer, factory, peer)
-            await asyncio.get_running_loop().connect_accepted_socket(make, conn)
+            await asyncio.get_running_loop().connect_accepted_socket(make, conn, ssl=self.ssl)
         except (OSError, asyncio.CancelledError):
             conn.close()
 
@@ -393,7 +396,8 @@ class Listener:
     async def _bind(self, factory: Callable[[], Any], host: str, port: int, backlog: int) -> None:
         loop = asyncio.get_running_loop()
         if _uses_libuv(loop) and self.proxies is None:  # with trusted proxies: our accept loop, as below
-            self._server = await loop.create_server(factory, host, port, backlog=backlog, reuse_address=True)
+            self._server = await loop.create_server(factory, host, port, backlog=backlog, reuse_address=True,
+                                                    ssl=self.ssl)
             return
         infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         socks: List[socket.socket] = []
@@ -419,11 +423,12 @@ class Listener:
 
 
 async def listen(factory: Callable[[], Any], host: str, port: int, what: str, backlog: int = 1024,
-                 proxies: Optional[TrustedProxies] = None, header_timeout: float = 3.0) -> Listener:
+                 proxies: Optional[TrustedProxies] = None, header_timeout: float = 3.0, ssl: Any = None) -> Listener:
     """Listen on ``host:port`` (every address it resolves to), making a protocol per connection.
     With ``proxies``, a PROXY protocol v2 header from those addresses names the peer (used when
-    present); one from any other address closes the connection."""
-    listener = Listener(what, proxies or None, header_timeout)
+    present); one from any other address closes the connection. With ``ssl`` (a server
+    ``SSLContext``) every connection is TLS, the handshake done before the protocol sees it."""
+    listener = Listener(what, proxies or None, header_timeout, ssl)
     await listener._bind(factory, host, port, backlog)
     return listener
 

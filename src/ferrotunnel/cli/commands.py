@@ -17,6 +17,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 from .common import UsageError, env, env_flag, existing_file, parse_addr, parse_port_flag, parse_port_range_flag
 from .certs import add_certs_parser, run_certs
+from .public import https_ingress, public_endpoints, public_flags
 from .cluster import CLUSTER_HELP, ClusterUsageError, add_cluster_args, cluster_config
 from .secrets import TOKEN_HELP, hide_token, token_from_args
 
@@ -100,39 +101,6 @@ def _server_tls(args: argparse.Namespace) -> Any:
     return tls.server_context(cert, key, args.tls_ca, require_client_cert=bool(args.tls_ca))
 
 
-def public_flags(args: argparse.Namespace) -> Tuple[Optional[str], Optional[str], Optional[int]]:
-    """--domain (normalised), --public-host and --public-http-port; UsageError for bad ones."""
-    from ..server.public import normalize_domain
-
-    try:
-        domain = normalize_domain(args.domain) if args.domain else None
-    except ValueError as exc:
-        raise UsageError(f"--domain: {exc}") from None
-    host = args.public_host or None
-    if host is not None and (any(c.isspace() or c in "/@?#" for c in host) or not host.isprintable()):
-        raise UsageError(f"--public-host must be a host name or address (no scheme, port or path), got {host!r}")
-    port = args.public_http_port
-    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
-        raise UsageError(f"--public-http-port must be a port in 1..65535, got {port!r}")
-    return domain, (host.strip("[]") if host else domain), int(port) if port else None
-
-
-def public_endpoints(ingresses: Sequence[Any], public_host: Optional[str], http_port: Optional[int]) -> Any:
-    """Where visitors reach each bound ingress: ``public_host`` (default: the ingress's bind host)
-    and its bound port (``http_port`` for HTTP when given)."""
-    import ferrotunnel as ft
-    from ..server.public import PublicEndpoint
-
-    out = []
-    for ing in ingresses:
-        host, port = ing.address
-        if isinstance(ing, ft.HttpIngress):
-            out.append(PublicEndpoint("http", public_host or host, http_port or port))
-        else:
-            out.append(PublicEndpoint("tcp", public_host or host, port, ing.tunnel_id))
-    return tuple(sorted(out, key=lambda ep: ep.scheme != "http"))  # http first, as it is printed
-
-
 def server_config(trusted_proxies: Sequence[str] = ()) -> Any:
     """The CLI server's configuration: the library defaults, except that client-opened streams
     are refused at once (the CLI server has no handler for them; the library keeps them on so
@@ -193,6 +161,8 @@ async def _serve(args: argparse.Namespace) -> int:
     ingresses: List[Any] = [ft.TcpIngress(server, a, tunnel_id=t) for a, t in tcp_binds]
     if http_bind:
         ingresses.append(ft.HttpIngress(server, http_bind, domain=server.domain))
+    if args.https_bind:
+        ingresses.append(https_ingress(args, server))
     metrics = None
     try:
         if node is not None:
@@ -200,7 +170,8 @@ async def _serve(args: argparse.Namespace) -> int:
         await server.start()
         for ing in ingresses:
             await ing.start()
-        server.public_endpoints = public_endpoints(ingresses, public_host, public_http_port)
+        server.public_endpoints = public_endpoints(ingresses, public_host, public_http_port,
+                                                   parse_port_flag(args.public_https_port, "--public-https-port") or None)
         if metrics_bind:
             from .metrics import MetricsServer
 
@@ -379,6 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "ingress's bind host")
     s.add_argument("--public-http-port", default=env("FERROTUNNEL_PUBLIC_HTTP_PORT"), metavar="PORT",
                    help="port the http:// URLs show (default: the HTTP ingress's bound port)")
+    s.add_argument("--https-bind", default=env("FERROTUNNEL_HTTPS_BIND"),
+                   help="HTTPS ingress (TLS for visitors), routed by SNI then Host (off unless given)")
+    s.add_argument("--https-cert", default=env("FERROTUNNEL_HTTPS_CERT"), help="its certificate (PEM; a wildcard "
+                   "for the domain, e.g. from ferrotunnel certs --domain)")
+    s.add_argument("--https-key", default=env("FERROTUNNEL_HTTPS_KEY"), help="its private key (PEM)")
+    s.add_argument("--public-https-port", default=env("FERROTUNNEL_PUBLIC_HTTPS_PORT"), metavar="PORT",
+                   help="the HTTPS port printed URLs show (default: the bound one)")
     s.add_argument("--tcp-bind", action="append", metavar="ADDR[=TUNNEL_ID]",
                    default=[x for x in (env("FERROTUNNEL_TCP_BIND") or "").split(",") if x],
                    help="TCP ingress; repeatable; without =TUNNEL_ID the first tcp client gets it")

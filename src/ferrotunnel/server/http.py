@@ -66,5 +66,9 @@ class HttpIngress(Ingress):
         """The tunnel id a normalised Host names: ``<id>.<domain>`` -> ``<id>``, else itself."""
         return strip_suffix(name, self._suffix)
 
+    def sni_tunnel(self, transport: Any) -> Optional[str]:
+        """The tunnel a connection's TLS server name names (the HTTPS ingress); None here."""
+        return None
+
     def protocol_factory(self) -> TcpBridge:
         return HttpBridge(self)

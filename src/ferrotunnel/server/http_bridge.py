@@ -247,6 +247,10 @@ class HttpBridge(TcpBridge):
             return self._wait(("reply", "200 OK", "ok", None) if health else
                               ("reply", "400 Bad Request", "missing Host header", head))
         tunnel_id = self.ingress.tunnel_for(tunnel_id)
+        sni = self.ingress.sni_tunnel(self.transport)
+        if sni is not None and sni != tunnel_id:  # HTTPS: the connection was opened for another name
+            return self._wait(("reply", "421 Misdirected Request", f"this connection is for {printable(sni)} (its "
+                               f"TLS server name), not {printable(tunnel_id)}: open one for that name", head))
         self._request = (req.method, target, tunnel_id)
         fwd = forwarded_head(head, req, self._client, host.decode("ascii"), self.ingress.scheme, self._trusted)
         if target[:1] == b"/":

@@ -87,6 +87,9 @@ class Ingress:
     def protocol_factory(self) -> TcpBridge:  # pragma: no cover - subclasses
         raise NotImplementedError
 
+    #: A server ``SSLContext`` for an ingress that terminates TLS (the HTTPS ingress); None: plain.
+    ssl_context: Any = None
+
     def _make_protocol(self) -> TcpBridge:
         bridge = self.protocol_factory()
         bridge.gate = self.server.ingress_gate
@@ -154,7 +157,7 @@ class Ingress:
     async def start(self) -> None:
         host, port = self._bind
         self._server = await listen(self._make_protocol, host, port, self.kind, proxies=self.server.trusted_proxies,
-                                    header_timeout=self.server.config.proxy_header_timeout)
+                                    header_timeout=self.server.config.proxy_header_timeout, ssl=self.ssl_context)
         self._where = "%s:%s" % self.address
         log.info("%s listening on %s%s", self.kind, self._where, self.describe())
 

@@ -19,7 +19,7 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 class PublicEndpoint:
     """One public entry point as visitors see it (behind a balancer: the balancer's address).
 
-    ``scheme`` is ``"http"`` (routed by Host: ``ID.DOMAIN``, or ``ID`` itself without a domain) or
+    ``scheme`` is ``"http"`` or ``"https"`` (routed by Host: ``ID.DOMAIN``, or ``ID`` itself without a domain) or
     ``"tcp"``; a tcp endpoint with a ``tunnel_id`` serves only that tunnel, one without serves
     any client that announced ``tcp``."""
 
@@ -29,8 +29,8 @@ class PublicEndpoint:
     tunnel_id: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if self.scheme not in ("http", "tcp"):
-            raise ValueError(f"a public endpoint's scheme is http or tcp, not {self.scheme!r}")
+        if self.scheme not in ("http", "https", "tcp"):
+            raise ValueError(f"a public endpoint's scheme is http, https or tcp, not {self.scheme!r}")
         if not self.host or not 0 < self.port < 65536:
             raise ValueError(f"a public endpoint needs a host and a port in 1..65535, got {self.host!r}:{self.port}")
 
@@ -49,9 +49,9 @@ def public_urls(endpoints: Iterable[PublicEndpoint], tunnel_id: str, capabilitie
     and this one announced ``tcp``."""
     urls = []
     for ep in endpoints:
-        if ep.scheme == "http":
+        if ep.scheme in ("http", "https"):
             host = f"{tunnel_id}.{domain}" if domain else ep.host
-            urls.append(f"http://{_authority(host, ep.port, 'http')}")
+            urls.append(f"{ep.scheme}://{_authority(host, ep.port, ep.scheme)}")
         elif (ep.tunnel_id.lower() == tunnel_id) if ep.tunnel_id else ("tcp" in capabilities):
             urls.append(f"tcp://{_authority(ep.host, ep.port, 'tcp')}")
     return tuple(dict.fromkeys(urls))
