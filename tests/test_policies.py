@@ -610,8 +610,8 @@ def test_capabilities_exact():
                                            "reject-reason/1", "drain/1", "public-urls/1"]
     assert ext.client_capabilities(OFF) == ["basic", "tcp", "ferrotunnel-py/1", "reject-reason/1", "drain/1", "public-urls/1"]
     assert ext.client_capabilities(OFF, ("x/1",)) == ["basic", "tcp", "ferrotunnel-py/1", "reject-reason/1", "drain/1", "public-urls/1", "x/1"]
-    assert ext.server_capabilities(ON) == ["basic", "ferrotunnel-py/1", "flow-control/1;window=1000", "drain/1", "public-urls/1"]
-    assert ext.server_capabilities(OFF) == ["basic", "ferrotunnel-py/1", "drain/1", "public-urls/1"]
+    assert ext.server_capabilities(ON) == ["basic", "ferrotunnel-py/1", "flow-control/1;window=1000", "drain/1", "public-urls/1", "visitor-addr/1"]
+    assert ext.server_capabilities(OFF) == ["basic", "ferrotunnel-py/1", "drain/1", "public-urls/1", "visitor-addr/1"]
     assert ext.client_capabilities(ft.ClientConfig()) == ["basic", "tcp", "ferrotunnel-py/1",
                                                          "flow-control/1;window=262144", "reject-reason/1", "drain/1", "public-urls/1"]
 

@@ -175,9 +175,17 @@ class ClientConfig(StreamConfig):
     #: handshake is refused, with the reason, when the server cannot give it (outside the range,
     #: taken, no range; a server without the extension). None: ask for none.
     remote_port: Optional[int] = None
+    #: Send the local service a PROXY protocol header ("v1" text or "v2" binary) before each
+    #: stream's bytes, naming the visitor (from the server, ``visitor-addr/1``); None: none.
+    proxy_protocol: Optional[str] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.proxy_protocol is not None:
+            if self.proxy_protocol not in ("v1", "v2"):
+                raise ValueError(f"proxy_protocol must be 'v1' or 'v2', got {self.proxy_protocol!r}")
+            if not self.extensions:
+                raise ValueError("proxy_protocol needs extensions=True (the visitor's address travels in one)")
         if self.remote_port is not None:
             if isinstance(self.remote_port, bool) or not isinstance(self.remote_port, int) \
                     or not 0 <= self.remote_port <= 65535:

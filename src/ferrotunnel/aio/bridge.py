@@ -465,12 +465,13 @@ async def _connect(bridge: TcpBridge, host: str, port: int, timeout: float) -> O
 
 
 async def forward(stream: VirtualStream, address: Tuple[str, int], connect_timeout: float = 10.0,
-                  wait: bool = True) -> None:
+                  wait: bool = True, prefix: bytes = b"") -> None:
     """Pipe ``stream`` and a new TCP connection to ``address`` both ways until both ends finish.
 
     If the address cannot be reached the stream is reset and the ``OSError`` is raised. With
     ``wait=False`` it returns once the pipe is set up; the two protocols then run on their own,
-    so an idle forwarded stream costs no coroutine or task.
+    so an idle forwarded stream costs no coroutine or task. ``prefix`` is written to the
+    connection before the stream's bytes.
     """
     host, port = address
     bridge = TcpBridge()
@@ -484,6 +485,8 @@ async def forward(stream: VirtualStream, address: Tuple[str, int], connect_timeo
         finally:  # the traceback holds this frame: it must not hold the error back (a cycle)
             del error
     log.info("stream %d (%s) forwarded to %s:%s", stream.stream_id, stream.protocol.name, host, port)
+    if prefix:  # e.g. a PROXY protocol header: before any byte of the stream
+        bridge.transport.write(prefix)
     bridge.attach(stream)
     if wait:
         await bridge.done

@@ -252,7 +252,8 @@ async def _connect(args: argparse.Namespace) -> int:
     remote_port = parse_port_flag(args.remote_port, "--remote-port")
     ctx = _client_tls(args)
     client = ft.TunnelClient(args.server, token, tunnel_id=args.tunnel_id, tls=ctx, server_name=args.tls_server_name,
-                             config=ft.ClientConfig(local_addr=local, remote_port=remote_port))
+                             config=ft.ClientConfig(local_addr=local, remote_port=remote_port,
+                                                    proxy_protocol=args.proxy_protocol))
 
     def connected(session: Any) -> None:
         # "connected to ADDR: session ID" is part of the output contract
@@ -394,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the local service as HOST:PORT (default {DEFAULT_LOCAL})")
     c.add_argument("--tunnel-id", default=env("FERROTUNNEL_TUNNEL_ID"),
                    help="the name to route by (HTTP Host, or =TUNNEL_ID on a TCP ingress)")
+    c.add_argument("--proxy-protocol", choices=("v1", "v2"), default=env("FERROTUNNEL_PROXY_PROTOCOL"),
+                   help="send the local service a PROXY protocol header (v1 text, v2 binary) naming each visitor "
+                        "(the server passes its address: visitor-addr/1); default: none")
     c.add_argument("--remote-port", default=env("FERROTUNNEL_REMOTE_PORT"), metavar="N",
                    help="ask the server for public TCP port N of its --tcp-port-range (0: any free one) for this "
                         "tunnel while connected")

@@ -11,6 +11,7 @@
     id = "db"
     local = "127.0.0.1:5432"
     remote_port = 0                   # a port of its own from the server's range
+    proxy_protocol = "v2"             # a PROXY header naming the visitor, to the local service
 
 Relative paths are relative to the file. Unknown keys and bad values are usage errors that name
 the file, the table (``tunnel[2]``, counted from 1) and the key; a token in the file is never
@@ -36,7 +37,7 @@ MAX_TUNNELS = 64
 
 _TOP = {"server", "token", "token_file", "tls", "tunnel"}
 _TLS = {"ca", "server_name", "cert", "key", "skip_verify"}
-_TUNNEL = {"id", "local", "remote_port"}
+_TUNNEL = {"id", "local", "remote_port", "proxy_protocol"}
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class TunnelSpec:
     id: Optional[str]
     local: Tuple[str, int]
     remote_port: Optional[int] = None
+    #: "v1" or "v2": a PROXY header to the local service before each stream (None: none)
+    proxy_protocol: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -174,9 +177,12 @@ def load_client_file(path: str) -> ClientFile:
         port = t.get("remote_port")
         if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
             raise where.fail(table, "remote_port", f"must be a port in 0..65535, got {port!r}")
+        proxy = t.get("proxy_protocol")
+        if proxy is not None and proxy not in ("v1", "v2"):
+            raise where.fail(table, "proxy_protocol", f"must be \"v1\" or \"v2\", got {proxy!r}")
         if tid is not None:
             if tid.lower() in seen:
                 raise where.fail(table, "id", f"{tid!r} is also the id of tunnel[{seen[tid.lower()]}]")
             seen[tid.lower()] = i
-        tunnels.append(TunnelSpec(tid, local, port))
+        tunnels.append(TunnelSpec(tid, local, port, proxy))
     return ClientFile(where.path, server, token, token_file, tls, tuple(tunnels))

@@ -1,7 +1,8 @@
 """``ferrotunnel client --config FILE.toml``: every tunnel of the file served from one process,
 one connection per tunnel, each printing its ``connected`` and ``Forwarding`` lines as the
 single-tunnel client does. Flags and environment variables win over the file; a single-tunnel
-flag (``--tunnel-id``, ``--local-addr``, ``--remote-port``) applies to a file with one tunnel only.
+flag (``--tunnel-id``, ``--local-addr``, ``--remote-port``, ``--proxy-protocol``) applies to a file
+with one tunnel only.
 The first tunnel that fails for good ends the process with exit 1, saying which tunnel and why."""
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def _tls(args: argparse.Namespace, cfg: ClientFile, client_tls: Callable[[argpar
 def _tunnels(args: argparse.Namespace, cfg: ClientFile) -> List[TunnelSpec]:
     specs = list(cfg.tunnels)
     given = [f for f, v in (("--tunnel-id", args.tunnel_id), ("--local-addr", args.local_addr),
-                            ("--remote-port", args.remote_port)) if v is not None]
+                            ("--remote-port", args.remote_port), ("--proxy-protocol", args.proxy_protocol))
+             if v is not None]
     if not given:
         return specs
     if len(specs) != 1:
@@ -58,7 +60,7 @@ def _tunnels(args: argparse.Namespace, cfg: ClientFile) -> List[TunnelSpec]:
     spec = specs[0]
     local = parse_addr(args.local_addr, "--local-addr") if args.local_addr is not None else spec.local
     port = parse_port_flag(args.remote_port, "--remote-port") if args.remote_port is not None else spec.remote_port
-    return [TunnelSpec(args.tunnel_id or spec.id, local, port)]
+    return [TunnelSpec(args.tunnel_id or spec.id, local, port, args.proxy_protocol or spec.proxy_protocol)]
 
 
 async def run_config(args: argparse.Namespace, *, token_from_args: Callable[[argparse.Namespace], str],
@@ -82,7 +84,8 @@ async def run_config(args: argparse.Namespace, *, token_from_args: Callable[[arg
     tasks: List["asyncio.Task[Any]"] = []
     for spec in specs:
         client = ft.TunnelClient(server, token, tunnel_id=spec.id, tls=ctx, server_name=server_name,
-                                 config=ft.ClientConfig(local_addr=spec.local, remote_port=spec.remote_port))
+                                 config=ft.ClientConfig(local_addr=spec.local, remote_port=spec.remote_port,
+                                                        proxy_protocol=spec.proxy_protocol))
         local = format_address(*spec.local)
 
         def connected(session: Any, client: Any = client, local: str = local) -> None:

@@ -21,6 +21,8 @@ from ..auth import TokenFormatError, validate_token_format
 from ..config import ClientConfig
 from ..protocol.core import SessionCore
 from ..protocol.handshake import ClientHandshake, HandshakeResult
+from ..protocol.extensions import VISITOR_HEADER
+from ..protocol.proxyproto import header_for
 from .diagnose import (HINT_ADD_TLS, HINT_CLIENT_CERT, HINT_NO_TLS, SSL_CLOSED, SSL_OLD_VERSION,
                        SSL_PLAINTEXT_ANSWER, client_cert_hint, looks_like_tls, ssl_reason, describe_error)
 from .reconnect import Backoff
@@ -256,10 +258,12 @@ class TunnelClient:
 
     def _default_handler(self) -> StreamHandler:
         addr = self.config.local_addr
+        version = self.config.proxy_protocol
 
         async def handle(stream: VirtualStream) -> None:
+            prefix = header_for(version, dict(stream.headers).get(VISITOR_HEADER), addr) if version else b""
             try:
-                await forward(stream, addr, wait=False)  # the pipe runs by itself: no task per stream
+                await forward(stream, addr, wait=False, prefix=prefix)  # the pipe runs by itself: no task per stream
             except (OSError, TimeoutError):
                 pass  # forward() logged it once and reset the stream; no traceback per stream
 

@@ -38,6 +38,7 @@ from ..client.client import TunnelClient
 from ..config import ClientConfig, ServerConfig
 from ..errors import ConnectionLostError
 from ..frames import Protocol, StreamPriority
+from ..protocol.extensions import VISITOR_HEADER
 from ..server.registry import Route
 from ..server.server import TunnelServer
 from .splice import splice
@@ -62,7 +63,7 @@ LINK_TIMEOUT = 5.0
 LINK_REDIAL_INTERVAL = 1.0
 
 HEADER_TUNNEL = "ft-tunnel"
-HEADER_VISITOR = "ft-visitor"
+HEADER_VISITOR = VISITOR_HEADER
 HEADER_HOST = "ft-host"
 
 

@@ -17,7 +17,7 @@ from ..config import ClientConfig, StreamConfig
 from .flow import FLOW_PLUGIN_ID, flow_capability, parse_flow_capability
 from .remoteport import REMOTE_PORT_CAPABILITY, parse_remote_port, remote_port_capability
 
-__all__ = ["Extension", "EXTENSIONS", "EXT_CAPABILITY", "REASON_CAPABILITY", "DRAIN_CAPABILITY", "DRAIN_PLUGIN_ID",
+__all__ = ["Extension", "EXTENSIONS", "EXT_CAPABILITY", "REASON_CAPABILITY", "DRAIN_CAPABILITY", "DRAIN_PLUGIN_ID", "VISITOR_CAPABILITY", "VISITOR_HEADER",
            "PUBLIC_URLS_CAPABILITY", "PUBLIC_URLS_PLUGIN_ID", "REMOTE_PORT_CAPABILITY", "Negotiated",
            "client_capabilities", "server_capabilities", "negotiate", "plugin_handlers", "keep_capabilities",
            "BASE_CLIENT_CAPABILITIES", "BASE_SERVER_CAPABILITIES", "MAX_CAPABILITIES", "MAX_CAPABILITY_LEN"]
@@ -88,6 +88,22 @@ def _remote_port_agree(config: StreamConfig, peer: Sequence[str]) -> Optional[in
     return parse_remote_port(peer)
 
 
+#: Visitor addresses: a client that sends its local service a PROXY header asks for each stream's
+#: visitor address; the server then puts it in the stream's OpenStream headers.
+VISITOR_CAPABILITY = "visitor-addr/1"
+VISITOR_HEADER = "ft-visitor"
+
+
+def _visitor_announce(config: StreamConfig) -> Optional[str]:
+    return VISITOR_CAPABILITY if isinstance(config, ClientConfig) and config.proxy_protocol else None
+
+
+def _visitor_agree(config: StreamConfig, peer: Sequence[str]) -> Optional[bool]:
+    if isinstance(config, ClientConfig) and not config.proxy_protocol:
+        return None  # the client did not ask
+    return True if VISITOR_CAPABILITY in peer else None
+
+
 EXTENSIONS: Tuple[Extension, ...] = (
     # The peer is this package: it accepts client-opened streams, answers server heartbeats and
     # reads Error{stream_id} as a stream reset.
@@ -108,6 +124,9 @@ EXTENSIONS: Tuple[Extension, ...] = (
     # for a port; a server that bound one answers "remote-port/1=PORT" in its ack (never announced
     # otherwise). The value is the port asked for (server) or the port granted (client).
     Extension("remote_port", _remote_port_announce, _never, _remote_port_agree),
+    # Visitor addresses (ClientConfig(proxy_protocol=)): the client asks, the server answers it
+    # can; its OpenStream frames then carry ("ft-visitor", "HOST:PORT").
+    Extension("visitor_addr", _visitor_announce, _always(VISITOR_CAPABILITY), _visitor_agree),
 )
 
 

@@ -259,6 +259,44 @@ def encode_v2(source: Optional[Address], destination: Optional[Address], command
     return PROXY_V2_SIGNATURE + bytes([_VERSION << 4 | codes[command], family]) + struct.pack("!H", len(body)) + body
 
 
+def encode_v1(source: Optional[Address], destination: Optional[Address]) -> bytes:
+    """A PROXY protocol v1 (text) header: ``PROXY TCP4|TCP6 SRC DST SPORT DPORT``, or ``PROXY
+    UNKNOWN`` when the addresses are not known or not of one IP version."""
+    if source is None or destination is None:
+        return b"PROXY UNKNOWN\r\n"
+    (src, sport), (dst, dport) = _address(source, "source"), _address(destination, "destination")
+    if src.version != dst.version:
+        return b"PROXY UNKNOWN\r\n"
+    return f"PROXY TCP{src.version} {src} {dst} {sport} {dport}\r\n".encode()
+
+
+def header_for(version: str, visitor: Optional[str], local: Address) -> bytes:
+    """The PROXY header (``version`` "v1" or "v2") a client sends its local service before a
+    stream's bytes: the visitor (``"HOST:PORT"`` as the server sent it) as the source, the local
+    service as the destination; without a usable visitor, v1 ``UNKNOWN`` / a v2 ``LOCAL`` header."""
+    source: Optional[Address] = None
+    if visitor:
+        host, _, port = visitor.rpartition(":")
+        try:
+            ip = ipaddress.ip_address(host.strip("[]"))
+            if port.isdigit() and int(port) <= 65535:
+                source = (str(ip.ipv4_mapped or ip) if ip.version == 6 else str(ip), int(port))
+        except ValueError:
+            source = None
+    if source is not None:
+        try:
+            dst = ipaddress.ip_address(local[0])
+        except ValueError:
+            dst = None
+        if dst is None or dst.version != ipaddress.ip_address(source[0]).version:
+            source = None
+    if version == "v1":
+        return encode_v1(source, local if source is not None else None)
+    if source is None:
+        return encode_v2(None, None, command="local")
+    return encode_v2(source, local)
+
+
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 

@@ -18,6 +18,7 @@ from typing import Any, Awaitable, Callable, Collection, Dict, Iterator, Optiona
 from ..aio.session import Session
 from ..aio.stream import VirtualStream
 from ..frames import Protocol, StreamPriority
+from ..protocol.extensions import VISITOR_CAPABILITY, VISITOR_HEADER
 
 __all__ = ["Route", "LocalRoute", "Claim", "SessionRegistry", "LocalRegistry", "SessionStore", "resolve",
            "first_with_capability"]
@@ -59,7 +60,10 @@ class LocalRoute(Route):
 
     def open_stream_nowait(self, protocol: Protocol, priority: StreamPriority, visitor: Any = None,
                            host: Optional[str] = None) -> VirtualStream:
-        return self.session.open_stream_nowait(protocol, priority)
+        session = self.session
+        if isinstance(visitor, tuple) and len(visitor) >= 2 and VISITOR_CAPABILITY in session.capabilities:
+            return session.open_stream_nowait(protocol, priority, ((VISITOR_HEADER, f"{visitor[0]}:{visitor[1]}"),))
+        return session.open_stream_nowait(protocol, priority)
 
     def __repr__(self) -> str:
         return f"<LocalRoute {self.session!r}>"
