@@ -328,6 +328,10 @@ def test_a_repeated_head_is_forwarded_like_the_first_and_routed_by_its_host(run)
                 assert (await response(r))[1] == b"web GET /same "
             w.write(get("web", "/same", "X-Forwarded-For: 10.9.9.9\r\n"))
             assert (await response(r))[1] == b"web GET /same "
+            for _ in range(2):  # HEAD: the same response head as to GET, but without its body
+                w.write(b"HEAD /same HTTP/1.1\r\nHost: web\r\n\r\n")
+                line, got = await response(r, head_only=True)
+                assert line == b"HTTP/1.1 200 OK" and got == b""
             for i in range(2):  # a plain head with a body that comes in a later read
                 w.write(b"POST /post HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\n\r\n")
                 await asyncio.sleep(0.05)
@@ -338,7 +342,7 @@ def test_a_repeated_head_is_forwarded_like_the_first_and_routed_by_its_host(run)
             assert line == b"HTTP/1.1 400 Bad Request"
             w.close()
             heads = apps["web"].heads
-            assert len(heads) == 9 and len(set(heads[:6])) == 1 and heads[7] == heads[8], heads
+            assert len(heads) == 11 and len(set(heads[:6])) == 1 and heads[9] == heads[10], heads
             assert heads[0].endswith(b"\r\nHost: web\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\n"
                                      b"X-Forwarded-Host: web\r\n\r\n"), heads[0]
             assert b"10.9.9.9" not in heads[6] and heads[6].count(b"X-Forwarded-For") == 1
