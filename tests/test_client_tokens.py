@@ -125,12 +125,15 @@ def test_without_a_shared_token_only_the_client_tokens_admit(run, tmp_path):
 def test_cli_refuses_an_id_outside_the_list_and_rereads_the_file_on_sighup(tmp_path):
     p = tokens_file(tmp_path)
     tport = free_port()
-    srv = Proc("server", "--bind", f"127.0.0.1:{tport}", "--client-tokens", str(p),
-               env={"FERROTUNNEL_TOKEN": "", "FERROTUNNEL_TOKEN_FILE": ""})
+    procs = []  # every process started here is killed at the end, whatever happened
     try:
+        srv = Proc("server", "--bind", f"127.0.0.1:{tport}", "--client-tokens", str(p),
+                   env={"FERROTUNNEL_TOKEN": "", "FERROTUNNEL_TOKEN_FILE": ""})
+        procs.append(srv)
         srv.wait_for("listening")
         t0 = time.monotonic()
         cli = Proc("client", "--server", f"127.0.0.1:{tport}", "--tunnel-id", "bob", env={"FERROTUNNEL_TOKEN": ALICE})
+        procs.append(cli)
         cli.p.wait(20)
         assert cli.finish() == 1 and time.monotonic() - t0 < 15
         err = cli.err.decode()
@@ -140,10 +143,11 @@ def test_cli_refuses_an_id_outside_the_list_and_rereads_the_file_on_sighup(tmp_p
         srv.p.send_signal(signal.SIGHUP)
         srv.wait_until(lambda: b"client tokens reloaded" in srv.err, what="the reload")
         ok = Proc("client", "--server", f"127.0.0.1:{tport}", "--tunnel-id", "bob", env={"FERROTUNNEL_TOKEN": ALICE})
-        try:
-            ok.wait_for("connected to", timeout=20)
-        finally:
-            ok.kill()
-    finally:
+        procs.append(ok)
+        ok.wait_for("connected to", timeout=20)
+        ok.kill()
         assert srv.finish() == 0
         assert ALICE not in (srv.out + srv.err).decode()
+    finally:
+        for proc in procs:
+            proc.kill()
