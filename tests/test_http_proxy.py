@@ -61,6 +61,9 @@ class App:
                 out = b"%s %s %s %s" % (self.name.encode(), method, target, body)
                 if target == b"/refuse-upgrade":
                     writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\n\r\n%s" % (len(out), out))
+                elif target == b"/extra":  # an answer, then one nobody asked for
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(out), out)
+                                 + b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil")
                 elif target == b"/eof":
                     writer.write(b"HTTP/1.1 200 OK\r\n\r\n" + out)
                     await writer.drain()
@@ -408,3 +411,32 @@ def test_a_repeated_response_head_is_read_as_the_first_for_the_request_it_answer
     t.sent(b"GET", False)
     t.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n")
     assert t.state == t.LENGTH and t.left == 30
+
+
+def test_bytes_an_app_sends_unasked_never_reach_the_visitor(run):
+    """A response nobody asked for (after the one owed) is dropped: it would otherwise be read as
+    the answer to the visitor's next request, which may be for another tunnel."""
+    async def body():
+        async with two_tunnels() as (ing, apps):
+            r, w = await asyncio.open_connection(*ing.address)
+            w.write(get("web", "/extra"))
+            assert (await response(r))[1] == b"web GET /extra "
+            await asyncio.sleep(0.3)  # the unasked answer arrives meanwhile
+            w.write(get("api", "/next") + get("web", "/again"))
+            assert (await response(r))[1] == b"api GET /next "
+            assert (await response(r))[1] == b"web GET /again "
+            w.close()
+    run(body)
+
+
+def test_an_upgrade_with_a_body_is_refused(run):
+    async def body():
+        async with two_tunnels() as (ing, apps):
+            r, w = await asyncio.open_connection(*ing.address)
+            w.write(b"POST / HTTP/1.1\r\nHost: web\r\nUpgrade: x\r\nContent-Length: 1\r\n\r\nX"
+                    + get("web", "/admin", "X-Forwarded-For: 127.0.0.1\r\n"))
+            line, text = await response(r)
+            assert line == b"HTTP/1.1 400 Bad Request" and b"upgrade" in text, (line, text)
+            w.close()
+            assert apps["web"].heads == []
+    run(body)

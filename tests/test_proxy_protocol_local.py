@@ -19,7 +19,8 @@ from test_cli import TOKEN, Proc
 def test_headers_for_the_local_service():
     assert header_for("v1", "127.0.0.2:4000", ("127.0.0.1", 8000)) == b"PROXY TCP4 127.0.0.2 127.0.0.1 4000 8000\r\n"
     assert header_for("v1", "[::1]:4000", ("::1", 8000)) == b"PROXY TCP6 ::1 ::1 4000 8000\r\n"
-    assert header_for("v1", "::1:4000", ("127.0.0.1", 8000)) == b"PROXY UNKNOWN\r\n"  # versions differ
+    assert header_for("v1", "::1:4000", ("127.0.0.1", 8000)) == b"PROXY TCP6 ::1 :: 4000 8000\r\n"  # families differ
+    assert header_for("v1", "127.0.0.2:4000", ("localhost", 8000)) == b"PROXY TCP4 127.0.0.2 0.0.0.0 4000 8000\r\n"
     assert header_for("v1", None, ("127.0.0.1", 8000)) == b"PROXY UNKNOWN\r\n"
     assert header_for("v1", "not-an-ip:1", ("127.0.0.1", 8000)) == b"PROXY UNKNOWN\r\n"
     assert header_for("v1", "::ffff:10.1.2.3:5", ("127.0.0.1", 8000)) == b"PROXY TCP4 10.1.2.3 127.0.0.1 5 8000\r\n"

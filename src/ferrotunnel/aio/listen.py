@@ -232,6 +232,10 @@ class _Acceptor:
         self.sock.close()
 
 
+#: A TLS-terminating listener (the HTTPS ingress) gives each handshake this long.
+TLS_HANDSHAKE_TIMEOUT = 10.0
+
+
 class Listener:
     """The listening sockets of one address: ``asyncio.Server`` under uvloop, an accept loop of
     our own on the selector event loop. ``sockets`` and ``close``/``wait_closed`` as a Server."""
@@ -300,7 +304,8 @@ class Listener:
                     return
                 if peer is not None:
                     make = functools.partial(_with_peer, factory, peer)
-            await asyncio.get_running_loop().connect_accepted_socket(make, conn, ssl=self.ssl)
+            await asyncio.get_running_loop().connect_accepted_socket(
+                make, conn, ssl=self.ssl, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if self.ssl else None)
         except (OSError, asyncio.CancelledError):
             conn.close()
 
@@ -396,8 +401,8 @@ class Listener:
     async def _bind(self, factory: Callable[[], Any], host: str, port: int, backlog: int) -> None:
         loop = asyncio.get_running_loop()
         if _uses_libuv(loop) and self.proxies is None:  # with trusted proxies: our accept loop, as below
-            self._server = await loop.create_server(factory, host, port, backlog=backlog, reuse_address=True,
-                                                    ssl=self.ssl)
+            self._server = await loop.create_server(factory, host, port, backlog=backlog, reuse_address=True, ssl=self.ssl,
+                                                    ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if self.ssl else None)
             return
         infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         socks: List[socket.socket] = []

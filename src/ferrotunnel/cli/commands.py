@@ -250,6 +250,8 @@ async def _connect(args: argparse.Namespace) -> int:
     parse_addr(args.server, "--server")
     local = parse_addr(args.local_addr or DEFAULT_LOCAL, "--local-addr")
     remote_port = parse_port_flag(args.remote_port, "--remote-port")
+    if args.proxy_protocol not in (None, "v1", "v2"):  # an environment value skips argparse's choices
+        raise UsageError(f"--proxy-protocol must be v1 or v2, got {args.proxy_protocol!r}")
     ctx = _client_tls(args)
     client = ft.TunnelClient(args.server, token, tunnel_id=args.tunnel_id, tls=ctx, server_name=args.tls_server_name,
                              config=ft.ClientConfig(local_addr=local, remote_port=remote_port,

@@ -273,7 +273,9 @@ def encode_v1(source: Optional[Address], destination: Optional[Address]) -> byte
 def header_for(version: str, visitor: Optional[str], local: Address) -> bytes:
     """The PROXY header (``version`` "v1" or "v2") a client sends its local service before a
     stream's bytes: the visitor (``"HOST:PORT"`` as the server sent it) as the source, the local
-    service as the destination; without a usable visitor, v1 ``UNKNOWN`` / a v2 ``LOCAL`` header."""
+    service as the destination (its port on the unspecified address of the visitor's family when
+    it is a host name or of the other family); without a usable visitor, v1 ``UNKNOWN`` / a v2
+    ``LOCAL`` header."""
     source: Optional[Address] = None
     if visitor:
         host, _, port = visitor.rpartition(":")
@@ -283,18 +285,20 @@ def header_for(version: str, visitor: Optional[str], local: Address) -> bytes:
                 source = (str(ip.ipv4_mapped or ip) if ip.version == 6 else str(ip), int(port))
         except ValueError:
             source = None
+    destination: Address = local
     if source is not None:
         try:
             dst = ipaddress.ip_address(local[0])
-        except ValueError:
+        except ValueError:  # a host name (localhost): the destination is its port on "any" address
             dst = None
-        if dst is None or dst.version != ipaddress.ip_address(source[0]).version:
-            source = None
+        family = ipaddress.ip_address(source[0]).version
+        if dst is None or dst.version != family:
+            destination = ("0.0.0.0" if family == 4 else "::", local[1])
     if version == "v1":
-        return encode_v1(source, local if source is not None else None)
+        return encode_v1(source, destination if source is not None else None)
     if source is None:
         return encode_v2(None, None, command="local")
-    return encode_v2(source, local)
+    return encode_v2(source, destination)
 
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]

@@ -148,7 +148,9 @@ class PolicyServer(TunnelServer):
         return (self.shared and super().token_ok(token)) or self.client_tokens.match(token) is not None
 
     async def authorize(self, conn: Any, req: Any) -> None:
-        if not conn.closed and not (self.shared and super().token_ok(req.token)):
+        # a throttled address gets RateLimited from the base policy first: the reason below would
+        # otherwise tell a right token from a wrong one at full speed
+        if not conn.closed and not self.throttled(conn.peer_address) and not (self.shared and super().token_ok(req.token)):
             entry = self.client_tokens.match(req.token) if isinstance(req.token, str) else None
             tid = (req.tunnel_id or "").lower()
             if entry is not None and not entry.allows(tid):

@@ -126,7 +126,10 @@ class Request:
 
     def body(self) -> Any:
         """How the body is delimited: an int (Content-Length, 0 for none) or "chunked"; HeadError
-        for what RFC 9112 §6 asks a server to refuse (the classic request-smuggling shapes)."""
+        for what RFC 9112 §6 asks a server to refuse (the classic request-smuggling shapes), and for
+        an upgrade (or CONNECT) with a body: what follows it could not be told from raw bytes."""
+        if self.upgrade and (self.te or any(v.strip(b" \t") not in (b"", b"0") for v in self.cl)):
+            raise HeadError("400 Bad Request", "an upgrade or CONNECT request with a body is not supported")
         if self.te:
             if self.cl:
                 raise HeadError("400 Bad Request", "both Transfer-Encoding and Content-Length")

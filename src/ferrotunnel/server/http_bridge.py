@@ -268,9 +268,6 @@ class HttpBridge(TcpBridge):
         assert self._tracker is not None
         self._tracker.pending.append((req.method, req.upgrade))
         after = _HEAD if req.keep_alive else _DISCARD  # after a "Connection: close" request, nothing
-        if req.upgrade and framing:  # an upgrade with a body: the body, then raw bytes both ways
-            self._tracker.raw = True
-            after = _RAW
         self._after = after
         if framing == "chunked":
             self._chunked = Chunked()
@@ -295,8 +292,8 @@ class HttpBridge(TcpBridge):
         return False
 
     def _proceed(self) -> None:
-        if self.finished or self._state != _WAIT or self._next is None or self._next[0] == "upgrade":
-            return
+        if self.finished or self._state != _WAIT or self._next is None or self._next[0] not in ("open", "reply"):
+            return  # (an upgrade answer, or an open already under way: scheduled twice in one turn)
         tracker = self._tracker
         if self.stream is not None and tracker is not None and not tracker.idle and not self._leaving:
             return  # tunnel_data calls again when the last owed response has gone out
@@ -406,9 +403,8 @@ class HttpBridge(TcpBridge):
                 pending.popleft()
                 used = n
             payload = data  # type: ignore[assignment]
-        if used < 0:
-            waiting = self._state == _WAIT and self._next is not None and self._next[0] != "upgrade"
-            used = tracker.feed(payload, waiting)
+        if used < 0:  # bytes after the last owed response are dropped: they would reach the visitor as the
+            used = tracker.feed(payload, True)  # answer to its next request, maybe for another tunnel
         if used < n:  # bytes after the last owed response: nobody asked for them
             if used:
                 super().tunnel_data(payload[:used])

@@ -20,6 +20,8 @@ MAX_TRAILERS = 16 * 1024
 MAX_RESPONSE_HEAD = 64 * 1024
 
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+#: A line end that is not CRLF, or a field line folded onto the one before (obs-fold).
+_BARE_LF = re.compile(rb"(?<!\r)\n|\n[ \t]")
 #: A response's status line and the fields that delimit its body.
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})[ \r]")
 _RESPONSE_FIELDS = re.compile(rb"\r\n(content-length|transfer-encoding)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)",
@@ -220,7 +222,7 @@ class ResponseTracker:
         """A complete response head, at ``head[start:stop]``: what its body is, and whether it
         answers the request owed."""
         m = _STATUS_LINE.match(head, start, stop)
-        if m is None:
+        if m is None or _BARE_LF.search(head, start, stop) is not None:  # unreadable, or read two ways
             self.lost = True
             return
         status = int(m[1])
@@ -254,7 +256,7 @@ class ResponseTracker:
                 self.state = self.UNTIL_EOF
         elif cl:
             value = cl[0]
-            if not value.isdigit() or len(value) > 18:
+            if not value.isdigit() or len(value) > 18 or any(v != value for v in cl):
                 self.lost = True
                 return
             self.left = int(value)

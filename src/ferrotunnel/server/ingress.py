@@ -306,8 +306,11 @@ class PortLeases:
         ingress = TcpIngress(self.server, (self.host, port), tunnel_id=session.tunnel_id)
         try:
             await ingress.start()
-        except OSError as exc:
+        except BaseException as exc:  # a cancelled handshake too: the reservation must not outlive it
             del self.ingresses[port]
+            if not isinstance(exc, OSError):
+                ingress.stop_listening()  # if it got as far as listening
+                raise
             taken = exc.errno == errno.EADDRINUSE
             log.info("remote port %s for tunnel %s: %s", port, session.tunnel_id, exc)
             raise PortUnavailable(f"remote port {port} is taken" if taken else

@@ -309,6 +309,9 @@ class TunnelServer:
     def auth_failure(self, peer: Any) -> None:
         self._throttle.failure(_host(peer), time.monotonic())
 
+    def throttled(self, peer: Any) -> bool:  # too many failed logins from this address: RateLimited
+        return self._throttle.throttled(_host(peer), time.monotonic())
+
     def token_ok(self, token: str) -> bool:
         """Whether a Handshake's token admits it (constant time); subclasses may widen this."""
         return constant_time_eq(token, self._token)
