@@ -4,21 +4,10 @@ error (exit 2) naming the file, the table and the key."""
 
 from __future__ import annotations
 
-import pytest
 
 from conftest import free_port
 from test_cli import TOKEN, Proc, http
-from test_http_proxy_cli import App
-
-
-@pytest.fixture
-def world():
-    procs, apps = [], []
-    yield procs, apps
-    for p in procs:
-        p.kill()
-    for a in apps:
-        a.close()
+from test_http_proxy_cli import App, world  # noqa: F401 (world is a fixture)
 
 
 def _server(procs):

@@ -20,6 +20,7 @@ from ferrotunnel.server.ingress import parse_port_range
 
 from conftest import echo_handler, free_port
 from test_cli import TOKEN, Proc, helper
+from test_public_urls import _server, cleanup  # noqa: F401 (cleanup is a fixture)
 
 TOK = "remote-ports-token"
 
@@ -258,22 +259,6 @@ def test_rust_style_client_still_connects(run):
 
 
 # ---------------------------------------------------------------- the command line
-
-
-@pytest.fixture
-def cleanup():
-    procs = []
-    yield procs
-    for p in procs:
-        p.kill()
-
-
-def _server(cleanup, *flags, env=None):
-    tport = free_port()
-    srv = Proc("server", "--bind", f"127.0.0.1:{tport}", "--token", TOKEN, *flags, env=env)
-    cleanup.append(srv)
-    srv.wait_for("listening")
-    return srv, tport
 
 
 def _client(cleanup, tport, local_port, *flags, env=None):
