@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
+from .access import TunnelAccess
 from .frames import DATA_HEADER_SIZE, FRAME_PREFIX_SIZE, MAX_FRAME_SIZE
 
 __all__ = ["BackoffConfig", "RateLimits", "StreamConfig", "ServerConfig", "ClientConfig", "ClusterConfig", "redact_url"]
@@ -178,9 +179,31 @@ class ClientConfig(StreamConfig):
     #: Send the local service a PROXY protocol header ("v1" text or "v2" binary) before each
     #: stream's bytes, naming the visitor (from the server, ``visitor-addr/1``); None: none.
     proxy_protocol: Optional[str] = None
+    #: Serve this tunnel only at the HTTP/HTTPS ingresses ("http") or only at TCP ones ("tcp");
+    #: None: both. With any of ``protocol``, ``basic_auth`` and ``allow`` set, the server must
+    #: enforce them (the ``access/1`` extension) or the handshake fails.
+    protocol: Optional[str] = None
+    #: "USER:PASSWORD" HTTP visitors must send (basic auth). Only its SHA-256 leaves this process.
+    basic_auth: Optional[str] = field(default=None, repr=False)
+    #: Networks (CIDR) visitors must come from; empty: any (at most ``access.MAX_ALLOW``).
+    allow: Tuple[str, ...] = ()
+    #: Serve the tunnel id together with other clients that pass pool=True (``pool/1``).
+    pool: bool = False
+    #: The rules above, checked (derived; None when there are none).
+    access: Optional[TunnelAccess] = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        object.__setattr__(self, "allow", tuple(self.allow))
+        access = TunnelAccess.build(self.protocol, self.basic_auth, self.allow)  # ValueError on a bad one
+        if not access.empty:
+            if not self.extensions:
+                raise ValueError("protocol, basic_auth and allow need extensions=True (they travel in one)")
+            if self.protocol == "http" and self.remote_port is not None:
+                raise ValueError("remote_port gives a TCP port: it cannot go with protocol='http'")
+            object.__setattr__(self, "access", access)
+        if self.pool and not self.extensions:
+            raise ValueError("pool needs extensions=True (it travels in a negotiated extension)")
         if self.proxy_protocol is not None:
             if self.proxy_protocol not in ("v1", "v2"):
                 raise ValueError(f"proxy_protocol must be 'v1' or 'v2', got {self.proxy_protocol!r}")

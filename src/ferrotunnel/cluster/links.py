@@ -39,6 +39,7 @@ from ..config import ClientConfig, ServerConfig
 from ..errors import ConnectionLostError
 from ..frames import Protocol, StreamPriority
 from ..protocol.extensions import VISITOR_HEADER
+from ..server.guard import kind_of, refusal, route_access
 from ..server.registry import Route
 from ..server.server import TunnelServer
 from .splice import splice
@@ -156,7 +157,7 @@ class LinkServer:
         self._handshakes: "set[asyncio.Task[None]]" = set()
         self._refusals = RefusalLog("node link")
         #: streams that arrived over links, by outcome ("joined", "no_session", "refused")
-        self.streams: Dict[str, int] = {"joined": 0, "no_session": 0, "refused": 0}
+        self.streams: Dict[str, int] = {"joined": 0, "no_session": 0, "refused": 0, "refused_access": 0}
         #: this node is leaving (``announce_drain``): links made from now on are told at once
         self.draining = False
 
@@ -244,6 +245,16 @@ class LinkServer:
         if HEADER_VISITOR in headers:
             vhost, _, vport = headers[HEADER_VISITOR].rpartition(":")
             visitor = (vhost, int(vport)) if vport.isdigit() else None
+        access = route_access(route)
+        if access is not None:  # the tunnel's access rules, enforced here too (the ingress node cannot know them)
+            kind = kind_of(stream.protocol)
+            # basic auth cannot be checked here (the credentials stayed at the ingress node): refused
+            if not access.serves(kind) or refusal(access, kind, visitor) is not None:
+                self.streams["refused_access"] += 1
+                log.info("node link: a visitor for tunnel %s refused by its access rules%s", tunnel_id,
+                         " (basic auth is checked only at the node that holds the tunnel)" if access.digest else "")
+                stream.abort()
+                return
         try:
             target = route.open_stream_nowait(stream.protocol, stream.priority, visitor, headers.get(HEADER_HOST))
         except Exception as exc:  # the session is at a limit or closing: the visitor sees a reset

@@ -11,14 +11,16 @@ Adding an extension: one ``Extension`` entry in ``EXTENSIONS`` and, if it has fr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..config import ClientConfig, StreamConfig
 from .flow import FLOW_PLUGIN_ID, flow_capability, parse_flow_capability
+from ..access import ACCESS_CAPABILITY
 from .remoteport import REMOTE_PORT_CAPABILITY, parse_remote_port, remote_port_capability
 
 __all__ = ["Extension", "EXTENSIONS", "EXT_CAPABILITY", "REASON_CAPABILITY", "DRAIN_CAPABILITY", "DRAIN_PLUGIN_ID", "VISITOR_CAPABILITY", "VISITOR_HEADER",
-           "PUBLIC_URLS_CAPABILITY", "PUBLIC_URLS_PLUGIN_ID", "REMOTE_PORT_CAPABILITY", "Negotiated",
+           "PUBLIC_URLS_CAPABILITY", "PUBLIC_URLS_PLUGIN_ID", "REMOTE_PORT_CAPABILITY", "ACCESS_CAPABILITY",
+           "POOL_CAPABILITY", "Negotiated",
            "client_capabilities", "server_capabilities", "negotiate", "plugin_handlers", "keep_capabilities",
            "BASE_CLIENT_CAPABILITIES", "BASE_SERVER_CAPABILITIES", "MAX_CAPABILITIES", "MAX_CAPABILITY_LEN"]
 
@@ -38,7 +40,12 @@ DRAIN_PLUGIN_ID = "ft.drain/1"
 PUBLIC_URLS_CAPABILITY = "public-urls/1"
 PUBLIC_URLS_PLUGIN_ID = "ft.urls/1"
 
-Announce = Callable[[StreamConfig], Optional[str]]
+#: A client in a pool: several clients serve one tunnel id together (the server answers it when
+#: this client joined, or started, a pool).
+POOL_CAPABILITY = "pool/1"
+
+#: What one side announces for an extension: one capability, several, or None.
+Announce = Callable[[StreamConfig], Union[None, str, Tuple[str, ...]]]
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,25 @@ def _visitor_agree(config: StreamConfig, peer: Sequence[str]) -> Optional[bool]:
     return True if VISITOR_CAPABILITY in peer else None
 
 
+def _access_announce(config: StreamConfig) -> Optional[Tuple[str, ...]]:
+    access = config.access if isinstance(config, ClientConfig) else None
+    return access.capabilities() if access is not None and not access.empty else None
+
+
+def _asked(cap: str, wanted: Callable[[ClientConfig], bool]) -> Callable[[StreamConfig, Sequence[str]], Optional[bool]]:
+    """Agreed when a client asked (``wanted``) and the server answered ``cap``; on a server, when
+    the client announced something of the extension (the server then reads its request)."""
+    def agree(config: StreamConfig, peer: Sequence[str]) -> Optional[bool]:
+        if isinstance(config, ClientConfig):
+            return True if wanted(config) and cap in peer else None
+        return True if any(c == cap or c.startswith(cap + "=") for c in peer) else None
+    return agree
+
+
+def _pool_announce(config: StreamConfig) -> Optional[str]:
+    return POOL_CAPABILITY if isinstance(config, ClientConfig) and config.pool else None
+
+
 EXTENSIONS: Tuple[Extension, ...] = (
     # The peer is this package: it accepts client-opened streams, answers server heartbeats and
     # reads Error{stream_id} as a stream reset.
@@ -127,6 +153,13 @@ EXTENSIONS: Tuple[Extension, ...] = (
     # Visitor addresses (ClientConfig(proxy_protocol=)): the client asks, the server answers it
     # can; its OpenStream frames then carry ("ft-visitor", "HOST:PORT").
     Extension("visitor_addr", _visitor_announce, _always(VISITOR_CAPABILITY), _visitor_agree),
+    # Per-tunnel access (see access.py): the client announces its rules as "access/1=..." entries;
+    # a server that enforces them answers "access/1" in its ack (never announced otherwise).
+    Extension("access", _access_announce, _never,
+              _asked(ACCESS_CAPABILITY, lambda c: c.access is not None and not c.access.empty)),
+    # Pools: a client announces "pool/1" to serve its tunnel id with other pool clients; a server
+    # that put it in the pool answers "pool/1" in its ack.
+    Extension("pool", _pool_announce, _never, _asked(POOL_CAPABILITY, lambda c: c.pool)),
 )
 
 
@@ -161,8 +194,10 @@ def _announce(base: Sequence[str], side: str, config: StreamConfig) -> List[str]
     caps = list(base)
     for ext in EXTENSIONS:
         cap = getattr(ext, side)(config)
-        if cap is not None:
+        if isinstance(cap, str):
             caps.append(cap)
+        elif cap is not None:
+            caps.extend(cap)
     return caps
 
 

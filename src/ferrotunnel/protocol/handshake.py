@@ -277,6 +277,13 @@ class ClientHandshake:
             raise HandshakeError(f"the server does not give ports on request (remote port {self.config.remote_port} "
                                  "asked for): it needs --tcp-port-range and a ferrotunnel version that supports it",
                                  ack.status, None)
+        if self.config.access is not None and "access" not in negotiated:  # never serve unguarded
+            raise HandshakeError("the server does not enforce per-tunnel access (protocol, basic_auth, allow were "
+                                 "asked for): it needs a ferrotunnel server version that supports them",
+                                 ack.status, None)
+        if self.config.pool and "pool" not in negotiated:
+            raise HandshakeError("the server does not support pools (--pool): it needs a ferrotunnel server "
+                                 "version that supports them", ack.status, None)
         self.result = HandshakeResult(ack.session_id, ack.version, keep_capabilities(caps), negotiated)
 
 

@@ -15,6 +15,8 @@ from ..errors import ConnectionLostError, FerroTunnelError
 from ..frames import DATA_HEADER_SIZE, Protocol
 from .http1 import (Chunked, HeadError, PlainHeads, Request, ResponseTracker, check_partial, forwarded_head,
                     forwarded_lines, parse_request)
+from ..access import TunnelAccess
+from .guard import AccessRefused, authorization_values, refusal, route_access, strip_authorization
 from .http_names import no_route, printable, response, route_name
 from .registry import Route
 
@@ -37,7 +39,7 @@ class HttpBridge(TcpBridge):
 
     __slots__ = ("ingress", "_buf", "_state", "_left", "_chunked", "_tracker", "_tunnel", "_head_timer",
                  "_next", "_stash", "_visitor_eof", "_trusted", "_client", "_mark", "_request", "_leaving",
-                 "_fast", "_opened_once", "_partial", "_after", "_seen", "_plain")
+                 "_fast", "_opened_once", "_partial", "_after", "_seen", "_plain", "_guard")
 
     def __init__(self, ingress: "HttpIngress") -> None:
         super().__init__()
@@ -63,6 +65,7 @@ class HttpBridge(TcpBridge):
         self._after = _HEAD  # the state once the current request's body has passed
         self._seen: Optional[Tuple[bytes, str, bytes]] = None
         self._plain = PlainHeads()
+        self._guard: Optional[TunnelAccess] = None  # the current stream's tunnel asks for basic credentials
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -256,6 +259,14 @@ class HttpBridge(TcpBridge):
         if target[:1] == b"/":
             self._seen = (host, tunnel_id, forwarded_lines(self._client.encode(), self.ingress.scheme.encode(), host))
         if self.stream is not None and tunnel_id == self._tunnel and not self._leaving:
+            guard = self._guard
+            if guard is not None:  # basic auth: every request shows its credentials, which the app never sees
+                self._seen = None
+                refused = refusal(guard, "http", self.peer_address, authorization_values(fwd))
+                if refused is not None:
+                    self.ingress.count_refused(refused)
+                    return self._wait(("reply", refused.status, refused.reason, head))
+                fwd = strip_authorization(fwd)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("http %s %s -> tunnel %s stream %d", printable(req.method), printable(target),
                           printable(tunnel_id), self.stream.stream_id)
@@ -309,11 +320,13 @@ class HttpBridge(TcpBridge):
         self._leave_stream()
         self._next = ("opening", req, fwd, framing, health)
         protocol = Protocol.WEB_SOCKET if req.upgrade else Protocol.HTTP
-        self.ingress.open_stream(tunnel_id, protocol, self._opened, self.peer_address, host or None)
+        self.ingress.open_stream(tunnel_id, protocol, self._opened, self.peer_address, host or None,
+                                 authorization_values(fwd))
 
     def _leave_stream(self) -> None:
         """Done with the current stream: what it still sends is dropped; it is closed gracefully."""
         self.detach()
+        self._guard = None
         self._tracker = None
         self._tunnel = None
         self._leaving = False
@@ -329,6 +342,9 @@ class HttpBridge(TcpBridge):
         if route is None:
             self._reply(*no_route(self.ingress.server.registry, tunnel_id, health))
             return
+        if isinstance(result, AccessRefused):  # the tunnel's access rules (allow list, basic auth)
+            self._reject(result.status, result.reason, fwd[:fwd.find(b"\r\n")])
+            return
         if not isinstance(result, VirtualStream):
             log.warning("http ingress: cannot open a stream to tunnel %s: %s", printable(tunnel_id),
                         printable(str(result)))
@@ -341,6 +357,11 @@ class HttpBridge(TcpBridge):
                  result.stream_id)
         self._tracker = ResponseTracker()
         self._tunnel = tunnel_id
+        access = route_access(route)
+        if access is not None and access.digest is not None:
+            self._guard = access
+            self._seen = None  # no quick path: each request's credentials are checked
+            fwd = strip_authorization(fwd)
         self._mark = self.bytes_down
         self._state = _HEAD
         self.attach(result)

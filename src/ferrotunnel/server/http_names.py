@@ -7,6 +7,8 @@ import ipaddress
 import re
 from typing import Any, Optional, Tuple, Union
 
+from .guard import challenge
+
 __all__ = ["normalize_host", "printable", "parse_authority", "response", "is_health", "why_missing", "route_name", "no_route", "strip_suffix",
            "ABSOLUTE_FORM", "PRINTABLE_LIMIT"]
 
@@ -114,8 +116,9 @@ def no_route(registry: Any, tunnel_id: str, health: bool) -> Tuple[str, str]:
 
 def response(status: str, body: str) -> bytes:
     data = body.encode("ascii", "backslashreplace")
+    extra = challenge() if status.startswith("401") else ""
     return (f"HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {len(data)}\r\n"
-            f"Connection: close\r\n\r\n").encode() + data
+            f"{extra}Connection: close\r\n\r\n").encode() + data
 
 
 def is_health(path: bytes) -> bool:

@@ -15,8 +15,9 @@ from ..aio.transport import bound_address
 from ..errors import FerroTunnelError
 from ..frames import Protocol, StreamPriority
 from ..protocol.remoteport import remote_port_capability
+from .guard import AccessRefused, kind_of, refusal, route_access
 from .public import PublicEndpoint
-from .registry import Route, first_with_capability
+from .registry import LocalRoute, Route, first_with_capability
 
 if TYPE_CHECKING:  # the server makes the ingresses of ports on request (PortLeases): no import cycle
     from .server import TunnelServer
@@ -54,6 +55,10 @@ class _IngressBridge(TcpBridge):
             log.info("ingress %s: no session for %s; closing %s", ing.describe_bind(),
                      ing.tunnel_id or "a tcp-capable client", self.peer)
             self.close()  # nothing was cut: a plain close
+        elif isinstance(result, AccessRefused):  # the tunnel's allow list: a refused connection
+            log.info("ingress %s: %s refused by tunnel %s's access rules", ing.describe_bind(), self.peer,
+                     route.tunnel_id)
+            self.abort()
         elif not isinstance(result, VirtualStream):
             log.warning("ingress %s: cannot open a stream: %s", ing.describe_bind(), result)
             self.abort()
@@ -80,6 +85,8 @@ class Ingress:
         self.priority = StreamPriority.NORMAL if priority is None else StreamPriority(priority)
         self._server: Optional[Listener] = None
         self.connections = 0
+        #: Visitors refused by a tunnel's access rules, by HTTP status ("401", "403").
+        self.refused: Dict[str, int] = {}
         self.sweeper = IdleSweeper(server.config.ingress_idle_timeout)
         self._lookups: "set[asyncio.Task[None]]" = set()
         self._where = "%s:%s" % address  # the bound address once started
@@ -107,34 +114,48 @@ class Ingress:
         return self.server.registry.lookup_local(tunnel_id) if tunnel_id is not None else None
 
     def open_stream(self, tunnel_id: Optional[str], protocol: Protocol, then: Opened, visitor: Any = None,
-                    host: Optional[str] = None) -> bool:
+                    host: Optional[str] = None, authorization: Optional[Tuple[bytes, ...]] = None) -> bool:
         """Open a stream to the tunnel and report it to ``then``: synchronously when the route is
         local (no await on the path of a new connection; returns True), after the registry
         answered otherwise (returns False: the caller holds the visitor's bytes meanwhile).
         Ingresses find tunnels only here, through the registry. ``visitor`` and ``host`` travel
-        with a stream that a route carries on to another node."""
+        with a stream that a route carries on to another node. The tunnel's access rules are
+        checked first (``guard``): a tunnel not served by this kind of ingress is not found, a
+        visitor they refuse gets ``AccessRefused`` (``authorization``: an HTTP request's
+        Authorization values)."""
         route = self.lookup(tunnel_id)
         registry = self.server.registry
         if route is not None or tunnel_id is None or registry.local_only:
-            self._open(route, protocol, then, visitor, host)
+            self._open(route, protocol, then, visitor, host, authorization)
             return True
         task = asyncio.get_running_loop().create_task(
-            self._open_later(registry.lookup(tunnel_id), protocol, then, visitor, host))
+            self._open_later(registry.lookup(tunnel_id), protocol, then, visitor, host, authorization))
         self._lookups.add(task)
         task.add_done_callback(self._lookups.discard)
         return False
 
     async def _open_later(self, found: Awaitable[Optional[Route]], protocol: Protocol, then: Opened, visitor: Any,
-                          host: Optional[str]) -> None:
+                          host: Optional[str], authorization: Optional[Tuple[bytes, ...]]) -> None:
         try:
             route = await found
         except Exception as exc:  # the registry failed: no route, said once in the log
             log.warning("%s: registry lookup failed: %s", self.kind, exc)
             route = None
-        self._open(route, protocol, then, visitor, host)
+        self._open(route, protocol, then, visitor, host, authorization)
 
     def _open(self, route: Optional[Route], protocol: Protocol, then: Opened, visitor: Any = None,
-              host: Optional[str] = None) -> None:
+              host: Optional[str] = None, authorization: Optional[Tuple[bytes, ...]] = None) -> None:
+        access = route_access(route) if route is not None else None
+        if access is not None:
+            kind = kind_of(protocol)
+            if not access.serves(kind):  # a tunnel for the other kind of ingress: not here
+                route = None
+            else:
+                refused = refusal(access, kind, visitor, authorization)
+                if refused is not None:
+                    self.count_refused(refused)
+                    then(route, refused)
+                    return
         if route is None:
             then(None, None)
             return
@@ -144,6 +165,10 @@ class Ingress:
             then(route, exc)
             return
         then(route, stream)
+
+    def count_refused(self, refused: AccessRefused) -> None:
+        code = refused.status[:3]
+        self.refused[code] = self.refused.get(code, 0) + 1
 
     @property
     def listener_exhaustion(self) -> Dict[str, int]:
@@ -207,8 +232,18 @@ class TcpIngress(Ingress):
         return f" -> {self.tunnel_id or 'first tcp session'}"
 
     def lookup(self, tunnel_id: Optional[str]) -> Optional[Route]:
-        if tunnel_id is None:  # the first local session that offers tcp
-            return first_with_capability(self.server.registry, "tcp")
+        if tunnel_id is None:  # the first local session that offers tcp and takes TCP visitors
+            route = first_with_capability(self.server.registry, "tcp")
+            access = route_access(route) if route is not None else None
+            if access is None or (access.serves("tcp") and access.digest is None):
+                return route
+            for s in self.server.registry.local_sessions():  # rare: skip sessions for HTTP only
+                candidate = LocalRoute(s)
+                access = route_access(candidate)
+                if (s.established and "tcp" in s.capabilities
+                        and (access is None or (access.serves("tcp") and access.digest is None))):
+                    return candidate
+            return None
         return super().lookup(tunnel_id)
 
 

@@ -11,13 +11,12 @@ import collections
 import logging
 import ssl
 import time
-import uuid
 from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple, Union
 
 from ..auth import TokenFormatError, constant_time_eq, validate_token_format
 from ..config import ServerConfig
 from ..errors import ConnectionLostError, FrameError
-from ..frames import PROTOCOL_VERSION, HandshakeStatus
+from ..frames import HandshakeStatus
 from ..aio.listen import ConnectionGate, FdHeadroom, Listener, RefusalLog, listen
 from ..protocol.proxyproto import TrustedProxies
 from ..aio.connection import StreamHandler, TunnelConnection
@@ -26,9 +25,9 @@ from ..aio.tlsbio import ServerTls
 from ..aio.transport import Transport, bound_address, resolve_transport
 from ..protocol.core import SessionCore
 from ..protocol.handshake import HandshakeRequest, ServerHandshake
-from ..protocol.remoteport import parse_remote_port
 from .ingress import PortLeases, PortUnavailable
-from .public import DNS_LABEL_RULE, PublicEndpoint, is_dns_label, normalize_domain, public_urls
+from .admission import MAX_TUNNEL_ID_LEN, Refusal, vet
+from .public import PublicEndpoint, normalize_domain, public_urls
 from .registry import LocalRegistry, SessionRegistry, SessionStore
 from .throttle import AuthThrottle
 
@@ -36,7 +35,6 @@ __all__ = ["TunnelServer", "ServerConnection", "MAX_TUNNEL_ID_LEN"]
 
 log = logging.getLogger("ferrotunnel.server")
 
-MAX_TUNNEL_ID_LEN = 255
 #: OpenSSL's reasons when a plaintext client talks to a TLS server.
 _PLAINTEXT_REASONS = {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL", "WRONG_SSL_VERSION",
                       "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"}
@@ -334,31 +332,16 @@ class TunnelServer:
 
         if self._throttle.throttled(host, now):
             return fail(HandshakeStatus.RATE_LIMITED, "too many failed handshakes from this address", count=False)
-        try:
-            validate_token_format(req.token)
-        except TokenFormatError as exc:
-            return fail(HandshakeStatus.INVALID_TOKEN, f"malformed token ({exc})")
-        if not self.token_ok(req.token):
-            return fail(HandshakeStatus.INVALID_TOKEN, "wrong token")
-        if not req.version_ok:
-            return fail(HandshakeStatus.VERSION_MISMATCH,
-                        f"client speaks versions {req.min_version}..{req.max_version}, server {PROTOCOL_VERSION}")
-        session_id = uuid.uuid4()
-        tunnel_id = (req.tunnel_id if req.tunnel_id is not None else str(session_id)).lower()
-        if not tunnel_id or len(tunnel_id.encode()) > MAX_TUNNEL_ID_LEN:
-            return fail(HandshakeStatus.UNSUPPORTED_VERSION, f"tunnel id must be 1..{MAX_TUNNEL_ID_LEN} bytes")
-        if self.domain and not is_dns_label(tunnel_id):  # not retryable: the client stops and says why
-            return fail(HandshakeStatus.UNSUPPORTED_VERSION, f"tunnel id {(req.tunnel_id or '')[:70]!r} cannot be "
-                        f"a DNS label under {self.domain} ({DNS_LABEL_RULE}): choose another tunnel id", count=False)
-        wanted = parse_remote_port(req.capabilities)  # ports on request: checked before the id is claimed
-        why = self.ports.refusal(wanted)
-        if why:
-            return fail(HandshakeStatus.UNSUPPORTED_VERSION, why, count=False)
+        asked = vet(self, req)
+        if isinstance(asked, Refusal):
+            return fail(asked.status, asked.why, asked.counts)
+        session_id, tunnel_id, wanted = asked.session_id, asked.tunnel_id, asked.remote_port
         live = len(self.registry.local_sessions())
         if live >= cfg.max_sessions:
             return fail(HandshakeStatus.RATE_LIMITED, f"{live} sessions (max_sessions)", count=False)
         session = Session(conn, session_id, tunnel_id, peer, req.capabilities)
-        claim = await self.registry.claim(tunnel_id, session, self._is_stale)
+        claim = await (self.registry.claim(tunnel_id, session, self._is_stale, pool=True) if asked.pool
+                       else self.registry.claim(tunnel_id, session, self._is_stale))
         if conn.closed:  # gone while the registry answered
             if claim.granted:
                 await self.registry.release(tunnel_id, session)
@@ -383,7 +366,7 @@ class TunnelServer:
             await self.registry.release(tunnel_id, session)
             return None
         try:
-            core = conn.accept(session, granted)
+            core = conn.accept(session, asked.answers(granted))
         except Exception:  # a bug must not leave the tunnel id claimed by a connection that is gone
             log.exception("handshake from %s failed after the tunnel id was claimed", peer)
             self.registry.session_ended(session)

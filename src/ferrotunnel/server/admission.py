@@ -1,0 +1,80 @@
+"""What a Handshake asks for, checked before a tunnel id is claimed: the token, the version, the
+tunnel id, a port on request, access rules and pool membership. ``vet`` either says why the
+handshake is refused or returns what was asked for, in a form the server acts on."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple, Union
+
+from ..access import TunnelAccess, access_from_capabilities
+from ..auth import TokenFormatError, validate_token_format
+from ..frames import PROTOCOL_VERSION, HandshakeStatus
+from ..protocol.extensions import ACCESS_CAPABILITY, POOL_CAPABILITY
+from ..protocol.handshake import HandshakeRequest
+from ..protocol.remoteport import parse_remote_port
+from .public import DNS_LABEL_RULE, is_dns_label
+
+__all__ = ["Refusal", "Request", "vet", "MAX_TUNNEL_ID_LEN"]
+
+MAX_TUNNEL_ID_LEN = 255
+
+
+@dataclass(frozen=True)
+class Refusal:
+    status: HandshakeStatus
+    why: str
+    #: Whether it counts toward the failed-login throttle (only credential failures do).
+    counts: bool = True
+
+
+@dataclass(frozen=True)
+class Request:
+    session_id: uuid.UUID
+    tunnel_id: str
+    #: The port asked for (None: none; 0: any of the range).
+    remote_port: Optional[int]
+    access: Optional[TunnelAccess]
+    pool: bool
+
+    def answers(self, granted: Tuple[str, ...]) -> Tuple[str, ...]:
+        """The ack's extra capabilities: ``granted`` (a port) and what else was applied."""
+        extra = granted
+        if self.access is not None:
+            extra += (ACCESS_CAPABILITY,)
+        if self.pool:
+            extra += (POOL_CAPABILITY,)
+        return extra
+
+
+def vet(server: Any, req: HandshakeRequest) -> Union[Refusal, Request]:
+    """``server`` gives ``token_ok``, ``domain`` and ``ports`` (a ``PortLeases``)."""
+    try:
+        validate_token_format(req.token)
+    except TokenFormatError as exc:
+        return Refusal(HandshakeStatus.INVALID_TOKEN, f"malformed token ({exc})")
+    if not server.token_ok(req.token):
+        return Refusal(HandshakeStatus.INVALID_TOKEN, "wrong token")
+    if not req.version_ok:
+        return Refusal(HandshakeStatus.VERSION_MISMATCH,
+                       f"client speaks versions {req.min_version}..{req.max_version}, server {PROTOCOL_VERSION}")
+    session_id = uuid.uuid4()
+    tunnel_id = (req.tunnel_id if req.tunnel_id is not None else str(session_id)).lower()
+    if not tunnel_id or len(tunnel_id.encode()) > MAX_TUNNEL_ID_LEN:
+        return Refusal(HandshakeStatus.UNSUPPORTED_VERSION, f"tunnel id must be 1..{MAX_TUNNEL_ID_LEN} bytes")
+    if server.domain and not is_dns_label(tunnel_id):  # not retryable: the client stops and says why
+        return Refusal(HandshakeStatus.UNSUPPORTED_VERSION, f"tunnel id {(req.tunnel_id or '')[:70]!r} cannot be "
+                       f"a DNS label under {server.domain} ({DNS_LABEL_RULE}): choose another tunnel id", False)
+    wanted = parse_remote_port(req.capabilities)  # ports on request: checked before the id is claimed
+    why = server.ports.refusal(wanted)
+    if why:
+        return Refusal(HandshakeStatus.UNSUPPORTED_VERSION, why, False)
+    try:
+        access = access_from_capabilities(tuple(req.capabilities))
+    except ValueError as exc:
+        return Refusal(HandshakeStatus.UNSUPPORTED_VERSION, f"bad access rules: {exc}", False)
+    if access is not None and access.only == "http" and wanted is not None:
+        return Refusal(HandshakeStatus.UNSUPPORTED_VERSION, "a remote port is a TCP port: it cannot serve a "
+                       "tunnel restricted to http", False)
+    return Request(session_id, tunnel_id, wanted, access, POOL_CAPABILITY in req.capabilities)
