@@ -15,7 +15,8 @@ import sys
 import textwrap
 from typing import Any, List, Optional, Sequence, Tuple
 
-from .common import UsageError, env, env_flag, existing_file, parse_addr, parse_port_flag, parse_port_range_flag
+from .common import (DEFAULT_LOCAL, UsageError, env, env_flag, existing_file, parse_addr, parse_port_flag,
+                     parse_port_range_flag)
 from .certs import add_certs_parser, run_certs
 from .public import https_ingress, public_endpoints, public_flags
 from .cluster import CLUSTER_HELP, ClusterUsageError, add_cluster_args, cluster_config
@@ -236,52 +237,21 @@ def _client_tls(args: argparse.Namespace) -> Any:
 
 
 async def _connect(args: argparse.Namespace) -> int:
-    import ferrotunnel as ft
-    from ..client.client import describe_error, format_address
+    from ..client.client import describe_error
+    from .config_run import run_config, serve_tunnels, spec_from_flags
 
     if args.config:
-        from .config_run import run_config
-
         return await run_config(args, token_from_args=token_from_args, client_tls=_client_tls,
                                 until_signal=_until_signal, describe_error=describe_error, host_hint=host_hint)
     token = token_from_args(args)
     if not args.server:
         raise UsageError("--server HOST:PORT is required (or FERROTUNNEL_SERVER)")
     parse_addr(args.server, "--server")
-    local = parse_addr(args.local_addr or DEFAULT_LOCAL, "--local-addr")
-    remote_port = parse_port_flag(args.remote_port, "--remote-port")
-    if args.proxy_protocol not in (None, "v1", "v2"):  # an environment value skips argparse's choices
-        raise UsageError(f"--proxy-protocol must be v1 or v2, got {args.proxy_protocol!r}")
-    ctx = _client_tls(args)
-    client = ft.TunnelClient(args.server, token, tunnel_id=args.tunnel_id, tls=ctx, server_name=args.tls_server_name,
-                             config=ft.ClientConfig(local_addr=local, remote_port=remote_port,
-                                                    proxy_protocol=args.proxy_protocol))
-
-    def connected(session: Any) -> None:
-        # "connected to ADDR: session ID" is part of the output contract
-        print(f"connected to {client.address}: session {session.id}, tunnel id {client.tunnel_id}; "
-              f"forwarding streams to {format_address(*local)}", flush=True)
-
-    def public(urls: Tuple[str, ...]) -> None:
-        # "Forwarding URL -> LOCAL", one line per public URL, is part of the output contract
-        for url in urls:
-            print(f"Forwarding {url} -> {format_address(*local)}{host_hint(url, client.tunnel_id)}", flush=True)
-
-    task = asyncio.ensure_future(client.connect_and_run(on_connected=connected, on_public_urls=public))
-    finished = await _until_signal(task)
-    if finished is None:
-        print("shutting down", flush=True)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        return 0
-    exc = finished.exception()
-    if exc is not None:
-        hint = ""
-        if isinstance(exc, ft.AuthenticationError) and "not allowed for this token" not in str(exc):
-            hint = "; the client's token (--token-file, FERROTUNNEL_TOKEN or --token) must equal the server's"
-        print(f"ferrotunnel: {describe_error(exc)}{hint}", file=sys.stderr)
-        return 1
-    return 0
+    spec = spec_from_flags(args)
+    return await serve_tunnels([spec], args.server, token, _client_tls(args), args.tls_server_name,
+                               until_signal=_until_signal, describe_error=describe_error, host_hint=host_hint,
+                               token_hint="the client's token (--token-file, FERROTUNNEL_TOKEN or --token) must "
+                                          "equal the server's", name_tunnels=False)
 
 
 def host_hint(url: str, tunnel_id: str) -> str:
@@ -323,7 +293,6 @@ async def _demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ parser
 
 #: Where a client forwards its streams without --local-addr (or a config file).
-DEFAULT_LOCAL = "127.0.0.1:8000"
 
 
 def _token_flags(p: argparse.ArgumentParser) -> None:
@@ -403,6 +372,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--remote-port", default=env("FERROTUNNEL_REMOTE_PORT"), metavar="N",
                    help="ask the server for public TCP port N of its --tcp-port-range (0: any free one) for this "
                         "tunnel while connected")
+    c.add_argument("--protocol", choices=("http", "tcp"), default=env("FERROTUNNEL_PROTOCOL"),
+                   help="serve the tunnel only at the server's HTTP/HTTPS ingresses (http) or only at TCP ones "
+                        "(tcp); default: both")
+    c.add_argument("--basic-auth", default=env("FERROTUNNEL_BASIC_AUTH"), metavar="USER:PASSWORD",
+                   help="HTTP visitors must send these credentials (401 until they do); prefer the environment "
+                        "variable FERROTUNNEL_BASIC_AUTH: other users can read a command line")
+    c.add_argument("--allow", action="append", metavar="CIDR",
+                   default=[x for x in (env("FERROTUNNEL_ALLOW") or "").split(",") if x],
+                   help="only visitors from this network reach the tunnel (repeatable; env FERROTUNNEL_ALLOW, "
+                        "comma-separated); default: any")
+    c.add_argument("--pool", action="store_true", default=env_flag("FERROTUNNEL_POOL"),
+                   help="serve the tunnel id together with other clients that pass --pool (visitors are spread "
+                        "over them)")
     c.add_argument("--tls", action="store_true", default=env_flag("FERROTUNNEL_TLS"))
     c.add_argument("--tls-ca", default=env("FERROTUNNEL_TLS_CA"))
     c.add_argument("--tls-server-name", default=env("FERROTUNNEL_TLS_SERVER_NAME"))

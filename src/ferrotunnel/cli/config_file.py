@@ -10,8 +10,11 @@
     [[tunnel]]
     id = "db"
     local = "127.0.0.1:5432"
+    protocol = "tcp"                  # only at TCP ingresses ("http": only at HTTP/HTTPS ones)
     remote_port = 0                   # a port of its own from the server's range
     proxy_protocol = "v2"             # a PROXY header naming the visitor, to the local service
+    allow = ["10.0.0.0/8"]            # visitor addresses allowed (CIDR); default: any
+    # also: basic_auth = "user:secret" (HTTP visitors must send it), pool = true (share the id)
 
 Relative paths are relative to the file. Unknown keys and bad values are usage errors that name
 the file, the table (``tunnel[2]``, counted from 1) and the key; a token in the file is never
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -37,7 +40,7 @@ MAX_TUNNELS = 64
 
 _TOP = {"server", "token", "token_file", "tls", "tunnel"}
 _TLS = {"ca", "server_name", "cert", "key", "skip_verify"}
-_TUNNEL = {"id", "local", "remote_port", "proxy_protocol"}
+_TUNNEL = {"id", "local", "remote_port", "proxy_protocol", "protocol", "basic_auth", "allow", "pool"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,21 @@ class TunnelSpec:
     remote_port: Optional[int] = None
     #: "v1" or "v2": a PROXY header to the local service before each stream (None: none)
     proxy_protocol: Optional[str] = None
+    #: "http" or "tcp": served only by that kind of ingress (None: both)
+    protocol: Optional[str] = None
+    #: "USER:PASSWORD" HTTP visitors must send (never shown)
+    basic_auth: Optional[str] = field(default=None, repr=False)
+    #: visitor networks allowed (CIDR; empty: any)
+    allow: Tuple[str, ...] = ()
+    #: serve the id together with other pool clients
+    pool: bool = False
+
+    def client_config(self) -> Any:
+        """The ``ClientConfig`` of this tunnel (ValueError for settings that do not go together)."""
+        from ..config import ClientConfig
+
+        return ClientConfig(local_addr=self.local, remote_port=self.remote_port, proxy_protocol=self.proxy_protocol,
+                            protocol=self.protocol, basic_auth=self.basic_auth, allow=self.allow, pool=self.pool)
 
 
 @dataclass(frozen=True)
@@ -124,6 +142,31 @@ def _address(where: _Where, table: str, data: Dict[str, Any], key: str) -> Optio
         raise where.fail(table, key, f"must be HOST:PORT (e.g. 127.0.0.1:8000), got {value!r}") from None
 
 
+def _access(where: _Where, table: str, t: Dict[str, Any]) -> Tuple[Optional[str], Optional[str], Tuple[str, ...], bool]:
+    from ..access import check_basic_auth_value, parse_networks
+
+    protocol = t.get("protocol")
+    if protocol is not None and protocol not in ("http", "tcp"):
+        raise where.fail(table, "protocol", f"must be \"http\" or \"tcp\", got {protocol!r}")
+    auth = _text(where, table, t, "basic_auth", secret=True)
+    if auth is not None:
+        try:
+            check_basic_auth_value(auth)
+        except ValueError as exc:
+            raise where.fail(table, "basic_auth", str(exc)) from None
+    allow = t.get("allow", [])
+    if not isinstance(allow, list) or not all(isinstance(a, str) for a in allow):
+        raise where.fail(table, "allow", "must be a list of CIDR strings, e.g. [\"10.0.0.0/8\"]")
+    try:
+        parse_networks(allow)
+    except ValueError as exc:
+        raise where.fail(table, "allow", str(exc)) from None
+    pool = t.get("pool", False)
+    if not isinstance(pool, bool):
+        raise where.fail(table, "pool", f"must be true or false, got {pool!r}")
+    return protocol, auth, tuple(allow), pool
+
+
 def load_client_file(path: str) -> ClientFile:
     """Read and check a client config file; UsageError (exit 2) for anything wrong with it."""
     where = _Where(Path(path))
@@ -180,9 +223,14 @@ def load_client_file(path: str) -> ClientFile:
         proxy = t.get("proxy_protocol")
         if proxy is not None and proxy not in ("v1", "v2"):
             raise where.fail(table, "proxy_protocol", f"must be \"v1\" or \"v2\", got {proxy!r}")
+        spec = TunnelSpec(tid, local, port, proxy, *_access(where, table, t))
+        try:
+            spec.client_config()
+        except ValueError as exc:  # settings that do not go together (the message names no secret)
+            raise where.fail(table, None, str(exc)) from None
         if tid is not None:
             if tid.lower() in seen:
                 raise where.fail(table, "id", f"{tid!r} is also the id of tunnel[{seen[tid.lower()]}]")
             seen[tid.lower()] = i
-        tunnels.append(TunnelSpec(tid, local, port, proxy))
+        tunnels.append(spec)
     return ClientFile(where.path, server, token, token_file, tls, tuple(tunnels))

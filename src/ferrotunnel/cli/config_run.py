@@ -1,8 +1,8 @@
 """``ferrotunnel client --config FILE.toml``: every tunnel of the file served from one process,
-one connection per tunnel, each printing its ``connected`` and ``Forwarding`` lines as the
-single-tunnel client does. Flags and environment variables win over the file; a single-tunnel
-flag (``--tunnel-id``, ``--local-addr``, ``--remote-port``, ``--proxy-protocol``) applies to a file
-with one tunnel only.
+one connection per tunnel, each printing its ``connected`` and ``Forwarding`` lines; the
+single-tunnel client (no file) runs the same way with one tunnel made of its flags. Flags and
+environment variables win over the file; a single-tunnel flag (``SINGLE_FLAGS``) applies to a
+file with one tunnel only.
 The first tunnel that fails for good ends the process with exit 1, saying which tunnel and why."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import asyncio
 import sys
 from typing import Any, Awaitable, Callable, List, Optional, Tuple
 
-from .common import UsageError, env, parse_addr, parse_port_flag
+from .common import DEFAULT_LOCAL, UsageError, env, parse_addr, parse_port_flag
 from .config_file import ClientFile, TunnelSpec, load_client_file
 
-__all__ = ["run_config"]
+__all__ = ["run_config", "serve_tunnels", "spec_from_flags", "SINGLE_FLAGS"]
 
 
 def _token(args: argparse.Namespace, cfg: ClientFile, token_from_args: Callable[[argparse.Namespace], str]) -> str:
@@ -48,19 +48,49 @@ def _tls(args: argparse.Namespace, cfg: ClientFile, client_tls: Callable[[argpar
     return tls.client_context(t.ca, skip_verify=t.skip_verify, certfile=t.cert, keyfile=t.key), t.server_name
 
 
+#: The single-tunnel flags (argparse dest, flag); each applies to a file with one tunnel only.
+SINGLE_FLAGS = (("tunnel_id", "--tunnel-id"), ("local_addr", "--local-addr"), ("remote_port", "--remote-port"),
+                ("proxy_protocol", "--proxy-protocol"), ("protocol", "--protocol"), ("basic_auth", "--basic-auth"),
+                ("allow", "--allow"), ("pool", "--pool"))
+
+
+def spec_from_flags(args: argparse.Namespace, base: Optional[TunnelSpec] = None) -> TunnelSpec:
+    """A tunnel from the flags (and their environment variables), over ``base`` (a file's only
+    tunnel) where they are not given. UsageError for a bad value or settings that do not go together."""
+    from ..access import check_basic_auth_value, parse_networks
+
+    default = base or TunnelSpec(None, parse_addr(DEFAULT_LOCAL, "--local-addr"))
+    local = parse_addr(args.local_addr, "--local-addr") if args.local_addr is not None else default.local
+    port = parse_port_flag(args.remote_port, "--remote-port") if args.remote_port is not None else default.remote_port
+    for value, flag, choices in ((args.proxy_protocol, "--proxy-protocol", ("v1", "v2")),
+                                 (args.protocol, "--protocol", ("http", "tcp"))):
+        if value is not None and value not in choices:  # an environment value skips argparse's choices
+            raise UsageError(f"{flag} must be {' or '.join(choices)}, got {value!r}")
+    auth = args.basic_auth if args.basic_auth is not None else default.basic_auth
+    allow = tuple(args.allow) if args.allow else default.allow
+    try:
+        if auth is not None:
+            check_basic_auth_value(auth)
+        parse_networks(allow)
+    except ValueError as exc:  # the message never repeats the password
+        raise UsageError(f"--basic-auth/--allow: {exc}") from None
+    spec = TunnelSpec(args.tunnel_id or default.id, local, port, args.proxy_protocol or default.proxy_protocol,
+                      args.protocol or default.protocol, auth, allow, bool(args.pool) or default.pool)
+    try:
+        spec.client_config()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return spec
+
+
 def _tunnels(args: argparse.Namespace, cfg: ClientFile) -> List[TunnelSpec]:
     specs = list(cfg.tunnels)
-    given = [f for f, v in (("--tunnel-id", args.tunnel_id), ("--local-addr", args.local_addr),
-                            ("--remote-port", args.remote_port), ("--proxy-protocol", args.proxy_protocol))
-             if v is not None]
+    given = [flag for dest, flag in SINGLE_FLAGS if getattr(args, dest) not in (None, False, [], ())]
     if not given:
         return specs
     if len(specs) != 1:
         raise UsageError(f"{', '.join(given)} apply to one tunnel; {cfg.path} names {len(specs)}: set them in the file")
-    spec = specs[0]
-    local = parse_addr(args.local_addr, "--local-addr") if args.local_addr is not None else spec.local
-    port = parse_port_flag(args.remote_port, "--remote-port") if args.remote_port is not None else spec.remote_port
-    return [TunnelSpec(args.tunnel_id or spec.id, local, port, args.proxy_protocol or spec.proxy_protocol)]
+    return [spec_from_flags(args, specs[0])]
 
 
 async def run_config(args: argparse.Namespace, *, token_from_args: Callable[[argparse.Namespace], str],
@@ -69,9 +99,6 @@ async def run_config(args: argparse.Namespace, *, token_from_args: Callable[[arg
                      describe_error: Callable[[BaseException], str],
                      host_hint: Callable[[str, str], str]) -> int:
     """The ``client`` command with ``--config``; the command passes its own helpers in."""
-    import ferrotunnel as ft
-    from ..client.client import format_address
-
     cfg = load_client_file(args.config)
     server = args.server or cfg.server
     if not server:
@@ -79,13 +106,27 @@ async def run_config(args: argparse.Namespace, *, token_from_args: Callable[[arg
     parse_addr(server, "--server")
     token = _token(args, cfg, token_from_args)
     ctx, server_name = _tls(args, cfg, client_tls)
-    specs = _tunnels(args, cfg)
+    return await serve_tunnels(_tunnels(args, cfg), server, token, ctx, server_name, until_signal=until_signal,
+                               describe_error=describe_error, host_hint=host_hint,
+                               token_hint=f"the token (flags, environment or {cfg.path}) must equal the server's",
+                               name_tunnels=True)
+
+
+async def serve_tunnels(specs: List[TunnelSpec], server: str, token: str, ctx: Any, server_name: Optional[str], *,
+                        until_signal: Callable[..., Awaitable[Optional["asyncio.Task[Any]"]]],
+                        describe_error: Callable[[BaseException], str], host_hint: Callable[[str, str], str],
+                        token_hint: str, name_tunnels: bool) -> int:
+    """Serve ``specs``, one connection each, printing each tunnel's ``connected`` and
+    ``Forwarding`` lines (an output contract), until a signal (exit 0) or the first tunnel that
+    fails for good (exit 1, saying why; ``name_tunnels``: the message names the tunnel)."""
+    import ferrotunnel as ft
+    from ..client.client import format_address
+
     clients: List[Any] = []
     tasks: List["asyncio.Task[Any]"] = []
     for spec in specs:
         client = ft.TunnelClient(server, token, tunnel_id=spec.id, tls=ctx, server_name=server_name,
-                                 config=ft.ClientConfig(local_addr=spec.local, remote_port=spec.remote_port,
-                                                        proxy_protocol=spec.proxy_protocol))
+                                 config=spec.client_config())
         local = format_address(*spec.local)
 
         def connected(session: Any, client: Any = client, local: str = local) -> None:
@@ -106,11 +147,11 @@ async def run_config(args: argparse.Namespace, *, token_from_args: Callable[[arg
         exc = finished.exception()
         if exc is None:
             return 0
-        who = clients[tasks.index(finished)].tunnel_id
+        who = f"tunnel {clients[tasks.index(finished)].tunnel_id}: " if name_tunnels else ""
         hint = ""
         if isinstance(exc, ft.AuthenticationError) and "not allowed for this token" not in str(exc):
-            hint = f"; the token (flags, environment or {cfg.path}) must equal the server's"
-        print(f"ferrotunnel: tunnel {who}: {describe_error(exc)}{hint}", file=sys.stderr)
+            hint = f"; {token_hint}"
+        print(f"ferrotunnel: {who}{describe_error(exc)}{hint}", file=sys.stderr)
         return 1
     finally:
         for t in tasks:
