@@ -5,7 +5,7 @@ from setuptools import Extension, setup
 
 extensions = [
     Extension(f"ferrotunnel.{name}", [f"src/ferrotunnel/{name}.pyx"], extra_compile_args=["-O2"])
-    for name in ("_frames", "_pool", "_sched")
+    for name in ("_frames", "_pool", "_sched", "http_kernel")
 ]
 
 setup(

@@ -6,8 +6,9 @@ Transfer-Encoding together with Content-Length, chunked last); its body is delim
 Content-Length or by the chunked coding (``Chunked``), so the next head is found wherever it
 starts. ``forwarded_head`` adds X-Forwarded-For/-Proto/-Host. A plain head (``parse_plain``: a
 common method, an origin-form target, ordinary fields, no Connection/Upgrade/Transfer-Encoding)
-is one llhttp would take as it is: it is read by regular expressions alone, with the same result,
-and ``PlainHeads`` reads a head that repeats the last one of its connection only once.
+is one llhttp would take as it is: it is read by ``scan_plain`` alone (the compiled HTTP kernel, or
+its twin's regular expressions), with the same result, and ``PlainHeads`` reads a head that
+repeats the last one of its connection only once.
 
 Responses (``http_framing``): ``ResponseTracker`` follows the responses coming back on a tunnel
 stream (status line, Content-Length, chunked, no body for HEAD/1xx/204/304, close-delimited, 101
@@ -22,7 +23,8 @@ from typing import Any, Optional, Tuple
 
 import httptools
 
-from .http_framing import MAX_CHUNK_LINE, MAX_RESPONSE_HEAD, MAX_TRAILERS, Chunked, HeadError, ResponseTracker
+from .http_framing import (MAX_CHUNK_LINE, MAX_RESPONSE_HEAD, MAX_TRAILERS, Chunked, HeadError, ResponseTracker,
+                           scan_plain)
 
 __all__ = ["HeadError", "Request", "parse_request", "parse_plain", "PlainHeads", "parse_request_llhttp",
            "check_partial", "Chunked", "ResponseTracker", "forwarded_head", "forwarded_lines", "head_end",
@@ -43,10 +45,6 @@ _XF_LINE = re.compile(rb"\r\nx-forwarded-(?:for|proto|host)[ \t]*:[^\r\n]*", re.
 #: only tells the plain heads (``parse_plain``) from the others.
 _FIELDS = re.compile(rb"\r\n(host|content-length|transfer-encoding|upgrade|(?:proxy-)?connection|"
                      rb"x-forwarded-(?:for|proto|host)):[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)", re.IGNORECASE)
-#: A plain request head, which llhttp takes as it is: a common method, an origin-form target of
-#: RFC 3986 path and query characters, HTTP/1.0 or 1.1, token-named fields with VCHAR/SP/HTAB values.
-_PLAIN_HEAD = re.compile(rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*) "
-                         rb"HTTP/1\.([01])\r\n(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t -~]*\r\n)*\r\n")
 
 
 def head_violation(head: bytes) -> Optional[str]:
@@ -149,21 +147,19 @@ class Request:
 
 
 def parse_plain(data: Any, start: int, stop: int) -> Optional[Request]:
-    """``data[start:stop]`` parsed if it is exactly one plain request head (``_PLAIN_HEAD``, and
-    no field that changes llhttp's view of it: see ``Request.fields``), else None: such a head is
-    one llhttp accepts, and the result is the one ``parse_request`` gives. HeadError for more
-    than one Host."""
-    m = _PLAIN_HEAD.fullmatch(data, start, stop)
-    if m is None:
+    """``data[start:stop]`` parsed if it is exactly one plain request head (``scan_plain``: a
+    common method, an origin-form target of RFC 3986 path and query characters, HTTP/1.0 or 1.1,
+    token-named fields with VCHAR/SP/HTAB values, and no field that changes llhttp's view of it:
+    see ``Request.fields``), else None: such a head is one llhttp accepts, and the result is the
+    one ``parse_request`` gives. HeadError for more than one Host."""
+    got = scan_plain(data, start, stop)
+    if got is None:
         return None
-    req = Request(False)
-    if not req.fields(data, start, stop):
-        return None
-    if len(req.hosts) > 1:
+    if len(got[3]) > 1:
         raise HeadError("400 Bad Request", "more than one Host header")
-    req.method, req.url = m[1], m[2]
-    req.keep_alive = m[3] == b"1"
-    req.complete = True
+    req = Request.__new__(Request)  # every slot set here: what __init__ would set, then the head's
+    req.method, req.url, req.keep_alive, req.hosts, req.cl, req.xff, req.xfp, req.xfh = got
+    req.upgrade, req.te, req.complete, req.parser = False, (), True, None
     return req
 
 

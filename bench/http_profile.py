@@ -1,0 +1,98 @@
+"""Profile of the HTTP ingress under ``bench/http_ab.py``'s load: the CLI server of this checkout
+runs under cProfile (the client and the app as in http_ab), visitors make ``--mode small``
+keep-alive requests (16 connections, ``--seconds``) or ``--mode big`` downloads (``--mb`` MiB);
+the server's profile is written to ``--out`` and its top functions printed.
+
+    python bench/http_profile.py --mode small --seconds 5 --out /tmp/small.prof
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pstats
+import signal
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import http_ab  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+async def run(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    app = await loop.create_server(lambda: http_ab.App(args.mb), "127.0.0.1", 0)
+    app_port = app.sockets[0].getsockname()[1]
+    tport, hport = http_ab.free_port(), http_ab.free_port()
+    env = dict(os.environ, FERROTUNNEL_TOKEN=http_ab.TOKEN)
+    server = subprocess.Popen([sys.executable, "-m", "cProfile", "-o", args.out, "-m", "ferrotunnel", "server",
+                               "--bind", f"127.0.0.1:{tport}", "--http-bind", f"127.0.0.1:{hport}",
+                               "--log-level", "warning"], env=env, cwd=ROOT)
+    client = None
+    try:
+        await asyncio.sleep(1.0)
+        client = subprocess.Popen([sys.executable, "-m", "ferrotunnel", "client", "--server", f"127.0.0.1:{tport}",
+                                   "--local-addr", f"127.0.0.1:{app_port}", "--tunnel-id", "web",
+                                   "--log-level", "warning"], env=env, cwd=ROOT)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                r, w = await asyncio.open_connection("127.0.0.1", hport)
+                w.write(b"GET /small HTTP/1.1\r\nHost: web\r\n\r\n")
+                ok = (await asyncio.wait_for(r.readexactly(len(http_ab.SMALL)), 5)) == http_ab.SMALL
+                w.close()
+                if ok:
+                    break
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("the tunnel did not come up")
+            await asyncio.sleep(0.2)
+        if args.mode == "big":
+            total = (args.mb << 20) + len(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (args.mb << 20))
+            for _ in range(2):
+                done = loop.create_future()
+                t, _p = await loop.create_connection(lambda: http_ab.Download(total, done), "127.0.0.1", hport)
+                secs = await asyncio.wait_for(done, 120)
+                t.close()
+                print(f"download {args.mb * 1.048576 / secs:.0f} MB/s")
+        else:
+            stop = time.perf_counter() + args.seconds
+            smalls = []
+            for _ in range(16):
+                _t, proto = await loop.create_connection(lambda: http_ab.Small(stop), "127.0.0.1", hport)
+                smalls.append(proto)
+            t0 = time.perf_counter()
+            counts = await asyncio.gather(*(s.done for s in smalls))
+            print(f"small {sum(counts) / (time.perf_counter() - t0):.0f} req/s (under the profiler)")
+            for s in smalls:
+                s.t.close()
+    finally:
+        if client is not None:
+            client.terminate()
+            client.wait(10)
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+        app.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=("small", "big"), default="small")
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--mb", type=int, default=256)
+    ap.add_argument("--out", default="http-ingress.prof")
+    ap.add_argument("--top", type=int, default=30)
+    args = ap.parse_args()
+    import uvloop
+
+    uvloop.run(run(args))
+    pstats.Stats(args.out).sort_stats("tottime").print_stats(args.top)
+
+
+if __name__ == "__main__":
+    main()
