@@ -196,6 +196,26 @@ def test_keep_alive_and_pipelined_requests_become_rows_in_order(run):
     run(body)
 
 
+def test_big_bodies_pass_byte_for_byte_and_are_counted_whole(run):
+    async def body():
+        async with inspected() as (ing, app, insp):
+            r, w = await asyncio.open_connection(*ing.address)
+            payload = bytes(range(256)) * 8192  # 2 MiB, both ways (the app echoes it)
+            w.write(b"POST /big HTTP/1.1\r\nHost: web\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
+            assert await response(r) == (b"HTTP/1.1 200 OK", b"app POST /big " + payload)
+            w.write(get("/after"))
+            assert (await response(r))[1] == b"app GET /after "
+            got = await rows(insp, 2)
+            w.close()
+            big = got[1]
+            assert big["path"] == "/big" and big["request_size"] == len(app.heads[0]) + len(payload)
+            assert big["response_size"] > len(payload) + len(b"app POST /big ")
+            detail = json.loads((await api(insp, "GET", f"/api/requests/{big['id']}"))[2])
+            assert detail["request_body_truncated"] and len(detail["request_body"].encode("utf-8", "replace")) > 0
+            assert got[0]["path"] == "/after" and got[0]["status"] == 200
+    run(body)
+
+
 def test_the_ring_is_bounded_and_bodies_are_capped(run):
     async def body():
         async with inspected(max_requests=3, body_limit=10) as (ing, app, insp):
