@@ -36,7 +36,11 @@ from .protocol import (
     StreamEvent,
     StreamState,
 )
-from .aio import Multiplexer, Session, SessionStats, StreamSink, TcpTransport, TlsTransport, VirtualStream, forward
+from .addr import Address, as_address
+from .aio import (Multiplexer, Session, SessionStats, StreamHandler, StreamSink, TcpTransport, TlsTransport,
+                  VirtualStream, forward)
+from .aio.stream import READ_LINE_LIMIT, READ_TO_EOF_LIMIT
+from .aio.streaminfo import BytesLike
 from .server import (
     HttpIngress,
     LocalRegistry,
@@ -47,6 +51,7 @@ from .server import (
     TcpIngress,
     TunnelServer,
 )
+from .server.https import HttpsIngress
 from .server.public import PublicEndpoint
 from .client import Backoff, TunnelClient
 
@@ -58,6 +63,7 @@ __all__ = [
     "TunnelClient",
     "TcpIngress",
     "HttpIngress",
+    "HttpsIngress",
     "PublicEndpoint",
     "Session",
     "SessionStats",
@@ -75,6 +81,12 @@ __all__ = [
     "StreamSink",
     "Multiplexer",
     "VirtualStream",
+    "StreamHandler",
+    "BytesLike",
+    "READ_TO_EOF_LIMIT",
+    "READ_LINE_LIMIT",
+    "Address",
+    "as_address",
     "forward",
     "ServerConfig",
     "ClientConfig",

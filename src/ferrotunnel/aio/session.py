@@ -7,7 +7,7 @@ import collections
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Deque, Optional, Sequence, Tuple
+from typing import Any, AsyncIterator, Deque, Optional, Sequence, Tuple
 
 from ..errors import ConnectionLostError
 from ..frames import Protocol, StreamPriority
@@ -36,17 +36,25 @@ class _StreamOpener:
 
     def open_stream_nowait(self, protocol: Protocol = Protocol.TCP,
                            priority: StreamPriority = StreamPriority.NORMAL,
-                           headers: Sequence[Tuple[str, str]] = ()) -> VirtualStream:
+                           headers: Sequence[Tuple[str, str]] = (), *,
+                           peername: Optional[Tuple[str, int]] = None) -> VirtualStream:
         """Open a stream now (the OpenStream frame is queued, carrying ``headers``: name/value
         pairs the peer reads as ``VirtualStream.headers``); ConnectionLostError if the session is
-        not connected, LimitExceededError at ``max_streams_per_session``."""
-        return self._conn.open_stream(protocol, priority, tuple(headers))
+        not connected, LimitExceededError at ``max_streams_per_session``. ``peername`` (the
+        visitor's address, if the caller knows it) is what ``get_extra_info("peername")`` says
+        on this end."""
+        stream = self._conn.open_stream(protocol, priority, tuple(headers))
+        if peername is not None:
+            stream.peername = peername
+        return stream
 
     async def open_stream(self, protocol: Protocol = Protocol.TCP,
                           priority: StreamPriority = StreamPriority.NORMAL) -> VirtualStream:
+        """``open_stream_nowait`` as a coroutine (the frame is queued; nothing waits for the peer)."""
         return self.open_stream_nowait(protocol, priority)
 
     async def open_stream_with_priority(self, protocol: Protocol, priority: StreamPriority) -> VirtualStream:
+        """``open_stream(protocol, priority)``: the spelling of the Rust API."""
         return self.open_stream_nowait(protocol, priority)
 
 
@@ -124,13 +132,16 @@ class Session(_StreamOpener):
 
     @property
     def is_closed(self) -> bool:
+        """The session ended (its connection is closed)."""
         return self._conn.closed
 
     @property
     def flow_control(self) -> bool:
+        """Whether per-stream flow control was negotiated with the peer."""
         return self.multiplexer.flow_control
 
     def stats(self) -> SessionStats:
+        """Frames and bytes each way, open streams and the heartbeat round trip, so far."""
         if not self._conn.opened:
             return SessionStats(0, 0, 0, 0, 0, None)
         core = self._conn.core
@@ -188,4 +199,22 @@ class Session(_StreamOpener):
         self._conn.close(exc)
 
     async def wait_closed(self) -> None:
+        """Wait until the session ended."""
         await self.closed_event.wait()
+
+    def __aiter__(self) -> AsyncIterator[VirtualStream]:
+        """``async for stream in session``: each stream the peer opens (see ``accept``), until the
+        session closes. RuntimeError for a session whose streams go to a stream handler."""
+        if self._conn.stream_handler is not None:
+            raise RuntimeError("the streams of this session go to its stream handler, not to accept(): iterate a "
+                               "session without one (TunnelServer(stream_handler=None), "
+                               "TunnelClient.connect(accept=True))")
+        return self._streams()
+
+    async def _streams(self) -> AsyncIterator[VirtualStream]:
+        while True:
+            try:
+                stream = await self.accept()
+            except ConnectionLostError:
+                return
+            yield stream

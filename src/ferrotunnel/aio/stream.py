@@ -1,76 +1,81 @@
-"""``VirtualStream``: one multiplexed stream in the asyncio streams idiom, and ``StreamSink``,
-the typed seam through which a consumer such as a TCP bridge takes a stream's data directly."""
+"""``VirtualStream``: one multiplexed stream in the asyncio streams idiom (its seam types and
+``get_extra_info`` live in ``streaminfo``)."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
-from typing import TYPE_CHECKING, Any, AsyncIterator, Deque, List, Optional, Protocol as TypingProtocol, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, AsyncIterator, Deque, Iterable, List, Optional, Tuple
 
-from ..errors import FerroTunnelError, StreamClosedError
+from ..errors import FerroTunnelError, LimitExceededError, StreamClosedError
 from ..frames import Protocol, StreamPriority
 from ..protocol.streams import CoreStream
+from .streaminfo import BytesLike, StreamSink, check_limit, extra_info, visitor_address
 
 if TYPE_CHECKING:
     from .connection import TunnelConnection
     from .session import Session
 
-__all__ = ["VirtualStream", "StreamSink", "READ_BUFFER", "SMALL_WRITE"]
+__all__ = ["VirtualStream", "StreamSink", "BytesLike", "READ_BUFFER", "SMALL_WRITE", "READ_TO_EOF_LIMIT",
+           "READ_LINE_LIMIT"]
 
 #: Default chunk size of ``async for`` on a stream.
 READ_BUFFER = 65536
+#: ``read()`` (to EOF) raises LimitExceededError beyond this many bytes; per stream
+#: ``VirtualStream.read_limit``, per call ``read(limit=)``.
+READ_TO_EOF_LIMIT = 16 * 1024 * 1024
+#: ``readline``/``readuntil`` give up beyond this many bytes without the separator (asyncio's
+#: default); per stream ``VirtualStream.line_limit``, per call ``limit=``.
+READ_LINE_LIMIT = 64 * 1024
 #: Writes below this size may take the fast path (one frame written at once, payload copied once).
 SMALL_WRITE = 16 * 1024
 
 
-class StreamSink(TypingProtocol):
-    """Takes a stream's events instead of its read buffer, once ``VirtualStream.attach_sink``
-    is called. Tunnel data arrives as views of the tunnel's read buffer: a sink copies what it
-    keeps past the call, and returns credit with ``VirtualStream.consumed`` when the bytes are
-    gone. ``flush_out`` runs once after each tunnel read that gave it data (see ``defer_flush``)."""
-
-    def tunnel_data(self, payload: memoryview) -> None: ...
-    def tunnel_eof(self) -> None: ...
-    def tunnel_reset(self, exc: BaseException) -> None: ...
-    def tunnel_writable(self) -> None: ...
-    def flush_out(self) -> None: ...
-
-
 class VirtualStream:
-    """One multiplexed stream, in the asyncio streams idiom.
+    """One multiplexed stream: an ``asyncio.StreamReader`` and ``StreamWriter`` in one object.
 
-    ``read`` returns bytes the caller owns. After the peer's half-close ``read`` returns ``b""``;
-    writing after close raises ``StreamClosedError``; a reset or a lost connection raises
+    ``read()`` reads to EOF (up to ``read_limit``), ``read(n)`` up to ``n`` bytes; ``readexactly``,
+    ``readline`` and ``readuntil`` behave as asyncio's. After the peer's half-close reads return
+    ``b""``; writing after close raises ``StreamClosedError``; a reset or a lost connection raises
     ``StreamResetError`` (or ``ConnectionLostError``) from every pending and later call.
     """
 
-    __slots__ = ("_conn", "_st", "_rbuf", "_rsize", "_eof", "_exc", "_reader", "_writer", "_closed", "sink",
-                 "__weakref__")
+    __slots__ = ("_conn", "_st", "_rbuf", "_rsize", "_credited", "_eof", "_exc", "_reader", "_writer", "_closed",
+                 "_peername", "sink", "read_limit", "line_limit", "__weakref__")
 
     def __init__(self, conn: "TunnelConnection", st: CoreStream) -> None:
         self._conn = conn
         self._st = st
         self._rbuf: Optional[Deque[bytes]] = None
         self._rsize = 0
+        self._credited = 0  # buffered bytes whose credit went back already (a read that waits for more)
         self._eof = False
         self._exc: Optional[BaseException] = None
         self._reader: Optional[asyncio.Future[None]] = None
         self._writer: Optional[asyncio.Future[None]] = None
         self._closed = False
+        self._peername: Optional[Tuple[str, int]] = None
         #: The consumer that takes this stream's data directly (a forwarding bridge), if any.
         self.sink: Optional[StreamSink] = None
+        #: This stream's cap for ``read()`` to EOF (None: ``READ_TO_EOF_LIMIT``).
+        self.read_limit: Optional[int] = None
+        #: This stream's cap for ``readline``/``readuntil`` (None: ``READ_LINE_LIMIT``).
+        self.line_limit: Optional[int] = None
 
     # -- identity
     @property
     def stream_id(self) -> int:
+        """The stream's id on the wire (odd: opened by the client, even: by the server)."""
         return self._st.id
 
     @property
     def protocol(self) -> Protocol:
+        """The protocol its OpenStream named (``Protocol.TCP`` for most streams)."""
         return self._st.protocol
 
     @property
     def priority(self) -> StreamPriority:
+        """Its priority among the session's streams when frames leave."""
         return self._st.priority
 
     @property
@@ -80,7 +85,24 @@ class VirtualStream:
 
     @property
     def session(self) -> "Session":
+        """The session that carries this stream (ConnectionLostError once it is closed and gone)."""
         return self._conn.session
+
+    @property
+    def peername(self) -> Optional[Tuple[str, int]]:
+        """The visitor's ``(host, port)`` where known: what the opener set, else the OpenStream's
+        ``ft-visitor`` header (sent to clients that asked for ``visitor-addr/1``); else None."""
+        return self._peername if self._peername is not None else visitor_address(self._st.headers)
+
+    @peername.setter
+    def peername(self, value: Optional[Tuple[str, int]]) -> None:
+        self._peername = value
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """As ``asyncio.StreamWriter.get_extra_info``: ``"peername"`` (the visitor's address, see
+        ``peername``), ``"tunnel_id"``, ``"session_id"`` (a UUID), ``"protocol"``, ``"stream_id"``,
+        ``"priority"``, ``"headers"``; ``default`` for any other name or a value not known."""
+        return extra_info(self, name, default)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("eof" if self._eof else "open")
@@ -88,6 +110,7 @@ class VirtualStream:
 
     # -- events from the tunnel connection
     def feed_data(self, payload: memoryview) -> None:
+        """Tunnel data for this stream (called by the connection)."""
         if self._closed:
             self.consumed(len(payload))
             return
@@ -98,17 +121,20 @@ class VirtualStream:
         self._wake_reader()
 
     def feed_eof(self) -> None:
+        """The peer half-closed (called by the connection)."""
         self._eof = True
         if self.sink is not None:
             self.sink.tunnel_eof()
         self._wake_reader()
 
     def feed_reset(self, exc: BaseException) -> None:
+        """The stream was reset or its connection lost (called by the connection)."""
         self._set_exc(exc)
         if self.sink is not None:
             self.sink.tunnel_reset(exc)
 
     def feed_writable(self) -> None:
+        """The send buffer has room again (called by the connection)."""
         w = self._writer
         if w is not None and not w.done():
             w.set_result(None)
@@ -133,13 +159,20 @@ class VirtualStream:
 
     def consumed(self, n: int) -> None:
         """``n`` delivered bytes are gone (the sink wrote them out): the peer may send more."""
+        c = self._credited
+        if c:  # their credit went back while a read waited for more
+            d = c if c < n else n
+            self._credited = c - d
+            n -= d
+            if not n:
+                return
         self._conn.consumed(self._st, n)
 
     def defer_flush(self, sink: StreamSink) -> None:
         """Call ``sink.flush_out()`` once the current tunnel read is processed (one write per read)."""
         self._conn.dirty_sinks.append(sink)
 
-    def write_owned(self, data: Any) -> None:
+    def write_owned(self, data: BytesLike) -> None:
         """``write`` for a caller that gives its buffer up: it is queued without a copy."""
         self._write(data, True)
 
@@ -169,6 +202,15 @@ class VirtualStream:
             await fut
         finally:
             self._reader = None
+
+    async def _wait_more(self) -> None:
+        """Wait for more data while keeping what is buffered: its credit goes back first, so a
+        flow-controlled peer can send past its window (the caller's cap bounds the buffer)."""
+        n = self._rsize - self._credited
+        if n > 0:
+            self._credited = self._rsize
+            self._conn.consumed(self._st, n)
+        await self._wait_readable()
 
     def _take(self, n: int) -> bytes:
         buf = self._rbuf
@@ -201,8 +243,18 @@ class VirtualStream:
         self.consumed(k)
         return data
 
-    async def read(self, n: int = -1) -> bytes:
-        """Up to ``n`` bytes (all buffered if n < 0); ``b""`` at end of stream."""
+    async def read(self, n: int = -1, *, limit: Optional[int] = None) -> bytes:
+        """Up to ``n`` bytes, waiting for at least one; ``b""`` at end of stream. Without ``n`` (or
+        ``n < 0``): everything up to EOF, as ``asyncio.StreamReader.read()`` — LimitExceededError
+        once more than ``limit`` bytes (default ``read_limit``, else ``READ_TO_EOF_LIMIT``) arrived
+        before EOF; those bytes stay buffered for ``read(n)``."""
+        if n < 0:
+            return await self._read_to_eof(limit)
+        return await self.read_some(n)
+
+    async def read_some(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes of what is buffered (all of it for ``n < 0``), waiting for at least
+        one; ``b""`` at end of stream. The read for a consumer that relays chunks as they come."""
         if n == 0:
             return b""
         while True:
@@ -214,18 +266,83 @@ class VirtualStream:
                 return b""
             await self._wait_readable()
 
+    async def _read_to_eof(self, limit: Optional[int]) -> bytes:
+        cap = check_limit(limit if limit is not None else READ_TO_EOF_LIMIT if self.read_limit is None else self.read_limit)
+        while True:
+            if self._exc is not None:
+                raise self._exc
+            if self._rsize > cap:
+                raise LimitExceededError(f"stream {self._st.id}: more than {cap} bytes before EOF (read()'s limit=, "
+                                         f"read_limit or READ_TO_EOF_LIMIT): raise it or read(n) in parts")
+            if self._eof or self._closed:
+                return self._take(-1) if self._rsize else b""
+            await self._wait_more()
+
     async def readexactly(self, n: int) -> bytes:
+        """Exactly ``n`` bytes; ``asyncio.IncompleteReadError`` (with the bytes read) if the stream
+        ends first."""
+        if n < 0:
+            raise ValueError("readexactly size can not be less than zero")
         parts: List[bytes] = []
         got = 0
         while got < n:
-            chunk = await self.read(n - got)
+            chunk = await self.read_some(n - got)
             if not chunk:
                 raise asyncio.IncompleteReadError(b"".join(parts), n)
             parts.append(chunk)
             got += len(chunk)
         return b"".join(parts)
 
+    async def readuntil(self, separator: bytes = b"\n", *, limit: Optional[int] = None) -> bytes:
+        """The bytes up to and including ``separator``, as ``asyncio.StreamReader.readuntil``: at
+        EOF before it ``asyncio.IncompleteReadError`` with what was left (``partial``); when it is
+        not within ``limit`` bytes (default ``line_limit``, else ``READ_LINE_LIMIT``)
+        ``asyncio.LimitOverrunError`` and the bytes stay buffered."""
+        if not separator:
+            raise ValueError("separator should be at least one-byte string")
+        cap = check_limit(limit if limit is not None else READ_LINE_LIMIT if self.line_limit is None else self.line_limit)
+        seplen = len(separator)
+        offset = 0
+        while True:
+            buf = self._rbuf
+            if buf:
+                if len(buf) > 1:
+                    whole = b"".join(buf)
+                    buf.clear()
+                    buf.append(whole)
+                data = buf[0]
+                at = data.find(separator, offset)
+                if at >= 0:
+                    if at > cap:
+                        raise asyncio.LimitOverrunError("Separator is found, but chunk is longer than limit", at)
+                    return self._take(at + seplen)
+                offset = max(0, len(data) + 1 - seplen)
+                if offset > cap:
+                    raise asyncio.LimitOverrunError("Separator is not found, and chunk exceed the limit", offset)
+            if self._exc is not None:
+                raise self._exc
+            if self._eof or self._closed:
+                raise asyncio.IncompleteReadError(self._take(-1) if self._rsize else b"", None)
+            await self._wait_more()
+
+    async def readline(self, *, limit: Optional[int] = None) -> bytes:
+        """One line with its ``\\n``, or what is left at EOF (``b""`` at EOF), as
+        ``asyncio.StreamReader.readline``; a line longer than the limit (see ``readuntil``) is
+        dropped and ValueError raised."""
+        try:
+            return await self.readuntil(b"\n", limit=limit)
+        except asyncio.IncompleteReadError as exc:
+            return exc.partial
+        except asyncio.LimitOverrunError as exc:
+            buf = self._rbuf
+            if buf and buf[0].startswith(b"\n", exc.consumed):
+                self._take(exc.consumed + 1)
+            elif self._rsize:
+                self._take(-1)
+            raise ValueError(f"stream {self._st.id}: {exc.args[0]} (limit=, line_limit or READ_LINE_LIMIT)") from None
+
     def at_eof(self) -> bool:
+        """True once the peer half-closed (or the stream was closed) and nothing is left to read."""
         return (self._eof or self._closed) and not self._rsize
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -233,7 +350,7 @@ class VirtualStream:
 
     async def _iter(self) -> AsyncIterator[bytes]:
         while True:
-            chunk = await self.read(READ_BUFFER)
+            chunk = await self.read_some(READ_BUFFER)
             if not chunk:
                 return
             yield chunk
@@ -245,17 +362,23 @@ class VirtualStream:
         if self._closed or self._st.write_shut:
             raise StreamClosedError(f"stream {self._st.id} is closed for writing")
 
-    def write(self, data: Any) -> None:
+    def write(self, data: BytesLike) -> None:
+        """Queue ``data`` (bytes, bytearray or memoryview; copied when it is not bytes) for the
+        peer; ``drain()`` waits for room. StreamClosedError after ``write_eof``/``close``."""
         self._write(data, False)
 
-    def _write(self, data: Any, owned: bool) -> None:
+    def _write(self, data: BytesLike, owned: bool) -> None:
         self._check_writable()
         conn = self._conn
-        if type(data) is bytes and len(data) < SMALL_WRITE and conn.send_small_now(self._st, data):
-            return
+        if type(data) is bytes:
+            if len(data) < SMALL_WRITE and conn.send_small_now(self._st, data):
+                return
+        elif not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data must be bytes, bytearray or memoryview, got {type(data).__name__}"
+                            f"{' (encode text first, e.g. data.encode())' if isinstance(data, str) else ''}")
         conn.send(self._st, data, owned)
 
-    def write_queued(self, data: Any, owned: bool = False) -> None:
+    def write_queued(self, data: BytesLike, owned: bool = False) -> None:
         """``write`` that leaves handing the frames to the transport to ``flush()`` (or the end of
         this event-loop turn): a sink relaying every frame of one tunnel read writes them out at
         once. With ``owned`` the caller gives ``data`` up (a view too) and it is queued without a copy."""
@@ -266,11 +389,13 @@ class VirtualStream:
         """Hand what ``write_queued`` left to the transport now."""
         self._conn.flush_now()
 
-    def writelines(self, chunks: Sequence[Any]) -> None:
+    def writelines(self, chunks: Iterable[BytesLike]) -> None:
+        """``write`` each of ``chunks`` in order."""
         for c in chunks:
             self.write(c)
 
     def can_write(self) -> bool:
+        """Whether the send buffer has room (a ``write`` now would not need a ``drain``)."""
         return self._conn.core.writable(self._st)
 
     async def _wait_queue(self, below: Optional[int]) -> None:
@@ -304,6 +429,7 @@ class VirtualStream:
         self._conn.core.send_eof(self._st)
 
     def can_write_eof(self) -> bool:
+        """Always True: a stream can be half-closed."""
         return True
 
     # -- closing
@@ -314,9 +440,14 @@ class VirtualStream:
         self._closed = True
         self._rbuf = None
         self._rsize = 0
+        self._credited = 0
         if self._exc is None:
             self._conn.core.close(self._st)
         self._wake_reader()
+
+    def is_closing(self) -> bool:
+        """True once ``close`` or ``abort`` was called or the stream was reset."""
+        return self._closed or self._exc is not None
 
     async def wait_closed(self) -> None:
         """Wait until everything written (and the CloseStream) went to the transport."""
@@ -328,6 +459,7 @@ class VirtualStream:
             pass
 
     async def aclose(self) -> None:
+        """``close()`` then ``wait_closed()``."""
         self.close()
         await self.wait_closed()
 
@@ -345,6 +477,7 @@ class VirtualStream:
             self.consumed(self._rsize)
         self._rbuf = None
         self._rsize = 0
+        self._credited = 0
         self._wake_reader()
         w = self._writer
         if w is not None and not w.done():
@@ -352,6 +485,7 @@ class VirtualStream:
 
     @property
     def exception(self) -> Optional[BaseException]:
+        """The error that ended the stream (a reset, a lost connection, an abort), or None."""
         return self._exc
 
     async def __aenter__(self) -> "VirtualStream":

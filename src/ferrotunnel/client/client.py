@@ -3,28 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import socket
 import ssl
-import time
 import uuid
-import weakref
-from typing import Any, Awaitable, Callable, Optional, Tuple, Union
+from typing import Any, Awaitable, Callable, Optional, Set, Tuple, Union
 
+from ..addr import Address, as_address, format_address, parse_address
 from ..aio.bridge import forward
-from ..aio.connection import StreamHandler, TunnelConnection
+from ..aio.connection import StreamHandler
 from ..aio.session import Session
 from ..aio.stream import VirtualStream
 from ..aio.transport import Transport, resolve_transport
 from ..auth import TokenFormatError, validate_token_format
 from ..config import ClientConfig
-from ..protocol.core import SessionCore
-from ..protocol.handshake import ClientHandshake, HandshakeResult
+from ..protocol.handshake import ClientHandshake
 from ..protocol.extensions import VISITOR_HEADER
 from ..protocol.proxyproto import header_for
-from .diagnose import (HINT_ADD_TLS, HINT_CLIENT_CERT, HINT_NO_TLS, SSL_CLOSED, SSL_OLD_VERSION,
-                       SSL_PLAINTEXT_ANSWER, client_cert_hint, looks_like_tls, ssl_reason, describe_error)
+from .connection import ClientConnection
+from .diagnose import (HINT_ADD_TLS, HINT_NO_TLS, SSL_CLOSED, SSL_OLD_VERSION, SSL_PLAINTEXT_ANSWER,
+                       client_cert_hint, ssl_reason, describe_error)
 from .reconnect import Backoff
 from ..errors import (
     AuthenticationError,
@@ -37,7 +37,7 @@ from ..errors import (
     TunnelTimeoutError,
 )
 
-__all__ = ["TunnelClient", "parse_address"]
+__all__ = ["TunnelClient", "ClientConnection", "parse_address", "format_address", "describe_error"]
 
 log = logging.getLogger("ferrotunnel.client")
 
@@ -50,126 +50,6 @@ def _process_tunnel_id() -> str:
     if _PROCESS_TUNNEL_ID is None:
         _PROCESS_TUNNEL_ID = str(uuid.uuid4())
     return _PROCESS_TUNNEL_ID
-
-
-def parse_address(addr: str) -> Tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` to (host, port); ValueError with the reason otherwise."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"address must be HOST:PORT with a port in 1..65535, got {addr!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
-def format_address(host: str, port: int) -> str:
-    """(host, port) as ``HOST:PORT``, an IPv6 host in brackets: what ``parse_address`` reads."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class ClientConnection(TunnelConnection):
-    is_client = True
-
-    def __init__(self, client: "TunnelClient", handler: Optional[StreamHandler], handshake: ClientHandshake) -> None:
-        super().__init__(asyncio.get_running_loop(), client.config, tls=client.transport.is_tls)
-        # a proxy: the client holds its connection, and a connection that held its client back would
-        # keep both (and the session) alive after close until the cyclic GC ran
-        self.client: "TunnelClient" = weakref.proxy(client)
-        self.stream_handler = handler
-        self.handshake = handshake
-        self.ack: asyncio.Future[HandshakeResult] = self.loop.create_future()
-        #: connection_made ran: TCP (and TLS, with a context) is up and the Handshake is sent.
-        self.made = False
-        #: Bytes of the server's answer so far, and the first few of them (to recognise a TLS
-        #: record or an HTTP response where a HandshakeAck should be).
-        self.received = 0
-        self._head = b""
-        #: connect_and_run took this session over: public URLs that arrive are reported.
-        self.serving = False
-
-    def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
-        self.made = True
-        transport.write(self.handshake.data_to_send())
-
-    def _fail(self, exc: BaseException) -> None:
-        self.ack.set_exception(exc)
-        self.close()
-
-    def handshake_data(self, data: memoryview) -> None:
-        if self.ack.done():
-            return
-        self.received += len(data)
-        if len(self._head) < 5:
-            self._head += bytes(data[:5 - len(self._head)])
-        client = self.client
-        if not client.transport.is_tls and looks_like_tls(self._head):
-            self._fail(HandshakeError(f"the server at {client.address} answered with TLS: {HINT_ADD_TLS}"))
-            return
-        hs = self.handshake
-        try:
-            hs.receive_data(data)
-        except HandshakeError as exc:
-            self._fail(self._explain_reply(exc))
-            return
-        result = hs.result
-        if result is None:
-            return
-        core = SessionCore(is_client=True, config=self.client.config, negotiated=result.negotiated, listener=self,
-                           now=time.monotonic())
-        session = Session(self, result.session_id, self.client.tunnel_id, self.peer_address,
-                          result.server_capabilities)
-        self.open_session(core, session, hs.leftover)
-        self.ack.set_result(result)
-
-    def public_urls_received(self, urls: Tuple[str, ...]) -> None:
-        """The server said where visitors reach this session (the public-URLs extension)."""
-        log.debug("public URLs of session %s: %s", self.session.id, ", ".join(urls) or "none")
-        if self.serving:
-            try:
-                self.client.report_public_urls(self)
-            except ReferenceError:  # the client is gone
-                pass
-
-    def _explain_reply(self, exc: HandshakeError) -> HandshakeError:
-        """A refusal (with a status) stands as it is; a reply that is no HandshakeAck says what
-        answered instead."""
-        if exc.status is not None:
-            return exc
-        addr = self.client.address
-        if self._head.startswith(b"HTTP"):
-            return HandshakeError(
-                f"the server at {addr} answered in HTTP: {self.client.port} is an HTTP port (an HTTP ingress, "
-                f"--http-bind, or a web server), not a tunnel port: point --server at the port the tunnel server "
-                f"listens on (server --bind)")
-        return HandshakeError(f"{exc} (from {addr}): is {addr} the tunnel port of a ferrotunnel server "
-                              f"(server --bind)?")
-
-    def on_closed(self) -> None:
-        if not self.ack.done():
-            self.ack.set_exception(self.closed_early())
-
-    def closed_early(self) -> ConnectionLostError:
-        """The connection ended before the HandshakeAck: what most likely happened."""
-        exc = self.close_exc
-        what = "the server closed the connection before answering the handshake"
-        cert = client_cert_hint(exc)
-        if cert is not None:
-            return ConnectionLostError(f"{what}: {cert}")
-        # our own "the peer closed the tunnel connection" says nothing new here
-        if exc is not None and not isinstance(exc, ConnectionLostError):
-            what += f" ({describe_error(exc)})"
-        if self.received:
-            return ConnectionLostError(
-                f"{what}, after {self.received} bytes of an answer: is {self.client.address} the tunnel port of a "
-                f"ferrotunnel server (server --bind)? Its log may say more")
-        if not self.client.transport.is_tls:
-            return ConnectionLostError(
-                f"{what}: it most likely expects TLS — {HINT_ADD_TLS}; if it does not use TLS, its log says why "
-                f"it closed the connection")
-        return ConnectionLostError(
-            f"{what}: its log says why — most often a client certificate it requires ({HINT_CLIENT_CERT}), "
-            f"or a port that is not its tunnel port (server --bind)")
 
 
 def _os_error(exc: OSError, message: str) -> OSError:
@@ -193,16 +73,25 @@ _RETRYABLE = (OSError, ConnectionLostError, RetryableHandshakeError, TunnelTimeo
 
 
 class TunnelClient:
-    """Client end of a tunnel. ``connect_and_run(handler)`` serves streams until cancelled."""
+    """Client end of a tunnel. ``connect_and_run(handler)`` serves streams until cancelled.
 
-    def __init__(self, server_addr: str, token: str, *, tunnel_id: Optional[str] = None,
+    ``server_addr`` and ``local_addr`` (where the default handler forwards streams; default
+    ``config.local_addr``) are ``"host:port"`` or ``(host, port)``. ``async with`` starts
+    nothing; leaving the block cancels a running ``connect_and_run`` and closes the client."""
+
+    def __init__(self, server_addr: Address, token: str, *, tunnel_id: Optional[str] = None,
                  tls: Union[None, ssl.SSLContext, Transport] = None, server_name: Optional[str] = None,
-                 config: ClientConfig = ClientConfig()) -> None:
+                 config: ClientConfig = ClientConfig(), local_addr: Optional[Address] = None) -> None:
+        self.host, self.port = as_address(server_addr, "server_addr")
+        local = as_address(config.local_addr if local_addr is None else local_addr, "local_addr")
+        if local != config.local_addr:
+            config = dataclasses.replace(config, local_addr=local)
+        if not isinstance(token, str):
+            raise TypeError(f"token must be a str, got {type(token).__name__}")
         try:
             validate_token_format(token)
         except TokenFormatError as exc:
             raise ValueError(f"invalid client token: {exc}") from None
-        self.host, self.port = parse_address(server_addr)
         self._token = token
         self.tunnel_id = tunnel_id if tunnel_id is not None else _process_tunnel_id()
         self.transport = resolve_transport(tls)
@@ -214,9 +103,30 @@ class TunnelClient:
         #: Sessions on a node that is leaving (drain), kept until their streams are done.
         self._retiring: "set[ClientConnection]" = set()
         self._on_public_urls: Optional[OnPublicUrls] = None
+        self._runs: Set["asyncio.Task[Any]"] = set()  # tasks inside connect_and_run
 
     def __repr__(self) -> str:  # the token stays out
-        return f"<TunnelClient {self.host}:{self.port} tunnel_id={self.tunnel_id!r}>"
+        return f"<TunnelClient {self.address} tunnel_id={self.tunnel_id!r}>"
+
+    async def __aenter__(self) -> "TunnelClient":
+        """Nothing starts here: call ``connect`` or ``connect_and_run`` inside the block."""
+        return self
+
+    async def __aexit__(self, et: Any, e: Any, tb: Any) -> None:
+        """Cancel every ``connect_and_run`` still running (other than the one this block runs in)
+        and wait for it to end, then ``close()``."""
+        me = asyncio.current_task()
+        runs = [t for t in self._runs if t is not me and not t.done()]
+        for task in runs:
+            task.cancel()
+        if runs:
+            await asyncio.wait(runs)
+        await self.close()
+
+    @property
+    def local_addr(self) -> Tuple[str, int]:
+        """Where the default handler forwards each stream (``config.local_addr``)."""
+        return self.config.local_addr
 
     @property
     def session(self) -> Optional[Session]:
@@ -269,15 +179,21 @@ class TunnelClient:
 
         return handle
 
-    async def connect(self, handler: Optional[StreamHandler] = None, *, sock: Optional[socket.socket] = None) -> Session:
-        """One connection and handshake. Raises AuthenticationError, TlsVerificationError,
+    async def connect(self, handler: Optional[StreamHandler] = None, *, sock: Optional[socket.socket] = None,
+                      accept: bool = False) -> Session:
+        """One connection and handshake; the session's streams go to ``handler`` (default: forward
+        each to ``local_addr``), or with ``accept=True`` to ``session.accept()`` and ``async for
+        stream in session``. Raises AuthenticationError, TlsVerificationError,
         HandshakeError (also for a peer that is demonstrably not a tunnel server of the expected
         kind: a TLS answer to a plaintext client, a plaintext or HTTP answer), or a retryable error
         (OSError, ConnectionLostError, RetryableHandshakeError, TimeoutError). Every message names
         the likely cause and the flag that fixes it. With ``sock`` (connected already, e.g. after a
         preamble of the caller's own) the handshake runs on it instead of a new connection."""
         loop = asyncio.get_running_loop()
-        handler = handler or self._default_handler()
+        if accept and handler is not None:
+            raise ValueError("connect(): give a handler or accept=True, not both")
+        if not accept:
+            handler = handler or self._default_handler()
         conn: Optional[ClientConnection] = None
 
         def factory() -> ClientConnection:
@@ -406,6 +322,8 @@ class TunnelClient:
         the server says where visitors reach the tunnel (see ``public_urls``)."""
         backoff = Backoff(self.config.backoff)
         self._on_public_urls = on_public_urls
+        # no local for the task: a traceback holding this frame would make a cycle through it
+        self._runs.add(asyncio.current_task())  # type: ignore[arg-type]
         try:
             while True:
                 try:
@@ -436,6 +354,7 @@ class TunnelClient:
                 reason = conn.close_exc if conn is not None else None
                 await self._wait_retry(backoff, reason or ConnectionLostError("session ended"))
         finally:
+            self._runs.discard(asyncio.current_task())  # type: ignore[arg-type]
             for old in list(self._retiring):
                 old.close()
             if self._conn is not None:
@@ -490,6 +409,10 @@ class TunnelClient:
         await asyncio.sleep(delay)
 
     async def close(self) -> None:
+        """Close the live session (and any retiring one): its streams end with ConnectionLostError.
+        A running ``connect_and_run`` would connect again: cancel it (or leave ``async with``)."""
+        for old in list(self._retiring):
+            old.close()
         if self._conn is not None:
             self._conn.close()
             await asyncio.sleep(0)
