@@ -2,11 +2,12 @@
 
 Keys (``p``: ``key_prefix``; ``t``: Redis ``TIME`` in ms): ``{p}node:{node_id}`` hash ``epoch
 state addr t`` PX ``node_ttl`` ("up"/"draining", link address, epoch fresh at every start) and
-``{p}tunnel:{tunnel_id}`` hash ``node epoch session t`` PX ``claim_ttl``. Every read-then-write
-is one Lua script: ``claim`` (free, ours, or held by a dead / restarted / draining node: take it;
-a stale holder: "pending"; else "held"), ``refresh`` and ``release`` (compare, then update or
-delete), ``node`` and ``lookup``. While Redis is unreachable the node serves and grants locally,
-then re-asserts everything (where two nodes granted one id, the claim in Redis stays).
+``{p}tunnel:{tunnel_id}`` hash ``node epoch session t`` PX ``claim_ttl`` (or a pool's record, see
+``scripts`` and ``redis_pools``). Every read-then-write is one Lua script: ``claim`` (free, ours,
+or held by a dead / restarted / draining node: take it; a stale holder: "pending"; else "held"),
+``refresh`` and ``release`` (compare, then update or delete), ``node`` and ``lookup``. While Redis
+is unreachable the node serves and grants locally, then re-asserts everything (where two nodes
+granted one id, the claim in Redis stays).
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import logging
 import time
 import uuid
 import weakref
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Collection, Dict, List, Optional, Set, Tuple
 
 from ..aio.session import Session
 from ..config import ClusterConfig, redact_url
 from ..errors import ConnectionLostError
 from ..server.registry import Claim, LocalRegistry, Route, StalePredicate
+from .redis_pools import PoolRecords, member_nodes, pool_route, refusal
+from .redis_base import RedisDown, RegistryStats, as_text, connect, parse_addr, redis_module, to_ms
 from .scripts import SCRIPTS
 
 __all__ = ["RedisRegistry", "RegistryStats", "RouteFactory", "connect"]
@@ -35,58 +37,6 @@ RouteFactory = Callable[[str, Tuple[str, int], str], Awaitable[Optional[Route]]]
 
 _TAKEOVER = frozenset({"dead", "restarted", "draining"})
 _BATCH, _CACHE_MAX = 500, 10000
-
-
-@dataclass
-class RegistryStats:
-    """For the node's metrics: Redis operations (a pipeline is one), failed ones, seconds in them;
-    ids taken over from dead, restarted or draining nodes; local sessions closed because another
-    node held their id after an outage (``conflicts``) or took it over (``lost``)."""
-
-    ops: int = 0
-    errors: int = 0
-    op_seconds: float = 0.0
-    takeovers: int = 0
-    conflicts: int = 0
-    lost: int = 0
-    #: ids that moved to another node while this one drained (their old sessions finish their streams)
-    handovers: int = 0
-
-
-class _Down(Exception):
-    """Redis did not answer (already logged): the caller falls back to local answers."""
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else "" if value is None else str(value)
-
-
-def _ms(seconds: float) -> int:
-    return max(1, int(seconds * 1000))
-
-
-def _parse_addr(addr: str) -> Tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def _redis() -> Any:
-    try:
-        import redis.asyncio as aioredis
-    except ImportError as exc:
-        raise ImportError("cluster mode needs redis-py: pip install 'ferrotunnel[cluster]'") from exc
-    return aioredis
-
-
-def connect(config: ClusterConfig) -> Any:
-    """A ``redis.asyncio`` client: ``redis_timeout`` bounds, one retry (a connection a restart broke)."""
-    aioredis = _redis()
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
-    return aioredis.from_url(config.redis_url, socket_timeout=config.redis_timeout,
-                             socket_connect_timeout=config.redis_timeout, retry=Retry(NoBackoff(), 1),
-                             client_name=f"ferrotunnel:{config.node_id}")
 
 
 class RedisRegistry:
@@ -104,7 +54,7 @@ class RedisRegistry:
         self.epoch = epoch or uuid.uuid4().hex
         self.remote_route = remote_route
         self.stats = RegistryStats()
-        self._errors = (_redis().RedisError, OSError, TimeoutError)
+        self._errors = (redis_module().RedisError, OSError, TimeoutError)
         self._own_client = client is None
         self._client: Any = client if client is not None else connect(config)
         self._scripts = {name: self._client.register_script(src) for name, src in SCRIPTS.items()}
@@ -129,6 +79,8 @@ class RedisRegistry:
         self._background: Set["asyncio.Task[None]"] = set()
         self._wrote_node = False
         self._closed = False
+        self._pools = PoolRecords(self._local, config, self.node_id, self.epoch, self._node_prefix, self._claim_key,
+                                  self._run, self._batch, self.stats, self._lost, self._close_local)
 
     def __repr__(self) -> str:
         return (f"<RedisRegistry node={self.node_id!r} redis={self._url!r} {self._state}"
@@ -148,7 +100,7 @@ class RedisRegistry:
 
     async def _call(self, fn: Callable[[], Awaitable[Any]], probe: bool = False) -> Any:
         if self._outage and not probe:
-            raise _Down()
+            raise RedisDown()
         self.stats.ops += 1
         t0 = time.monotonic()
         try:
@@ -157,7 +109,7 @@ class RedisRegistry:
         except self._errors as exc:
             self.stats.errors += 1
             self._went_down(exc)
-            raise _Down() from exc
+            raise RedisDown() from exc
         finally:
             self.stats.op_seconds += time.monotonic() - t0
 
@@ -169,6 +121,9 @@ class RedisRegistry:
 
     def _script(self, name: str, keys: List[str], args: List[Any]) -> Callable[[], Awaitable[Any]]:
         return lambda: self._scripts[name](keys=keys, args=args)
+
+    def _run(self, name: str, keys: List[str], args: List[Any]) -> Awaitable[Any]:
+        return self._call(self._script(name, keys, args))
 
     async def _batch(self, name: str, calls: List[Tuple[List[str], List[Any]]]) -> List[Any]:
         """Run one script for many keys, in pipelines of ``_BATCH`` (one round trip each)."""
@@ -183,20 +138,20 @@ class RedisRegistry:
     def _claim_call(self, session: Session, replace_own: bool) -> Tuple[List[str], List[Any]]:
         c = self.config
         return ([self._claim_key(session.tunnel_id)],
-                [self.node_id, self.epoch, session.id.hex, _ms(c.claim_ttl), self._node_prefix,
-                 _ms(2 * c.claim_refresh), _ms(2 * c.node_refresh), "1" if replace_own else "0"])
+                [self.node_id, self.epoch, session.id.hex, to_ms(c.claim_ttl), self._node_prefix,
+                 to_ms(2 * c.claim_refresh), to_ms(2 * c.node_refresh), "1" if replace_own else "0"])
 
     def _owner(self, session_hex: str) -> List[Any]:
         return ["node", self.node_id, "epoch", self.epoch, "session", session_hex]
 
     def _refresh_args(self, session: Session) -> List[Any]:
-        return [self.node_id, self.epoch, session.id.hex, _ms(self.config.claim_ttl)]
+        return [self.node_id, self.epoch, session.id.hex, to_ms(self.config.claim_ttl)]
 
     async def _write_node(self) -> None:
         host, port = self.advertise
         addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        args = [self.epoch, self._state, addr, _ms(self.config.node_ttl)]
-        prev = _text(await self._call(self._script("node", [self._node_key], args)))
+        args = [self.epoch, self._state, addr, to_ms(self.config.node_ttl)]
+        prev = as_text(await self._call(self._script("node", [self._node_key], args)))
         if prev and prev != self.epoch and self._wrote_node:
             log.warning("registry: another process also runs as node %s (one node id twice?)", self.node_id)
         self._wrote_node = True
@@ -208,21 +163,29 @@ class RedisRegistry:
             lock = self._gates[tunnel_id] = asyncio.Lock()
         return lock
 
-    async def claim(self, tunnel_id: str, session: Session, stale: Optional[StalePredicate] = None) -> Claim:
+    async def claim(self, tunnel_id: str, session: Session, stale: Optional[StalePredicate] = None, *,
+                    pool: bool = False) -> Claim:
         if stale is not None:
             self._stale = stale
+        # a pool member joins beside the others (a stale one is replaced); a solo claim replaces
+        # whatever the checks below left
+        local_stale: StalePredicate = stale if pool and stale is not None else (lambda s: not pool)
         async with self._gate(tunnel_id):
-            holder = self._local.local_session(tunnel_id)
-            if holder is not None and not holder.is_closed and (stale is None or not stale(holder)):
-                return Claim(False, reason=f"tunnel id {tunnel_id} is in use on this node")
+            refused = self._local.refusal(tunnel_id, stale, pool=pool, session=session)
+            if refused is not None:
+                return refused if refused.reason else Claim(False, reason=f"tunnel id {tunnel_id} is in use on this node")
+            call = self._pools.claim_call(tunnel_id) if pool else self._claim_call(session, True)
             try:
-                answer = await self._call(self._script("claim", *self._claim_call(session, True)))
-            except _Down:  # granted here, claimed in Redis when it is back
+                answer = await self._call(self._script("pool_claim" if pool else "claim", *call))
+            except RedisDown:  # granted here, claimed in Redis when it is back
                 self._unreconciled.add(tunnel_id)
-                return self._local.claim_nowait(tunnel_id, session, lambda s: True)
-            verdict, node, why = (_text(v) for v in answer)
+                return self._local.claim_nowait(tunnel_id, session, local_stale, pool=pool)
+            verdict, node, why = (as_text(v) for v in answer)
             if verdict == "held":
                 return Claim(False, reason=f"held by node {node}")
+            mismatch = refusal(verdict, node)
+            if mismatch is not None:
+                return mismatch
             if verdict == "pending":
                 return Claim(False, retry_after=self.config.handover_retry,
                              reason=f"handover pending: node {node} holds it but {why}")
@@ -230,36 +193,45 @@ class RedisRegistry:
                 self.stats.takeovers += 1
                 log.info("registry: tunnel %s taken over from node %s (%s)", tunnel_id, node, verdict)
             self._unreconciled.discard(tunnel_id)
-            return self._local.claim_nowait(tunnel_id, session, lambda s: True)
+            return self._local.claim_nowait(tunnel_id, session, local_stale, pool=pool)
 
     async def release(self, tunnel_id: str, session: Session) -> None:
         if self._local.get(session.id) is session:
+            pool = self._local.is_pool(tunnel_id)
             await self._local.release(tunnel_id, session)
-            await self._release_remote(tunnel_id, session.id.hex)
+            await (self._pools.leave(tunnel_id) if pool else self._release_remote(tunnel_id, session.id.hex))
 
     def session_ended(self, session: Session) -> None:
         if self._local.get(session.id) is not session:
             return  # replaced (its id is claimed by the new session) or never granted
+        tunnel_id = session.tunnel_id
+        pool = self._local.is_pool(tunnel_id)
         self._local.session_ended(session)
-        if self._closed:
-            return
-        task = asyncio.get_running_loop().create_task(self._release_remote(session.tunnel_id, session.id.hex))
+        if self._closed or (pool and self._local.members(tunnel_id)):
+            return  # a pool with members left here: this node stays a member node
+        task = asyncio.get_running_loop().create_task(
+            self._pools.leave(tunnel_id) if pool else self._release_remote(tunnel_id, session.id.hex))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     async def _release_remote(self, tunnel_id: str, session_hex: str) -> None:
         try:
             await self._call(self._script("release", [self._claim_key(tunnel_id)], self._owner(session_hex)))
-        except _Down:
+        except RedisDown:
             self._orphans[session_hex] = tunnel_id
 
     async def refresh(self, tunnel_id: str, session: Session) -> bool:
-        if self._local.local_session(tunnel_id) is not session:
+        if not any(s is session for s in self._local.members(tunnel_id)):
             return False
+        if self._local.is_pool(tunnel_id):
+            try:
+                return not (await self._pools.refresh([tunnel_id]))[0]
+            except RedisDown:
+                return True
         try:
-            holder = _text(await self._call(self._script(
+            holder = as_text(await self._call(self._script(
                 "refresh", [self._claim_key(tunnel_id)], self._refresh_args(session))))
-        except _Down:
+        except RedisDown:
             return True  # nobody can say otherwise while Redis is away
         if holder:
             self._lost(session, holder)
@@ -271,7 +243,7 @@ class RedisRegistry:
         return session.silent_for(time.monotonic()) > 2 * self.config.claim_refresh
 
     def _close_local(self, session: Session, why: str) -> bool:
-        if self._local.local_session(session.tunnel_id) is not session:
+        if not any(s is session for s in self._local.members(session.tunnel_id)):
             return False  # replaced on this node meanwhile
         log.warning("registry: %s; closing session %s", why, session.id)
         self._local.session_ended(session)
@@ -292,9 +264,11 @@ class RedisRegistry:
         live = [s for s in list(self._local.local_sessions()) if not s.is_closed]
         if self._unreconciled:
             await self._reconcile(live)
-        mine = [s for s in live if s.tunnel_id not in self._unreconciled and s.id not in self._moved
-                and not self._is_stale(s)]
-        head = [self.node_id, self.epoch, _ms(self.config.claim_ttl)]
+        due = [s for s in live if s.tunnel_id not in self._unreconciled and s.id not in self._moved
+               and not self._is_stale(s)]
+        mine = [s for s in due if not self._local.is_pool(s.tunnel_id)]
+        await self._pools.refresh(sorted({s.tunnel_id for s in due if self._local.is_pool(s.tunnel_id)}))
+        head = [self.node_id, self.epoch, to_ms(self.config.claim_ttl)]
         holders: List[Any] = []
         for i in range(0, len(mine), _BATCH):  # one script call per _BATCH claims, each within redis_timeout
             part = mine[i:i + _BATCH]
@@ -303,28 +277,31 @@ class RedisRegistry:
         for s, holder in zip(mine, holders):
             if self._local.get(s.id) is not s:  # ended meanwhile: its release may have run first
                 await self._release_remote(s.tunnel_id, s.id.hex)
-            elif _text(holder):
-                self._lost(s, _text(holder))
+            elif as_text(holder):
+                self._lost(s, as_text(holder))
 
     async def _reconcile(self, live: List[Session]) -> None:
         """Claim in Redis what was granted without it; another live node's claim stays (one owner)."""
         todo = [s for s in live if s.tunnel_id in self._unreconciled]
         self._unreconciled &= {s.tunnel_id for s in todo}
+        pools = sorted({s.tunnel_id for s in todo if self._local.is_pool(s.tunnel_id)})
+        todo = [s for s in todo if not self._local.is_pool(s.tunnel_id)]
+        await self._pools.reconcile(pools, self._unreconciled)
         answers = await self._batch("claim", [self._claim_call(s, False) for s in todo])
         for s, answer in zip(todo, answers):
-            verdict, node, _ = (_text(v) for v in answer)
+            verdict, node, _ = (as_text(v) for v in answer)
             if verdict == "mine":  # an older claim of this node (its session replaced or gone): take it
                 async with self._gate(s.tunnel_id):
                     if self._local.local_session(s.tunnel_id) is not s:
                         continue  # replaced again meanwhile, in Redis too
                     answer = await self._call(self._script("claim", *self._claim_call(s, True)))
-                verdict, node, _ = (_text(v) for v in answer)
+                verdict, node, _ = (as_text(v) for v in answer)
             if verdict == "pending":
                 continue  # a stale holder: asked again at the next refresh
             self._unreconciled.discard(s.tunnel_id)
             if verdict in _TAKEOVER:
                 self.stats.takeovers += 1
-            elif verdict == "held" and self._close_local(
+            elif verdict in ("held", "pool") and self._close_local(
                     s, f"tunnel id {s.tunnel_id} is held by node {node}; this session was accepted while Redis "
                        f"was unreachable and is closed so that one owner remains"):
                 self.stats.conflicts += 1
@@ -351,13 +328,22 @@ class RedisRegistry:
 
     async def _resolve(self, tunnel_id: str) -> Optional[Route]:
         try:
-            found = await self._call(self._script("lookup", [self._claim_key(tunnel_id)], [self._node_prefix]))
-        except _Down:
+            found = await self._call(self._script("lookup", [self._claim_key(tunnel_id)],
+                                                  [self._node_prefix, to_ms(self.config.claim_ttl)]))
+        except RedisDown:
             return None
         route: Optional[Route] = None
         why = ""  # why the tunnel, which exists, cannot be reached from here
-        if found:
-            node, addr = _text(found[0]), _text(found[1])
+        if found and not as_text(found[0]):  # a pool: this node's members first, else the others'
+            async with self._gate(tunnel_id):
+                local = self._local.lookup_local(tunnel_id)
+            if local is not None:
+                return local
+            route, why = await pool_route(self.remote_route, tunnel_id, member_nodes(found, self.node_id))
+            if len(found) == 2:
+                why = "every node of its pool has stopped; its clients reconnect to other nodes shortly"
+        elif found:
+            node, addr = as_text(found[0]), as_text(found[1])
             if node == self.node_id:  # claimed here just now: the claim finishes under its gate
                 async with self._gate(tunnel_id):
                     local = self._local.lookup_local(tunnel_id)
@@ -367,7 +353,7 @@ class RedisRegistry:
                 why = f"its node ({node}) has stopped; the tunnel reconnects to another node shortly"
             elif node != self.node_id and self.remote_route is not None:
                 try:
-                    route = await self.remote_route(node, _parse_addr(addr), tunnel_id)
+                    route = await self.remote_route(node, parse_addr(addr), tunnel_id)
                 except Exception as exc:  # pragma: no cover - a route factory that raises
                     log.warning("registry: no route to node %s at %s for tunnel %s: %s", node, addr, tunnel_id, exc)
                 if route is None:  # the link said why in the log
@@ -406,6 +392,10 @@ class RedisRegistry:
     def local_session(self, tunnel_id: str) -> Optional[Session]:
         return self._local.local_session(tunnel_id)
 
+    def members(self, tunnel_id: str) -> List[Session]:
+        """The local sessions holding ``tunnel_id`` (a pool's members here, or its one session)."""
+        return self._local.members(tunnel_id)
+
     def local_sessions(self) -> Collection[Session]:
         return self._local.local_sessions()
 
@@ -413,14 +403,14 @@ class RedisRegistry:
         """Announce this node, start refreshing (Redis down is no error: the node serves locally)."""
         if self._loops:
             return
-        with contextlib.suppress(_Down):
+        with contextlib.suppress(RedisDown):
             await self._write_node()
         self._loops = [asyncio.ensure_future(c) for c in (self._liveness_loop(), self._claims_loop())]
 
     async def drain(self) -> None:
         """Mark this node draining: other nodes may take its tunnel ids over at once."""
         self._state = "draining"
-        with contextlib.suppress(_Down):
+        with contextlib.suppress(RedisDown):
             await self._write_node()
 
     # The loops check ``_closed``: on 3.11 redis-py's ``asyncio.wait_for`` can swallow a cancel.
@@ -430,7 +420,7 @@ class RedisRegistry:
                 await asyncio.sleep(self.config.redis_probe_interval)
                 await self._probe()
             else:
-                with contextlib.suppress(_Down):
+                with contextlib.suppress(RedisDown):
                     await self._write_node()
                 await asyncio.sleep(self.config.node_refresh if not self._outage else 0)
 
@@ -438,12 +428,12 @@ class RedisRegistry:
         while not self._closed:
             await asyncio.sleep(self.config.claim_refresh)
             if not self._outage:
-                with contextlib.suppress(_Down):
+                with contextlib.suppress(RedisDown):
                     await self._refresh_all()
 
     async def _probe(self) -> None:
         """While Redis is down: PING it; once it answers, re-assert liveness and every claim."""
-        with contextlib.suppress(_Down):
+        with contextlib.suppress(RedisDown):
             await self._call(self._client.ping, probe=True)
             live = [s for s in list(self._local.local_sessions()) if not s.is_closed]
             log.info("registry: Redis at %s is back; re-asserting %d claims", self._url, len(live))
@@ -457,6 +447,7 @@ class RedisRegistry:
             orphans, self._orphans = self._orphans, {}
             for session_hex, tunnel_id in orphans.items():
                 await self._release_remote(tunnel_id, session_hex)
+            await self._pools.leave_orphans()
 
     async def close(self, *, release: bool = True) -> None:
         """Stop the tasks; release this node's claims and liveness key (best effort, within
@@ -473,8 +464,10 @@ class RedisRegistry:
         for task in list(self._background):
             task.cancel()
         if release and not self._outage:
-            sessions = list(self._local.local_sessions())
-            with contextlib.suppress(_Down):
+            pools = sorted({s.tunnel_id for s in self._local.local_sessions() if self._local.is_pool(s.tunnel_id)})
+            sessions = [s for s in self._local.local_sessions() if s.tunnel_id not in pools]
+            with contextlib.suppress(RedisDown):
+                await self._pools.release_all(pools)
                 for i in range(0, len(sessions), _BATCH):  # each call within redis_timeout
                     part = sessions[i:i + _BATCH]
                     await self._call(self._script("release_many", [self._claim_key(s.tunnel_id) for s in part],

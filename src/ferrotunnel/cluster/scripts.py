@@ -1,17 +1,65 @@
 """The Lua scripts of the Redis registry: every decision that reads and then writes a key runs
 as one script, so two nodes deciding about one tunnel id at once get one answer each, in order.
-Times are Redis ``TIME`` in milliseconds (``now``), so the nodes' clocks do not matter."""
+Times are Redis ``TIME`` in milliseconds (``now``), so the nodes' clocks do not matter.
+
+A tunnel id is held either by one session (``node epoch session t``) or by a pool: ``pool`` = "1"
+and, for every node holding at least one member, ``m:{node}`` = its epoch and ``t:{node}`` = when
+it last refreshed. A pool's key expires ``claim_ttl`` after its last refresh by any node; a member
+node not refreshed within ``claim_ttl``, dead or restarted no longer counts. A solo claim on a pool
+(or a pool claim on a solo holder) is refused while it is held, like a solo claim on a solo one."""
 
 __all__ = ["SCRIPTS"]
 
 _NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) "
 
+#: ``members(key)``: {node, epoch, t} of every member node of a pool record. ``standing(prefix,
+#: node, epoch, t, now, claim_ttl, stale claim ms, stale node ms)``: 'dead', 'restarted',
+#: 'draining', 'gone' (not refreshed within claim_ttl), 'pending' (and why) or 'held'.
+_POOL_FNS = """
+local function members(key)
+  local f = redis.call('HGETALL', key)
+  local epochs, times, out = {}, {}, {}
+  for i = 1, #f, 2 do
+    local kind, node = string.sub(f[i], 1, 2), string.sub(f[i], 3)
+    if kind == 'm:' then epochs[node] = f[i + 1] elseif kind == 't:' then times[node] = tonumber(f[i + 1]) end
+  end
+  for node, epoch in pairs(epochs) do out[#out + 1] = {node, epoch, times[node] or 0} end
+  return out
+end
+local function standing(prefix, node, epoch, at, now, ttl, stale_claim, stale_node)
+  local n = redis.call('HMGET', prefix .. node, 'epoch', 'state', 't')
+  if not n[1] then return 'dead' end
+  if n[1] ~= epoch then return 'restarted' end
+  if n[2] == 'draining' then return 'draining' end
+  local claim_age, node_age = now - at, now - tonumber(n[3] or 0)
+  if claim_age > ttl then return 'gone' end
+  if claim_age > stale_claim then return 'pending', 'its claim was not refreshed for ' .. claim_age .. ' ms' end
+  if node_age > stale_node then return 'pending', 'the node was silent for ' .. node_age .. ' ms' end
+  return 'held'
+end
+"""
+
 #: KEYS: claim. ARGV: node, epoch, session, claim_ttl ms, node key prefix, stale claim ms, stale
-#: node ms, "1" if another claim of this node and epoch may be replaced. {verdict, holder, why}.
-_CLAIM = _NOW + """
+#: node ms, "1" if another claim of this node and epoch may be replaced. {verdict, holder, why};
+#: 'pool' when a pool holds it.
+_CLAIM = _NOW + _POOL_FNS + """
 local h = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'session', 't')
-local verdict = 'granted'
-if h[1] and h[1] == ARGV[1] and h[2] == ARGV[2] then
+local verdict, prev = 'granted', h[1]
+if redis.call('HEXISTS', KEYS[1], 'pool') == 1 then
+  local pending
+  for _, m in ipairs(members(KEYS[1])) do
+    if m[1] == ARGV[1] and m[2] == ARGV[2] then
+      if ARGV[8] ~= '1' then return {'mine', m[1], ''} end
+    else
+      local s, why = standing(ARGV[5], m[1], m[2], m[3], now, tonumber(ARGV[4]), tonumber(ARGV[6]), tonumber(ARGV[7]))
+      if s == 'held' then return {'pool', m[1], ''} end
+      if s == 'pending' then pending = {'pending', m[1], why} end
+      if s ~= 'gone' then verdict, prev = s, m[1] end
+    end
+  end
+  if pending then return pending end
+  redis.call('DEL', KEYS[1])
+elseif h[1] and h[1] == ARGV[1] and h[2] == ARGV[2] then
   if h[3] ~= ARGV[3] and ARGV[8] ~= '1' then return {'mine', h[1], ''} end
 elseif h[1] then
   local n = redis.call('HMGET', ARGV[5] .. h[1], 'epoch', 'state', 't')
@@ -28,12 +76,13 @@ elseif h[1] then
 end
 redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', ARGV[2], 'session', ARGV[3], 't', now)
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return {verdict, h[1] or '', ''}
+return {verdict, prev or '', ''}
 """
 
 #: KEYS: claim. ARGV: node, epoch, session, claim_ttl ms. '' while ours (re-created if it expired:
 #: nobody else holds it), else the holder's node.
-_REFRESH = _NOW + """
+_REFRESH = _NOW + _POOL_FNS + """
+if redis.call('HEXISTS', KEYS[1], 'pool') == 1 then local m = members(KEYS[1]) return m[1] and m[1][1] or 'a pool' end
 local h = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'session')
 if h[1] and not (h[1] == ARGV[1] and h[2] == ARGV[2] and h[3] == ARGV[3]) then return h[1] end
 redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', ARGV[2], 'session', ARGV[3], 't', now)
@@ -44,11 +93,14 @@ return ''
 #: ``refresh`` for many claims of one node in one call (a node refreshes all its claims every
 #: ``claim_refresh``: one script call per key would cost Redis and the node several times more).
 #: KEYS: claims. ARGV: node, epoch, claim_ttl ms, then one session per key. One answer per key.
-_REFRESH_MANY = _NOW + """
+_REFRESH_MANY = _NOW + _POOL_FNS + """
 local out = {}
 for i = 1, #KEYS do
   local h = redis.call('HMGET', KEYS[i], 'node', 'epoch', 'session')
-  if h[1] and not (h[1] == ARGV[1] and h[2] == ARGV[2] and h[3] == ARGV[3 + i]) then
+  if redis.call('HEXISTS', KEYS[i], 'pool') == 1 then
+    local m = members(KEYS[i])
+    out[i] = m[1] and m[1][1] or 'a pool'
+  elseif h[1] and not (h[1] == ARGV[1] and h[2] == ARGV[2] and h[3] == ARGV[3 + i]) then
     out[i] = h[1]
   else
     redis.call('HSET', KEYS[i], 'node', ARGV[1], 'epoch', ARGV[2], 'session', ARGV[3 + i], 't', now)
@@ -84,9 +136,22 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return prev or ''
 """
 
-#: KEYS: claim. ARGV: node key prefix. {node, addr} when the claim's node is alive in that epoch,
-#: {node, ''} when that node is dead or restarted (its client has yet to reconnect elsewhere).
-_LOOKUP = """
+#: KEYS: claim. ARGV: node key prefix, claim_ttl ms. {node, addr} when the claim's node is alive in
+#: that epoch, {node, ''} when that node is dead or restarted (its client has yet to reconnect
+#: elsewhere). A pool: {'', '', node, addr, state, ...} for every member node alive in its epoch.
+_LOOKUP = _NOW + _POOL_FNS + """
+if redis.call('HEXISTS', KEYS[1], 'pool') == 1 then
+  local out = {'', ''}
+  for _, m in ipairs(members(KEYS[1])) do
+    local n = redis.call('HMGET', ARGV[1] .. m[1], 'epoch', 'addr', 'state')
+    if n[1] == m[2] and n[2] and (not ARGV[2] or now - m[3] <= tonumber(ARGV[2])) then
+      out[#out + 1] = m[1]
+      out[#out + 1] = n[2]
+      out[#out + 1] = n[3] or 'up'
+    end
+  end
+  return out
+end
 local h = redis.call('HMGET', KEYS[1], 'node', 'epoch')
 if not h[1] then return false end
 local n = redis.call('HMGET', ARGV[1] .. h[1], 'epoch', 'addr')
@@ -94,5 +159,65 @@ if n[1] ~= h[2] then return {h[1], ''} end
 return {h[1], n[2]}
 """
 
-SCRIPTS = {"claim": _CLAIM, "refresh": _REFRESH, "release": _RELEASE, "node": _NODE, "lookup": _LOOKUP,
+#: KEYS: claim. ARGV: node, epoch, claim_ttl ms, node key prefix, stale claim ms, stale node ms.
+#: Join (or start) the pool of this id as a member node. {verdict, holder, why}: 'solo' when one
+#: session of another node holds it, 'pending' when that holder is stale, else granted (or taken
+#: over from a dead / restarted / draining holder, or from this node's own solo claim: the node
+#: checked its session before asking). Member nodes that are gone are forgotten.
+_POOL_CLAIM = _NOW + _POOL_FNS + """
+local h = redis.call('HMGET', KEYS[1], 'node', 'epoch', 't')
+local verdict = 'granted'
+if h[1] then
+  if not (h[1] == ARGV[1] and h[2] == ARGV[2]) then
+    local s, why = standing(ARGV[4], h[1], h[2], tonumber(h[3] or 0), now, tonumber(ARGV[3]), tonumber(ARGV[5]),
+                            tonumber(ARGV[6]))
+    if s == 'held' then return {'solo', h[1], ''} end
+    if s == 'pending' then return {'pending', h[1], why} end
+    verdict = s
+  end
+  redis.call('DEL', KEYS[1])
+else
+  for _, m in ipairs(members(KEYS[1])) do
+    local s = standing(ARGV[4], m[1], m[2], m[3], now, tonumber(ARGV[3]), tonumber(ARGV[5]), tonumber(ARGV[6]))
+    if s == 'dead' or s == 'restarted' or s == 'gone' then redis.call('HDEL', KEYS[1], 'm:' .. m[1], 't:' .. m[1]) end
+  end
+end
+redis.call('HSET', KEYS[1], 'pool', '1', 'm:' .. ARGV[1], ARGV[2], 't:' .. ARGV[1], now)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {verdict, h[1] or '', ''}
+"""
+
+#: KEYS: pool claims. ARGV: node, epoch, claim_ttl ms. For each: '' while this node is (or is
+#: again: nobody else holds it) a member node, else the node of the solo session now holding it.
+_POOL_REFRESH = _NOW + """
+local out = {}
+for i = 1, #KEYS do
+  local holder = redis.call('HGET', KEYS[i], 'node')
+  if holder then
+    out[i] = holder
+  else
+    redis.call('HSET', KEYS[i], 'pool', '1', 'm:' .. ARGV[1], ARGV[2], 't:' .. ARGV[1], now)
+    redis.call('PEXPIRE', KEYS[i], ARGV[3])
+    out[i] = ''
+  end
+end
+return out
+"""
+
+#: KEYS: pool claims. ARGV: node, epoch. Compare-and-delete of this node's membership (the key goes
+#: with its last member node). Returns how many memberships were removed.
+_POOL_RELEASE = _POOL_FNS + """
+local n = 0
+for i = 1, #KEYS do
+  if redis.call('HGET', KEYS[i], 'm:' .. ARGV[1]) == ARGV[2] then
+    redis.call('HDEL', KEYS[i], 'm:' .. ARGV[1], 't:' .. ARGV[1])
+    n = n + 1
+    if #members(KEYS[i]) == 0 then redis.call('DEL', KEYS[i]) end
+  end
+end
+return n
+"""
+
+SCRIPTS = {"pool_claim": _POOL_CLAIM, "pool_refresh": _POOL_REFRESH, "pool_release": _POOL_RELEASE,
+           "claim": _CLAIM, "refresh": _REFRESH, "release": _RELEASE, "node": _NODE, "lookup": _LOOKUP,
            "refresh_many": _REFRESH_MANY, "release_many": _RELEASE_MANY}

@@ -1,9 +1,9 @@
 """Who serves which tunnel id: the ``SessionRegistry`` seam, the in-process ``LocalRegistry``
 (the default) and ``SessionStore``, the read-only view of the local sessions.
 
-A registry maps a tunnel id to a ``Route``. Today a route is a session of this process
-(``LocalRoute``); the type leaves room for a pool of local sessions and for a tunnel owned by
-another node. Tunnels are resolved in two steps: the synchronous ``lookup_local`` first, so a
+A registry maps a tunnel id to a ``Route`` (see ``routes``): a session of this process
+(``LocalRoute``), a pool of them (``PoolRoute``: clients that all claimed the id with ``pool=True``;
+each new stream goes to the next member), or a tunnel served by another node. Tunnels are resolved in two steps: the synchronous ``lookup_local`` first, so a
 local route costs no await, then the registry's awaitable ``lookup`` only when the registry can
 know of routes elsewhere (``Ingress.open_stream`` does this for every ingress; ``resolve`` below
 is the same for code that can await).
@@ -13,60 +13,23 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Collection, Dict, Iterator, Optional, Protocol as TypingProtocol, Union
+from typing import Awaitable, Callable, Collection, Dict, Iterator, List, Optional, Protocol as TypingProtocol, Union
 
+from ..access import access_from_capabilities
 from ..aio.session import Session
-from ..aio.stream import VirtualStream
-from ..frames import Protocol, StreamPriority
-from ..protocol.extensions import VISITOR_CAPABILITY, VISITOR_HEADER
+from .routes import LocalRoute, PoolRoute, Route
 
-__all__ = ["Route", "LocalRoute", "Claim", "SessionRegistry", "LocalRegistry", "SessionStore", "resolve",
-           "first_with_capability"]
+__all__ = ["Route", "LocalRoute", "PoolRoute", "Claim", "SessionRegistry", "LocalRegistry", "SessionStore",
+           "resolve", "first_with_capability", "POOL_REFUSAL", "SOLO_REFUSAL", "ACCESS_REFUSAL"]
 
-
-class Route:
-    """Where a tunnel is served. Subclasses: ``LocalRoute`` (a session of this process) and the
-    cluster's route over a link to the node that owns the tunnel."""
-
-    __slots__ = ()
-
-    @property
-    def tunnel_id(self) -> str:
-        raise NotImplementedError
-
-    def open_stream_nowait(self, protocol: Protocol, priority: StreamPriority, visitor: Any = None,
-                           host: Optional[str] = None) -> VirtualStream:
-        """A new stream to the tunnel. ``visitor`` (its address) and ``host`` (the HTTP Host) say
-        who the stream is for; a route that carries the stream further passes them on."""
-        raise NotImplementedError
-
-    @property
-    def stale(self) -> bool:
-        """True when a cached copy of this route should not be used any more."""
-        return False
-
-
-class LocalRoute(Route):
-    """A tunnel served by one session of this process."""
-
-    __slots__ = ("session",)
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    @property
-    def tunnel_id(self) -> str:
-        return self.session.tunnel_id
-
-    def open_stream_nowait(self, protocol: Protocol, priority: StreamPriority, visitor: Any = None,
-                           host: Optional[str] = None) -> VirtualStream:
-        session = self.session
-        if isinstance(visitor, tuple) and len(visitor) >= 2 and VISITOR_CAPABILITY in session.capabilities:
-            return session.open_stream_nowait(protocol, priority, ((VISITOR_HEADER, f"{visitor[0]}:{visitor[1]}"),))
-        return session.open_stream_nowait(protocol, priority)
-
-    def __repr__(self) -> str:
-        return f"<LocalRoute {self.session!r}>"
+#: Why a claim is refused when the id is served by a pool and the claim is not one (and the other
+#: way round): said to the client, which can do what it says.
+POOL_REFUSAL = "served by a pool; pass --pool to join it"
+SOLO_REFUSAL = "held by a client that is not in a pool; a pool (--pool) cannot join it"
+#: A pool's members share one set of access rules (the ingress checks a visitor before it knows
+#: which member will serve it).
+ACCESS_REFUSAL = ("its pool's members have other access rules (protocol, basic_auth, allow): every member of a "
+                  "pool needs the same ones")
 
 
 @dataclass(frozen=True)
@@ -93,9 +56,12 @@ class SessionRegistry(TypingProtocol):
     #: True when ``lookup`` can find nothing that ``lookup_local`` did not (an in-process registry).
     local_only: bool
 
-    async def claim(self, tunnel_id: str, session: Session, stale: Optional[StalePredicate] = None) -> Claim:
+    async def claim(self, tunnel_id: str, session: Session, stale: Optional[StalePredicate] = None, *,
+                    pool: bool = False) -> Claim:
         """Take ``tunnel_id`` for ``session``, atomically; refused while a live owner holds it
-        (unless ``stale`` says the local holder may be replaced)."""
+        (unless ``stale`` says the local holder may be replaced). ``pool``: join the pool that
+        serves the id (or start one); a pool claim on an id held by a solo client, or a solo claim
+        on a pool's id, is refused with ``reason`` set (``SOLO_REFUSAL`` / ``POOL_REFUSAL``)."""
         ...
 
     async def release(self, tunnel_id: str, session: Session) -> None:
@@ -128,29 +94,78 @@ class SessionRegistry(TypingProtocol):
 
 
 class LocalRegistry:
-    """The in-process registry: a dict of tunnel ids to sessions of this server."""
+    """The in-process registry: a dict of tunnel ids to routes of this server's sessions (a
+    ``LocalRoute`` for a solo client, a ``PoolRoute`` for a pool)."""
 
     local_only = True
 
     def __init__(self) -> None:
-        self._routes: Dict[str, LocalRoute] = {}
+        self._routes: Dict[str, Union[LocalRoute, PoolRoute]] = {}
         self._by_id: Dict[uuid.UUID, Session] = {}
 
-    async def claim(self, tunnel_id: str, session: Session, stale: Optional[StalePredicate] = None) -> Claim:
-        return self.claim_nowait(tunnel_id, session, stale)
+    async def claim(self, tunnel_id: str, session: Session, stale: Optional[StalePredicate] = None, *,
+                    pool: bool = False) -> Claim:
+        return self.claim_nowait(tunnel_id, session, stale, pool=pool)
 
-    def claim_nowait(self, tunnel_id: str, session: Session, stale: Optional[StalePredicate] = None) -> Claim:
-        replaced = None
+    def refusal(self, tunnel_id: str, stale: Optional[StalePredicate] = None, *, pool: bool = False,
+                session: Optional[Session] = None) -> Optional[Claim]:
+        """The refusal ``claim_nowait`` would give now to ``session``, or None if it would grant it."""
         current = self._routes.get(tunnel_id)
-        if current is not None:
+        if isinstance(current, PoolRoute):
+            live = [s for s in current.members if not s.is_closed]
+            if not pool and live:
+                return Claim(False, reason=POOL_REFUSAL)
+            if live and session is not None and _access(live[0]) != _access(session):
+                return Claim(False, reason=ACCESS_REFUSAL)
+        elif current is not None:
             holder = current.session
             if not holder.is_closed and (stale is None or not stale(holder)):
-                return Claim(False)
-            self._drop(tunnel_id, holder)
-            replaced = holder
-        self._routes[tunnel_id] = LocalRoute(session)
+                return Claim(False, reason=SOLO_REFUSAL if pool else "")
+        return None
+
+    def claim_nowait(self, tunnel_id: str, session: Session, stale: Optional[StalePredicate] = None, *,
+                     pool: bool = False) -> Claim:
+        """``claim`` without waiting. A solo holder is replaced when it is closed or ``stale`` says
+        so (by a solo or a pool claim). A pool is joined by a pool claim (closed members are
+        forgotten, and the first one ``stale`` names is replaced: a member that reconnects takes
+        its silent old session's place); a solo claim is refused while any member is open."""
+        refused = self.refusal(tunnel_id, stale, pool=pool, session=session)
+        if refused is not None:
+            return refused
+        replaced = None
+        current = self._routes.get(tunnel_id)
+        if isinstance(current, PoolRoute) and pool:
+            for member in list(current.members):
+                if member.is_closed or (replaced is None and stale is not None and stale(member)):
+                    self._drop(tunnel_id, member)
+                    if not member.is_closed:
+                        replaced = member
+            current = self._routes.get(tunnel_id)
+        elif current is not None:  # a closed or stale solo holder, or a pool of closed members
+            holders = current.members if isinstance(current, PoolRoute) else [current.session]
+            for holder in list(holders):
+                self._drop(tunnel_id, holder)
+            replaced = next((h for h in holders if not h.is_closed), holders[0] if holders else None)
+            current = None
+        if pool:
+            if not isinstance(current, PoolRoute):
+                current = self._routes[tunnel_id] = PoolRoute(tunnel_id)
+            current.add(session)
+        else:
+            self._routes[tunnel_id] = LocalRoute(session)
         self._by_id[session.id] = session
         return Claim(True, replaced)
+
+    def is_pool(self, tunnel_id: str) -> bool:
+        """True while ``tunnel_id`` is served by a pool of this process."""
+        return isinstance(self._routes.get(tunnel_id), PoolRoute)
+
+    def members(self, tunnel_id: str) -> List[Session]:
+        """The local sessions holding ``tunnel_id`` (one unless it is a pool), oldest first."""
+        route = self._routes.get(tunnel_id)
+        if route is None:
+            return []
+        return list(route.members) if isinstance(route, PoolRoute) else [route.session]
 
     async def release(self, tunnel_id: str, session: Session) -> None:
         self._drop(tunnel_id, session)
@@ -160,20 +175,24 @@ class LocalRegistry:
 
     def _drop(self, tunnel_id: str, session: Session) -> None:
         route = self._routes.get(tunnel_id)
-        if route is not None and route.session is session:
+        if isinstance(route, PoolRoute):
+            if route.remove(session) and not route.members:
+                del self._routes[tunnel_id]
+        elif route is not None and route.session is session:
             del self._routes[tunnel_id]
         if self._by_id.get(session.id) is session:
             del self._by_id[session.id]
 
     async def refresh(self, tunnel_id: str, session: Session) -> bool:
-        route = self._routes.get(tunnel_id)
-        return route is not None and route.session is session
+        return any(s is session for s in self.members(tunnel_id))
 
     async def lookup(self, tunnel_id: str) -> Optional[Route]:
         return self.lookup_local(tunnel_id)
 
     def lookup_local(self, tunnel_id: str) -> Optional[Route]:
         route = self._routes.get(tunnel_id)
+        if isinstance(route, PoolRoute):
+            return route if not route.stale else None
         return route if route is not None and route.session.established else None
 
     def local_session(self, tunnel_id: str) -> Optional[Session]:
@@ -185,6 +204,10 @@ class LocalRegistry:
 
     def local_sessions(self) -> Collection[Session]:
         return self._by_id.values()
+
+
+def _access(session: Session) -> object:
+    return access_from_capabilities(tuple(session.capabilities))
 
 
 def resolve(registry: SessionRegistry, tunnel_id: str) -> Union[Optional[Route], Awaitable[Optional[Route]]]:

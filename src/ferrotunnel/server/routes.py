@@ -1,0 +1,184 @@
+"""Routes: where a tunnel is served, as an ingress sees it. ``LocalRoute`` is one session of this
+process; ``PoolRoute`` is a pool of them (clients that passed ``--pool`` for one tunnel id), each
+new stream on the next live member in turn; ``SpreadRoute`` spreads streams over other routes
+(the cluster's routes to the other nodes of a pool). The cluster adds its route over a node link.
+
+A route may be cached (per visitor connection, or for ``route_cache_ttl``), so a pool route picks
+its member when a stream is opened, never when it is looked up: a member that left is skipped by
+the very next stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence
+
+from ..aio.session import Session
+from ..aio.stream import VirtualStream
+from ..errors import ConnectionLostError, FerroTunnelError
+from ..frames import Protocol, StreamPriority
+from ..protocol.extensions import VISITOR_CAPABILITY, VISITOR_HEADER
+
+__all__ = ["Route", "LocalRoute", "PoolRoute", "SpreadRoute", "open_on"]
+
+
+class Route:
+    """Where a tunnel is served. Subclasses: ``LocalRoute`` (a session of this process),
+    ``PoolRoute`` (a pool of them), ``SpreadRoute`` and the cluster's route over a link to the
+    node that owns the tunnel."""
+
+    __slots__ = ()
+
+    @property
+    def tunnel_id(self) -> str:
+        raise NotImplementedError
+
+    def open_stream_nowait(self, protocol: Protocol, priority: StreamPriority, visitor: Any = None,
+                           host: Optional[str] = None) -> VirtualStream:
+        """A new stream to the tunnel. ``visitor`` (its address) and ``host`` (the HTTP Host) say
+        who the stream is for; a route that carries the stream further passes them on."""
+        raise NotImplementedError
+
+    @property
+    def stale(self) -> bool:
+        """True when a cached copy of this route should not be used any more."""
+        return False
+
+
+def open_on(session: Session, protocol: Protocol, priority: StreamPriority, visitor: Any = None) -> VirtualStream:
+    """A stream on a local session, with the visitor's address when the client asked for it."""
+    if isinstance(visitor, tuple) and len(visitor) >= 2 and VISITOR_CAPABILITY in session.capabilities:
+        return session.open_stream_nowait(protocol, priority, ((VISITOR_HEADER, f"{visitor[0]}:{visitor[1]}"),))
+    return session.open_stream_nowait(protocol, priority)
+
+
+class LocalRoute(Route):
+    """A tunnel served by one session of this process."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    @property
+    def tunnel_id(self) -> str:
+        return self.session.tunnel_id
+
+    def open_stream_nowait(self, protocol: Protocol, priority: StreamPriority, visitor: Any = None,
+                           host: Optional[str] = None) -> VirtualStream:
+        return open_on(self.session, protocol, priority, visitor)
+
+    def __repr__(self) -> str:
+        return f"<LocalRoute {self.session!r}>"
+
+
+def usable(session: Session) -> bool:
+    return session.established and not session.is_closed
+
+
+class PoolRoute(Route):
+    """A tunnel served by a pool of sessions of this process: each new stream goes to the next
+    established, open member (round-robin); a member that refuses the stream (closing, or at its
+    stream limit) is passed over for the next one. ``members`` is oldest first; the registry adds
+    and removes them."""
+
+    __slots__ = ("_tunnel_id", "members", "_next")
+
+    def __init__(self, tunnel_id: str) -> None:
+        self._tunnel_id = tunnel_id
+        self.members: List[Session] = []
+        self._next = 0
+
+    @property
+    def tunnel_id(self) -> str:
+        return self._tunnel_id
+
+    @property
+    def live(self) -> List[Session]:
+        """The members a stream may go to now."""
+        return [s for s in self.members if usable(s)]
+
+    @property
+    def session(self) -> Optional[Session]:
+        """One member: the oldest established one, else the oldest."""
+        return next((s for s in self.members if usable(s)), self.members[0] if self.members else None)
+
+    def add(self, session: Session) -> None:
+        if session not in self.members:
+            self.members.append(session)
+
+    def remove(self, session: Session) -> bool:
+        """Forget ``session``; True if it was a member."""
+        for i, member in enumerate(self.members):
+            if member is session:
+                del self.members[i]
+                if i < self._next:
+                    self._next -= 1
+                return True
+        return False
+
+    def open_stream_nowait(self, protocol: Protocol, priority: StreamPriority, visitor: Any = None,
+                           host: Optional[str] = None) -> VirtualStream:
+        members = self.members
+        n = len(members)
+        failed: Optional[FerroTunnelError] = None
+        start = self._next
+        for i in range(n):
+            k = (start + i) % n
+            session = members[k]
+            if not usable(session):
+                continue
+            self._next = (k + 1) % n
+            try:
+                return open_on(session, protocol, priority, visitor)
+            except FerroTunnelError as exc:  # closing or at a limit: the next member may take it
+                failed = exc
+        raise failed or ConnectionLostError(f"no member of the pool for tunnel {self._tunnel_id} is connected")
+
+    @property
+    def stale(self) -> bool:
+        return not any(usable(s) for s in self.members)
+
+    def __repr__(self) -> str:
+        return f"<PoolRoute {self._tunnel_id!r} members={len(self.members)}>"
+
+
+class SpreadRoute(Route):
+    """Streams spread round-robin over several routes to one tunnel (skipping stale ones): a
+    cluster node without a member of a pool reaches the pool's other nodes this way."""
+
+    __slots__ = ("_tunnel_id", "routes", "_next")
+
+    def __init__(self, tunnel_id: str, routes: Sequence[Route]) -> None:
+        self._tunnel_id = tunnel_id
+        self.routes = list(routes)
+        self._next = 0
+
+    @property
+    def tunnel_id(self) -> str:
+        return self._tunnel_id
+
+    def open_stream_nowait(self, protocol: Protocol, priority: StreamPriority, visitor: Any = None,
+                           host: Optional[str] = None) -> VirtualStream:
+        routes = self.routes
+        n = len(routes)
+        failed: Optional[FerroTunnelError] = None
+        start = self._next
+        for i in range(n):
+            k = (start + i) % n
+            route = routes[k]
+            if route.stale:
+                continue
+            self._next = (k + 1) % n
+            try:
+                return route.open_stream_nowait(protocol, priority, visitor, host)
+            except FerroTunnelError as exc:
+                failed = exc
+        raise failed or ConnectionLostError(f"no node of the pool for tunnel {self._tunnel_id} can be reached")
+
+    @property
+    def stale(self) -> bool:
+        """Stale as soon as any of its routes is: the next lookup asks the registry again."""
+        return any(r.stale for r in self.routes)
+
+    def __repr__(self) -> str:
+        return f"<SpreadRoute {self._tunnel_id!r} {self.routes!r}>"
