@@ -190,11 +190,11 @@ def test_tls_and_mtls_with_generated_certs(cleanup, tmp_path, mtls):
         bad = Proc("client", "--server", f"localhost:{tport}", "--token", TOKEN, "--local-addr",
                    f"127.0.0.1:{echo_port}", "--tls", "--tls-ca", certs / "ca.pem")
         cleanup.append(bad)
-        time.sleep(1.5)
+        # its first attempt has reached the server: the client is up and its signal handlers are in
+        # place (a SIGTERM before that, while it starts and re-executes, would kill it outright)
+        srv.wait_until(lambda: b"TLS handshake from" in srv.err, 30, "the refused handshake")
         assert bad.finish() == 0
         assert b"connected" not in bad.out
-        srv.finish()
-        assert b"TLS handshake from" in srv.err
 
 
 def test_demo_exits_zero():

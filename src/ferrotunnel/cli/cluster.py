@@ -24,19 +24,22 @@ def _env(name: str, default: Optional[str] = None) -> Optional[str]:
 
 
 def add_cluster_args(parser: argparse.ArgumentParser) -> None:
+    from .parser import Flags
+
     g = parser.add_argument_group("cluster")
-    g.add_argument("--cluster-redis", metavar="URL", default=_env("FERROTUNNEL_CLUSTER_REDIS"),
-                   help="redis://host:port/db or rediss://... (env FERROTUNNEL_CLUSTER_REDIS): run as a cluster node")
-    g.add_argument("--cluster-redis-file", metavar="PATH", default=_env("FERROTUNNEL_CLUSTER_REDIS_FILE"),
-                   help="read the Redis URL from this file's first line (env FERROTUNNEL_CLUSTER_REDIS_FILE)")
-    g.add_argument("--cluster-token-file", metavar="PATH", default=_env("FERROTUNNEL_CLUSTER_TOKEN_FILE"),
-                   help="the cluster secret from this file's first line (or env FERROTUNNEL_CLUSTER_TOKEN)")
-    g.add_argument("--node-id", default=_env("FERROTUNNEL_NODE_ID"),
-                   help="this node's name in the cluster (default: host name and tunnel port)")
-    g.add_argument("--node-bind", metavar="HOST:PORT", default=_env("FERROTUNNEL_NODE_BIND"),
-                   help=f"where node links are accepted (default: the --bind host, port {DEFAULT_NODE_PORT})")
-    g.add_argument("--node-advertise", metavar="HOST:PORT", default=_env("FERROTUNNEL_NODE_ADVERTISE"),
-                   help="where the other nodes reach this one, if not --node-bind")
+    f = Flags(parser)
+    f.add("--cluster-redis", metavar="URL", env_names=("FERROTUNNEL_CLUSTER_REDIS",), show="off", group=g,
+          help="redis://host:port/db or rediss://...: run as a cluster node")
+    f.add("--cluster-redis-file", metavar="PATH", env_names=("FERROTUNNEL_CLUSTER_REDIS_FILE",), group=g,
+          help="read the Redis URL from this file's first line (where a URL with a password belongs)")
+    f.add("--cluster-token-file", metavar="PATH", env_names=("FERROTUNNEL_CLUSTER_TOKEN_FILE",), group=g,
+          show="none (or env FERROTUNNEL_CLUSTER_TOKEN)", help="the cluster secret from this file's first line")
+    f.add("--node-id", env_names=("FERROTUNNEL_NODE_ID",), show="host name and tunnel port", group=g,
+          help="this node's name in the cluster")
+    f.add("--node-bind", metavar="HOST:PORT", env_names=("FERROTUNNEL_NODE_BIND",), group=g,
+          show=f"the --bind host, port {DEFAULT_NODE_PORT}", help="where node links are accepted")
+    f.add("--node-advertise", metavar="HOST:PORT", env_names=("FERROTUNNEL_NODE_ADVERTISE",), group=g,
+          show="--node-bind", help="where the other nodes reach this one")
 
 
 class ClusterUsageError(ValueError):

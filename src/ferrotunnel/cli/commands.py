@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import signal
+import os
 import sys
-import textwrap
 from typing import Any, List, Optional, Sequence, Tuple
 
-from .common import (DEFAULT_LOCAL, UsageError, env, env_flag, existing_file, parse_addr, parse_port_flag,
-                     parse_port_range_flag)
+from .common import UsageError, env, parse_addr, parse_port_flag, parse_port_range_flag
+from .parser import build_parser as parser_for, sources
+from .tls_flags import client_tls, server_tls
 from .certs import add_certs_parser, run_certs
 from .public import https_ingress, public_endpoints, public_flags
 from .cluster import CLUSTER_HELP, ClusterUsageError, add_cluster_args, cluster_config
@@ -26,7 +28,6 @@ __all__ = ["main"]
 
 log = logging.getLogger("ferrotunnel.cli")
 
-DEFAULT_BIND = "0.0.0.0:7835"
 
 
 # ------------------------------------------------------------------ the token: see secrets.py
@@ -74,32 +75,20 @@ async def _until_signal(*tasks: "asyncio.Task[Any]") -> Optional["asyncio.Task[A
     waiter = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait({waiter, *tasks}, return_when=asyncio.FIRST_COMPLETED)
     waiter.cancel()
+    if stop.is_set():  # from now on (the grace period) a second Ctrl-C ends the process at once (a
+        loop.add_signal_handler(signal.SIGINT, _force_exit)  # repeated SIGTERM does not cut the grace short)
     for t in tasks:
         if t in done:
             return t
     return None
 
 
+def _force_exit() -> None:
+    print("ferrotunnel: second signal: exiting now, open streams are cut", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
 # ------------------------------------------------------------------ server
-
-
-def _server_tls(args: argparse.Namespace) -> Any:
-    from .. import tls
-
-    cert, key = args.tls_cert, args.tls_key
-    if not cert and not key:
-        if args.tls_ca or args.tls_client_auth:
-            raise UsageError("--tls-ca and --tls-client-auth need --tls-cert and --tls-key")
-        return None
-    if not (cert and key):
-        raise UsageError("TLS needs both --tls-cert and --tls-key")
-    existing_file(cert, "--tls-cert")
-    existing_file(key, "--tls-key")
-    existing_file(args.tls_ca, "--tls-ca")
-    if args.tls_client_auth and not args.tls_ca:
-        raise UsageError("--tls-client-auth needs --tls-ca (the CA that signs client certificates)")
-    # as in the original, a CA means client certificates are required (mutual TLS)
-    return tls.server_context(cert, key, args.tls_ca, require_client_cert=bool(args.tls_ca))
 
 
 def server_config(trusted_proxies: Sequence[str] = ()) -> Any:
@@ -126,7 +115,7 @@ async def _serve(args: argparse.Namespace) -> int:
     shared = args.token or args.token_file or env("FERROTUNNEL_TOKEN") or env("FERROTUNNEL_TOKEN_FILE")
     token = token_from_args(args) if tokens is None or shared else None  # with client tokens it is optional
     bind = parse_addr(args.bind, "--bind")
-    ctx = _server_tls(args)
+    ctx, tls_lines = server_tls(args, args.sources)
     tcp_binds: List[Tuple[Tuple[str, int], Optional[str]]] = []
     for spec in args.tcp_bind:
         addr, _, tid = spec.partition("=")
@@ -179,7 +168,9 @@ async def _serve(args: argparse.Namespace) -> int:
             metrics = MetricsServer(server, metrics_bind, ingresses, node)
             await metrics.start()
     except OSError as exc:
-        print(f"ferrotunnel: cannot listen: {describe_error(exc)}. Is another process using the port?", file=sys.stderr)
+        hint = ("is the address one of this machine's?" if exc.errno == errno.EADDRNOTAVAIL
+                else "is another process using the port?" if exc.errno == errno.EADDRINUSE else "")
+        print(f"ferrotunnel: cannot listen: {describe_error(exc)}{'; ' + hint if hint else ''}", file=sys.stderr)
         await server.close()
         if node is not None:
             await node.close()
@@ -190,6 +181,8 @@ async def _serve(args: argparse.Namespace) -> int:
         return 1
     # "listening on ADDR" is part of the output contract: operators' scripts wait for it
     print(f"ferrotunnel server listening on {format_address(*server.address)}{' (TLS)' if ctx else ''}", flush=True)
+    for line in tls_lines:
+        print(line, flush=True)
     for ing in ingresses:
         kind = "HTTP" if isinstance(ing, ft.HttpIngress) else "TCP"
         by_host = f"by Host header (ID.{server.domain} or ID)" if server.domain else "by Host header"
@@ -197,6 +190,9 @@ async def _serve(args: argparse.Namespace) -> int:
         print(f"{kind} ingress on {format_address(*ing.address)} -> {target}", flush=True)
     if port_range is not None:
         print(f"TCP ports on request on {server.ports.describe()} -> the client that asks (--remote-port)", flush=True)
+    if not ingresses and port_range is None and node is None:
+        print("note: no ingress: visitors cannot reach any tunnel; add --http-bind, --https-bind, --tcp-bind or "
+              "--tcp-port-range", flush=True)
     if metrics is not None:
         print(f"metrics on http://{metrics.address[0]}:{metrics.address[1]}/metrics", flush=True)
     await _until_signal()
@@ -220,35 +216,20 @@ async def _serve(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ client
 
 
-def _client_tls(args: argparse.Namespace) -> Any:
-    from .. import tls
-
-    wants = args.tls or args.tls_ca or args.tls_skip_verify or args.tls_cert or args.tls_key or args.tls_server_name
-    if not wants:
-        return None
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise UsageError("a client certificate needs both --tls-cert and --tls-key")
-    existing_file(args.tls_ca, "--tls-ca")
-    existing_file(args.tls_cert, "--tls-cert")
-    existing_file(args.tls_key, "--tls-key")
-    # unlike the original, no CA means the system trust store, never silently no verification
-    return tls.client_context(args.tls_ca, skip_verify=args.tls_skip_verify, certfile=args.tls_cert,
-                              keyfile=args.tls_key)
-
-
 async def _connect(args: argparse.Namespace) -> int:
     from ..client.client import describe_error
     from .config_run import run_config, serve_tunnels, spec_from_flags
 
     if args.config:
-        return await run_config(args, token_from_args=token_from_args, client_tls=_client_tls,
+        return await run_config(args, token_from_args=token_from_args, client_tls=lambda a: client_tls(a, a.sources),
                                 until_signal=_until_signal, describe_error=describe_error, host_hint=host_hint)
     token = token_from_args(args)
     if not args.server:
         raise UsageError("--server HOST:PORT is required (or FERROTUNNEL_SERVER)")
     parse_addr(args.server, "--server")
     spec = spec_from_flags(args)
-    return await serve_tunnels([spec], args.server, token, _client_tls(args), args.tls_server_name,
+    ctx, tls_lines = client_tls(args, args.sources)
+    return await serve_tunnels([spec], args.server, token, (ctx, tls_lines), args.tls_server_name, args=args,
                                until_signal=_until_signal, describe_error=describe_error, host_hint=host_hint,
                                token_hint="the client's token (--token-file, FERROTUNNEL_TOKEN or --token) must "
                                           "equal the server's", name_tunnels=False)
@@ -290,120 +271,13 @@ async def _demo(args: argparse.Namespace) -> int:
     return await run_demo(requests=args.requests, concurrency=args.concurrency, cluster=args.cluster)
 
 
-# ------------------------------------------------------------------ parser
-
-#: Where a client forwards its streams without --local-addr (or a config file).
-
-
-def _token_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--token-file", default=None, metavar="PATH",
-                   help="read the tunnel token from the first line of PATH (or FERROTUNNEL_TOKEN_FILE)")
-    p.add_argument("--token", default=None,
-                   help="the tunnel token; visible in the process list until start-up moves it out: prefer "
-                        "--token-file or FERROTUNNEL_TOKEN (precedence below)")
+# ------------------------------------------------------------------ main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ferrotunnel", description="Expose a local TCP or HTTP service through a "
-                                "FerroTunnel-compatible reverse tunnel.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    s = sub.add_parser("server", help="run the tunnel server and its public ingresses",
-                       epilog=textwrap.fill(TOKEN_HELP, 100) + "\n\n" + CLUSTER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--bind", default=env("FERROTUNNEL_BIND", DEFAULT_BIND), help="tunnel listener (default %(default)s)")
-    _token_flags(s)
-    s.add_argument("--http-bind", default=env("FERROTUNNEL_HTTP_BIND"),
-                   help="HTTP ingress routed by Host (off unless given)")
-    s.add_argument("--domain", default=env("FERROTUNNEL_DOMAIN"),
-                   help="visitors reach tunnel ID as ID.DOMAIN at the HTTP ingress (a bare Host: ID still works); "
-                        "tunnel ids must then be DNS labels")
-    s.add_argument("--public-host", default=env("FERROTUNNEL_PUBLIC_HOST"),
-                   help="host name the URLs told to clients show (behind a balancer); default: the domain, else the "
-                        "ingress's bind host")
-    s.add_argument("--public-http-port", default=env("FERROTUNNEL_PUBLIC_HTTP_PORT"), metavar="PORT",
-                   help="port the http:// URLs show (default: the HTTP ingress's bound port)")
-    s.add_argument("--https-bind", default=env("FERROTUNNEL_HTTPS_BIND"),
-                   help="HTTPS ingress (TLS for visitors), routed by SNI then Host (off unless given)")
-    s.add_argument("--https-cert", default=env("FERROTUNNEL_HTTPS_CERT"), help="its certificate (PEM; a wildcard "
-                   "for the domain, e.g. from ferrotunnel certs --domain)")
-    s.add_argument("--https-key", default=env("FERROTUNNEL_HTTPS_KEY"), help="its private key (PEM)")
-    s.add_argument("--public-https-port", default=env("FERROTUNNEL_PUBLIC_HTTPS_PORT"), metavar="PORT",
-                   help="the HTTPS port printed URLs show (default: the bound one)")
-    s.add_argument("--tcp-bind", action="append", metavar="ADDR[=TUNNEL_ID]",
-                   default=[x for x in (env("FERROTUNNEL_TCP_BIND") or "").split(",") if x],
-                   help="TCP ingress; repeatable; without =TUNNEL_ID the first tcp client gets it")
-    s.add_argument("--tcp-port-range", default=env("FERROTUNNEL_TCP_PORT_RANGE"), metavar="LO-HI",
-                   help="ports clients may ask for (client --remote-port), each a TCP ingress of its own while the "
-                        "client is connected (off unless given)")
-    s.add_argument("--tcp-port-host", default=env("FERROTUNNEL_TCP_PORT_HOST"), metavar="HOST",
-                   help="where those ports are bound (default: the host of --bind)")
-    s.add_argument("--tls-cert", default=env("FERROTUNNEL_TLS_CERT"))
-    s.add_argument("--tls-key", default=env("FERROTUNNEL_TLS_KEY"))
-    s.add_argument("--tls-ca", default=env("FERROTUNNEL_TLS_CA"), help="require client certificates signed by this CA")
-    s.add_argument("--tls-client-auth", action="store_true", default=env_flag("FERROTUNNEL_TLS_CLIENT_AUTH"))
-    s.add_argument("--metrics", action="store_true", default=env_flag("FERROTUNNEL_METRICS"),
-                   help="serve Prometheus metrics (needs ferrotunnel[metrics])")
-    s.add_argument("--metrics-bind", default=env("FERROTUNNEL_METRICS_BIND", "127.0.0.1:9090"))
-    s.add_argument("--client-tokens", default=env("FERROTUNNEL_CLIENT_TOKENS"), metavar="FILE.toml",
-                   help="per-client tokens, each with the tunnel ids it may claim ([[token]] token or sha256, "
-                        "tunnels = globs); re-read on SIGHUP; the shared token becomes optional")
-    s.add_argument("--grace", type=float, default=10.0, help="seconds open streams get on SIGTERM (default 10)")
-    s.add_argument("--trusted-proxy", action="append", metavar="CIDR",
-                   default=[x for x in (env("FERROTUNNEL_TRUSTED_PROXY") or "").split(",") if x],
-                   help="a balancer whose PROXY protocol v2 header names the real client (repeatable; env "
-                        "FERROTUNNEL_TRUSTED_PROXY, comma-separated); a header from any other address is refused")
-    s.add_argument("--log-level", default=env("FERROTUNNEL_LOG_LEVEL", "info"))
-    add_cluster_args(s)
-
-    c = sub.add_parser("client", help="connect to a server and forward its streams to a local service",
-                       epilog=TOKEN_HELP)
-    c.add_argument("--server", default=env("FERROTUNNEL_SERVER"), help="HOST:PORT of the tunnel server")
-    _token_flags(c)
-    c.add_argument("--config", default=env("FERROTUNNEL_CONFIG"), metavar="FILE.toml",
-                   help="serve every [[tunnel]] of a TOML file (server, token_file or token, [tls], [[tunnel]] id, "
-                        "local, remote_port); flags and environment variables win over the file")
-    c.add_argument("--local-addr", default=env("FERROTUNNEL_LOCAL_ADDR"),
-                   help=f"the local service as HOST:PORT (default {DEFAULT_LOCAL})")
-    c.add_argument("--tunnel-id", default=env("FERROTUNNEL_TUNNEL_ID"),
-                   help="the name to route by (HTTP Host, or =TUNNEL_ID on a TCP ingress)")
-    c.add_argument("--proxy-protocol", choices=("v1", "v2"), default=env("FERROTUNNEL_PROXY_PROTOCOL"),
-                   help="send the local service a PROXY protocol header (v1 text, v2 binary) naming each visitor "
-                        "(the server passes its address: visitor-addr/1); default: none")
-    c.add_argument("--remote-port", default=env("FERROTUNNEL_REMOTE_PORT"), metavar="N",
-                   help="ask the server for public TCP port N of its --tcp-port-range (0: any free one) for this "
-                        "tunnel while connected")
-    c.add_argument("--protocol", choices=("http", "tcp"), default=env("FERROTUNNEL_PROTOCOL"),
-                   help="serve the tunnel only at the server's HTTP/HTTPS ingresses (http) or only at TCP ones "
-                        "(tcp); default: both")
-    c.add_argument("--basic-auth", default=env("FERROTUNNEL_BASIC_AUTH"), metavar="USER:PASSWORD",
-                   help="HTTP visitors must send these credentials (401 until they do); prefer the environment "
-                        "variable FERROTUNNEL_BASIC_AUTH: other users can read a command line")
-    c.add_argument("--allow", action="append", metavar="CIDR",
-                   default=[x for x in (env("FERROTUNNEL_ALLOW") or "").split(",") if x],
-                   help="only visitors from this network reach the tunnel (repeatable; env FERROTUNNEL_ALLOW, "
-                        "comma-separated); default: any")
-    c.add_argument("--pool", action="store_true", default=env_flag("FERROTUNNEL_POOL"),
-                   help="serve the tunnel id together with other clients that pass --pool (visitors are spread "
-                        "over them)")
-    c.add_argument("--tls", action="store_true", default=env_flag("FERROTUNNEL_TLS"))
-    c.add_argument("--tls-ca", default=env("FERROTUNNEL_TLS_CA"))
-    c.add_argument("--tls-server-name", default=env("FERROTUNNEL_TLS_SERVER_NAME"))
-    c.add_argument("--tls-skip-verify", action="store_true", default=env_flag("FERROTUNNEL_TLS_SKIP_VERIFY"),
-                   help="accept any server certificate (unsafe; never implied)")
-    c.add_argument("--tls-cert", default=env("FERROTUNNEL_TLS_CERT"))
-    c.add_argument("--tls-key", default=env("FERROTUNNEL_TLS_KEY"))
-    c.add_argument("--log-level", default=env("FERROTUNNEL_LOG_LEVEL", "info"))
-
-    add_certs_parser(sub)
-
-    d = sub.add_parser("demo", help="server, client and a small HTTP app in one process, with traffic")
-    d.add_argument("--requests", type=int, default=300)
-    d.add_argument("--concurrency", type=int, default=8)
-    d.add_argument("--cluster", action="store_true", help="three cluster nodes, redis-server and haproxy (from PATH) "
-                   "on loopback, with traffic and a node failover (docs/cluster.md)")
-
-    sub.add_parser("version", help="print the version")
-    return p
+    """The command's parser (see ``parser.build_parser``)."""
+    return parser_for(token_help=TOKEN_HELP, cluster_help=CLUSTER_HELP, add_cluster_args=add_cluster_args,
+                      add_certs_parser=add_certs_parser, version=_version)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -413,6 +287,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     real = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.sources = sources(args, argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

@@ -28,6 +28,8 @@ def env_flag(name: str) -> bool:
 def parse_addr(text: str, what: str) -> Tuple[str, int]:
     from ..client.client import parse_address
 
+    if "://" in text:
+        raise UsageError(f"{what} must be HOST:PORT without a scheme (e.g. 127.0.0.1:7835), got {text!r}")
     try:
         return parse_address(text)
     except ValueError:

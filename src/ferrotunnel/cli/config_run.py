@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import time
 import sys
 from typing import Any, Awaitable, Callable, List, Optional, Tuple
 
@@ -38,14 +40,18 @@ def _token(args: argparse.Namespace, cfg: ClientFile, token_from_args: Callable[
 
 
 def _tls(args: argparse.Namespace, cfg: ClientFile, client_tls: Callable[[argparse.Namespace], Any]) -> Tuple[Any, Optional[str]]:
-    from .. import tls
+    """((SSL context or None, banner lines), server name): the flags' TLS, else the file's [tls]."""
+    from .tls_flags import client_tls as file_tls
 
     if args.tls or args.tls_ca or args.tls_skip_verify or args.tls_cert or args.tls_key or args.tls_server_name:
         return client_tls(args), args.tls_server_name
     t = cfg.tls
     if t is None:
-        return None, None
-    return tls.client_context(t.ca, skip_verify=t.skip_verify, certfile=t.cert, keyfile=t.key), t.server_name
+        return client_tls(args), None  # TLS off, said so
+    ns = argparse.Namespace(tls=True, tls_ca=t.ca, tls_skip_verify=t.skip_verify, tls_cert=t.cert, tls_key=t.key,
+                            tls_server_name=t.server_name)
+    where = f"[tls] of {cfg.path}"
+    return file_tls(ns, {k: where for k in ("tls_ca", "tls_skip_verify", "tls_cert", "tls_key")}), t.server_name
 
 
 #: The single-tunnel flags (argparse dest, flag); each applies to a file with one tunnel only.
@@ -106,27 +112,38 @@ async def run_config(args: argparse.Namespace, *, token_from_args: Callable[[arg
     parse_addr(server, "--server")
     token = _token(args, cfg, token_from_args)
     ctx, server_name = _tls(args, cfg, client_tls)
-    return await serve_tunnels(_tunnels(args, cfg), server, token, ctx, server_name, until_signal=until_signal,
+    return await serve_tunnels(_tunnels(args, cfg), server, token, ctx, server_name, args=args,
+                               until_signal=until_signal,
                                describe_error=describe_error, host_hint=host_hint,
                                token_hint=f"the token (flags, environment or {cfg.path}) must equal the server's",
                                name_tunnels=True)
 
 
-async def serve_tunnels(specs: List[TunnelSpec], server: str, token: str, ctx: Any, server_name: Optional[str], *,
+async def serve_tunnels(specs: List[TunnelSpec], server: str, token: str, tls: Tuple[Any, List[str]],
+                        server_name: Optional[str], *, args: argparse.Namespace,
                         until_signal: Callable[..., Awaitable[Optional["asyncio.Task[Any]"]]],
                         describe_error: Callable[[BaseException], str], host_hint: Callable[[str, str], str],
                         token_hint: str, name_tunnels: bool) -> int:
     """Serve ``specs``, one connection each, printing each tunnel's ``connected`` and
     ``Forwarding`` lines (an output contract), until a signal (exit 0) or the first tunnel that
-    fails for good (exit 1, saying why; ``name_tunnels``: the message names the tunnel)."""
+    fails for good (exit 1, saying why; ``name_tunnels``: the message names the tunnel). ``tls``:
+    the SSL context (None: plaintext) and the lines that say the TLS mode. After a signal, open
+    streams get ``args.grace`` seconds; ``args.max_retries`` failed attempts in a row end a tunnel."""
     import ferrotunnel as ft
     from ..client.client import format_address
+
+    ctx, tls_lines = tls
+    for line in tls_lines:
+        print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
+    backoff = ft.BackoffConfig(max_attempts=args.max_retries) if args.max_retries else None
 
     clients: List[Any] = []
     tasks: List["asyncio.Task[Any]"] = []
     for spec in specs:
-        client = ft.TunnelClient(server, token, tunnel_id=spec.id, tls=ctx, server_name=server_name,
-                                 config=spec.client_config())
+        config = spec.client_config()
+        if backoff is not None:
+            config = dataclasses.replace(config, backoff=backoff)
+        client = ft.TunnelClient(server, token, tunnel_id=spec.id, tls=ctx, server_name=server_name, config=config)
         local = format_address(*spec.local)
 
         def connected(session: Any, client: Any = client, local: str = local) -> None:
@@ -142,7 +159,7 @@ async def serve_tunnels(specs: List[TunnelSpec], server: str, token: str, ctx: A
     try:
         finished = await until_signal(*tasks)
         if finished is None:
-            print("shutting down", flush=True)
+            await _grace(clients, tasks, args.grace)
             return 0
         exc = finished.exception()
         if exc is None:
@@ -157,3 +174,15 @@ async def serve_tunnels(specs: List[TunnelSpec], server: str, token: str, ctx: A
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _grace(clients: List[Any], tasks: List["asyncio.Task[Any]"], grace: float) -> None:
+    """After a signal: open streams may finish for up to ``grace`` seconds (a second signal ends
+    the process at once), then every connection closes."""
+    def open_streams() -> int:
+        return sum(c.session.multiplexer.stream_count for c in clients if c.session is not None)
+
+    print(f"shutting down (up to {grace:g}s for {open_streams()} open streams)", flush=True)
+    deadline = time.monotonic() + grace
+    while open_streams() and time.monotonic() < deadline and not all(t.done() for t in tasks):
+        await asyncio.sleep(0.05)

@@ -1,0 +1,196 @@
+"""The command line as a finished tool (subprocesses): ``--version``; every flag documented with its
+environment variable and default; bad numbers, a ``scheme://`` server and TLS files that cannot
+work are usage errors (exit 2) that name the file and the likely mistake, never a traceback; the
+banners say the TLS mode and where each file came from (the ``*_SERVER_TLS_*``/``*_CLIENT_TLS_*``
+variables before the shared ones), with a warning for ``--tls-skip-verify``; a server without an
+ingress says visitors cannot reach it; the client gives open streams ``--grace`` seconds after
+SIGTERM, and a second Ctrl-C ends either command at once with 130."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import free_port
+from ferrotunnel.cli import commands
+from test_cli import ENV, TOKEN, Proc, helper
+
+TOKEN_ENV = {"FERROTUNNEL_TOKEN": TOKEN}
+
+
+def _run(*args, env=None, timeout=30):
+    return subprocess.run([sys.executable, "-m", "ferrotunnel", *map(str, args)], capture_output=True, text=True,
+                          env={**ENV, **(env or {})}, timeout=timeout)
+
+
+def test_version_flag():
+    r = _run("--version")
+    assert r.returncode == 0 and r.stdout.startswith("ferrotunnel ") and "protocol v1" in r.stdout
+
+
+def test_every_flag_says_its_environment_variable_and_default():
+    parser = commands.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, sp in sub.choices.items():
+        assert sp.description, f"{name} has no description"
+        if name in ("server", "client", "demo"):
+            assert "example:" in (sp.epilog or ""), f"{name} has no example"
+        for action in sp._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            text = action.help or ""
+            if len(text) < 10 or (name != "certs" and "default" not in text):
+                missing.append(f"{name} {action.option_strings[0]}: {text!r}")
+    assert not missing, missing
+    out = _run("client", "--help").stdout
+    for needle in ("FERROTUNNEL_CLIENT_TLS_CA", "FERROTUNNEL_TLS_CA", "{debug,info,warning,error}", "--max-retries"):
+        assert needle in out, needle
+    out = _run("server", "--help", env={"FERROTUNNEL_TOKEN": TOKEN}).stdout
+    assert TOKEN not in out and "FERROTUNNEL_SERVER_TLS_CERT" in out
+
+
+@pytest.mark.parametrize("args,says", [
+    (["server", "--grace", "-1"], "--grace: must be a finite number >= 0"),
+    (["client", "--grace", "nan", "--server", "127.0.0.1:1"], "--grace"),
+    (["demo", "--requests", "-5"], "--requests: must be at least 1"),
+    (["demo", "--concurrency", "0"], "--concurrency: must be at least 1"),
+    (["client", "--max-retries", "0", "--server", "127.0.0.1:1"], "--max-retries: must be at least 1"),
+    (["client", "--server", "http://127.0.0.1:7835"], "without a scheme"),
+    (["server", "--log-level", "loud"], "--log-level"),
+])
+def test_bad_values_are_usage_errors(args, says):
+    r = _run(*args, env=TOKEN_ENV)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert says in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("certs")
+    r = _run("certs", "--out", out, "--client")
+    assert r.returncode == 0, r.stderr
+    (out / "garbage.pem").write_text("this is not a certificate\n")
+    other = tmp_path_factory.mktemp("other")
+    assert _run("certs", "--out", other).returncode == 0
+    return out, other
+
+
+def test_tls_files_that_cannot_work_are_usage_errors(certs):
+    d, other = certs
+    cases = [
+        (["server", "--tls-cert", d / "server.key", "--tls-key", d / "server.pem"], "swapped"),
+        (["server", "--tls-cert", d / "server.pem", "--tls-key", other / "server.key"], "does not belong"),
+        (["server", "--tls-cert", d / "server.pem", "--tls-key", d / "server.key", "--tls-ca", d / "garbage.pem"],
+         "no CA certificate"),
+        (["client", "--server", "127.0.0.1:1", "--tls-ca", d / "garbage.pem"], "no CA certificate"),
+        (["client", "--server", "127.0.0.1:1", "--tls-ca", d / "ca.pem", "--tls-cert", d / "client.pem",
+          "--tls-key", other / "server.key"], "does not belong"),
+    ]
+    for args, says in cases:
+        r = _run(*args, "--bind" if args[0] == "server" else "--log-level", f"127.0.0.1:{free_port()}"
+                 if args[0] == "server" else "info", env=TOKEN_ENV)
+        assert r.returncode == 2, (args, r.returncode, r.stderr)
+        assert says in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_banners_say_the_tls_mode_and_where_each_file_came_from(certs):
+    d, _ = certs
+    tport = free_port()
+    srv = Proc("server", "--bind", f"127.0.0.1:{tport}", "--tls-key", d / "server.key",
+               env={**TOKEN_ENV, "FERROTUNNEL_SERVER_TLS_CERT": str(d / "server.pem"),
+                    "FERROTUNNEL_TLS_CERT": str(d / "client.pem"), "FERROTUNNEL_SERVER_TLS_CA": str(d / "ca.pem")})
+    try:
+        out = srv.wait_for("note: no ingress")
+        assert "TLS: TLS 1.3, client certificates required" in out
+        assert f"certificate {d / 'server.pem'} (from FERROTUNNEL_SERVER_TLS_CERT)" in out  # before the shared name
+        assert f"key {d / 'server.key'} (from --tls-key)" in out
+        assert "note: no ingress: visitors cannot reach any tunnel" in out and "client CA" in out
+        cli = Proc("client", "--server", f"localhost:{tport}", "--tls-skip-verify", "--max-retries", "1",
+                   env={**TOKEN_ENV, "FERROTUNNEL_CLIENT_TLS_CERT": str(d / "client.pem"),
+                        "FERROTUNNEL_CLIENT_TLS_KEY": str(d / "client.key")})
+        try:
+            cli.wait_for("connected to")
+            assert "server certificate NOT verified" in cli.out.decode()
+            assert "(from FERROTUNNEL_CLIENT_TLS_CERT)" in cli.out.decode()
+            cli.wait_until(lambda: b"warning: --tls-skip-verify" in cli.err, what="the warning")
+        finally:
+            cli.kill()
+    finally:
+        srv.kill()
+    plain = Proc("client", "--server", "127.0.0.1:1", "--max-retries", "1", env=TOKEN_ENV)
+    plain.p.wait(30)
+    assert plain.finish() == 1 and b"TLS: off" in plain.out and b"giving up after 1 attempt" in plain.err
+
+
+def test_an_address_not_on_this_machine_is_named():
+    r = _run("server", "--bind", "192.0.2.1:7835", env=TOKEN_ENV)  # TEST-NET-1: on no interface here
+    assert r.returncode == 1 and "is the address one of this machine's?" in r.stderr, r.stderr
+    assert "another process" not in r.stderr
+
+
+def test_the_client_gives_open_streams_its_grace_after_sigterm():
+    tport, iport, app = free_port(), free_port(), free_port()
+    procs = [helper("httpapp", app, "slow")]
+    try:
+        srv = Proc("server", "--bind", f"127.0.0.1:{tport}", "--tcp-bind", f"127.0.0.1:{iport}", env=TOKEN_ENV)
+        procs.append(srv)
+        srv.wait_for("listening")
+        cli = Proc("client", "--server", f"127.0.0.1:{tport}", "--local-addr", f"127.0.0.1:{app}", "--grace", "20",
+                   env=TOKEN_ENV)
+        procs.append(cli)
+        cli.wait_for("connected")
+        s = socket.create_connection(("127.0.0.1", iport), timeout=10)
+        s.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"slow /one" in s.recv(1000)
+        cli.p.send_signal(signal.SIGTERM)  # the stream is open: the client waits for it
+        cli.wait_for("shutting down (up to 20s for 1 open streams)")
+        s.sendall(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")  # still served
+        assert b"slow /two" in s.recv(1000)
+        assert cli.p.poll() is None
+        s.close()  # the last stream ends: the client exits well before its grace is over
+        assert cli.p.wait(15) == 0
+    finally:
+        for p in procs:
+            p.kill()
+
+
+@pytest.mark.parametrize("role", ["server", "client"])
+def test_a_second_ctrl_c_exits_at_once_with_130(role):
+    tport, iport, app = free_port(), free_port(), free_port()
+    procs = [helper("httpapp", app, "slow")]
+    try:
+        srv = Proc("server", "--bind", f"127.0.0.1:{tport}", "--tcp-bind", f"127.0.0.1:{iport}", "--grace", "60",
+                   env=TOKEN_ENV)
+        procs.append(srv)
+        srv.wait_for("listening")
+        cli = Proc("client", "--server", f"127.0.0.1:{tport}", "--local-addr", f"127.0.0.1:{app}", "--grace", "60",
+                   env=TOKEN_ENV)
+        procs.append(cli)
+        cli.wait_for("connected")
+        s = socket.create_connection(("127.0.0.1", iport), timeout=10)
+        s.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"slow /one" in s.recv(1000)
+        target = srv if role == "server" else cli
+        target.p.send_signal(signal.SIGINT)
+        target.wait_for("shutting down")  # in its grace period (an open stream)
+        target.p.send_signal(signal.SIGINT)
+        assert target.p.wait(15) == 130
+        target.finish()
+        assert b"second signal" in target.err and b"Traceback" not in target.err
+        s.close()
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def test_help_lists_every_command_with_an_example():
+    r = _run("--help")
+    assert r.returncode == 0
+    for cmd in ("server", "client", "certs", "demo", "version", "--version"):
+        assert cmd in r.stdout
