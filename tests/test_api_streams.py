@@ -59,6 +59,8 @@ def test_read_to_eof_cap_raises_limit_exceeded_and_keeps_the_bytes(run, monkeypa
             with pytest.raises(ft.LimitExceededError, match="limit"):
                 await s.read(limit=50_000)
             assert await s.read(limit=1_000_000) == payload  # nothing was lost
+            windows = session.connection.core.windows
+            assert windows.total_unread == 0  # each byte's credit went back once: none held, none twice
             await s.aclose()
 
             s = await session.open_stream()  # the per-stream cap
@@ -74,6 +76,7 @@ def test_read_to_eof_cap_raises_limit_exceeded_and_keeps_the_bytes(run, monkeypa
             with pytest.raises(ft.LimitExceededError):
                 await s.read()
             assert await s.read(-1, limit=10**6) == payload
+            assert windows.total_unread == 0
             await s.aclose()
     run(body)
 

@@ -365,17 +365,16 @@ class VirtualStream:
     def write(self, data: BytesLike) -> None:
         """Queue ``data`` (bytes, bytearray or memoryview; copied when it is not bytes) for the
         peer; ``drain()`` waits for room. StreamClosedError after ``write_eof``/``close``."""
+        if type(data) is not bytes and not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data must be bytes, bytearray or memoryview, got {type(data).__name__}"
+                            f"{' (encode text first, e.g. data.encode())' if isinstance(data, str) else ''}")
         self._write(data, False)
 
     def _write(self, data: BytesLike, owned: bool) -> None:
         self._check_writable()
         conn = self._conn
-        if type(data) is bytes:
-            if len(data) < SMALL_WRITE and conn.send_small_now(self._st, data):
-                return
-        elif not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"data must be bytes, bytearray or memoryview, got {type(data).__name__}"
-                            f"{' (encode text first, e.g. data.encode())' if isinstance(data, str) else ''}")
+        if type(data) is bytes and len(data) < SMALL_WRITE and conn.send_small_now(self._st, data):
+            return
         conn.send(self._st, data, owned)
 
     def write_queued(self, data: BytesLike, owned: bool = False) -> None:
