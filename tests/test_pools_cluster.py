@@ -243,3 +243,43 @@ def test_pool_members_on_two_nodes_each_node_prefers_its_own_then_the_other(run)
                 app_b.close()
                 await r.aclose()
     run(body, timeout=120)
+
+
+def test_pools_through_a_redis_outage_are_rejoined_and_a_solo_conflict_leaves_one_owner(run, redis):
+    slow = dict(claim_refresh=10.0, claim_ttl=30.0)  # no claim refresh runs here: the recovery re-asserts
+
+    async def body():
+        r = await raw(redis.url)
+        # a probes Redis seldom, so b (whose claims came first) re-asserts first after the outage
+        async with RedisRegistry(cfg(redis.url, "a", 7001, redis_probe_interval=2.0, **slow)) as a, \
+                RedisRegistry(cfg(redis.url, "b", 7002, **slow)) as b:
+            pa1, pb1 = StubSession(name="a1"), StubSession(name="b1")
+            solo_b, pool_b = StubSession("api", "solo-b"), StubSession("db", "pool-b")
+            assert (await a.claim("web", pa1, pool=True)).granted and (await b.claim("web", pb1, pool=True)).granted
+            assert (await b.claim("api", solo_b)).granted and (await b.claim("db", pool_b, pool=True)).granted
+            redis.stop()
+            pa2, pool_a, solo_a = StubSession(name="a2"), StubSession("api", "pool-a"), StubSession("db", "solo-a")
+            assert (await a.claim("web", pa2, pool=True)).granted and a.outage  # joins locally
+            assert (await a.claim("api", pool_a, pool=True)).granted  # b's ids: unknowable now
+            assert (await a.claim("db", solo_a)).granted
+            assert opens(a.lookup_local("web"), 2) == ["a1", "a2"]
+            await wait_for(lambda: b.outage)  # b's liveness refresh finds Redis gone too
+            redis.start()  # empty
+            await wait_for(lambda: not a.outage and not b.outage)
+            await wait_for_async(lambda: _members_are(r, "web", ["a", "b"]), timeout=3)
+            await wait_for(lambda: pool_a.is_closed and solo_a.is_closed, timeout=3)
+            # b re-asserted first: its solo client keeps "api", its pool keeps "db"
+            assert (await r.hgetall("test:tunnel:api"))["node"] == "b" and not solo_b.is_closed
+            assert "not in a pool on node b" in str(pool_a.closed_with)
+            assert "one owner remains" in str(pool_a.closed_with)
+            assert members(await r.hgetall("test:tunnel:db")) == ["b"] and not pool_b.is_closed
+            assert "is held by node b" in str(solo_a.closed_with)
+            assert a.members("api") == a.members("db") == [] and a.stats.conflicts == 2
+            assert not any(s.is_closed for s in (pa1, pa2, pb1))
+            assert opens(a.lookup_local("web"), 2) == ["a1", "a2"]
+        await r.aclose()
+    run(body)
+
+
+async def _members_are(r: Any, tunnel_id: str, nodes: List[str]) -> bool:
+    return members(await r.hgetall(f"test:tunnel:{tunnel_id}")) == nodes
