@@ -297,3 +297,45 @@ def test_two_pool_clients_share_a_tunnel_and_one_leaving_keeps_the_other_serving
 def _busy(server: Any) -> int:
     """Members of "web" with a stream open."""
     return sum(1 for s in established(server, "web") if len(s.multiplexer))
+
+
+async def name_tcp_app(name: str):
+    """A TCP app that says its name and closes."""
+
+    async def handle(reader: Any, writer: Any) -> None:
+        writer.write(name.encode())
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[:2]
+
+
+async def tcp_name(addr: Any) -> str:
+    r, w = await asyncio.open_connection(*addr)
+    try:
+        return (await asyncio.wait_for(r.read(), 15)).decode()
+    finally:
+        w.close()
+
+
+def test_tcp_ingresses_spread_over_a_pool_named_or_not(run):
+    async def body():
+        (app1, addr1), (app2, addr2) = await name_tcp_app("one"), await name_tcp_app("two")
+        server = ft.TunnelServer(("127.0.0.1", 0), TOKEN)
+        async with server, ft.TcpIngress(server, ("127.0.0.1", 0), tunnel_id="db") as named, \
+                ft.TcpIngress(server, ("127.0.0.1", 0)) as unnamed:
+            at = "%s:%d" % server.address
+            one = ft.TunnelClient(at, TOKEN, tunnel_id="db", config=ft.ClientConfig(pool=True, local_addr=addr1))
+            two = ft.TunnelClient(at, TOKEN, tunnel_id="db", config=ft.ClientConfig(pool=True, local_addr=addr2))
+            async with running(one):
+                await until(lambda: len(established(server, "db")) == 1)
+                async with running(two):
+                    await until(lambda: len(established(server, "db")) == 2)
+                    for ingress in (named, unnamed):
+                        got = [await tcp_name(ingress.address) for _ in range(4)]
+                        assert sorted(got) == ["one", "one", "two", "two"] and got[:2] == got[2:], got
+                    assert server.sessions.find_with_capability("tcp") in established(server, "db")
+        app1.close()
+        app2.close()
+    run(body, timeout=60)

@@ -220,9 +220,13 @@ def resolve(registry: SessionRegistry, tunnel_id: str) -> Union[Optional[Route],
 
 
 def first_with_capability(registry: SessionRegistry, capability: str) -> Optional[Route]:
-    """The oldest established local session that announced ``capability`` (the unnamed TCP ingress)."""
+    """The oldest established local session that announced ``capability`` (the unnamed TCP
+    ingress); its pool's route when it is in a pool whose live members all announced it."""
     for s in registry.local_sessions():
         if capability in s.capabilities and s.established:
+            route = registry.lookup_local(s.tunnel_id)
+            if isinstance(route, PoolRoute) and all(capability in m.capabilities for m in route.live):
+                return route
             return LocalRoute(s)
     return None
 
@@ -243,7 +247,7 @@ class SessionStore:
     def find_with_capability(self, capability: str) -> Optional[Session]:
         """The first live session (oldest first) that announced ``capability``."""
         route = first_with_capability(self._registry, capability)
-        return route.session if isinstance(route, LocalRoute) else None
+        return route.session if isinstance(route, (LocalRoute, PoolRoute)) else None
 
     def __len__(self) -> int:
         return len(self._registry.local_sessions())
