@@ -136,6 +136,7 @@ async def serve_tunnels(specs: List[TunnelSpec], server: str, token: str, tls: T
     for line in tls_lines:
         print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
     backoff = ft.BackoffConfig(max_attempts=args.max_retries) if args.max_retries else None
+    inspector = await _start_inspector(args)
 
     clients: List[Any] = []
     tasks: List["asyncio.Task[Any]"] = []
@@ -155,7 +156,10 @@ async def serve_tunnels(specs: List[TunnelSpec], server: str, token: str, tls: T
                 print(f"Forwarding {url} -> {local}{host_hint(url, client.tunnel_id)}", flush=True)
 
         clients.append(client)
-        tasks.append(asyncio.ensure_future(client.connect_and_run(on_connected=connected, on_public_urls=public)))
+        handler = (inspector.handler(config.local_addr, client.tunnel_id, proxy_protocol=config.proxy_protocol)
+                   if inspector is not None else None)
+        tasks.append(asyncio.ensure_future(client.connect_and_run(handler, on_connected=connected,
+                                                                  on_public_urls=public)))
     try:
         finished = await until_signal(*tasks)
         if finished is None:
@@ -174,6 +178,27 @@ async def serve_tunnels(specs: List[TunnelSpec], server: str, token: str, tls: T
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if inspector is not None:
+            await inspector.close()
+
+
+async def _start_inspector(args: argparse.Namespace) -> Any:
+    """The request inspector of ``--inspect HOST:PORT`` (None without it); UsageError when it
+    cannot start."""
+    if not getattr(args, "inspect", None):
+        return None
+    from ..client.inspect import Inspector
+
+    addr = parse_addr(args.inspect, "--inspect")
+    try:
+        inspector = Inspector(addr)
+        await inspector.start()
+    except ValueError as exc:
+        raise UsageError(f"--inspect: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"--inspect {args.inspect}: cannot listen: {exc.strerror or exc}") from None
+    print(f"Inspector on {inspector.url} (the requests through this client's tunnels)", flush=True)
+    return inspector
 
 
 async def _grace(clients: List[Any], tasks: List["asyncio.Task[Any]"], grace: float) -> None:

@@ -212,6 +212,9 @@ def _client(sub: Any, token_help: str) -> None:
     f.add("--tls-cert", metavar="PEM", env_names=e("CLIENT_TLS_CERT", "TLS_CERT"),
           help="a client certificate for a server that requires one (with --tls-key)")
     f.add("--tls-key", metavar="PEM", env_names=e("CLIENT_TLS_KEY", "TLS_KEY"), help="its private key")
+    f.add("--inspect", metavar="HOST:PORT", env_names=e("INSPECT"), show="off",
+          help="serve a live view of the HTTP requests through this client's tunnels at http://HOST:PORT/ "
+               "(e.g. 127.0.0.1:4040; local and careful: see the README)")
     _common(f)
 
 
