@@ -119,9 +119,11 @@ class TunnelClient:
         runs = [t for t in self._runs if t is not me and not t.done()]
         for task in runs:
             task.cancel()
-        if runs:
-            await asyncio.wait(runs)
-        await self.close()
+        try:
+            if runs:
+                await asyncio.wait(runs)
+        finally:
+            await self.close()
 
     @property
     def local_addr(self) -> Tuple[str, int]:
