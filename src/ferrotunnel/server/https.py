@@ -49,4 +49,4 @@ class HttpsIngress(HttpIngress):
         return self.tunnel_for(normalize_host(name)) if name else None
 
     def describe(self) -> str:
-        return " -> by SNI, then Host header"
+        return "-> by SNI, then Host header"

@@ -103,6 +103,7 @@ class Ingress:
         return bridge
 
     def describe(self) -> str:
+        """Where the ingress sends visitors ("-> ..."), for its log line; "" when it says nothing."""
         return ""
 
     def describe_bind(self) -> str:
@@ -184,7 +185,8 @@ class Ingress:
         self._server = await listen(self._make_protocol, host, port, self.kind, proxies=self.server.trusted_proxies,
                                     header_timeout=self.server.config.proxy_header_timeout, ssl=self.ssl_context)
         self._where = "%s:%s" % self.address
-        log.info("%s listening on %s%s", self.kind, self._where, self.describe())
+        said = self.describe()
+        log.info("%s listening on %s%s", self.kind, self._where, " " + said if said else "")
 
     def stop_listening(self) -> None:
         """Close the listening socket (a balancer's health checks now fail); connections already
@@ -229,7 +231,7 @@ class TcpIngress(Ingress):
         return _IngressBridge(self)
 
     def describe(self) -> str:
-        return f" -> {self.tunnel_id or 'first tcp session'}"
+        return f"-> {self.tunnel_id or 'first tcp session'}"
 
     def lookup(self, tunnel_id: Optional[str]) -> Optional[Route]:
         if tunnel_id is None:  # the first local session that offers tcp and takes TCP visitors
