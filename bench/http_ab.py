@@ -10,6 +10,11 @@ Content-Length body of ``--mb`` MiB (1 MiB writes, with back-pressure) and ``GET
 2-byte body; visitors download /big twice (MB/s, the better of the two) and keep 16 keep-alive
 connections busy with /small for ``--seconds`` (requests/s). Runs interleave A/B (B/A on odd
 pairs) after one discarded warm-up; the table shows medians and the median per-pair ratio B/A.
+
+On a shared machine throughput follows whatever else runs; the CPU time the tunnel processes
+(server and client, from /proc/PID/stat) spend per GB downloaded and per small request follows
+the code much more closely, so it is shown too, for both processes and for the server alone
+(lower is better; the last column is then A/B, so that above 1 still means B is better).
 """
 
 from __future__ import annotations
@@ -110,6 +115,16 @@ class Small(asyncio.Protocol):
             self.t.write(b"GET /small HTTP/1.1\r\nHost: web\r\n\r\n")
 
 
+def cpu_seconds(procs) -> float:
+    """User + system CPU seconds of these processes so far (/proc/PID/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in procs:
+        fields = open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / tick
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -152,12 +167,14 @@ async def one_run(dest: str, mb: int, seconds: float) -> dict:
             assert os.path.join(dest, "src", "ferrotunnel") in maps, "a tunnel process loaded another checkout"
         total = (mb << 20) + len(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (mb << 20))
         rates = []
+        cpu0, srv0 = cpu_seconds(procs), cpu_seconds(procs[:1])
         for _ in range(2):
             done = loop.create_future()
             t, _p = await loop.create_connection(lambda: Download(total, done), "127.0.0.1", hport)
             secs = await asyncio.wait_for(done, 120)
             t.close()
             rates.append(mb * 1.048576 / secs)
+        cpu1, srv1 = cpu_seconds(procs), cpu_seconds(procs[:1])
         stop = time.perf_counter() + seconds
         smalls = []
         for _ in range(16):
@@ -166,9 +183,13 @@ async def one_run(dest: str, mb: int, seconds: float) -> dict:
         t0 = time.perf_counter()
         counts = await asyncio.wait_for(asyncio.gather(*(s.done for s in smalls)), seconds + 60)
         rps = sum(counts) / (time.perf_counter() - t0)
+        cpu2, srv2 = cpu_seconds(procs), cpu_seconds(procs[:1])
         for s in smalls:
             s.t.close()
-        return {"download_mbps": max(rates), "small_rps": rps}
+        return {"download_mbps": max(rates), "small_rps": rps, "download_cpu_s_per_gb": (cpu1 - cpu0) / (2 * total / 1e9),
+                "small_cpu_us_per_req": (cpu2 - cpu1) / sum(counts) * 1e6,
+                "small_server_cpu_us_per_req": (srv2 - srv1) / sum(counts) * 1e6,
+                "download_server_cpu_s_per_gb": (srv1 - srv0) / (2 * total / 1e9)}
     finally:
         for p in procs:
             p.terminate()
@@ -207,13 +228,19 @@ def main() -> None:
         for tag in pair:
             res = _run(runner, sides[tag][1], args)
             results[tag].append(res)
-            print(f"  {tag}: download {res['download_mbps']:.0f} MB/s, small {res['small_rps']:.0f} req/s", flush=True)
+            print(f"  {tag}: download {res['download_mbps']:.0f} MB/s ({res['download_cpu_s_per_gb']:.2f} CPU s/GB), "
+                  f"small {res['small_rps']:.0f} req/s ({res['small_cpu_us_per_req']:.0f} CPU us/req)", flush=True)
     print(f"\n{'row':<26}{'A median':>12}{'B median':>12}{'B/A per pair (median, range)':>34}")
-    for key, label in (("download_mbps", "download MB/s"), ("small_rps", "small keep-alive req/s")):
+    for key, label in (("download_mbps", "download MB/s"), ("small_rps", "small keep-alive req/s"),
+                       ("download_cpu_s_per_gb", "download CPU s/GB (A/B)"),
+                       ("small_cpu_us_per_req", "small CPU us/req (A/B)"),
+                       ("download_server_cpu_s_per_gb", "  server only (A/B)"),
+                       ("small_server_cpu_us_per_req", "  server only (A/B)")):
         a = [r[key] for r in results["A"]]
         b = [r[key] for r in results["B"]]
-        ratios = [y / x for x, y in zip(a, b)]
-        print(f"{label:<26}{statistics.median(a):>12.0f}{statistics.median(b):>12.0f}"
+        ratios = [x / y if "cpu" in key else y / x for x, y in zip(a, b)]
+        print(f"{label:<26}{statistics.median(a):>12.{2 if 'gb' in key else 0}f}"
+              f"{statistics.median(b):>12.{2 if 'gb' in key else 0}f}"
               f"{statistics.median(ratios):>14.3f} ({min(ratios):.3f}..{max(ratios):.3f})")
 
 

@@ -1,9 +1,12 @@
 """Profile of the HTTP ingress under ``bench/http_ab.py``'s load: the CLI server of this checkout
 runs under cProfile (the client and the app as in http_ab), visitors make ``--mode small``
 keep-alive requests (16 connections, ``--seconds``) or ``--mode big`` downloads (``--mb`` MiB);
-the server's profile is written to ``--out`` and its top functions printed.
+the server's profile is written to ``--out`` and its top functions printed. The profiler counts
+the process's CPU time (``time.process_time``), not wall time, so what other processes on the
+machine do shows less. ``--checkout DIR`` profiles another checkout (built in place, e.g. one
+``bench/http_ab.py`` made) with this driver.
 
-    python bench/http_profile.py --mode small --seconds 5 --out /tmp/small.prof
+    python bench/http_profile.py --mode small --seconds 5 --out /tmp/small.prof [--checkout DIR]
 """
 
 from __future__ import annotations
@@ -22,22 +25,39 @@ import http_ab  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+#: Runs ``python -m ferrotunnel ARGS`` under cProfile with CPU time; the profile is written when it ends.
+BOOT = """
+import cProfile, runpy, sys, time
+out = sys.argv[1]
+sys.argv = ["ferrotunnel"] + sys.argv[2:]
+prof = cProfile.Profile(time.process_time)
+prof.enable()
+try:
+    runpy.run_module("ferrotunnel", run_name="__main__", alter_sys=True)
+except SystemExit:
+    pass
+finally:
+    prof.disable()
+    prof.dump_stats(out)
+"""
+
 
 async def run(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     app = await loop.create_server(lambda: http_ab.App(args.mb), "127.0.0.1", 0)
     app_port = app.sockets[0].getsockname()[1]
     tport, hport = http_ab.free_port(), http_ab.free_port()
-    env = dict(os.environ, FERROTUNNEL_TOKEN=http_ab.TOKEN)
-    server = subprocess.Popen([sys.executable, "-m", "cProfile", "-o", args.out, "-m", "ferrotunnel", "server",
+    root = os.path.abspath(args.checkout)
+    env = dict(os.environ, FERROTUNNEL_TOKEN=http_ab.TOKEN, PYTHONPATH=os.path.join(root, "src"))
+    server = subprocess.Popen([sys.executable, "-c", BOOT, os.path.abspath(args.out), "server",
                                "--bind", f"127.0.0.1:{tport}", "--http-bind", f"127.0.0.1:{hport}",
-                               "--log-level", "warning"], env=env, cwd=ROOT)
+                               "--log-level", "warning"], env=env, cwd=root)
     client = None
     try:
         await asyncio.sleep(1.0)
         client = subprocess.Popen([sys.executable, "-m", "ferrotunnel", "client", "--server", f"127.0.0.1:{tport}",
                                    "--local-addr", f"127.0.0.1:{app_port}", "--tunnel-id", "web",
-                                   "--log-level", "warning"], env=env, cwd=ROOT)
+                                   "--log-level", "warning"], env=env, cwd=root)
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -68,7 +88,7 @@ async def run(args: argparse.Namespace) -> None:
                 smalls.append(proto)
             t0 = time.perf_counter()
             counts = await asyncio.gather(*(s.done for s in smalls))
-            print(f"small {sum(counts) / (time.perf_counter() - t0):.0f} req/s (under the profiler)")
+            print(f"small: {sum(counts)} requests, {sum(counts) / (time.perf_counter() - t0):.0f} req/s (under the profiler)")
             for s in smalls:
                 s.t.close()
     finally:
@@ -87,6 +107,7 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=256)
     ap.add_argument("--out", default="http-ingress.prof")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--checkout", default=ROOT, help="the checkout whose server and client run (default: this one)")
     args = ap.parse_args()
     import uvloop
 
