@@ -263,3 +263,39 @@ def test_the_facade_uses_the_kernel_of_the_codecs_kind():
         assert kind == "py"
     elif os.environ.get("FERROTUNNEL_REQUIRE_EXTENSIONS", "").strip().lower() not in ("", "0", "false", "no"):
         assert kind == "c"
+
+
+# A child interpreter in which only the HTTP kernel cannot be imported (a build from before it).
+_NO_KERNEL = """
+import sys, warnings
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "ferrotunnel.http_kernel":
+            raise ImportError("blocked: " + name)
+        return None
+sys.meta_path.insert(0, Block())
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:  # (the package's __init__ imports the server's modules)
+        import ferrotunnel.frames as f
+        import ferrotunnel.server.http_framing as h
+    except ImportError as exc:
+        print("-", "ImportError", "FERROTUNNEL_REQUIRE_EXTENSIONS" in str(exc))
+    else:
+        print(f.IMPLEMENTATION, h.IMPLEMENTATION, sum("http_kernel" in str(w.message) for w in caught))
+"""
+
+
+@pytest.mark.skipif(COMPILED is None, reason="the compiled codec and kernel are not built")
+def test_a_missing_kernel_falls_back_with_a_warning_or_is_an_error_when_required():
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FERROTUNNEL_")}
+
+    def child(**env):
+        return subprocess.run([sys.executable, "-c", _NO_KERNEL], env=dict(clean, **env), capture_output=True,
+                              text=True, check=True).stdout.split()
+    assert child() == ["c", "py", "1"]
+    assert child(FERROTUNNEL_REQUIRE_EXTENSIONS="1") == ["-", "ImportError", "True"]
+    assert child(FERROTUNNEL_NO_EXTENSIONS="1") == ["py", "py", "0"]
