@@ -8,6 +8,7 @@ import logging
 import random
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, Optional, Tuple, Union
 
+from ..addr import Address, as_address
 from ..aio.bridge import IdleSweeper, TcpBridge
 from ..aio.listen import Listener, listen
 from ..aio.stream import VirtualStream
@@ -79,9 +80,9 @@ class Ingress:
 
     kind = "ingress"
 
-    def __init__(self, server: TunnelServer, address: Tuple[str, int], priority: Any = None) -> None:
+    def __init__(self, server: TunnelServer, address: Address, priority: Any = None) -> None:
         self.server = server
-        self._bind = address
+        self._bind = address = as_address(address, "address", bind=True)
         self.priority = StreamPriority.NORMAL if priority is None else StreamPriority(priority)
         self._server: Optional[Listener] = None
         self.connections = 0
@@ -92,6 +93,8 @@ class Ingress:
         self._where = "%s:%s" % address  # the bound address once started
 
     def protocol_factory(self) -> TcpBridge:  # pragma: no cover - subclasses
+        """A new protocol (a ``TcpBridge``) for one accepted visitor connection; each kind of
+        ingress makes its own. The ingress then gives it the server's connection caps."""
         raise NotImplementedError
 
     #: A server ``SSLContext`` for an ingress that terminates TLS (the HTTPS ingress); None: plain.
@@ -107,6 +110,8 @@ class Ingress:
         return ""
 
     def describe_bind(self) -> str:
+        """The listening address as ``host:port``, for log lines: the bound one (port 0 resolved)
+        once ``start`` has run, the one asked for before."""
         return self._where
 
     def lookup(self, tunnel_id: Optional[str]) -> Optional[Route]:
@@ -168,6 +173,8 @@ class Ingress:
         then(route, stream)
 
     def count_refused(self, refused: AccessRefused) -> None:
+        """Count one visitor refused by a tunnel's access rules in ``refused`` (the dict attribute),
+        under the 3-digit HTTP status of the refusal (``"401"``, ``"403"``)."""
         code = refused.status[:3]
         self.refused[code] = self.refused.get(code, 0) + 1
 
@@ -178,9 +185,14 @@ class Ingress:
 
     @property
     def address(self) -> Tuple[str, int]:
+        """The ``(host, port)`` the ingress is bound to, port 0 resolved to the port the system
+        chose; RuntimeError before ``start``."""
         return bound_address(self._server, "ingress")
 
     async def start(self) -> None:
+        """Bind and start accepting visitors (``async with`` calls it): every address the host
+        resolves to, with the server's trusted proxies and this ingress's TLS context, if any; then
+        log where it listens. OSError when the address cannot be bound (in use, not local)."""
         host, port = self._bind
         self._server = await listen(self._make_protocol, host, port, self.kind, proxies=self.server.trusted_proxies,
                                     header_timeout=self.server.config.proxy_header_timeout, ssl=self.ssl_context)
@@ -195,6 +207,9 @@ class Ingress:
             self._server.close()
 
     async def close(self) -> None:
+        """Stop the ingress (leaving ``async with`` calls it): the idle sweeper stops, registry
+        lookups still pending are cancelled, the listening socket closes, and the close is awaited
+        for at most 1 s. Connections already accepted are not cut here; they end with their streams."""
         self.sweeper.close()
         for task in list(self._lookups):
             task.cancel()
@@ -220,7 +235,7 @@ class TcpIngress(Ingress):
 
     kind = "TCP ingress"
 
-    def __init__(self, server: TunnelServer, address: Tuple[str, int], tunnel_id: Optional[str] = None, *,
+    def __init__(self, server: TunnelServer, address: Address, tunnel_id: Optional[str] = None, *,
                  idle_timeout: Optional[float] = None, priority: Any = None) -> None:
         super().__init__(server, address, priority)
         self.tunnel_id = tunnel_id
@@ -228,12 +243,18 @@ class TcpIngress(Ingress):
         self.sweeper.timeout = self.idle_timeout
 
     def protocol_factory(self) -> TcpBridge:
+        """A bridge for one visitor connection: it opens a ``Protocol.TCP`` stream to the tunnel
+        (``open_stream``; reading is paused while a remote lookup runs) and pipes both ways."""
         return _IngressBridge(self)
 
     def describe(self) -> str:
+        """Where visitors go, for the log line: ``"-> <tunnel_id>"``, or ``"-> first tcp session"``."""
         return f"-> {self.tunnel_id or 'first tcp session'}"
 
     def lookup(self, tunnel_id: Optional[str]) -> Optional[Route]:
+        """The route for a visitor: with ``tunnel_id`` as ``Ingress.lookup``; without one, the
+        oldest established local session (or its pool) that announced the ``tcp`` capability and
+        whose access rules take TCP visitors without basic auth. None when none does."""
         if tunnel_id is None:  # the first local session that offers tcp and takes TCP visitors
             route = first_with_capability(self.server.registry, "tcp")
             access = route_access(route) if route is not None else None

@@ -30,6 +30,7 @@ class Route:
 
     @property
     def tunnel_id(self) -> str:
+        """The tunnel id this route leads to."""
         raise NotImplementedError
 
     def open_stream_nowait(self, protocol: Protocol, priority: StreamPriority, visitor: Any = None,
@@ -46,9 +47,11 @@ class Route:
 
 def open_on(session: Session, protocol: Protocol, priority: StreamPriority, visitor: Any = None) -> VirtualStream:
     """A stream on a local session, with the visitor's address when the client asked for it."""
-    if isinstance(visitor, tuple) and len(visitor) >= 2 and VISITOR_CAPABILITY in session.capabilities:
-        return session.open_stream_nowait(protocol, priority, ((VISITOR_HEADER, f"{visitor[0]}:{visitor[1]}"),))
-    return session.open_stream_nowait(protocol, priority)
+    peer = (visitor[0], visitor[1]) if isinstance(visitor, tuple) and len(visitor) >= 2 else None
+    if peer is not None and VISITOR_CAPABILITY in session.capabilities:
+        return session.open_stream_nowait(protocol, priority, ((VISITOR_HEADER, f"{peer[0]}:{peer[1]}"),),
+                                          peername=peer)
+    return session.open_stream_nowait(protocol, priority, peername=peer)
 
 
 class LocalRoute(Route):
@@ -61,10 +64,14 @@ class LocalRoute(Route):
 
     @property
     def tunnel_id(self) -> str:
+        """The tunnel id of its session."""
         return self.session.tunnel_id
 
     def open_stream_nowait(self, protocol: Protocol, priority: StreamPriority, visitor: Any = None,
                            host: Optional[str] = None) -> VirtualStream:
+        """A new stream on the session (``open_on``: ``visitor``, a ``(host, port)``, goes with it
+        to a client that asked for it; ``host`` is not needed locally). ConnectionLostError when
+        the session is not connected, LimitExceededError at its stream limit."""
         return open_on(self.session, protocol, priority, visitor)
 
     def __repr__(self) -> str:
