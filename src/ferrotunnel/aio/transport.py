@@ -30,12 +30,16 @@ def bound_address(server: Any, what: str) -> Tuple[str, int]:
 
 
 class Transport:
+    """How a tunnel connection is carried: the SSL contexts of the server and client sides."""
+
     is_tls = False
 
     def server_ssl(self) -> Optional[ssl.SSLContext]:
+        """The context the server wraps accepted tunnel connections in; None: plain TCP."""
         return None
 
     def client_ssl(self) -> Optional[ssl.SSLContext]:
+        """The context the client connects to the server with; None: plain TCP."""
         return None
 
 
@@ -54,13 +58,17 @@ class TlsTransport(Transport):
         self.context = context
 
     def server_ssl(self) -> Optional[ssl.SSLContext]:
+        """The context given to the constructor (a server-side one, on a server)."""
         return self.context
 
     def client_ssl(self) -> Optional[ssl.SSLContext]:
+        """The context given to the constructor (a client-side one, on a client)."""
         return self.context
 
 
 def resolve_transport(tls: Union[None, ssl.SSLContext, Transport]) -> Transport:
+    """The ``tls=`` argument as a ``Transport``: None -> ``TcpTransport``, an ``SSLContext`` ->
+    ``TlsTransport``, a transport as it is."""
     if tls is None:
         return TcpTransport()
     if isinstance(tls, Transport):

@@ -185,6 +185,11 @@ class ServerHandshake:
         return out
 
     def receive_data(self, data: Any) -> None:
+        """Feed bytes from the client (any bytes-like object, in pieces of any size). Once a whole
+        Handshake has arrived ``request`` is set; bytes after it, and all fed later, go to
+        ``leftover``. FrameError as soon as the first bytes cannot begin a Handshake: a data frame,
+        another control frame, a length over ``max_handshake_frame``, or a TLS record (the message
+        says how to fix the TLS mismatch)."""
         if self.request is not None:
             self._frame.leftover += bytes(data)
             return
@@ -257,6 +262,13 @@ class ClientHandshake:
         return out or b""
 
     def receive_data(self, data: Any) -> None:
+        """Feed bytes from the server (any bytes-like object, in pieces of any size). Once a whole
+        HandshakeAck has arrived and it accepts, ``result`` is set; bytes after it, and all fed
+        later, go to ``leftover``. Raises AuthenticationError for a rejected token,
+        RetryableHandshakeError for RateLimited or TunnelIdTaken (``retry_after``: the server's
+        hint, if any), and HandshakeError for any other refusal (with the server's reason when it
+        sent one), a reply that is not a HandshakeAck (e.g. TLS to a plaintext client), or an
+        acceptance without what this client's config requires (a remote port, access rules, a pool)."""
         if self.result is not None:
             self._frame.leftover += bytes(data)
             return

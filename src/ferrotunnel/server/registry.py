@@ -78,6 +78,10 @@ class SessionRegistry(TypingProtocol):
         ...
 
     async def lookup(self, tunnel_id: str) -> Optional[Route]:
+        """The route to ``tunnel_id`` wherever it is served (here, or on another node for a shared
+        registry); None when no one serves it. May cross the network, so callers try
+        ``lookup_local`` first; an error from a shared store reaches the caller (an ingress treats
+        it as no route)."""
         ...
 
     def lookup_local(self, tunnel_id: str) -> Optional[Route]:
@@ -105,6 +109,7 @@ class LocalRegistry:
 
     async def claim(self, tunnel_id: str, session: Session, stale: Optional[StalePredicate] = None, *,
                     pool: bool = False) -> Claim:
+        """``claim_nowait`` behind the awaitable signature of ``SessionRegistry.claim``."""
         return self.claim_nowait(tunnel_id, session, stale, pool=pool)
 
     def refusal(self, tunnel_id: str, stale: Optional[StalePredicate] = None, *, pool: bool = False,
@@ -168,9 +173,12 @@ class LocalRegistry:
         return list(route.members) if isinstance(route, PoolRoute) else [route.session]
 
     async def release(self, tunnel_id: str, session: Session) -> None:
+        """Give ``tunnel_id`` up if ``session`` holds it (alone, or as one member of its pool: the
+        pool stays while it has members); ``session`` is forgotten by its id either way."""
         self._drop(tunnel_id, session)
 
     def session_ended(self, session: Session) -> None:
+        """``session`` closed: ``release`` of its tunnel id, at once (no await needed here)."""
         self._drop(session.tunnel_id, session)
 
     def _drop(self, tunnel_id: str, session: Session) -> None:
@@ -184,25 +192,36 @@ class LocalRegistry:
             del self._by_id[session.id]
 
     async def refresh(self, tunnel_id: str, session: Session) -> bool:
+        """True while ``session`` holds ``tunnel_id`` (alone or in its pool); an in-process claim
+        does not expire, so nothing is renewed."""
         return any(s is session for s in self.members(tunnel_id))
 
     async def lookup(self, tunnel_id: str) -> Optional[Route]:
+        """``lookup_local``: an in-process registry knows no route elsewhere."""
         return self.lookup_local(tunnel_id)
 
     def lookup_local(self, tunnel_id: str) -> Optional[Route]:
+        """The route streams for ``tunnel_id`` can take now: the ``LocalRoute`` of its session
+        once the handshake is done, or its ``PoolRoute`` while a member can take a stream; None
+        otherwise."""
         route = self._routes.get(tunnel_id)
         if isinstance(route, PoolRoute):
             return route if not route.stale else None
         return route if route is not None and route.session.established else None
 
     def local_session(self, tunnel_id: str) -> Optional[Session]:
+        """The session holding ``tunnel_id``, established or not (for a pool: its oldest
+        established member, else its oldest); None if no one holds it."""
         route = self._routes.get(tunnel_id)
         return route.session if route is not None else None
 
     def get(self, session_id: uuid.UUID) -> Optional[Session]:
+        """The session with id ``session_id`` that holds a tunnel id here, or None."""
         return self._by_id.get(session_id)
 
     def local_sessions(self) -> Collection[Session]:
+        """The sessions holding a tunnel id here, in the order of their claims: a live view, which
+        changes as sessions come and go (copy it to iterate across an await)."""
         return self._by_id.values()
 
 
@@ -239,9 +258,12 @@ class SessionStore:
         self._registry = registry
 
     def get(self, session_id: uuid.UUID) -> Optional[Session]:
+        """The local session whose ``id`` is ``session_id`` (a ``uuid.UUID``), or None."""
         return next((s for s in self._registry.local_sessions() if s.id == session_id), None)
 
     def get_by_tunnel_id(self, tunnel_id: str) -> Optional[Session]:
+        """The local session holding ``tunnel_id``, established or not (for a pool, one member:
+        see ``LocalRegistry.local_session``), or None; never a session of another node."""
         return self._registry.local_session(tunnel_id)
 
     def find_with_capability(self, capability: str) -> Optional[Session]:
