@@ -408,3 +408,19 @@ def test_async_for_refuses_a_session_with_a_stream_handler(run):
             with pytest.raises(ValueError, match="not both"):
                 await client.connect(scripted(), accept=True)
     run(body)
+
+
+def test_the_server_and_its_ingresses_take_both_address_forms(run):
+    async def body():
+        for form in ("127.0.0.1:0", ("127.0.0.1", 0)):
+            async with ft.TunnelServer(form, "address-token-1234") as server:
+                async with ft.TcpIngress(server, form) as tcp, ft.HttpIngress(server, form) as http:
+                    assert tcp.address[0] == http.address[0] == server.address[0] == "127.0.0.1"
+        for bad in ("nope", ("127.0.0.1",), 7835):
+            try:
+                ft.TunnelServer(bad, "address-token-1234")
+            except (TypeError, ValueError) as exc:
+                assert "address" in str(exc)
+            else:
+                raise AssertionError(f"{bad!r} accepted")
+    run(body)

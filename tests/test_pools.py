@@ -47,7 +47,7 @@ class StubSession:
     def close(self, exc: Optional[BaseException] = None, *, tell_peer: bool = False) -> None:
         self.closed, self.closed_with = True, exc
 
-    def open_stream_nowait(self, protocol: Any, priority: Any, headers: Any = ()) -> Any:
+    def open_stream_nowait(self, protocol: Any, priority: Any, headers: Any = (), peername: Any = None) -> Any:
         if self.closed:
             raise ConnectionLostError("closed")
         if self.full:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 from .access import TunnelAccess
+from .addr import as_address
 from .frames import DATA_HEADER_SIZE, FRAME_PREFIX_SIZE, MAX_FRAME_SIZE
 
 __all__ = ["BackoffConfig", "RateLimits", "StreamConfig", "ServerConfig", "ClientConfig", "ClusterConfig", "redact_url"]
@@ -194,6 +195,7 @@ class ClientConfig(StreamConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        object.__setattr__(self, "local_addr", as_address(self.local_addr, "local_addr"))
         object.__setattr__(self, "allow", tuple(self.allow))
         access = TunnelAccess.build(self.protocol, self.basic_auth, self.allow)  # ValueError on a bad one
         if not access.empty:

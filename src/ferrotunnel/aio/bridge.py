@@ -13,6 +13,7 @@ import socket
 import struct
 from typing import Any, Optional, Tuple
 
+from ..addr import as_address
 from ..errors import FerroTunnelError, StreamClosedError
 from ..frames import DATA_HEADER_SIZE
 from ..pool import acquire_bytes, release_bytes
@@ -473,7 +474,7 @@ async def forward(stream: VirtualStream, address: Tuple[str, int], connect_timeo
     so an idle forwarded stream costs no coroutine or task. ``prefix`` is written to the
     connection before the stream's bytes.
     """
-    host, port = address
+    host, port = as_address(address, "address")
     bridge = TcpBridge()
     error = await _connect(bridge, host, port, connect_timeout)
     if error is not None:

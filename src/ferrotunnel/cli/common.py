@@ -50,8 +50,8 @@ def parse_addr(text: str, what: str) -> Tuple[str, int]:
         raise UsageError(f"{what} must be HOST:PORT without a scheme (e.g. 127.0.0.1:7835), got {text!r}")
     try:
         return parse_address(text)
-    except ValueError:
-        raise UsageError(f"{what} must be HOST:PORT (e.g. 127.0.0.1:8000), got {text!r}") from None
+    except ValueError as exc:
+        raise UsageError(f"{what} must be HOST:PORT (e.g. 127.0.0.1:8000), got {text!r}: {exc}") from None
 
 
 def existing_file(path: Optional[str], what: str) -> Optional[str]:

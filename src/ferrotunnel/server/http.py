@@ -30,8 +30,9 @@ bodies and responses followed in ``http_framing``, names and the ingress's own a
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
+from ..addr import Address
 from ..aio.bridge import TcpBridge
 from .http_bridge import HttpBridge
 from .http_names import normalize_host, parse_authority, printable, strip_suffix
@@ -50,7 +51,7 @@ class HttpIngress(Ingress):
 
     kind = "HTTP ingress"
 
-    def __init__(self, server: TunnelServer, address: Tuple[str, int], *, max_head: int = MAX_HEAD,
+    def __init__(self, server: TunnelServer, address: Address, *, max_head: int = MAX_HEAD,
                  head_timeout: float = HEAD_TIMEOUT, priority: Any = None, domain: Optional[str] = None) -> None:
         super().__init__(server, address, priority)
         self.max_head = max_head

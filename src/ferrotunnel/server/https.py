@@ -11,8 +11,9 @@ ingress's: X-Forwarded-Proto says ``https``.
 from __future__ import annotations
 
 import ssl
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
+from ..addr import Address
 from .http import HttpIngress
 from .http_names import normalize_host
 from .server import TunnelServer
@@ -32,7 +33,7 @@ class HttpsIngress(HttpIngress):
 
     kind = "HTTPS ingress"
 
-    def __init__(self, server: TunnelServer, address: Tuple[str, int], certfile: str, keyfile: str,
+    def __init__(self, server: TunnelServer, address: Address, certfile: str, keyfile: str,
                  **kwargs: Any) -> None:
         super().__init__(server, address, **kwargs)
         self.scheme = "https"

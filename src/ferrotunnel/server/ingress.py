@@ -8,6 +8,7 @@ import logging
 import random
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, Optional, Tuple, Union
 
+from ..addr import Address, as_address
 from ..aio.bridge import IdleSweeper, TcpBridge
 from ..aio.listen import Listener, listen
 from ..aio.stream import VirtualStream
@@ -79,9 +80,9 @@ class Ingress:
 
     kind = "ingress"
 
-    def __init__(self, server: TunnelServer, address: Tuple[str, int], priority: Any = None) -> None:
+    def __init__(self, server: TunnelServer, address: Address, priority: Any = None) -> None:
         self.server = server
-        self._bind = address
+        self._bind = address = as_address(address, "address", bind=True)
         self.priority = StreamPriority.NORMAL if priority is None else StreamPriority(priority)
         self._server: Optional[Listener] = None
         self.connections = 0
@@ -234,7 +235,7 @@ class TcpIngress(Ingress):
 
     kind = "TCP ingress"
 
-    def __init__(self, server: TunnelServer, address: Tuple[str, int], tunnel_id: Optional[str] = None, *,
+    def __init__(self, server: TunnelServer, address: Address, tunnel_id: Optional[str] = None, *,
                  idle_timeout: Optional[float] = None, priority: Any = None) -> None:
         super().__init__(server, address, priority)
         self.tunnel_id = tunnel_id

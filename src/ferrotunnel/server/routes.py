@@ -47,9 +47,11 @@ class Route:
 
 def open_on(session: Session, protocol: Protocol, priority: StreamPriority, visitor: Any = None) -> VirtualStream:
     """A stream on a local session, with the visitor's address when the client asked for it."""
-    if isinstance(visitor, tuple) and len(visitor) >= 2 and VISITOR_CAPABILITY in session.capabilities:
-        return session.open_stream_nowait(protocol, priority, ((VISITOR_HEADER, f"{visitor[0]}:{visitor[1]}"),))
-    return session.open_stream_nowait(protocol, priority)
+    peer = (visitor[0], visitor[1]) if isinstance(visitor, tuple) and len(visitor) >= 2 else None
+    if peer is not None and VISITOR_CAPABILITY in session.capabilities:
+        return session.open_stream_nowait(protocol, priority, ((VISITOR_HEADER, f"{peer[0]}:{peer[1]}"),),
+                                          peername=peer)
+    return session.open_stream_nowait(protocol, priority, peername=peer)
 
 
 class LocalRoute(Route):

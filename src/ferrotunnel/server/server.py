@@ -13,6 +13,7 @@ import ssl
 import time
 from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple, Union
 
+from ..addr import Address, as_address
 from ..auth import TokenFormatError, constant_time_eq, validate_token_format
 from ..config import ServerConfig
 from ..errors import ConnectionLostError, FrameError
@@ -171,11 +172,12 @@ class TunnelServer:
     what its URL shows); a port outside the range or taken, or any without a range, is refused.
     """
 
-    def __init__(self, address: Tuple[str, int], token: str, *, tls: Union[None, ssl.SSLContext, Transport] = None,
+    def __init__(self, address: Address, token: str, *, tls: Union[None, ssl.SSLContext, Transport] = None,
                  config: ServerConfig = ServerConfig(), stream_handler: Optional[StreamHandler] = None,
                  registry: Optional[SessionRegistry] = None, domain: Optional[str] = None,
                  public_endpoints: Sequence[PublicEndpoint] = (), tcp_port_range: Optional[Tuple[int, int]] = None,
                  tcp_port_host: Optional[str] = None, tcp_port_public_host: Optional[str] = None) -> None:
+        address = as_address(address, "address", bind=True)
         try:
             validate_token_format(token)
         except TokenFormatError as exc:
