@@ -315,26 +315,17 @@ cdef class Chunked:
         return -1
 
 
-cdef class ResponseTracker:
+class ResponseTracker:
     """Follows the responses on one stream to the requests sent on it (``sent(method, upgrade)``).
     ``feed`` takes response bytes in order and returns how many of them belong to responses still
     owed; ``idle`` says every request sent has its answer. After a 101 (or a 2xx to CONNECT)
     the stream is a raw byte pipe (``raw``); an unreadable response head ends the tracking
     (``lost``): from then on the stream's end is its only boundary."""
 
-    cdef public object pending
-    cdef public int state
-    cdef public long long left
-    cdef public object chunked
-    cdef public bytearray head
-    cdef public bint raw
-    cdef public bint lost
-    #: set when the answer to an upgrade request arrived: True (switched) or False (refused)
-    cdef public object answered_upgrade
-    #: the last response head with a Content-Length body (``known_left`` bytes) that answered
-    #: a request other than HEAD, CONNECT or an upgrade: a repeat of it is not parsed again
-    cdef public bytes known
-    cdef public long long known_left
+    # a Python class with slots, not an extension type: the ingress reads these attributes on every
+    # response, and slot reads are what the interpreter makes fast; the work is in C functions below
+    __slots__ = ("pending", "state", "left", "chunked", "head", "raw", "lost", "answered_upgrade", "known",
+                 "known_left")
 
     HEAD, LENGTH, CHUNKED, UNTIL_EOF = range(4)
 
@@ -364,197 +355,202 @@ cdef class ResponseTracker:
         cdef Py_buffer view
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
-            return self._feed(data, <uchar*>view.buf, view.len, stop_when_idle)
+            return _tracker_feed(self, data, <uchar*>view.buf, view.len, stop_when_idle)
         finally:
             PyBuffer_Release(&view)
 
-    cdef Py_ssize_t _feed(self, data, uchar* buf, Py_ssize_t n, bint stop_when_idle) except -1:
-        cdef Py_ssize_t pos = 0, end, take
-        cdef bytes known = self.known
-        cdef Py_ssize_t k = len(known)
-        if (k and n == k + self.known_left and self.state == 0 and self.pending and not self.head
-                and memcmp(buf, <uchar*>known, k) == 0 and not self.raw and not self.lost):
-            method, upgrade = self.pending[0]  # one whole response, a repeat of the last: as the first
+
+cdef Py_ssize_t _tracker_feed(self, data, uchar* buf, Py_ssize_t n, bint stop_when_idle) except -1:
+    cdef Py_ssize_t pos = 0, end, take
+    cdef bytes known = self.known
+    cdef Py_ssize_t k = len(known)
+    if (k and n == k + self.known_left and self.state == 0 and self.pending and not self.head
+            and memcmp(buf, <uchar*>known, k) == 0 and not self.raw and not self.lost):
+        method, upgrade = self.pending[0]  # one whole response, a repeat of the last: as the first
+        if not upgrade and method != B_HEAD and method != B_CONNECT:
+            self.pending.popleft()
+            return n
+    while pos < n:
+        if self.raw or self.lost:
+            return n
+        state = self.state
+        if state == 1:  # LENGTH
+            take = self.left if self.left < n - pos else n - pos
+            self.left -= take
+            pos += take
+            if self.left == 0:
+                _tracker_done(self)
+        elif state == 2:  # CHUNKED
+            try:
+                end = (<Chunked>self.chunked)._feed(buf, n, pos)
+            except HeadError:
+                self.lost = True
+                return n
+            if end < 0:
+                return n
+            pos = end
+            _tracker_done(self)
+        elif state == 3:  # UNTIL_EOF
+            return n
+        else:
+            if stop_when_idle and not self.pending and not self.head:
+                return pos
+            pos = _tracker_head(self, data, buf, n, pos)
+    return n
+
+
+cdef Py_ssize_t _tracker_head(self, data, uchar* buf, Py_ssize_t n, Py_ssize_t pos) except -1:
+    cdef Py_ssize_t before = len(self.head), end, limit
+    cdef bytes known
+    cdef Py_ssize_t k
+    if not before:  # most heads: found in place, nothing copied
+        known = self.known
+        k = len(known)
+        if k and n - pos >= k and memcmp(buf + pos, <uchar*>known, k) == 0 and self.pending:
+            method, upgrade = self.pending[0]
             if not upgrade and method != B_HEAD and method != B_CONNECT:
-                self.pending.popleft()
-                return n
-        while pos < n:
-            if self.raw or self.lost:
-                return n
-            state = self.state
-            if state == 1:  # LENGTH
-                take = self.left if self.left < n - pos else n - pos
-                self.left -= take
-                pos += take
-                if self.left == 0:
-                    self._done()
-            elif state == 2:  # CHUNKED
-                try:
-                    end = (<Chunked>self.chunked)._feed(buf, n, pos)
-                except HeadError:
-                    self.lost = True
-                    return n
-                if end < 0:
-                    return n
-                pos = end
-                self._done()
-            elif state == 3:  # UNTIL_EOF
-                return n
-            else:
-                if stop_when_idle and not self.pending and not self.head:
-                    return pos
-                pos = self._head(data, buf, n, pos)
-        return n
+                self.left = self.known_left
+                if self.left:
+                    self.state = 1
+                else:
+                    _tracker_done(self)
+                return pos + k
+        limit = pos + C_MAX_RESPONSE_HEAD + 4
+        end = _find_end(buf, pos, limit if limit < n else n)
+        if end >= 0:
+            _tracker_answer(self, buf + pos, end + 4 - pos)
+            return end + 4
+        piece = PyBytes_FromStringAndSize(<char*>buf + pos, (limit if limit < n else n) - pos)
+        self.head += piece
+        if len(self.head) > C_MAX_RESPONSE_HEAD:
+            self.lost = True
+        return pos + len(piece)
+    end = -1
+    for window in (4096, C_MAX_RESPONSE_HEAD - before + 4):  # most heads are found in the first
+        piece = bytes(data[pos:pos + window])
+        end = (self.head + piece).find(b"\r\n\r\n", max(0, before - 3))
+        if end >= 0 or len(piece) < window:
+            break
+    if end < 0:
+        self.head += piece
+        if len(self.head) > C_MAX_RESPONSE_HEAD:
+            self.lost = True
+        return pos + len(piece)
+    head = bytes(self.head + piece[:end + 4 - before])
+    self.head = bytearray()
+    _tracker_answer(self, <uchar*>(<bytes>head), len(head))
+    return pos + end + 4 - before
 
-    cdef Py_ssize_t _head(self, data, uchar* buf, Py_ssize_t n, Py_ssize_t pos) except -1:
-        cdef Py_ssize_t before = len(self.head), end, limit
-        cdef bytes known
-        cdef Py_ssize_t k
-        if not before:  # most heads: found in place, nothing copied
-            known = self.known
-            k = len(known)
-            if k and n - pos >= k and memcmp(buf + pos, <uchar*>known, k) == 0 and self.pending:
-                method, upgrade = self.pending[0]
-                if not upgrade and method != B_HEAD and method != B_CONNECT:
-                    self.left = self.known_left
-                    if self.left:
-                        self.state = 1
-                    else:
-                        self._done()
-                    return pos + k
-            limit = pos + C_MAX_RESPONSE_HEAD + 4
-            end = _find_end(buf, pos, limit if limit < n else n)
-            if end >= 0:
-                self._answer(buf + pos, end + 4 - pos)
-                return end + 4
-            piece = PyBytes_FromStringAndSize(<char*>buf + pos, (limit if limit < n else n) - pos)
-            self.head += piece
-            if len(self.head) > C_MAX_RESPONSE_HEAD:
-                self.lost = True
-            return pos + len(piece)
-        end = -1
-        for window in (4096, C_MAX_RESPONSE_HEAD - before + 4):  # most heads are found in the first
-            piece = bytes(data[pos:pos + window])
-            end = (self.head + piece).find(b"\r\n\r\n", max(0, before - 3))
-            if end >= 0 or len(piece) < window:
-                break
-        if end < 0:
-            self.head += piece
-            if len(self.head) > C_MAX_RESPONSE_HEAD:
-                self.lost = True
-            return pos + len(piece)
-        head = bytes(self.head + piece[:end + 4 - before])
-        self.head = bytearray()
-        self._answer(<uchar*>(<bytes>head), len(head))
-        return pos + end + 4 - before
 
-    cdef int _answer(self, uchar* p, Py_ssize_t n) except -1:
-        """A complete response head, at ``p[:n]``: what its body is, and whether it answers the
-        request owed."""
-        cdef Py_ssize_t j, q, v0, v1, c0 = 0, c1 = 0, ncl = 0
-        cdef int status
-        cdef bint same = True
-        cdef long long length = 0
-        cdef list te = []
-        cdef tuple first
-        cdef uchar* lf
-        # the status line; then no line end that is not CRLF, no obs-fold: unreadable, or read two ways
-        if (n < 13 or memcmp(p, b"HTTP/1.", 7) != 0 or (p[7] != 48 and p[7] != 49) or p[8] != 32
-                or not 48 <= p[9] <= 57 or not 48 <= p[10] <= 57 or not 48 <= p[11] <= 57
-                or (p[12] != 32 and p[12] != 13)):
+cdef int _tracker_answer(self, uchar* p, Py_ssize_t n) except -1:
+    """A complete response head, at ``p[:n]``: what its body is, and whether it answers the
+    request owed."""
+    cdef Py_ssize_t j, q, v0, v1, c0 = 0, c1 = 0, ncl = 0
+    cdef int status
+    cdef bint same = True
+    cdef long long length = 0
+    cdef list te = []
+    cdef tuple first
+    cdef uchar* lf
+    # the status line; then no line end that is not CRLF, no obs-fold: unreadable, or read two ways
+    if (n < 13 or memcmp(p, b"HTTP/1.", 7) != 0 or (p[7] != 48 and p[7] != 49) or p[8] != 32
+            or not 48 <= p[9] <= 57 or not 48 <= p[10] <= 57 or not 48 <= p[11] <= 57
+            or (p[12] != 32 and p[12] != 13)):
+        self.lost = True
+        return 0
+    j = 0
+    while True:
+        lf = <uchar*>memchr(p + j, 10, n - j)
+        if lf == NULL:
+            break
+        j = lf - p
+        if j == 0 or p[j - 1] != 13 or (j + 1 < n and (p[j + 1] == 32 or p[j + 1] == 9)):
             self.lost = True
             return 0
-        j = 0
-        while True:
-            lf = <uchar*>memchr(p + j, 10, n - j)
-            if lf == NULL:
-                break
-            j = lf - p
-            if j == 0 or p[j - 1] != 13 or (j + 1 < n and (p[j + 1] == 32 or p[j + 1] == 9)):
-                self.lost = True
-                return 0
-            j += 1
-        status = (p[9] - 48) * 100 + (p[10] - 48) * 10 + (p[11] - 48)
-        first = self.pending[0] if self.pending else (b"", False)
-        method, upgrade = first[0], first[1]
-        if 100 <= status < 200 and status != 101:
-            return 0  # interim: the final answer follows
-        if upgrade and self.pending:
-            switched = status == 101 or (method == B_CONNECT and 200 <= status < 300)
-            self.answered_upgrade = switched
-            if switched:
-                self.pending.popleft()
-                self.raw = True
-                return 0
-        if method == B_HEAD or status == 204 or status == 304 or 100 <= status < 200:
-            self._done()
+        j += 1
+    status = (p[9] - 48) * 100 + (p[10] - 48) * 10 + (p[11] - 48)
+    first = self.pending[0] if self.pending else (b"", False)
+    method, upgrade = first[0], first[1]
+    if 100 <= status < 200 and status != 101:
+        return 0  # interim: the final answer follows
+    if upgrade and self.pending:
+        switched = status == 101 or (method == B_CONNECT and 200 <= status < 300)
+        self.answered_upgrade = switched
+        if switched:
+            self.pending.popleft()
+            self.raw = True
             return 0
-        # the fields that delimit the body: Content-Length, Transfer-Encoding (value without the
-        # whitespace around it); every line ends with CRLF here
-        j = 0
-        while True:
-            lf = <uchar*>memchr(p + j, 10, n - j)
-            if lf == NULL:
-                break
-            q = lf - p + 1
-            j = q
-            if n - q >= 15 and _is(p + q, 14, b"content-length", 14):
-                q += 14
-                is_cl = True
-            elif n - q >= 18 and _is(p + q, 17, b"transfer-encoding", 17):
-                q += 17
-                is_cl = False
-            else:
-                continue
-            while q < n and (p[q] == 32 or p[q] == 9):
-                q += 1
-            if q >= n or p[q] != 58:
-                continue
+    if method == B_HEAD or status == 204 or status == 304 or 100 <= status < 200:
+        _tracker_done(self)
+        return 0
+    # the fields that delimit the body: Content-Length, Transfer-Encoding (value without the
+    # whitespace around it); every line ends with CRLF here
+    j = 0
+    while True:
+        lf = <uchar*>memchr(p + j, 10, n - j)
+        if lf == NULL:
+            break
+        q = lf - p + 1
+        j = q
+        if n - q >= 15 and _is(p + q, 14, b"content-length", 14):
+            q += 14
+            is_cl = True
+        elif n - q >= 18 and _is(p + q, 17, b"transfer-encoding", 17):
+            q += 17
+            is_cl = False
+        else:
+            continue
+        while q < n and (p[q] == 32 or p[q] == 9):
             q += 1
-            while q < n and (p[q] == 32 or p[q] == 9):
-                q += 1
-            v0 = q
-            while q < n and p[q] != 13 and p[q] != 10:
-                q += 1
-            if n - q < 2 or p[q] != 13 or p[q + 1] != 10:
-                continue
-            v1 = q
-            while v1 > v0 and (p[v1 - 1] == 32 or p[v1 - 1] == 9):
-                v1 -= 1
-            if not is_cl:
-                te.append(PyBytes_FromStringAndSize(<char*>p + v0, v1 - v0))
-            elif ncl == 0:  # the first Content-Length value; every other one must be the same
-                c0, c1, ncl = v0, v1, 1
-            else:
-                same = same and v1 - v0 == c1 - c0 and memcmp(p + v0, p + c0, c1 - c0) == 0
-                ncl += 1
-            j = q
-        if te:
-            codings = [c.strip(b" \t").lower() for c in b",".join(te).split(b",")]
-            if codings[len(codings) - 1] == b"chunked":
-                self.chunked = Chunked()
-                self.state = 2
-            else:
-                self.state = 3
-        elif ncl:
-            if not _digits(p + c0, c1 - c0) or c1 - c0 > 18 or not same:
-                self.lost = True
-                return 0
-            for j in range(c0, c1):
-                length = length * 10 + (p[j] - 48)
-            self.left = length
-            if not upgrade and method != B_HEAD and method != B_CONNECT and self.pending:
-                self.known, self.known_left = PyBytes_FromStringAndSize(<char*>p, n), self.left
-            if self.left:
-                self.state = 1
-            else:
-                self._done()
+        if q >= n or p[q] != 58:
+            continue
+        q += 1
+        while q < n and (p[q] == 32 or p[q] == 9):
+            q += 1
+        v0 = q
+        while q < n and p[q] != 13 and p[q] != 10:
+            q += 1
+        if n - q < 2 or p[q] != 13 or p[q + 1] != 10:
+            continue
+        v1 = q
+        while v1 > v0 and (p[v1 - 1] == 32 or p[v1 - 1] == 9):
+            v1 -= 1
+        if not is_cl:
+            te.append(PyBytes_FromStringAndSize(<char*>p + v0, v1 - v0))
+        elif ncl == 0:  # the first Content-Length value; every other one must be the same
+            c0, c1, ncl = v0, v1, 1
+        else:
+            same = same and v1 - v0 == c1 - c0 and memcmp(p + v0, p + c0, c1 - c0) == 0
+            ncl += 1
+        j = q
+    if te:
+        codings = [c.strip(b" \t").lower() for c in b",".join(te).split(b",")]
+        if codings[len(codings) - 1] == b"chunked":
+            self.chunked = Chunked()
+            self.state = 2
         else:
             self.state = 3
-        return 0
+    elif ncl:
+        if not _digits(p + c0, c1 - c0) or c1 - c0 > 18 or not same:
+            self.lost = True
+            return 0
+        for j in range(c0, c1):
+            length = length * 10 + (p[j] - 48)
+        self.left = length
+        if not upgrade and method != B_HEAD and method != B_CONNECT and self.pending:
+            self.known, self.known_left = PyBytes_FromStringAndSize(<char*>p, n), self.left
+        if self.left:
+            self.state = 1
+        else:
+            _tracker_done(self)
+    else:
+        self.state = 3
+    return 0
 
-    cdef void _done(self):
-        self.state = 0
-        self.chunked = None
-        if self.pending:
-            self.pending.popleft()
+
+cdef int _tracker_done(self) except -1:
+    self.state = 0
+    self.chunked = None
+    if self.pending:
+        self.pending.popleft()
+    return 0
