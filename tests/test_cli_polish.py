@@ -196,35 +196,3 @@ def test_help_lists_every_command_with_an_example():
     for cmd in ("server", "client", "certs", "demo", "version", "--version"):
         assert cmd in r.stdout
 
-
-def test_each_event_once_when_stdout_and_stderr_are_one_stream(tmp_path):
-    """In a terminal (stdout and stderr one file) the banner lines the log already says are not
-    printed again; with two streams (scripts) both stay, as the output contract says."""
-    tport, hport = free_port(), free_port()
-    log = tmp_path / "server.log"
-    with open(log, "wb") as f:
-        srv = subprocess.Popen([sys.executable, "-m", "ferrotunnel", "server", "--bind", f"127.0.0.1:{tport}",
-                                "--http-bind", f"127.0.0.1:{hport}"], stdout=f, stderr=subprocess.STDOUT,
-                               env={**ENV, **TOKEN_ENV})
-    clog = tmp_path / "client.log"
-    cli = None
-    try:
-        deadline = time.monotonic() + 30
-        while b"HTTP ingress" not in log.read_bytes() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        with open(clog, "wb") as f:
-            cli = subprocess.Popen([sys.executable, "-m", "ferrotunnel", "client", "--server", f"127.0.0.1:{tport}",
-                                    "--tunnel-id", "web"], stdout=f, stderr=subprocess.STDOUT,
-                                   env={**ENV, **TOKEN_ENV})
-        while b"Forwarding" not in clog.read_bytes() and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        for p in (cli, srv):
-            if p is not None:
-                p.send_signal(signal.SIGTERM)
-                p.wait(15)
-    server_out, client_out = log.read_text(), clog.read_text()
-    assert server_out.count(f"listening on 127.0.0.1:{tport}") == 1, server_out
-    assert server_out.count(f"HTTP ingress listening on 127.0.0.1:{hport}") == 1, server_out
-    assert server_out.count(f"127.0.0.1:{hport}") == 1, server_out
-    assert client_out.count("connected to") == 1 and "Forwarding http://" in client_out, client_out

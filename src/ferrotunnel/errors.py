@@ -11,6 +11,7 @@ __all__ = [
     "AuthenticationError",
     "RetryableHandshakeError",
     "TlsVerificationError",
+    "SuspectedMisconfiguration",
     "StreamClosedError",
     "StreamResetError",
     "LimitExceededError",
@@ -80,3 +81,8 @@ class TunnelTimeoutError(FerroTunnelError, TimeoutError):
 class PeerUnsupportedError(FerroTunnelError):
     """The peer did not announce the extension this operation needs (e.g. a Rust server and client-opened streams)."""
 
+
+class SuspectedMisconfiguration(ConnectionLostError):
+    """A failed attempt that looks like a setting that does not match the server (TLS on one side
+    only, a client certificate it refuses, a port that is not its tunnel port). Retried a few
+    times in case it was a passing fault, then ``TunnelClient.connect_and_run`` gives up."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Optional, Tuple
 
@@ -13,20 +12,8 @@ __all__ = ["say", "DEFAULT_LOCAL", "UsageError", "env", "env_flag", "parse_addr"
 DEFAULT_LOCAL = "127.0.0.1:8000"
 
 
-def _one_stream() -> bool:
-    """Whether stdout and stderr are the same file (a terminal, or one log file for both)."""
-    try:
-        a, b = os.fstat(1), os.fstat(2)
-    except OSError:
-        return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
-def say(line: str, logged: bool = False) -> None:
-    """A banner line on stdout. ``logged``: the library logs the same event at INFO; when stdout
-    and stderr go to one place and that log line is shown, it is not printed twice."""
-    if logged and _one_stream() and logging.getLogger("ferrotunnel").isEnabledFor(logging.INFO):
-        return
+def say(line: str) -> None:
+    """A banner line on stdout (an output contract: scripts wait for some of them)."""
     print(line, flush=True)
 
 

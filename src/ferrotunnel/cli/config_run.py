@@ -149,7 +149,7 @@ async def serve_tunnels(specs: List[TunnelSpec], server: str, token: str, tls: T
 
         def connected(session: Any, client: Any = client, local: str = local) -> None:
             say(f"connected to {client.address}: session {session.id}, tunnel id {client.tunnel_id}; "
-                f"forwarding streams to {local}", logged=True)
+                f"forwarding streams to {local}")
 
         def public(urls: Tuple[str, ...], client: Any = client, local: str = local) -> None:
             for url in urls:

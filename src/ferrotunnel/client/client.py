@@ -19,14 +19,16 @@ from ..aio.stream import VirtualStream
 from ..aio.transport import Transport, resolve_transport
 from ..auth import TokenFormatError, validate_token_format
 from ..config import ClientConfig
+from ..frames import HandshakeStatus
 from ..protocol.handshake import ClientHandshake
-from ..protocol.extensions import VISITOR_HEADER
+from ..protocol.extensions import VISITOR_HEADER, new_instance_capability
 from ..protocol.proxyproto import header_for
 from .connection import ClientConnection
 from .diagnose import (HINT_ADD_TLS, HINT_NO_TLS, SSL_CLOSED, SSL_OLD_VERSION, SSL_PLAINTEXT_ANSWER,
                        client_cert_hint, ssl_reason, describe_error)
 from .reconnect import Backoff
 from ..errors import (
+    SuspectedMisconfiguration,
     AuthenticationError,
     ConnectionLostError,
     FerroTunnelError,
@@ -69,6 +71,11 @@ OnPublicUrls = Callable[[Tuple[str, ...]], None]
 #: Seconds between checks whether a new session is up beside a retiring one (its node is leaving).
 RETIRE_POLL = 0.05
 
+#: Attempts in a row that fail the same way suggesting a setting that does not match the server
+#: (``SuspectedMisconfiguration``) or a tunnel id another client holds (TunnelIdTaken): then the
+#: client gives up (about 3 s with the default backoff, up to about 10 s with a slow network).
+MAX_SUSPECT_ATTEMPTS = 3
+
 _RETRYABLE = (OSError, ConnectionLostError, RetryableHandshakeError, TunnelTimeoutError, TimeoutError, FrameError)
 
 
@@ -97,6 +104,9 @@ class TunnelClient:
         self.transport = resolve_transport(tls)
         self.server_name = server_name or self.host
         self.config = config
+        # the handshake's config: this client's instance id is announced too (extensions only)
+        self._hello_config = dataclasses.replace(config, capabilities=config.capabilities + (
+            new_instance_capability(),)) if config.extensions else config
         #: ``HOST:PORT`` of the server, as it appears in messages.
         self.address = format_address(self.host, self.port)
         self._conn: Optional[ClientConnection] = None
@@ -200,7 +210,7 @@ class TunnelClient:
 
         def factory() -> ClientConnection:
             nonlocal conn
-            conn = ClientConnection(self, handler, ClientHandshake(self._token, self.tunnel_id, self.config))
+            conn = ClientConnection(self, handler, ClientHandshake(self._token, self.tunnel_id, self._hello_config))
             return conn
 
         ctx = self.transport.client_ssl()
@@ -264,13 +274,13 @@ class TunnelClient:
                 return HandshakeError(f"{where}: the server does not speak TLS (it answered in plaintext): "
                                       f"{HINT_NO_TLS}")
             if reason in SSL_CLOSED or isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
-                return ConnectionLostError(f"{where}: the server closed the connection during the TLS handshake; "
+                return SuspectedMisconfiguration(f"{where}: the server closed the connection during the TLS handshake; "
                                            f"it most likely does not speak TLS — {HINT_NO_TLS}")
             cert = client_cert_hint(exc)
             if cert is not None:
-                return ConnectionLostError(f"{where}: {cert}")
+                return SuspectedMisconfiguration(f"{where}: {cert}")
             if reason in SSL_OLD_VERSION:
-                return ConnectionLostError(f"{where}: the server does not accept TLS 1.3, which ferrotunnel "
+                return SuspectedMisconfiguration(f"{where}: the server does not accept TLS 1.3, which ferrotunnel "
                                            f"requires: upgrade the server's TLS library or configuration")
             return ConnectionLostError(f"{where}: check that the server uses TLS (server --tls-cert/--tls-key) "
                                        f"and the client's --tls-ca and --tls-server-name")
@@ -281,7 +291,7 @@ class TunnelClient:
             return _os_error(exc, f"cannot resolve {self.host!r} ({describe_error(exc)}): check the host name "
                                   f"in --server")
         if isinstance(exc, ConnectionError) and in_tls_handshake:
-            return ConnectionLostError(
+            return SuspectedMisconfiguration(
                 f"the server at {addr} closed the connection during the TLS handshake ({describe_error(exc)}): "
                 f"it most likely does not speak TLS — {HINT_NO_TLS}")
         if isinstance(exc, ConnectionError):
@@ -323,6 +333,7 @@ class TunnelClient:
         ``connect``). ``on_public_urls(urls)`` runs once per session, after ``on_connected``, when
         the server says where visitors reach the tunnel (see ``public_urls``)."""
         backoff = Backoff(self.config.backoff)
+        suspects = 0
         self._on_public_urls = on_public_urls
         # no local for the task: a traceback holding this frame would make a cycle through it
         self._runs.add(asyncio.current_task())  # type: ignore[arg-type]
@@ -331,15 +342,16 @@ class TunnelClient:
                 try:
                     session = await self.connect(handler)
                 except (AuthenticationError, TlsVerificationError) as exc:
-                    log.error("%s", exc)
+                    log.debug("%s", exc)  # raised to the caller, who reports it (the CLI: once)
                     raise
                 except _RETRYABLE as exc:
-                    await self._wait_retry(backoff, exc)
+                    suspects = suspects + 1 if _suspect(exc) else 0
+                    await self._wait_retry(backoff, exc, suspects)
                     continue
                 except HandshakeError as exc:
                     if isinstance(exc, RetryableHandshakeError):  # pragma: no cover - caught above
                         continue
-                    log.error("%s", exc)
+                    log.debug("%s", exc)
                     raise
                 backoff.reset()
                 if on_connected is not None:
@@ -398,7 +410,18 @@ class TunnelClient:
         finally:
             self._retiring.discard(conn)
 
-    async def _wait_retry(self, backoff: Backoff, exc: BaseException) -> None:
+    def _give_up(self, exc: BaseException, attempts: int) -> HandshakeError:
+        """The error that ends ``connect_and_run`` after ``attempts`` suspect failures in a row."""
+        if isinstance(exc, RetryableHandshakeError):  # TunnelIdTaken
+            said = f" ({exc.reason})" if exc.reason else ""
+            return HandshakeError(f"tunnel id {self.tunnel_id!r} is held by another client{said}: refused "
+                                  f"{attempts} times in a row; stop that client, or choose another --tunnel-id",
+                                  exc.status, exc.reason)
+        return HandshakeError(f"{describe_error(exc)} (the same failure {attempts} times in a row: giving up)")
+
+    async def _wait_retry(self, backoff: Backoff, exc: BaseException, suspects: int = 0) -> None:
+        """Sleep before the next attempt, saying why (the retry line); raise instead when the
+        backoff's attempts are used up, or after ``MAX_SUSPECT_ATTEMPTS`` suspect failures."""
         delay = backoff.next_delay()
         hint = exc.retry_after if isinstance(exc, RetryableHandshakeError) else None
         if hint is not None and delay is not None:  # the server said when (a cluster handover)
@@ -406,6 +429,8 @@ class TunnelClient:
         if delay is None:
             raise FerroTunnelError(
                 f"giving up after {backoff.attempts} attempts to reach {self.address}: {describe_error(exc)}") from exc
+        if suspects >= MAX_SUSPECT_ATTEMPTS:
+            raise self._give_up(exc, suspects) from exc
         # "reconnecting in N.Ns" is part of the output contract (operators' scripts read it)
         log.warning("tunnel to %s: %s; reconnecting in %.1fs", self.address, describe_error(exc), delay)
         await asyncio.sleep(delay)
@@ -418,3 +443,11 @@ class TunnelClient:
         if self._conn is not None:
             self._conn.close()
             await asyncio.sleep(0)
+
+
+def _suspect(exc: BaseException) -> bool:
+    """Whether a failed attempt counts toward giving up (``MAX_SUSPECT_ATTEMPTS``)."""
+    if isinstance(exc, SuspectedMisconfiguration):
+        return True
+    return isinstance(exc, RetryableHandshakeError) and exc.retry_after is None and \
+        exc.status == HandshakeStatus.TUNNEL_ID_TAKEN

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 from ..aio.connection import StreamHandler, TunnelConnection
 from ..aio.session import Session
-from ..errors import ConnectionLostError, HandshakeError
+from ..errors import ConnectionLostError, HandshakeError, SuspectedMisconfiguration
 from ..protocol.core import SessionCore
 from ..protocol.handshake import ClientHandshake, HandshakeResult
 from .diagnose import HINT_ADD_TLS, HINT_CLIENT_CERT, client_cert_hint, describe_error, looks_like_tls
@@ -114,7 +114,7 @@ class ClientConnection(TunnelConnection):
         what = "the server closed the connection before answering the handshake"
         cert = client_cert_hint(exc)
         if cert is not None:
-            return ConnectionLostError(f"{what}: {cert}")
+            return SuspectedMisconfiguration(f"{what}: {cert}")
         # our own "the peer closed the tunnel connection" says nothing new here
         if exc is not None and not isinstance(exc, ConnectionLostError):
             what += f" ({describe_error(exc)})"
@@ -123,9 +123,9 @@ class ClientConnection(TunnelConnection):
                 f"{what}, after {self.received} bytes of an answer: is {self.client.address} the tunnel port of a "
                 f"ferrotunnel server (server --bind)? Its log may say more")
         if not self.client.transport.is_tls:
-            return ConnectionLostError(
+            return SuspectedMisconfiguration(
                 f"{what}: it most likely expects TLS — {HINT_ADD_TLS}; if it does not use TLS, its log says why "
                 f"it closed the connection")
-        return ConnectionLostError(
+        return SuspectedMisconfiguration(
             f"{what}: its log says why — most often a client certificate it requires ({HINT_CLIENT_CERT}), "
             f"or a port that is not its tunnel port (server --bind)")

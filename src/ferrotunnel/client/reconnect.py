@@ -34,4 +34,5 @@ class Backoff:
         return min(max(d, 0.0), c.max_delay)
 
     def reset(self) -> None:
+        """A connection succeeded: the next failure starts from the base delay again."""
         self.attempts = 0

@@ -10,6 +10,7 @@ Adding an extension: one ``Extension`` entry in ``EXTENSIONS`` and, if it has fr
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -20,7 +21,7 @@ from .remoteport import REMOTE_PORT_CAPABILITY, parse_remote_port, remote_port_c
 
 __all__ = ["Extension", "EXTENSIONS", "EXT_CAPABILITY", "REASON_CAPABILITY", "DRAIN_CAPABILITY", "DRAIN_PLUGIN_ID", "VISITOR_CAPABILITY", "VISITOR_HEADER",
            "PUBLIC_URLS_CAPABILITY", "PUBLIC_URLS_PLUGIN_ID", "REMOTE_PORT_CAPABILITY", "ACCESS_CAPABILITY",
-           "POOL_CAPABILITY", "Negotiated",
+           "POOL_CAPABILITY", "INSTANCE_CAPABILITY", "new_instance_capability", "instance_of", "Negotiated",
            "client_capabilities", "server_capabilities", "negotiate", "plugin_handlers", "keep_capabilities",
            "BASE_CLIENT_CAPABILITIES", "BASE_SERVER_CAPABILITIES", "MAX_CAPABILITIES", "MAX_CAPABILITY_LEN"]
 
@@ -43,6 +44,29 @@ PUBLIC_URLS_PLUGIN_ID = "ft.urls/1"
 #: A client in a pool: several clients serve one tunnel id together (the server answers it when
 #: this client joined, or started, a pool).
 POOL_CAPABILITY = "pool/1"
+
+#: Each client (a ``TunnelClient``: one per tunnel of a process) announces a random instance id
+#: ("instance/1=HEX"): a server that finds the tunnel id held by a session of the same instance
+#: (this client's previous connection, not yet known to be dead) replaces it at once instead of
+#: answering TunnelIdTaken.
+INSTANCE_CAPABILITY = "instance/1"
+_INSTANCE_PREFIX = INSTANCE_CAPABILITY + "="
+
+
+def new_instance_capability() -> str:
+    """A fresh ``instance/1=HEX`` (16 hex digits) for a new client."""
+    return _INSTANCE_PREFIX + secrets.token_hex(8)
+
+
+def instance_of(capabilities: Sequence[str]) -> Optional[str]:
+    """The instance id a client announced (None: none, or not 16 hex digits)."""
+    for cap in capabilities:
+        if cap.startswith(_INSTANCE_PREFIX):
+            value = cap[len(_INSTANCE_PREFIX):]
+            if len(value) == 16 and all(c in "0123456789abcdef" for c in value):
+                return value
+    return None
+
 
 #: What one side announces for an extension: one capability, several, or None.
 Announce = Callable[[StreamConfig], Union[None, str, Tuple[str, ...]]]

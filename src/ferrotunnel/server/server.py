@@ -25,6 +25,7 @@ from ..aio.session import Session
 from ..aio.tlsbio import ServerTls
 from ..aio.transport import Transport, bound_address, resolve_transport
 from ..protocol.core import SessionCore
+from ..protocol.extensions import instance_of
 from ..protocol.handshake import HandshakeRequest, ServerHandshake
 from .ingress import PortLeases, PortUnavailable
 from .admission import MAX_TUNNEL_ID_LEN, Refusal, vet
@@ -235,6 +236,7 @@ class TunnelServer:
 
     @property
     def address(self) -> Tuple[str, int]:
+        """(host, port) the tunnel port is bound to (after ``start``; the real port for port 0)."""
         return bound_address(self._server, "server")
 
     @property
@@ -248,6 +250,7 @@ class TunnelServer:
         return self._server is not None and not self._closing
 
     async def start(self) -> None:
+        """Bind the tunnel port and accept clients (once; OSError when the port cannot be bound)."""
         if self._server is not None:
             return
         host, port = self._bind
@@ -268,6 +271,7 @@ class TunnelServer:
         await self.close()
 
     async def serve_forever(self) -> None:
+        """``start``, then serve until cancelled."""
         await self.start()
         assert self._server is not None
         await self._server.serve_forever()
@@ -307,9 +311,11 @@ class TunnelServer:
             self._pending_by_host.pop(host, None)
 
     def auth_failure(self, peer: Any) -> None:
+        """Count a failed login from ``peer``'s address toward the throttle (see ``throttled``)."""
         self._throttle.failure(_host(peer), time.monotonic())
 
-    def throttled(self, peer: Any) -> bool:  # too many failed logins from this address: RateLimited
+    def throttled(self, peer: Any) -> bool:
+        """Whether ``peer``'s address has failed too many logins lately (its handshakes get RateLimited)."""
         return self._throttle.throttled(_host(peer), time.monotonic())
 
     def token_ok(self, token: str) -> bool:
@@ -333,7 +339,8 @@ class TunnelServer:
             conn.reject(status, why)
 
         if self._throttle.throttled(host, now):
-            return fail(HandshakeStatus.RATE_LIMITED, "too many failed handshakes from this address", count=False)
+            return fail(HandshakeStatus.RATE_LIMITED, "too many failed handshakes from this address (a wrong token?): "
+                        "check the client's token; refused for a while", count=False)
         asked = vet(self, req)
         if isinstance(asked, Refusal):
             return fail(asked.status, asked.why, asked.counts)
@@ -342,8 +349,13 @@ class TunnelServer:
         if live >= cfg.max_sessions:
             return fail(HandshakeStatus.RATE_LIMITED, f"{live} sessions (max_sessions)", count=False)
         session = Session(conn, session_id, tunnel_id, peer, req.capabilities)
-        claim = await (self.registry.claim(tunnel_id, session, self._is_stale, pool=True) if asked.pool
-                       else self.registry.claim(tunnel_id, session, self._is_stale))
+        instance = instance_of(req.capabilities)
+
+        def stale(holder: Session) -> bool:  # stale, or this client process's own earlier session
+            return self._is_stale(holder) or (instance is not None and instance_of(holder.capabilities) == instance)
+
+        claim = await (self.registry.claim(tunnel_id, session, stale, pool=True) if asked.pool
+                       else self.registry.claim(tunnel_id, session, stale))
         if conn.closed:  # gone while the registry answered
             if claim.granted:
                 await self.registry.release(tunnel_id, session)
@@ -397,6 +409,7 @@ class TunnelServer:
         return session.silent_for(time.monotonic()) > stale_after
 
     def connection_closed(self, conn: ServerConnection) -> None:
+        """A tunnel connection ended: its port on request, its tunnel id and its counts are let go."""
         self._connections.discard(conn)
         if not conn.opened:
             return
