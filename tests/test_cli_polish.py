@@ -196,3 +196,16 @@ def test_help_lists_every_command_with_an_example():
     for cmd in ("server", "client", "certs", "demo", "version", "--version"):
         assert cmd in r.stdout
 
+
+
+def test_nothing_says_listening_when_an_ingress_cannot_bind():
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        r = _run("server", "--bind", f"127.0.0.1:{free_port()}", "--http-bind", "%s:%d" % busy.getsockname(),
+                 env=TOKEN_ENV)
+    finally:
+        busy.close()
+    assert r.returncode == 1 and "is another process using the port?" in r.stderr, r.stderr
+    assert "listening" not in r.stdout + r.stderr, r.stdout + r.stderr

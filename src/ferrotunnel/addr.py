@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Tuple, Union
 
-__all__ = ["Address", "as_address", "parse_address", "format_address"]
+__all__ = ["Address", "as_address", "parse_address", "format_address", "format_peer"]
 
 #: What the public API accepts wherever it takes an address.
 Address = Union[str, Tuple[str, int]]
@@ -75,3 +75,11 @@ def as_address(value: object, what: str = "address", *, bind: bool = False) -> T
                              f"got {host!r}")
         return host, port
     raise TypeError(f"{what} must be {_FORMS}, got {type(value).__name__}: {value!r}")
+
+
+def format_peer(peer: object) -> str:
+    """A peer address as logs show it: ``HOST:PORT`` (``[V6]:PORT``) for a (host, port, ...)
+    tuple, else its text."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return format_address(str(peer[0]), int(peer[1]))
+    return str(peer)

@@ -157,9 +157,9 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         if node is not None:
             await node.start()
-        await server.start()
-        for ing in ingresses:
+        for ing in ingresses:  # the public ports first: "listening" is said only once all are bound
             await ing.start()
+        await server.start()
         server.public_endpoints = public_endpoints(ingresses, public_host, public_http_port,
                                                    parse_port_flag(args.public_https_port, "--public-https-port") or None)
         if metrics_bind:
@@ -168,6 +168,8 @@ async def _serve(args: argparse.Namespace) -> int:
             metrics = MetricsServer(server, metrics_bind, ingresses, node)
             await metrics.start()
     except OSError as exc:
+        for ing in ingresses:
+            await ing.close()
         hint = ("is the address one of this machine's?" if exc.errno == errno.EADDRNOTAVAIL
                 else "is another process using the port?" if exc.errno == errno.EADDRINUSE else "")
         print(f"ferrotunnel: cannot listen: {describe_error(exc)}{'; ' + hint if hint else ''}", file=sys.stderr)

@@ -9,6 +9,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
 
+from ..addr import format_peer
 from ..aio.bridge import OWN_THRESHOLD, TcpBridge
 from ..aio.stream import VirtualStream
 from ..errors import ConnectionLostError, FerroTunnelError
@@ -100,7 +101,7 @@ class HttpBridge(TcpBridge):
         """An error answer for a request we do not forward, logged with the request line escaped."""
         line = head.lstrip(b"\r\n").split(b"\r\n", 1)[0]
         log.info("http ingress: %s for %s: %s; request line: %s", status.split()[0],
-                 self.peer_address, reason, printable(line))
+                 format_peer(self.peer_address), reason, printable(line))
         self._reply(status, reason + "\n")
 
     # -- visitor to tunnel

@@ -8,7 +8,7 @@ import logging
 import random
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, Optional, Tuple, Union
 
-from ..addr import Address, as_address
+from ..addr import Address, as_address, format_peer
 from ..aio.bridge import IdleSweeper, TcpBridge
 from ..aio.listen import Listener, listen
 from ..aio.stream import VirtualStream
@@ -54,10 +54,10 @@ class _IngressBridge(TcpBridge):
         ing = self.ingress
         if route is None:
             log.info("ingress %s: no session for %s; closing %s", ing.describe_bind(),
-                     ing.tunnel_id or "a tcp-capable client", self.peer)
+                     ing.tunnel_id or "a tcp-capable client", format_peer(self.peer))
             self.close()  # nothing was cut: a plain close
         elif isinstance(result, AccessRefused):  # the tunnel's allow list: a refused connection
-            log.info("ingress %s: %s refused by tunnel %s's access rules", ing.describe_bind(), self.peer,
+            log.info("ingress %s: %s refused by tunnel %s's access rules", ing.describe_bind(), format_peer(self.peer),
                      route.tunnel_id)
             self.abort()
         elif not isinstance(result, VirtualStream):
@@ -67,7 +67,7 @@ class _IngressBridge(TcpBridge):
             result.abort()
         else:
             ing.connections += 1
-            log.info("ingress %s: %s -> tunnel %s, stream %d", ing.describe_bind(), self.peer, route.tunnel_id,
+            log.info("ingress %s: %s -> tunnel %s, stream %d", ing.describe_bind(), format_peer(self.peer), route.tunnel_id,
                      result.stream_id)
             self.attach(result)
             if self._held:

@@ -13,7 +13,7 @@ import ssl
 import time
 from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple, Union
 
-from ..addr import Address, as_address
+from ..addr import Address, as_address, format_peer as _where
 from ..auth import TokenFormatError, constant_time_eq, validate_token_format
 from ..config import ServerConfig
 from ..errors import ConnectionLostError, FrameError
@@ -86,13 +86,13 @@ class ServerConnection(TunnelConnection):
 
     def tls_failed(self, exc: BaseException) -> None:
         if self.tls is not None and not self.tls.seen:  # closed before its first byte: a health check
-            log.debug("connection from %s closed before its first byte", self.peer_address)
+            log.debug("connection from %s closed before its first byte", _where(self.peer_address))
             self.close()
             return
         why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
         if why in _PLAINTEXT_REASONS:
             why = f"{why} (the client speaks plaintext: it needs --tls)"
-        log.info("TLS handshake from %s failed: %s", self.peer_address, why)
+        log.info("TLS handshake from %s failed: %s", _where(self.peer_address), why)
         self.server.tls_failures += 1
         self.server.auth_failure(self.peer_address)
         self.close()
@@ -100,7 +100,7 @@ class ServerConnection(TunnelConnection):
     def _handshake_timeout(self) -> None:
         self._hs_timer = None
         if not self.opened and not self.closed:
-            log.info("closing connection from %s: no handshake within %.1fs", self.peer_address,
+            log.info("closing connection from %s: no handshake within %.1fs", _where(self.peer_address),
                      self.server.config.handshake_timeout)
             self.server.auth_failure(self.peer_address)
             self.close()
@@ -123,7 +123,7 @@ class ServerConnection(TunnelConnection):
                 self.server.preauth_bytes += held - self._held
                 self._held = held
         except FrameError as exc:
-            log.info("closing connection from %s: not a handshake: %s", self.peer_address, exc)
+            log.info("closing connection from %s: not a handshake: %s", _where(self.peer_address), exc)
             self.server.auth_failure(self.peer_address)
             self.close()
             return
@@ -332,7 +332,7 @@ class TunnelServer:
         now = time.monotonic()
 
         def fail(status: HandshakeStatus, why: str, count: bool = True) -> None:
-            log.info("handshake from %s refused (%s): %s", peer, status.name, why)
+            log.info("handshake from %s refused (%s): %s", _where(peer), status.name, why)
             self.handshake_failures[status.name] += 1
             if count:
                 self._throttle.failure(host, now)
@@ -368,7 +368,7 @@ class TunnelServer:
             return fail(HandshakeStatus.TUNNEL_ID_TAKEN, f"tunnel id {tunnel_id!r} is in use{said}", count=False)
         if claim.replaced is not None:
             log.info("tunnel %s: replacing stale session %s with a new connection from %s",
-                     tunnel_id, claim.replaced.id, peer)
+                     tunnel_id, claim.replaced.id, _where(peer))
             claim.replaced.close(ConnectionLostError("replaced by a new connection for the same tunnel id"))
         try:  # a port on request is bound now, for the life of the session
             granted = await self.ports.grant(session, wanted, claim.replaced)
@@ -382,7 +382,7 @@ class TunnelServer:
         try:
             core = conn.accept(session, asked.answers(granted))
         except Exception:  # a bug must not leave the tunnel id claimed by a connection that is gone
-            log.exception("handshake from %s failed after the tunnel id was claimed", peer)
+            log.exception("handshake from %s failed after the tunnel id was claimed", _where(peer))
             self.registry.session_ended(session)
             self.ports.release(session)
             conn.close()
@@ -392,7 +392,7 @@ class TunnelServer:
             core.send_public_urls(urls)
         self._session_added.set()
         self._session_added = asyncio.Event()
-        log.info("session %s (tunnel %s) from %s established%s", session_id, tunnel_id, peer,
+        log.info("session %s (tunnel %s) from %s established%s", session_id, tunnel_id, _where(peer),
                  " with flow control" if core.flow else "")
         return None
 
@@ -420,7 +420,7 @@ class TunnelServer:
             self.totals_closed[i] += v
         if session in self.sessions:
             log.info("session %s (tunnel %s) from %s closed%s", session.id, session.tunnel_id,
-                     conn.peer_address, f": {conn.close_exc}" if conn.close_exc else "")
+                     _where(conn.peer_address), f": {conn.close_exc}" if conn.close_exc else "")
         self.registry.session_ended(session)
 
     # ------------------------------------------------------------------ lookups and lifecycle
