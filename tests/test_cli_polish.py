@@ -209,3 +209,32 @@ def test_nothing_says_listening_when_an_ingress_cannot_bind():
         busy.close()
     assert r.returncode == 1 and "is another process using the port?" in r.stderr, r.stderr
     assert "listening" not in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_both_ends_count_the_same_bytes_for_a_stream():
+    """What the server logs as sent to the tunnel the client logs as received from it, and the
+    other way round: bytes that arrive before the local connection is up count too."""
+    import re
+
+    tport, iport, app = free_port(), free_port(), free_port()
+    procs = [helper("httpapp", app, "counted")]
+    try:
+        srv = Proc("server", "--bind", f"127.0.0.1:{tport}", "--tcp-bind", f"127.0.0.1:{iport}", env=TOKEN_ENV)
+        procs.append(srv)
+        srv.wait_for("listening")
+        cli = Proc("client", "--server", f"127.0.0.1:{tport}", "--local-addr", f"127.0.0.1:{app}", env=TOKEN_ENV)
+        procs.append(cli)
+        cli.wait_for("connected")
+        with socket.create_connection(("127.0.0.1", iport), timeout=10) as s:
+            s.sendall(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 300\r\n\r\n" + b"b" * 300)
+            assert b"counted /x 300" in s.recv(1000)
+        pattern = re.compile(rb"stream \d+ closed: (\d+) bytes to the tunnel, (\d+) from it")
+        srv.wait_until(lambda: pattern.search(srv.err), 15, "the server's stream line")
+        cli.wait_until(lambda: pattern.search(cli.err), 15, "the client's stream line")
+        up_s, down_s = map(int, pattern.search(srv.err).groups())
+        up_c, down_c = map(int, pattern.search(cli.err).groups())
+        assert up_s == down_c == len(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 300\r\n\r\n") + 300
+        assert down_s == up_c > 0
+    finally:
+        for p in procs:
+            p.kill()
