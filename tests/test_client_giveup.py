@@ -7,6 +7,7 @@ exception was never retrieved" in any of it."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 
@@ -42,7 +43,7 @@ def test_a_clients_own_earlier_session_is_replaced_and_another_client_gives_up(r
                                     config=ft.ClientConfig(backoff=ft.BackoffConfig(base=0.05, jitter=0)))
             with pytest.raises(ft.HandshakeError, match="held by another client") as ei:
                 await asyncio.wait_for(other.connect_and_run(), 20)
-            assert "3 times in a row" in str(ei.value) and "--tunnel-id" in str(ei.value)
+            assert re.search(r"refused \d+ times in a row", str(ei.value)) and "--tunnel-id" in str(ei.value)
             assert not s2.is_closed  # the holder kept its tunnel
             await first.close()
             await other.close()
@@ -75,7 +76,7 @@ def test_a_failure_that_cannot_heal_exits_1_naming_the_fix(certs, case):
     try:
         if case == "plaintext-to-tls":
             srv, tport = _server("--tls-cert", certs["server.pem"], "--tls-key", certs["server.key"])
-            args, says = (), "add --tls"
+            args, says = (), "connect with --tls"
         elif case == "tls-to-plaintext":
             srv, tport = _server()
             args, says = ("--tls", "--tls-ca", certs["ca.pem"]), "drop --tls"
@@ -94,7 +95,7 @@ def test_a_failure_that_cannot_heal_exits_1_naming_the_fix(certs, case):
         assert code == 1, (code, cli.err[-2000:])
         last = cli.err.decode().strip().splitlines()[-1]
         assert last.startswith("ferrotunnel: ") and says in last, cli.err[-2000:]
-        assert cli.err.count(last.encode()[len("ferrotunnel: "):][:60]) <= 4  # the retry lines, then once
+        assert cli.err.count(last.encode()[len("ferrotunnel: "):][:60]) <= 8  # the retry lines, then once
         for noise in NOISE:
             assert noise not in cli.err + cli.out
     finally:

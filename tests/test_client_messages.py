@@ -73,9 +73,9 @@ def test_tls_client_against_plaintext_server(run):
         async with ft.TunnelServer(("127.0.0.1", 0), TOKEN) as server:
             client = ft.TunnelClient(addr(server), TOKEN, tls=tls.client_context(skip_verify=True), config=FAST)
             exc, msg = await failure(client)
-            assert isinstance(exc, ft.ConnectionLostError)  # retried: it could be a server restarting
-            assert "during the TLS handshake" in msg and "does not speak TLS" in msg and NO_TLS in msg
-            assert addr(server) in msg
+            # not retried: the server answers a ClientHello in plaintext, so it demonstrably does not speak TLS
+            assert type(exc) is ft.HandshakeError
+            assert "does not speak TLS" in msg and NO_TLS in msg and addr(server) in msg
     run(body)
 
 
@@ -98,8 +98,27 @@ def test_plaintext_client_against_tls_server(run, certs):
         async with tls_server(certs) as server:
             client = ft.TunnelClient(addr(server), TOKEN, config=FAST)
             exc, msg = await failure(client)
-            assert isinstance(exc, ft.ConnectionLostError)
-            assert "before answering the handshake" in msg and "it most likely expects TLS" in msg and ADD_TLS in msg
+            # not retried: the server says so, in plaintext, before it closes
+            assert type(exc) is ft.HandshakeError
+            assert "this port speaks TLS: connect with --tls" in msg
+    run(body)
+
+
+def test_a_server_that_closes_without_answering_is_retried(run):
+    """Any server that closes before answering (a balancer whose backend is down, a TLS server
+    of another kind): retried, with the guess in the retry line, never given up for it."""
+    async def body():
+        async def close(reader, writer):
+            pass
+        srv, where = await raw_server(close)
+        async with srv:
+            client = ft.TunnelClient(where, TOKEN, config=FAST)
+            exc, msg = await failure(client)
+            assert type(exc) is ft.ConnectionLostError and "it most likely expects TLS" in msg and ADD_TLS in msg
+            cfg = ft.ClientConfig(backoff=ft.BackoffConfig(base=0.01, factor=1.0, jitter=0, max_attempts=8))
+            client = ft.TunnelClient(where, TOKEN, config=cfg)
+            with pytest.raises(ft.FerroTunnelError, match="giving up after 8 attempts"):
+                await client.connect_and_run(echo_handler)
     run(body)
 
 
@@ -238,19 +257,22 @@ def test_retry_log_lines_carry_the_hint(run, caplog):
     where = []
 
     async def body():
-        async with ft.TunnelServer(("127.0.0.1", 0), TOKEN) as server:
-            where.append(addr(server))
+        async def close(reader, writer):
+            pass
+        srv, here = await raw_server(close)
+        async with srv:
+            where.append(here)
             cfg = ft.ClientConfig(handshake_timeout=0.5, backoff=ft.BackoffConfig(base=0.01, max_attempts=2))
-            client = ft.TunnelClient(addr(server), TOKEN, tls=tls.client_context(skip_verify=True), config=cfg)
+            client = ft.TunnelClient(here, TOKEN, config=cfg)
             with pytest.raises(ft.FerroTunnelError, match="giving up after 2 attempts") as ei:
                 await client.connect_and_run(echo_handler)
-            assert NO_TLS in str(ei.value)
+            assert ADD_TLS in str(ei.value)
     caplog.set_level(logging.WARNING, logger="ferrotunnel.client")
     run(body)
     lines = [r.getMessage() for r in caplog.records if "reconnecting in" in r.getMessage()]
     assert len(lines) == 2
     for line in lines:
-        assert line.startswith(f"tunnel to {where[0]}: ") and "does not speak TLS" in line and NO_TLS in line
+        assert line.startswith(f"tunnel to {where[0]}: ") and "it most likely expects TLS" in line and ADD_TLS in line
 
 
 @pytest.mark.parametrize("exc,text", [
@@ -266,7 +288,7 @@ def test_no_empty_reasons(exc, text):
 
 @pytest.mark.parametrize("server_tls", [False, True])
 def test_cli_client_prints_the_hint(tmp_path, server_tls):
-    """The command shows the same hints: in each retry line (these failures are retried)."""
+    """The command shows the same hints, in its one last line (TLS on one side only: exit 1 at once)."""
     from test_cli import Proc
 
     certs = {k: str(v) for k, v in tls.generate_certs(tmp_path).items()}
@@ -279,10 +301,11 @@ def test_cli_client_prints_the_hint(tmp_path, server_tls):
         procs[0].wait_for("listening on")
         cli = Proc("client", "--server", f"127.0.0.1:{tport}", *ctls, "--local-addr", "127.0.0.1:9", env=env)
         procs.append(cli)
-        cli.wait_until(lambda: b"reconnecting in" in cli.err, 15, "a retry line")
-        line = next(x for x in cli.err.decode().splitlines() if "reconnecting in" in x)
-        assert (ADD_TLS if server_tls else NO_TLS) in line
-        assert cli.finish() == 0
+        assert cli.p.wait(30) == 1
+        cli.finish()
+        line = cli.err.decode().strip().splitlines()[-1]
+        assert line.startswith("ferrotunnel: ") and ("connect with --tls" if server_tls else NO_TLS) in line
+        assert b"Traceback" not in cli.err
     finally:
         for p in procs:
             p.kill()

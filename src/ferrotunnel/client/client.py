@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import logging
 import socket
+import time
 import ssl
 import uuid
 from typing import Any, Awaitable, Callable, Optional, Set, Tuple, Union
@@ -72,9 +73,10 @@ OnPublicUrls = Callable[[Tuple[str, ...]], None]
 RETIRE_POLL = 0.05
 
 #: Attempts in a row that fail the same way suggesting a setting that does not match the server
-#: (``SuspectedMisconfiguration``) or a tunnel id another client holds (TunnelIdTaken): then the
-#: client gives up (about 3 s with the default backoff, up to about 10 s with a slow network).
+#: (``SuspectedMisconfiguration``) or a tunnel id another client holds (TunnelIdTaken), over at
+#: least ``SUSPECT_WINDOW`` seconds: then the client gives up (about 15 s with the default backoff).
 MAX_SUSPECT_ATTEMPTS = 3
+SUSPECT_WINDOW = 10.0
 
 _RETRYABLE = (OSError, ConnectionLostError, RetryableHandshakeError, TunnelTimeoutError, TimeoutError, FrameError)
 
@@ -333,7 +335,7 @@ class TunnelClient:
         ``connect``). ``on_public_urls(urls)`` runs once per session, after ``on_connected``, when
         the server says where visitors reach the tunnel (see ``public_urls``)."""
         backoff = Backoff(self.config.backoff)
-        suspects = 0
+        suspects, since = 0, 0.0
         self._on_public_urls = on_public_urls
         # no local for the task: a traceback holding this frame would make a cycle through it
         self._runs.add(asyncio.current_task())  # type: ignore[arg-type]
@@ -345,8 +347,11 @@ class TunnelClient:
                     log.debug("%s", exc)  # raised to the caller, who reports it (the CLI: once)
                     raise
                 except _RETRYABLE as exc:
-                    suspects = suspects + 1 if _suspect(exc) else 0
-                    await self._wait_retry(backoff, exc, suspects)
+                    if not _suspect(exc):
+                        suspects = 0
+                    else:
+                        suspects, since = suspects + 1, since if suspects else time.monotonic()
+                    await self._wait_retry(backoff, exc, suspects if time.monotonic() - since >= SUSPECT_WINDOW else 0)
                     continue
                 except HandshakeError as exc:
                     if isinstance(exc, RetryableHandshakeError):  # pragma: no cover - caught above

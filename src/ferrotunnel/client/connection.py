@@ -122,8 +122,8 @@ class ClientConnection(TunnelConnection):
             return ConnectionLostError(
                 f"{what}, after {self.received} bytes of an answer: is {self.client.address} the tunnel port of a "
                 f"ferrotunnel server (server --bind)? Its log may say more")
-        if not self.client.transport.is_tls:
-            return SuspectedMisconfiguration(
+        if not self.client.transport.is_tls:  # (or a balancer whose backend is down: retried as usual)
+            return ConnectionLostError(
                 f"{what}: it most likely expects TLS — {HINT_ADD_TLS}; if it does not use TLS, its log says why "
                 f"it closed the connection")
         return SuspectedMisconfiguration(

@@ -232,6 +232,13 @@ class ServerHandshake:
         return encode(HandshakeAck(sid, status, 0, caps))
 
 
+def plaintext_refusal(reason: str) -> bytes:
+    """A refusal ack (UnsupportedVersion, with ``reason``) for a client whose Handshake arrived in
+    plaintext at a port that speaks TLS: sent in plaintext, so the client can read why and stop."""
+    return encode(HandshakeAck(_NIL, HandshakeStatus.UNSUPPORTED_VERSION, 0,
+                               [_REASON_PREFIX + _printable(reason)[:MAX_REASON_LEN]]))
+
+
 def _printable(text: str) -> str:
     return "".join(c if 0x20 <= ord(c) < 0x7F else "?" for c in text)
 

@@ -4,19 +4,23 @@ handshake is refused or returns what was asked for, in a form the server acts on
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Union
 
 from ..access import TunnelAccess, access_from_capabilities
 from ..auth import TokenFormatError, validate_token_format
+from ..errors import ConnectionLostError
 from ..frames import PROTOCOL_VERSION, HandshakeStatus
-from ..protocol.extensions import ACCESS_CAPABILITY, POOL_CAPABILITY
+from ..protocol.extensions import ACCESS_CAPABILITY, POOL_CAPABILITY, instance_of
 from ..protocol.handshake import HandshakeRequest
 from ..protocol.remoteport import parse_remote_port
 from .public import DNS_LABEL_RULE, is_dns_label
 
-__all__ = ["Refusal", "Request", "vet", "MAX_TUNNEL_ID_LEN"]
+__all__ = ["Refusal", "Request", "vet", "replace_own", "MAX_TUNNEL_ID_LEN"]
+
+log = logging.getLogger("ferrotunnel.server")
 
 MAX_TUNNEL_ID_LEN = 255
 
@@ -78,3 +82,16 @@ def vet(server: Any, req: HandshakeRequest) -> Union[Refusal, Request]:
         return Refusal(HandshakeStatus.UNSUPPORTED_VERSION, "a remote port is a TCP port: it cannot serve a "
                        "tunnel restricted to http", False)
     return Request(session_id, tunnel_id, wanted, access, POOL_CAPABILITY in req.capabilities)
+
+
+def replace_own(registry: Any, tunnel_id: str, instance: Optional[str]) -> None:
+    """A client's own earlier session for ``tunnel_id`` (the same ``instance/1``) ends now: its
+    new handshake replaces it instead of meeting TunnelIdTaken (the registry's stale predicate
+    stays the server's own: it also decides which claims a cluster node keeps refreshing)."""
+    if instance is None or registry.local_session(tunnel_id) is None:
+        return
+    for old in [s for s in registry.local_sessions() if s.tunnel_id == tunnel_id
+                and instance_of(s.capabilities) == instance]:
+        log.info("tunnel %s: the same client connected again; its session %s is replaced", tunnel_id, old.id)
+        old.close(ConnectionLostError("replaced by a new connection of the same client"))
+        registry.session_ended(old)

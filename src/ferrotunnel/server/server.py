@@ -26,9 +26,9 @@ from ..aio.tlsbio import ServerTls
 from ..aio.transport import Transport, bound_address, resolve_transport
 from ..protocol.core import SessionCore
 from ..protocol.extensions import instance_of
-from ..protocol.handshake import HandshakeRequest, ServerHandshake
+from ..protocol.handshake import HandshakeRequest, ServerHandshake, plaintext_refusal
 from .ingress import PortLeases, PortUnavailable
-from .admission import MAX_TUNNEL_ID_LEN, Refusal, vet
+from .admission import MAX_TUNNEL_ID_LEN, Refusal, replace_own, vet
 from .public import PublicEndpoint, normalize_domain, public_urls
 from .registry import LocalRegistry, SessionRegistry, SessionStore
 from .throttle import AuthThrottle
@@ -92,6 +92,9 @@ class ServerConnection(TunnelConnection):
         why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
         if why in _PLAINTEXT_REASONS:
             why = f"{why} (the client speaks plaintext: it needs --tls)"
+            if self.transport is not None and getattr(exc, "reason", None) != "HTTP_REQUEST":  # told in plaintext
+                self.transport.write(plaintext_refusal("this port speaks TLS: connect with --tls (and --tls-ca if "
+                                                       "its certificate is self-signed)"))
         log.info("TLS handshake from %s failed: %s", _where(self.peer_address), why)
         self.server.tls_failures += 1
         self.server.auth_failure(self.peer_address)
@@ -124,6 +127,8 @@ class ServerConnection(TunnelConnection):
                 self._held = held
         except FrameError as exc:
             log.info("closing connection from %s: not a handshake: %s", _where(self.peer_address), exc)
+            if len(data) > 1 and data[0] == 0x16 and data[1] == 0x03 and self.tls is None:  # a TLS ClientHello:
+                self.transport.write(plaintext_refusal("this port speaks plaintext: connect without --tls"))
             self.server.auth_failure(self.peer_address)
             self.close()
             return
@@ -349,13 +354,9 @@ class TunnelServer:
         if live >= cfg.max_sessions:
             return fail(HandshakeStatus.RATE_LIMITED, f"{live} sessions (max_sessions)", count=False)
         session = Session(conn, session_id, tunnel_id, peer, req.capabilities)
-        instance = instance_of(req.capabilities)
-
-        def stale(holder: Session) -> bool:  # stale, or this client process's own earlier session
-            return self._is_stale(holder) or (instance is not None and instance_of(holder.capabilities) == instance)
-
-        claim = await (self.registry.claim(tunnel_id, session, stale, pool=True) if asked.pool
-                       else self.registry.claim(tunnel_id, session, stale))
+        replace_own(self.registry, tunnel_id, instance_of(req.capabilities))
+        claim = await (self.registry.claim(tunnel_id, session, self._is_stale, pool=True) if asked.pool
+                       else self.registry.claim(tunnel_id, session, self._is_stale))
         if conn.closed:  # gone while the registry answered
             if claim.granted:
                 await self.registry.release(tunnel_id, session)
