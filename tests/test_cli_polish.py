@@ -238,3 +238,17 @@ def test_both_ends_count_the_same_bytes_for_a_stream():
     finally:
         for p in procs:
             p.kill()
+
+
+@pytest.mark.parametrize("flag,var", [("--allow", "FERROTUNNEL_ALLOW"), ("--trusted-proxy", "FERROTUNNEL_TRUSTED_PROXY"),
+                                      ("--tcp-bind", "FERROTUNNEL_TCP_BIND")])
+def test_a_repeatable_flag_replaces_its_environment_list(monkeypatch, flag, var):
+    """A stray environment value must not widen what the command line says (an allow list, the
+    trusted proxies): the flags' values replace it; without the flag it applies."""
+    monkeypatch.setenv(var, "10.0.0.0/8,10.1.0.0/16")
+    role = "client" if flag == "--allow" else "server"
+    dest = flag[2:].replace("-", "_")
+    parser = commands.build_parser()
+    assert getattr(parser.parse_args([role, flag, "192.168.0.0/16", flag, "1.2.3.4"]), dest) == \
+        ["192.168.0.0/16", "1.2.3.4"]
+    assert getattr(parser.parse_args([role]), dest) == ["10.0.0.0/8", "10.1.0.0/16"]

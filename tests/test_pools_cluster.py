@@ -283,3 +283,26 @@ def test_pools_through_a_redis_outage_are_rejoined_and_a_solo_conflict_leaves_on
 
 async def _members_are(r: Any, tunnel_id: str, nodes: List[str]) -> bool:
     return members(await r.hgetall(f"test:tunnel:{tunnel_id}")) == nodes
+
+
+def test_a_pool_member_with_access_rules_is_refused_on_a_cluster_node(run):
+    """Members' rules are compared on one node only: on a cluster node a pool member with access
+    rules is refused (a member without them elsewhere would serve the pool unguarded)."""
+    async def body():
+        with RedisServer() as redis:
+            a = Node("a", redis.url)
+            try:
+                await a.start()
+                for cfg in (ft.ClientConfig(pool=True, basic_auth="alice:s3cret"),
+                            ft.ClientConfig(pool=True, allow=("10.0.0.0/8",))):
+                    member = ft.TunnelClient("%s:%d" % a.server.address, TOKEN, tunnel_id="web", config=cfg)
+                    with pytest.raises(ft.HandshakeError, match="cannot span cluster nodes"):
+                        await member.connect()
+                    await member.close()
+                plain = ft.TunnelClient("%s:%d" % a.server.address, TOKEN, tunnel_id="web",
+                                        config=ft.ClientConfig(pool=True))
+                await plain.connect()  # without rules: a member as usual
+                await plain.close()
+            finally:
+                await a.close()
+    run(body, timeout=60)

@@ -53,6 +53,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+class _Repeat(argparse.Action):
+    """A repeatable flag whose values replace its environment variable's list (never add to it)."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Optional[str] = None) -> None:
+        given = namespace.__dict__.setdefault("repeated_flags", set())
+        current = list(getattr(namespace, self.dest) or []) if self.dest in given else []
+        given.add(self.dest)
+        setattr(namespace, self.dest, current + [values])
+
+
 class Flags:
     """Adds a subcommand's flags. ``env``: the variables, first one wins; ``show``: the default as
     help shows it (never read from the environment, so --help repeats no secret)."""
@@ -71,7 +81,7 @@ class Flags:
             kw["action"] = "store_true"
         elif kind == "list":
             value = next(([x.strip() for x in (env(e) or "").split(",") if x.strip()] for e in envs if env(e)), [])
-            kw["action"] = "append"
+            kw["action"] = _Repeat
         else:
             value = next((env(e) for e in envs if env(e)), default)
         said = []

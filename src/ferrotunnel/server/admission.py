@@ -81,7 +81,13 @@ def vet(server: Any, req: HandshakeRequest) -> Union[Refusal, Request]:
     if access is not None and access.only == "http" and wanted is not None:
         return Refusal(HandshakeStatus.UNSUPPORTED_VERSION, "a remote port is a TCP port: it cannot serve a "
                        "tunnel restricted to http", False)
-    return Request(session_id, tunnel_id, wanted, access, POOL_CAPABILITY in req.capabilities)
+    pool = POOL_CAPABILITY in req.capabilities
+    if pool and access is not None and not server.registry.local_only:
+        # the members' rules are compared on one node only: across nodes a member without them
+        # would serve the pool's visitors unguarded
+        return Refusal(HandshakeStatus.UNSUPPORTED_VERSION, "a pool whose members have access rules (protocol, "
+                       "basic_auth, allow) cannot span cluster nodes yet: drop the rules or --pool", False)
+    return Request(session_id, tunnel_id, wanted, access, pool)
 
 
 def replace_own(registry: Any, tunnel_id: str, instance: Optional[str]) -> None:
