@@ -299,3 +299,17 @@ def test_a_missing_kernel_falls_back_with_a_warning_or_is_an_error_when_required
     assert child() == ["c", "py", "1"]
     assert child(FERROTUNNEL_REQUIRE_EXTENSIONS="1") == ["-", "ImportError", "True"]
     assert child(FERROTUNNEL_NO_EXTENSIONS="1") == ["py", "py", "0"]
+
+
+@kernels
+def test_chunked_trailers_with_a_bare_lf_cr_or_fold_are_refused_wherever_split(k):
+    """A peer that ends the trailers at a bare LF would read what follows as a new request (one
+    that skipped the ingress's checks): such trailers are refused, however the bytes arrive."""
+    smuggle = b"0\r\nX: a\n\r\nGET /smuggled HTTP/1.1\r\nHost: web\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+    for bad in (smuggle, b"0\r\nX: a\rb\r\n\r\n", b"0\r\nX: a\r\n b\r\n\r\n", b"0\r\nX: a\r\n\tb\r\n\r\n"):
+        for split in range(1, len(bad)):
+            c = k.Chunked()
+            with pytest.raises(twin.HeadError, match="malformed chunked trailers"):
+                if c.feed(bad[:split], 0) < 0:
+                    c.feed(bad[split:], 0)
+    assert k.Chunked().feed(b"0\r\nX-T: 1\r\nX-U: 2\r\n\r\nNEXT", 0) == len(b"0\r\nX-T: 1\r\nX-U: 2\r\n\r\n")

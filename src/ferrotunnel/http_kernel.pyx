@@ -223,6 +223,14 @@ cdef object _chunk_size(bytes line):
     return size
 
 
+def _check_trailers(bytes section):
+    """The trailer section (field lines and the empty line) must use CRLF only, without folding:
+    a peer that ends it at a bare LF would read what follows as a new request."""
+    crlf = section.count(b"\r\n")
+    if section.count(b"\n") != crlf or section.count(b"\r") != crlf or b"\n " in section or b"\n\t" in section:
+        raise HeadError("400 Bad Request", "malformed chunked trailers (a bare CR or LF, or a folded line)")
+
+
 cdef class Chunked:
     """Finds the end of a chunked body (RFC 9112 §7.1): chunk-size lines, data, trailers."""
 
@@ -309,6 +317,7 @@ cdef class Chunked:
                     if len(self.line) > C_MAX_TRAILERS:
                         raise HeadError("400 Bad Request", "chunked trailers too long")
                     return -1
+                _check_trailers(bytes(self.line[:stop]))
                 self.line = bytearray()
                 self.state = 0
                 return pos + stop - before
