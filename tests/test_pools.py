@@ -339,3 +339,21 @@ def test_tcp_ingresses_spread_over_a_pool_named_or_not(run):
         app1.close()
         app2.close()
     run(body, timeout=60)
+
+
+def test_a_stale_pool_of_old_rules_is_replaced_by_a_member_with_new_ones():
+    """A pool's only members are silent (stale) and a client with new rules (a changed password)
+    connects: it is not refused for its rules; it replaces every stale member with the old ones."""
+    from ferrotunnel.access import TunnelAccess
+
+    reg = LocalRegistry()
+    old = [StubSession(name=f"old{i}") for i in range(2)]
+    for s in old:
+        s.capabilities = TunnelAccess.build(None, "alice:old").capabilities()
+        assert reg.claim_nowait("web", s, pool=True).granted
+        s.silent = 99.0
+    new = StubSession(name="new")
+    new.capabilities = TunnelAccess.build(None, "alice:new").capabilities()
+    stale = lambda s: s.silent > 60  # noqa: E731
+    assert reg.claim_nowait("web", new, stale, pool=True).granted
+    assert reg.members("web") == [new]

@@ -120,7 +120,8 @@ class LocalRegistry:
             live = [s for s in current.members if not s.is_closed]
             if not pool and live:
                 return Claim(False, reason=POOL_REFUSAL)
-            if live and session is not None and _access(live[0]) != _access(session):
+            fresh = [s for s in live if stale is None or not stale(s)]  # stale members are replaced anyway
+            if fresh and session is not None and _access(fresh[0]) != _access(session):
                 return Claim(False, reason=ACCESS_REFUSAL)
         elif current is not None:
             holder = current.session
@@ -140,8 +141,9 @@ class LocalRegistry:
         replaced = None
         current = self._routes.get(tunnel_id)
         if isinstance(current, PoolRoute) and pool:
-            for member in list(current.members):
-                if member.is_closed or (replaced is None and stale is not None and stale(member)):
+            for member in list(current.members):  # (members with other rules can only be stale ones here)
+                other_rules = _access(member) != _access(session)
+                if member.is_closed or ((replaced is None or other_rules) and stale is not None and stale(member)):
                     self._drop(tunnel_id, member)
                     if not member.is_closed:
                         replaced = member
