@@ -100,6 +100,8 @@ def test_bad_access_flags_are_usage_errors(args, env, says):
     cli.p.wait(20)
     assert cli.finish() == 2 and b"Traceback" not in cli.err
     assert says.encode() in cli.err, cli.err
+    if "--basic-auth" in args:
+        assert b"WARNING: the password given with --basic-auth is visible" in cli.err
     assert PASSWORD.encode() not in cli.out + cli.err
 
 

@@ -73,6 +73,9 @@ def spec_from_flags(args: argparse.Namespace, base: Optional[TunnelSpec] = None)
         if value is not None and value not in choices:  # an environment value skips argparse's choices
             raise UsageError(f"{flag} must be {' or '.join(choices)}, got {value!r}")
     auth = args.basic_auth if args.basic_auth is not None else default.basic_auth
+    if getattr(args, "sources", {}).get("basic_auth") == "--basic-auth":
+        print("ferrotunnel client: WARNING: the password given with --basic-auth is visible to local users in the "
+              "process list; use FERROTUNNEL_BASIC_AUTH or basic_auth in a config file", file=sys.stderr, flush=True)
     allow = tuple(args.allow) if args.allow else default.allow
     try:
         if auth is not None:
