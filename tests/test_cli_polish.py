@@ -252,3 +252,62 @@ def test_a_repeatable_flag_replaces_its_environment_list(monkeypatch, flag, var)
     assert getattr(parser.parse_args([role, flag, "192.168.0.0/16", flag, "1.2.3.4"]), dest) == \
         ["192.168.0.0/16", "1.2.3.4"]
     assert getattr(parser.parse_args([role]), dest) == ["10.0.0.0/8", "10.1.0.0/16"]
+
+
+def _on_a_terminal(args, until: bytes, stop: bytes = b""):
+    """Run ``ferrotunnel ARGS`` with stdout and stderr on one pseudo-terminal; return what it
+    showed once ``until`` appeared (SIGTERM then), or None when it did not within 30 s."""
+    import os
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "ferrotunnel", *map(str, args)], stdin=subprocess.DEVNULL,
+                         stdout=slave, stderr=slave, env={**ENV, **TOKEN_ENV}, close_fds=True)
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 30
+    try:
+        while until not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    seen += os.read(master, 65536)
+                except OSError:
+                    break
+        time.sleep(0.3)  # anything said right after it
+        while select.select([master], [], [], 0.1)[0]:
+            try:
+                seen += os.read(master, 65536)
+            except OSError:
+                break
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(15)
+        os.close(master)
+    return seen if until in seen else None
+
+
+def test_on_a_terminal_each_event_is_shown_once():
+    """A person at a terminal sees each event once: the log lines that repeat a banner line are
+    left out there (files and pipes keep both: an output contract, see test_cli)."""
+    tport, hport = free_port(), free_port()
+    import threading
+
+    shown = {}
+    t = threading.Thread(target=lambda: shown.setdefault("server", _on_a_terminal(
+        ["server", "--bind", f"127.0.0.1:{tport}", "--http-bind", f"127.0.0.1:{hport}"], b"established")))
+    t.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", tport)) == 0:
+                break
+        time.sleep(0.1)
+    client = _on_a_terminal(["client", "--server", f"127.0.0.1:{tport}", "--tunnel-id", "web"], b"Forwarding")
+    t.join(60)
+    server = shown.get("server")
+    assert server is not None and client is not None, (server, client)
+    assert server.count(f"listening on 127.0.0.1:{tport}".encode()) == 1, server
+    assert server.count(f"127.0.0.1:{hport}".encode()) == 1, server
+    assert client.count(b"connected to") == 1 and b"Forwarding http://" in client, client

@@ -38,6 +38,30 @@ def _setup_logging(level: str) -> None:
     if not isinstance(numeric, int):
         raise UsageError(f"--log-level must be one of debug, info, warning, error; got {level!r}")
     logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if _one_terminal():  # a person reads both streams in one place: each event once (the banner)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_Shown())
+
+
+#: INFO log lines that say what a banner line on stdout says (listening, ingress, connected).
+_BANNERED = ("tunnel server listening on ", "%s listening on ", "connected to %s: session ")
+
+
+class _Shown(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.INFO and isinstance(record.msg, str)
+                    and record.msg.startswith(_BANNERED))
+
+
+def _one_terminal() -> bool:
+    """stdout and stderr are one terminal. Files and pipes (scripts, log collectors) keep the log
+    lines that repeat the banner: they are an output contract there."""
+    try:
+        out, err = os.fstat(1), os.fstat(2)
+        return os.isatty(1) and os.isatty(2) and (out.st_dev, out.st_ino, out.st_rdev) == (err.st_dev, err.st_ino,
+                                                                                          err.st_rdev)
+    except OSError:
+        return False
 
 
 def _run(coro: Any) -> int:
