@@ -140,3 +140,20 @@ def test_failed_attempts_leave_no_unretrieved_future(run, caplog):
     run(body)
     gc.collect()
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+def test_a_throttled_wrong_token_client_is_told_to_check_its_token(run):
+    """After too many failed logins from an address the server answers RateLimited without
+    looking at the token (no oracle): the client's retry line still says to check the token."""
+    async def body():
+        cfg = ft.ServerConfig(auth_failure_threshold=1, auth_failure_window=60.0)
+        async with ft.TunnelServer("127.0.0.1:0", TOKEN, config=cfg) as server:
+            addr = "%s:%d" % server.address
+            first = ft.TunnelClient(addr, "not-the-token-12345")
+            with pytest.raises(ft.AuthenticationError):
+                await first.connect()
+            again = ft.TunnelClient(addr, "not-the-token-12345")
+            with pytest.raises(ft.RetryableHandshakeError) as ei:
+                await again.connect()
+            assert "check the client's token" in str(ei.value) and "RATE_LIMITED" in str(ei.value)
+    run(body)
