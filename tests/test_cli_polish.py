@@ -235,6 +235,11 @@ def test_both_ends_count_the_same_bytes_for_a_stream():
         up_c, down_c = map(int, pattern.search(cli.err).groups())
         assert up_s == down_c == len(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 300\r\n\r\n") + 300
         assert down_s == up_c > 0
+        # the logs name addresses one way (HOST:PORT), and an ingress's line has single spaces
+        log = srv.err.decode()
+        assert f"TCP ingress listening on 127.0.0.1:{iport} -> first tcp session" in log, log
+        assert re.search(r"session \S+ \(tunnel \S+\) from 127\.0\.0\.1:\d+ established", log), log
+        assert "('127.0.0.1'" not in log
     finally:
         for p in procs:
             p.kill()

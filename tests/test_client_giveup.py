@@ -53,7 +53,10 @@ def test_a_clients_own_earlier_session_is_replaced_and_another_client_gives_up(r
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     d = tmp_path_factory.mktemp("certs")
-    return {k: str(v) for k, v in tls.generate_certs(d, client=True).items()}
+    out = {k: str(v) for k, v in tls.generate_certs(d, client=True).items()}
+    other = tls.generate_certs(tmp_path_factory.mktemp("other"), client=True)  # another CA's client pair
+    out["other-client.pem"], out["other-client.key"] = str(other["client.pem"]), str(other["client.key"])
+    return out
 
 
 def _server(*extra):
@@ -70,7 +73,8 @@ def _client_exits(tport, *extra, tunnel="web"):
     return code, cli
 
 
-@pytest.mark.parametrize("case", ["plaintext-to-tls", "tls-to-plaintext", "no-client-cert", "taken"])
+@pytest.mark.parametrize("case", ["plaintext-to-tls", "tls-to-plaintext", "no-client-cert", "wrong-ca-client-cert",
+                                  "http-port", "taken"])
 def test_a_failure_that_cannot_heal_exits_1_naming_the_fix(certs, case):
     procs = []
     try:
@@ -84,6 +88,15 @@ def test_a_failure_that_cannot_heal_exits_1_naming_the_fix(certs, case):
             srv, tport = _server("--tls-cert", certs["server.pem"], "--tls-key", certs["server.key"],
                                  "--tls-ca", certs["ca.pem"])
             args, says = ("--tls", "--tls-ca", certs["ca.pem"]), "--tls-cert and --tls-key"
+        elif case == "wrong-ca-client-cert":
+            srv, tport = _server("--tls-cert", certs["server.pem"], "--tls-key", certs["server.key"],
+                                 "--tls-ca", certs["ca.pem"])
+            args, says = ("--tls", "--tls-ca", certs["ca.pem"], "--tls-cert", certs["other-client.pem"],
+                          "--tls-key", certs["other-client.key"]), "--tls-cert and --tls-key"
+        elif case == "http-port":  # the client pointed at the HTTP ingress, not the tunnel port
+            hport = free_port()
+            srv, _ = _server("--http-bind", f"127.0.0.1:{hport}")
+            tport, args, says = hport, (), "server --bind"
         else:
             srv, tport = _server()
             holder = Proc("client", "--server", f"127.0.0.1:{tport}", "--tunnel-id", "web", env=ENV)
