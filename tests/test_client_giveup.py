@@ -40,14 +40,14 @@ def test_a_clients_own_earlier_session_is_replaced_and_another_client_gives_up(r
             assert server.sessions.get_by_tunnel_id("web") is s2 or \
                 server.sessions.get_by_tunnel_id("web").id == s2.id
             other = ft.TunnelClient(addr, TOKEN, tunnel_id="web",
-                                    config=ft.ClientConfig(backoff=ft.BackoffConfig(base=0.05, jitter=0)))
-            with pytest.raises(ft.HandshakeError, match="held by another client") as ei:
-                await asyncio.wait_for(other.connect_and_run(), 20)
+                                    config=ft.ClientConfig(backoff=ft.BackoffConfig(base=0.2, jitter=0, max_delay=1.0)))
+            with pytest.raises(ft.HandshakeError, match="held by another client") as ei:  # after SUSPECT_WINDOW
+                await asyncio.wait_for(other.connect_and_run(), 45)
             assert re.search(r"refused \d+ times in a row", str(ei.value)) and "--tunnel-id" in str(ei.value)
             assert not s2.is_closed  # the holder kept its tunnel
             await first.close()
             await other.close()
-    run(body)
+    run(body, timeout=90)
 
 
 @pytest.fixture(scope="module")
