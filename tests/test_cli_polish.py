@@ -9,6 +9,7 @@ SIGTERM, and a second Ctrl-C ends either command at once with 130."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import socket
 import subprocess
@@ -135,20 +136,32 @@ def test_an_address_not_on_this_machine_is_named():
     assert "another process" not in r.stderr
 
 
-def test_the_client_gives_open_streams_its_grace_after_sigterm():
+@contextlib.contextmanager
+def open_stream(server_grace: str = "10", client_grace: str = "10"):
+    """A server with a TCP ingress, a client to a keep-alive app, and one visitor connection that
+    has had an answer (its stream stays open). Yields (server, client, visitor socket)."""
     tport, iport, app = free_port(), free_port(), free_port()
     procs = [helper("httpapp", app, "slow")]
     try:
-        srv = Proc("server", "--bind", f"127.0.0.1:{tport}", "--tcp-bind", f"127.0.0.1:{iport}", env=TOKEN_ENV)
+        srv = Proc("server", "--bind", f"127.0.0.1:{tport}", "--tcp-bind", f"127.0.0.1:{iport}", "--grace",
+                   server_grace, env=TOKEN_ENV)
         procs.append(srv)
         srv.wait_for("listening")
-        cli = Proc("client", "--server", f"127.0.0.1:{tport}", "--local-addr", f"127.0.0.1:{app}", "--grace", "20",
-                   env=TOKEN_ENV)
+        cli = Proc("client", "--server", f"127.0.0.1:{tport}", "--local-addr", f"127.0.0.1:{app}", "--grace",
+                   client_grace, env=TOKEN_ENV)
         procs.append(cli)
         cli.wait_for("connected")
-        s = socket.create_connection(("127.0.0.1", iport), timeout=10)
-        s.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert b"slow /one" in s.recv(1000)
+        with socket.create_connection(("127.0.0.1", iport), timeout=10) as s:
+            s.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b"slow /one" in s.recv(1000)
+            yield srv, cli, s
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def test_the_client_gives_open_streams_its_grace_after_sigterm():
+    with open_stream(client_grace="20") as (srv, cli, s):
         cli.p.send_signal(signal.SIGTERM)  # the stream is open: the client waits for it
         cli.wait_for("shutting down (up to 20s for 1 open streams)")
         s.sendall(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")  # still served
@@ -156,27 +169,11 @@ def test_the_client_gives_open_streams_its_grace_after_sigterm():
         assert cli.p.poll() is None
         s.close()  # the last stream ends: the client exits well before its grace is over
         assert cli.p.wait(15) == 0
-    finally:
-        for p in procs:
-            p.kill()
 
 
 @pytest.mark.parametrize("role", ["server", "client"])
 def test_a_second_ctrl_c_exits_at_once_with_130(role):
-    tport, iport, app = free_port(), free_port(), free_port()
-    procs = [helper("httpapp", app, "slow")]
-    try:
-        srv = Proc("server", "--bind", f"127.0.0.1:{tport}", "--tcp-bind", f"127.0.0.1:{iport}", "--grace", "60",
-                   env=TOKEN_ENV)
-        procs.append(srv)
-        srv.wait_for("listening")
-        cli = Proc("client", "--server", f"127.0.0.1:{tport}", "--local-addr", f"127.0.0.1:{app}", "--grace", "60",
-                   env=TOKEN_ENV)
-        procs.append(cli)
-        cli.wait_for("connected")
-        s = socket.create_connection(("127.0.0.1", iport), timeout=10)
-        s.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert b"slow /one" in s.recv(1000)
+    with open_stream("60", "60") as (srv, cli, s):
         target = srv if role == "server" else cli
         target.p.send_signal(signal.SIGINT)
         target.wait_for("shutting down")  # in its grace period (an open stream)
@@ -184,10 +181,6 @@ def test_a_second_ctrl_c_exits_at_once_with_130(role):
         assert target.p.wait(15) == 130
         target.finish()
         assert b"second signal" in target.err and b"Traceback" not in target.err
-        s.close()
-    finally:
-        for p in procs:
-            p.kill()
 
 
 def test_help_lists_every_command_with_an_example():

@@ -359,27 +359,8 @@ def test_plain_heads_parse_as_llhttp_does():
 
     from ferrotunnel.server.http1 import HeadError, parse_plain, parse_request_llhttp
 
-    plain = [b"GET / HTTP/1.1\r\nHost: web\r\n\r\n", b"GET /a?b=c&d=%41;x HTTP/1.0\r\nHost: web\r\n\r\n",
-             b"POST /p HTTP/1.1\r\nHost: web:80\r\ncontent-LENGTH:  12 \r\nX-A:\r\n\r\n",
-             b"HEAD /h HTTP/1.1\r\nhost: WEB\r\nX-Forwarded-For: 1.2.3.4\r\nx-forwarded-proto: https\r\n"
-             b"X-Forwarded-Host: a\r\nAccept: */*\r\nUser-Agent: x y\t z\r\n\r\n",
-             b"DELETE /d HTTP/1.1\r\n\r\n", b"OPTIONS /o HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
-             b"PUT /u HTTP/1.1\r\nHost: web\r\nContent-Length: 0\r\n\r\n", b"PATCH /~ HTTP/1.1\r\nHost: w\r\n\r\n"]
-    other = [b"GET * HTTP/1.1\r\nHost: web\r\n\r\n", b"GET http://web/ HTTP/1.1\r\n\r\n",
-             b"CONNECT web:80 HTTP/1.1\r\nHost: web\r\n\r\n", b"BREW / HTTP/1.1\r\nHost: web\r\n\r\n",
-             b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
-             b"GET / HTTP/1.0\r\nHost: web\r\nConnection: keep-alive\r\n\r\n",
-             b"GET / HTTP/1.1\r\nHost: web\r\nProxy-Connection: close\r\n\r\n",
-             b"GET /ws HTTP/1.1\r\nHost: web\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
-             b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n",
-             b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
-             b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: x\r\n\r\n",
-             b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 1234567890123456789\r\n\r\n",
-             b"GET / HTTP/1.1\r\nHost : web\r\n\r\n", b"GET / HTTP/1.1\r\nHost: web\r\n x\r\n\r\n",
-             b"GET / HTTP/2.0\r\nHost: web\r\n\r\n", b"GET /a b HTTP/1.1\r\nHost: web\r\n\r\n",
-             b"GET /\xff HTTP/1.1\r\nHost: web\r\n\r\n", b"GET / HTTP/1.1\r\nHost: w\xffb\r\n\r\n",
-             b"GET / HTTP/1.1\r\nHost: web\r\nX: a\x00b\r\n\r\n", b"GET / HTTP/1.1\nHost: web\r\n\r\n",
-             b"\r\nGET / HTTP/1.1\r\nHost: web\r\n\r\n", b"GET /#f HTTP/1.1\r\nHost: web\r\n\r\n"]
+    from test_http_kernel import OTHER as other, PLAIN as plain  # one list of heads, shared with the kernels' test
+
     attrs = ("url", "hosts", "upgrade", "te", "cl", "xff", "xfp", "xfh", "method", "keep_alive")
     for head in plain + other:
         try:
