@@ -105,10 +105,20 @@ def run(request: Any) -> Any:
     return runner
 
 
+#: Ports free_port has handed out in this process: never handed out twice. (A port is free only
+#: until someone binds it: two picks before either was bound could return the same one, and one
+#: of two processes started together then failed with EADDRINUSE.)
+_HANDED_OUT: set = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 async def echo_handler(stream: Any) -> None:
