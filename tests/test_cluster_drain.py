@@ -57,7 +57,7 @@ class NodeProc:
 
     def wait_listening(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
-        while "listening on" not in self.text():
+        while "ferrotunnel server listening on" not in self.text():  # the banner: every port is bound
             assert self.proc.poll() is None, self.text()[-3000:]
             assert time.monotonic() < deadline, self.text()[-3000:]
             time.sleep(0.05)
