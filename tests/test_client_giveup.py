@@ -68,7 +68,10 @@ def _server(*extra):
 
 def _client_exits(tport, *extra, tunnel="web"):
     cli = Proc("client", "--server", f"localhost:{tport}", "--tunnel-id", tunnel, *extra, env=ENV)
-    code = cli.p.wait(60)
+    try:
+        code = cli.p.wait(60)
+    finally:
+        cli.kill()  # never left running, whatever happened
     cli.finish()
     return code, cli
 
