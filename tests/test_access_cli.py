@@ -10,20 +10,17 @@ import subprocess
 
 import pytest
 
-from conftest import free_port
 from test_cli import TOKEN, Proc, http
+from test_config_cli import _server as config_server
 from test_http_proxy_cli import App, world  # noqa: F401 (world is a fixture)
 
 PASSWORD = "pa55-word-never-shown"
 
 
 def _server(procs):
-    hport, tport = free_port(), free_port()
-    srv = Proc("server", "--bind", f"127.0.0.1:{tport}", "--http-bind", f"127.0.0.1:{hport}", "--domain",
-               "example.test", env={"FERROTUNNEL_TOKEN": TOKEN})
-    procs.append(srv)
-    srv.wait_for("listening")
-    return srv, tport, hport
+    """test_config_cli's server (HTTP ingress, domain example.test): (process, tunnel port, HTTP port)."""
+    tport, hport = config_server(procs)
+    return procs[-1], tport, hport
 
 
 def _curl(hport: int, name: str, *extra: str) -> str:

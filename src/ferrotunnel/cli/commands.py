@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any, List, Optional, Sequence, Tuple
 
-from .common import UsageError, say, env, parse_addr, parse_port_flag, parse_port_range_flag
+from .common import UsageError, env, parse_addr, parse_port_flag, parse_port_range_flag
 from .parser import build_parser as parser_for, sources
 from .tls_flags import client_tls, server_tls
 from .certs import add_certs_parser, run_certs
@@ -206,14 +206,14 @@ async def _serve(args: argparse.Namespace) -> int:
         await server.close()
         return 1
     # "listening on ADDR" is part of the output contract: operators' scripts wait for it
-    say(f"ferrotunnel server listening on {format_address(*server.address)}{' (TLS)' if ctx else ''}")
+    print(f"ferrotunnel server listening on {format_address(*server.address)}{' (TLS)' if ctx else ''}", flush=True)
     for line in tls_lines:
         print(line, flush=True)
     for ing in ingresses:
         kind = "HTTP" if isinstance(ing, ft.HttpIngress) else "TCP"
         by_host = f"by Host header (ID.{server.domain} or ID)" if server.domain else "by Host header"
         target = getattr(ing, "tunnel_id", None) or (by_host if kind == "HTTP" else "first tcp client")
-        say(f"{kind} ingress on {format_address(*ing.address)} -> {target}")
+        print(f"{kind} ingress on {format_address(*ing.address)} -> {target}", flush=True)
     if port_range is not None:
         print(f"TCP ports on request on {server.ports.describe()} -> the client that asks (--remote-port)", flush=True)
     if not ingresses and port_range is None and node is None:

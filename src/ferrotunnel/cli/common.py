@@ -5,16 +5,11 @@ from __future__ import annotations
 import os
 from typing import Optional, Tuple
 
-__all__ = ["say", "DEFAULT_LOCAL", "UsageError", "env", "env_flag", "parse_addr", "existing_file", "parse_port_range_flag", "parse_port_flag"]
+__all__ = ["DEFAULT_LOCAL", "UsageError", "env", "env_flag", "parse_addr", "existing_file", "parse_port_range_flag", "parse_port_flag"]
 
 
 #: Where the client forwards streams without --local-addr.
 DEFAULT_LOCAL = "127.0.0.1:8000"
-
-
-def say(line: str) -> None:
-    """A banner line on stdout (an output contract: scripts wait for some of them)."""
-    print(line, flush=True)
 
 
 class UsageError(Exception):

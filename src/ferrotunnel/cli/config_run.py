@@ -14,7 +14,7 @@ import time
 import sys
 from typing import Any, Awaitable, Callable, List, Optional, Tuple
 
-from .common import DEFAULT_LOCAL, UsageError, say, env, parse_addr, parse_port_flag
+from .common import DEFAULT_LOCAL, UsageError, env, parse_addr, parse_port_flag
 from .config_file import ClientFile, TunnelSpec, load_client_file
 
 __all__ = ["run_config", "serve_tunnels", "spec_from_flags", "SINGLE_FLAGS"]
@@ -151,8 +151,8 @@ async def serve_tunnels(specs: List[TunnelSpec], server: str, token: str, tls: T
         local = format_address(*spec.local)
 
         def connected(session: Any, client: Any = client, local: str = local) -> None:
-            say(f"connected to {client.address}: session {session.id}, tunnel id {client.tunnel_id}; "
-                f"forwarding streams to {local}")
+            print(f"connected to {client.address}: session {session.id}, tunnel id {client.tunnel_id}; "
+                  f"forwarding streams to {local}", flush=True)
 
         def public(urls: Tuple[str, ...], client: Any = client, local: str = local) -> None:
             for url in urls:

@@ -10,7 +10,7 @@ the very next stream.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 from ..aio.session import Session
 from ..aio.stream import VirtualStream
@@ -82,6 +82,14 @@ def usable(session: Session) -> bool:
     return session.established and not session.is_closed
 
 
+def _in_turn(items: Sequence[Any], start: int) -> Iterator[Tuple[int, Any]]:
+    """(index, item) of every item once, round-robin from ``start`` (any int: taken modulo)."""
+    n = len(items)
+    for i in range(n):
+        k = (start + i) % n
+        yield k, items[k]
+
+
 class PoolRoute(Route):
     """A tunnel served by a pool of sessions of this process: each new stream goes to the next
     established, open member (round-robin); a member that refuses the stream (closing, or at its
@@ -125,16 +133,11 @@ class PoolRoute(Route):
 
     def open_stream_nowait(self, protocol: Protocol, priority: StreamPriority, visitor: Any = None,
                            host: Optional[str] = None) -> VirtualStream:
-        members = self.members
-        n = len(members)
         failed: Optional[FerroTunnelError] = None
-        start = self._next
-        for i in range(n):
-            k = (start + i) % n
-            session = members[k]
+        for k, session in _in_turn(self.members, self._next):
             if not usable(session):
                 continue
-            self._next = (k + 1) % n
+            self._next = (k + 1) % len(self.members)
             try:
                 return open_on(session, protocol, priority, visitor)
             except FerroTunnelError as exc:  # closing or at a limit: the next member may take it
@@ -166,16 +169,11 @@ class SpreadRoute(Route):
 
     def open_stream_nowait(self, protocol: Protocol, priority: StreamPriority, visitor: Any = None,
                            host: Optional[str] = None) -> VirtualStream:
-        routes = self.routes
-        n = len(routes)
         failed: Optional[FerroTunnelError] = None
-        start = self._next
-        for i in range(n):
-            k = (start + i) % n
-            route = routes[k]
+        for k, route in _in_turn(self.routes, self._next):
             if route.stale:
                 continue
-            self._next = (k + 1) % n
+            self._next = (k + 1) % len(self.routes)
             try:
                 return route.open_stream_nowait(protocol, priority, visitor, host)
             except FerroTunnelError as exc:
