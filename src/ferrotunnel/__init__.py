@@ -53,7 +53,7 @@ from .server import (
 )
 from .server.https import HttpsIngress
 from .server.public import PublicEndpoint
-from .client import Backoff, TunnelClient
+from .client import Backoff, Tunnel, TunnelClient
 
 __version__ = "0.1.0"
 
@@ -61,6 +61,7 @@ __all__ = [
     "__version__",
     "TunnelServer",
     "TunnelClient",
+    "Tunnel",
     "TcpIngress",
     "HttpIngress",
     "HttpsIngress",

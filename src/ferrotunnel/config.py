@@ -115,6 +115,9 @@ class StreamConfig:
 class ServerConfig(StreamConfig):
     #: Sessions at once; a handshake beyond it is answered RateLimited.
     max_sessions: int = 1000
+    #: Tunnel ids one session may serve (the handshake's and those it registers, the tunnels
+    #: extension); a Register beyond it is answered QuotaExceeded. Each counts toward ``max_sessions``.
+    max_tunnels_per_session: int = 32
     #: Connections still in their handshake; beyond it a new connection is accepted and closed at once.
     max_pending_handshakes: int = 512
     #: Failed handshakes from one address within ``auth_failure_window`` before it is throttled.
@@ -149,7 +152,7 @@ class ServerConfig(StreamConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("max_sessions", "max_pending_handshakes", "max_pending_per_address", "max_preauth_bytes",
+        for name in ("max_sessions", "max_tunnels_per_session", "max_pending_handshakes", "max_pending_per_address", "max_preauth_bytes",
                      "ingress_max_per_address", "ingress_max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")

@@ -11,10 +11,12 @@ from typing import Any, AsyncIterator, Deque, Optional, Sequence, Tuple
 
 from ..errors import ConnectionLostError
 from ..frames import Protocol, StreamPriority
+from ..protocol.tunnels import TUNNEL_HEADER
 from .connection import OPEN, TunnelConnection
 from .stream import VirtualStream
 
-__all__ = ["Session", "Multiplexer", "SessionStats"]
+__all__ = ["Session", "TunnelAlias", "Multiplexer", "SessionStats"]
+
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,12 @@ class Session(_StreamOpener):
         #: is set when the client, asked to leave, said its new session is up.
         self.draining = asyncio.Event()
         self.moved = asyncio.Event()
+        #: The session whose handshake opened the connection (itself; see ``TunnelAlias``).
+        self.primary: Session = self
+
+    def alias(self, session_id: uuid.UUID, tunnel_id: str, capabilities: Sequence[str]) -> "TunnelAlias":
+        """Another tunnel id served on this session's connection (the tunnels extension)."""
+        return TunnelAlias(self, session_id, tunnel_id, capabilities)
 
     def __repr__(self) -> str:
         return f"<Session {self.id} tunnel_id={self.tunnel_id!r} peer={self.peer_address}>"
@@ -218,3 +226,42 @@ class Session(_StreamOpener):
             except ConnectionLostError:
                 return
             yield stream
+
+
+class TunnelAlias(Session):
+    """A further tunnel id on a session's connection (server side of the tunnels extension): a
+    ``Session`` of its own for the registry, routes and access rules (``capabilities`` are the
+    ones its Register carried), sharing the connection, its events and its streams with
+    ``primary``. Each stream it opens carries ``("ft-tunnel", tunnel_id)``. Closing it closes the
+    connection (the client then connects again and registers every tunnel anew); its traffic
+    counts in ``primary``'s stats."""
+
+    def __init__(self, primary: Session, session_id: uuid.UUID, tunnel_id: str,
+                 capabilities: Sequence[str]) -> None:
+        super().__init__(primary.connection, session_id, tunnel_id, primary.peer_address, capabilities)
+        self.primary = primary
+        self.multiplexer = primary.multiplexer
+        self.closed_event, self.draining, self.moved = primary.closed_event, primary.draining, primary.moved
+        self._tunnel_header = ((TUNNEL_HEADER, tunnel_id),)
+
+    def __repr__(self) -> str:
+        return f"<TunnelAlias {self.id} tunnel_id={self.tunnel_id!r} of {self.primary.id}>"
+
+    def open_stream_nowait(self, protocol: Protocol = Protocol.TCP,
+                           priority: StreamPriority = StreamPriority.NORMAL,
+                           headers: Sequence[Tuple[str, str]] = (), *,
+                           peername: Optional[Tuple[str, int]] = None) -> VirtualStream:
+        """``Session.open_stream_nowait``, the stream naming this tunnel in its headers."""
+        return super().open_stream_nowait(protocol, priority, self._tunnel_header + tuple(headers), peername=peername)
+
+    def stats(self) -> SessionStats:
+        """No traffic of its own: the connection's counts are ``primary``'s."""
+        return SessionStats(0, 0, 0, 0, 0, self.rtt)
+
+    def send_drain(self) -> bool:
+        """The primary session tells the client (once per connection)."""
+        return False
+
+    async def accept(self) -> VirtualStream:
+        """Streams the client opens go to the primary session."""
+        raise RuntimeError("streams the client opens arrive at the primary session of the connection")

@@ -10,7 +10,7 @@ import socket
 import time
 import ssl
 import uuid
-from typing import Any, Awaitable, Callable, Optional, Set, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, Optional, Sequence, Set, Tuple, Union
 
 from ..addr import Address, as_address, format_address, parse_address
 from ..aio.bridge import forward
@@ -20,14 +20,14 @@ from ..aio.stream import VirtualStream
 from ..aio.transport import Transport, resolve_transport
 from ..auth import TokenFormatError, validate_token_format
 from ..config import ClientConfig
-from ..frames import HandshakeStatus
 from ..protocol.handshake import ClientHandshake
-from ..protocol.extensions import VISITOR_HEADER, new_instance_capability
+from ..protocol.extensions import TUNNELS_CAPABILITY, VISITOR_HEADER, new_instance_capability
 from ..protocol.proxyproto import header_for
 from .connection import ClientConnection
 from .diagnose import (HINT_ADD_TLS, HINT_NO_TLS, SSL_CLOSED, SSL_OLD_VERSION, SSL_PLAINTEXT_ANSWER,
                        client_cert_hint, ssl_reason, describe_error)
-from .reconnect import Backoff
+from .reconnect import Backoff, os_error, suspect
+from .tunnels import RegisterWaiters, Tunnel, dispatching_handler, register_capabilities, register_protocol, tunnels_by_id
 from ..errors import (
     SuspectedMisconfiguration,
     AuthenticationError,
@@ -55,19 +55,9 @@ def _process_tunnel_id() -> str:
     return _PROCESS_TUNNEL_ID
 
 
-def _os_error(exc: OSError, message: str) -> OSError:
-    """``exc``'s class with ``message`` (and its errno), so ``except ConnectionRefusedError`` and
-    the retry policy see the same error."""
-    try:
-        new = type(exc)(message)
-    except TypeError:  # pragma: no cover - an OSError subclass with another signature
-        new = OSError(message)
-    new.errno = exc.errno
-    return new
-
-
 OnConnected = Callable[[Session], Union[None, Awaitable[None]]]
 OnPublicUrls = Callable[[Tuple[str, ...]], None]
+OnRegistered = Callable[[Tunnel, Tuple[str, ...]], None]
 
 #: Seconds between checks whether a new session is up beside a retiring one (its node is leaving).
 RETIRE_POLL = 0.05
@@ -86,11 +76,14 @@ class TunnelClient:
 
     ``server_addr`` and ``local_addr`` (where the default handler forwards streams; default
     ``config.local_addr``) are ``"host:port"`` or ``(host, port)``. ``async with`` starts
-    nothing; leaving the block cancels a running ``connect_and_run`` and closes the client."""
+    nothing; leaving the block cancels a running ``connect_and_run`` and closes the client.
+    ``more_tunnels`` (``Tunnel``s) are served on the same connection when the server negotiates
+    ``tunnels/1`` (see ``carries_more_tunnels``)."""
 
     def __init__(self, server_addr: Address, token: str, *, tunnel_id: Optional[str] = None,
                  tls: Union[None, ssl.SSLContext, Transport] = None, server_name: Optional[str] = None,
-                 config: ClientConfig = ClientConfig(), local_addr: Optional[Address] = None) -> None:
+                 config: ClientConfig = ClientConfig(), local_addr: Optional[Address] = None,
+                 more_tunnels: Sequence[Tunnel] = ()) -> None:
         self.host, self.port = as_address(server_addr, "server_addr")
         local = as_address(config.local_addr if local_addr is None else local_addr, "local_addr")
         if local != config.local_addr:
@@ -106,9 +99,9 @@ class TunnelClient:
         self.transport = resolve_transport(tls)
         self.server_name = server_name or self.host
         self.config = config
-        # the handshake's config: this client's instance id is announced too (extensions only)
-        self._hello_config = dataclasses.replace(config, capabilities=config.capabilities + (
-            new_instance_capability(),)) if config.extensions else config
+        self._more: Dict[str, Tunnel] = tunnels_by_id(more_tunnels, self.tunnel_id) if config.extensions else {}
+        self._instance = new_instance_capability()
+        self._hello_config = self._hello()
         #: ``HOST:PORT`` of the server, as it appears in messages.
         self.address = format_address(self.host, self.port)
         self._conn: Optional[ClientConnection] = None
@@ -119,6 +112,31 @@ class TunnelClient:
 
     def __repr__(self) -> str:  # the token stays out
         return f"<TunnelClient {self.address} tunnel_id={self.tunnel_id!r}>"
+
+    def _hello(self) -> ClientConfig:
+        """The handshake's config: this client's instance id is announced too, and ``tunnels/1``
+        with more tunnels (extensions only)."""
+        config = self.config
+        more = (TUNNELS_CAPABILITY,) if self._more else ()
+        return dataclasses.replace(config, capabilities=config.capabilities + (self._instance,) + more) \
+            if config.extensions else config
+
+    @property
+    def more_tunnels(self) -> Tuple[Tunnel, ...]:
+        """The further tunnels this client registers on its connection."""
+        return tuple(self._more.values())
+
+    @property
+    def carries_more_tunnels(self) -> bool:
+        """Whether the live session serves ``more_tunnels`` too (the server answered ``tunnels/1``)."""
+        conn = self._conn
+        return bool(self._more) and conn is not None and not conn.closed and conn.opened and conn.core.tunnels
+
+    def carry_alone(self) -> None:
+        """Serve the handshake's tunnel only from the next connection on (the caller serves the
+        others, e.g. on connections of their own, because the server cannot carry them)."""
+        self._more = {}
+        self._hello_config = self._hello()
 
     async def __aenter__(self) -> "TunnelClient":
         """Nothing starts here: call ``connect`` or ``connect_and_run`` inside the block."""
@@ -180,9 +198,9 @@ class TunnelClient:
         except Exception:  # the caller's bug must not end the session
             log.exception("on_public_urls failed")
 
-    def _default_handler(self) -> StreamHandler:
-        addr = self.config.local_addr
-        version = self.config.proxy_protocol
+    def _default_handler(self, config: Optional[ClientConfig] = None) -> StreamHandler:
+        addr = (config or self.config).local_addr
+        version = (config or self.config).proxy_protocol
 
         async def handle(stream: VirtualStream) -> None:
             prefix = header_for(version, dict(stream.headers).get(VISITOR_HEADER), addr) if version else b""
@@ -208,6 +226,10 @@ class TunnelClient:
             raise ValueError("connect(): give a handler or accept=True, not both")
         if not accept:
             handler = handler or self._default_handler()
+        more = dict(self._more)
+        if more and not accept:
+            handler = dispatching_handler(handler, {k: t.handler or self._default_handler(t.config)
+                                                    for k, t in more.items()})
         conn: Optional[ClientConnection] = None
 
         def factory() -> ClientConnection:
@@ -226,6 +248,8 @@ class TunnelClient:
                                                  server_hostname=self.server_name if ctx else None)
                 assert conn is not None
                 await conn.ack
+                if more and conn.core.tunnels:  # the further tunnels, answered in order
+                    conn.registered = await self._register_all(conn, more)
         except BaseException as exc:
             if conn is not None:
                 conn.close()
@@ -240,6 +264,14 @@ class TunnelClient:
         log.info("connected to %s: session %s, tunnel id %s%s", self.address, conn.session.id,
                  self.tunnel_id, " (flow control)" if conn.core.flow else "")
         return conn.session
+
+    async def _register_all(self, conn: ClientConnection, more: Dict[str, Tunnel]) -> Dict[str, Tuple[str, ...]]:
+        """Register each of ``more`` on ``conn``; their public URLs, or the first refusal raised."""
+        waiters = conn.register_waiters = RegisterWaiters(conn.loop)
+        futures = {key: waiters.expect(key) for key in more}
+        for key, t in more.items():
+            conn.core.send_register(key, register_protocol(t), register_capabilities(t))
+        return {key: await fut for key, fut in futures.items()}
 
     def _explain(self, exc: BaseException, conn: Optional[ClientConnection]) -> Optional[BaseException]:
         """The failure of one connect() as an error that names the likely cause and the flag that
@@ -287,21 +319,21 @@ class TunnelClient:
             return ConnectionLostError(f"{where}: check that the server uses TLS (server --tls-cert/--tls-key) "
                                        f"and the client's --tls-ca and --tls-server-name")
         if isinstance(exc, ConnectionRefusedError):
-            return _os_error(exc, f"cannot connect to {addr}: connection refused — is the server running, and is "
+            return os_error(exc, f"cannot connect to {addr}: connection refused — is the server running, and is "
                                   f"{self.port} its tunnel port (server --bind)?")
         if isinstance(exc, socket.gaierror):
-            return _os_error(exc, f"cannot resolve {self.host!r} ({describe_error(exc)}): check the host name "
+            return os_error(exc, f"cannot resolve {self.host!r} ({describe_error(exc)}): check the host name "
                                   f"in --server")
         if isinstance(exc, ConnectionError) and in_tls_handshake:
             return SuspectedMisconfiguration(
                 f"the server at {addr} closed the connection during the TLS handshake ({describe_error(exc)}): "
                 f"it most likely does not speak TLS — {HINT_NO_TLS}")
         if isinstance(exc, ConnectionError):
-            return _os_error(exc, f"the connection to {addr} failed: {describe_error(exc)}; the server's log may "
+            return os_error(exc, f"the connection to {addr} failed: {describe_error(exc)}; the server's log may "
                                   f"say why")
         if isinstance(exc, OSError):
             why = exc.strerror or describe_error(exc)
-            return _os_error(exc, f"cannot connect to {addr}: {why} — check --server and that the host is "
+            return os_error(exc, f"cannot connect to {addr}: {why} — check --server and that the host is "
                                   f"reachable from here")
         return None
 
@@ -326,14 +358,16 @@ class TunnelClient:
 
     async def connect_and_run(self, handler: Optional[StreamHandler] = None,
                               on_connected: Optional[OnConnected] = None, *,
-                              on_public_urls: Optional[OnPublicUrls] = None) -> None:
+                              on_public_urls: Optional[OnPublicUrls] = None,
+                              on_registered: Optional[OnRegistered] = None) -> None:
         """Serve streams with ``handler`` (default: forward to ``config.local_addr``), reconnecting
         with backoff after passing failures, until cancelled. Raises AuthenticationError for a
         rejected token, TlsVerificationError for a certificate that fails verification and
         HandshakeError for a version mismatch, a refused tunnel id (e.g. not a DNS label for a
         server with a domain) or a peer that is no tunnel server of the expected kind (see
         ``connect``). ``on_public_urls(urls)`` runs once per session, after ``on_connected``, when
-        the server says where visitors reach the tunnel (see ``public_urls``)."""
+        the server says where visitors reach the tunnel (see ``public_urls``); then
+        ``on_registered(tunnel, urls)`` once per tunnel of ``more_tunnels`` the session carries."""
         backoff = Backoff(self.config.backoff)
         suspects, since = 0, 0.0
         self._on_public_urls = on_public_urls
@@ -347,7 +381,7 @@ class TunnelClient:
                     log.debug("%s", exc)  # raised to the caller, who reports it (the CLI: once)
                     raise
                 except _RETRYABLE as exc:
-                    if not _suspect(exc):
+                    if not suspect(exc):
                         suspects = 0
                     else:
                         suspects, since = suspects + 1, since if suspects else time.monotonic()
@@ -367,6 +401,9 @@ class TunnelClient:
                 if conn is not None and conn.session is session:
                     conn.serving = True
                     self.report_public_urls(conn)
+                    for key, urls in conn.registered.items():
+                        if on_registered is not None and key in self._more:
+                            on_registered(self._more[key], urls)
                 if await self._until_closed_or_moved(session):
                     continue  # the server's node is leaving: a new session at once
                 conn = self._conn
@@ -419,7 +456,8 @@ class TunnelClient:
         """The error that ends ``connect_and_run`` after ``attempts`` suspect failures in a row."""
         if isinstance(exc, RetryableHandshakeError):  # TunnelIdTaken
             said = f" ({exc.reason})" if exc.reason else ""
-            return HandshakeError(f"tunnel id {self.tunnel_id!r} is held by another client{said}: refused "
+            return HandshakeError(f"tunnel id {getattr(exc, 'tunnel_id', self.tunnel_id)!r} is held by another "
+                                  f"client{said}: refused "
                                   f"{attempts} times in a row; stop that client, or choose another --tunnel-id",
                                   exc.status, exc.reason)
         return HandshakeError(f"{describe_error(exc)} (the same failure {attempts} times in a row: giving up)")
@@ -448,11 +486,3 @@ class TunnelClient:
         if self._conn is not None:
             self._conn.close()
             await asyncio.sleep(0)
-
-
-def _suspect(exc: BaseException) -> bool:
-    """Whether a failed attempt counts toward giving up (``MAX_SUSPECT_ATTEMPTS``)."""
-    if isinstance(exc, SuspectedMisconfiguration):
-        return True
-    return isinstance(exc, RetryableHandshakeError) and exc.retry_after is None and \
-        exc.status == HandshakeStatus.TUNNEL_ID_TAKEN

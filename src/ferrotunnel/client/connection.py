@@ -7,13 +7,15 @@ import asyncio
 import logging
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from ..aio.connection import StreamHandler, TunnelConnection
 from ..aio.session import Session
 from ..errors import ConnectionLostError, HandshakeError, SuspectedMisconfiguration
+from ..frames import RegisterStatus
 from ..protocol.core import SessionCore
 from ..protocol.handshake import ClientHandshake, HandshakeResult
+from .tunnels import RegisterWaiters
 from .diagnose import HINT_ADD_TLS, HINT_CLIENT_CERT, client_cert_hint, describe_error, looks_like_tls
 
 if TYPE_CHECKING:
@@ -45,6 +47,9 @@ class ClientConnection(TunnelConnection):
         self._head = b""
         #: connect_and_run took this session over: public URLs that arrive are reported.
         self.serving = False
+        #: The tunnels extension: the answers awaited, and the registered ids' public URLs.
+        self.register_waiters: Optional[RegisterWaiters] = None
+        self.registered: Dict[str, Tuple[str, ...]] = {}
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -104,9 +109,17 @@ class ClientConnection(TunnelConnection):
         return HandshakeError(f"{exc} (from {addr}): is {addr} the tunnel port of a ferrotunnel server "
                               f"(server --bind)?")
 
+    def on_register_ack(self, tunnel_id: str, status: RegisterStatus, text: str) -> None:
+        """A RegisterAck (the tunnels extension) for ``tunnel_id``."""
+        if self.register_waiters is not None:
+            self.register_waiters.answered(tunnel_id, status, text)
+
     def on_closed(self) -> None:
         if not self.ack.done():
             self.ack.set_exception(self.closed_early())
+        if self.register_waiters is not None:
+            self.register_waiters.fail(self.close_exc or ConnectionLostError("the connection closed before the "
+                                                                           "server answered every Register"))
 
     def closed_early(self) -> ConnectionLostError:
         """The connection ended before the HandshakeAck: what most likely happened."""

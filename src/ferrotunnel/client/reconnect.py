@@ -1,4 +1,5 @@
-"""Reconnect backoff: base * factor**n, +- jitter, then capped (PROTOCOL.md 7.2)."""
+"""Reconnect backoff: base * factor**n, +- jitter, then capped (PROTOCOL.md 7.2); which failures
+count toward giving up (``suspect``); OSErrors reworded (``os_error``)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import random
 from typing import Optional
 
 from ..config import BackoffConfig
+from ..errors import RetryableHandshakeError, SuspectedMisconfiguration
+from ..frames import HandshakeStatus
 
-__all__ = ["BackoffConfig", "Backoff"]
+__all__ = ["BackoffConfig", "Backoff", "os_error", "suspect"]
 
 
 class Backoff:
@@ -36,3 +39,23 @@ class Backoff:
     def reset(self) -> None:
         """A connection succeeded: the next failure starts from the base delay again."""
         self.attempts = 0
+
+
+def os_error(exc: OSError, message: str) -> OSError:
+    """``exc``'s class with ``message`` (and its errno), so ``except ConnectionRefusedError`` and
+    the retry policy see the same error."""
+    try:
+        new = type(exc)(message)
+    except TypeError:  # pragma: no cover - an OSError subclass with another signature
+        new = OSError(message)
+    new.errno = exc.errno
+    return new
+
+
+def suspect(exc: BaseException) -> bool:
+    """Whether a failed attempt counts toward giving up (``client.MAX_SUSPECT_ATTEMPTS``): one
+    that suggests a setting not matching the server, or a tunnel id another client holds."""
+    if isinstance(exc, SuspectedMisconfiguration):
+        return True
+    return isinstance(exc, RetryableHandshakeError) and exc.retry_after is None and \
+        exc.status == HandshakeStatus.TUNNEL_ID_TAKEN

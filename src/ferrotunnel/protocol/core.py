@@ -32,6 +32,7 @@ from ..frames import (
 from ..scheduler import PriorityScheduler
 from .drain import DrainMixin
 from .publicurls import PublicUrlsMixin
+from .tunnels import TunnelsMixin
 from .extensions import EXT_CAPABILITY, Negotiated, negotiate, plugin_handlers
 from .flow import FLOW_PLUGIN_ID, MAX_WINDOW, FlowWindows, decode_credit, encode_credit
 from .keepalive import Keepalive
@@ -47,7 +48,7 @@ log = logging.getLogger("ferrotunnel.core")
 RESET_MEMORY = 1024
 
 
-class SessionCore(DrainMixin, PublicUrlsMixin):
+class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
     """One session's protocol state machine (after the handshake).
 
     ``negotiated`` (from the handshake) or the peer's raw ``peer_capabilities`` say which
@@ -195,8 +196,8 @@ class SessionCore(DrainMixin, PublicUrlsMixin):
                     self._remove(st, StreamEvent.RECV_RESET)
                     self.listener.on_stream_reset(
                         st, StreamResetError(f"stream {st.id} reset by peer: {frame.code.name}: {frame.message}"))
-        else:  # Register, RegisterAck, StreamAck, a late Handshake/HandshakeAck: not used by v1 peers
-            log.debug("ignoring %s frame", t.__name__)
+        else:  # Register, RegisterAck (tunnels.py), StreamAck, a late Handshake/HandshakeAck
+            self.on_other_frame(frame)
 
     def _peer_open(self, frame: OpenStream) -> None:
         sid = frame.stream_id

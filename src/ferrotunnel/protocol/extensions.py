@@ -21,7 +21,7 @@ from .remoteport import REMOTE_PORT_CAPABILITY, parse_remote_port, remote_port_c
 
 __all__ = ["Extension", "EXTENSIONS", "EXT_CAPABILITY", "REASON_CAPABILITY", "DRAIN_CAPABILITY", "DRAIN_PLUGIN_ID", "VISITOR_CAPABILITY", "VISITOR_HEADER",
            "PUBLIC_URLS_CAPABILITY", "PUBLIC_URLS_PLUGIN_ID", "REMOTE_PORT_CAPABILITY", "ACCESS_CAPABILITY",
-           "POOL_CAPABILITY", "INSTANCE_CAPABILITY", "new_instance_capability", "instance_of", "Negotiated",
+           "POOL_CAPABILITY", "TUNNELS_CAPABILITY", "INSTANCE_CAPABILITY", "new_instance_capability", "instance_of", "Negotiated",
            "client_capabilities", "server_capabilities", "negotiate", "plugin_handlers", "keep_capabilities",
            "BASE_CLIENT_CAPABILITIES", "BASE_SERVER_CAPABILITIES", "MAX_CAPABILITIES", "MAX_CAPABILITY_LEN"]
 
@@ -44,6 +44,8 @@ PUBLIC_URLS_PLUGIN_ID = "ft.urls/1"
 #: A client in a pool: several clients serve one tunnel id together (the server answers it when
 #: this client joined, or started, a pool).
 POOL_CAPABILITY = "pool/1"
+#: More tunnel ids on one session, with Register / RegisterAck (see tunnels.py).
+TUNNELS_CAPABILITY = "tunnels/1"
 
 #: Each client (a ``TunnelClient``: one per tunnel of a process) announces a random instance id
 #: ("instance/1=HEX"): a server that finds the tunnel id held by a session of the same instance
@@ -184,6 +186,9 @@ EXTENSIONS: Tuple[Extension, ...] = (
     # Pools: a client announces "pool/1" to serve its tunnel id with other pool clients; a server
     # that put it in the pool answers "pool/1" in its ack.
     Extension("pool", _pool_announce, _never, _asked(POOL_CAPABILITY, lambda c: c.pool)),
+    # More tunnel ids on one session (see tunnels.py): a client with several tunnels announces
+    # "tunnels/1" (``TunnelClient(more_tunnels=)``); a server that carries them answers it.
+    Extension("tunnels", _never, _always(TUNNELS_CAPABILITY), _has(TUNNELS_CAPABILITY)),
 )
 
 

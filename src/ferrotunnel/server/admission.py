@@ -18,7 +18,7 @@ from ..protocol.handshake import HandshakeRequest
 from ..protocol.remoteport import parse_remote_port
 from .public import DNS_LABEL_RULE, is_dns_label
 
-__all__ = ["Refusal", "Request", "vet", "replace_own", "MAX_TUNNEL_ID_LEN"]
+__all__ = ["Refusal", "Request", "vet", "vet_tunnel", "replace_own", "MAX_TUNNEL_ID_LEN"]
 
 log = logging.getLogger("ferrotunnel.server")
 
@@ -64,24 +64,32 @@ def vet(server: Any, req: HandshakeRequest) -> Union[Refusal, Request]:
         return Refusal(HandshakeStatus.VERSION_MISMATCH,
                        f"client speaks versions {req.min_version}..{req.max_version}, server {PROTOCOL_VERSION}")
     session_id = uuid.uuid4()
-    tunnel_id = (req.tunnel_id if req.tunnel_id is not None else str(session_id)).lower()
+    return vet_tunnel(server, req.tunnel_id if req.tunnel_id is not None else str(session_id),
+                      tuple(req.capabilities), session_id)
+
+
+def vet_tunnel(server: Any, asked_id: str, capabilities: Tuple[str, ...],
+               session_id: uuid.UUID) -> Union[Refusal, Request]:
+    """The tunnel part of ``vet``: the id (lower-cased), a port on request, access rules and pool
+    membership from ``capabilities``; also for each tunnel a session registers (tunnels/1)."""
+    tunnel_id = asked_id.lower()
     if not tunnel_id or len(tunnel_id.encode()) > MAX_TUNNEL_ID_LEN:
         return Refusal(HandshakeStatus.UNSUPPORTED_VERSION, f"tunnel id must be 1..{MAX_TUNNEL_ID_LEN} bytes")
     if server.domain and not is_dns_label(tunnel_id):  # not retryable: the client stops and says why
-        return Refusal(HandshakeStatus.UNSUPPORTED_VERSION, f"tunnel id {(req.tunnel_id or '')[:70]!r} cannot be "
+        return Refusal(HandshakeStatus.UNSUPPORTED_VERSION, f"tunnel id {asked_id[:70]!r} cannot be "
                        f"a DNS label under {server.domain} ({DNS_LABEL_RULE}): choose another tunnel id", False)
-    wanted = parse_remote_port(req.capabilities)  # ports on request: checked before the id is claimed
+    wanted = parse_remote_port(capabilities)  # ports on request: checked before the id is claimed
     why = server.ports.refusal(wanted)
     if why:
         return Refusal(HandshakeStatus.UNSUPPORTED_VERSION, why, False)
     try:
-        access = access_from_capabilities(tuple(req.capabilities))
+        access = access_from_capabilities(capabilities)
     except ValueError as exc:
         return Refusal(HandshakeStatus.UNSUPPORTED_VERSION, f"bad access rules: {exc}", False)
     if access is not None and access.only == "http" and wanted is not None:
         return Refusal(HandshakeStatus.UNSUPPORTED_VERSION, "a remote port is a TCP port: it cannot serve a "
                        "tunnel restricted to http", False)
-    pool = POOL_CAPABILITY in req.capabilities
+    pool = POOL_CAPABILITY in capabilities
     if pool and access is not None and not server.registry.local_only:
         # the members' rules are compared on one node only: across nodes a member without them
         # would serve the pool's visitors unguarded

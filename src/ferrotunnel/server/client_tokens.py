@@ -24,7 +24,7 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from ..frames import HandshakeStatus
 from .server import TunnelServer
@@ -146,6 +146,18 @@ class PolicyServer(TunnelServer):
 
     def token_ok(self, token: str) -> bool:
         return (self.shared and super().token_ok(token)) or self.client_tokens.match(token) is not None
+
+    def claim_policy(self, token: str) -> Callable[[str], Optional[str]]:
+        if self.shared and super().token_ok(token):
+            return super().claim_policy(token)
+
+        def why(tunnel_id: str) -> Optional[str]:  # matched at each use: SIGHUP may have re-read the file
+            entry = self.client_tokens.match(token)
+            if entry is None or not entry.allows(tunnel_id):
+                self.refused_ids += 1
+                return f"tunnel id {tunnel_id[:70]!r} is not allowed for this token"
+            return None
+        return why
 
     async def authorize(self, conn: Any, req: Any) -> None:
         # a throttled address gets RateLimited from the base policy first: the reason below would

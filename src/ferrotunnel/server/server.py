@@ -16,17 +16,16 @@ from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple, Union
 from ..addr import Address, as_address, format_peer as _where
 from ..auth import TokenFormatError, constant_time_eq, validate_token_format
 from ..config import ServerConfig
-from ..errors import ConnectionLostError, FrameError
+from ..errors import ConnectionLostError
 from ..frames import HandshakeStatus
 from ..aio.listen import ConnectionGate, FdHeadroom, Listener, RefusalLog, listen
 from ..protocol.proxyproto import TrustedProxies
-from ..aio.connection import StreamHandler, TunnelConnection
+from ..aio.connection import StreamHandler
 from ..aio.session import Session
-from ..aio.tlsbio import ServerTls
 from ..aio.transport import Transport, bound_address, resolve_transport
-from ..protocol.core import SessionCore
 from ..protocol.extensions import instance_of
-from ..protocol.handshake import HandshakeRequest, ServerHandshake, plaintext_refusal
+from ..protocol.handshake import HandshakeRequest
+from .connection import ServerConnection
 from .ingress import PortLeases, PortUnavailable
 from .admission import MAX_TUNNEL_ID_LEN, Refusal, replace_own, vet
 from .public import PublicEndpoint, normalize_domain, public_urls
@@ -37,130 +36,12 @@ __all__ = ["TunnelServer", "ServerConnection", "MAX_TUNNEL_ID_LEN"]
 
 log = logging.getLogger("ferrotunnel.server")
 
-#: OpenSSL's reasons when a plaintext client talks to a TLS server.
-_PLAINTEXT_REASONS = {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL", "WRONG_SSL_VERSION",
-                      "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"}
 #: A refusal of connections from one address for one reason is logged at most this often.
 REFUSAL_LOG_INTERVAL = 10.0
 
 
 def _host(peer: Any) -> str:
     return peer[0] if isinstance(peer, tuple) else str(peer)
-
-
-class ServerConnection(TunnelConnection):
-    """Server end of one tunnel connection: the handshake, then the session."""
-
-    def __init__(self, server: "TunnelServer") -> None:
-        super().__init__(asyncio.get_running_loop(), server.config, tls=server.transport.is_tls)
-        self.server = server
-        self.handshake = ServerHandshake(server.config)
-        self.deciding = False
-        self._hs_timer: Optional[asyncio.TimerHandle] = None
-        self._pending = False
-        self._held = 0  # bytes of the first frame held, counted in server.preauth_bytes
-        self.stream_handler = server.stream_handler
-
-    def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
-        srv = self.server
-        if not srv.admit(self):
-            transport.abort()
-            return
-        self._pending = True
-        self._hs_timer = self.loop.call_later(srv.config.handshake_timeout, self._handshake_timeout)
-        ctx = srv.transport.server_ssl()
-        if ctx is not None:
-            self.tls = ServerTls(ctx)
-
-    def eof_received(self) -> Optional[bool]:
-        if self.tls is not None and not self.tls.established and not self.closed:
-            self.tls_failed(ConnectionLostError("the client closed the connection during the TLS handshake"))
-            return False
-        return super().eof_received()
-
-    def connection_lost(self, exc: Optional[Exception]) -> None:
-        if self.tls is not None and not self.tls.established and not self.closed:
-            self.tls_failed(exc or ConnectionLostError("the connection was lost during the TLS handshake"))
-        super().connection_lost(exc)
-
-    def tls_failed(self, exc: BaseException) -> None:
-        if self.tls is not None and not self.tls.seen:  # closed before its first byte: a health check
-            log.debug("connection from %s closed before its first byte", _where(self.peer_address))
-            self.close()
-            return
-        why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-        if why in _PLAINTEXT_REASONS:
-            why = f"{why} (the client speaks plaintext: it needs --tls)"
-            if self.transport is not None and getattr(exc, "reason", None) != "HTTP_REQUEST":  # told in plaintext
-                self.transport.write(plaintext_refusal("this port speaks TLS: connect with --tls (and --tls-ca if "
-                                                       "its certificate is self-signed)"))
-        log.info("TLS handshake from %s failed: %s", _where(self.peer_address), why)
-        self.server.tls_failures += 1
-        self.server.auth_failure(self.peer_address)
-        self.close()
-
-    def _handshake_timeout(self) -> None:
-        self._hs_timer = None
-        if not self.opened and not self.closed:
-            log.info("closing connection from %s: no handshake within %.1fs", _where(self.peer_address),
-                     self.server.config.handshake_timeout)
-            self.server.auth_failure(self.peer_address)
-            self.close()
-
-    def end_pending(self) -> None:
-        if self._pending:
-            self._pending = False
-            self.server.handshake_ended(self, self._held)
-            self._held = 0
-        if self._hs_timer is not None:
-            self._hs_timer.cancel()
-            self._hs_timer = None
-
-    def handshake_data(self, data: memoryview) -> None:
-        hs = self.handshake
-        try:
-            hs.receive_data(data)
-            if self._pending:
-                held = hs.buffered
-                self.server.preauth_bytes += held - self._held
-                self._held = held
-        except FrameError as exc:
-            log.info("closing connection from %s: not a handshake: %s", _where(self.peer_address), exc)
-            if len(data) > 1 and data[0] == 0x16 and data[1] == 0x03 and self.tls is None:  # a TLS ClientHello:
-                self.transport.write(plaintext_refusal("this port speaks plaintext: connect without --tls"))
-            self.server.auth_failure(self.peer_address)
-            self.close()
-            return
-        if hs.request is not None and not self.deciding:
-            # the policy may await: hold further bytes in the transport until it has decided
-            self.deciding = True
-            self.hold_reading()
-            self.spawn(self.server.authorize(self, hs.request))
-
-    def reject(self, status: HandshakeStatus, reason: Optional[str]) -> None:
-        if self.closed:
-            return
-        self.send_raw(self.handshake.reject(status, reason))
-        self.end_pending()
-        self.close()  # the transport flushes the ack first
-
-    def accept(self, session: Session, extra_capabilities: Sequence[str] = ()) -> SessionCore:
-        hs = self.handshake
-        # the ack goes out before the session is routable, so no OpenStream can precede it
-        self.send_raw(hs.accept(session.id, extra_capabilities))
-        self.end_pending()
-        assert hs.negotiated is not None
-        cfg = self.server.config
-        core = SessionCore(is_client=False, config=cfg, negotiated=hs.negotiated, listener=self,
-                           now=time.monotonic(), accept_peer_streams=cfg.accept_client_streams)
-        self.open_session(core, session, hs.take_leftover())
-        self.release_reading()
-        return core
-
-    def on_closed(self) -> None:
-        self.end_pending()
-        self.server.connection_closed(self)
 
 
 class TunnelServer:
@@ -327,6 +208,11 @@ class TunnelServer:
         """Whether a Handshake's token admits it (constant time); subclasses may widen this."""
         return constant_time_eq(token, self._token)
 
+    def claim_policy(self, token: str) -> Callable[[str], Optional[str]]:
+        """For a session that ``token`` admitted: why it may not claim a further tunnel id (one it
+        registers), or None; subclasses with per-client tokens narrow this."""
+        return lambda tunnel_id: None
+
     async def authorize(self, conn: ServerConnection, req: HandshakeRequest) -> None:
         """The server's policy for one Handshake: accept it or refuse it, with a reason."""
         if conn.closed:
@@ -355,8 +241,8 @@ class TunnelServer:
             return fail(HandshakeStatus.RATE_LIMITED, f"{live} sessions (max_sessions)", count=False)
         session = Session(conn, session_id, tunnel_id, peer, req.capabilities)
         replace_own(self.registry, tunnel_id, instance_of(req.capabilities))
-        claim = await (self.registry.claim(tunnel_id, session, self._is_stale, pool=True) if asked.pool
-                       else self.registry.claim(tunnel_id, session, self._is_stale))
+        claim = await (self.registry.claim(tunnel_id, session, self.is_stale, pool=True) if asked.pool
+                       else self.registry.claim(tunnel_id, session, self.is_stale))
         if conn.closed:  # gone while the registry answered
             if claim.granted:
                 await self.registry.release(tunnel_id, session)
@@ -380,6 +266,7 @@ class TunnelServer:
             self.ports.release(session)
             await self.registry.release(tunnel_id, session)
             return None
+        conn.may_claim = self.claim_policy(req.token)
         try:
             core = conn.accept(session, asked.answers(granted))
         except Exception:  # a bug must not leave the tunnel id claimed by a connection that is gone
@@ -403,7 +290,8 @@ class TunnelServer:
         endpoints = self.public_endpoints + self.ports.endpoints()
         return public_urls(endpoints, tunnel_id.lower(), capabilities, self.domain)
 
-    def _is_stale(self, session: Session) -> bool:
+    def is_stale(self, session: Session) -> bool:
+        """Whether a claim of ``session`` may be taken over (closed, or silent too long)."""
         if session.is_closed:
             return True
         stale_after = self.config.stale_session_after or 2 * self.config.heartbeat_interval
