@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
-__all__ = ["ACCESS_CAPABILITY", "MAX_ALLOW", "KINDS", "TunnelAccess", "access_from_capabilities",
-           "basic_auth_digest", "check_basic_auth_value", "parse_networks"]
+__all__ = ["ACCESS_CAPABILITY", "MAX_ALLOW", "KINDS", "TunnelAccess", "KeyedAccess", "access_from_capabilities",
+           "basic_auth_digest", "keyed_digest", "check_basic_auth_value", "parse_networks"]
 
 ACCESS_CAPABILITY = "access/1"
 _PREFIX = ACCESS_CAPABILITY + "="
@@ -58,6 +58,25 @@ def basic_auth_digest(credentials: Union[str, bytes]) -> str:
     """The digest that stands for ``USER:PASSWORD`` on the wire (unpadded base64url SHA-256)."""
     raw = credentials.encode("utf-8") if isinstance(credentials, str) else bytes(credentials)
     return base64.urlsafe_b64encode(hashlib.sha256(raw).digest()).rstrip(b"=").decode("ascii")
+
+
+def keyed_digest(key: bytes, sha256: bytes) -> str:
+    """HMAC-SHA256 under ``key`` of the SHA-256 of ``USER:PASSWORD`` (hex): what a cluster node
+    publishes for the other nodes instead of the client's digest (see ``KeyedAccess``)."""
+    return hmac.new(key, sha256, hashlib.sha256).hexdigest()
+
+
+def _basic_credentials(header_value: Optional[bytes]) -> Optional[bytes]:
+    """The decoded ``USER:PASSWORD`` of an ``Authorization: Basic`` value, or None."""
+    if not header_value:
+        return None
+    scheme, _, encoded = header_value.strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return None
+    try:
+        return base64.b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
 def parse_networks(entries: Iterable[str]) -> Tuple[Network, ...]:
@@ -133,16 +152,27 @@ class TunnelAccess:
         True without basic auth). Compared as digests, in constant time."""
         if self.digest is None:
             return True
-        if not header_value:
-            return False
-        scheme, _, encoded = header_value.strip().partition(b" ")
-        if scheme.lower() != b"basic":
-            return False
-        try:
-            raw = base64.b64decode(encoded.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            return False
-        return hmac.compare_digest(basic_auth_digest(raw), self.digest)
+        raw = _basic_credentials(header_value)
+        return raw is not None and hmac.compare_digest(self.expected(raw), self.digest)
+
+    def expected(self, credentials: bytes) -> str:
+        """What ``digest`` would be for these credentials."""
+        return basic_auth_digest(credentials)
+
+
+@dataclass(frozen=True)
+class KeyedAccess(TunnelAccess):
+    """A tunnel's rules as another cluster node published them: ``digest`` is ``keyed_digest(key,
+    SHA-256(USER:PASSWORD))``, never the client's digest itself, so whoever reads the published
+    rules without ``key`` cannot test passwords against them. ``key`` stays out of the repr."""
+
+    key: bytes = b""
+
+    def __repr__(self) -> str:
+        return "Keyed" + super().__repr__()
+
+    def expected(self, credentials: bytes) -> str:
+        return keyed_digest(self.key, hashlib.sha256(credentials).digest())
 
 
 def _parse(caps: Tuple[str, ...]) -> Optional[TunnelAccess]:

@@ -4,7 +4,9 @@ A visitor that reaches node B for a tunnel whose client session is on node A cro
 B -> A: B opens a stream on its link session to A (the tunnel protocol's own framing and flow
 control, one frame to open, no new connection per visitor), with the tunnel id, the visitor's
 address and its Host in the stream's headers; A opens a stream on the client's session and
-joins the two (``splice``). A stream that arrives over a link is only ever given to a local
+joins the two (``splice``). The tunnel's access rules are checked at B (A publishes them with its
+claim, see ``access_records``) and again at A: the allow list and protocol always, basic auth by
+the ``ft-access`` header, B's word that it checked the rules A holds now. A stream that arrives over a link is only ever given to a local
 session: a visitor crosses at most one hop.
 
 Before the tunnel protocol starts, the two nodes prove to each other that they know the cluster
@@ -39,12 +41,14 @@ from ..config import ClientConfig, ServerConfig
 from ..errors import ConnectionLostError
 from ..frames import Protocol, StreamPriority
 from ..protocol.extensions import VISITOR_HEADER
-from ..server.guard import kind_of, refusal, route_access
+from ..server.guard import kind_of, route_access
 from ..server.registry import Route
 from ..server.server import TunnelServer
+from .access_records import AccessKeys, Published
 from .splice import splice
 
-__all__ = ["LinkServer", "LinkPool", "RemoteRoute", "LinkAuthError", "HEADER_TUNNEL", "HEADER_VISITOR", "HEADER_HOST"]
+__all__ = ["LinkServer", "LinkPool", "RemoteRoute", "LinkAuthError", "HEADER_TUNNEL", "HEADER_VISITOR", "HEADER_HOST",
+           "HEADER_ACCESS"]
 
 log = logging.getLogger("ferrotunnel.cluster")
 
@@ -66,6 +70,8 @@ LINK_REDIAL_INTERVAL = 1.0
 HEADER_TUNNEL = "ft-tunnel"
 HEADER_VISITOR = VISITOR_HEADER
 HEADER_HOST = "ft-host"
+#: The tag of the access rules the ingress node checked (basic auth included) for this stream.
+HEADER_ACCESS = "ft-access"
 
 
 class LinkAuthError(ConnectionLostError):
@@ -144,6 +150,7 @@ class LinkServer:
             raise ValueError("a node link needs the cluster secret")
         self.node_id = node_id
         self._secret = secret.encode()
+        self._keys = AccessKeys(secret)
         self._bind = bind
         self._local_route = local_route
         # one tunnel server for the links: a session per link, its streams joined to local sessions
@@ -233,7 +240,7 @@ class LinkServer:
 
     async def _on_stream(self, stream: VirtualStream) -> None:
         headers = dict(stream.headers)
-        tunnel_id = headers.get(HEADER_TUNNEL)
+        tunnel_id = headers.get(HEADER_TUNNEL, "")
         route = self._local_route(tunnel_id) if tunnel_id else None
         if route is None:
             self.streams["no_session"] += 1
@@ -246,13 +253,11 @@ class LinkServer:
             vhost, _, vport = headers[HEADER_VISITOR].rpartition(":")
             visitor = (vhost, int(vport)) if vport.isdigit() else None
         access = route_access(route)
-        if access is not None:  # the tunnel's access rules, enforced here too (the ingress node cannot know them)
-            kind = kind_of(stream.protocol)
-            # basic auth cannot be checked here (the credentials stayed at the ingress node): refused
-            if not access.serves(kind) or refusal(access, kind, visitor) is not None:
+        if access is not None:  # the tunnel's access rules, enforced here too (this node holds them)
+            why = self._refusal(tunnel_id, access, stream.protocol, visitor, headers.get(HEADER_ACCESS))
+            if why:
                 self.streams["refused_access"] += 1
-                log.info("node link: a visitor for tunnel %s refused by its access rules%s", tunnel_id,
-                         " (basic auth is checked only at the node that holds the tunnel)" if access.digest else "")
+                log.info("node link: a visitor for tunnel %s refused: %s", tunnel_id, why)
                 stream.abort()
                 return
         try:
@@ -264,6 +269,19 @@ class LinkServer:
             return
         self.streams["joined"] += 1
         splice(stream, target)
+
+    def _refusal(self, tunnel_id: str, access: Any, protocol: Protocol, visitor: Any, checked: Optional[str]) -> str:
+        """Why a link stream is refused by the rules of the local session (empty: it is not). The
+        credentials stayed at the ingress node: basic auth passes only with the tag of these rules."""
+        if not access.serves(kind_of(protocol)):
+            return f"the tunnel is not served at {kind_of(protocol)} ingresses"
+        if not access.admits(visitor):
+            return "the visitor's address is not in the allow list"
+        if access.digest is not None:
+            expected = self._keys.checked_tag(tunnel_id, self.node_id, access)
+            if expected is None or not hmac.compare_digest((checked or "").encode(), expected.encode()):
+                return "basic auth was not checked against the current rules at the ingress node"
+        return ""
 
     def announce_drain(self) -> int:
         """Tell the nodes linked to this one that it is leaving: they stop trusting their cached
@@ -283,15 +301,21 @@ class LinkServer:
 
 
 class RemoteRoute(Route):
-    """A tunnel whose client session is on another node: streams go over the link to it."""
+    """A tunnel whose client session is on another node: streams go over the link to it.
+    ``published``: the rules that node published for it; ``access`` (what ``route_access`` reads)
+    makes the ingress check them, and every stream then carries their tag (``ft-access``): an
+    ingress checks a route's access before it opens a stream, as for a local route."""
 
-    __slots__ = ("_tunnel_id", "node_id", "link", "pool")
+    __slots__ = ("_tunnel_id", "node_id", "link", "pool", "access", "_tag")
 
-    def __init__(self, tunnel_id: str, node_id: str, link: Session, pool: Optional["LinkPool"] = None) -> None:
+    def __init__(self, tunnel_id: str, node_id: str, link: Session, pool: Optional["LinkPool"] = None,
+                 published: Optional[Published] = None) -> None:
         self._tunnel_id = tunnel_id
         self.node_id = node_id
         self.link = link
         self.pool = pool
+        self.access = published.access if published is not None else None
+        self._tag = published.tag if published is not None and published.access is not None else None
 
     @property
     def tunnel_id(self) -> str:
@@ -304,6 +328,8 @@ class RemoteRoute(Route):
             headers.append((HEADER_VISITOR, f"{visitor[0]}:{visitor[1]}"))
         if host:
             headers.append((HEADER_HOST, host))
+        if self._tag is not None:
+            headers.append((HEADER_ACCESS, self._tag))
         stream = self.link.open_stream_nowait(protocol, priority, headers)
         if self.pool is not None:
             self.pool.streams_out += 1
@@ -339,9 +365,11 @@ class LinkPool:
         self.failures = 0
         self.streams_out = 0
 
-    async def route(self, node_id: str, address: Tuple[str, int], tunnel_id: str) -> Optional[Route]:
-        """A route to ``tunnel_id`` over the link to ``node_id`` (dialled if needed); None if the
-        node cannot be reached (the caller answers the visitor, and asks again later)."""
+    async def route(self, node_id: str, address: Tuple[str, int], tunnel_id: str,
+                    published: Optional[Published] = None) -> Optional[Route]:
+        """A route to ``tunnel_id`` over the link to ``node_id`` (dialled if needed), guarded by
+        the rules that node ``published``; None if the node cannot be reached (the caller answers
+        the visitor, and asks again later)."""
         failed = self._failed_at.get(node_id)
         if failed is not None and time.monotonic() - failed < LINK_REDIAL_INTERVAL and node_id not in self.links():
             return None
@@ -353,7 +381,7 @@ class LinkPool:
             log.warning("node link to %s at %s:%s failed: %s", node_id, address[0], address[1], exc)
             return None
         self._failed_at.pop(node_id, None)
-        return RemoteRoute(tunnel_id, node_id, link, self)
+        return RemoteRoute(tunnel_id, node_id, link, self, published)
 
     def links(self) -> Dict[str, Session]:
         """The live links, by node id."""

@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from ..config import ClusterConfig, redact_url
 from ..server.registry import Route
+from .access_records import Published
 from .links import LinkPool, LinkServer
 from .redis_registry import RedisRegistry
 
@@ -33,8 +34,9 @@ class ClusterNode:
         self.registry = RedisRegistry(config, remote_route=self._remote_route, epoch=epoch, client=redis_client)
         self.links_in = LinkServer(config.node_id, config.cluster_token, node_bind, self.registry.lookup_local)
 
-    async def _remote_route(self, node_id: str, address: Tuple[str, int], tunnel_id: str) -> Optional[Route]:
-        return await self.links_out.route(node_id, address, tunnel_id)
+    async def _remote_route(self, node_id: str, address: Tuple[str, int], tunnel_id: str,
+                            published: Optional[Published] = None) -> Optional[Route]:
+        return await self.links_out.route(node_id, address, tunnel_id, published)
 
     @property
     def node_id(self) -> str:

@@ -2,7 +2,8 @@
 
 Keys (``p``: ``key_prefix``; ``t``: Redis ``TIME`` in ms): ``{p}node:{node_id}`` hash ``epoch
 state addr t`` PX ``node_ttl`` ("up"/"draining", link address, epoch fresh at every start) and
-``{p}tunnel:{tunnel_id}`` hash ``node epoch session t`` PX ``claim_ttl`` (or a pool's record, see
+``{p}tunnel:{tunnel_id}`` hash ``node epoch session t access`` PX ``claim_ttl`` (``access``: the
+session's rules as other nodes check them, see ``access_records``) (or a pool's record, see
 ``scripts`` and ``redis_pools``). Every read-then-write is one Lua script: ``claim`` (free, ours,
 or held by a dead / restarted / draining node: take it; a stale holder: "pending"; else "held"),
 ``refresh`` and ``release`` (compare, then update or delete), ``node`` and ``lookup``. While Redis
@@ -24,6 +25,7 @@ from ..aio.session import Session
 from ..config import ClusterConfig, redact_url
 from ..errors import ConnectionLostError
 from ..server.registry import Claim, LocalRegistry, Route, StalePredicate
+from .access_records import AccessKeys, UnreadableRules
 from .redis_pools import PoolRecords, member_nodes, pool_route, refusal
 from .redis_base import RedisDown, RegistryStats, as_text, connect, parse_addr, redis_module, to_ms
 from .scripts import SCRIPTS
@@ -32,7 +34,9 @@ __all__ = ["RedisRegistry", "RegistryStats", "RouteFactory", "connect"]
 
 log = logging.getLogger("ferrotunnel.cluster")
 
-#: ``remote_route(node_id, (host, port), tunnel_id)``: a Route to that tunnel on that node, or None.
+#: ``remote_route(node_id, (host, port), tunnel_id)``: a Route to that tunnel on that node, or None;
+#: for a tunnel with access rules also ``published=`` (``access_records.Published``), which the
+#: route must carry as its ``access``.
 RouteFactory = Callable[[str, Tuple[str, int], str], Awaitable[Optional[Route]]]
 
 _TAKEOVER = frozenset({"dead", "restarted", "draining"})
@@ -59,6 +63,7 @@ class RedisRegistry:
         self._client: Any = client if client is not None else connect(config)
         self._scripts = {name: self._client.register_script(src) for name, src in SCRIPTS.items()}
         self._url = redact_url(config.redis_url)
+        self._keys = AccessKeys(config.cluster_token)
         self._local = LocalRegistry()
         #: Where other nodes reach this node's link listener (read at every liveness refresh).
         self.advertise: Tuple[str, int] = config.node_advertise
@@ -139,13 +144,15 @@ class RedisRegistry:
         c = self.config
         return ([self._claim_key(session.tunnel_id)],
                 [self.node_id, self.epoch, session.id.hex, to_ms(c.claim_ttl), self._node_prefix,
-                 to_ms(2 * c.claim_refresh), to_ms(2 * c.node_refresh), "1" if replace_own else "0"])
+                 to_ms(2 * c.claim_refresh), to_ms(2 * c.node_refresh), "1" if replace_own else "0",
+                 self._keys.session_record(self.node_id, session)])
 
     def _owner(self, session_hex: str) -> List[Any]:
         return ["node", self.node_id, "epoch", self.epoch, "session", session_hex]
 
     def _refresh_args(self, session: Session) -> List[Any]:
-        return [self.node_id, self.epoch, session.id.hex, to_ms(self.config.claim_ttl)]
+        return [self.node_id, self.epoch, session.id.hex, to_ms(self.config.claim_ttl),
+                self._keys.session_record(self.node_id, session)]
 
     async def _write_node(self) -> None:
         host, port = self.advertise
@@ -273,7 +280,8 @@ class RedisRegistry:
         for i in range(0, len(mine), _BATCH):  # one script call per _BATCH claims, each within redis_timeout
             part = mine[i:i + _BATCH]
             holders += await self._call(self._script(
-                "refresh_many", [self._claim_key(s.tunnel_id) for s in part], head + [s.id.hex for s in part]))
+                "refresh_many", [self._claim_key(s.tunnel_id) for s in part],
+                head + [s.id.hex for s in part] + [self._keys.session_record(self.node_id, s) for s in part]))
         for s, holder in zip(mine, holders):
             if self._local.get(s.id) is not s:  # ended meanwhile: its release may have run first
                 await self._release_remote(s.tunnel_id, s.id.hex)
@@ -352,11 +360,17 @@ class RedisRegistry:
             elif not addr:  # its node died (or restarted): until the client reconnects elsewhere
                 why = f"its node ({node}) has stopped; the tunnel reconnects to another node shortly"
             elif node != self.node_id and self.remote_route is not None:
-                try:
-                    route = await self.remote_route(node, parse_addr(addr), tunnel_id)
+                try:  # its rules are checked here: unreadable ones never serve it unguarded
+                    published = self._keys.read(tunnel_id, node, found[2] if len(found) > 2 else None,
+                                                len(found) > 3 and as_text(found[3]) == "1")
+                    extra = {"published": published} if published.access is not None else {}
+                    route = await self.remote_route(node, parse_addr(addr), tunnel_id, **extra)
+                except UnreadableRules as exc:
+                    why = f"its access rules cannot be verified on this node: {exc}"
+                    log.warning("registry: tunnel %s on node %s not served here: %s", tunnel_id, node, why)
                 except Exception as exc:  # pragma: no cover - a route factory that raises
                     log.warning("registry: no route to node %s at %s for tunnel %s: %s", node, addr, tunnel_id, exc)
-                if route is None:  # the link said why in the log
+                if route is None and not why:  # the link said why in the log
                     why = f"its node ({node}) cannot be reached from this node"
         if why:  # the visitor is told so (503), not that there is no such tunnel (404)
             if len(self._unreachable) >= _CACHE_MAX:

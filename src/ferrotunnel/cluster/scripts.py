@@ -40,8 +40,8 @@ end
 """
 
 #: KEYS: claim. ARGV: node, epoch, session, claim_ttl ms, node key prefix, stale claim ms, stale
-#: node ms, "1" if another claim of this node and epoch may be replaced. {verdict, holder, why};
-#: 'pool' when a pool holds it.
+#: node ms, "1" if another claim of this node and epoch may be replaced, the session's published
+#: access rules (``access_records``). {verdict, holder, why}; 'pool' when a pool holds it.
 _CLAIM = _NOW + _POOL_FNS + """
 local h = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'session', 't')
 local verdict, prev = 'granted', h[1]
@@ -74,25 +74,26 @@ elseif h[1] then
     return {'held', h[1], ''}
   end
 end
-redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', ARGV[2], 'session', ARGV[3], 't', now)
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', ARGV[2], 'session', ARGV[3], 't', now, 'access', ARGV[9])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return {verdict, prev or '', ''}
 """
 
-#: KEYS: claim. ARGV: node, epoch, session, claim_ttl ms. '' while ours (re-created if it expired:
-#: nobody else holds it), else the holder's node.
+#: KEYS: claim. ARGV: node, epoch, session, claim_ttl ms, access rules. '' while ours (re-created,
+#: rules included, if it expired: nobody else holds it), else the holder's node.
 _REFRESH = _NOW + _POOL_FNS + """
 if redis.call('HEXISTS', KEYS[1], 'pool') == 1 then local m = members(KEYS[1]) return m[1] and m[1][1] or 'a pool' end
 local h = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'session')
 if h[1] and not (h[1] == ARGV[1] and h[2] == ARGV[2] and h[3] == ARGV[3]) then return h[1] end
-redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', ARGV[2], 'session', ARGV[3], 't', now)
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', ARGV[2], 'session', ARGV[3], 't', now, 'access', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return ''
 """
 
 #: ``refresh`` for many claims of one node in one call (a node refreshes all its claims every
 #: ``claim_refresh``: one script call per key would cost Redis and the node several times more).
-#: KEYS: claims. ARGV: node, epoch, claim_ttl ms, then one session per key. One answer per key.
+#: KEYS: claims. ARGV: node, epoch, claim_ttl ms, then one session per key, then one access rules
+#: record per key. One answer per key.
 _REFRESH_MANY = _NOW + _POOL_FNS + """
 local out = {}
 for i = 1, #KEYS do
@@ -103,7 +104,8 @@ for i = 1, #KEYS do
   elseif h[1] and not (h[1] == ARGV[1] and h[2] == ARGV[2] and h[3] == ARGV[3 + i]) then
     out[i] = h[1]
   else
-    redis.call('HSET', KEYS[i], 'node', ARGV[1], 'epoch', ARGV[2], 'session', ARGV[3 + i], 't', now)
+    redis.call('HSET', KEYS[i], 'node', ARGV[1], 'epoch', ARGV[2], 'session', ARGV[3 + i], 't', now,
+               'access', ARGV[3 + #KEYS + i])
     redis.call('PEXPIRE', KEYS[i], ARGV[3])
     out[i] = ''
   end
@@ -129,16 +131,18 @@ return redis.call('DEL', KEYS[1])
 """
 
 #: KEYS: node. ARGV: epoch, state, addr, node_ttl ms. Returns the epoch it replaced ('' if none).
+#: ``rules`` = the epoch: this process publishes its tunnels' access rules with its claims (a node
+#: of an older version does not, and guards its tunnels itself).
 _NODE = _NOW + """
 local prev = redis.call('HGET', KEYS[1], 'epoch')
-redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'state', ARGV[2], 'addr', ARGV[3], 't', now)
+redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'state', ARGV[2], 'addr', ARGV[3], 't', now, 'rules', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return prev or ''
 """
 
-#: KEYS: claim. ARGV: node key prefix, claim_ttl ms. {node, addr} when the claim's node is alive in
-#: that epoch, {node, ''} when that node is dead or restarted (its client has yet to reconnect
-#: elsewhere). A pool: {'', '', node, addr, state, ...} for every member node alive in its epoch.
+#: KEYS: claim. ARGV: node key prefix, claim_ttl ms. {node, addr, access rules, '1' if that node
+#: publishes rules} when the claim's node is alive in that epoch, {node, ''} when that node is dead or restarted (its client has yet
+#: to reconnect elsewhere). A pool: {'', '', node, addr, state, ...} for every member node alive in its epoch.
 _LOOKUP = _NOW + _POOL_FNS + """
 if redis.call('HEXISTS', KEYS[1], 'pool') == 1 then
   local out = {'', ''}
@@ -152,11 +156,11 @@ if redis.call('HEXISTS', KEYS[1], 'pool') == 1 then
   end
   return out
 end
-local h = redis.call('HMGET', KEYS[1], 'node', 'epoch')
+local h = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'access')
 if not h[1] then return false end
-local n = redis.call('HMGET', ARGV[1] .. h[1], 'epoch', 'addr')
+local n = redis.call('HMGET', ARGV[1] .. h[1], 'epoch', 'addr', 'rules')
 if n[1] ~= h[2] then return {h[1], ''} end
-return {h[1], n[2]}
+return {h[1], n[2] or '', h[3] or '', n[3] == h[2] and '1' or ''}
 """
 
 #: KEYS: claim. ARGV: node, epoch, claim_ttl ms, node key prefix, stale claim ms, stale node ms.

@@ -34,7 +34,8 @@ class AccessRefused(FerroTunnelError):
 
 def route_access(route: Any) -> Optional[TunnelAccess]:
     """The access rules of the tunnel a route leads to, when this node knows them (a session of
-    this process: from its handshake capabilities; a route that carries them: its ``access``)."""
+    this process: from its handshake capabilities; a route that carries them: its ``access``, e.g.
+    a cluster route with the rules the owning node published, checked here before the stream opens)."""
     access = getattr(route, "access", None)
     if isinstance(access, TunnelAccess):
         return access
@@ -54,7 +55,7 @@ def refusal(access: TunnelAccess, kind: str, visitor: Any,
     never served at a TCP ingress (it could not ask for the credentials)."""
     if not access.admits(visitor):
         return AccessRefused("403 Forbidden", "your address is not allowed to reach this tunnel")
-    if access.digest is not None:  # (a TCP visitor, or one carried from another node, has no credentials)
+    if access.digest is not None:  # (a TCP visitor has no credentials)
         values = authorization or ()
         if len(values) != 1 or not access.authorized(values[0]):
             return AccessRefused("401 Unauthorized", "this tunnel needs credentials (HTTP basic auth)")
