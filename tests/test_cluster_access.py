@@ -214,7 +214,7 @@ def test_a_protocol_restricted_tunnel_is_not_served_at_the_other_kind_on_another
 
 
 @pytest.mark.parametrize("tamper", ["changed", "missing", "other-node"])
-def test_rules_that_do_not_verify_are_not_served(run, tamper):
+def test_rules_that_do_not_verify_are_not_served(run, tamper, caplog):
     """A record changed in Redis (or gone) makes the tunnel unreachable from other nodes (503),
     never served unguarded; the owner's next refresh writes it again."""
     async def body():
@@ -230,10 +230,15 @@ def test_rules_that_do_not_verify_are_not_served(run, tamper):
                     from ferrotunnel.cluster.access_records import AccessKeys
 
                     await c.set_record(AccessKeys(SECRET).record("web", "a", TunnelAccess.build(basic_auth=CREDS)))
-                head, text = await _get(c.a.http.address, "web", CREDS)
-                assert head.startswith(b"HTTP/1.1 503"), head
-                assert b"access rules" in text, text
+                caplog.set_level("WARNING", logger="ferrotunnel.cluster")
+                for _ in range(3):
+                    head, text = await _get(c.a.http.address, "web", CREDS)
+                    assert head.startswith(b"HTTP/1.1 503"), head
+                    assert b"access rules" in text, text
                 assert c.b.node.links_in.streams["joined"] == 0
+                said = [r.getMessage() for r in caplog.records if "not served here" in r.getMessage()]
+                assert len(said) == 1, said  # once, not per visitor
+                assert basic_auth_digest(CREDS) not in caplog.text and SECRET not in caplog.text
     run(body, timeout=60)
 
 

@@ -367,7 +367,8 @@ class RedisRegistry:
                     route = await self.remote_route(node, parse_addr(addr), tunnel_id, **extra)
                 except UnreadableRules as exc:
                     why = f"its access rules cannot be verified on this node: {exc}"
-                    log.warning("registry: tunnel %s on node %s not served here: %s", tunnel_id, node, why)
+                    if self._unreachable.get(tunnel_id) != why:  # once, not for every visitor
+                        log.warning("registry: tunnel %s on node %s not served here: %s", tunnel_id, node, why)
                 except Exception as exc:  # pragma: no cover - a route factory that raises
                     log.warning("registry: no route to node %s at %s for tunnel %s: %s", node, addr, tunnel_id, exc)
                 if route is None and not why:  # the link said why in the log
