@@ -34,7 +34,9 @@ relay2, tunnel, ...) so drift hits both alike; figures are medians over ``--roun
 ``--profile`` adds a last step: a fresh compiled tunnel pair whose server and client each run
 cProfile only during a 1-thread stream-setup run; the top functions by cumulative and by self
 time of both processes are printed and written to ``--profile-dir`` (speed-profile-server.txt,
-speed-profile-client.txt). ``--json FILE`` keeps every per-round figure and the table.
+speed-profile-client.txt). cProfile sees Python functions only: time spent in uvloop's and the
+compiled kernel's Cython functions (transport writes, the local connect) counts as the self time
+of the Python function that called them. ``--json FILE`` keeps every per-round figure and the table.
 
 Every process the benchmark starts is killed by its PID when the run ends, also when it fails.
 On a shared machine the absolute figures move; compare the same-run ratios.

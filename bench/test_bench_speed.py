@@ -7,7 +7,8 @@
 own; about a minute) and stores every row's figures in ``extra_info``; the timed value is the
 whole run. ``FT_SPEED_ARGS`` (e.g. ``"--rounds 3 --secs 3"``) replaces ``--quick`` for a full
 run. The targets are reported, not asserted: a row below its target is a finding, not a broken
-benchmark. ``test_verdicts`` checks the table's pass/fail logic on made-up figures.
+benchmark. ``test_verdicts`` checks the table's pass/fail logic on made-up figures, and
+``test_procs_killed_when_a_run_fails`` that every process a run starts is killed when it fails.
 """
 
 from __future__ import annotations
@@ -109,3 +110,36 @@ def test_verdicts():
 def test_parse_kv():
     assert speed.parse_kv("pingpong size=64 n=5000 p50_us=245.2 p99_us=359.6") == {
         "size": 64.0, "n": 5000.0, "p50_us": 245.2, "p99_us": 359.6}
+
+
+
+def test_procs_killed_when_a_run_fails(tmp_path):
+    """Every process started is killed by PID when the run fails, even when the clean-up itself
+    is interrupted (SIGTERM raises SystemExit) while waiting for one of them."""
+    import sys
+
+    import pytest
+
+    import speed_procs as sp
+
+    with pytest.raises(SystemExit):
+        with sp.Procs(str(tmp_path)) as procs:
+            started = [procs.popen(f"sleeper{i}", [sys.executable, "-c", "import time; time.sleep(60)"])
+                       for i in range(3)]
+            started[0].wait = _interrupted_once(started[0].wait)
+            raise sp.BenchError("a step failed")
+    for p in started:
+        p.wait(timeout=10)  # a live one would time out here
+        assert p.returncode == -9, (p.pid, p.returncode)
+
+
+def _interrupted_once(wait):
+    calls = []
+
+    def w(*a, **kw):
+        if not calls:
+            calls.append(1)
+            raise SystemExit(143)
+        return wait(*a, **kw)
+
+    return w
