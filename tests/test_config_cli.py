@@ -4,6 +4,7 @@ error (exit 2) naming the file, the table and the key."""
 
 from __future__ import annotations
 
+import re
 
 from conftest import free_port
 from test_cli import TOKEN, Proc, http
@@ -39,8 +40,46 @@ def test_two_tunnels_from_one_file_reach_two_apps(world, tmp_path):
         status, body, s = http(hport, f"{name}.example.test", "/x")
         s.close()
         assert status.startswith("HTTP/1.1 200") and body.startswith(f"{name} /x"), body
+    # both tunnels on one connection (tunnels/1): one session, the second id registered on it
+    said = re.findall(rb"connected to \S+: session (\S+), tunnel id (\w+)", cli.out)
+    assert sorted(t for _, t in said) == [b"api", b"web"] and said[0][0] == said[1][0], cli.out
+    srv = procs[0]
+    srv.wait_until(lambda: b"tunnel api registered on session " + said[0][0] in srv.out + srv.err, what="register")
+    assert (srv.out + srv.err).count(b") from ") == 1  # one "session ... (tunnel web) from ... established"
     assert cli.finish() == 0
     assert TOKEN.encode() not in cli.out + cli.err
+
+
+def test_a_server_without_the_extension_gets_one_connection_per_tunnel(world, tmp_path):
+    """A server that never answers tunnels/1 (a Rust one, an older one): each tunnel of the file
+    gets a connection of its own, as before."""
+    procs, apps = world
+    (tmp_path / "sitecustomize.py").write_text(
+        "import ferrotunnel.protocol.handshake as hs\n"
+        "_real = hs.server_capabilities\n"
+        "hs.server_capabilities = lambda config: [c for c in _real(config) if c != 'tunnels/1']\n")
+    hport, tport = free_port(), free_port()
+    srv = Proc("server", "--bind", f"127.0.0.1:{tport}", "--http-bind", f"127.0.0.1:{hport}", "--domain",
+               "example.test", env={"FERROTUNNEL_TOKEN": TOKEN, "PYTHONPATH": str(tmp_path)})
+    procs.append(srv)
+    srv.wait_for("listening")
+    web, api = App("web"), App("api")
+    apps += [web, api]
+    cfg = tmp_path / "tunnels.toml"
+    cfg.write_text(f'server = "127.0.0.1:{tport}"\n'
+                   f'[[tunnel]]\nid = "web"\nlocal = "127.0.0.1:{web.port}"\n'
+                   f'[[tunnel]]\nid = "api"\nlocal = "127.0.0.1:{api.port}"\n')
+    cli = Proc("client", "--config", str(cfg), env={"FERROTUNNEL_TOKEN": TOKEN, "FERROTUNNEL_SERVER": ""})
+    procs.append(cli)
+    cli.wait_until(lambda: cli.out.count(b"Forwarding http://") >= 2 and cli.out.endswith(b"\n"), what="2 URLs")
+    said = re.findall(rb"connected to \S+: session (\S+), tunnel id (\w+)", cli.out)
+    assert sorted(t for _, t in said) == [b"api", b"web"] and said[0][0] != said[1][0], cli.out
+    for name in ("web", "api"):
+        status, body, s = http(hport, f"{name}.example.test", "/y")
+        s.close()
+        assert status.startswith("HTTP/1.1 200") and body.startswith(f"{name} /y"), body
+    assert b"registered on session" not in srv.out + srv.err
+    assert cli.finish() == 0
 
 
 def test_flags_win_over_a_one_tunnel_file_and_are_refused_for_many(world, tmp_path):

@@ -322,3 +322,28 @@ def test_register_frames_are_ignored_unless_negotiated_and_bounded_when_they_are
     # the capabilities are kept as a handshake's: the over-long one is dropped
     assert rec.registers[0][2] == ("tcp", "pool/1")
     assert dataclasses.is_dataclass(ft.Tunnel)
+
+
+def test_registering_an_id_the_connection_serves_already_is_refused_and_harms_nothing(run):
+    async def body():
+        (a1, addr1), (a2, addr2) = await name_app("one"), await name_app("two")
+        server = ft.TunnelServer(("127.0.0.1", 0), TOKEN)
+        async with server:
+            http = ft.HttpIngress(server, ("127.0.0.1", 0))
+            await http.start()
+            c = client(server, addr1, tunnel("api", addr2))
+            session = await c.connect()
+            conn = session.connection
+            for again in ("api", "WEB"):  # a peer that registers again what it serves
+                fut = conn.register_waiters.expect(again)
+                conn.core.send_register(again, ft.Protocol.TCP, ("tcp",))
+                with pytest.raises(RetryableHandshakeError, match="served on this connection already"):
+                    await asyncio.wait_for(fut, 15)
+            assert not session.is_closed and live_ids(server) == ["api", "web"]
+            assert served_by(await get(http.address, "api")) == "two"
+            assert served_by(await get(http.address, "web")) == "one"
+            await c.close()
+            await http.close()
+        a1.close()
+        a2.close()
+    run(body, timeout=60)

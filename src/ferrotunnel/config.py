@@ -117,7 +117,7 @@ class ServerConfig(StreamConfig):
     max_sessions: int = 1000
     #: Tunnel ids one session may serve (the handshake's and those it registers, the tunnels
     #: extension); a Register beyond it is answered QuotaExceeded. Each counts toward ``max_sessions``.
-    max_tunnels_per_session: int = 32
+    max_tunnels_per_session: int = 64
     #: Connections still in their handshake; beyond it a new connection is accepted and closed at once.
     max_pending_handshakes: int = 512
     #: Failed handshakes from one address within ``auth_failure_window`` before it is throttled.

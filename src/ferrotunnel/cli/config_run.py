@@ -1,5 +1,6 @@
 """``ferrotunnel client --config FILE.toml``: every tunnel of the file served from one process,
-one connection per tunnel, each printing its ``connected`` and ``Forwarding`` lines; the
+on one connection when the server negotiates ``tunnels/1`` (one connection per tunnel when it
+does not), each printing its ``connected`` and ``Forwarding`` lines; the
 single-tunnel client (no file) runs the same way with one tunnel made of its flags. Flags and
 environment variables win over the file; a single-tunnel flag (``SINGLE_FLAGS``) applies to a
 file with one tunnel only.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import logging
 import time
 import sys
 from typing import Any, Awaitable, Callable, List, Optional, Tuple
@@ -18,6 +20,8 @@ from .common import DEFAULT_LOCAL, UsageError, env, parse_addr, parse_port_flag
 from .config_file import ClientFile, TunnelSpec, load_client_file
 
 __all__ = ["run_config", "serve_tunnels", "spec_from_flags", "SINGLE_FLAGS"]
+
+log = logging.getLogger("ferrotunnel.client")
 
 
 def _token(args: argparse.Namespace, cfg: ClientFile, token_from_args: Callable[[argparse.Namespace], str]) -> str:
@@ -127,7 +131,7 @@ async def serve_tunnels(specs: List[TunnelSpec], server: str, token: str, tls: T
                         until_signal: Callable[..., Awaitable[Optional["asyncio.Task[Any]"]]],
                         describe_error: Callable[[BaseException], str], host_hint: Callable[[str, str], str],
                         token_hint: str, name_tunnels: bool) -> int:
-    """Serve ``specs``, one connection each, printing each tunnel's ``connected`` and
+    """Serve ``specs`` on one connection (one each when the server cannot carry several), printing each tunnel's ``connected`` and
     ``Forwarding`` lines (an output contract), until a signal (exit 0) or the first tunnel that
     fails for good (exit 1, saying why; ``name_tunnels``: the message names the tunnel). ``tls``:
     the SSL context (None: plaintext) and the lines that say the TLS mode. After a signal, open
@@ -143,46 +147,104 @@ async def serve_tunnels(specs: List[TunnelSpec], server: str, token: str, tls: T
 
     clients: List[Any] = []
     tasks: List["asyncio.Task[Any]"] = []
-    for spec in specs:
-        config = spec.client_config()
-        if backoff is not None:
-            config = dataclasses.replace(config, backoff=backoff)
-        client = ft.TunnelClient(server, token, tunnel_id=spec.id, tls=ctx, server_name=server_name, config=config)
-        local = format_address(*spec.local)
+    started = asyncio.Event()  # a tunnel was started (a fallback to a connection of its own)
 
-        def connected(session: Any, client: Any = client, local: str = local) -> None:
+    def handler_for(spec: TunnelSpec, config: Any) -> Any:
+        return (inspector.handler(config.local_addr, spec.id, proxy_protocol=config.proxy_protocol)
+                if inspector is not None else None)
+
+    def config_of(spec: TunnelSpec) -> Any:
+        config = spec.client_config()
+        return dataclasses.replace(config, backoff=backoff) if backoff is not None else config
+
+    def start(spec: TunnelSpec, more: Tuple[TunnelSpec, ...] = ()) -> None:
+        config = config_of(spec)
+        extra = [ft.Tunnel(m.id, config_of(m), handler_for(m, config_of(m))) for m in more if m.id]
+        client = ft.TunnelClient(server, token, tunnel_id=spec.id, tls=ctx, server_name=server_name, config=config,
+                                 more_tunnels=extra)
+        local = format_address(*spec.local)
+        rest = tuple(m for m in more if m.id)
+
+        def say(tunnel_id: str, session: Any, local: str, urls: Tuple[str, ...]) -> None:
+            print(f"connected to {client.address}: session {session.id}, tunnel id {tunnel_id}; "
+                  f"forwarding streams to {local}", flush=True)
+            for url in urls:
+                print(f"Forwarding {url} -> {local}{host_hint(url, tunnel_id)}", flush=True)
+
+        def connected(session: Any) -> None:
             print(f"connected to {client.address}: session {session.id}, tunnel id {client.tunnel_id}; "
                   f"forwarding streams to {local}", flush=True)
+            if rest and client.more_tunnels and not client.carries_more_tunnels:
+                # the server cannot carry them (a Rust one, an older one): a connection each
+                log.info("the server at %s does not serve several tunnels on one connection (tunnels/1): "
+                         "one connection per tunnel", client.address)
+                client.carry_alone()
+                for m in rest:
+                    start(m)
 
-        def public(urls: Tuple[str, ...], client: Any = client, local: str = local) -> None:
+        def public(urls: Tuple[str, ...]) -> None:
             for url in urls:
                 print(f"Forwarding {url} -> {local}{host_hint(url, client.tunnel_id)}", flush=True)
 
+        def registered(t: Any, urls: Tuple[str, ...]) -> None:
+            session = client.session
+            if session is not None:
+                say(t.tunnel_id, session, format_address(*t.config.local_addr), urls)
+
         clients.append(client)
-        handler = (inspector.handler(config.local_addr, client.tunnel_id, proxy_protocol=config.proxy_protocol)
-                   if inspector is not None else None)
-        tasks.append(asyncio.ensure_future(client.connect_and_run(handler, on_connected=connected,
-                                                                  on_public_urls=public)))
+        tasks.append(asyncio.ensure_future(client.connect_and_run(handler_for(spec, config), on_connected=connected,
+                                                                  on_public_urls=public, on_registered=registered)))
+        started.set()
+
+    # every tunnel on the first one's connection (tunnels without an id get a connection each:
+    # their ids are the server's choice)
+    named = [s for s in specs if s.id]
+    if len(named) > 1:
+        start(named[0], tuple(named[1:]))
+        for spec in specs:
+            if not spec.id:
+                start(spec)
+    else:
+        for spec in specs:
+            start(spec)
+    watch = asyncio.ensure_future(_first_to_end(tasks, started))
     try:
-        finished = await until_signal(*tasks)
+        ended = await until_signal(watch)
+        finished = watch.result() if ended is not None else None
         if finished is None:
             await _grace(clients, tasks, args.grace)
             return 0
         exc = finished.exception()
         if exc is None:
             return 0
-        who = f"tunnel {clients[tasks.index(finished)].tunnel_id}: " if name_tunnels else ""
+        who = f"tunnel {getattr(exc, 'tunnel_id', None) or clients[tasks.index(finished)].tunnel_id}: " \
+            if name_tunnels else ""
         hint = ""
         if isinstance(exc, ft.AuthenticationError) and "not allowed for this token" not in str(exc):
             hint = f"; {token_hint}"
         print(f"ferrotunnel: {who}{describe_error(exc)}{hint}", file=sys.stderr)
         return 1
     finally:
+        watch.cancel()
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(watch, *tasks, return_exceptions=True)
         if inspector is not None:
             await inspector.close()
+
+
+async def _first_to_end(tasks: List["asyncio.Task[Any]"], started: asyncio.Event) -> "asyncio.Task[Any]":
+    """The first of ``tasks`` to end (the list may grow while waiting: ``started`` says so)."""
+    while True:
+        started.clear()
+        grown = asyncio.ensure_future(started.wait())
+        try:
+            done, _ = await asyncio.wait([*tasks, grown], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            grown.cancel()
+        for t in tasks:
+            if t in done:
+                return t
 
 
 async def _start_inspector(args: argparse.Namespace) -> Any:

@@ -59,7 +59,8 @@ def refusal_error(tunnel_id: str, status: RegisterStatus, reason: str) -> Handsh
     retry semantics: a tunnel id in use is retried like TunnelIdTaken (and given up after
     ``MAX_SUSPECT_ATTEMPTS``); a pending handover or a full server is retried; an id the token may
     not claim is an AuthenticationError; anything else stops the client."""
-    message = f"tunnel id {tunnel_id!r} refused by the server: {reason or status.name}"
+    said = reason or status.name
+    message = said if repr(tunnel_id.lower()) in said else f"tunnel id {tunnel_id!r} refused by the server: {said}"
     hint = _RETRY_AFTER.search(reason)
     exc: HandshakeError
     if status == RegisterStatus.SERVICE_NAME_TAKEN or (status == RegisterStatus.QUOTA_EXCEEDED and hint):
