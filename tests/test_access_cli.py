@@ -5,6 +5,7 @@ file sets the same per tunnel; bad values are usage errors that never repeat the
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -85,6 +86,32 @@ def test_a_config_file_sets_access_per_tunnel(world, tmp_path):
     assert PASSWORD.encode() not in cli.out + cli.err
 
 
+@pytest.mark.skipif(shutil.which("curl") is None or not os.path.exists("/proc/self/cmdline"),
+                    reason="needs curl and /proc")
+@pytest.mark.parametrize("flag", [["--basic-auth", f"carol:{PASSWORD}"], [f"--basic-auth=carol:{PASSWORD}"],
+                                  ["--basic", f"carol:{PASSWORD}"]])
+def test_a_basic_auth_flag_is_removed_from_the_process_list(world, flag):
+    procs, apps = world
+    srv, tport, hport = _server(procs)
+    app = App("web")
+    apps.append(app)
+    cli = Proc("client", "--server", f"127.0.0.1:{tport}", "--local-addr", f"127.0.0.1:{app.port}",
+               "--tunnel-id", "web", *flag, env={"FERROTUNNEL_TOKEN": TOKEN, "FERROTUNNEL_BASIC_AUTH": "x:other"})
+    procs.append(cli)
+    cli.wait_for(f"Forwarding http://web.example.test:{hport}")
+    with open(f"/proc/{cli.p.pid}/cmdline", "rb") as f:
+        line = f.read()
+    assert b"ferrotunnel" in line and PASSWORD.encode() not in line and b"--basic" not in line, line
+    warnings = [x for x in cli.err.decode().splitlines() if "WARNING" in x and "--basic-auth" in x]
+    assert len(warnings) == 1 and "removed from it at start-up" in warnings[0], cli.err
+    # the flag's password is the one in force (it wins over the environment's)
+    assert _curl(hport, "web") == "401"
+    assert _curl(hport, "web", "-u", "x:other") == "401"
+    assert _curl(hport, "web", "-u", f"carol:{PASSWORD}") == "200"
+    assert cli.finish() == 0
+    assert PASSWORD.encode() not in cli.out + cli.err
+
+
 @pytest.mark.parametrize("args,env,says", [
     (["--basic-auth", "nopassword"], {}, "USER:PASSWORD"),
     ([], {"FERROTUNNEL_BASIC_AUTH": f":{PASSWORD}"}, "USER:PASSWORD"),
@@ -98,7 +125,7 @@ def test_bad_access_flags_are_usage_errors(args, env, says):
     assert cli.finish() == 2 and b"Traceback" not in cli.err
     assert says.encode() in cli.err, cli.err
     if "--basic-auth" in args:
-        assert b"WARNING: the password given with --basic-auth is visible" in cli.err
+        assert b"WARNING: the password given with --basic-auth was visible" in cli.err
     assert PASSWORD.encode() not in cli.out + cli.err
 
 

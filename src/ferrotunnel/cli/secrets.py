@@ -1,5 +1,6 @@
 """The token of ``server`` and ``client``: where it comes from, and keeping it out of the process
-list (a ``--token`` is moved to the environment by re-executing the same PID)."""
+list (a ``--token``, and a client's ``--basic-auth``, are moved to the environment by
+re-executing the same PID)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import errno
 import getpass
 import os
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .common import UsageError, env
 
-__all__ = ["TOKEN_HELP", "read_token_file", "token_from_args", "without_token", "hide_token"]
+__all__ = ["TOKEN_HELP", "read_token_file", "token_from_args", "without_token", "without_secret", "hide_token",
+           "SECRET_FLAGS"]
 
 TOKEN_HELP = ("Where the token comes from, first found wins: --token-file PATH or --token (not both), then "
               "FERROTUNNEL_TOKEN, then the file named by FERROTUNNEL_TOKEN_FILE, then a prompt without echo "
@@ -96,36 +98,92 @@ def without_token(argv: Sequence[str]) -> Tuple[List[str], Optional[str]]:
     return out, token
 
 
+def without_secret(argv: Sequence[str], flag: str, value: str) -> List[str]:
+    """``argv`` without ``flag VALUE`` and ``flag=VALUE`` where VALUE is ``value`` (the value
+    argparse took; ``flag`` also in any abbreviation argparse accepts, e.g. ``--basic``)."""
+    def is_flag(arg: str) -> bool:
+        return len(arg) > 2 and arg.startswith("--") and flag.startswith(arg)
+
+    out: List[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            out.extend(argv[i:])
+            break
+        if is_flag(arg) and i + 1 < len(argv) and argv[i + 1] == value:
+            i += 2
+            continue
+        name, eq, rest = arg.partition("=")
+        if eq and is_flag(name) and rest == value:
+            i += 1
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+#: Secret flags moved out of the process list besides --token: (flag, argparse dest, the
+#: environment variable that carries the value across the re-execution).
+SECRET_FLAGS = (("--basic-auth", "basic_auth", "FERROTUNNEL_BASIC_AUTH"),)
+
+
 def hide_token(args: argparse.Namespace, argv: Sequence[str]) -> None:
-    """Take a --token value out of /proc/PID/cmdline: re-execute this process (same PID) without
-    it, the token in FERROTUNNEL_TOKEN. Runs before any socket is opened. Returns only when there
-    is nothing to do (or re-executing is impossible: then it warns that the token stays visible)."""
-    if os.environ.pop(_FROM_ARGV, None) is not None:  # the re-executed process: never again
-        if "FERROTUNNEL_TOKEN" in os.environ:
+    """Take a --token value (and a --basic-auth password, ``SECRET_FLAGS``) out of
+    /proc/PID/cmdline: re-execute this process (same PID) without them, their values in
+    FERROTUNNEL_TOKEN / FERROTUNNEL_BASIC_AUTH. Runs before any socket is opened. Returns only
+    when there is nothing to do (or re-executing is impossible: then it warns that they stay
+    visible)."""
+    moved_here = os.environ.pop(_FROM_ARGV, None)
+    if moved_here is not None:  # the re-executed process: never again
+        moved = moved_here.split(",")
+        if "FERROTUNNEL_TOKEN" in os.environ and ("token" in moved or moved_here == "1"):
             args.token = os.environ["FERROTUNNEL_TOKEN"]  # what --token said: it wins over the rest
+        # (a moved SECRET_FLAGS value is its variable now, which the parser read like the flag)
         if "--token" in argv or any(a.startswith("--token=") for a in argv):
             print(f"ferrotunnel {args.command}: WARNING: --token is still in the process list; use --token-file "
                   f"or FERROTUNNEL_TOKEN", file=sys.stderr, flush=True)
         return
-    if getattr(args, "token", None) is None:
+    rest: List[str] = list(argv)
+    new_env: Dict[str, str] = {}
+    if getattr(args, "token", None) is not None:
+        if args.token_file is not None:
+            raise UsageError("give either --token-file or --token, not both")
+        rest, token = without_token(rest)
+        if token is not None:
+            new_env["FERROTUNNEL_TOKEN"] = token
+    for flag, dest, var in SECRET_FLAGS:
+        value = getattr(args, dest, None)
+        if value is not None:
+            kept = without_secret(rest, flag, value)
+            if kept != rest:
+                rest, new_env[var] = kept, value
+    if not new_env:
+        if getattr(args, "token", None) is not None:
+            print(f"ferrotunnel {args.command}: WARNING: the token given with --token is visible to local users in "
+                  f"the process list; use --token-file or FERROTUNNEL_TOKEN", file=sys.stderr, flush=True)
         return
-    if args.token_file is not None:
-        raise UsageError("give either --token-file or --token, not both")
-    rest, token = without_token(argv)
-    if token is None or os.name != "posix" or not sys.executable:
-        print(f"ferrotunnel {args.command}: WARNING: the token given with --token is visible to local users in "
-              f"the process list; use --token-file or FERROTUNNEL_TOKEN", file=sys.stderr, flush=True)
+    what = {"FERROTUNNEL_TOKEN": ("the token given with --token", "--token-file or FERROTUNNEL_TOKEN"),
+            "FERROTUNNEL_BASIC_AUTH": ("the password given with --basic-auth",
+                                       "FERROTUNNEL_BASIC_AUTH or basic_auth in a config file")}
+    if os.name != "posix" or not sys.executable:
+        for var in new_env:
+            print(f"ferrotunnel {args.command}: WARNING: {what[var][0]} is visible to local users in the process "
+                  f"list; use {what[var][1]}", file=sys.stderr, flush=True)
         return
-    print(f"ferrotunnel {args.command}: WARNING: the token given with --token was visible to local users in the "
-          f"process list (/proc/{os.getpid()}/cmdline) until now and is removed from it at start-up; use "
-          f"--token-file or FERROTUNNEL_TOKEN to keep it out entirely", file=sys.stderr, flush=True)
+    for var in new_env:
+        print(f"ferrotunnel {args.command}: WARNING: {what[var][0]} was visible to local users in the process "
+              f"list (/proc/{os.getpid()}/cmdline) until now and is removed from it at start-up; use "
+              f"{what[var][1]} to keep it out entirely", file=sys.stderr, flush=True)
     import subprocess
 
     try:  # -X, -W, -O ... of this interpreter (the helper multiprocessing uses)
         flags: List[str] = list(getattr(subprocess, "_args_from_interpreter_flags")())
     except Exception:  # pragma: no cover - a private helper that went away
         flags = []
-    env = {**os.environ, "FERROTUNNEL_TOKEN": token, _FROM_ARGV: "1"}
+    moved_names = ",".join(["token"] * ("FERROTUNNEL_TOKEN" in new_env) +
+                           [dest for _f, dest, var in SECRET_FLAGS if var in new_env])
+    env = {**os.environ, **new_env, _FROM_ARGV: moved_names}
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *flags, "-m", "ferrotunnel", *rest], env)
