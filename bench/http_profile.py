@@ -92,11 +92,17 @@ async def run(args: argparse.Namespace) -> None:
             for s in smalls:
                 s.t.close()
     finally:
+        # the server first: it writes its profile when it ends (each side waits up to 10 s for open streams)
+        server.send_signal(signal.SIGTERM)
         if client is not None:
             client.terminate()
-            client.wait(10)
-        server.send_signal(signal.SIGTERM)
-        server.wait(30)
+        for proc in (server, client):
+            if proc is not None:
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         app.close()
 
 

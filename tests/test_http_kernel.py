@@ -313,3 +313,29 @@ def test_chunked_trailers_with_a_bare_lf_cr_or_fold_are_refused_wherever_split(k
                 if c.feed(bad[:split], 0) < 0:
                     c.feed(bad[split:], 0)
     assert k.Chunked().feed(b"0\r\nX-T: 1\r\nX-U: 2\r\n\r\nNEXT", 0) == len(b"0\r\nX-T: 1\r\nX-U: 2\r\n\r\n")
+
+
+@kernels
+def test_rewrite_repeat_writes_the_lines_only_over_an_exact_repeat_with_room(k):
+    last = b"GET /small HTTP/1.1\r\nHost: web\r\n\r\n"
+    lines = b"X-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: web\r\n\r\n"
+    start = 9
+
+    def buffer(read: bytes, room: int) -> bytearray:
+        return bytearray(b"h" * start + read + b"\xee" * room)
+
+    buf = buffer(last, len(lines) - 2)  # room for exactly what is written past the read
+    assert k.rewrite_repeat(buf, start, len(last), last, lines) == len(last) - 2 + len(lines)
+    assert buf == b"h" * start + last[:-2] + lines
+    kept = [buffer(last, len(lines) - 3)]  # one byte short
+    kept += [buffer(last[:i] + bytes([last[i] ^ 0x20]) + last[i + 1:], 200) for i in range(len(last))]
+    for buf in kept:
+        before = bytes(buf)
+        assert k.rewrite_repeat(buf, start, len(last), last, lines) == -1
+        assert buf == before
+    buf = buffer(last + b"GET", 200)  # more than the head: a pipelined request after it
+    assert k.rewrite_repeat(buf, start, len(last) + 3, last, lines) == -1
+    assert k.rewrite_repeat(buf, start, len(last) - 1, last, lines) == -1
+    assert k.rewrite_repeat(bytearray(300), start, 0, b"", lines) == -1  # no last head yet
+    assert k.rewrite_repeat(bytearray(b"\n" * 300), start, 1, b"\n", lines) == -1
+    assert k.rewrite_repeat(buffer(last, 200), -1, len(last), last, lines) == -1

@@ -4,7 +4,8 @@
 expressions and ``bytes.find``, this module scans the bytes in C loops through the buffer protocol
 (bytes, bytearray or memoryview alike), without copying them.
 
-``scan_plain`` reads a plain request head (see ``server.http1.parse_plain``); ``Chunked`` finds
+``scan_plain`` reads a plain request head (see ``server.http1.parse_plain``); ``rewrite_repeat``
+writes the X-Forwarded-* lines over the empty line of a read that repeats the last one; ``Chunked`` finds
 where a chunked body ends (RFC 9112 §7.1); ``ResponseTracker`` follows the responses on a tunnel
 stream to the requests sent on it. ``HeadError`` and the limits come from the twin: one class,
 one set of numbers for both.
@@ -12,14 +13,15 @@ one set of numbers for both.
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.string cimport memchr, memcmp
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from libc.string cimport memchr, memcmp, memcpy
 
 import collections
 
 from ferrotunnel.http_kernel_py import MAX_CHUNK_LINE, MAX_RESPONSE_HEAD, MAX_TRAILERS, HeadError
 
-__all__ = ["HeadError", "scan_plain", "Chunked", "ResponseTracker", "MAX_CHUNK_LINE", "MAX_TRAILERS",
-           "MAX_RESPONSE_HEAD"]
+__all__ = ["HeadError", "scan_plain", "rewrite_repeat", "Chunked", "ResponseTracker", "MAX_CHUNK_LINE",
+           "MAX_TRAILERS", "MAX_RESPONSE_HEAD"]
 
 ctypedef const unsigned char uchar
 
@@ -194,6 +196,22 @@ cdef object _scan_plain(uchar* p, Py_ssize_t n):
             return None
     return method, target, keep_alive, hosts, cl, xff, xfp, xfh
 
+
+
+def rewrite_repeat(bytearray buf not None, Py_ssize_t start, Py_ssize_t nbytes, bytes last not None,
+                   bytes lines not None):
+    """If the ``nbytes`` read at ``buf[start:]`` are exactly ``last`` (a request head, up to its
+    empty line) and ``buf`` has room after them for ``lines``, write ``lines`` over the empty line
+    (its last two bytes) and return the new length, ``nbytes - 2 + len(lines)``; else -1 and
+    ``buf`` is left as it was."""
+    cdef Py_ssize_t k = len(last), m = len(lines)
+    cdef char* p = PyByteArray_AS_STRING(buf)
+    if k < 2 or nbytes != k or start < 0 or start + nbytes - 2 + m > PyByteArray_GET_SIZE(buf):
+        return -1
+    if memcmp(p + start, <char*>last, k) != 0:
+        return -1
+    memcpy(p + start + nbytes - 2, <char*>lines, m)
+    return nbytes - 2 + m
 
 
 cdef object _chunk_size(bytes line):

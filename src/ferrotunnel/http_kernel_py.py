@@ -3,7 +3,8 @@ behaviour, the same steps in the same order; where the compiled module scans byt
 one uses regular expressions and ``bytes.find`` (which is what is fast in Python). Tests run both
 against each other and against llhttp (tests/test_http_kernel.py).
 
-``scan_plain`` reads a plain request head (see ``server.http1.parse_plain``); ``Chunked`` finds
+``scan_plain`` reads a plain request head (see ``server.http1.parse_plain``); ``rewrite_repeat``
+writes the X-Forwarded-* lines over the empty line of a read that repeats the last one; ``Chunked`` finds
 where a chunked body ends (RFC 9112 §7.1); ``ResponseTracker`` follows the responses on a tunnel
 stream to the requests sent on it (status line, Content-Length, chunked, no body for
 HEAD/1xx/204/304, close-delimited, 101 Switching Protocols). ``HeadError`` and the limits are
@@ -16,8 +17,8 @@ import collections
 import re
 from typing import Any, Deque, List, Optional, Tuple
 
-__all__ = ["HeadError", "scan_plain", "Chunked", "ResponseTracker", "MAX_CHUNK_LINE", "MAX_TRAILERS",
-           "MAX_RESPONSE_HEAD"]
+__all__ = ["HeadError", "scan_plain", "rewrite_repeat", "Chunked", "ResponseTracker", "MAX_CHUNK_LINE",
+           "MAX_TRAILERS", "MAX_RESPONSE_HEAD"]
 
 #: Longest chunk-size line (with extensions) and most trailer bytes accepted in a chunked body.
 MAX_CHUNK_LINE = 4096
@@ -77,6 +78,19 @@ def scan_plain(data: Any, start: int, stop: int) -> Optional[Plain]:
         else:
             return None
     return m[1], m[2], m[3] == b"1", hosts, cl, xff, xfp, xfh
+
+
+def rewrite_repeat(buf: bytearray, start: int, nbytes: int, last: bytes, lines: bytes) -> int:
+    """If the ``nbytes`` read at ``buf[start:]`` are exactly ``last`` (a request head, up to its
+    empty line) and ``buf`` has room after them for ``lines``, write ``lines`` over the empty line
+    (its last two bytes) and return the new length, ``nbytes - 2 + len(lines)``; else -1 and
+    ``buf`` is left as it was."""
+    stop = start + nbytes
+    if (len(last) < 2 or nbytes != len(last) or start < 0 or stop - 2 + len(lines) > len(buf)
+            or not buf.startswith(last, start)):
+        return -1
+    buf[stop - 2:stop - 2 + len(lines)] = lines
+    return nbytes - 2 + len(lines)
 
 
 class HeadError(Exception):

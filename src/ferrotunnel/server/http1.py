@@ -24,11 +24,11 @@ from typing import Any, Optional, Tuple
 import httptools
 
 from .http_framing import (MAX_CHUNK_LINE, MAX_RESPONSE_HEAD, MAX_TRAILERS, Chunked, HeadError, ResponseTracker,
-                           scan_plain)
+                           rewrite_repeat, scan_plain)
 
 __all__ = ["HeadError", "Request", "parse_request", "parse_plain", "PlainHeads", "parse_request_llhttp",
-           "check_partial", "Chunked", "ResponseTracker", "forwarded_head", "forwarded_lines", "head_end",
-           "MAX_CHUNK_LINE", "MAX_TRAILERS", "MAX_RESPONSE_HEAD"]
+           "check_partial", "Chunked", "ResponseTracker", "rewrite_repeat", "forwarded_head", "forwarded_lines",
+           "head_end", "MAX_CHUNK_LINE", "MAX_TRAILERS", "MAX_RESPONSE_HEAD"]
 
 #: More than any request head the ingress takes.
 MAX_HEAD_BYTES = 1 << 30
@@ -168,13 +168,18 @@ class PlainHeads:
     client that repeats its head (most keep-alive traffic: polling, the same call again) has it
     parsed once. A Request is only read once parsed, so the same one serves each repeat."""
 
-    __slots__ = ("last", "req", "framing", "answer")
+    __slots__ = ("last", "req", "framing", "answer", "host", "bare", "quick")
 
     def __init__(self) -> None:
         self.last = b""  # the last one, as the visitor sent it
         self.req: Optional[Request] = None
         self.framing = 0  # its body length (``Request.body``)
         self.answer: Tuple[bytes, bool] = (b"", False)  # what ResponseTracker.pending expects for it
+        self.host = b""  # its Host
+        self.bare = False  # keep-alive, without a body: once sent, the next head follows
+        #: ``answer``, unless the method is HEAD: a response to it that repeats the last one
+        #: (``ResponseTracker.known``) is the whole answer, body included
+        self.quick: Optional[Tuple[bytes, bool]] = None
 
     def parse(self, data: Any, start: int, stop: int) -> Optional[Request]:
         """The plain head at ``data[start:stop]`` if it has one Host and no X-Forwarded-* field
@@ -186,7 +191,22 @@ class PlainHeads:
         if req is None or not req.hosts or req.xff or req.xfp or req.xfh:
             return None
         self.last, self.req, self.framing = bytes(data[start:stop]), req, req.body()
-        self.answer = (req.method, req.upgrade)
+        self.answer, self.host = (req.method, req.upgrade), req.hosts[0]
+        self.bare = not self.framing and req.keep_alive
+        self.quick = self.answer if req.method != b"HEAD" else None
+        return req
+
+    def rewrite(self, buf: bytearray, start: int, nbytes: int, host: bytes, lines: bytes) -> Optional[Request]:
+        """The ``nbytes`` at ``buf[start:]`` if they are one plain head (``parse``) with Host
+        ``host``, with ``lines`` (X-Forwarded-* lines and the empty line) written over its empty
+        line (``buf`` has room for them); else None, and ``buf`` is left as it was."""
+        stop = start + nbytes
+        if stop - 2 + len(lines) > len(buf):
+            return None
+        req = self.parse(buf, start, stop)
+        if req is None or req.hosts[0] != host:
+            return None
+        buf[stop - 2:stop - 2 + len(lines)] = lines  # as long as what it replaces: same size
         return req
 
 

@@ -15,7 +15,7 @@ from ..aio.stream import VirtualStream
 from ..errors import ConnectionLostError, FerroTunnelError
 from ..frames import DATA_HEADER_SIZE, Protocol
 from .http1 import (Chunked, HeadError, PlainHeads, Request, ResponseTracker, check_partial, forwarded_head,
-                    forwarded_lines, parse_request)
+                    forwarded_lines, parse_request, rewrite_repeat)
 from ..access import TunnelAccess
 from .guard import AccessRefused, authorization_values, refusal, route_access, strip_authorization
 from .http_names import no_route, printable, response, route_name
@@ -29,6 +29,7 @@ __all__ = ["HttpBridge"]
 log = logging.getLogger("ferrotunnel.http")
 
 _HEAD, _LENGTH, _CHUNKED, _RAW, _WAIT, _DISCARD = range(6)
+_BODY = ResponseTracker.LENGTH  # the tracker is in a Content-Length response body
 
 
 class HttpBridge(TcpBridge):
@@ -110,7 +111,30 @@ class HttpBridge(TcpBridge):
 
     def buffer_updated(self, nbytes: int) -> None:
         state = self._state
-        if state == _RAW or (state == _LENGTH and self._left > nbytes):
+        if state == _HEAD:
+            seen = self._seen  # (Host, tunnel, X-Forwarded-* lines) of the last head routed the full way
+            if (seen is not None and nbytes < OWN_THRESHOLD and seen[1] == self._tunnel and not self._buf
+                    and not self._leaving and self.stream is not None):
+                # a read that is the last plain head again (most keep-alive traffic: PlainHeads), of
+                # that Host, keep-alive and without a body, gets its X-Forwarded-* lines written over
+                # its empty line in the read buffer (which has room) and leaves from there as one frame
+                plain = self._plain
+                if plain.bare and plain.host == seen[0]:
+                    n = rewrite_repeat(self.read_buffer(), DATA_HEADER_SIZE, nbytes, plain.last, seen[2])
+                    if n >= 0:
+                        self._tracker.pending.append(plain.answer)  # type: ignore[union-attr]  # (_sent's work)
+                        self.send_read(nbytes, n)
+                        return
+                req = plain.rewrite(self.read_buffer(), DATA_HEADER_SIZE, nbytes, seen[0], seen[2])
+                if req is not None:  # another plain head, now the last one
+                    self._request = (req.method, req.url, seen[1])
+                    if plain.bare:  # what _sent does for a plain head without a body
+                        self._tracker.pending.append(plain.answer)  # type: ignore[union-attr]
+                    else:
+                        self._sent(req, plain.framing, [])
+                    self.send_read(nbytes, nbytes - 2 + len(seen[2]))
+                    return
+        elif state == _RAW or (state == _LENGTH and self._left > nbytes):
             if state == _LENGTH:
                 self._left -= nbytes
             self._fast = True
@@ -119,25 +143,6 @@ class HttpBridge(TcpBridge):
             finally:
                 self._fast = False
             return
-        # a read that is one plain head (PlainHeads: the last one is not parsed again) with the last
-        # Host, for the current stream's tunnel, gets its X-Forwarded-* lines written over its empty
-        # line in the read buffer (which has room), and leaves from there as one frame
-        seen, tracker, plain = self._seen, self._tracker, self._plain
-        if (state == _HEAD and nbytes < OWN_THRESHOLD and seen is not None and tracker is not None and not self._buf
-                and seen[1] == self._tunnel and not self._leaving and self.stream is not None):
-            buf, stop, lines, last = self.read_buffer(), DATA_HEADER_SIZE + nbytes, seen[2], plain.last
-            if stop + len(lines) <= len(buf):
-                req = (plain.req if nbytes == len(last) and buf.startswith(last, DATA_HEADER_SIZE)
-                       else plain.parse(buf, DATA_HEADER_SIZE, stop))
-                if req is not None and req.hosts[0] == seen[0]:
-                    buf[stop - 2:stop - 2 + len(lines)] = lines  # as long as what it replaces: same size
-                    self._request = (req.method, req.url, seen[1])
-                    if plain.framing or not req.keep_alive:
-                        self._sent(req, plain.framing, [])
-                    else:  # what _sent does for a plain head without a body
-                        tracker.pending.append(plain.answer)
-                    self.send_read(nbytes, nbytes - 2 + len(lines))
-                    return
         super().buffer_updated(nbytes)
 
     def data_received(self, data: bytes) -> None:
@@ -408,32 +413,32 @@ class HttpBridge(TcpBridge):
                 self.stream.consumed(len(payload))
             return
         n = len(payload)
-        if tracker.raw or tracker.lost or (tracker.state == tracker.LENGTH and tracker.left > n):
-            if tracker.state == tracker.LENGTH and not tracker.raw:
-                tracker.left -= n
+        if tracker.state == _BODY and tracker.left > n and not tracker.raw:  # a response body, not its end
+            tracker.left -= n
+            TcpBridge.tunnel_data(self, payload)  # (not super(): the common ways, kept short)
+            return
+        if tracker.raw or tracker.lost:  # a raw pipe, or responses no longer followed
             super().tunnel_data(payload)
             return
-        used = -1
         if n < OWN_THRESHOLD:  # copied once, here: the tracker reads it in place, the TCP side keeps it
-            data = bytes(payload)
-            known, pending = tracker.known, tracker.pending
-            # one whole response that repeats the last Content-Length one, to a plain head of the quick
-            # way (its answer is that very tuple) other than HEAD: what ResponseTracker.feed makes of it
-            if (known and n == len(known) + tracker.known_left and not tracker.state and not tracker.head
-                    and pending and pending[0] is self._plain.answer and pending[0][0] != b"HEAD"
-                    and data.startswith(known)):
-                pending.popleft()
-                used = n
-            payload = data  # type: ignore[assignment]
-        if used < 0:  # bytes after the last owed response are dropped: they would reach the visitor as the
-            used = tracker.feed(payload, True)  # answer to its next request, maybe for another tunnel
+            payload = bytes(payload)  # type: ignore[assignment]
+        known, pending = tracker.known, tracker.pending
+        # one whole response that repeats the last Content-Length one (``known``), owed to a plain head
+        # of the quick way (its answer is that very tuple; ``PlainHeads.quick``: none for HEAD): what
+        # ResponseTracker.feed makes of it
+        if (n < OWN_THRESHOLD and n == len(known) + tracker.known_left and pending and pending[0] is self._plain.quick
+                and known and not tracker.state and not tracker.head and payload.startswith(known)):  # type: ignore
+            pending.popleft()
+            used = n
+        else:  # bytes after the last owed response are dropped: they would reach the visitor as the answer
+            used = tracker.feed(payload, True)  # to its next request, maybe for another tunnel
         if used < n:  # bytes after the last owed response: nobody asked for them
             if used:
                 super().tunnel_data(payload[:used])
             assert self.stream is not None
             self.stream.consumed(n - used)
         else:
-            TcpBridge.tunnel_data(self, payload)  # (not super(): the common way, kept short)
+            TcpBridge.tunnel_data(self, payload)
         if self._state == _WAIT and self._next is not None:
             if self._next[0] == "upgrade":
                 if tracker.answered_upgrade is not None:

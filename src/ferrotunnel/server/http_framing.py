@@ -3,7 +3,8 @@
 responses on a tunnel stream to the requests sent on it (status line, Content-Length, chunked, no
 body for HEAD/1xx/204/304, close-delimited, 101 Switching Protocols), so the ingress knows when
 every request sent on a stream has been answered; ``scan_plain`` reads a plain request head (see
-``http1.parse_plain``). Request heads: ``http1``.
+``http1.parse_plain``), ``rewrite_repeat`` writes the X-Forwarded-* lines into a repeated one in
+place. Request heads: ``http1``.
 
 They are the compiled kernel ``ferrotunnel.http_kernel`` or its pure-Python twin
 ``ferrotunnel.http_kernel_py``, whichever kind the codec uses (``frames.IMPLEMENTATION``:
@@ -24,8 +25,8 @@ from typing import TYPE_CHECKING, Tuple
 from .. import frames
 from ..http_kernel_py import MAX_CHUNK_LINE, MAX_RESPONSE_HEAD, MAX_TRAILERS, HeadError
 
-__all__ = ["HeadError", "Chunked", "ResponseTracker", "scan_plain", "IMPLEMENTATION", "MAX_CHUNK_LINE",
-           "MAX_TRAILERS", "MAX_RESPONSE_HEAD"]
+__all__ = ["HeadError", "Chunked", "ResponseTracker", "scan_plain", "rewrite_repeat", "IMPLEMENTATION",
+           "MAX_CHUNK_LINE", "MAX_TRAILERS", "MAX_RESPONSE_HEAD"]
 
 
 def _kernel() -> Tuple[ModuleType, str]:
@@ -43,10 +44,11 @@ def _kernel() -> Tuple[ModuleType, str]:
 
 
 if TYPE_CHECKING:  # type checkers read the twin, which has the same signatures
-    from ..http_kernel_py import Chunked, ResponseTracker, scan_plain
+    from ..http_kernel_py import Chunked, ResponseTracker, rewrite_repeat, scan_plain
     IMPLEMENTATION: str
 else:
     _mod, IMPLEMENTATION = _kernel()
     Chunked = _mod.Chunked
     ResponseTracker = _mod.ResponseTracker
     scan_plain = _mod.scan_plain
+    rewrite_repeat = _mod.rewrite_repeat
