@@ -155,6 +155,9 @@ cdef class _Writer:
 
     cdef enum_(self, object v, str enum_name):
         cls = _ENUMS[enum_name]
+        if type(v) is cls:  # a member already (the usual case): no lookup by value
+            self.out.append(v._value_)
+            return
         try:
             member = cls(v)
         except (ValueError, TypeError):

@@ -128,6 +128,9 @@ def _put_bytes(out: bytearray, b: Any, what: str) -> None:
 
 def _put_enum(out: bytearray, v: Any, enum_name: str) -> None:
     cls = _ENUMS[enum_name]
+    if type(v) is cls:  # a member already (the usual case): no lookup by value
+        out.append(v._value_)
+        return
     try:
         member = cls(v)
     except (ValueError, TypeError):

@@ -423,9 +423,9 @@ class TcpBridge(asyncio.BufferedProtocol):
             self.sweeper.bridges.discard(self)
         stream = self.stream
         if stream is not None:
-            log.info("stream %d %s: %d bytes to the tunnel, %d from it", stream.stream_id,
-                     "reset" if abort else "closed", self.bytes_up, self.bytes_down)
-        if stream is not None:
+            if log.isEnabledFor(logging.INFO):
+                log.info("stream %d %s: %d bytes to the tunnel, %d from it", stream.stream_id,
+                         "reset" if abort else "closed", self.bytes_up, self.bytes_down)
             self._give_back()
             if abort and not from_tunnel:
                 stream.abort()
@@ -485,7 +485,8 @@ async def forward(stream: VirtualStream, address: Tuple[str, int], connect_timeo
             raise error
         finally:  # the traceback holds this frame: it must not hold the error back (a cycle)
             del error
-    log.info("stream %d (%s) forwarded to %s:%s", stream.stream_id, stream.protocol.name, host, port)
+    if log.isEnabledFor(logging.INFO):
+        log.info("stream %d (%s) forwarded to %s:%s", stream.stream_id, stream.protocol.name, host, port)
     if prefix:  # e.g. a PROXY protocol header: before any byte of the stream
         bridge.transport.write(prefix)
     bridge.attach(stream)

@@ -13,22 +13,8 @@ from typing import Any, Dict, List, Optional, Sequence, Set
 from ..config import StreamConfig
 from ..errors import (ConnectionLostError, FerroTunnelError, LimitExceededError, PeerUnsupportedError,
                       StreamClosedError, StreamResetError)
-from ..frames import (
-    DATA_HEADER_SIZE,
-    FLAG_PARTIAL,
-    CloseReason,
-    CloseStream,
-    Error,
-    ErrorCode,
-    FrameDecoder,
-    Heartbeat,
-    HeartbeatAck,
-    OpenStream,
-    PluginData,
-    Protocol,
-    StreamPriority,
-    encode,
-)
+from ..frames import (DATA_HEADER_SIZE, FLAG_PARTIAL, CloseReason, CloseStream, Error, ErrorCode, FrameDecoder,
+                      Heartbeat, HeartbeatAck, OpenStream, PluginData, Protocol, StreamPriority, encode)
 from ..scheduler import PriorityScheduler
 from .drain import DrainMixin
 from .publicurls import PublicUrlsMixin
@@ -267,8 +253,10 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
             raise LimitExceededError(
                 f"{len(self.streams)} streams are open on this session (max_streams_per_session); "
                 "close some or raise the limit")
-        protocol = Protocol(protocol)
-        priority = StreamPriority(priority)
+        if type(protocol) is not Protocol:
+            protocol = Protocol(protocol)
+        if type(priority) is not StreamPriority:
+            priority = StreamPriority(priority)
         sid = self._next_id
         while sid in self.streams or sid == 0:
             sid = (sid + 2) & 0xFFFFFFFF

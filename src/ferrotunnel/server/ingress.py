@@ -67,8 +67,9 @@ class _IngressBridge(TcpBridge):
             result.abort()
         else:
             ing.connections += 1
-            log.info("ingress %s: %s -> tunnel %s, stream %d", ing.describe_bind(), format_peer(self.peer), route.tunnel_id,
-                     result.stream_id)
+            if log.isEnabledFor(logging.INFO):
+                log.info("ingress %s: %s -> tunnel %s, stream %d", ing.describe_bind(), format_peer(self.peer),
+                         route.tunnel_id, result.stream_id)
             self.attach(result)
             if self._held:
                 self._held = False
