@@ -17,6 +17,7 @@ from ..protocol.extensions import ACCESS_CAPABILITY, POOL_CAPABILITY, instance_o
 from ..protocol.handshake import HandshakeRequest
 from ..protocol.remoteport import parse_remote_port
 from .public import DNS_LABEL_RULE, is_dns_label
+from .session_index import LocalSessions
 
 __all__ = ["Refusal", "Request", "vet", "vet_tunnel", "replace_own", "MAX_TUNNEL_ID_LEN"]
 
@@ -104,8 +105,10 @@ def replace_own(registry: Any, tunnel_id: str, instance: Optional[str]) -> None:
     stays the server's own: it also decides which claims a cluster node keeps refreshing)."""
     if instance is None or registry.local_session(tunnel_id) is None:
         return
-    for old in [s for s in registry.local_sessions() if s.tunnel_id == tunnel_id
-                and instance_of(s.capabilities) == instance]:
+    sessions = registry.local_sessions()
+    holders = (sessions.holding(tunnel_id) if isinstance(sessions, LocalSessions)  # no scan of every session
+               else [s for s in sessions if s.tunnel_id == tunnel_id])
+    for old in [s for s in holders if instance_of(s.capabilities) == instance]:
         log.info("tunnel %s: the same client connected again; its session %s is replaced", tunnel_id, old.id)
         old.close(ConnectionLostError("replaced by a new connection of the same client"))
         registry.session_ended(old)

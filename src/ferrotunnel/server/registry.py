@@ -17,10 +17,11 @@ from typing import Awaitable, Callable, Collection, Dict, Iterator, List, Option
 
 from ..access import access_from_capabilities
 from ..aio.session import Session
-from .routes import LocalRoute, PoolRoute, Route
+from .routes import LocalRoute, PoolRoute, Route, usable
+from .session_index import LocalSessions
 
 __all__ = ["Route", "LocalRoute", "PoolRoute", "Claim", "SessionRegistry", "LocalRegistry", "SessionStore",
-           "resolve", "first_with_capability", "POOL_REFUSAL", "SOLO_REFUSAL", "ACCESS_REFUSAL"]
+           "LocalSessions", "resolve", "first_with_capability", "POOL_REFUSAL", "SOLO_REFUSAL", "ACCESS_REFUSAL"]
 
 #: Why a claim is refused when the id is served by a pool and the claim is not one (and the other
 #: way round): said to the client, which can do what it says.
@@ -105,7 +106,7 @@ class LocalRegistry:
 
     def __init__(self) -> None:
         self._routes: Dict[str, Union[LocalRoute, PoolRoute]] = {}
-        self._by_id: Dict[uuid.UUID, Session] = {}
+        self._sessions = LocalSessions()
 
     async def claim(self, tunnel_id: str, session: Session, stale: Optional[StalePredicate] = None, *,
                     pool: bool = False) -> Claim:
@@ -158,9 +159,10 @@ class LocalRegistry:
             if not isinstance(current, PoolRoute):
                 current = self._routes[tunnel_id] = PoolRoute(tunnel_id)
             current.add(session)
+            self._sessions.pool_changed(tunnel_id)
         else:
             self._routes[tunnel_id] = LocalRoute(session)
-        self._by_id[session.id] = session
+        self._sessions.add(session)
         return Claim(True, replaced)
 
     def is_pool(self, tunnel_id: str) -> bool:
@@ -186,12 +188,13 @@ class LocalRegistry:
     def _drop(self, tunnel_id: str, session: Session) -> None:
         route = self._routes.get(tunnel_id)
         if isinstance(route, PoolRoute):
-            if route.remove(session) and not route.members:
-                del self._routes[tunnel_id]
+            if route.remove(session):
+                self._sessions.pool_changed(tunnel_id)
+                if not route.members:
+                    del self._routes[tunnel_id]
         elif route is not None and route.session is session:
             del self._routes[tunnel_id]
-        if self._by_id.get(session.id) is session:
-            del self._by_id[session.id]
+        self._sessions.discard(session)
 
     async def refresh(self, tunnel_id: str, session: Session) -> bool:
         """True while ``session`` holds ``tunnel_id`` (alone or in its pool); an in-process claim
@@ -219,12 +222,13 @@ class LocalRegistry:
 
     def get(self, session_id: uuid.UUID) -> Optional[Session]:
         """The session with id ``session_id`` that holds a tunnel id here, or None."""
-        return self._by_id.get(session_id)
+        return self._sessions.get(session_id)
 
-    def local_sessions(self) -> Collection[Session]:
+    def local_sessions(self) -> LocalSessions:
         """The sessions holding a tunnel id here, in the order of their claims: a live view, which
-        changes as sessions come and go (copy it to iterate across an await)."""
-        return self._by_id.values()
+        changes as sessions come and go (copy it to iterate across an await), indexed by session
+        id, tunnel id and capability (see ``LocalSessions``)."""
+        return self._sessions
 
 
 def _access(session: Session) -> object:
@@ -242,12 +246,19 @@ def resolve(registry: SessionRegistry, tunnel_id: str) -> Union[Optional[Route],
 
 def first_with_capability(registry: SessionRegistry, capability: str) -> Optional[Route]:
     """The oldest established local session that announced ``capability`` (the unnamed TCP
-    ingress); its pool's route when it is in a pool whose live members all announced it."""
-    for s in registry.local_sessions():
+    ingress); its pool's route when it is in a pool whose live members all announced it. With
+    a ``LocalSessions`` view (``LocalRegistry``, and registries that wrap one) this costs no scan
+    of the sessions that did not announce it."""
+    sessions = registry.local_sessions()
+    candidates = sessions.with_capability(capability) if isinstance(sessions, LocalSessions) else sessions
+    for s in candidates:
         if capability in s.capabilities and s.established:
             route = registry.lookup_local(s.tunnel_id)
-            if isinstance(route, PoolRoute) and all(capability in m.capabilities for m in route.live):
-                return route
+            if isinstance(route, PoolRoute):  # every live member announced it
+                lacking = (sessions.members_lacking(route, capability) if isinstance(sessions, LocalSessions)
+                           else [m for m in route.members if capability not in m.capabilities])
+                if not any(usable(m) for m in lacking):
+                    return route
             return LocalRoute(s)
     return None
 
@@ -261,7 +272,10 @@ class SessionStore:
 
     def get(self, session_id: uuid.UUID) -> Optional[Session]:
         """The local session whose ``id`` is ``session_id`` (a ``uuid.UUID``), or None."""
-        return next((s for s in self._registry.local_sessions() if s.id == session_id), None)
+        sessions = self._registry.local_sessions()
+        if isinstance(sessions, LocalSessions):
+            return sessions.get(session_id)
+        return next((s for s in sessions if s.id == session_id), None)
 
     def get_by_tunnel_id(self, tunnel_id: str) -> Optional[Session]:
         """The local session holding ``tunnel_id``, established or not (for a pool, one member:
