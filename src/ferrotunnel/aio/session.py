@@ -100,8 +100,12 @@ class Session(_StreamOpener):
         #: is set when the client, asked to leave, said its new session is up.
         self.draining = asyncio.Event()
         self.moved = asyncio.Event()
-        #: The session whose handshake opened the connection (itself; see ``TunnelAlias``).
-        self.primary: Session = self
+
+    @property
+    def primary(self) -> "Session":
+        """The session whose handshake opened the connection: itself (see ``TunnelAlias``; a
+        property, so that a session holds no reference to itself)."""
+        return self
 
     def alias(self, session_id: uuid.UUID, tunnel_id: str, capabilities: Sequence[str]) -> "TunnelAlias":
         """Another tunnel id served on this session's connection (the tunnels extension)."""
@@ -239,10 +243,15 @@ class TunnelAlias(Session):
     def __init__(self, primary: Session, session_id: uuid.UUID, tunnel_id: str,
                  capabilities: Sequence[str]) -> None:
         super().__init__(primary.connection, session_id, tunnel_id, primary.peer_address, capabilities)
-        self.primary = primary
-        self.multiplexer = primary.multiplexer
+        self._primary = primary
+        self.multiplexer = _AliasMultiplexer(self)
         self.closed_event, self.draining, self.moved = primary.closed_event, primary.draining, primary.moved
         self._tunnel_header = ((TUNNEL_HEADER, tunnel_id),)
+
+    @property
+    def primary(self) -> Session:
+        """The session whose handshake opened the connection."""
+        return self._primary
 
     def __repr__(self) -> str:
         return f"<TunnelAlias {self.id} tunnel_id={self.tunnel_id!r} of {self.primary.id}>"
@@ -255,7 +264,7 @@ class TunnelAlias(Session):
         return super().open_stream_nowait(protocol, priority, self._tunnel_header + tuple(headers), peername=peername)
 
     def stats(self) -> SessionStats:
-        """No traffic of its own: the connection's counts are ``primary``'s."""
+        """No traffic of its own: the connection's counts (streams too) are ``primary``'s."""
         return SessionStats(0, 0, 0, 0, 0, self.rtt)
 
     def send_drain(self) -> bool:
@@ -265,3 +274,19 @@ class TunnelAlias(Session):
     async def accept(self) -> VirtualStream:
         """Streams the client opens go to the primary session."""
         raise RuntimeError("streams the client opens arrive at the primary session of the connection")
+
+
+class _AliasMultiplexer(Multiplexer):
+    """A ``TunnelAlias``'s multiplexer: streams opened here name the alias's tunnel too; the
+    count is the connection's (as ``primary.multiplexer`` says)."""
+
+    def __init__(self, alias: TunnelAlias) -> None:
+        super().__init__(alias.connection)
+        self._tunnel_header = ((TUNNEL_HEADER, alias.tunnel_id),)  # (no reference back: no cycle)
+
+    def open_stream_nowait(self, protocol: Protocol = Protocol.TCP,
+                           priority: StreamPriority = StreamPriority.NORMAL,
+                           headers: Sequence[Tuple[str, str]] = (), *,
+                           peername: Optional[Tuple[str, int]] = None) -> VirtualStream:
+        """``Multiplexer.open_stream_nowait``, the stream naming the alias's tunnel."""
+        return super().open_stream_nowait(protocol, priority, self._tunnel_header + tuple(headers), peername=peername)

@@ -28,7 +28,7 @@ class _Collector:
         sessions = list(srv.sessions)
         yield GaugeMetricFamily("ferrotunnel_sessions", "Live tunnel sessions", value=len(sessions))
         yield GaugeMetricFamily("ferrotunnel_streams", "Open streams over all sessions",
-                                value=sum(len(s.multiplexer) for s in sessions))
+                                value=sum(len(s.multiplexer) for s in sessions if s.primary is s))
         frames_in, bytes_in, frames_out, bytes_out = srv.traffic_totals()
         c = CounterMetricFamily("ferrotunnel_frames", "Frames on the tunnel connections", labels=["direction"])
         c.add_metric(["in"], frames_in)

@@ -154,6 +154,7 @@ class ServerConnection(TunnelConnection):
 
     def on_closed(self) -> None:
         self.end_pending()
-        if self.registrations is not None:
-            self.registrations.closed()
+        regs, self.registrations = self.registrations, None  # (no cycle left through them)
+        if regs is not None:
+            regs.closed()
         self.server.connection_closed(self)
