@@ -1,0 +1,100 @@
+"""Same-run A/B of two source trees on issue 14's stream-setup and latency rows.
+
+    python bench/speed_ab.py A_SRC B_SRC [--rounds 5] [--secs 2] [--threads 1,8] [--rtt] [--idle]
+
+Each side is a CLI tunnel pair (bench/speed_cli.py) run with ``PYTHONPATH=<side's src>`` (build
+the compiled kernel in each tree first: ``python setup.py build_ext --inplace``); loadgen.c is the
+visitor and the backend. Rounds run the sides in turns (A, B, B, A, ...) so drift hits both alike.
+Printed per side: medians of new streams/s, CPU microseconds per stream open (both tunnel
+processes' CPU seconds over the run / streams opened), RTT p50/p99 and idle KiB per stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+
+import e2e
+import speed_procs as sp
+from speed import Loadgen, parse_kv  # noqa: F401  (parse_kv: Loadgen's figures)
+
+
+class SideTunnel(sp.Tunnel):
+    def __init__(self, name: str, procs: sp.Procs, src: str) -> None:
+        super().__init__(name, procs)
+        self.src = os.path.abspath(src)
+
+    def _env(self, end: str) -> dict:
+        env = super()._env(end)
+        env["PYTHONPATH"] = self.src
+        return env
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("a")
+    ap.add_argument("b")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--secs", type=float, default=2.0)
+    ap.add_argument("--threads", default="1,8")
+    ap.add_argument("--rtt", action="store_true", help="also 64-byte ping-pong")
+    ap.add_argument("--pingpongs", type=int, default=5000)
+    ap.add_argument("--idle", action="store_true", help="also idle memory (fresh pair per round)")
+    args = ap.parse_args(argv)
+    threads = [int(t) for t in args.threads.split(",") if t]
+    sp.raise_fd_limit()
+    figs: dict = {}
+
+    def add(side: str, fig: str, v: float) -> None:
+        figs.setdefault(fig, {}).setdefault(side, []).append(v)
+
+    with tempfile.TemporaryDirectory(prefix="ft-ab-") as tmp, sp.Procs(tmp) as procs:
+        lg = Loadgen(sp.build_loadgen(), procs)
+        backend = e2e.free_port()
+        lg.server(backend)
+        sides = {"A": SideTunnel("A", procs, args.a), "B": SideTunnel("B", procs, args.b)}
+        for s in sides.values():
+            s.start(backend)
+        for rnd in range(args.rounds):
+            order = ("A", "B") if rnd % 2 == 0 else ("B", "A")
+            for name in order:
+                t = sides[name]
+                for n in threads:
+                    t.check()
+                    c0 = e2e.cpu_seconds(t.pids)
+                    r = lg.run("connrate", "127.0.0.1", t.port, n, args.secs, 10_000_000,
+                               timeout=60 + 5 * args.secs, partial=True)
+                    cpu = e2e.cpu_seconds(t.pids) - c0
+                    add(name, f"new_{n}_per_s", r["conn_per_s"])
+                    add(name, f"new_{n}_cpu_us", cpu / max(r["ok"], 1) * 1e6)
+                if args.rtt:
+                    r = lg.run("pingpong", "127.0.0.1", t.port, 64, args.pingpongs, 120, timeout=180)
+                    add(name, "rtt_p50_us", r["p50_us"])
+                    add(name, "rtt_p99_us", r["p99_us"])
+                if args.idle:
+                    import time
+
+                    t.start(backend)
+                    time.sleep(0.5)
+                    before = e2e.rss_kib(t.pids)
+                    p, k = lg.idle(t.port, 1000)
+                    try:
+                        time.sleep(1.0)
+                        after = e2e.rss_kib(t.pids)
+                    finally:
+                        procs.kill(p)
+                    add(name, "idle_kib", (after - before) / max(k, 1))
+            print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    print(f"{'figure':<18} {'A median':>10} {'B median':>10} {'B/A':>7}   A runs | B runs")
+    for fig, by in figs.items():
+        a, b = statistics.median(by["A"]), statistics.median(by["B"])
+        runs = lambda xs: " ".join(f"{x:.0f}" if x >= 100 else f"{x:.2f}" for x in xs)  # noqa: E731
+        print(f"{fig:<18} {a:>10.1f} {b:>10.1f} {b / a:>7.3f}   {runs(by['A'])} | {runs(by['B'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
