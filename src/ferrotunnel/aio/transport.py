@@ -10,15 +10,31 @@ __all__ = ["Transport", "TcpTransport", "TlsTransport", "resolve_transport", "bo
 
 
 def tune_socket(sock: Any) -> None:
-    """TCP_NODELAY and keepalive on a tunnel or forwarded socket."""
+    """Keepalive on a tunnel or forwarded socket (TCP_NODELAY is on already: uvloop and asyncio set
+    it on every TCP transport). uvloop hands out a stand-in (``PseudoSocket``) whose every
+    ``setsockopt`` makes and drops a ``socket.socket``, and whose ``family``/``type`` build enum
+    members: the options go through one socket object made from the bare descriptor instead (its
+    recorded family does not matter to ``setsockopt``; a non-TCP socket refuses the TCP options)."""
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        real = sock if isinstance(sock, socket.socket) else socket.socket(_AF_INET, _SOCK_STREAM, 0, sock.fileno())
+    except (OSError, ValueError, AttributeError):  # closed already, or not a socket
+        return
+    try:
+        real.setsockopt(_SOL_SOCKET, _SO_KEEPALIVE, 1)
+        if _KEEPIDLE is not None and _KEEPINTVL is not None:
+            real.setsockopt(_IPPROTO_TCP, _KEEPIDLE, 30)
+            real.setsockopt(_IPPROTO_TCP, _KEEPINTVL, 10)
     except OSError:  # not fatal: a socket type without these options
         pass
+    finally:
+        if real is not sock:
+            real.detach()  # the descriptor stays the transport's
+
+
+_AF_INET, _SOCK_STREAM, _SOL_SOCKET, _SO_KEEPALIVE, _IPPROTO_TCP = (
+    int(socket.AF_INET), int(socket.SOCK_STREAM), socket.SOL_SOCKET, socket.SO_KEEPALIVE, socket.IPPROTO_TCP)
+_KEEPIDLE = getattr(socket, "TCP_KEEPIDLE", None)
+_KEEPINTVL = getattr(socket, "TCP_KEEPINTVL", None)
 
 
 def bound_address(server: Any, what: str) -> Tuple[str, int]:
