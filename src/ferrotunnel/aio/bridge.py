@@ -19,6 +19,7 @@ from ..frames import DATA_HEADER_SIZE
 from ..pool import acquire_bytes, release_bytes
 from .listen import ConnectionGate
 from .stream import VirtualStream
+from .dial import dial
 from .transport import tune_socket
 
 #: Largest read from a forwarded TCP connection (reads adapt between 64 KiB and this).
@@ -449,22 +450,6 @@ class TcpBridge(asyncio.BufferedProtocol):
             self._done.set_result(None)
 
 
-async def _connect(bridge: TcpBridge, host: str, port: int, timeout: float) -> Optional[BaseException]:
-    """Connect ``bridge`` to ``host:port``; the error, or None. A failed connect leaves the loop's
-    exception, its traceback and futures in a reference cycle (a timeout: the cancellation's too),
-    holding every frame it passed through until the cyclic GC runs. So this frame knows no stream,
-    the bridge is reached through a box that a failure empties, and the caller gets a fresh error."""
-    box = [bridge]
-    del bridge
-    try:
-        async with asyncio.timeout(timeout):
-            await asyncio.get_running_loop().create_connection(lambda: box[0], host, port)
-    except (OSError, TimeoutError) as exc:
-        box.clear()
-        return type(exc)(*exc.args)
-    return None
-
-
 async def forward(stream: VirtualStream, address: Tuple[str, int], connect_timeout: float = 10.0,
                   wait: bool = True, prefix: bytes = b"") -> None:
     """Pipe ``stream`` and a new TCP connection to ``address`` both ways until both ends finish.
@@ -476,7 +461,7 @@ async def forward(stream: VirtualStream, address: Tuple[str, int], connect_timeo
     """
     host, port = as_address(address, "address")
     bridge = TcpBridge()
-    error = await _connect(bridge, host, port, connect_timeout)
+    error = await dial(bridge, host, port, connect_timeout)
     if error is not None:
         log.warning("stream %d: cannot reach local service %s:%s: %s", stream.stream_id, host, port,
                     str(error) or f"{type(error).__name__} (connect_timeout {connect_timeout:g}s)")
