@@ -610,8 +610,10 @@ def test_capabilities_exact():
                                            "reject-reason/1", "drain/1", "public-urls/1"]
     assert ext.client_capabilities(OFF) == ["basic", "tcp", "ferrotunnel-py/1", "reject-reason/1", "drain/1", "public-urls/1"]
     assert ext.client_capabilities(OFF, ("x/1",)) == ["basic", "tcp", "ferrotunnel-py/1", "reject-reason/1", "drain/1", "public-urls/1", "x/1"]
-    assert ext.server_capabilities(ON) == ["basic", "ferrotunnel-py/1", "flow-control/1;window=1000", "drain/1", "public-urls/1", "visitor-addr/1"]
-    assert ext.server_capabilities(OFF) == ["basic", "ferrotunnel-py/1", "drain/1", "public-urls/1", "visitor-addr/1"]
+    assert ext.server_capabilities(ON) == ["basic", "ferrotunnel-py/1", "flow-control/1;window=1000", "drain/1", "public-urls/1",
+                                           "visitor-addr/1", "tunnels/1"]
+    assert ext.server_capabilities(OFF) == ["basic", "ferrotunnel-py/1", "drain/1", "public-urls/1", "visitor-addr/1",
+                                            "tunnels/1"]
     assert ext.client_capabilities(ft.ClientConfig()) == ["basic", "tcp", "ferrotunnel-py/1",
                                                          "flow-control/1;window=262144", "reject-reason/1", "drain/1", "public-urls/1"]
 
@@ -638,9 +640,10 @@ def test_negotiate_server_side():
 def test_negotiate_client_side():
     client = ft.ClientConfig(initial_window=1234)
     n = ext.negotiate(client, ext.server_capabilities(ServerConfig(initial_window=5000)))
-    assert n.values == {"ferrotunnel": True, "flow": 5000, "drain": True, "public_urls": True}  # servers never announce reject-reason
+    assert n.values == {"ferrotunnel": True, "flow": 5000, "drain": True, "public_urls": True,
+                        "tunnels": True}  # servers never announce reject-reason
     n = ext.negotiate(client, ext.server_capabilities(ServerConfig(flow_control=False)))
-    assert n.values == {"ferrotunnel": True, "drain": True, "public_urls": True}
+    assert n.values == {"ferrotunnel": True, "drain": True, "public_urls": True, "tunnels": True}
 
 
 def test_negotiate_refuses_bad_flow_windows():
