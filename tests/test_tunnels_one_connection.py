@@ -289,6 +289,12 @@ def test_refusal_errors_map_each_status():
     assert isinstance(token, AuthenticationError)
 
 
+def test_more_tunnels_without_extensions_are_refused_at_once():
+    with pytest.raises(ValueError, match="extensions=True"):
+        ft.TunnelClient("127.0.0.1:1", TOKEN, tunnel_id="web", config=ft.ClientConfig(extensions=False),
+                        more_tunnels=[ft.Tunnel("api")])
+
+
 def test_tunnel_ids_given_twice_are_refused_at_once():
     with pytest.raises(ValueError, match="given twice"):
         ft.TunnelClient("127.0.0.1:1", TOKEN, tunnel_id="web", more_tunnels=[ft.Tunnel("WEB")])

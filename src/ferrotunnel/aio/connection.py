@@ -326,11 +326,11 @@ class TunnelConnection(asyncio.BufferedProtocol):
         core = self.core
         transport = self.transport
         while core.has_output and not self._write_paused:
+            if self.tls is not None:  # encrypt_many fills records from the frames as they lie: no join
+                transport.writelines(self.tls.encrypt_many(core.data_to_send(DRAIN_BUDGET, 16 * 1024)))
+                continue
             bufs = core.data_to_send(DRAIN_BUDGET, self._coalesce)
-            if self.tls is not None:
-                for b in bufs:
-                    self.send_raw(b)
-            elif len(bufs) == 1:
+            if len(bufs) == 1:
                 transport.write(bufs[0])
             else:
                 transport.writelines(bufs)

@@ -99,7 +99,9 @@ class TunnelClient:
         self.transport = resolve_transport(tls)
         self.server_name = server_name or self.host
         self.config = config
-        self._more: Dict[str, Tunnel] = tunnels_by_id(more_tunnels, self.tunnel_id) if config.extensions else {}
+        if more_tunnels and not config.extensions:
+            raise ValueError("more_tunnels need extensions=True (they are registered with the tunnels/1 extension)")
+        self._more: Dict[str, Tunnel] = tunnels_by_id(more_tunnels, self.tunnel_id)
         self._instance = new_instance_capability()
         self._hello_config = self._hello()
         #: ``HOST:PORT`` of the server, as it appears in messages.
