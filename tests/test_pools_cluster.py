@@ -56,8 +56,11 @@ def redis() -> Any:
 def test_a_pool_spans_nodes_and_refuses_solo_claims_everywhere(run, redis):
     async def body():
         r = await raw(redis.url)
-        async with RedisRegistry(cfg(redis.url, "a", 7001)) as a, RedisRegistry(cfg(redis.url, "b", 7002)) as b, \
-                RedisRegistry(cfg(redis.url, "c", 7003)) as c:
+        # (a generous redis_timeout: a claim that outlived the short one counts as an outage, is
+        # granted locally and reaches Redis only later, which this test does not look at)
+        slow = dict(redis_timeout=3.0)
+        async with RedisRegistry(cfg(redis.url, "a", 7001, **slow)) as a, \
+                RedisRegistry(cfg(redis.url, "b", 7002, **slow)) as b, RedisRegistry(cfg(redis.url, "c", 7003, **slow)) as c:
             sa1, sa2, sb = StubSession(name="a1"), StubSession(name="a2"), StubSession(name="b1")
             assert (await a.claim("web", sa1, pool=True)).granted
             assert (await a.claim("web", sa2, pool=True)).granted  # a second member on the same node
@@ -95,7 +98,7 @@ def test_a_node_prefers_its_own_members_else_spreads_over_the_others(run, redis)
     async def body():
         r = await raw(redis.url)
         links = {n: Links() for n in "abc"}
-        regs = [RedisRegistry(cfg(redis.url, n, 7000 + i, route_cache_ttl=0.2), remote_route=links[n])
+        regs = [RedisRegistry(cfg(redis.url, n, 7000 + i, route_cache_ttl=0.2, redis_timeout=3.0), remote_route=links[n])
                 for i, n in enumerate("abc")]
         a, b, c = regs
         async with a, b, c:
