@@ -52,7 +52,7 @@ from .extensions import (
     server_capabilities,
 )
 
-__all__ = ["ServerHandshake", "ClientHandshake", "HandshakeRequest", "HandshakeResult", "MAX_REASON_LEN"]
+__all__ = ["ServerHandshake", "ClientHandshake", "HandshakeRequest", "HandshakeResult", "MAX_REASON_LEN", "printable"]
 
 #: Longest reason sent with a refusal (it travels as one capability string).
 MAX_REASON_LEN = 200
@@ -226,7 +226,7 @@ class ServerHandshake:
             raise ValueError("reject() needs a failure status")
         caps = []
         if reason and REASON_CAPABILITY in req.capabilities:
-            caps.append(_REASON_PREFIX + _printable(reason)[:MAX_REASON_LEN])
+            caps.append(_REASON_PREFIX + printable(reason)[:MAX_REASON_LEN])
         # as the Rust server: a fresh id for TunnelIdTaken, the nil uuid otherwise
         sid = uuid.uuid4() if status == HandshakeStatus.TUNNEL_ID_TAKEN else _NIL
         return encode(HandshakeAck(sid, status, 0, caps))
@@ -236,10 +236,12 @@ def plaintext_refusal(reason: str) -> bytes:
     """A refusal ack (UnsupportedVersion, with ``reason``) for a client whose Handshake arrived in
     plaintext at a port that speaks TLS: sent in plaintext, so the client can read why and stop."""
     return encode(HandshakeAck(_NIL, HandshakeStatus.UNSUPPORTED_VERSION, 0,
-                               [_REASON_PREFIX + _printable(reason)[:MAX_REASON_LEN]]))
+                               [_REASON_PREFIX + printable(reason)[:MAX_REASON_LEN]]))
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
+    """``text`` with every character outside printable ASCII replaced by "?" (what a peer said,
+    before it reaches a terminal or a log)."""
     return "".join(c if 0x20 <= ord(c) < 0x7F else "?" for c in text)
 
 
@@ -327,7 +329,7 @@ def retry_after_hint(reason: Optional[str]) -> Optional[float]:
 def _reason(caps: Sequence[str]) -> Optional[str]:
     for cap in caps:
         if cap.startswith(_REASON_PREFIX):
-            return _printable(cap[len(_REASON_PREFIX):])[:MAX_REASON_LEN]
+            return printable(cap[len(_REASON_PREFIX):])[:MAX_REASON_LEN]
     return None
 
 

@@ -29,6 +29,7 @@ from typing import Any, Deque, Optional, Sequence, Tuple
 
 from ..frames import Protocol, Register, RegisterAck, RegisterStatus
 from .extensions import Negotiated, keep_capabilities
+from .handshake import printable
 from .listener import CoreListener
 
 __all__ = ["TunnelsMixin", "TUNNEL_HEADER", "CAPS_KEY", "MAX_REASON", "clean_text"]
@@ -44,9 +45,8 @@ MAX_REASON = 2000
 
 
 def clean_text(text: str, limit: int = MAX_REASON) -> str:
-    """``text`` cut to ``limit`` characters, with every unprintable character replaced (what a
-    peer said goes to a terminal or a log)."""
-    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+    """``text`` cut to ``limit`` characters, in printable ASCII (``handshake.printable``)."""
+    return printable(text[:limit])
 
 
 class TunnelsMixin:

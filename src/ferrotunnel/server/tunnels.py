@@ -103,7 +103,7 @@ class Registrations:
         self.conn.core.send_register_ack(status, text)
 
     async def _register(self, asked: str, caps: Tuple[str, ...]) -> _Answer:
-        server, conn, session = self.server, self.conn, self.session
+        server, session = self.server, self.session
         shown = asked[:70]
         if not server.is_serving:  # closing, or a cluster node leaving: its clients move elsewhere
             return RegisterStatus.QUOTA_EXCEEDED, f"tunnel id {shown!r}: this server is shutting down; retry-after=1"
@@ -175,10 +175,6 @@ class Registrations:
             self.server.registry.session_ended(alias)
             log.info("tunnel %s (registered on session %s) closed", tunnel_id, self.session.id)
         self.aliases.clear()
-
-    def find(self, tunnel_id: str) -> Optional[TunnelAlias]:
-        """The alias serving ``tunnel_id`` on this connection, if any."""
-        return self.aliases.get(tunnel_id)
 
 
 def policy_covers_registers(server: Any) -> bool:
