@@ -21,8 +21,8 @@ from ferrotunnel.protocol.extensions import client_capabilities
 from ferrotunnel.server.tunnels import MAX_REGISTER_REFUSALS
 
 from conftest import free_port
-from test_pools import get, name_app, served_by, until
-from test_tunnels_one_connection import TOKEN, client, live_ids, tunnel
+from test_pools import get, served_by, until
+from test_tunnels_one_connection import TOKEN, client, live_ids, tunnel, two_apps
 
 async def bare(server: Any, tunnel_id: str = "web", addr: Any = ("127.0.0.1", 9)) -> Any:
     """A session that negotiated tunnels/1 and registers nothing by itself (the test sends)."""
@@ -58,17 +58,15 @@ def test_a_connection_that_ends_during_a_register_leaves_nothing_claimed(run):
 
 def test_too_many_registers_are_answered_quota_exceeded_and_the_client_stops(run):
     async def body():
-        (a1, addr1), (a2, addr2) = await name_app("one"), await name_app("two")
-        server = ft.TunnelServer(("127.0.0.1", 0), TOKEN, config=ft.ServerConfig(max_tunnels_per_session=3))
-        async with server:
-            c = client(server, addr1, *[tunnel(f"t{i}", addr2) for i in range(6)])
-            with pytest.raises(HandshakeError) as quota:
-                await asyncio.wait_for(c.connect_and_run(), 30)  # stops: not retried forever
-            assert not isinstance(quota.value, RetryableHandshakeError)
-            assert "max_tunnels_per_session" in str(quota.value)
-            await until(lambda: not live_ids(server))
-        a1.close()
-        a2.close()
+        async with two_apps() as (addr1, addr2):
+            server = ft.TunnelServer(("127.0.0.1", 0), TOKEN, config=ft.ServerConfig(max_tunnels_per_session=3))
+            async with server:
+                c = client(server, addr1, *[tunnel(f"t{i}", addr2) for i in range(6)])
+                with pytest.raises(HandshakeError) as quota:
+                    await asyncio.wait_for(c.connect_and_run(), 30)  # stops: not retried forever
+                assert not isinstance(quota.value, RetryableHandshakeError)
+                assert "max_tunnels_per_session" in str(quota.value)
+                await until(lambda: not live_ids(server))
     run(body, timeout=60)
 
 
@@ -95,20 +93,18 @@ def test_over_long_ids_are_refused_and_refusals_are_bounded(run):
 
 def test_an_alias_multiplexer_opens_streams_on_its_own_tunnel(run):
     async def body():
-        (a1, addr1), (a2, addr2) = await name_app("one"), await name_app("two")
-        server = ft.TunnelServer(("127.0.0.1", 0), TOKEN)
-        async with server:
-            c = client(server, addr1, tunnel("api", addr2))
-            await c.connect()
-            alias = next(s for s in server.sessions if isinstance(s, TunnelAlias))
-            for opener in (alias, alias.multiplexer):
-                stream = await opener.open_stream()
-                stream.write(b"GET /m HTTP/1.1\r\nHost: api\r\n\r\n")
-                await stream.drain()
-                assert served_by(await asyncio.wait_for(stream.read(), 15)) == "two"
-            await c.close()
-        a1.close()
-        a2.close()
+        async with two_apps() as (addr1, addr2):
+            server = ft.TunnelServer(("127.0.0.1", 0), TOKEN)
+            async with server:
+                c = client(server, addr1, tunnel("api", addr2))
+                await c.connect()
+                alias = next(s for s in server.sessions if isinstance(s, TunnelAlias))
+                for opener in (alias, alias.multiplexer):
+                    stream = await opener.open_stream()
+                    stream.write(b"GET /m HTTP/1.1\r\nHost: api\r\n\r\n")
+                    await stream.drain()
+                    assert served_by(await asyncio.wait_for(stream.read(), 15)) == "two"
+                await c.close()
     run(body, timeout=60)
 
 
@@ -125,34 +121,30 @@ class OwnPolicy(ft.TunnelServer):
 
 def test_a_subclass_restricting_ids_in_its_own_policy_refuses_registers(run):
     async def body():
-        (a1, addr1), (a2, addr2) = await name_app("one"), await name_app("two")
-        server = OwnPolicy(("127.0.0.1", 0), TOKEN)
-        async with server:
-            c = client(server, addr1, tunnel("other", addr2))
-            with pytest.raises(HandshakeError, match="its own policy"):
-                await c.connect()
-            await until(lambda: not live_ids(server))
-        a1.close()
-        a2.close()
+        async with two_apps() as (addr1, addr2):
+            server = OwnPolicy(("127.0.0.1", 0), TOKEN)
+            async with server:
+                c = client(server, addr1, tunnel("other", addr2))
+                with pytest.raises(HandshakeError, match="its own policy"):
+                    await c.connect()
+                await until(lambda: not live_ids(server))
     run(body, timeout=60)
 
 
 def test_a_server_that_stops_listening_answers_registers_retryably(run):
     async def body():
-        (a1, addr1), (a2, addr2) = await name_app("one"), await name_app("two")
-        server = ft.TunnelServer(("127.0.0.1", 0), TOKEN)
-        async with server:
-            http = ft.HttpIngress(server, ("127.0.0.1", 0))
-            await http.start()
-            c, session = await bare(server, addr=addr1)
-            server.stop_listening()  # (a cluster node leaving; the session carries on)
-            with pytest.raises(RetryableHandshakeError, match="shutting down"):
-                await asyncio.wait_for(register(session, "api"), 15)
-            assert served_by(await get(http.address, "web")) == "one"
-            await c.close()
-            await http.close()
-        a1.close()
-        a2.close()
+        async with two_apps() as (addr1, addr2):
+            server = ft.TunnelServer(("127.0.0.1", 0), TOKEN)
+            async with server:
+                http = ft.HttpIngress(server, ("127.0.0.1", 0))
+                await http.start()
+                c, session = await bare(server, addr=addr1)
+                server.stop_listening()  # (a cluster node leaving; the session carries on)
+                with pytest.raises(RetryableHandshakeError, match="shutting down"):
+                    await asyncio.wait_for(register(session, "api"), 15)
+                assert served_by(await get(http.address, "web")) == "one"
+                await c.close()
+                await http.close()
     run(body, timeout=60)
 
 
@@ -199,19 +191,17 @@ def test_a_closed_connection_with_registered_tunnels_leaves_nothing_alive(run):
     kinds = (ft.Session, ServerConnection, Registrations)
 
     async def body():
-        (a1, addr1), (a2, addr2) = await name_app("one"), await name_app("two")
-        server = ft.TunnelServer(("127.0.0.1", 0), TOKEN)
-        async with server:
-            for _ in range(3):
-                c = client(server, addr1, tunnel("api", addr2), tunnel("docs", addr2))
-                session = await c.connect()
-                assert sorted(live_ids(server)) == ["api", "docs", "web"]
-                await c.close()
-                del c, session
-                await until(lambda: not list(server.sessions))
-            await asyncio.sleep(0.2)
-        a1.close()
-        a2.close()
+        async with two_apps() as (addr1, addr2):
+            server = ft.TunnelServer(("127.0.0.1", 0), TOKEN)
+            async with server:
+                for _ in range(3):
+                    c = client(server, addr1, tunnel("api", addr2), tunnel("docs", addr2))
+                    session = await c.connect()
+                    assert sorted(live_ids(server)) == ["api", "docs", "web"]
+                    await c.close()
+                    del c, session
+                    await until(lambda: not list(server.sessions))
+                await asyncio.sleep(0.2)
         return [type(obj).__name__ for obj in gc.get_objects() if type(obj) in kinds or isinstance(obj, TunnelAlias)]
 
     gc.collect()

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
-from typing import Any, List
+from typing import Any, AsyncIterator, List, Tuple
 
 import pytest
 
@@ -24,6 +25,18 @@ from ferrotunnel.server.public import PublicEndpoint
 from test_pools import get, name_app, running, served_by, until
 
 TOKEN = "tunnels-token"
+
+
+@contextlib.asynccontextmanager
+async def two_apps(first: str = "one", second: str = "two") -> AsyncIterator[Tuple[Any, Any]]:
+    """Two HTTP apps answering their names (``test_pools.name_app``): their addresses; both
+    closed at the end, whatever happened."""
+    (a1, addr1), (a2, addr2) = await name_app(first), await name_app(second)
+    try:
+        yield addr1, addr2
+    finally:
+        a1.close()
+        a2.close()
 
 
 def connections(server: Any) -> List[Any]:
@@ -87,48 +100,44 @@ def test_three_tunnels_share_one_connection_and_each_reaches_its_app(run):
 
 def test_a_new_connection_registers_every_tunnel_again(run):
     async def body():
-        (a1, addr1), (a2, addr2) = await name_app("one"), await name_app("two")
-        server = ft.TunnelServer(("127.0.0.1", 0), TOKEN)
-        async with server:
-            http = ft.HttpIngress(server, ("127.0.0.1", 0))
-            await http.start()
-            c = client(server, addr1, tunnel("api", addr2))
-            async with running(c):
-                await until(lambda: live_ids(server) == ["api", "web"])
-                first = connections(server)[0]
-                first.close()  # the server drops the connection: the client connects again
-                await until(lambda: live_ids(server) == ["api", "web"] and connections(server)[0] is not first)
-                assert served_by(await get(http.address, "api")) == "two"
-                assert served_by(await get(http.address, "web")) == "one"
-            await http.close()
-        a1.close()
-        a2.close()
+        async with two_apps() as (addr1, addr2):
+            server = ft.TunnelServer(("127.0.0.1", 0), TOKEN)
+            async with server:
+                http = ft.HttpIngress(server, ("127.0.0.1", 0))
+                await http.start()
+                c = client(server, addr1, tunnel("api", addr2))
+                async with running(c):
+                    await until(lambda: live_ids(server) == ["api", "web"])
+                    first = connections(server)[0]
+                    first.close()  # the server drops the connection: the client connects again
+                    await until(lambda: live_ids(server) == ["api", "web"] and connections(server)[0] is not first)
+                    assert served_by(await get(http.address, "api")) == "two"
+                    assert served_by(await get(http.address, "web")) == "one"
+                await http.close()
     run(body, timeout=90)
 
 
 def test_each_registered_tunnel_keeps_its_own_access_rules(run):
     async def body():
-        (a1, addr1), (a2, addr2) = await name_app("open"), await name_app("guarded")
-        server = ft.TunnelServer(("127.0.0.1", 0), TOKEN)
-        async with server:
-            http = ft.HttpIngress(server, ("127.0.0.1", 0))
-            await http.start()
-            guarded = ft.Tunnel("private", ft.ClientConfig(local_addr=addr2,
-                                                           basic_auth="ann:s3cret"))
-            c = client(server, addr1, guarded)
-            async with running(c):
-                await until(lambda: live_ids(server) == ["private", "web"])
-                assert served_by(await get(http.address, "web")) == "open"  # no rules on the primary
-                assert (await get(http.address, "private")).startswith(b"HTTP/1.1 401")
-                r, w = await asyncio.open_connection(*http.address)
-                cred = base64.b64encode(b"ann:s3cret").decode()
-                w.write(f"GET /x HTTP/1.1\r\nHost: private\r\nAuthorization: Basic {cred}\r\n\r\n".encode())
-                answer = await asyncio.wait_for(r.read(), 15)
-                w.close()
-                assert served_by(answer) == "guarded"
-            await http.close()
-        a1.close()
-        a2.close()
+        async with two_apps("open", "guarded") as (addr1, addr2):
+            server = ft.TunnelServer(("127.0.0.1", 0), TOKEN)
+            async with server:
+                http = ft.HttpIngress(server, ("127.0.0.1", 0))
+                await http.start()
+                guarded = ft.Tunnel("private", ft.ClientConfig(local_addr=addr2,
+                                                               basic_auth="ann:s3cret"))
+                c = client(server, addr1, guarded)
+                async with running(c):
+                    await until(lambda: live_ids(server) == ["private", "web"])
+                    assert served_by(await get(http.address, "web")) == "open"  # no rules on the primary
+                    assert (await get(http.address, "private")).startswith(b"HTTP/1.1 401")
+                    r, w = await asyncio.open_connection(*http.address)
+                    cred = base64.b64encode(b"ann:s3cret").decode()
+                    w.write(f"GET /x HTTP/1.1\r\nHost: private\r\nAuthorization: Basic {cred}\r\n\r\n".encode())
+                    answer = await asyncio.wait_for(r.read(), 15)
+                    w.close()
+                    assert served_by(answer) == "guarded"
+                await http.close()
     run(body, timeout=90)
 
 
@@ -173,59 +182,55 @@ async def _echo(reader: Any, writer: Any) -> None:
 
 def test_refusals_say_which_tunnel_and_keep_their_retry_semantics(run):
     async def body():
-        (a1, addr1), (a2, addr2) = await name_app("one"), await name_app("two")
-        server = ft.TunnelServer(("127.0.0.1", 0), TOKEN, domain="example.test",
-                                 config=ft.ServerConfig(max_tunnels_per_session=3))
-        async with server:
-            holder = client(server, addr2, tunnel_id="api")
-            async with running(holder):
-                await until(lambda: live_ids(server) == ["api"])
-                # an id another client holds: retried like TunnelIdTaken, naming the tunnel
-                c = client(server, addr1, tunnel("api", addr2))
-                with pytest.raises(RetryableHandshakeError) as taken:
+        async with two_apps() as (addr1, addr2):
+            server = ft.TunnelServer(("127.0.0.1", 0), TOKEN, domain="example.test",
+                                     config=ft.ServerConfig(max_tunnels_per_session=3))
+            async with server:
+                holder = client(server, addr2, tunnel_id="api")
+                async with running(holder):
+                    await until(lambda: live_ids(server) == ["api"])
+                    # an id another client holds: retried like TunnelIdTaken, naming the tunnel
+                    c = client(server, addr1, tunnel("api", addr2))
+                    with pytest.raises(RetryableHandshakeError) as taken:
+                        await c.connect()
+                    assert taken.value.status == HandshakeStatus.TUNNEL_ID_TAKEN
+                    assert "'api'" in str(taken.value) and getattr(taken.value, "tunnel_id") == "api"
+                    # the connection that failed to register gave its own id back
+                    await until(lambda: live_ids(server) == ["api"])
+                # not a DNS label under the domain: not retried
+                c = client(server, addr1, tunnel("no_underscores", addr2))
+                with pytest.raises(HandshakeError) as bad:
                     await c.connect()
-                assert taken.value.status == HandshakeStatus.TUNNEL_ID_TAKEN
-                assert "'api'" in str(taken.value) and getattr(taken.value, "tunnel_id") == "api"
-                # the connection that failed to register gave its own id back
-                await until(lambda: live_ids(server) == ["api"])
-            # not a DNS label under the domain: not retried
-            c = client(server, addr1, tunnel("no_underscores", addr2))
-            with pytest.raises(HandshakeError) as bad:
-                await c.connect()
-            assert not isinstance(bad.value, RetryableHandshakeError)
-            assert "DNS label" in str(bad.value) and "'no_underscores'" in str(bad.value)
-            # more than max_tunnels_per_session on one connection
-            c = client(server, addr1, *[tunnel(f"t{i}", addr2) for i in range(3)])
-            with pytest.raises(HandshakeError) as quota:
-                await c.connect()
-            assert "max_tunnels_per_session" in str(quota.value) and "'t2'" in str(quota.value)
-            assert not isinstance(quota.value, RetryableHandshakeError)
-            await until(lambda: not live_ids(server))
-        a1.close()
-        a2.close()
+                assert not isinstance(bad.value, RetryableHandshakeError)
+                assert "DNS label" in str(bad.value) and "'no_underscores'" in str(bad.value)
+                # more than max_tunnels_per_session on one connection
+                c = client(server, addr1, *[tunnel(f"t{i}", addr2) for i in range(3)])
+                with pytest.raises(HandshakeError) as quota:
+                    await c.connect()
+                assert "max_tunnels_per_session" in str(quota.value) and "'t2'" in str(quota.value)
+                assert not isinstance(quota.value, RetryableHandshakeError)
+                await until(lambda: not live_ids(server))
     run(body, timeout=90)
 
 
 def test_a_client_token_may_register_only_its_own_ids(run, tmp_path):
     async def body():
-        (a1, addr1), (a2, addr2) = await name_app("one"), await name_app("two")
-        path = tmp_path / "tokens.toml"
-        path.write_text('[[token]]\ntoken = "alice-token-0001"\ntunnels = ["alice-*"]\n')
-        server = PolicyServer(("127.0.0.1", 0), None, client_tokens=ClientTokens(str(path)))
-        async with server:
-            ok = client(server, addr1, tunnel("alice-api", addr2), tunnel_id="alice-web", token="alice-token-0001")
-            session = await ok.connect()
-            assert sorted(s.tunnel_id for s in server.sessions) == ["alice-api", "alice-web"]
-            session.close()
-            await until(lambda: not list(server.sessions))
-            bad = client(server, addr1, tunnel("bob-api", addr2), tunnel_id="alice-web", token="alice-token-0001")
-            with pytest.raises(AuthenticationError) as refused:
-                await bad.connect()
-            assert "tunnel id 'bob-api' is not allowed for this token" in str(refused.value)
-            assert server.refused_ids == 1
-            assert not server.throttled(("127.0.0.1", 1))  # not a failed login
-        a1.close()
-        a2.close()
+        async with two_apps() as (addr1, addr2):
+            path = tmp_path / "tokens.toml"
+            path.write_text('[[token]]\ntoken = "alice-token-0001"\ntunnels = ["alice-*"]\n')
+            server = PolicyServer(("127.0.0.1", 0), None, client_tokens=ClientTokens(str(path)))
+            async with server:
+                ok = client(server, addr1, tunnel("alice-api", addr2), tunnel_id="alice-web", token="alice-token-0001")
+                session = await ok.connect()
+                assert sorted(s.tunnel_id for s in server.sessions) == ["alice-api", "alice-web"]
+                session.close()
+                await until(lambda: not list(server.sessions))
+                bad = client(server, addr1, tunnel("bob-api", addr2), tunnel_id="alice-web", token="alice-token-0001")
+                with pytest.raises(AuthenticationError) as refused:
+                    await bad.connect()
+                assert "tunnel id 'bob-api' is not allowed for this token" in str(refused.value)
+                assert server.refused_ids == 1
+                assert not server.throttled(("127.0.0.1", 1))  # not a failed login
     run(body, timeout=60)
 
 
@@ -237,18 +242,16 @@ def test_a_server_without_the_extension_leaves_the_other_tunnels_to_the_caller(r
     monkeypatch.setattr(hs, "server_capabilities", lambda config: [c for c in real(config) if c != "tunnels/1"])
 
     async def body():
-        (a1, addr1), (a2, addr2) = await name_app("one"), await name_app("two")
-        server = ft.TunnelServer(("127.0.0.1", 0), TOKEN)
-        async with server:
-            c = client(server, addr1, tunnel("api", addr2))
-            await c.connect()
-            assert not c.carries_more_tunnels
-            assert live_ids(server) == ["web"]  # nothing was registered
-            c.carry_alone()
-            assert c.more_tunnels == ()
-            await c.close()
-        a1.close()
-        a2.close()
+        async with two_apps() as (addr1, addr2):
+            server = ft.TunnelServer(("127.0.0.1", 0), TOKEN)
+            async with server:
+                c = client(server, addr1, tunnel("api", addr2))
+                await c.connect()
+                assert not c.carries_more_tunnels
+                assert live_ids(server) == ["web"]  # nothing was registered
+                c.carry_alone()
+                assert c.more_tunnels == ()
+                await c.close()
     run(body, timeout=60)
 
 
@@ -332,24 +335,22 @@ def test_register_frames_are_ignored_unless_negotiated_and_bounded_when_they_are
 
 def test_registering_an_id_the_connection_serves_already_is_refused_and_harms_nothing(run):
     async def body():
-        (a1, addr1), (a2, addr2) = await name_app("one"), await name_app("two")
-        server = ft.TunnelServer(("127.0.0.1", 0), TOKEN)
-        async with server:
-            http = ft.HttpIngress(server, ("127.0.0.1", 0))
-            await http.start()
-            c = client(server, addr1, tunnel("api", addr2))
-            session = await c.connect()
-            conn = session.connection
-            for again in ("api", "WEB"):  # a peer that registers again what it serves
-                fut = conn.register_waiters.expect(again)
-                conn.core.send_register(again, ft.Protocol.TCP, ("tcp",))
-                with pytest.raises(RetryableHandshakeError, match="served on this connection already"):
-                    await asyncio.wait_for(fut, 15)
-            assert not session.is_closed and live_ids(server) == ["api", "web"]
-            assert served_by(await get(http.address, "api")) == "two"
-            assert served_by(await get(http.address, "web")) == "one"
-            await c.close()
-            await http.close()
-        a1.close()
-        a2.close()
+        async with two_apps() as (addr1, addr2):
+            server = ft.TunnelServer(("127.0.0.1", 0), TOKEN)
+            async with server:
+                http = ft.HttpIngress(server, ("127.0.0.1", 0))
+                await http.start()
+                c = client(server, addr1, tunnel("api", addr2))
+                session = await c.connect()
+                conn = session.connection
+                for again in ("api", "WEB"):  # a peer that registers again what it serves
+                    fut = conn.register_waiters.expect(again)
+                    conn.core.send_register(again, ft.Protocol.TCP, ("tcp",))
+                    with pytest.raises(RetryableHandshakeError, match="served on this connection already"):
+                        await asyncio.wait_for(fut, 15)
+                assert not session.is_closed and live_ids(server) == ["api", "web"]
+                assert served_by(await get(http.address, "api")) == "two"
+                assert served_by(await get(http.address, "web")) == "one"
+                await c.close()
+                await http.close()
     run(body, timeout=60)
