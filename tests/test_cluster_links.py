@@ -151,7 +151,8 @@ def test_the_dialler_checks_which_node_it_reached(run):
 def test_the_secret_never_crosses_the_wire():
     """What a link sends before the tunnel protocol: ids, nonces and MACs; the handshake token is
     derived per link. None of it contains the secret."""
-    from ferrotunnel.cluster.links import _hello, _mac, link_token
+    from ferrotunnel.cluster.access_records import labelled_mac as _mac
+    from ferrotunnel.cluster.links import _hello, link_token
 
     a, b = os.urandom(32), os.urandom(32)
     secret = SECRET.encode()

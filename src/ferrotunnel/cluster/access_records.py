@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 from ..access import KINDS, KeyedAccess, TunnelAccess, access_from_capabilities, keyed_digest, parse_networks
 
-__all__ = ["ACCESS_FIELD", "NO_RULES", "SEALED", "MAX_RECORD", "AccessKeys", "Published", "UnreadableRules"]
+__all__ = ["ACCESS_FIELD", "NO_RULES", "SEALED", "MAX_RECORD", "AccessKeys", "Published", "UnreadableRules", "labelled_mac"]
 
 log = logging.getLogger("ferrotunnel.cluster")
 
@@ -48,7 +48,9 @@ class UnreadableRules(ValueError):
     """A published record that is missing, malformed or does not verify under the cluster secret."""
 
 
-def _mac(key: bytes, label: bytes, *parts: bytes) -> bytes:
+def labelled_mac(key: bytes, label: bytes, *parts: bytes) -> bytes:
+    """HMAC-SHA256 under ``key`` of ``label`` then each part with its 4-byte length (no two
+    part lists give the same message); the node links use it too."""
     msg = bytearray(label)
     for p in parts:
         msg += len(p).to_bytes(4, "big") + p
@@ -76,18 +78,18 @@ class AccessKeys:
     def __init__(self, secret: str) -> None:
         raw = secret.encode()
         self.enabled = bool(raw)
-        self._tag_key = _mac(raw, b"ferrotunnel access rules tag")
-        self._auth_key = _mac(raw, b"ferrotunnel access auth key")
+        self._tag_key = labelled_mac(raw, b"ferrotunnel access rules tag")
+        self._auth_key = labelled_mac(raw, b"ferrotunnel access auth key")
 
     def __repr__(self) -> str:
         return f"<AccessKeys {'on' if self.enabled else 'off'}>"
 
     def auth_key(self, tunnel_id: str) -> bytes:
         """The key of one tunnel's published basic-auth MAC."""
-        return _mac(self._auth_key, b"tunnel", tunnel_id.encode())
+        return labelled_mac(self._auth_key, b"tunnel", tunnel_id.encode())
 
     def tag(self, tunnel_id: str, node_id: str, body: str) -> str:
-        return _mac(self._tag_key, b"rules", tunnel_id.encode(), node_id.encode(), body.encode()).hex()
+        return labelled_mac(self._tag_key, b"rules", tunnel_id.encode(), node_id.encode(), body.encode()).hex()
 
     def body(self, tunnel_id: str, access: TunnelAccess) -> str:
         auth = None

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import hmac
 import logging
 import os
@@ -44,7 +43,7 @@ from ..protocol.extensions import VISITOR_HEADER
 from ..server.guard import kind_of, route_access
 from ..server.registry import Route
 from ..server.server import TunnelServer
-from .access_records import AccessKeys, Published
+from .access_records import AccessKeys, Published, labelled_mac
 from .splice import splice
 
 __all__ = ["LinkServer", "LinkPool", "RemoteRoute", "LinkAuthError", "HEADER_TUNNEL", "HEADER_VISITOR", "HEADER_HOST",
@@ -76,13 +75,6 @@ HEADER_ACCESS = "ft-access"
 
 class LinkAuthError(ConnectionLostError):
     """The other node does not know the cluster secret (or is not a cluster node)."""
-
-
-def _mac(secret: bytes, label: bytes, *parts: bytes) -> bytes:
-    msg = bytearray(label)
-    for p in parts:
-        msg += len(p).to_bytes(4, "big") + p
-    return hmac.new(secret, bytes(msg), hashlib.sha256).digest()
 
 
 def _hello(node_id: bytes, nonce: bytes) -> bytes:
@@ -117,7 +109,7 @@ def _printable_id(raw: bytes) -> str:
 
 def link_token(secret: bytes, nonce_a: bytes, nonce_b: bytes) -> str:
     """The tunnel-protocol token of one link: derived, so the secret never crosses the wire."""
-    return _mac(secret, b"ferrotunnel link token", nonce_a, nonce_b).hex()
+    return labelled_mac(secret, b"ferrotunnel link token", nonce_a, nonce_b).hex()
 
 
 class _LinkTunnelServer(TunnelServer):
@@ -224,9 +216,9 @@ class LinkServer:
                 await loop.sock_sendall(sock, _hello(me, nonce_a))
                 other, nonce_b = await _read_hello(loop, sock)
                 mac = await _recv_exactly(loop, sock, MAC_SIZE)
-                if not hmac.compare_digest(mac, _mac(self._secret, b"dial", nonce_a, nonce_b, me, other)):
+                if not hmac.compare_digest(mac, labelled_mac(self._secret, b"dial", nonce_a, nonce_b, me, other)):
                     raise LinkAuthError("the dialling node does not know the cluster secret")
-                await loop.sock_sendall(sock, _mac(self._secret, b"accept", nonce_a, nonce_b, me, other))
+                await loop.sock_sendall(sock, labelled_mac(self._secret, b"accept", nonce_a, nonce_b, me, other))
         except (OSError, TimeoutError, LinkAuthError) as exc:
             host = peer[0] if isinstance(peer, tuple) else str(peer)
             self._refusals.refuse(host, "link_auth", str(exc) or type(exc).__name__)
@@ -416,10 +408,10 @@ class LinkPool:
                 other, nonce_a = await _read_hello(loop, sock)
                 if other != node_id.encode():
                     raise LinkAuthError(f"expected node {node_id!r}, reached node {_printable_id(other)!r}")
-                await loop.sock_sendall(sock, _hello(me, nonce_b) + _mac(self._secret, b"dial", nonce_a, nonce_b,
+                await loop.sock_sendall(sock, _hello(me, nonce_b) + labelled_mac(self._secret, b"dial", nonce_a, nonce_b,
                                                                           other, me))
                 proof = await _recv_exactly(loop, sock, MAC_SIZE)
-                if not hmac.compare_digest(proof, _mac(self._secret, b"accept", nonce_a, nonce_b, other, me)):
+                if not hmac.compare_digest(proof, labelled_mac(self._secret, b"accept", nonce_a, nonce_b, other, me)):
                     raise LinkAuthError(f"node {node_id!r} does not know the cluster secret")
         except BaseException:
             sock.close()
