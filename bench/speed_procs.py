@@ -212,7 +212,8 @@ class Tunnel(Path):
             "client", "--server", f"localhost:{self.tunnel_port}", "--local-addr", f"127.0.0.1:{backend_port}",
             "--log-level", "warning", *tls_c], env=self._env("client"))
         self.members.append(client)
-        wait_for_line(client, r"^Forwarding tcp://")
+        # (older trees, for an A/B across history, print "connected ...: forwarding streams to" instead)
+        wait_for_line(client, r"^Forwarding tcp://|forwarding streams to")
         for p in self.members:  # the implementation asked for is the one loaded
             if compiled_loaded(p.pid) == self.pure:
                 raise BenchError(f"{p.bench_name}: the {'pure-Python' if self.pure else 'compiled'} codec was "
