@@ -16,8 +16,8 @@ import pytest
 
 import ferrotunnel as ft
 from ferrotunnel.access import KeyedAccess, TunnelAccess, basic_auth_digest
-from ferrotunnel.config import ClusterConfig
 
+from inproc_nodes import InProcessNode
 from redis_server import RedisServer
 
 TOKEN = "cluster-access-token"
@@ -43,26 +43,10 @@ async def _head_app():
     return server, server.sockets[0].getsockname()[:2]
 
 
-class Node:
+class Node(InProcessNode):
     def __init__(self, name: str, redis_url: str, **timing: float) -> None:
-        from ferrotunnel.cluster.node import ClusterNode
-
-        cfg = ClusterConfig(redis_url=redis_url, node_id=name, node_advertise=("127.0.0.1", 0), cluster_token=SECRET,
-                            key_prefix="acc:", **{"node_ttl": 2.0, "node_refresh": 0.5, "claim_ttl": 3.0,
-                                                  "claim_refresh": 1.0, "route_cache_ttl": 0.1, **timing})
-        self.node = ClusterNode(cfg, ("127.0.0.1", 0))
-        self.server = ft.TunnelServer(("127.0.0.1", 0), TOKEN, registry=self.node.registry)
-        self.http = ft.HttpIngress(self.server, ("127.0.0.1", 0))
-
-    async def start(self) -> None:
-        await self.node.start()
-        await self.server.start()
-        await self.http.start()
-
-    async def close(self) -> None:
-        await self.http.close()
-        await self.server.close()
-        await self.node.close()
+        super().__init__(name, redis_url, token=TOKEN, secret=SECRET, key_prefix="acc:",
+                         **{"route_cache_ttl": 0.1, **timing})
 
 
 def _auth(creds: str) -> str:

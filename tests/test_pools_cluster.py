@@ -17,6 +17,7 @@ import ferrotunnel as ft
 from ferrotunnel.cluster import RedisRegistry
 from ferrotunnel.frames import Protocol, StreamPriority
 from ferrotunnel.server.registry import POOL_REFUSAL, SOLO_REFUSAL, PoolRoute, Route
+from inproc_nodes import InProcessNode
 from redis_server import RedisServer
 from test_cluster_registry import cfg, raw, wait_for, wait_for_async
 from test_pools import StubSession, opens
@@ -170,27 +171,9 @@ TOKEN = "pool-cluster-token"
 SECRET = "pool-cluster-secret"
 
 
-class Node:
+class Node(InProcessNode):
     def __init__(self, name: str, redis_url: str) -> None:
-        from ferrotunnel.cluster.node import ClusterNode
-        from ferrotunnel.config import ClusterConfig
-
-        config = ClusterConfig(redis_url=redis_url, node_id=name, node_advertise=("127.0.0.1", 0), cluster_token=SECRET,
-                               node_ttl=2.0, node_refresh=0.5, claim_ttl=3.0, claim_refresh=1.0, route_cache_ttl=0.5)
-        self.name = name
-        self.node = ClusterNode(config, ("127.0.0.1", 0))
-        self.server = ft.TunnelServer(("127.0.0.1", 0), TOKEN, registry=self.node.registry)
-        self.http = ft.HttpIngress(self.server, ("127.0.0.1", 0))
-
-    async def start(self) -> None:
-        await self.node.start()
-        await self.server.start()
-        await self.http.start()
-
-    async def close(self) -> None:
-        await self.http.close()
-        await self.server.close()
-        await self.node.close()
+        super().__init__(name, redis_url, token=TOKEN, secret=SECRET, route_cache_ttl=0.5)
 
 
 def test_pool_members_on_two_nodes_each_node_prefers_its_own_then_the_other(run):
