@@ -10,6 +10,9 @@ process load hits both), in turns (few, many, few, many, ...), medians over the 
   server with no other session against one with ``--sessions`` (999) other sessions connected;
   and the CPU time (``time.process_time``) of the whole cycle: the handshake, the session closed
   and forgotten by the server. Both ends run in this process, so the figures are both sides'.
+  Both servers also share this process's heap, so a cost that grows with the objects a process
+  holds (a full collection of the cyclic GC, cache misses) hits both alike here: ``python
+  bench/speed.py --phases handshake`` has each server in a process of its own.
 * **stream open**: CPU microseconds (``time.process_time``) per visitor of the unnamed TCP
   ingress (``TcpIngress`` without a tunnel id: the oldest session offering tcp, as the CLI's
   ``--tcp-bind``) — connect, 64-byte echo through the tunnel, close — on a session with 10 idle

@@ -25,7 +25,7 @@ p99) and new streams/s with 1 thread; row 8, flatness: CPU microseconds per stre
 processes' CPU over a 1-thread stream-setup run / streams opened) and RTT with 9,990 idle
 streams open against 10, and a new session's handshake time (TCP connect to HandshakeAck, from
 this process) with 999 extra sessions connected (held by a process of their own) against the
-first. For row 8 the benchmark
+first (two servers probed in turns, see ``handshakes``). For row 8 the benchmark
 raises ``ingress_max_per_address`` and ``max_sessions`` in its own configuration (printed in the
 header; the defaults stay as they are). Paths run in turns within each round (relay2, tunnel,
 relay2, tunnel, ...) so drift hits both alike; figures are medians over ``--rounds`` (3; 1 with
@@ -205,21 +205,51 @@ class Bench:
             self.procs.kill(few)
 
 
-async def _probes(port: int, backend_port: int, count: int, tag: str) -> float:
-    """Median seconds from TCP connect to HandshakeAck of ``count`` new sessions, each closed
-    again (after 3 that are not counted: the first connections of a loop pay for warming up)."""
+def _cpu_ns(pid: int) -> int:
+    """CPU nanoseconds used so far by every thread of ``pid`` (``/proc/PID/task/*/schedstat``:
+    exact, unlike the 10 ms ticks of ``/proc/PID/stat``)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):  # a thread that just ended
+            pass
+    return total
+
+
+async def _probes(ports: list, pids: list, backend_port: int, count: int, tag: str) -> list:
+    """``count`` new sessions on each server (tunnel ``ports[k]``, process ``pids[k]``), in turns:
+    one on each server per turn, the order reversed every other turn, each closed again before the
+    next (after 5 turns that are not counted: the first connections of a loop pay for warming up).
+    Returns per server ([seconds from TCP connect to HandshakeAck], [server CPU seconds of one
+    whole cycle: from one probe's connect to the next's on that server, so its handshake, the
+    close and whatever else the server did meanwhile, such as its sessions' heartbeats])."""
     import ferrotunnel as ft
 
     cfg = ft.ClientConfig(local_addr=("127.0.0.1", backend_port))
-    out = []
-    for i in range(count + 3):
-        c = ft.TunnelClient(f"127.0.0.1:{port}", sp.TOKEN, tunnel_id=f"probe-{tag}-{i}", config=cfg)
-        t0 = time.perf_counter()
-        await c.connect()
-        if i >= 3:
-            out.append(time.perf_counter() - t0)
-        await c.close()
-    return statistics.median(out)
+    warm = 5
+    out: list = [([], []) for _ in ports]
+    last: list = [None] * len(ports)
+    for i in range(count + warm + 1):
+        order = list(range(len(ports)))
+        if i % 2:
+            order.reverse()
+        for k in order:
+            cpu = _cpu_ns(pids[k])
+            if last[k] is not None and i > warm:
+                out[k][1].append((cpu - last[k]) / 1e9)
+            last[k] = cpu
+            if i == count + warm:  # (this turn only closes the last cycle's CPU figure)
+                continue
+            c = ft.TunnelClient(f"127.0.0.1:{ports[k]}", sp.TOKEN, tunnel_id=f"probe-{tag}-{k}-{i}", config=cfg)
+            t0 = time.perf_counter()
+            await c.connect()
+            if i >= warm:
+                out[k][0].append(time.perf_counter() - t0)
+            await c.close()
+            await asyncio.sleep(0.001)  # (the server ends the cycle before its CPU is read again)
+    return out
 
 
 async def _hold_sessions(port: int, backend_port: int, count: int) -> None:
@@ -250,6 +280,81 @@ def _import_uvloop():
     import uvloop
 
     return uvloop
+
+
+def _hold_and_probe(args, procs: sp.Procs, first, loaded, backend_port: int, tag: str) -> dict:
+    """``EXTRA_SESSIONS`` sessions held on ``loaded`` while ``args.probes`` new sessions per
+    server are timed in turns (``_probes``); also the CPU the servers and the holder use, per
+    second, while nothing is probed (the held sessions' heartbeats), and the holder's while probing."""
+    uvloop = _import_uvloop()
+    holder = procs.popen("sessions", [sys.executable, os.path.abspath(__file__), "--role-hold",
+                                      str(loaded.tunnel_port), str(backend_port), str(EXTRA_SESSIONS)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line = holder.stdout.readline()
+        if line.split()[:2] != ["READY", str(EXTRA_SESSIONS)]:
+            raise sp.BenchError(f"the session holder said {line!r}")
+        time.sleep(0.5)
+        pids = [first.members[0].pid, loaded.members[0].pid, holder.pid]
+        c0, t0 = [_cpu_ns(p) for p in pids], time.monotonic()
+        time.sleep(0.5)
+        idle = [(_cpu_ns(p) - c) / 1e6 / (time.monotonic() - t0) for p, c in zip(pids, c0)]
+        h0, t0 = _cpu_ns(holder.pid), time.monotonic()
+        (w_first, c_first), (w_loaded, c_loaded) = uvloop.run(_probes(
+            [first.tunnel_port, loaded.tunnel_port], pids[:2], backend_port, args.probes, tag))
+        held = (_cpu_ns(holder.pid) - h0) / 1e6 / (time.monotonic() - t0)
+    finally:
+        procs.kill(holder)
+    time.sleep(1.0)  # let the server drop the held sessions
+    return {"wall": (w_first, w_loaded), "cpu": (c_first, c_loaded), "idle": idle, "held": held}
+
+
+def handshakes(args, procs: sp.Procs, b: "Bench", backend_port: int) -> None:
+    """Row 8, handshake: two fresh tunnel servers (each with its own CLI client, as ``tunnel``).
+    Each round has two halves; in each half one server also holds ``EXTRA_SESSIONS`` sessions (a
+    process of their own), and the servers swap roles for the second half, so neither process's
+    own luck (its history, the CPU it was scheduled on) counts as the cost of the sessions. In
+    each half ``--probes`` new sessions per server are timed in turns, one on each server, so the
+    machine's load at any moment hits both alike. Figures per round (the mean of its two halves'
+    medians): the handshake time (TCP connect to HandshakeAck, from this process) and the server
+    CPU per session cycle, with no extra sessions ("first") and with them ("loaded"); their
+    ratios; and how busy the servers and the session holder are (CPU ms per s) while nothing is
+    probed."""
+    cfg = json.dumps(SERVER_CONFIG)
+    servers = [sp.Tunnel(f"hs-{name}", procs, server_config=cfg).start(backend_port) for name in "ab"]
+    try:
+        for r in range(args.rounds):
+            got: dict = {"wf": [], "wl": [], "cf": [], "cl": []}  # the medians of each half
+            for half in (0, 1):
+                loaded = servers[(r + half) % 2]
+                first = servers[1 - (r + half) % 2]
+                for s in servers:
+                    s.check()
+                h = _hold_and_probe(args, procs, first, loaded, backend_port, f"r{r}h{half}")
+                for key, v in zip(("wf", "wl", "cf", "cl"), h["wall"] + h["cpu"]):
+                    got[key].append(statistics.median(v))
+                for who, v in zip(("first", "loaded", "holder"), h["idle"]):
+                    b.add("handshake_idle_cpu_ms_per_s", who, v)
+                b.add("handshake_holder_cpu_ms_per_s", "probing", h["held"])
+            med = {k: statistics.fmean(v) for k, v in got.items()}  # (not one median of both halves' probes:
+            # when the load changes between the halves, that one lands between their distributions)
+            b.add("handshake_first_ms", "tunnel", med["wf"] * 1e3)
+            b.add("handshake_loaded_ms", "tunnel", med["wl"] * 1e3)
+            b.add("handshake_first_cpu_us", "tunnel", med["cf"] * 1e6)
+            b.add("handshake_loaded_cpu_us", "tunnel", med["cl"] * 1e6)
+            b.add("handshake_ratio", "tunnel", med["wl"] / med["wf"])
+            b.add("handshake_cpu_ratio", "tunnel", med["cl"] / med["cf"])
+    finally:
+        for s in servers:
+            s.stop()
+    m = {k: statistics.median(v["tunnel"]) for k, v in b.runs.items() if k.startswith("handshake_") and "tunnel" in v}
+    idle = {k: statistics.median(v) for k, v in b.runs["handshake_idle_cpu_ms_per_s"].items()}
+    print(f"row 8, handshake ({args.rounds} round(s) x 2 x {args.probes} per server, in turns): "
+          f"{m['handshake_first_ms']:.3f} ms first, {m['handshake_loaded_ms']:.3f} ms with {EXTRA_SESSIONS} up "
+          f"(per-round ratio x{m['handshake_ratio']:.2f}); server CPU per session cycle "
+          f"{m['handshake_first_cpu_us']:.0f} vs {m['handshake_loaded_cpu_us']:.0f} us "
+          f"(x{m['handshake_cpu_ratio']:.2f}); idle CPU ms/s: servers {idle['first']:.2f} vs "
+          f"{idle['loaded']:.2f}, session holder {idle['holder']:.2f}", flush=True)
 
 
 def measure(args, procs: sp.Procs, workdir: str) -> Bench:
@@ -298,24 +403,7 @@ def measure(args, procs: sp.Procs, workdir: str) -> Bench:
             for path in (relay2, tunnel):
                 b.flat(path)
     if "handshake" in phases:
-        uvloop = _import_uvloop()
-        for r in range(args.rounds):
-            tunnel.check()
-            first = uvloop.run(_probes(tunnel.tunnel_port, backend_port, args.probes, f"first{r}"))
-            holder = procs.popen("sessions", [sys.executable, os.path.abspath(__file__), "--role-hold",
-                                              str(tunnel.tunnel_port), str(backend_port), str(EXTRA_SESSIONS)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            try:
-                line = holder.stdout.readline()
-                if line.split()[:2] != ["READY", str(EXTRA_SESSIONS)]:
-                    raise sp.BenchError(f"the session holder said {line!r}")
-                time.sleep(0.5)
-                loaded = uvloop.run(_probes(tunnel.tunnel_port, backend_port, args.probes, f"loaded{r}"))
-            finally:
-                procs.kill(holder)
-            b.add("handshake_first_ms", "tunnel", first * 1e3)
-            b.add("handshake_loaded_ms", "tunnel", loaded * 1e3)
-            time.sleep(1.0)  # let the server drop the held sessions
+        handshakes(args, procs, b, backend_port)
     return b
 
 
@@ -450,7 +538,8 @@ def parse_args(argv=None):
     ap.add_argument("--secs", type=float, help="length of each bulk and stream-setup run (default 3; --quick 1)")
     ap.add_argument("--pingpongs", type=int, help="measured round trips per ping-pong run (default 20000)")
     ap.add_argument("--flat-many", type=int, help=f"row 8: idle streams of the 'many' state (default {FLAT_MANY})")
-    ap.add_argument("--probes", type=int, help="row 8: handshakes timed per state and round (default 20)")
+    ap.add_argument("--probes", type=int,
+                    help="row 8: handshakes timed per server in each half of a round (default 100)")
     ap.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     ap.add_argument("--json", help="write every per-round figure and the table to this file")
     ap.add_argument("--profile", action="store_true",
@@ -461,7 +550,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     q = args.quick
     for name, full, quick in (("rounds", 3, 1), ("secs", 3.0, 1.0), ("pingpongs", 20000, 5000),
-                              ("flat_many", FLAT_MANY, 2000), ("probes", 20, 8)):
+                              ("flat_many", FLAT_MANY, 2000), ("probes", 100, 30)):
         if getattr(args, name) is None:
             setattr(args, name, quick if q else full)
     args.phases = [p for p in args.phases.split(",") if p]
