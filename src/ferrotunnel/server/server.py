@@ -26,7 +26,8 @@ from ..aio.transport import Transport, bound_address, resolve_transport
 from ..protocol.extensions import instance_of
 from ..protocol.handshake import HandshakeRequest
 from .connection import ServerConnection
-from .ingress import PortLeases, PortUnavailable
+from .ingress import PortUnavailable
+from .ports import IndexedPortLeases
 from .admission import MAX_TUNNEL_ID_LEN, Refusal, replace_own, vet
 from .public import PublicEndpoint, normalize_domain, public_urls
 from .registry import LocalRegistry, SessionRegistry, SessionStore
@@ -75,7 +76,7 @@ class TunnelServer:
         self._token = token
         self._bind = address
         #: Ports on request (without a ``tcp_port_range`` every request is refused).
-        self.ports = PortLeases(self, tcp_port_range, tcp_port_host or address[0], tcp_port_public_host)
+        self.ports = IndexedPortLeases(self, tcp_port_range, tcp_port_host or address[0], tcp_port_public_host)
         self.config = config
         self.transport: Transport = resolve_transport(tls)
         self.stream_handler = stream_handler
@@ -287,7 +288,7 @@ class TunnelServer:
     def public_urls(self, tunnel_id: str, capabilities: Tuple[str, ...] = ("tcp",)) -> Tuple[str, ...]:
         """Where visitors reach ``tunnel_id`` through ``public_endpoints`` and its ports on request
         (see ``public.public_urls``)."""
-        endpoints = self.public_endpoints + self.ports.endpoints()
+        endpoints = self.public_endpoints + self.ports.endpoints_for(tunnel_id)  # (not every leased port)
         return public_urls(endpoints, tunnel_id.lower(), capabilities, self.domain)
 
     def is_stale(self, session: Session) -> bool:
