@@ -11,7 +11,7 @@ import asyncio
 import logging
 import socket
 import struct
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from ..addr import as_address
 from ..errors import FerroTunnelError, StreamClosedError
@@ -20,6 +20,7 @@ from ..pool import acquire_bytes, release_bytes
 from .listen import ConnectionGate
 from .stream import VirtualStream
 from .dial import dial
+from .sweeper import IDLE_TICKS, IdleSweeper  # noqa: F401  (IDLE_TICKS: as before, from here too)
 from .transport import tune_socket
 
 #: Largest read from a forwarded TCP connection (reads adapt between 64 KiB and this).
@@ -40,56 +41,43 @@ MIN_READ = 64 * 1024
 #: whose TCP side is paused (waiting for credit) with nothing to write is let go by the event loop,
 #: and its stream is only weakly known to the session, so without this the bridge, its stream and
 #: the transfer could be collected in the middle. A finished bridge leaves, and is freed by
-#: reference counting.
+#: reference counting. A bridge in an idle sweeper is held by the sweeper instead (see sweeper.py).
 _PIPING: "set[TcpBridge]" = set()
+
+#: The read sizes ``adapt_read_size`` gives, one int object each: a bridge keeps its next read
+#: size, and a computed int above 256 would be an object of its own per idle bridge.
+_READ_SIZES = {n: n for n in (MIN_READ << k for k in range(12)) if n <= 1 << 30}
 
 
 def adapt_read_size(size: int, got: int, maximum: int) -> int:
     if got >= size // 2 and size < maximum:
-        return min(size * 2, maximum)
+        n = min(size * 2, maximum)
+        return _READ_SIZES.get(n, n)
     if got < size // 16 and size > MIN_READ:
-        return max(size // 2, MIN_READ)
+        n = max(size // 2, MIN_READ)
+        return _READ_SIZES.get(n, n)
     return size
+
+
+# TcpBridge._flags: what was one bool attribute each (an idle bridge is ~1,000 bytes of loop
+# transport and this object; each attribute is 8 bytes of it).
+_TCP_EOF = 1         # the TCP side finished sending (we half-closed the stream)
+_TUNNEL_EOF = 2      # the stream finished (we half-closed the TCP side)
+_FINISHED = 4
+_READING_PAUSED = 8  # we paused the TCP side's reading (waiting for credit)
+_OUT_PAUSED = 16     # the TCP side pushes back: credit for what we wrote waits
+_GATED = 32          # counted by ``gate`` (under the host of ``peer_address``): leave it once
+_TICK_SHIFT = 8
+_TICK = 1 << _TICK_SHIFT  # one idle sweep without traffic (``idle_tick``); traffic clears them
+_NO_TICKS = _TICK - 1
+
+#: The ``done`` futures of bridges someone waits for (made only then; removed when they finish).
+_WAITED: "Dict[TcpBridge, asyncio.Future[None]]" = {}
 
 
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends RST
 
-#: Sweeps (every half timeout) a bridge may stay silent before the next one closes it.
-IDLE_TICKS = 2
-
 log = logging.getLogger("ferrotunnel.forward")
-
-
-class IdleSweeper:
-    """Closes bridges with no traffic for ``timeout`` seconds: one timer for all of them, so an idle
-    connection costs no timer of its own. A bridge goes after 1 to 1.5 timeouts of silence."""
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self.bridges: "set[TcpBridge]" = set()
-        self._handle: Optional[asyncio.TimerHandle] = None
-
-    def add(self, bridge: "TcpBridge") -> None:
-        if bridge.finished:
-            return
-        self.bridges.add(bridge)
-        bridge.sweeper = self
-        if self._handle is None:
-            self._handle = asyncio.get_running_loop().call_later(self.timeout / 2, self._sweep)
-
-    def _sweep(self) -> None:
-        self._handle = None
-        for bridge in list(self.bridges):
-            if bridge.idle_tick() >= IDLE_TICKS:
-                log.info("closing idle connection (no traffic for %.0fs)", self.timeout)
-                bridge.abort(reset_peer=False)
-        if self.bridges:
-            self._handle = asyncio.get_running_loop().call_later(self.timeout / 2, self._sweep)
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
 
 
 class TcpBridge(asyncio.BufferedProtocol):
@@ -97,50 +85,70 @@ class TcpBridge(asyncio.BufferedProtocol):
 
     The TCP side is read into pooled buffers taken only when data is there (an idle connection
     holds none); a big read goes into the stream's send queue without being copied.
+
+    An idle bridge is kept small: its flags are bits of one int, the lists it uses exist only
+    while they hold something, and it defines no ``data_received`` (an event loop keeps a bound
+    method of each of ``data_received``, ``get_buffer`` and ``buffer_updated`` that the protocol
+    has, per connection). A subclass may define ``data_received``: reads that are copied go to it.
     """
 
-    __slots__ = ("stream", "transport", "_done", "_tcp_eof", "_tunnel_eof", "_finished", "_reading_paused",
-                 "sweeper", "_idle_ticks", "bytes_up", "bytes_down", "_outq", "_rbuf", "_read_size",
-                 "_out_paused", "_owed", "_early", "gate", "_gate_host", "peer_address")
+    __slots__ = ("stream", "transport", "_flags", "sweeper", "bytes_up", "bytes_down",
+                 "_outq", "_rbuf", "_read_size", "_owed", "gate", "peer_address")
 
     def __init__(self, stream: Optional[VirtualStream] = None) -> None:
         self.stream = stream
         self.transport: Any = None
-        self._done: Optional[asyncio.Future[None]] = None  # made only if someone waits
-        self._tcp_eof = False       # the TCP side finished sending (we half-closed the stream)
-        self._tunnel_eof = False    # the stream finished (we half-closed the TCP side)
-        self._finished = False
-        self._reading_paused = False
-        self._out_paused = False    # the TCP side pushes back: credit for what we wrote waits
+        self._flags = 0  # the bits below _TICK, and above them the sweeps without traffic in a row
         self._owed = 0              # tunnel bytes written while paused, credited on resume
-        self._early: Optional[list] = None  # TCP bytes read before a stream was attached
         self.gate: Optional[ConnectionGate] = None  # set by an ingress: connection caps
         self.peer_address: Any = None  # the visitor's address (set first when a PROXY header named it)
-        self._gate_host: Optional[str] = None
         self.sweeper: Optional[IdleSweeper] = None
-        self._idle_ticks = 0
         self.bytes_up = 0
         self.bytes_down = 0
-        self._outq: Optional[list] = None  # tunnel payloads waiting for this read's single writev
+        # Before a stream is attached: the TCP bytes read so far (kept until it is). After: the
+        # tunnel payloads waiting for this read's single writev. None while there are none.
+        self._outq: Optional[list] = None
         self._rbuf: Optional[bytearray] = None
         self._read_size = BRIDGE_READ_SIZE  # shrinks while reads come back small
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        received = getattr(cls, "data_received", None)
+        if received is not None:  # a subclass that takes the copied reads itself
+            cls._received = received  # type: ignore[method-assign]
+
+    def _received(self, data: bytes) -> None:
+        """A copied read (no ``data_received``): to the stream."""
+        self._to_tunnel(data, False)
+
     @property
     def done(self) -> "asyncio.Future[None]":
-        if self._done is None:
-            self._done = asyncio.get_running_loop().create_future()
-            if self._finished:
-                self._done.set_result(None)
-        return self._done
+        fut = _WAITED.get(self)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            if self._flags & _FINISHED:
+                fut.set_result(None)
+            else:
+                _WAITED[self] = fut
+        return fut
 
     @property
     def finished(self) -> bool:
-        return self._finished
+        return bool(self._flags & _FINISHED)
+
+    @property
+    def _reading_paused(self) -> bool:  # (for a subclass: reading waits for the stream's credit)
+        return bool(self._flags & _READING_PAUSED)
+
+    @_reading_paused.setter
+    def _reading_paused(self, paused: bool) -> None:
+        self._flags = self._flags | _READING_PAUSED if paused else self._flags & ~_READING_PAUSED
 
     def idle_tick(self) -> int:
         """One sweep without traffic; returns how many in a row."""
-        self._idle_ticks += 1
-        return self._idle_ticks - 1
+        flags = self._flags
+        self._flags = flags + _TICK
+        return flags >> _TICK_SHIFT
 
     def abort(self, reset_peer: bool = True) -> None:
         """End both sides now: the stream is reset and the TCP connection aborted, with an RST
@@ -159,11 +167,11 @@ class TcpBridge(asyncio.BufferedProtocol):
         asyncio.get_running_loop().call_soon(self._hold_again)
 
     def _hold_again(self) -> None:
-        if self.stream is None and not self._finished:
+        if self.stream is None and not self._flags & _FINISHED:
             self.transport.pause_reading()
 
     def release_reading(self) -> None:
-        if not self._finished and not self._tcp_eof and not self._reading_paused:
+        if not self._flags & (_FINISHED | _TCP_EOF | _READING_PAUSED):
             self.transport.resume_reading()
 
     # -- for subclasses that move a connection between streams (the HTTP ingress)
@@ -184,8 +192,7 @@ class TcpBridge(asyncio.BufferedProtocol):
         _PIPING.discard(self)
         stream.close()
         self.stream = None
-        self._tunnel_eof = False
-        self._reading_paused = False
+        self._flags &= ~(_TUNNEL_EOF | _READING_PAUSED)
 
     def release_read_buffer(self) -> None:
         """No more reads will come (an EOF kept back by a subclass): the pooled buffer goes back."""
@@ -194,17 +201,18 @@ class TcpBridge(asyncio.BufferedProtocol):
     # -- wiring
     def attach(self, stream: VirtualStream) -> None:
         """Start piping (called once both the transport and the stream exist)."""
-        if self._finished:  # the TCP side is gone already: the stream is cut
+        if self._flags & _FINISHED:  # the TCP side is gone already: the stream is cut
             stream.abort()
             return
+        early, self._outq = self._outq, None  # TCP bytes read before now: the stream's first
         self.stream = stream
-        _PIPING.add(self)
+        if self.sweeper is None:  # (a swept bridge is held by its sweeper)
+            _PIPING.add(self)
         stream.attach_sink(self)  # tunnel data that arrived before the TCP side was ready goes first
-        early, self._early = self._early, None
         for chunk in early or ():
             self._to_tunnel(chunk, True)
-        if self._tcp_eof and not self._finished:
-            self._tcp_eof = False
+        if self._flags & _TCP_EOF and not self._flags & _FINISHED:
+            self._flags &= ~_TCP_EOF
             self.eof_received()
 
     def connection_made(self, transport: Any) -> None:
@@ -214,10 +222,10 @@ class TcpBridge(asyncio.BufferedProtocol):
             self.peer_address = peer = self.peer_address or transport.get_extra_info("peername")
             host = peer[0] if isinstance(peer, tuple) else str(peer)
             if not gate.enter(host, transport):
-                self._finished = True  # subclasses check ``finished`` after this
+                self._flags |= _FINISHED  # subclasses check ``finished`` after this
                 transport.abort()
                 return
-            self._gate_host = host
+            self._flags |= _GATED
         sock = transport.get_extra_info("socket")
         if sock is not None:
             tune_socket(sock)
@@ -225,10 +233,10 @@ class TcpBridge(asyncio.BufferedProtocol):
             self.attach(self.stream)
 
     def _leave_gate(self) -> None:
-        host = self._gate_host
-        if host is not None and self.gate is not None:
-            self._gate_host = None
-            self.gate.leave(host)
+        if self._flags & _GATED and self.gate is not None:
+            self._flags &= ~_GATED
+            peer = self.peer_address  # the host it entered under (connection_made)
+            self.gate.leave(peer[0] if isinstance(peer, tuple) else str(peer))
 
     # -- TCP side
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -251,8 +259,8 @@ class TcpBridge(asyncio.BufferedProtocol):
         assert buf is not None
         self._read_size = adapt_read_size(self._read_size, nbytes, BRIDGE_READ_SIZE)
         stream = self.stream
-        if stream is not None and not self._finished and stream.try_send_frame(buf, n):
-            self._idle_ticks = 0
+        if stream is not None and not self._flags & _FINISHED and stream.try_send_frame(buf, n):
+            self._flags &= _NO_TICKS
             self.bytes_up += n
             release_bytes(buf)
             return
@@ -272,15 +280,15 @@ class TcpBridge(asyncio.BufferedProtocol):
         else:
             stream = self.stream
             # nothing queued anywhere: the frame goes out now, header and payload in one write
-            if (stream is not None and not self._finished and self.pass_owned()
+            if (stream is not None and not self._flags & _FINISHED and self.pass_owned()
                     and stream.try_send_frame(buf, nbytes)):
-                self._idle_ticks = 0
+                self._flags &= _NO_TICKS
                 self.bytes_up += nbytes
                 release_bytes(buf)
                 return
         data = bytes(memoryview(buf)[DATA_HEADER_SIZE:DATA_HEADER_SIZE + nbytes])
         release_bytes(buf)
-        self.data_received(data)
+        self._received(data)
 
     def _drop_read_buffer(self) -> None:
         # The loop asks for a buffer before every read, so when the connection ends (EOF, error,
@@ -295,20 +303,17 @@ class TcpBridge(asyncio.BufferedProtocol):
         """Whether reads may go to the tunnel as they are (a subclass may still need the bytes)."""
         return True
 
-    def data_received(self, data: bytes) -> None:
-        self._to_tunnel(data, False)
-
     def _to_tunnel(self, data: Any, owned: bool) -> None:
         stream = self.stream
         if stream is None:  # not attached yet: kept until it is (the owner pauses reading meanwhile)
-            if not self._finished:
-                if self._early is None:
-                    self._early = []
-                self._early.append(bytes(data))
+            if not self._flags & _FINISHED:
+                if self._outq is None:
+                    self._outq = []
+                self._outq.append(bytes(data))
             return
-        if self._finished:
+        if self._flags & _FINISHED:
             return
-        self._idle_ticks = 0
+        self._flags &= _NO_TICKS
         self.bytes_up += len(data)
         try:
             # flushed to the tunnel at once (latency); big reads make big writes
@@ -319,15 +324,15 @@ class TcpBridge(asyncio.BufferedProtocol):
         except (StreamClosedError, FerroTunnelError):
             self._finish(abort=True)
             return
-        if not stream.can_write() and not self._reading_paused:
-            self._reading_paused = True
+        if not stream.can_write() and not self._flags & _READING_PAUSED:
+            self._flags |= _READING_PAUSED
             self.transport.pause_reading()
             stream.request_writable()
 
     def eof_received(self) -> bool:
-        self._tcp_eof = True
+        self._flags |= _TCP_EOF
         self._drop_read_buffer()  # no more reads on this side
-        if self.stream is not None and not self._finished:
+        if self.stream is not None and not self._flags & _FINISHED:
             try:
                 self.stream.write_eof()
             except FerroTunnelError:
@@ -339,15 +344,16 @@ class TcpBridge(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._drop_read_buffer()
         self._leave_gate()
-        if not self._finished:
+        flags = self._flags
+        if not flags & _FINISHED:
             # the TCP side went away before both halves finished: reset the stream
-            self._finish(abort=not (self._tcp_eof and self._tunnel_eof), exc=exc)
+            self._finish(abort=flags & (_TCP_EOF | _TUNNEL_EOF) != _TCP_EOF | _TUNNEL_EOF, exc=exc)
 
     def pause_writing(self) -> None:
-        self._out_paused = True
+        self._flags |= _OUT_PAUSED
 
     def resume_writing(self) -> None:
-        self._out_paused = False
+        self._flags &= ~_OUT_PAUSED
         self._give_back()
 
     def _give_back(self) -> None:
@@ -360,9 +366,9 @@ class TcpBridge(asyncio.BufferedProtocol):
         stream = self.stream
         assert stream is not None
         n = len(payload)
-        self._idle_ticks = 0
+        self._flags = flags = self._flags & _NO_TICKS
         self.bytes_down += n
-        if self._finished:
+        if flags & _FINISHED:
             stream.consumed(n)
             return
         q = self._outq
@@ -373,7 +379,7 @@ class TcpBridge(asyncio.BufferedProtocol):
         # payload is copied, and so is every payload for a TCP side that is not taking its bytes
         # (a stalled reader would otherwise hold up to read_buffer_size for each max_chunk of
         # its window). A reader that keeps up gets views, which it sends on at once.
-        if self._out_paused:
+        if flags & _OUT_PAUSED:
             q.append(bytes(payload))
             self._owed += n  # credit returns once the TCP side drains
         else:
@@ -382,21 +388,21 @@ class TcpBridge(asyncio.BufferedProtocol):
 
     def flush_out(self) -> None:
         q = self._outq
-        if q is not None:
+        if q is not None and self.stream is not None:  # (before a stream: the TCP side's early bytes)
             self._outq = None
-            if not self._finished:
+            if not self._flags & _FINISHED:
                 if len(q) == 1:
                     self.transport.write(q[0])
                 else:
                     self.transport.writelines(q)
 
     def tunnel_eof(self) -> None:
-        self._tunnel_eof = True
+        self._flags |= _TUNNEL_EOF
         self.flush_out()  # data before the end of stream
         # When the TCP side has finished too, close() (which flushes, then sends FIN) says the
         # same thing; write_eof is kept for a real half-close only, since uvloop 0.23 has aborted
         # ("double free or corruption") on write_eof paths under connection churn.
-        if not self._finished and not self._tcp_eof:
+        if not self._flags & (_FINISHED | _TCP_EOF):
             if self.transport.can_write_eof():
                 self.transport.write_eof()
         self._maybe_done()
@@ -405,23 +411,24 @@ class TcpBridge(asyncio.BufferedProtocol):
         self._finish(abort=True, exc=exc, from_tunnel=True)
 
     def tunnel_writable(self) -> None:
-        if self._reading_paused and not self._tcp_eof and not self._finished:
-            self._reading_paused = False
+        if self._flags & (_READING_PAUSED | _TCP_EOF | _FINISHED) == _READING_PAUSED:
+            self._flags &= ~_READING_PAUSED
             self.transport.resume_reading()  # never after EOF (uvloop aborts on that)
 
     # -- ending
     def _maybe_done(self) -> None:
-        if self._tcp_eof and self._tunnel_eof:
+        if self._flags & (_TCP_EOF | _TUNNEL_EOF) == _TCP_EOF | _TUNNEL_EOF:
             self._finish(abort=False)
 
     def _finish(self, abort: bool, exc: Optional[BaseException] = None, from_tunnel: bool = False,
                 rst: bool = True) -> None:
-        if self._finished:
+        if self._flags & _FINISHED:
             return
-        self._finished = True
+        self._flags |= _FINISHED
+        self._outq = None  # (early bytes of a stream that never came)
         _PIPING.discard(self)
         if self.sweeper is not None:
-            self.sweeper.bridges.discard(self)
+            self.sweeper.discard(self)
         stream = self.stream
         if stream is not None:
             if log.isEnabledFor(logging.INFO):
@@ -446,8 +453,9 @@ class TcpBridge(asyncio.BufferedProtocol):
                 self.transport.abort()
             else:
                 self.transport.close()
-        if self._done is not None and not self._done.done():
-            self._done.set_result(None)
+        fut = _WAITED.pop(self, None) if _WAITED else None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
 
 async def forward(stream: VirtualStream, address: Tuple[str, int], connect_timeout: float = 10.0,

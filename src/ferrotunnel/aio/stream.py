@@ -30,6 +30,8 @@ READ_LINE_LIMIT = 64 * 1024
 #: Writes below this size may take the fast path (one frame written at once, payload copied once).
 SMALL_WRITE = 16 * 1024
 
+_EOF, _CLOSED = 1, 2  # VirtualStream._ended: the peer half-closed; close() or abort() was called
+
 
 class VirtualStream:
     """One multiplexed stream: an ``asyncio.StreamReader`` and ``StreamWriter`` in one object.
@@ -40,7 +42,8 @@ class VirtualStream:
     ``StreamResetError`` (or ``ConnectionLostError``) from every pending and later call.
     """
 
-    __slots__ = ("_conn", "_st", "_rbuf", "_rsize", "_credited", "_eof", "_exc", "_reader", "_writer", "_closed",
+    # (kept small: many idle streams may be open; _ended has a bit for EOF and one for closed)
+    __slots__ = ("_conn", "_st", "_rbuf", "_rsize", "_credited", "_ended", "_exc", "_reader", "_writer",
                  "_peername", "sink", "read_limit", "line_limit", "__weakref__")
 
     def __init__(self, conn: "TunnelConnection", st: CoreStream) -> None:
@@ -49,11 +52,10 @@ class VirtualStream:
         self._rbuf: Optional[Deque[bytes]] = None
         self._rsize = 0
         self._credited = 0  # buffered bytes whose credit went back already (a read that waits for more)
-        self._eof = False
+        self._ended = 0  # _EOF | _CLOSED
         self._exc: Optional[BaseException] = None
         self._reader: Optional[asyncio.Future[None]] = None
         self._writer: Optional[asyncio.Future[None]] = None
-        self._closed = False
         self._peername: Optional[Tuple[str, int]] = None
         #: The consumer that takes this stream's data directly (a forwarding bridge), if any.
         self.sink: Optional[StreamSink] = None
@@ -105,13 +107,13 @@ class VirtualStream:
         return extra_info(self, name, default)
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else ("eof" if self._eof else "open")
+        state = "closed" if self._ended & _CLOSED else ("eof" if self._ended else "open")
         return f"<VirtualStream id={self._st.id} {self._st.protocol.name} {self._st.priority.name} {state}>"
 
     # -- events from the tunnel connection
     def feed_data(self, payload: memoryview) -> None:
         """Tunnel data for this stream (called by the connection)."""
-        if self._closed:
+        if self._ended & _CLOSED:
             self.consumed(len(payload))
             return
         if self._rbuf is None:
@@ -122,7 +124,7 @@ class VirtualStream:
 
     def feed_eof(self) -> None:
         """The peer half-closed (called by the connection)."""
-        self._eof = True
+        self._ended |= _EOF
         if self.sink is not None:
             self.sink.tunnel_eof()
         self._wake_reader()
@@ -154,7 +156,7 @@ class VirtualStream:
             sink.flush_out()
         if self._exc is not None:
             sink.tunnel_reset(self._exc)
-        elif self._eof:
+        elif self._ended & _EOF:
             sink.tunnel_eof()
 
     def consumed(self, n: int) -> None:
@@ -262,7 +264,7 @@ class VirtualStream:
                 return self._take(n)
             if self._exc is not None:
                 raise self._exc
-            if self._eof or self._closed:
+            if self._ended:
                 return b""
             await self._wait_readable()
 
@@ -274,7 +276,7 @@ class VirtualStream:
             if self._rsize > cap:
                 raise LimitExceededError(f"stream {self._st.id}: more than {cap} bytes before EOF (read()'s limit=, "
                                          f"read_limit or READ_TO_EOF_LIMIT): raise it or read(n) in parts")
-            if self._eof or self._closed:
+            if self._ended:
                 return self._take(-1) if self._rsize else b""
             await self._wait_more()
 
@@ -321,7 +323,7 @@ class VirtualStream:
                     raise asyncio.LimitOverrunError("Separator is not found, and chunk exceed the limit", offset)
             if self._exc is not None:
                 raise self._exc
-            if self._eof or self._closed:
+            if self._ended:
                 raise asyncio.IncompleteReadError(self._take(-1) if self._rsize else b"", None)
             await self._wait_more()
 
@@ -343,7 +345,7 @@ class VirtualStream:
 
     def at_eof(self) -> bool:
         """True once the peer half-closed (or the stream was closed) and nothing is left to read."""
-        return (self._eof or self._closed) and not self._rsize
+        return bool(self._ended) and not self._rsize
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._iter()
@@ -359,7 +361,7 @@ class VirtualStream:
     def _check_writable(self) -> None:
         if self._exc is not None:
             raise self._exc
-        if self._closed or self._st.write_shut:
+        if self._ended & _CLOSED or self._st.write_shut:
             raise StreamClosedError(f"stream {self._st.id} is closed for writing")
 
     def write(self, data: BytesLike) -> None:
@@ -434,9 +436,9 @@ class VirtualStream:
     # -- closing
     def close(self) -> None:
         """Graceful close: queued data is flushed, then CloseStream; later data is discarded."""
-        if self._closed:
+        if self._ended & _CLOSED:
             return
-        self._closed = True
+        self._ended |= _CLOSED
         self._rbuf = None
         self._rsize = 0
         self._credited = 0
@@ -446,7 +448,7 @@ class VirtualStream:
 
     def is_closing(self) -> bool:
         """True once ``close`` or ``abort`` was called or the stream was reset."""
-        return self._closed or self._exc is not None
+        return bool(self._ended & _CLOSED) or self._exc is not None
 
     async def wait_closed(self) -> None:
         """Wait until everything written (and the CloseStream) went to the transport."""
@@ -467,7 +469,7 @@ class VirtualStream:
         if self._exc is None:
             self._conn.core.reset(self._st)
             self._set_exc(StreamClosedError(f"stream {self._st.id} was aborted"))
-        self._closed = True
+        self._ended |= _CLOSED
 
     def _set_exc(self, exc: BaseException) -> None:
         if self._exc is None:

@@ -81,7 +81,8 @@ class CoreStream:
     def __init__(self, sid: int, protocol: Protocol, priority: StreamPriority, local: bool,
                  send_credit: int, window: int, headers: Any = ()) -> None:
         self.id = sid
-        self.headers = headers              # (name, value) pairs of its OpenStream
+        # (name, value) pairs of its OpenStream; none: the one shared () (an idle stream keeps no list)
+        self.headers = headers or ()
         self.protocol = protocol
         self.priority = priority
         self.local = local                  # we opened it

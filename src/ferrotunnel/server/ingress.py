@@ -32,21 +32,24 @@ log = logging.getLogger("ferrotunnel.ingress")
 
 
 class _IngressBridge(TcpBridge):
-    __slots__ = ("ingress", "peer", "_held")
+    __slots__ = ("ingress", "_held")
 
     def __init__(self, ingress: "TcpIngress") -> None:
         super().__init__()
         self.ingress = ingress
-        self.peer: Any = None
         self._held = False  # reading paused while the registry looks the tunnel up
+
+    @property
+    def peer(self) -> Any:
+        """The visitor's address (``peer_address``)."""
+        return self.peer_address
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         if self.finished:  # over a connection cap
             return
-        self.peer = self.peer_address
-        self.ingress.sweeper.add(self)
-        if not self.ingress.open_stream(self.ingress.tunnel_id, Protocol.TCP, self._opened, self.peer):
+        self.ingress.sweeper.add(self)  # (which holds the bridge while it lives)
+        if not self.ingress.open_stream(self.ingress.tunnel_id, Protocol.TCP, self._opened, self.peer_address):
             self._held = True  # what the visitor sends waits in the socket until there is a stream
             self.hold_reading()
 
@@ -70,6 +73,8 @@ class _IngressBridge(TcpBridge):
             if log.isEnabledFor(logging.INFO):
                 log.info("ingress %s: %s -> tunnel %s, stream %d", ing.describe_bind(), format_peer(self.peer),
                          route.tunnel_id, result.stream_id)
+            if result.peername == self.peer_address:  # (a copy of it): one tuple for both, not two
+                self.peer_address = result.peername
             self.attach(result)
             if self._held:
                 self._held = False
