@@ -12,16 +12,17 @@ import enum
 import logging
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 from ..config import StreamConfig
-from ..errors import ConnectionLostError, FerroTunnelError, FrameError, LimitExceededError, StreamClosedError
-from ..frames import DATA_HEADER_SIZE, Protocol, StreamPriority, encode_data_header, encode_data_header_into
+from ..errors import ConnectionLostError, FerroTunnelError, FrameError, LimitExceededError
+from ..frames import DATA_HEADER_SIZE, encode_data_header, encode_data_header_into
 from ..pool import acquire_bytes, release_bytes
 from ..protocol.core import SessionCore
 from ..protocol.listener import NULL_LISTENER
 from ..protocol.streams import CoreStream
-from .stream import StreamSink, VirtualStream
+from .stream import StreamSink
+from .streamevents import StreamEvents, StreamHandler
 from .tlsbio import ServerTls, TlsHandshakeFailed
 from .transport import tune_socket
 
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
 __all__ = ["TunnelConnection", "ConnectionPhase", "StreamHandler"]
 
 log = logging.getLogger("ferrotunnel.session")
-
-StreamHandler = Callable[[VirtualStream], Awaitable[None]]
 
 DRAIN_BUDGET = 256 * 1024
 WRITE_HIGH_WATER = 256 * 1024
@@ -48,7 +47,7 @@ class ConnectionPhase(enum.Enum):
 HANDSHAKE, OPEN, CLOSED = ConnectionPhase.HANDSHAKE, ConnectionPhase.OPEN, ConnectionPhase.CLOSED
 
 
-class TunnelConnection(asyncio.BufferedProtocol):
+class TunnelConnection(StreamEvents, asyncio.BufferedProtocol):
     """The protocol object of one tunnel connection (the handshake is the subclass's)."""
 
     is_client = False
@@ -78,6 +77,7 @@ class TunnelConnection(asyncio.BufferedProtocol):
         self._coalesce = DRAIN_BUDGET + 1 if tls else 16 * 1024
         self.tls: Optional[ServerTls] = None
         #: Sinks that got tunnel data during the current read: each is flushed once after it.
+        #: The list is never replaced (it is cleared in place), so its ``append`` may be kept.
         self.dirty_sinks: List[StreamSink] = []
         self.closed_future: asyncio.Future[None] = loop.create_future()
         # The session: held strongly while open, weakly after, so a closed connection and its session
@@ -118,9 +118,10 @@ class TunnelConnection(asyncio.BufferedProtocol):
         # A fresh buffer per read (the last one goes back to the pool, which refuses it while a
         # payload view still exports it); measured faster than reusing one. A memoryview: the SSL
         # transport reads into slices of it, and a bytearray slice would be a copy.
-        self._rview = None
-        if self._rbuf is not None:
-            release_bytes(self._rbuf)
+        buf = self._rbuf
+        if buf is not None:
+            self._rview = None  # (first: the pool refuses a buffer a view still exports)
+            release_bytes(buf)
         self._rbuf = buf = acquire_bytes(self.config.read_buffer_size)
         self._rview = view = memoryview(buf)
         return view
@@ -128,7 +129,29 @@ class TunnelConnection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         data = self._rview[:nbytes]  # type: ignore[index]
         try:
-            if self.tls is not None:
+            if self.phase is OPEN and self.tls is None:
+                # data_received_view's open-session path, inlined: this runs once per read
+                core = self.core
+                now = time.monotonic()
+                self._flush_follows = True
+                try:
+                    core.receive(data, now)
+                finally:
+                    self._flush_follows = False
+                sinks = self.dirty_sinks
+                if sinks:  # every forwarding target written once per read (one writev), not once per frame
+                    for sink in sinks:
+                        sink.flush_out()
+                    sinks.clear()
+                if core.sched and not self._write_paused:
+                    self._flush()  # acks and credit now, not an event-loop turn later
+                # _after_receive, unless it would do nothing for sure: with flow control nothing
+                # blocks reading, and no throttle, no queued replies over max_queued_output
+                if not self._read_paused and self.phase is OPEN and (
+                        not core.flow or core.rates.throttle_until > now or self._output_over_since is not None
+                        or core.sched.control_bytes > self.config.max_queued_output):
+                    self._after_receive(now)
+            elif self.tls is not None:
                 self._tls_received(data)
             else:
                 self.data_received_view(data)
@@ -190,13 +213,12 @@ class TunnelConnection(asyncio.BufferedProtocol):
         finally:
             self._flush_follows = False
         sinks = self.dirty_sinks
-        if sinks:
-            # every forwarding target written once per read (one writev), not once per frame
-            self.dirty_sinks = []
+        if sinks:  # (see buffer_updated)
             for sink in sinks:
                 sink.flush_out()
-        if core.has_output and not self._write_paused:
-            self._flush()  # acks and credit now, not an event-loop turn later
+            sinks.clear()
+        if core.sched and not self._write_paused:
+            self._flush()
         self._after_receive(now)
 
     def _after_receive(self, now: float) -> None:
@@ -254,7 +276,7 @@ class TunnelConnection(asyncio.BufferedProtocol):
             return
         core = self.core
         core.consumed(st, n)
-        if self._read_paused and not core.reading_blocked:
+        if self._read_paused and not core.reading_blocked:  # (``and``: no property call unless paused)
             self._maybe_resume()
 
     def eof_received(self) -> Optional[bool]:
@@ -285,38 +307,39 @@ class TunnelConnection(asyncio.BufferedProtocol):
 
     def send(self, st: CoreStream, data: Any, owned: bool) -> None:
         """Queue stream payload and hand it to the transport now (latency)."""
+        core = self.core
         self._flush_follows = True
         try:
-            self.core.send(st, data, owned)
+            core.send(st, data, owned)
         finally:
             self._flush_follows = False
-        self.flush_now()
-
-    def _may_send_now(self, st: CoreStream, n: int) -> bool:
-        # the small-write fast path: see SessionCore.send_now (never while the transport pushes back)
-        return self.phase is OPEN and not self._write_paused and self.core.send_now(st, n)
+        if self.phase is OPEN and not self._write_paused and core.sched:  # flush_now, inlined
+            self._flush()
 
     def send_frame_now(self, st: CoreStream, buf: bytearray, n: int) -> bool:
         """Fast path for a small read from a forwarded connection: ``buf`` holds the payload at
         ``[DATA_HEADER_SIZE:DATA_HEADER_SIZE + n]`` with room for the header in front. If nothing
         is queued, the frame is written at once, as one buffer, and True is returned; ``buf`` is
         not kept. Otherwise False, and nothing happened."""
-        if not self._may_send_now(st, n):
+        # the small-write fast path: see SessionCore.send_now (never while the transport pushes back)
+        if self.phase is not OPEN or self._write_paused or not self.core.send_now(st, n):
             return False
         encode_data_header_into(buf, 0, st.id, n)
-        self.send_raw(buf[:n + DATA_HEADER_SIZE])  # a copy: the read buffer goes straight back
+        frame = buf[:n + DATA_HEADER_SIZE]  # a copy: the read buffer goes straight back
+        tls = self.tls
+        self.transport.write(frame if tls is None else tls.encrypt(frame))  # send_raw, inlined
         return True
 
     def send_small_now(self, st: CoreStream, data: bytes) -> bool:
         """``send_frame_now`` for a small ``bytes`` payload written through the stream API."""
-        if not self._may_send_now(st, len(data)):
+        if self.phase is not OPEN or self._write_paused or not self.core.send_now(st, len(data)):
             return False
         self.send_raw(encode_data_header(st.id, len(data)) + data)
         return True
 
     def flush_now(self) -> None:
         """Hand queued frames to the transport now (latency) instead of at the next loop turn."""
-        if self.phase is OPEN and not self._write_paused and self.core.has_output:
+        if self.phase is OPEN and not self._write_paused and self.core.sched:
             self._flush()
 
     def _flush(self) -> None:
@@ -325,7 +348,7 @@ class TunnelConnection(asyncio.BufferedProtocol):
             return
         core = self.core
         transport = self.transport
-        while core.has_output and not self._write_paused:
+        while core.sched and not self._write_paused:
             if self.tls is not None:  # encrypt_many fills records from the frames as they lie: no join
                 transport.writelines(self.tls.encrypt_many(core.data_to_send(DRAIN_BUDGET, 16 * 1024)))
                 continue
@@ -384,72 +407,8 @@ class TunnelConnection(asyncio.BufferedProtocol):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    # ------------------------------------------------------------------ streams
-
-    def open_stream(self, protocol: Protocol, priority: StreamPriority, headers: Any = ()) -> VirtualStream:
-        if self.phase is not OPEN:
-            raise ConnectionLostError("the session is not connected")
-        st = self.core.open_stream(protocol, priority, headers)
-        vs = VirtualStream(self, st)
-        st.app = weakref.ref(vs)  # weak: a finished stream and its core state free each other by refcount
-        return vs
-
-    # CoreListener
-    def on_stream_opened(self, st: CoreStream) -> None:
-        vs = VirtualStream(self, st)
-        st.app = weakref.ref(vs)
-        if log.isEnabledFor(logging.DEBUG):  # (the names cost, even with the line off)
-            log.debug("stream %d opened by peer (%s, %s)", st.id, st.protocol.name, st.priority.name)
-        handler = self.stream_handler
-        if handler is not None:
-            self.spawn(self._run_handler(handler, vs))
-        elif not self.session.enqueue_accepted(vs):
-            log.warning("refusing stream %d: %d streams wait for accept() (max_accept_queue)", st.id,
-                        self.config.max_accept_queue)
-            vs.abort()
-
-    async def _run_handler(self, handler: StreamHandler, vs: VirtualStream) -> None:
-        try:
-            await handler(vs)
-        except asyncio.CancelledError:
-            vs.abort()
-            raise
-        except (StreamClosedError, ConnectionLostError) as exc:
-            log.debug("stream %d handler ended: %s", vs.stream_id, exc)
-            vs.abort()
-        except Exception:
-            log.exception("stream %d handler failed; resetting the stream", vs.stream_id)
-            vs.abort()
-        else:
-            if vs.sink is None:
-                await vs.aclose()
-
-    def on_stream_data(self, st: CoreStream, payload: memoryview) -> None:
-        vs: Optional[VirtualStream] = st.app()
-        if vs is None:  # nobody holds the stream any more: nobody will read it
-            self.core.consumed(st, len(payload))
-            self.core.reset(st, "stream abandoned")
-            return
-        sink = vs.sink
-        if sink is not None:
-            sink.tunnel_data(payload)
-        else:
-            vs.feed_data(payload)
-
-    def on_stream_eof(self, st: CoreStream) -> None:
-        vs: Optional[VirtualStream] = st.app()
-        if vs is not None:
-            vs.feed_eof()
-
-    def on_stream_reset(self, st: CoreStream, exc: Exception) -> None:
-        vs: Optional[VirtualStream] = st.app() if st.app is not None else None
-        if vs is not None:
-            vs.feed_reset(exc)
-
-    def on_stream_writable(self, st: CoreStream) -> None:
-        vs: Optional[VirtualStream] = st.app() if st.app is not None else None
-        if vs is not None:
-            vs.feed_writable()
+    # ------------------------------------------------------------------ session events (CoreListener)
+    # (the stream events are StreamEvents', in streamevents.py)
 
     def on_session_error(self, exc: Exception) -> None:
         log.warning("session %s: %s", self.session.id, exc)

@@ -106,7 +106,9 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         n = len(data)
         self.bytes_in += n
         self.decoder.feed_raw(data, self._on_data, self._on_control)
-        self.rates.received(n, now)
+        rates = self.rates
+        if rates.bytes is not None:  # (without a byte rate limit: no call)
+            rates.received(n, now)
 
     def _on_data(self, sid: int, flags: int, payload: memoryview) -> None:
         if flags < FLAG_PARTIAL:  # a frame split across reads counts once, at its last piece
@@ -120,18 +122,17 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         if state is not OPEN and state is not HALF_CLOSED_LOCAL:
             return  # after the peer's CloseStream: ignored, as the Rust peer does
         windows = self.windows
-        if not windows.arrived(st, n):
-            log.debug("stream %d: peer overran its window (%d > %d)", sid, n, st.recv_avail)
-            self._reset(st, ErrorCode.PROTOCOL_ERROR, "flow-control window exceeded",
-                        StreamResetError(f"stream {sid}: peer exceeded the flow-control window"))
+        if n and not st.discarding:  # the common case first: arrived and delivered in one call
+            if windows.take(st, n, self._now):
+                self.listener.on_stream_data(st, payload)
+                return
+        elif windows.arrived(st, n):
+            if st.discarding:
+                self._credit(st, windows.discarded(st, n))
             return
-        if st.discarding:
-            self._credit(st, windows.discarded(st, n))
-            return
-        if n == 0:
-            return
-        windows.delivered(st, n, self._now)
-        self.listener.on_stream_data(st, payload)
+        log.debug("stream %d: peer overran its window (%d > %d)", sid, n, st.recv_avail)
+        self._reset(st, ErrorCode.PROTOCOL_ERROR, "flow-control window exceeded",
+                    StreamResetError(f"stream {sid}: peer exceeded the flow-control window"))
 
     def _unknown_stream(self, sid: int) -> None:
         # a peer of this package is told once, so it stops sending (like TCP's RST)

@@ -16,7 +16,7 @@ import struct
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from ..config import StreamConfig
-from .streams import CoreStream
+from .streams import HALF_CLOSED_LOCAL, OPEN, CoreStream
 
 __all__ = ["FLOW_CAPABILITY", "FLOW_PLUGIN_ID", "MAX_WINDOW", "flow_capability", "parse_flow_capability",
            "encode_credit", "decode_credit", "FlowWindows"]
@@ -91,6 +91,23 @@ class FlowWindows:
             st.recv_avail -= n
         return True
 
+    def take(self, st: CoreStream, n: int, now: float) -> bool:
+        """``arrived`` and then ``delivered`` in one call (the path of every Data frame that the
+        application gets): False, and nothing taken, if the ``n`` bytes overran the window."""
+        if self.enabled:
+            avail = st.recv_avail
+            if n > avail:
+                return False
+            st.recv_avail = avail - n
+            st.unread += n
+            self.total_unread += n
+            return True
+        st.unread += n
+        self.total_unread += n
+        if st.unread > self.stream_limit and st.id not in self.over_limit:
+            self.over_limit[st.id] = now
+        return True
+
     def delivered(self, st: CoreStream, n: int, now: float = 0.0) -> None:
         """``n`` bytes went to the application, which has not consumed them yet."""
         st.unread += n
@@ -108,11 +125,16 @@ class FlowWindows:
     def consumed(self, st: CoreStream, n: int) -> int:
         st.unread -= n
         self.total_unread -= n
-        if st.id in self.over_limit and st.unread <= self.stream_limit // 2:
-            del self.over_limit[st.id]
-        if self.enabled and st.receiving:
-            st.owed += n
-            return self.grant(st)
+        over = self.over_limit
+        if over and st.id in over and st.unread <= self.stream_limit // 2:
+            del over[st.id]
+        if self.enabled:
+            state = st.state
+            if state is OPEN or state is HALF_CLOSED_LOCAL:  # st.receiving, without the property
+                st.owed = owed = st.owed + n
+                if owed < st.window // 2 and not st.discarding:
+                    return 0  # grant's first test, without the call: too little to grant yet
+                return self.grant(st)
         return 0
 
     def stalled(self, now: float, timeout: float) -> List[int]:

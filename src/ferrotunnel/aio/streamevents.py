@@ -1,0 +1,113 @@
+"""The stream half of ``TunnelConnection`` (a mixin): opening streams, and the ``CoreListener``
+callbacks that hand a stream's events to its ``VirtualStream`` (and so to its sink or reader)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional, cast
+
+from ..errors import ConnectionLostError, StreamClosedError
+from ..frames import Protocol, StreamPriority
+from ..protocol.streams import CoreStream
+from .stream import VirtualStream
+
+if TYPE_CHECKING:
+    from ..config import StreamConfig
+    from ..protocol.core import SessionCore
+    from .connection import TunnelConnection
+    from .session import Session
+
+__all__ = ["StreamEvents", "StreamHandler"]
+
+log = logging.getLogger("ferrotunnel.session")
+
+StreamHandler = Callable[[VirtualStream], Awaitable[None]]
+
+
+class StreamEvents:
+    """Stream methods of ``TunnelConnection`` (each ``self`` is one)."""
+
+    if TYPE_CHECKING:  # TunnelConnection's, as these methods use them
+        core: SessionCore
+        config: StreamConfig
+        opened: bool
+        stream_handler: Optional[StreamHandler]
+
+        @property
+        def closed(self) -> bool: ...
+
+        @property
+        def session(self) -> Session: ...
+
+        def spawn(self, coro: Any) -> None: ...
+
+    def open_stream(self, protocol: Protocol, priority: StreamPriority,
+                    headers: Any = ()) -> VirtualStream:
+        if not self.opened or self.closed:
+            raise ConnectionLostError("the session is not connected")
+        st = self.core.open_stream(protocol, priority, headers)
+        vs = VirtualStream(cast("TunnelConnection", self), st)
+        st.app = weakref.ref(vs)  # weak: a finished stream and its core state free each other by refcount
+        return vs
+
+    # CoreListener
+    def on_stream_opened(self, st: CoreStream) -> None:
+        vs = VirtualStream(cast("TunnelConnection", self), st)
+        st.app = weakref.ref(vs)
+        if log.isEnabledFor(logging.DEBUG):  # (the names cost, even with the line off)
+            log.debug("stream %d opened by peer (%s, %s)", st.id, st.protocol.name, st.priority.name)
+        handler = self.stream_handler
+        if handler is not None:
+            self.spawn(run_handler(handler, vs))
+        elif not self.session.enqueue_accepted(vs):
+            log.warning("refusing stream %d: %d streams wait for accept() (max_accept_queue)", st.id,
+                        self.config.max_accept_queue)
+            vs.abort()
+
+    def on_stream_data(self, st: CoreStream, payload: memoryview) -> None:
+        vs: Optional[VirtualStream] = st.app()
+        if vs is None:  # nobody holds the stream any more: nobody will read it
+            self.core.consumed(st, len(payload))
+            self.core.reset(st, "stream abandoned")
+            return
+        sink = vs.sink
+        if sink is not None:
+            sink.tunnel_data(payload)
+        else:
+            vs.feed_data(payload)
+
+    def on_stream_eof(self, st: CoreStream) -> None:
+        vs: Optional[VirtualStream] = st.app()
+        if vs is not None:
+            vs.feed_eof()
+
+    def on_stream_reset(self, st: CoreStream, exc: Exception) -> None:
+        vs: Optional[VirtualStream] = st.app() if st.app is not None else None
+        if vs is not None:
+            vs.feed_reset(exc)
+
+    def on_stream_writable(self, st: CoreStream) -> None:
+        vs: Optional[VirtualStream] = st.app() if st.app is not None else None
+        if vs is not None:
+            vs.feed_writable()
+
+
+async def run_handler(handler: StreamHandler, vs: VirtualStream) -> None:
+    """Run a stream handler; the stream is reset if it fails, closed if it returns without
+    handing the stream to a sink."""
+    try:
+        await handler(vs)
+    except asyncio.CancelledError:
+        vs.abort()
+        raise
+    except (StreamClosedError, ConnectionLostError) as exc:
+        log.debug("stream %d handler ended: %s", vs.stream_id, exc)
+        vs.abort()
+    except Exception:
+        log.exception("stream %d handler failed; resetting the stream", vs.stream_id)
+        vs.abort()
+    else:
+        if vs.sink is None:
+            await vs.aclose()
