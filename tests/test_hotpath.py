@@ -199,3 +199,59 @@ def test_ping_pong_through_a_bridged_tunnel_flushes_each_sink_once_per_read(run)
                 w.close()
         app.close()
     run(body)
+
+
+class _RedeferringSink:
+    """A user sink whose ``flush_out`` asks for another flush (``defer_flush``) while it is "not
+    drained yet": each read of the tunnel may flush it only as often as it was deferred before."""
+
+    def __init__(self, stream, limit: int) -> None:
+        self.stream, self.flushes, self.limit = stream, 0, limit
+
+    def tunnel_data(self, payload) -> None:
+        self.stream.consumed(len(payload))
+        self.stream.defer_flush(self)
+
+    def tunnel_eof(self) -> None:
+        pass
+
+    def tunnel_reset(self, exc) -> None:
+        pass
+
+    def tunnel_writable(self) -> None:
+        pass
+
+    def flush_out(self) -> None:
+        self.flushes += 1
+        if self.flushes < self.limit:
+            self.stream.defer_flush(self)
+
+
+def test_a_sink_that_defers_again_in_flush_out_waits_for_the_next_read(run):
+    sinks: list = []
+    ready = asyncio.Event()
+
+    async def handler(stream):
+        sink = _RedeferringSink(stream, 1000)
+        sinks.append(sink)
+        stream.attach_sink(sink)
+        ready.set()
+        await asyncio.sleep(5)
+
+    async def body():
+        async with tunnel(handler) as (server, client, session):
+            s = await session.open_stream()
+            s.write(b"hello")
+            await asyncio.wait_for(ready.wait(), 10)
+            async with asyncio.timeout(10):
+                while sinks[0].flushes == 0:
+                    await asyncio.sleep(0.01)
+            before = sinks[0].flushes
+            s.write(b"x")
+            await s.drain()
+            await asyncio.sleep(0.2)
+            # one read flushes what was deferred before it (at most a few), never until the limit
+            assert sinks[0].flushes - before < 10, sinks[0].flushes - before
+            s.abort()
+
+    run(body)

@@ -177,3 +177,39 @@ def test_an_address_gets_its_ingress_slots_back(run):
                 await asyncio.gather(task, return_exceptions=True)
 
     run(body)
+
+
+def test_visitors_waiting_for_a_remote_lookup_are_let_go_when_the_ingress_closes(run):
+    """A visitor whose tunnel is being looked up in a shared registry when the ingress closes is
+    answered (closed), not left paused forever in a sweeper that holds its bridge."""
+    from ferrotunnel.server.registry import LocalRegistry
+
+    class NeverAnswers(LocalRegistry):
+        local_only = False
+
+        async def lookup(self, tunnel_id):
+            await asyncio.sleep(3600)
+
+    async def body():
+        server = ft.TunnelServer(("127.0.0.1", 0), TOKEN, registry=NeverAnswers())
+        ingress = ft.TcpIngress(server, ("127.0.0.1", 0), tunnel_id="far")
+        async with server:
+            await ingress.start()
+            visitors = [await asyncio.open_connection(*ingress.address) for _ in range(3)]
+            for _, w in visitors:
+                w.write(b"hello")
+            async with asyncio.timeout(10):
+                while len(ingress.sweeper.bridges) < 3:  # every visitor's bridge waits for the lookup
+                    await asyncio.sleep(0.01)
+            await ingress.close()
+            for r, w in visitors:
+                try:
+                    assert await asyncio.wait_for(r.read(), 10) == b""
+                except ConnectionResetError:
+                    pass  # closed either way
+                w.close()
+            async with asyncio.timeout(10):
+                while ingress.sweeper.bridges:
+                    await asyncio.sleep(0.01)
+
+    run(body)

@@ -140,9 +140,10 @@ class TunnelConnection(StreamEvents, asyncio.BufferedProtocol):
                     self._flush_follows = False
                 sinks = self.dirty_sinks
                 if sinks:  # every forwarding target written once per read (one writev), not once per frame
-                    for sink in sinks:
-                        sink.flush_out()
-                    sinks.clear()
+                    n = len(sinks)
+                    for i in range(n):
+                        sinks[i].flush_out()
+                    del sinks[:n]  # a sink deferred again by its own flush_out waits for the next read
                 if core.sched and not self._write_paused:
                     self._flush()  # acks and credit now, not an event-loop turn later
                 # _after_receive, unless it would do nothing for sure: with flow control nothing
@@ -214,9 +215,10 @@ class TunnelConnection(StreamEvents, asyncio.BufferedProtocol):
             self._flush_follows = False
         sinks = self.dirty_sinks
         if sinks:  # (see buffer_updated)
-            for sink in sinks:
-                sink.flush_out()
-            sinks.clear()
+            n = len(sinks)
+            for i in range(n):
+                sinks[i].flush_out()
+            del sinks[:n]
         if core.sched and not self._write_paused:
             self._flush()
         self._after_receive(now)

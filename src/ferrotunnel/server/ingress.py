@@ -150,6 +150,9 @@ class Ingress:
                           host: Optional[str], authorization: Optional[Tuple[bytes, ...]]) -> None:
         try:
             route = await found
+        except asyncio.CancelledError:  # the ingress closes: the visitor waiting for this answer is let go
+            then(None, None)
+            raise
         except Exception as exc:  # the registry failed: no route, said once in the log
             log.warning("%s: registry lookup failed: %s", self.kind, exc)
             route = None
