@@ -14,7 +14,7 @@ import ferrotunnel as ft
 from ferrotunnel import frames as F
 from ferrotunnel.config import StreamConfig
 from ferrotunnel.protocol import SessionCore
-from ferrotunnel.protocol.flow import FLOW_PLUGIN_ID
+from ferrotunnel.protocol.flow import FLOW_PLUGIN_ID, flow_capability
 
 from conftest import echo_handler, tunnel
 from test_core import caps, pair, pump
@@ -233,10 +233,14 @@ def test_ingress_connection_caps_per_address_and_total(run, caplog):
     assert sum("refusing connections from" in r.getMessage() for r in caplog.records) == 2
 
 
-def test_a_peer_that_never_reads_cannot_grow_our_replies(run):
+@pytest.mark.parametrize("flow", [False, True], ids=["no-flow", "flow"])
+def test_a_peer_that_never_reads_cannot_grow_our_replies(run, flow):
     """Heartbeats flooded by a peer that reads nothing: replies queue up to max_queued_output,
-    then the server stops reading it, and ends the session after session_timeout."""
+    then the server stops reading it, and ends the session after session_timeout. With a peer
+    that announces flow control the read path skips its pause checks in the common case, and
+    must still pause here."""
     cap = 64 * 1024
+    peer_caps = ["basic", "ferrotunnel-py/1"] + ([flow_capability(256 * 1024)] if flow else [])
 
     async def body():
         cfg = ft.ServerConfig(max_queued_output=cap, session_timeout=2.0, heartbeat_interval=0.5)
@@ -248,9 +252,10 @@ def test_a_peer_that_never_reads_cannot_grow_our_replies(run):
             sock.connect(server.address)
             sock.setblocking(False)
             r, w = await asyncio.open_connection(sock=sock)
-            w.write(F.encode(F.Handshake(token=TOKEN, tunnel_id="deaf", capabilities=["basic", "ferrotunnel-py/1"])))
+            w.write(F.encode(F.Handshake(token=TOKEN, tunnel_id="deaf", capabilities=peer_caps)))
             await r.readexactly(4)  # the ack has begun: from now on nothing is read
             session = await server.wait_for_session("deaf", timeout=5)
+            assert session.connection.core.flow == flow  # with flow: the fast path's case
             beat = F.encode(F.Heartbeat(timestamp=1)) * 10_000
             sent = 0
             with contextlib.suppress(TimeoutError):
