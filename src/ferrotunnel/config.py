@@ -52,8 +52,12 @@ class StreamConfig:
     #: Bytes read from the tunnel connection per read call (the buffer comes from the pool; with
     #: the default pool settings a buffer this large is not retained after the connection closes).
     read_buffer_size: int = 256 * KiB
-    #: Largest data payload this side sends in one frame (the Rust original sends 64 KiB).
-    max_chunk: int = 64 * KiB
+    #: Largest data payload this side sends in one frame to a peer with flow control (a peer of this
+    #: package): one bridge read (256 KiB with the header) leaves as one frame.
+    max_chunk: int = 256 * KiB
+    #: The same toward a peer without flow control (Rust FerroTunnel sends 64 KiB and buffers up to
+    #: 128 frames per stream, so larger frames would raise its memory per stream).
+    legacy_max_chunk: int = 64 * KiB
     #: Streams open at once on one session; a closed or reset stream frees its slot at once.
     max_streams_per_session: int = 10_000
     #: Bytes a stream may have queued for sending before ``drain()`` waits.
@@ -97,8 +101,9 @@ class StreamConfig:
         smallest = DATA_HEADER_SIZE - FRAME_PREFIX_SIZE  # an empty Data frame
         if not smallest <= self.max_frame_size <= MAX_FRAME_SIZE:
             raise ValueError(f"max_frame_size must be in {smallest}..{MAX_FRAME_SIZE}")
-        if not 1 <= self.max_chunk <= MAX_FRAME_SIZE - smallest:
-            raise ValueError(f"max_chunk must be between 1 and {MAX_FRAME_SIZE - smallest}")
+        for name in ("max_chunk", "legacy_max_chunk"):
+            if not 1 <= getattr(self, name) <= MAX_FRAME_SIZE - smallest:
+                raise ValueError(f"{name} must be between 1 and {MAX_FRAME_SIZE - smallest}")
         if self.initial_window < 1 or self.max_window < self.initial_window:
             raise ValueError("need 1 <= initial_window <= max_window")
         for name in ("read_buffer_size", "max_streams_per_session", "stream_send_buffer", "stream_recv_buffer", "session_recv_budget",

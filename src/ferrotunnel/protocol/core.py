@@ -51,6 +51,8 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         peer_window = self.negotiated.flow_window
         self.flow = peer_window is not None
         self.peer_window = peer_window or 0
+        #: Largest payload per Data frame this side sends (smaller toward a peer without flow control).
+        self.max_chunk = config.max_chunk if self.flow else min(config.max_chunk, config.legacy_max_chunk)
         self.windows = FlowWindows(config, self.flow)
         self.streams: Dict[int, CoreStream] = {}
         self.sched = PriorityScheduler()
@@ -290,7 +292,7 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         one frame and the stream's credit is counted as sent and True returned; the caller writes
         that frame at once (exactly what queueing and draining would produce). Else False: ``send``."""
         sched = self.sched
-        if sched or st.pending is not None or st.write_shut or st.state is CLOSED or n <= 0 or n > self.config.max_chunk:
+        if sched or st.pending is not None or st.write_shut or st.state is CLOSED or n <= 0 or n > self.max_chunk:
             return False
         if self.flow:
             if st.send_credit < n:
@@ -375,7 +377,7 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         pending = st.pending
         if pending:
             flow = self.flow
-            chunk_max = self.config.max_chunk
+            chunk_max = self.max_chunk
             sid, prio = st.id, st.priority
             push = self.sched.push_data
             while pending:
