@@ -1,4 +1,4 @@
-"""How big the Data frames this side sends are: ``max_chunk`` (256 KiB) toward a peer with flow
+"""How big the Data frames this side sends are: ``max_chunk`` (1 MiB) toward a peer with flow
 control, ``legacy_max_chunk`` (64 KiB) toward one without (a Rust FerroTunnel peer), on both the
 queued path and the small-write fast path; bad values are refused by name."""
 
@@ -19,19 +19,19 @@ def data_sizes(frames):
 
 def test_defaults_are_named_and_documented():
     c = StreamConfig()
-    assert (c.max_chunk, c.legacy_max_chunk) == (256 * KiB, 64 * KiB)
+    assert (c.max_chunk, c.legacy_max_chunk, c.read_buffer_size) == (1024 * KiB, 64 * KiB, 1024 * KiB)
     with open("README.md", encoding="utf-8") as f:
         readme = f.read()
-    assert "| `max_chunk` | 256 KiB |" in readme and "| `legacy_max_chunk` | 64 KiB |" in readme
+    assert "| `max_chunk` | 1 MiB |" in readme and "| `legacy_max_chunk` | 64 KiB |" in readme
 
 
-@pytest.mark.parametrize("flow, biggest", [(True, 256 * KiB), (False, 64 * KiB)])
+@pytest.mark.parametrize("flow, biggest", [(True, 1024 * KiB), (False, 64 * KiB)])
 def test_frame_size_follows_the_peer(flow, biggest):
-    """One 1 MiB write leaves in frames of exactly the chunk size for the peer (the window is big
+    """One 4 MiB write leaves in frames of exactly the chunk size for the peer (the window is big
     enough that credit never cuts a frame short), and arrives whole."""
-    client, server, rc, rs = pair(flow=flow, window=1 << 20)
+    client, server, rc, rs = pair(flow=flow, window=4 << 20, stream_send_buffer=8 << 20)
     st = server.open_stream()
-    payload = bytes(range(256)) * 4096  # 1 MiB
+    payload = bytes(range(256)) * 16384  # 4 MiB
     server.send(st, payload)
     sent, _ = pump(server, client)
     sizes = data_sizes(sent)
@@ -50,7 +50,7 @@ def test_a_smaller_max_chunk_is_kept_for_both_kinds_of_peer():
 
 
 def test_the_fast_path_takes_only_what_fits_one_frame_for_the_peer():
-    for flow, limit in ((True, 256 * KiB), (False, 64 * KiB)):
+    for flow, limit in ((True, 1024 * KiB), (False, 64 * KiB)):
         client, server, rc, rs = pair(flow=flow, window=1 << 20)
         st = server.open_stream()
         pump(server, client)

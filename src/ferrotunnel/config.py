@@ -49,12 +49,13 @@ class StreamConfig:
 
     #: Largest frame accepted from the peer (length prefix value).
     max_frame_size: int = MAX_FRAME_SIZE
-    #: Bytes read from the tunnel connection per read call (the buffer comes from the pool; with
-    #: the default pool settings a buffer this large is not retained after the connection closes).
-    read_buffer_size: int = 256 * KiB
+    #: Largest read from the tunnel connection: reads start at 256 KiB (or this, if smaller) and
+    #: adapt between 64 KiB and this to the traffic (a fresh buffer per read; the pool keeps
+    #: only small ones).
+    read_buffer_size: int = 1 * MiB
     #: Largest data payload this side sends in one frame to a peer with flow control (a peer of this
-    #: package): one bridge read (256 KiB with the header) leaves as one frame.
-    max_chunk: int = 256 * KiB
+    #: package): one bridge read (up to 1 MiB with the header) leaves as one frame.
+    max_chunk: int = 1 * MiB
     #: The same toward a peer without flow control (Rust FerroTunnel sends 64 KiB and buffers up to
     #: 128 frames per stream, so larger frames would raise its memory per stream).
     legacy_max_chunk: int = 64 * KiB

@@ -20,22 +20,20 @@ from ..pool import acquire_bytes, release_bytes
 from .listen import ConnectionGate
 from .stream import VirtualStream
 from .dial import dial
+from .readsize import MIN_READ, adapt_read_size  # noqa: F401  (MIN_READ: as before, from here too)
 from .sweeper import IDLE_TICKS, IdleSweeper  # noqa: F401  (IDLE_TICKS: as before, from here too)
 from .transport import tune_socket
 
-#: Largest read from a forwarded TCP connection (reads adapt between 64 KiB and this).
-BRIDGE_READ_SIZE = 256 * 1024
+#: Largest read from a forwarded TCP connection (reads adapt between MIN_READ and this).
+BRIDGE_READ_SIZE = 1024 * 1024
+#: A forwarded connection's first read size (a read that fills half of it makes the next ones
+#: BRIDGE_READ_SIZE: aio/readsize.py).
+BRIDGE_FIRST_READ = 256 * 1024
 #: Reads at least this big are handed to the tunnel as they are (no copy); smaller ones are copied
 #: so the read buffer goes straight back.
 OWN_THRESHOLD = 16 * 1024
 
 __all__ = ["forward", "TcpBridge", "IdleSweeper"]
-
-#: Reads of a forwarded connection start at BRIDGE_READ_SIZE, shrink (down to this) while they
-#: come back mostly empty, and grow again while they come back full: small traffic uses small
-#: buffers, which the pool keeps, and bulk traffic gets few, large reads.
-MIN_READ = 64 * 1024
-
 
 #: Bridges piping a stream, held here until they finish. Nothing else need hold one: a bridge
 #: whose TCP side is paused (waiting for credit) with nothing to write is let go by the event loop,
@@ -43,21 +41,6 @@ MIN_READ = 64 * 1024
 #: the transfer could be collected in the middle. A finished bridge leaves, and is freed by
 #: reference counting. A bridge in an idle sweeper is held by the sweeper instead (see sweeper.py).
 _PIPING: "set[TcpBridge]" = set()
-
-#: The read sizes ``adapt_read_size`` gives, one int object each: a bridge keeps its next read
-#: size, and a computed int above 256 would be an object of its own per idle bridge.
-_READ_SIZES = {n: n for n in (MIN_READ << k for k in range(12)) if n <= 1 << 30}
-
-
-def adapt_read_size(size: int, got: int, maximum: int) -> int:
-    if got >= size // 2 and size < maximum:
-        n = min(size * 2, maximum)
-        return _READ_SIZES.get(n, n)
-    if got < size // 16 and size > MIN_READ:
-        n = max(size // 2, MIN_READ)
-        return _READ_SIZES.get(n, n)
-    return size
-
 
 # TcpBridge._flags: what was one bool attribute each (an idle bridge is ~1,000 bytes of loop
 # transport and this object; each attribute is 8 bytes of it).
@@ -109,7 +92,7 @@ class TcpBridge(asyncio.BufferedProtocol):
         # tunnel payloads waiting for this read's single writev. None while there are none.
         self._outq: Optional[list] = None
         self._rbuf: Optional[bytearray] = None
-        self._read_size = BRIDGE_READ_SIZE  # shrinks while reads come back small
+        self._read_size = BRIDGE_FIRST_READ  # grows while reads come back full, shrinks while small
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
