@@ -1,5 +1,6 @@
-"""How big the Data frames this side sends are: ``max_chunk`` (1 MiB) toward a peer with flow
-control, ``legacy_max_chunk`` (64 KiB) toward one without (a Rust FerroTunnel peer), on both the
+"""How big the Data frames this side sends are: ``max_chunk`` (256 KiB) toward a peer with flow
+control that announced (``frames/1=N``) the largest frame it accepts, within N; ``legacy_max_chunk``
+(64 KiB) toward any other (a Rust FerroTunnel peer, an older peer of this package), on both the
 queued path and the small-write fast path; bad values are refused by name."""
 
 from __future__ import annotations
@@ -7,10 +8,28 @@ from __future__ import annotations
 import pytest
 
 from ferrotunnel import frames as F
+import pathlib
+
 from ferrotunnel.config import ClientConfig, ServerConfig, StreamConfig
-from test_core import pair, pump
+from ferrotunnel.protocol import SessionCore
+from ferrotunnel.protocol.extensions import FRAMES_CAPABILITY, client_capabilities, negotiate, server_capabilities
+from test_core import Recorder, caps, pump
+
+OWN_HEADER = F.DATA_HEADER_SIZE - F.FRAME_PREFIX_SIZE  # a Data frame's bytes after its length prefix
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 KiB = 1024
+
+
+def pair_with_frames(flow, window, **cfg):
+    """test_core's pair, each end also announcing the largest frame it accepts (frames/1)."""
+    config = StreamConfig(initial_window=window, max_window=window * 4, **cfg)
+    peer = caps(True, window if flow else None) + [f"{FRAMES_CAPABILITY}={config.max_frame_size}"]
+    rc, rs = Recorder(), Recorder()
+    client = SessionCore(is_client=True, config=config, listener=rc, now=0.0, peer_capabilities=peer)
+    server = SessionCore(is_client=False, config=config, listener=rs, now=0.0, peer_capabilities=peer)
+    rc.core, rs.core = client, server
+    return client, server, rc, rs
 
 
 def data_sizes(frames):
@@ -19,17 +38,17 @@ def data_sizes(frames):
 
 def test_defaults_are_named_and_documented():
     c = StreamConfig()
-    assert (c.max_chunk, c.legacy_max_chunk, c.read_buffer_size) == (1024 * KiB, 64 * KiB, 1024 * KiB)
-    with open("README.md", encoding="utf-8") as f:
-        readme = f.read()
-    assert "| `max_chunk` | 1 MiB |" in readme and "| `legacy_max_chunk` | 64 KiB |" in readme
+    assert (c.max_chunk, c.legacy_max_chunk, c.read_buffer_size) == (256 * KiB, 64 * KiB, 1024 * KiB)
+    readme = README.read_text(encoding="utf-8")
+    assert "| `max_chunk` | 256 KiB |" in readme and "| `legacy_max_chunk` | 64 KiB |" in readme
+    assert "`frames/1=N`" in readme
 
 
-@pytest.mark.parametrize("flow, biggest", [(True, 1024 * KiB), (False, 64 * KiB)])
+@pytest.mark.parametrize("flow, biggest", [(True, 256 * KiB), (False, 64 * KiB)])
 def test_frame_size_follows_the_peer(flow, biggest):
     """One 4 MiB write leaves in frames of exactly the chunk size for the peer (the window is big
     enough that credit never cuts a frame short), and arrives whole."""
-    client, server, rc, rs = pair(flow=flow, window=4 << 20, stream_send_buffer=8 << 20)
+    client, server, rc, rs = pair_with_frames(flow, 4 << 20, stream_send_buffer=8 << 20)
     st = server.open_stream()
     payload = bytes(range(256)) * 16384  # 4 MiB
     server.send(st, payload)
@@ -42,7 +61,7 @@ def test_frame_size_follows_the_peer(flow, biggest):
 
 def test_a_smaller_max_chunk_is_kept_for_both_kinds_of_peer():
     for flow in (True, False):
-        client, server, rc, rs = pair(flow=flow, window=1 << 20, max_chunk=10 * KiB)
+        client, server, rc, rs = pair_with_frames(flow, 1 << 20, max_chunk=10 * KiB)
         st = server.open_stream()
         server.send(st, b"y" * (35 * KiB))
         sent, _ = pump(server, client)
@@ -50,8 +69,8 @@ def test_a_smaller_max_chunk_is_kept_for_both_kinds_of_peer():
 
 
 def test_the_fast_path_takes_only_what_fits_one_frame_for_the_peer():
-    for flow, limit in ((True, 1024 * KiB), (False, 64 * KiB)):
-        client, server, rc, rs = pair(flow=flow, window=1 << 20)
+    for flow, limit in ((True, 256 * KiB), (False, 64 * KiB)):
+        client, server, rc, rs = pair_with_frames(flow, 1 << 20)
         st = server.open_stream()
         pump(server, client)
         assert not server.send_now(st, limit + 1)
@@ -64,3 +83,51 @@ def test_the_fast_path_takes_only_what_fits_one_frame_for_the_peer():
 def test_bad_chunk_sizes_are_refused_by_name(cls, field, bad):
     with pytest.raises(ValueError, match=field):
         cls(**{field: bad})
+
+
+def test_both_ends_announce_the_largest_frame_they_accept():
+    for make in (client_capabilities, server_capabilities):
+        assert f"{FRAMES_CAPABILITY}={16 * 1024 * 1024}" in make(StreamConfig())
+        assert f"{FRAMES_CAPABILITY}={300 * KiB}" in make(StreamConfig(max_frame_size=300 * KiB))
+
+
+def core_toward(peer_caps, **cfg):
+    core = SessionCore(is_client=False, config=StreamConfig(**cfg), listener=Recorder(), now=0.0,
+                       peer_capabilities=peer_caps)
+    return core.max_chunk
+
+
+def test_big_frames_go_only_to_a_peer_that_announced_it_takes_them():
+    flow = caps(True, 4096)  # this package's capabilities with flow control, without frames/1
+    assert core_toward(flow) == 64 * KiB  # an older peer of this package: 64 KiB frames
+    assert core_toward(flow + [f"{FRAMES_CAPABILITY}={16 << 20}"]) == 256 * KiB
+    assert core_toward(flow + [f"{FRAMES_CAPABILITY}={16 << 20}"], max_chunk=1 << 20) == 1 << 20
+    # within what the peer accepts: its max_frame_size minus the Data frame's own header bytes
+    assert core_toward(flow + [f"{FRAMES_CAPABILITY}={100 * KiB}"]) == 100 * KiB - OWN_HEADER
+    assert core_toward(flow + [f"{FRAMES_CAPABILITY}=6"]) == 1
+    # without flow control (a Rust peer, or flow switched off) never above legacy_max_chunk
+    assert core_toward(caps(False) + [f"{FRAMES_CAPABILITY}={16 << 20}"]) == 64 * KiB
+    assert core_toward(["basic", "tcp"]) == 64 * KiB
+    # a malformed announcement counts as none
+    for bad in ("x", "", "-5", "0", str((16 << 20) + 1), "1" * 40, "1e6"):
+        assert negotiate(StreamConfig(), [f"{FRAMES_CAPABILITY}={bad}"]).get("frames") is None
+        assert core_toward(flow + [f"{FRAMES_CAPABILITY}={bad}"]) == 64 * KiB
+
+
+def test_a_peer_with_a_small_max_frame_size_gets_frames_it_accepts():
+    """The receiving end's max_frame_size is below our max_chunk: a bulk write still arrives whole
+    (before the announcement the sender's frames broke such a session with 'frame too large')."""
+    config_small = StreamConfig(initial_window=1 << 20, max_window=4 << 20, max_frame_size=100 * KiB)
+    config_big = StreamConfig(initial_window=1 << 20, max_window=4 << 20, max_chunk=1 << 20)
+    rc, rs = Recorder(), Recorder()
+    client = SessionCore(is_client=True, config=config_small, listener=rc, now=0.0,
+                         peer_capabilities=server_capabilities(config_big))
+    server = SessionCore(is_client=False, config=config_big, listener=rs, now=0.0,
+                         peer_capabilities=client_capabilities(config_small))
+    rc.core, rs.core = client, server
+    st = server.open_stream()
+    payload = bytes(range(256)) * 4096
+    server.send(st, payload)
+    sent, _ = pump(server, client)
+    assert max(data_sizes(sent)) == 100 * KiB - OWN_HEADER
+    assert bytes(rc.data[st.id]) == payload and not rc.errors

@@ -121,3 +121,21 @@ def test_a_forwarded_connection_reads_up_to_bridge_read_size():
         b.buffer_updated(n)
     assert sizes[:4] == [256 * KiB, 1 * MiB, 1 * MiB, 1 * MiB]
     assert sizes[-1] == MIN_READ
+
+
+def test_an_idle_sweep_lets_a_forwarded_connections_unused_read_buffer_go():
+    """A read that fills its buffer is followed by another try that may find nothing: the buffer
+    taken for it (up to BRIDGE_READ_SIZE) goes at the next idle sweep, not at the next read."""
+    b = bridge.TcpBridge()
+    buf = b.get_buffer(-1)
+    n = len(buf)
+    buf[:n] = b"y" * n
+    b.buffer_updated(n)  # a full read: the next is BRIDGE_READ_SIZE
+    b.get_buffer(-1)  # the loop's next try, which finds nothing (no buffer_updated)
+    assert len(b.read_buffer()) == bridge.BRIDGE_READ_SIZE
+    assert b.idle_tick() == 0
+    with pytest.raises(AssertionError):
+        b.read_buffer()  # gone
+    buf = b.get_buffer(-1)  # and a later read gets a fresh one
+    buf[:3] = b"abc"
+    b.buffer_updated(3)

@@ -49,15 +49,17 @@ class StreamConfig:
 
     #: Largest frame accepted from the peer (length prefix value).
     max_frame_size: int = MAX_FRAME_SIZE
-    #: Largest read from the tunnel connection: reads start at 256 KiB (or this, if smaller) and
-    #: adapt between 64 KiB and this to the traffic (a fresh buffer per read; the pool keeps
-    #: only small ones).
+    #: Largest read from the tunnel connection: reads start at 256 KiB (or this, if smaller); one that
+    #: fills half its buffer makes the next ones this size until the connection's next timer tick
+    #: (a fresh buffer per read; the pool keeps only small ones).
     read_buffer_size: int = 1 * MiB
-    #: Largest data payload this side sends in one frame to a peer with flow control (a peer of this
-    #: package): one bridge read (up to 1 MiB with the header) leaves as one frame.
-    max_chunk: int = 1 * MiB
-    #: The same toward a peer without flow control (Rust FerroTunnel sends 64 KiB and buffers up to
-    #: 128 frames per stream, so larger frames would raise its memory per stream).
+    #: Largest data payload this side sends in one frame to a peer of this package with flow control
+    #: (and no more than the frame size it announced). A frame is what a stream of the same priority
+    #: may wait behind in each round-robin turn, so it also bounds the latency one bulk stream adds
+    #: to the others: 256 KiB, one drain budget.
+    max_chunk: int = 256 * KiB
+    #: The same toward any other peer (Rust FerroTunnel sends 64 KiB and buffers up to 128 frames
+    #: per stream, so larger frames would raise its memory per stream).
     legacy_max_chunk: int = 64 * KiB
     #: Streams open at once on one session; a closed or reset stream frees its slot at once.
     max_streams_per_session: int = 10_000

@@ -128,7 +128,10 @@ class TcpBridge(asyncio.BufferedProtocol):
         self._flags = self._flags | _READING_PAUSED if paused else self._flags & ~_READING_PAUSED
 
     def idle_tick(self) -> int:
-        """One sweep without traffic; returns how many in a row."""
+        """One sweep without traffic; returns how many in a row. A read buffer taken for a read
+        that found nothing goes now (the loop asks for one before every read)."""
+        if self._rbuf is not None:
+            self._drop_read_buffer()
         flags = self._flags
         self._flags = flags + _TICK
         return flags >> _TICK_SHIFT
@@ -276,7 +279,9 @@ class TcpBridge(asyncio.BufferedProtocol):
     def _drop_read_buffer(self) -> None:
         # The loop asks for a buffer before every read, so when the connection ends (EOF, error,
         # close) the last one was never filled. Let it go now: a finished bridge can sit in a
-        # reference cycle until the next garbage collection, and 256 KiB each adds up under churn.
+        # reference cycle until the next garbage collection, and up to BRIDGE_READ_SIZE each adds up
+        # under churn. (A read that fills its buffer is followed by another try at once, which may
+        # find nothing: that buffer stays until the next read, an idle sweep or the end.)
         buf = self._rbuf
         if buf is not None:
             self._rbuf = None

@@ -180,7 +180,7 @@ class TunnelConnection(StreamEvents, asyncio.BufferedProtocol):
         tls = self.tls
         assert tls is not None
         try:
-            ended = tls.receive(data, self.config.read_buffer_size, self.data_received_view)
+            ended = tls.receive(data, self._read_size, self.data_received_view)  # plaintext <= what was read
         except TlsHandshakeFailed as exc:
             self._tls_send_pending()
             self.tls_failed(exc.cause)

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set
 from ..config import StreamConfig
 from ..errors import (ConnectionLostError, FerroTunnelError, LimitExceededError, PeerUnsupportedError,
                       StreamClosedError, StreamResetError)
-from ..frames import (DATA_HEADER_SIZE, FLAG_PARTIAL, CloseReason, CloseStream, Error, ErrorCode, FrameDecoder,
+from ..frames import (DATA_HEADER_SIZE, FLAG_PARTIAL, FRAME_PREFIX_SIZE, CloseReason, CloseStream, Error, ErrorCode, FrameDecoder,
                       Heartbeat, HeartbeatAck, OpenStream, PluginData, Protocol, StreamPriority, encode)
 from ..scheduler import PriorityScheduler
 from .drain import DrainMixin
@@ -51,8 +51,11 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         peer_window = self.negotiated.flow_window
         self.flow = peer_window is not None
         self.peer_window = peer_window or 0
-        #: Largest payload per Data frame this side sends (smaller toward a peer without flow control).
-        self.max_chunk = config.max_chunk if self.flow else min(config.max_chunk, config.legacy_max_chunk)
+        #: Largest payload per Data frame this side sends: ``max_chunk`` to a peer with flow control
+        #: that announced the frame size it accepts (within it), else at most ``legacy_max_chunk``.
+        peer_frame = self.negotiated.get("frames")
+        self.max_chunk = (max(1, min(config.max_chunk, peer_frame - (DATA_HEADER_SIZE - FRAME_PREFIX_SIZE)))
+                          if self.flow and peer_frame else min(config.max_chunk, config.legacy_max_chunk))
         self.windows = FlowWindows(config, self.flow)
         self.streams: Dict[int, CoreStream] = {}
         self.sched = PriorityScheduler()

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..config import ClientConfig, StreamConfig
+from ..frames import MAX_FRAME_SIZE
 from .flow import FLOW_PLUGIN_ID, flow_capability, parse_flow_capability
 from ..access import ACCESS_CAPABILITY
 from .remoteport import REMOTE_PORT_CAPABILITY, parse_remote_port, remote_port_capability
 
 __all__ = ["Extension", "EXTENSIONS", "EXT_CAPABILITY", "REASON_CAPABILITY", "DRAIN_CAPABILITY", "DRAIN_PLUGIN_ID", "VISITOR_CAPABILITY", "VISITOR_HEADER",
            "PUBLIC_URLS_CAPABILITY", "PUBLIC_URLS_PLUGIN_ID", "REMOTE_PORT_CAPABILITY", "ACCESS_CAPABILITY",
-           "POOL_CAPABILITY", "TUNNELS_CAPABILITY", "INSTANCE_CAPABILITY", "new_instance_capability", "instance_of", "Negotiated",
+           "POOL_CAPABILITY", "TUNNELS_CAPABILITY", "FRAMES_CAPABILITY", "INSTANCE_CAPABILITY", "new_instance_capability", "instance_of", "Negotiated",
            "client_capabilities", "server_capabilities", "negotiate", "plugin_handlers", "keep_capabilities",
            "BASE_CLIENT_CAPABILITIES", "BASE_SERVER_CAPABILITIES", "MAX_CAPABILITIES", "MAX_CAPABILITY_LEN"]
 
@@ -46,6 +47,11 @@ PUBLIC_URLS_PLUGIN_ID = "ft.urls/1"
 POOL_CAPABILITY = "pool/1"
 #: More tunnel ids on one session, with Register / RegisterAck (see tunnels.py).
 TUNNELS_CAPABILITY = "tunnels/1"
+
+#: Both ends announce the largest frame they accept ("frames/1=N", their ``max_frame_size``): Data
+#: frames above ``legacy_max_chunk`` go only to a peer that said it takes them (see SessionCore.max_chunk).
+FRAMES_CAPABILITY = "frames/1"
+_FRAMES_PREFIX = FRAMES_CAPABILITY + "="
 
 #: Each client (a ``TunnelClient``: one per tunnel of a process) announces a random instance id
 #: ("instance/1=HEX"): a server that finds the tunnel id held by a session of the same instance
@@ -109,6 +115,21 @@ def _flow_agree(config: StreamConfig, peer: Sequence[str]) -> Optional[int]:
     return parse_flow_capability(peer) if config.flow_control else None
 
 
+def _frames_announce(config: StreamConfig) -> str:
+    return f"{_FRAMES_PREFIX}{config.max_frame_size}"
+
+
+def _frames_agree(config: StreamConfig, peer: Sequence[str]) -> Optional[int]:
+    """The largest frame the peer accepts (its length prefix value), if it said so validly."""
+    for cap in peer:
+        if cap.startswith(_FRAMES_PREFIX):
+            value = cap[len(_FRAMES_PREFIX):]
+            if value.isdigit() and len(value) <= 9 and 0 < int(value) <= MAX_FRAME_SIZE:
+                return int(value)
+            return None
+    return None
+
+
 def _remote_port_announce(config: StreamConfig) -> Optional[str]:
     port = config.remote_port if isinstance(config, ClientConfig) else None
     return remote_port_capability(port) if port is not None else None
@@ -162,6 +183,9 @@ EXTENSIONS: Tuple[Extension, ...] = (
     Extension("ferrotunnel", _always(EXT_CAPABILITY), _always(EXT_CAPABILITY), _has(EXT_CAPABILITY)),
     # Per-stream credit; the value is the peer's initial per-stream window.
     Extension("flow", _flow_announce, _flow_announce, _flow_agree, FLOW_PLUGIN_ID, "on_credit"),
+    # Frame sizes: the value is the largest frame the peer accepts (Data frames above
+    # legacy_max_chunk are sent only when it is known).
+    Extension("frames", _frames_announce, _frames_announce, _frames_agree),
     # A refused handshake says why: the server adds "reason=<text>" to the ack's capabilities.
     Extension("reject_reason", _always(REASON_CAPABILITY), _never, _has(REASON_CAPABILITY)),
     # Drain: the server sends one PluginData ("ft.drain/1", no payload) when its node leaves; the
