@@ -23,6 +23,7 @@ from .certs import add_certs_parser, run_certs
 from .public import https_ingress, public_endpoints, public_flags
 from .cluster import CLUSTER_HELP, ClusterUsageError, add_cluster_args, cluster_config
 from .secrets import TOKEN_HELP, hide_token, token_from_args
+from .malloc import tune_malloc
 
 __all__ = ["main"]
 
@@ -320,6 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if real and args.command in ("server", "client"):
             hide_token(args, argv)  # before anything else: no socket is open yet
+            tune_malloc()  # (our own process: see cli/malloc.py)
         if args.command == "version":
             return _version()
         if args.command == "certs":

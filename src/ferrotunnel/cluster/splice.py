@@ -25,7 +25,7 @@ _LIVE: "set[Splice]" = set()
 class _Half:
     """The sink of one stream: what it receives goes out on the other."""
 
-    __slots__ = ("src", "dst", "splice", "owed", "eof", "partner", "dirty")
+    __slots__ = ("src", "dst", "splice", "owed", "eof", "partner", "dirty", "pinned")
 
     def __init__(self, src: VirtualStream, dst: VirtualStream, splice: "Splice") -> None:
         self.src = src
@@ -35,6 +35,9 @@ class _Half:
         self.eof = False
         self.partner: Optional[_Half] = None
         self.dirty = False  # written during the current read of src: flushed once after it
+        #: The read buffer a view passed on during the current read of src belongs to: the rest of
+        #: that read's payloads pass as views too (they pin nothing more). None between reads.
+        self.pinned: object = None
 
     def tunnel_data(self, payload: memoryview) -> None:
         n = len(payload)
@@ -45,8 +48,14 @@ class _Half:
         try:
             # A view of the tunnel's read buffer while dst takes its bytes (they leave at the end
             # of this read: see flush_out); a copy when dst is backed up, so that a slow end never
-            # pins whole read buffers (a fresh one is used per read; see aio/connection.py).
-            dst.write_queued(payload if n >= OWN_THRESHOLD and dst.can_write() else bytes(payload), True)
+            # pins whole read buffers (a fresh one is used per read; see aio/connection.py) -- but
+            # not for a payload of a buffer an earlier view of this read pins already: one read
+            # of several frames would otherwise be copied from its second frame on.
+            if n >= OWN_THRESHOLD and (payload.obj is self.pinned or dst.can_write()):
+                self.pinned = payload.obj
+                dst.write_queued(payload, True)
+            else:
+                dst.write_queued(bytes(payload), True)
         except FerroTunnelError as exc:
             self.splice.end(exc)
             return
@@ -84,6 +93,7 @@ class _Half:
     def flush_out(self) -> None:
         # every frame of one read of src goes to dst's transport at once (one writev), not per frame
         self.dirty = False
+        self.pinned = None
         if not self.splice.done:
             self.dst.flush()
 
