@@ -104,12 +104,12 @@ def test_big_frames_go_only_to_a_peer_that_announced_it_takes_them():
     assert core_toward(flow + [f"{FRAMES_CAPABILITY}={16 << 20}"], max_chunk=1 << 20) == 1 << 20
     # within what the peer accepts: its max_frame_size minus the Data frame's own header bytes
     assert core_toward(flow + [f"{FRAMES_CAPABILITY}={100 * KiB}"]) == 100 * KiB - OWN_HEADER
-    assert core_toward(flow + [f"{FRAMES_CAPABILITY}=6"]) == 1
+    assert core_toward(flow + [f"{FRAMES_CAPABILITY}=7"]) == 1  # the smallest that carries a byte
     # without flow control (a Rust peer, or flow switched off) never above legacy_max_chunk
     assert core_toward(caps(False) + [f"{FRAMES_CAPABILITY}={16 << 20}"]) == 64 * KiB
     assert core_toward(["basic", "tcp"]) == 64 * KiB
     # a malformed announcement counts as none
-    for bad in ("x", "", "-5", "0", str((16 << 20) + 1), "1" * 40, "1e6"):
+    for bad in ("x", "", "-5", "0", "6", str((16 << 20) + 1), "1" * 40, "1e6", "\u00b2", "\u0661\u0660\u0660\u0660\u0660\u0660"):
         assert negotiate(StreamConfig(), [f"{FRAMES_CAPABILITY}={bad}"]).get("frames") is None
         assert core_toward(flow + [f"{FRAMES_CAPABILITY}={bad}"]) == 64 * KiB
 

@@ -607,15 +607,17 @@ OFF = StreamConfig(flow_control=False)
 
 def test_capabilities_exact():
     assert ext.client_capabilities(ON) == ["basic", "tcp", "ferrotunnel-py/1", "flow-control/1;window=1000",
-                                           "reject-reason/1", "drain/1", "public-urls/1"]
-    assert ext.client_capabilities(OFF) == ["basic", "tcp", "ferrotunnel-py/1", "reject-reason/1", "drain/1", "public-urls/1"]
-    assert ext.client_capabilities(OFF, ("x/1",)) == ["basic", "tcp", "ferrotunnel-py/1", "reject-reason/1", "drain/1", "public-urls/1", "x/1"]
-    assert ext.server_capabilities(ON) == ["basic", "ferrotunnel-py/1", "flow-control/1;window=1000", "drain/1", "public-urls/1",
-                                           "visitor-addr/1", "tunnels/1"]
-    assert ext.server_capabilities(OFF) == ["basic", "ferrotunnel-py/1", "drain/1", "public-urls/1", "visitor-addr/1",
-                                            "tunnels/1"]
-    assert ext.client_capabilities(ft.ClientConfig()) == ["basic", "tcp", "ferrotunnel-py/1",
-                                                         "flow-control/1;window=262144", "reject-reason/1", "drain/1", "public-urls/1"]
+                                           "frames/1=16777216", "reject-reason/1", "drain/1", "public-urls/1"]
+    assert ext.client_capabilities(OFF) == ["basic", "tcp", "ferrotunnel-py/1", "frames/1=16777216", "reject-reason/1",
+                                            "drain/1", "public-urls/1"]
+    assert ext.client_capabilities(OFF, ("x/1",)) == ["basic", "tcp", "ferrotunnel-py/1", "frames/1=16777216",
+                                                      "reject-reason/1", "drain/1", "public-urls/1", "x/1"]
+    assert ext.server_capabilities(ON) == ["basic", "ferrotunnel-py/1", "flow-control/1;window=1000", "frames/1=16777216",
+                                           "drain/1", "public-urls/1", "visitor-addr/1", "tunnels/1"]
+    assert ext.server_capabilities(OFF) == ["basic", "ferrotunnel-py/1", "frames/1=16777216", "drain/1", "public-urls/1",
+                                            "visitor-addr/1", "tunnels/1"]
+    assert ext.client_capabilities(ft.ClientConfig()) == ["basic", "tcp", "ferrotunnel-py/1", "flow-control/1;window=262144",
+                                                         "frames/1=16777216", "reject-reason/1", "drain/1", "public-urls/1"]
 
 
 def test_negotiate_with_a_rust_peer_gives_nothing():
@@ -629,21 +631,23 @@ def test_negotiate_with_a_rust_peer_gives_nothing():
 def test_negotiate_server_side():
     server = ServerConfig(initial_window=5000)
     n = ext.negotiate(server, ext.client_capabilities(StreamConfig(initial_window=1234)))
-    assert n.values == {"ferrotunnel": True, "flow": 1234, "reject_reason": True, "drain": True, "public_urls": True}  # the client's window
+    assert n.values == {"ferrotunnel": True, "flow": 1234, "frames": 16777216, "reject_reason": True, "drain": True,
+                        "public_urls": True}  # the client's window
     assert n.peer_is_ext and n.flow_window == 1234 and "reject_reason" in n
     n = ext.negotiate(server, ext.client_capabilities(OFF))
-    assert n.values == {"ferrotunnel": True, "reject_reason": True, "drain": True, "public_urls": True}
+    assert n.values == {"ferrotunnel": True, "frames": 16777216, "reject_reason": True, "drain": True, "public_urls": True}
     n = ext.negotiate(ServerConfig(flow_control=False), ext.client_capabilities(ON))
-    assert n.values == {"ferrotunnel": True, "reject_reason": True, "drain": True, "public_urls": True}  # our side switched it off
+    assert n.values == {"ferrotunnel": True, "frames": 16777216, "reject_reason": True, "drain": True,
+                        "public_urls": True}  # our side switched it off
 
 
 def test_negotiate_client_side():
     client = ft.ClientConfig(initial_window=1234)
     n = ext.negotiate(client, ext.server_capabilities(ServerConfig(initial_window=5000)))
-    assert n.values == {"ferrotunnel": True, "flow": 5000, "drain": True, "public_urls": True,
+    assert n.values == {"ferrotunnel": True, "flow": 5000, "frames": 16777216, "drain": True, "public_urls": True,
                         "tunnels": True}  # servers never announce reject-reason
     n = ext.negotiate(client, ext.server_capabilities(ServerConfig(flow_control=False)))
-    assert n.values == {"ferrotunnel": True, "drain": True, "public_urls": True, "tunnels": True}
+    assert n.values == {"ferrotunnel": True, "frames": 16777216, "drain": True, "public_urls": True, "tunnels": True}
 
 
 def test_negotiate_refuses_bad_flow_windows():
