@@ -21,6 +21,7 @@ __all__ = [
     "MAX_CAPABILITIES_WIRE",
     "DATA_HEADER_SIZE",
     "FRAME_PREFIX_SIZE",
+    "DATA_FRAME_OVERHEAD",
     "FRAME_TYPE_CONTROL",
     "FRAME_TYPE_DATA",
     "VARIANT_HANDSHAKE",
@@ -63,8 +64,11 @@ DATA_HEADER_SIZE = 10
 #: Wire index of the Handshake and HandshakeAck control variants (one varint byte each).
 VARIANT_HANDSHAKE = 0
 VARIANT_HANDSHAKE_ACK = 1
+#: The length-prefix value of an empty data frame (type, stream id, flags): a frame of length N
+#: carries N minus this of payload.
+DATA_FRAME_OVERHEAD = DATA_HEADER_SIZE - FRAME_PREFIX_SIZE
 #: Largest payload one data frame can carry.
-MAX_DATA_PAYLOAD = MAX_FRAME_SIZE - (DATA_HEADER_SIZE - FRAME_PREFIX_SIZE)
+MAX_DATA_PAYLOAD = MAX_FRAME_SIZE - DATA_FRAME_OVERHEAD
 PROTOCOL_VERSION = 1
 FLAG_END_OF_STREAM = 0x01
 #: Not a wire flag (the wire's flags are one byte): ``FrameDecoder.feed_raw`` passes it with every

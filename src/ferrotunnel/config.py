@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 from .access import TunnelAccess
 from .addr import as_address
-from .frames import DATA_HEADER_SIZE, FRAME_PREFIX_SIZE, MAX_FRAME_SIZE
+from .frames import DATA_FRAME_OVERHEAD, MAX_FRAME_SIZE
 
 __all__ = ["BackoffConfig", "RateLimits", "StreamConfig", "ServerConfig", "ClientConfig", "ClusterConfig", "redact_url"]
 
@@ -101,7 +101,7 @@ class StreamConfig:
     stalled_stream_timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        smallest = DATA_HEADER_SIZE - FRAME_PREFIX_SIZE  # an empty Data frame
+        smallest = DATA_FRAME_OVERHEAD  # an empty Data frame
         if not smallest <= self.max_frame_size <= MAX_FRAME_SIZE:
             raise ValueError(f"max_frame_size must be in {smallest}..{MAX_FRAME_SIZE}")
         for name in ("max_chunk", "legacy_max_chunk"):

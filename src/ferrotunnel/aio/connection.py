@@ -112,7 +112,7 @@ class TunnelConnection(StreamEvents, asyncio.BufferedProtocol):
 
     @property
     def read_size(self) -> int:
-        """The size of the next read from the transport (it follows the traffic: aio/readsize.py)."""
+        """The size of the next read from the transport: FIRST_READ, or ``read_buffer_size`` after a read that filled half of it."""
         return self._read_size
 
     # ------------------------------------------------------------------ transport callbacks
@@ -402,7 +402,7 @@ class TunnelConnection(StreamEvents, asyncio.BufferedProtocol):
             return
         # Between ticks a quiet connection holds its last read's buffer (up to read_buffer_size):
         # it goes now, and the next reads start at most at FIRST_READ again (traffic that fills
-        # them grows them back within two reads).
+        # half of one grows them back at once).
         self._return_buffer()
         if self._read_size > FIRST_READ:
             self._read_size = FIRST_READ

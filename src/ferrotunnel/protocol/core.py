@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set
 from ..config import StreamConfig
 from ..errors import (ConnectionLostError, FerroTunnelError, LimitExceededError, PeerUnsupportedError,
                       StreamClosedError, StreamResetError)
-from ..frames import (DATA_HEADER_SIZE, FLAG_PARTIAL, FRAME_PREFIX_SIZE, CloseReason, CloseStream, Error, ErrorCode, FrameDecoder,
+from ..frames import (DATA_FRAME_OVERHEAD, DATA_HEADER_SIZE, FLAG_PARTIAL, CloseReason, CloseStream, Error, ErrorCode, FrameDecoder,
                       Heartbeat, HeartbeatAck, OpenStream, PluginData, Protocol, StreamPriority, encode)
 from ..scheduler import PriorityScheduler
 from .drain import DrainMixin
@@ -54,7 +54,7 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         #: Largest payload per Data frame this side sends: ``max_chunk`` to a peer with flow control
         #: that announced the frame size it accepts (within it), else at most ``legacy_max_chunk``.
         peer_frame = self.negotiated.get("frames")
-        self.max_chunk = (max(1, min(config.max_chunk, peer_frame - (DATA_HEADER_SIZE - FRAME_PREFIX_SIZE)))
+        self.max_chunk = (max(1, min(config.max_chunk, peer_frame - DATA_FRAME_OVERHEAD))
                           if self.flow and peer_frame else min(config.max_chunk, config.legacy_max_chunk))
         self.windows = FlowWindows(config, self.flow)
         self.streams: Dict[int, CoreStream] = {}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..config import ClientConfig, StreamConfig
-from ..frames import DATA_HEADER_SIZE, FRAME_PREFIX_SIZE, MAX_FRAME_SIZE
+from ..frames import DATA_FRAME_OVERHEAD, MAX_FRAME_SIZE  # (a peer must take more than an empty Data frame)
 from .flow import FLOW_PLUGIN_ID, flow_capability, parse_flow_capability
 from ..access import ACCESS_CAPABILITY
 from .remoteport import REMOTE_PORT_CAPABILITY, parse_remote_port, remote_port_capability
@@ -52,7 +52,6 @@ TUNNELS_CAPABILITY = "tunnels/1"
 #: frames above ``legacy_max_chunk`` go only to a peer that said it takes them (see SessionCore.max_chunk).
 FRAMES_CAPABILITY = "frames/1"
 _FRAMES_PREFIX = FRAMES_CAPABILITY + "="
-_SMALLEST_DATA = DATA_HEADER_SIZE - FRAME_PREFIX_SIZE  # an empty Data frame: a peer must take more
 
 #: Each client (a ``TunnelClient``: one per tunnel of a process) announces a random instance id
 #: ("instance/1=HEX"): a server that finds the tunnel id held by a session of the same instance
@@ -125,7 +124,7 @@ def _frames_agree(config: StreamConfig, peer: Sequence[str]) -> Optional[int]:
     for cap in peer:
         if cap.startswith(_FRAMES_PREFIX):
             value = cap[len(_FRAMES_PREFIX):]
-            if value.isascii() and value.isdigit() and len(value) <= 9 and _SMALLEST_DATA < int(value) <= MAX_FRAME_SIZE:
+            if value.isascii() and value.isdigit() and len(value) <= 9 and DATA_FRAME_OVERHEAD < int(value) <= MAX_FRAME_SIZE:
                 return int(value)
             return None
     return None
