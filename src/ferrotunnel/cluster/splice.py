@@ -7,7 +7,7 @@ its peer and memory stays within one stream's send buffer per direction.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import List, Optional
 
 from ..aio.bridge import OWN_THRESHOLD
 from ..aio.stream import VirtualStream
@@ -25,7 +25,7 @@ _LIVE: "set[Splice]" = set()
 class _Half:
     """The sink of one stream: what it receives goes out on the other."""
 
-    __slots__ = ("src", "dst", "splice", "owed", "eof", "partner", "dirty", "pinned")
+    __slots__ = ("src", "dst", "splice", "owed", "eof", "partner", "dirty", "pinned", "held", "held_bytes")
 
     def __init__(self, src: VirtualStream, dst: VirtualStream, splice: "Splice") -> None:
         self.src = src
@@ -38,6 +38,10 @@ class _Half:
         #: The read buffer a view passed on during the current read of src belongs to: the rest of
         #: that read's payloads pass as views too (they pin nothing more). None between reads.
         self.pinned: object = None
+        #: Payloads of the current read of src that arrived while dst was backed up, in order:
+        #: written at the end of the read, as views or as copies (see ``_write_held``).
+        self.held: Optional[List[memoryview]] = None
+        self.held_bytes = 0
 
     def tunnel_data(self, payload: memoryview) -> None:
         n = len(payload)
@@ -45,20 +49,28 @@ class _Half:
             self.src.consumed(n)
             return
         dst = self.dst
-        try:
-            # A view of the tunnel's read buffer while dst takes its bytes (they leave at the end
-            # of this read: see flush_out); a copy when dst is backed up, so that a slow end never
-            # pins whole read buffers (a fresh one is used per read; see aio/connection.py) -- but
-            # not for a payload of a buffer an earlier view of this read pins already: one read
-            # of several frames would otherwise be copied from its second frame on.
-            if n >= OWN_THRESHOLD and (payload.obj is self.pinned or dst.can_write()):
-                self.pinned = payload.obj
-                dst.write_queued(payload, True)
-            else:
-                dst.write_queued(bytes(payload), True)
-        except FerroTunnelError as exc:
-            self.splice.end(exc)
-            return
+        held = self.held
+        if held is not None:  # an earlier payload of this read waits: this one goes after it
+            held.append(payload)
+            self.held_bytes += n
+        else:
+            try:
+                # A view of the tunnel's read buffer while dst takes its bytes (they leave at the
+                # end of this read: see flush_out), and for every later payload of a buffer that
+                # such a view pins already. When dst is backed up, a payload of at least
+                # OWN_THRESHOLD waits for the end of the read (``_write_held``); a smaller one is
+                # copied now.
+                if n >= OWN_THRESHOLD and (payload.obj is self.pinned or dst.can_write()):
+                    self.pinned = payload.obj
+                    dst.write_queued(payload, True)
+                elif n >= OWN_THRESHOLD:
+                    self.held = [payload]
+                    self.held_bytes = n
+                else:
+                    dst.write_queued(bytes(payload), True)
+            except FerroTunnelError as exc:
+                self.splice.end(exc)
+                return
         if not self.dirty:
             self.dirty = True
             self.src.defer_flush(self)
@@ -75,6 +87,8 @@ class _Half:
 
     def tunnel_eof(self) -> None:
         self.eof = True
+        if self.held is not None and not self._write_held():  # the bytes before the end go first
+            return
         try:
             self.dst.write_eof()
         except FerroTunnelError as exc:
@@ -94,8 +108,32 @@ class _Half:
         # every frame of one read of src goes to dst's transport at once (one writev), not per frame
         self.dirty = False
         self.pinned = None
+        if self.held is not None and not self._write_held():
+            return
         if not self.splice.done:
             self.dst.flush()
+
+    def _write_held(self) -> bool:
+        """Queue the payloads held back during this read of src on dst; False if the splice ended.
+
+        dst is backed up, so what is queued now stays until it drains (its credit is held back
+        meanwhile). Views pin their whole read buffers for that time: they are passed only when
+        these payloads fill at least half of the buffers they lie in (at most twice their size
+        pinned: a bulk stream, whose read buffers hold little else); otherwise each is copied, so
+        that small frames of a slow stream never keep large buffers alive."""
+        held, nbytes = self.held, self.held_bytes
+        self.held, self.held_bytes = None, 0
+        if held is None or self.splice.done:
+            return not self.splice.done
+        sizes = {id(p.obj): len(p.obj) for p in held}
+        as_views = nbytes * 2 >= sum(sizes.values())
+        try:
+            for p in held:
+                self.dst.write_queued(p if as_views else bytes(p), True)
+        except FerroTunnelError as exc:
+            self.splice.end(exc)
+            return False
+        return True
 
 
 class Splice:
@@ -139,6 +177,7 @@ class Splice:
         _LIVE.discard(self)
         for half in self.halves:
             half.partner = None
+            half.held, half.held_bytes = None, 0
         self.a.sink = None  # no cycle between finished streams and this splice
         self.b.sink = None
 

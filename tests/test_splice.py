@@ -1,0 +1,212 @@
+"""The node splice's rule for what it queues on the other stream (cluster/splice.py): views of the
+tunnel's read buffer while the other stream keeps up, and while it is backed up only when the
+payloads of one read fill at least half of the buffers they lie in; copies otherwise. Order,
+end-of-stream and credit are checked with it.
+
+The two streams are recording doubles of the stream interface the splice uses (the cluster suites
+run it between real sessions); one "read" is a run of ``tunnel_data`` calls followed by the
+``flush_out`` the connection makes after each read.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List
+
+import pytest
+
+from ferrotunnel.aio.bridge import OWN_THRESHOLD
+from ferrotunnel.cluster.splice import Splice
+from ferrotunnel.errors import StreamClosedError
+
+KiB = 1024
+
+
+class Stream:
+    """Records what the splice does to it; ``backed_up`` is what ``can_write`` answers."""
+
+    def __init__(self, sid: int) -> None:
+        self.stream_id = sid
+        self.backed_up = False
+        self.queued: List[Any] = []  # what write_queued got, in order (views or bytes)
+        self.log: List[str] = []
+        self.consumed_total = 0
+        self.deferred: List[Any] = []
+        self.sink: Any = None
+        self.fail_writes = False
+
+    # the source side
+    def attach_sink(self, sink: Any) -> None:
+        self.sink = sink
+
+    def consumed(self, n: int) -> None:
+        self.consumed_total += n
+
+    def defer_flush(self, sink: Any) -> None:
+        self.deferred.append(sink)
+
+    # the destination side
+    def can_write(self) -> bool:
+        return not self.backed_up
+
+    def write_queued(self, data: Any, owned: bool = False) -> None:
+        if self.fail_writes:
+            raise StreamClosedError("closed")
+        self.queued.append(data)
+        self.log.append("data")
+
+    def request_writable(self) -> None:
+        self.log.append("wait")
+
+    def flush(self) -> None:
+        self.log.append("flush")
+
+    def write_eof(self) -> None:
+        self.log.append("eof")
+
+    def close(self) -> None:
+        self.log.append("close")
+
+    def abort(self) -> None:
+        self.log.append("abort")
+
+
+def joined():
+    a, b = Stream(1), Stream(2)
+    s = Splice(a, b)
+    s.start()
+    return a, b, s
+
+
+def read(src: Stream, buf: bytearray, sizes: List[int]) -> List[memoryview]:
+    """One read of ``src``: payloads of ``sizes`` bytes cut from ``buf`` in turn, then the flush."""
+    view = memoryview(buf)
+    out, pos = [], 0
+    for n in sizes:
+        p = view[pos:pos + n]
+        out.append(p)
+        src.sink.tunnel_data(p)
+        pos += n
+    for sink in src.deferred:
+        sink.flush_out()
+    src.deferred.clear()
+    return out
+
+
+def is_view_of(x: Any, buf: bytearray) -> bool:
+    return isinstance(x, memoryview) and x.obj is buf
+
+
+def test_views_while_the_other_stream_keeps_up():
+    a, b, _ = joined()
+    buf = bytearray(1024 * KiB)
+    read(a, buf, [256 * KiB, 256 * KiB])
+    assert [is_view_of(x, buf) for x in b.queued] == [True, True]
+    assert a.consumed_total == 512 * KiB  # credit goes back at once
+    assert b.log == ["data", "data", "flush"]
+
+
+def test_backed_up_bulk_read_passes_views_not_copies():
+    """A read whose payloads (one stream's) fill the buffer: nothing is copied, order kept."""
+    a, b, _ = joined()
+    b.backed_up = True
+    buf = bytearray(1024 * KiB)
+    for i in range(4):
+        buf[i * 256 * KiB:(i + 1) * 256 * KiB] = bytes([i + 1]) * (256 * KiB)
+    read(a, buf, [256 * KiB] * 4)
+    assert len(b.queued) == 4 and all(is_view_of(x, buf) for x in b.queued)
+    assert [bytes(x[:1]) for x in b.queued] == [b"\x01", b"\x02", b"\x03", b"\x04"]
+    assert b.log[-1] == "flush" and b.log.count("data") == 4
+    assert a.consumed_total == 0  # credit waits for dst to drain
+    assert a.sink.owed == 1024 * KiB
+
+
+def test_backed_up_small_share_of_a_big_buffer_is_copied():
+    """Payloads filling less than half of their buffer are copied: a slow stream's small frames
+    must not keep big read buffers alive."""
+    a, b, _ = joined()
+    b.backed_up = True
+    buf = bytearray(1024 * KiB)
+    buf[:64 * KiB] = b"x" * (64 * KiB)
+    read(a, buf, [32 * KiB, 32 * KiB])
+    assert len(b.queued) == 2
+    assert all(isinstance(x, bytes) for x in b.queued)
+    assert b"".join(b.queued) == b"x" * (64 * KiB)
+    assert a.sink.owed == 64 * KiB
+
+
+def test_half_of_the_buffer_is_enough_for_views():
+    a, b, _ = joined()
+    b.backed_up = True
+    buf = bytearray(1024 * KiB)
+    read(a, buf, [256 * KiB, 256 * KiB])
+    assert all(is_view_of(x, buf) for x in b.queued)
+    a2, b2, _ = joined()
+    b2.backed_up = True
+    buf2 = bytearray(1024 * KiB)
+    read(a2, buf2, [256 * KiB, 256 * KiB - 1])
+    assert all(isinstance(x, bytes) for x in b2.queued)
+
+
+def test_small_payload_after_a_held_one_keeps_its_place():
+    a, b, _ = joined()
+    b.backed_up = True
+    buf = bytearray(64 * KiB)
+    buf[:] = bytes(range(256)) * 256
+    small = OWN_THRESHOLD // 4
+    read(a, buf, [48 * KiB, small, 64 * KiB - 48 * KiB - small])
+    assert b"".join(bytes(x) for x in b.queued) == bytes(buf)
+    assert b.log.index("flush") == len(b.log) - 1
+
+
+def test_small_backed_up_payload_first_is_copied_at_once():
+    a, b, _ = joined()
+    b.backed_up = True
+    buf = bytearray(64 * KiB)
+    read(a, buf, [OWN_THRESHOLD - 1])
+    assert len(b.queued) == 1 and isinstance(b.queued[0], bytes)
+
+
+def test_end_of_stream_after_held_payloads_comes_after_them():
+    a, b, _ = joined()
+    b.backed_up = True
+    buf = bytearray(512 * KiB)
+    view = memoryview(buf)
+    a.sink.tunnel_data(view[:256 * KiB])
+    a.sink.tunnel_data(view[256 * KiB:])
+    a.sink.tunnel_eof()  # the CloseStream frame in the same read
+    assert [e for e in b.log if e in ("data", "eof")] == ["data", "data", "eof"]
+    for sink in a.deferred:
+        sink.flush_out()
+    assert b.log.count("data") == 2  # not queued twice
+
+
+def test_failed_write_of_held_payloads_resets_both_streams():
+    a, b, s = joined()
+    b.backed_up = True
+    buf = bytearray(256 * KiB)
+    b.fail_writes = True
+    read(a, buf, [256 * KiB])
+    assert s.done
+    assert "abort" in a.log and "abort" in b.log
+    assert "flush" not in b.log
+
+
+def test_credit_returns_when_the_other_stream_drains():
+    a, b, _ = joined()
+    b.backed_up = True
+    buf = bytearray(1024 * KiB)
+    read(a, buf, [512 * KiB, 512 * KiB])
+    assert a.consumed_total == 0
+    b.backed_up = False
+    b.sink.tunnel_writable()  # b's sink is the other half: it hands a's credit back
+    assert a.consumed_total == 1024 * KiB
+
+
+@pytest.mark.parametrize("backed_up", [False, True])
+def test_bytes_arrive_intact_whatever_the_choice(backed_up):
+    a, b, _ = joined()
+    b.backed_up = backed_up
+    buf = bytearray(range(256)) * 4096  # 1 MiB
+    sizes = [300 * KiB, 5, 200 * KiB, OWN_THRESHOLD, 1024 * KiB - 500 * KiB - 5 - OWN_THRESHOLD]
+    read(a, buf, sizes)
+    assert b"".join(bytes(x) for x in b.queued) == bytes(buf)
