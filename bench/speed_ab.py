@@ -1,12 +1,14 @@
 """Same-run A/B of two source trees on issue 14's stream-setup and latency rows.
 
     python bench/speed_ab.py A_SRC B_SRC [--rounds 5] [--secs 2] [--threads 1,8] [--rtt] [--idle]
+                             [--bulk 1,16,64 [--mib 1000]]
 
 Each side is a CLI tunnel pair (bench/speed_cli.py) run with ``PYTHONPATH=<side's src>`` (build
 the compiled kernel in each tree first: ``python setup.py build_ext --inplace``); loadgen.c is the
 visitor and the backend. Rounds run the sides in turns (A, B, B, A, ...) so drift hits both alike.
 Printed per side: medians of new streams/s, CPU microseconds per stream open (both tunnel
-processes' CPU seconds over the run / streams opened), RTT p50/p99 and idle KiB per stream.
+processes' CPU seconds over the run / streams opened), RTT p50/p99, idle KiB per stream, and with
+``--bulk`` MB/s and CPU seconds per GB of one-way bulk over that many streams (``--mib`` in all).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rtt", action="store_true", help="also 64-byte ping-pong")
     ap.add_argument("--pingpongs", type=int, default=5000)
     ap.add_argument("--idle", action="store_true", help="also idle memory (fresh pair per round)")
+    ap.add_argument("--bulk", default="", help="also bulk over these stream counts, e.g. 1,16,64")
+    ap.add_argument("--mib", type=float, default=1000.0, help="MiB per bulk run (all streams together)")
     args = ap.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",") if t]
     sp.raise_fd_limit()
@@ -70,6 +74,12 @@ def main(argv=None) -> int:
                     cpu = e2e.cpu_seconds(t.pids) - c0
                     add(name, f"new_{n}_per_s", r["conn_per_s"])
                     add(name, f"new_{n}_cpu_us", cpu / max(r["ok"], 1) * 1e6)
+                for n in [int(x) for x in args.bulk.split(",") if x]:
+                    t.check()
+                    c0 = e2e.cpu_seconds(t.pids)
+                    r = lg.run("bulk", "127.0.0.1", t.port, n, f"{args.mib:.0f}", 300, timeout=360)
+                    add(name, f"bulk_{n}_mbps", r["MBps"])
+                    add(name, f"bulk_{n}_cpu_s_gb", (e2e.cpu_seconds(t.pids) - c0) / (r["bytes"] / 1e9))
                 if args.rtt:
                     r = lg.run("pingpong", "127.0.0.1", t.port, 64, args.pingpongs, 120, timeout=180)
                     add(name, "rtt_p50_us", r["p50_us"])
