@@ -3,18 +3,22 @@ tunnel's read buffer while the other stream keeps up, and while it is backed up 
 payloads of one read fill at least half of the buffers they lie in; copies otherwise. Order,
 end-of-stream and credit are checked with it.
 
-The two streams are recording doubles of the stream interface the splice uses (the cluster suites
-run it between real sessions); one "read" is a run of ``tunnel_data`` calls followed by the
-``flush_out`` the connection makes after each read.
+Most tests use recording doubles of the stream interface the splice uses; one "read" is a run of
+``tunnel_data`` calls followed by the ``flush_out`` the connection makes after each read. The last
+ones splice two streams of real sessions (the cluster suites run it between real nodes too).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 from typing import Any, List
 
 import pytest
+from conftest import tunnel
 
 from ferrotunnel.aio.bridge import OWN_THRESHOLD
+from ferrotunnel.cluster import splice as splice_mod
 from ferrotunnel.cluster.splice import Splice
 from ferrotunnel.errors import StreamClosedError
 
@@ -55,7 +59,10 @@ class Stream:
         self.log.append("data")
 
     def request_writable(self) -> None:
+        # as the session core's wait_writable: at once when there is room, else on a later drain
         self.log.append("wait")
+        if not self.backed_up and self.sink is not None:
+            self.sink.tunnel_writable()
 
     def flush(self) -> None:
         self.log.append("flush")
@@ -210,3 +217,89 @@ def test_bytes_arrive_intact_whatever_the_choice(backed_up):
     sizes = [300 * KiB, 5, 200 * KiB, OWN_THRESHOLD, 1024 * KiB - 500 * KiB - 5 - OWN_THRESHOLD]
     read(a, buf, sizes)
     assert b"".join(bytes(x) for x in b.queued) == bytes(buf)
+
+
+def test_credit_for_held_bytes_waits_until_they_are_queued():
+    """The other stream may drain during the pass that flushes a read (another stream's flush on
+    its connection): the held bytes' credit goes back only once they are queued on it."""
+    a, b, _ = joined()
+    b.backed_up = True
+    buf = bytearray(512 * KiB)
+    view = memoryview(buf)
+    a.sink.tunnel_data(view[:256 * KiB])
+    a.sink.tunnel_data(view[256 * KiB:])
+    b.backed_up = False
+    b.sink.tunnel_writable()  # b drained before a's flush_out
+    assert a.consumed_total == 0 and b.queued == []
+    for sink in a.deferred:
+        sink.flush_out()
+    assert len(b.queued) == 2
+    assert a.consumed_total == 512 * KiB  # room on b: credit once the bytes are queued
+
+
+def test_reset_in_the_same_read_drops_held_payloads():
+    a, b, s = joined()
+    b.backed_up = True
+    buf = bytearray(512 * KiB)
+    view = memoryview(buf)
+    a.sink.tunnel_data(view[:256 * KiB])
+    a.sink.tunnel_reset(ConnectionResetError("reset by peer"))
+    for sink in a.deferred:
+        sink.flush_out()
+    assert s.done and b.queued == []
+    assert "abort" in b.log and "flush" not in b.log
+
+
+REAL_TOTAL = 8 * 1024 * KiB
+
+
+def _pattern(n: int) -> bytes:
+    out = bytearray(n)
+    for i in range(0, n, 4096):
+        out[i:i + 4096] = (hashlib.sha256(i.to_bytes(8, "big")).digest() * 128)[:min(4096, n - i)]
+    return bytes(out)
+
+
+@pytest.mark.parametrize("chunk", [17 * KiB, 300 * KiB])
+def test_real_sessions_with_a_slow_reader_get_every_byte_in_order(run, monkeypatch, chunk):
+    """Two tunnels; a stream of each (server side) spliced together; the first client writes
+    8 MiB, the second reads it slowly, so the splice holds payloads (the path is counted)."""
+    data = _pattern(REAL_TOTAL)
+    got: dict = {}
+    held_reads = []
+    write_held = splice_mod._Half._write_held
+
+    def counting(self):
+        if self.held is not None:
+            held_reads.append(self.held_bytes)
+        return write_held(self)
+
+    monkeypatch.setattr(splice_mod._Half, "_write_held", counting)
+
+    async def producer(stream):
+        for i in range(0, REAL_TOTAL, chunk):
+            stream.write(data[i:i + chunk])
+            await stream.drain()
+        stream.write_eof()
+        async for _ in stream:
+            pass
+
+    async def consumer(stream):
+        parts = []
+        async for piece in stream:
+            parts.append(piece)
+            await asyncio.sleep(0.002)
+        got["data"] = b"".join(parts)
+        stream.write_eof()
+
+    async def body():
+        async with tunnel(producer, tunnel_id="p") as (_, _c1, session1):
+            async with tunnel(consumer, tunnel_id="c") as (_, _c2, session2):
+                joined = splice_mod.splice(session1.open_stream_nowait(), session2.open_stream_nowait())
+                while not ("data" in got and joined.done):
+                    await asyncio.sleep(0.01)
+
+    run(body, timeout=120)
+    assert len(got["data"]) == REAL_TOTAL
+    assert got["data"] == data
+    assert held_reads, "the slow reader never backed the splice up: the held path did not run"

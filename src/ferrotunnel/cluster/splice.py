@@ -1,7 +1,7 @@
 """Two virtual streams joined end to end: what a node does with a stream that arrives over a node
 link for a tunnel whose client session is local. Bytes, half-closes and resets pass both ways,
 and credit flows back only as fast as the other stream takes the bytes, so a slow end slows
-its peer and memory stays within one stream's send buffer per direction.
+its peer and what waits for it stays within the stream's window per direction.
 """
 
 from __future__ import annotations
@@ -74,13 +74,18 @@ class _Half:
         if not self.dirty:
             self.dirty = True
             self.src.defer_flush(self)
-        if dst.can_write():
+        if self.held is None and dst.can_write():
             self.src.consumed(n)
         else:
             self.owed += n
-            self.dst.request_writable()  # the partner's tunnel_writable gives the credit back
+            if self.held is None:  # (else once the held bytes are queued: see _write_held)
+                dst.request_writable()  # the partner's tunnel_writable gives the credit back
 
     def give_back(self) -> None:
+        if self.held is not None:
+            # dst drained while bytes of this read still wait to be queued on it (another
+            # stream's flush in the same pass): their credit waits until they are queued
+            return
         owed, self.owed = self.owed, 0
         if owed and not self.splice.done:
             self.src.consumed(owed)
@@ -133,6 +138,8 @@ class _Half:
         except FerroTunnelError as exc:
             self.splice.end(exc)
             return False
+        if self.owed:
+            self.dst.request_writable()  # now counted in dst's queue: credit when it drains
         return True
 
 
