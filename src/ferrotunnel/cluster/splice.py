@@ -7,7 +7,7 @@ its peer and what waits for it stays within the stream's window per direction.
 from __future__ import annotations
 
 import logging
-from typing import List, Optional
+from typing import List, Optional, Sized, cast
 
 from ..aio.bridge import OWN_THRESHOLD
 from ..aio.stream import VirtualStream
@@ -130,7 +130,7 @@ class _Half:
         self.held, self.held_bytes = None, 0
         if held is None or self.splice.done:
             return not self.splice.done
-        sizes = {id(p.obj): len(p.obj) for p in held}
+        sizes = {id(p.obj): len(cast(Sized, p.obj)) for p in held}  # (the read buffers)
         as_views = nbytes * 2 >= sum(sizes.values())
         try:
             for p in held:
