@@ -61,6 +61,10 @@ class StreamConfig:
     #: The same toward any other peer (Rust FerroTunnel sends 64 KiB and buffers up to 128 frames
     #: per stream, so larger frames would raise its memory per stream).
     legacy_max_chunk: int = 64 * KiB
+    #: ``max_chunk`` for a stream whose data is the only data waiting to leave on its session (no
+    #: other stream's frames queued; never below ``max_chunk``): a bulk stream alone costs less per
+    #: byte, and a stream that starts sending waits behind at most one such frame.
+    solo_max_chunk: int = 1 * MiB
     #: Streams open at once on one session; a closed or reset stream frees its slot at once.
     max_streams_per_session: int = 10_000
     #: Bytes a stream may have queued for sending before ``drain()`` waits.
@@ -104,7 +108,7 @@ class StreamConfig:
         smallest = DATA_FRAME_OVERHEAD  # an empty Data frame
         if not smallest <= self.max_frame_size <= MAX_FRAME_SIZE:
             raise ValueError(f"max_frame_size must be in {smallest}..{MAX_FRAME_SIZE}")
-        for name in ("max_chunk", "legacy_max_chunk"):
+        for name in ("max_chunk", "legacy_max_chunk", "solo_max_chunk"):
             if not 1 <= getattr(self, name) <= MAX_FRAME_SIZE - smallest:
                 raise ValueError(f"{name} must be between 1 and {MAX_FRAME_SIZE - smallest}")
         if self.initial_window < 1 or self.max_window < self.initial_window:

@@ -56,6 +56,9 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         peer_frame = self.negotiated.get("frames")
         self.max_chunk = (max(1, min(config.max_chunk, peer_frame - DATA_FRAME_OVERHEAD))
                           if self.flow and peer_frame else min(config.max_chunk, config.legacy_max_chunk))
+        #: The same for a stream whose data is all that waits to be sent (``solo_max_chunk``).
+        self.solo_chunk = (max(self.max_chunk, min(config.solo_max_chunk, peer_frame - DATA_FRAME_OVERHEAD))
+                           if self.flow and peer_frame else self.max_chunk)
         self.windows = FlowWindows(config, self.flow)
         self.streams: Dict[int, CoreStream] = {}
         self.sched = PriorityScheduler()
@@ -379,10 +382,11 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
     def _pump(self, st: CoreStream) -> None:
         pending = st.pending
         if pending:
-            flow = self.flow
-            chunk_max = self.max_chunk
-            sid, prio = st.id, st.priority
-            push = self.sched.push_data
+            flow, sched, sid, prio = self.flow, self.sched, st.id, st.priority
+            # no other stream's frames queued: bigger frames (another waits behind one at most)
+            alone = sched.queued_streams == (1 if sched.stream_pending(sid) else 0)
+            chunk_max = self.solo_chunk if alone else self.max_chunk
+            push = sched.push_data
             while pending:
                 credit = st.send_credit
                 if flow and credit <= 0:
