@@ -173,13 +173,19 @@ def test_small_backed_up_payload_first_is_copied_at_once():
     assert len(b.queued) == 1 and isinstance(b.queued[0], bytes)
 
 
-def test_end_of_stream_after_held_payloads_comes_after_them():
-    a, b, _ = joined()
+def holding(payloads: int = 2):
+    """a and b joined, b backed up, and ``payloads`` payloads of 256 KiB (one read) held, the
+    read not yet flushed."""
+    a, b, s = joined()
     b.backed_up = True
-    buf = bytearray(512 * KiB)
-    view = memoryview(buf)
-    a.sink.tunnel_data(view[:256 * KiB])
-    a.sink.tunnel_data(view[256 * KiB:])
+    view = memoryview(bytearray(payloads * 256 * KiB))
+    for i in range(payloads):
+        a.sink.tunnel_data(view[i * 256 * KiB:(i + 1) * 256 * KiB])
+    return a, b, s
+
+
+def test_end_of_stream_after_held_payloads_comes_after_them():
+    a, b, _ = holding()
     a.sink.tunnel_eof()  # the CloseStream frame in the same read
     assert [e for e in b.log if e in ("data", "eof")] == ["data", "data", "eof"]
     for sink in a.deferred:
@@ -222,12 +228,7 @@ def test_bytes_arrive_intact_whatever_the_choice(backed_up):
 def test_credit_for_held_bytes_waits_until_they_are_queued():
     """The other stream may drain during the pass that flushes a read (another stream's flush on
     its connection): the held bytes' credit goes back only once they are queued on it."""
-    a, b, _ = joined()
-    b.backed_up = True
-    buf = bytearray(512 * KiB)
-    view = memoryview(buf)
-    a.sink.tunnel_data(view[:256 * KiB])
-    a.sink.tunnel_data(view[256 * KiB:])
+    a, b, _ = holding()
     b.backed_up = False
     b.sink.tunnel_writable()  # b drained before a's flush_out
     assert a.consumed_total == 0 and b.queued == []
@@ -238,11 +239,7 @@ def test_credit_for_held_bytes_waits_until_they_are_queued():
 
 
 def test_reset_in_the_same_read_drops_held_payloads():
-    a, b, s = joined()
-    b.backed_up = True
-    buf = bytearray(512 * KiB)
-    view = memoryview(buf)
-    a.sink.tunnel_data(view[:256 * KiB])
+    a, b, s = holding(1)
     a.sink.tunnel_reset(ConnectionResetError("reset by peer"))
     for sink in a.deferred:
         sink.flush_out()
