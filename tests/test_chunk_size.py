@@ -152,7 +152,8 @@ def test_solo_frames_follow_the_same_peer_rules():
 
 def test_streams_sharing_the_session_get_max_chunk_frames():
     """A stream alone queues big frames; once another stream's frames wait too, new frames are
-    max_chunk, and the other stream waits behind one big frame only."""
+    max_chunk, and round-robin gives the other stream one frame per turn: it waits behind one
+    big frame per turn while they last."""
     client, server, rc, rs = pair_with_frames(True, 4 << 20, stream_send_buffer=8 << 20)
     a, b = server.open_stream(), server.open_stream()
     pump(server, client)
@@ -160,8 +161,21 @@ def test_streams_sharing_the_session_get_max_chunk_frames():
     server.send(b, b"b" * (1 << 20))  # a's frames wait: b's are 256 KiB
     sent, _ = pump(server, client)
     order = [(f.stream_id, len(f.data)) for f in sent if isinstance(f, F.Data)]
-    assert order[0] == (a.id, 1 << 20)
-    assert order[1] == (b.id, 256 * KiB)  # behind one big frame of a
+    assert order[:4] == [(a.id, 1 << 20), (b.id, 256 * KiB), (a.id, 1 << 20), (b.id, 256 * KiB)]
     assert [n for sid, n in order if sid == a.id] == [1 << 20] * 2
     assert [n for sid, n in order if sid == b.id] == [256 * KiB] * 4
     assert bytes(rc.data[a.id]) == b"a" * (2 << 20) and bytes(rc.data[b.id]) == b"b" * (1 << 20)
+
+
+def test_priorities_still_order_what_is_queued():
+    """A LOW bulk stream alone queues big frames; a CRITICAL stream that sends then gets
+    max_chunk frames and they leave first."""
+    client, server, rc, rs = pair_with_frames(True, 4 << 20, stream_send_buffer=8 << 20)
+    bulk = server.open_stream(priority=F.StreamPriority.LOW)
+    urgent = server.open_stream(priority=F.StreamPriority.CRITICAL)
+    pump(server, client)
+    server.send(bulk, b"l" * (2 << 20))
+    server.send(urgent, b"c" * (512 * KiB))
+    sent, _ = pump(server, client)
+    order = [(f.stream_id, len(f.data)) for f in sent if isinstance(f, F.Data)]
+    assert order == [(urgent.id, 256 * KiB)] * 2 + [(bulk.id, 1 << 20)] * 2

@@ -61,9 +61,9 @@ class StreamConfig:
     #: The same toward any other peer (Rust FerroTunnel sends 64 KiB and buffers up to 128 frames
     #: per stream, so larger frames would raise its memory per stream).
     legacy_max_chunk: int = 64 * KiB
-    #: ``max_chunk`` for a stream whose data is the only data waiting to leave on its session (no
-    #: other stream's frames queued; never below ``max_chunk``): a bulk stream alone costs less per
-    #: byte, and a stream that starts sending waits behind at most one such frame.
+    #: ``max_chunk`` while no other stream's frames are queued on the session (most of the time:
+    #: output is flushed as it is made; never below ``max_chunk``): less CPU per byte, for more
+    #: latency behind each such frame (the README's row says how much).
     solo_max_chunk: int = 1 * MiB
     #: Streams open at once on one session; a closed or reset stream frees its slot at once.
     max_streams_per_session: int = 10_000
