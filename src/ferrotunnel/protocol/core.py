@@ -383,7 +383,7 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         pending = st.pending
         if pending:
             flow, sched, sid, prio = self.flow, self.sched, st.id, st.priority
-            # no other stream's frames queued: bigger frames (another waits behind one at most)
+            # no other stream's frames queued: frames up to solo_max_chunk (the README says the cost)
             alone = sched.queued_streams == (1 if sched.stream_pending(sid) else 0)
             chunk_max = self.solo_chunk if alone else self.max_chunk
             push = sched.push_data
