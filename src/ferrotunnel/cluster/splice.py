@@ -74,12 +74,13 @@ class _Half:
         if not self.dirty:
             self.dirty = True
             self.src.defer_flush(self)
-        if self.held is None and dst.can_write():
+        if self.held is not None:
+            self.owed += n  # credit once the held bytes are queued (see _write_held)
+        elif dst.can_write():
             self.src.consumed(n)
         else:
             self.owed += n
-            if self.held is None:  # (else once the held bytes are queued: see _write_held)
-                dst.request_writable()  # the partner's tunnel_writable gives the credit back
+            dst.request_writable()  # the partner's tunnel_writable gives the credit back
 
     def give_back(self) -> None:
         if self.held is not None:
@@ -126,10 +127,10 @@ class _Half:
         these payloads fill at least half of the buffers they lie in (at most twice their size
         pinned: a bulk stream, whose read buffers hold little else); otherwise each is copied, so
         that small frames of a slow stream never keep large buffers alive."""
-        held, nbytes = self.held, self.held_bytes
+        held, nbytes = self.held or [], self.held_bytes
         self.held, self.held_bytes = None, 0
-        if held is None or self.splice.done:
-            return not self.splice.done
+        if self.splice.done:
+            return False
         sizes = {id(p.obj): len(cast(Sized, p.obj)) for p in held}  # (the read buffers)
         as_views = nbytes * 2 >= sum(sizes.values())
         try:
