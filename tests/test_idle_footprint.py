@@ -97,6 +97,11 @@ def check(found: dict) -> None:
         assert (b.sweeper is not None) != (b in bridge_mod._PIPING), type(b).__name__
     sizes = {id(b._read_size) for b in found["bridge"]}
     assert len(sizes) == 1, "each bridge keeps an int object of its own for its next read size"
+    # while a bridge pipes a stream, the session's state holds the stream itself: no weak
+    # reference object (80 bytes) per stream
+    streams = {id(vs) for vs in found["VirtualStream"]}
+    for st in found["CoreStream"]:
+        assert id(st.app) in streams, f"a piped stream's state holds a {type(st.app).__name__}"
 
 
 def test_subclass_data_received_takes_the_copied_reads():

@@ -245,3 +245,51 @@ def test_a_forwarded_stream_waiting_for_credit_survives_a_garbage_collection(run
         return got
 
     assert run(body, timeout=60) == [size] * 4
+
+
+class KeepingSink:
+    """A stream sink that never calls ``detach_sink``: it records the reset and nothing else."""
+
+    def __init__(self) -> None:
+        self.reset: object = None
+
+    def tunnel_data(self, payload: memoryview) -> None:
+        pass
+
+    def tunnel_eof(self) -> None:
+        pass
+
+    def tunnel_reset(self, exc: BaseException) -> None:
+        self.reset = exc
+
+    def tunnel_writable(self) -> None:
+        pass
+
+    def flush_out(self) -> None:
+        pass
+
+
+def test_a_stream_whose_sink_never_lets_go_is_freed_once_it_is_reset(run):
+    """A sink makes the session hold its stream strongly (no weak reference); a reset lets go
+    of it even when the sink never detaches, so the stream is freed by reference counting."""
+    import weakref
+
+    async def reset_it(vs: ft.VirtualStream) -> None:
+        vs.abort()
+
+    async def body():
+        async with tunnel(reset_it) as (server, client, session):
+            vs = await session.open_stream()
+            keeper = KeepingSink()
+            vs.attach_sink(keeper)
+            vs.write(b"x")  # the OpenStream goes out; the client's handler resets the stream
+            await settle(lambda: keeper.reset is not None)
+            ref = weakref.ref(vs)
+            del vs
+            await asyncio.sleep(0.05)
+            return ref() is None, keeper.reset
+
+    with no_cyclic_gc():
+        freed, reset = run(body)
+    assert isinstance(reset, ft.StreamResetError), reset
+    assert freed, "a reset stream with a sink that kept it stayed alive (a reference cycle)"

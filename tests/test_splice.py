@@ -42,6 +42,9 @@ class Stream:
     def attach_sink(self, sink: Any) -> None:
         self.sink = sink
 
+    def detach_sink(self) -> None:
+        self.sink = None
+
     def consumed(self, n: int) -> None:
         self.consumed_total += n
 

@@ -174,7 +174,7 @@ class TcpBridge(asyncio.BufferedProtocol):
             return
         self.flush_out()
         self._give_back()
-        stream.sink = None
+        stream.detach_sink()
         _PIPING.discard(self)
         stream.close()
         self.stream = None
@@ -427,7 +427,7 @@ class TcpBridge(asyncio.BufferedProtocol):
                 stream.abort()
             elif not abort:
                 stream.close()
-            stream.sink = None  # no cycle between a finished bridge and its stream
+            stream.detach_sink()  # no cycle between a finished bridge and its stream
             self.stream = None
         if self.transport is not None:
             if abort:

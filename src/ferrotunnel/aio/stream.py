@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Deque, Iterable, List, Opt
 from ..errors import FerroTunnelError, LimitExceededError, StreamClosedError
 from ..frames import Protocol, StreamPriority
 from ..protocol.streams import CoreStream
+from .sinkseam import ENDED_CLOSED as _CLOSED, ENDED_EOF as _EOF, SinkSeam
 from .streaminfo import BytesLike, StreamSink, check_limit, extra_info, visitor_address
 
 if TYPE_CHECKING:
@@ -30,10 +31,9 @@ READ_LINE_LIMIT = 64 * 1024
 #: Writes below this size may take the fast path (one frame written at once, payload copied once).
 SMALL_WRITE = 16 * 1024
 
-_EOF, _CLOSED = 1, 2  # VirtualStream._ended: the peer half-closed; close() or abort() was called
 
 
-class VirtualStream:
+class VirtualStream(SinkSeam):
     """One multiplexed stream: an ``asyncio.StreamReader`` and ``StreamWriter`` in one object.
 
     ``read()`` reads to EOF (up to ``read_limit``), ``read(n)`` up to ``n`` bytes; ``readexactly``,
@@ -134,6 +134,8 @@ class VirtualStream:
         self._set_exc(exc)
         if self.sink is not None:
             self.sink.tunnel_reset(exc)
+        if self._st.app is self:  # the stream is gone from its session: no cycle with it stays
+            self._st.app = None
 
     def feed_writable(self) -> None:
         """The send buffer has room again (called by the connection)."""
@@ -142,50 +144,6 @@ class VirtualStream:
             w.set_result(None)
         if self.sink is not None:
             self.sink.tunnel_writable()
-
-    # -- the sink seam
-    def attach_sink(self, sink: StreamSink) -> None:
-        """From now on tunnel data, EOF and reset go to ``sink``; what already arrived goes first."""
-        self.sink = sink
-        buf = self._rbuf
-        if buf:
-            self._rbuf = None
-            self._rsize = 0
-            for chunk in buf:
-                sink.tunnel_data(memoryview(chunk))
-            sink.flush_out()
-        if self._exc is not None:
-            sink.tunnel_reset(self._exc)
-        elif self._ended & _EOF:
-            sink.tunnel_eof()
-
-    def consumed(self, n: int) -> None:
-        """``n`` delivered bytes are gone (the sink wrote them out): the peer may send more."""
-        c = self._credited
-        if c:  # their credit went back while a read waited for more
-            d = c if c < n else n
-            self._credited = c - d
-            n -= d
-            if not n:
-                return
-        self._conn.consumed(self._st, n)
-
-    def defer_flush(self, sink: StreamSink) -> None:
-        """Call ``sink.flush_out()`` once the current tunnel read is processed (one write per read)."""
-        self._conn.dirty_sinks.append(sink)
-
-    def write_owned(self, data: BytesLike) -> None:
-        """``write`` for a caller that gives its buffer up: it is queued without a copy."""
-        self._write(data, True)
-
-    def try_send_frame(self, buf: bytearray, n: int) -> bool:
-        """The small-write fast path for a payload at ``buf[DATA_HEADER_SIZE:DATA_HEADER_SIZE + n]``
-        (room for the header in front): True if it left at once as one frame; ``buf`` is not kept."""
-        return self._conn.send_frame_now(self._st, buf, n)
-
-    def request_writable(self) -> None:
-        """Have ``sink.tunnel_writable()`` called once the send buffer has room again."""
-        self._conn.core.wait_writable(self._st)
 
     # -- reading
     def _wake_reader(self) -> None:

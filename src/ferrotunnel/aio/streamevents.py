@@ -23,6 +23,8 @@ __all__ = ["StreamEvents", "StreamHandler"]
 
 log = logging.getLogger("ferrotunnel.session")
 
+_REF = weakref.ref
+
 StreamHandler = Callable[[VirtualStream], Awaitable[None]]
 
 
@@ -67,7 +69,8 @@ class StreamEvents:
             vs.abort()
 
     def on_stream_data(self, st: CoreStream, payload: memoryview) -> None:
-        vs: Optional[VirtualStream] = st.app()
+        app = st.app  # a weak reference, or the stream itself while a sink holds it (attach_sink)
+        vs: Optional[VirtualStream] = app() if app.__class__ is _REF else app
         if vs is None:  # nobody holds the stream any more: nobody will read it
             self.core.consumed(st, len(payload))
             self.core.reset(st, "stream abandoned")
@@ -79,17 +82,20 @@ class StreamEvents:
             vs.feed_data(payload)
 
     def on_stream_eof(self, st: CoreStream) -> None:
-        vs: Optional[VirtualStream] = st.app()
+        app = st.app
+        vs: Optional[VirtualStream] = app() if app.__class__ is _REF else app
         if vs is not None:
             vs.feed_eof()
 
     def on_stream_reset(self, st: CoreStream, exc: Exception) -> None:
-        vs: Optional[VirtualStream] = st.app() if st.app is not None else None
+        app = st.app
+        vs: Optional[VirtualStream] = app() if app.__class__ is _REF else app
         if vs is not None:
             vs.feed_reset(exc)
 
     def on_stream_writable(self, st: CoreStream) -> None:
-        vs: Optional[VirtualStream] = st.app() if st.app is not None else None
+        app = st.app
+        vs: Optional[VirtualStream] = app() if app.__class__ is _REF else app
         if vs is not None:
             vs.feed_writable()
 

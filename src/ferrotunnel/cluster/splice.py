@@ -186,8 +186,8 @@ class Splice:
         for half in self.halves:
             half.partner = None
             half.held, half.held_bytes = None, 0
-        self.a.sink = None  # no cycle between finished streams and this splice
-        self.b.sink = None
+        self.a.detach_sink()  # no cycle between finished streams and this splice
+        self.b.detach_sink()
 
 
 def splice(a: VirtualStream, b: VirtualStream) -> Splice:

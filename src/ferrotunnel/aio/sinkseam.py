@@ -1,0 +1,94 @@
+"""The sink seam of ``VirtualStream`` (a mixin): what a consumer that takes a stream's data
+directly, a ``StreamSink`` such as a TCP bridge, calls on the stream."""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from .streaminfo import BytesLike, StreamSink
+
+if TYPE_CHECKING:
+    from ..protocol.streams import CoreStream
+    from .connection import TunnelConnection
+
+__all__ = ["SinkSeam"]
+
+#: Bits of ``VirtualStream._ended``: the peer half-closed; ``close()`` or ``abort()`` was called.
+ENDED_EOF, ENDED_CLOSED = 1, 2
+
+
+class SinkSeam:
+    """Sink methods of ``VirtualStream`` (each ``self`` is one)."""
+
+    if not TYPE_CHECKING:  # (no __dict__ for VirtualStream; to mypy the attributes below are its)
+        __slots__ = ()
+    else:  # VirtualStream's, as these methods use them
+        _conn: TunnelConnection
+        _st: CoreStream
+        _rbuf: Any
+        _rsize: int
+        _credited: int
+        _ended: int
+        _exc: Any
+        sink: Any
+
+        def _write(self, data: BytesLike, owned: bool) -> None: ...
+
+    def attach_sink(self, sink: StreamSink) -> None:
+        """From now on tunnel data, EOF and reset go to ``sink``; what already arrived goes first.
+        The sink holds this stream until it calls ``detach_sink`` (when it is done with it).
+
+        While a sink is attached the session's state for the stream holds this object strongly
+        instead of through a weak reference (80 bytes fewer per forwarded stream): a stream with a
+        sink is never abandoned, the sink ends it. ``detach_sink`` (or a reset) undoes that, so a
+        finished stream and its state still free each other by reference counting."""
+        self.sink = sink
+        self._st.app = self
+        buf = self._rbuf
+        if buf:
+            self._rbuf = None
+            self._rsize = 0
+            for chunk in buf:
+                sink.tunnel_data(memoryview(chunk))
+            sink.flush_out()
+        if self._exc is not None:
+            sink.tunnel_reset(self._exc)
+        elif self._ended & ENDED_EOF:
+            sink.tunnel_eof()
+
+    def detach_sink(self) -> None:
+        """The sink is done with this stream: events go to the read buffer again, and the
+        session knows the stream weakly again (not at all once it is closed)."""
+        self.sink = None
+        st = self._st
+        if st.app is self:
+            st.app = weakref.ref(self) if not st.done else None
+
+    def consumed(self, n: int) -> None:
+        """``n`` delivered bytes are gone (the sink wrote them out): the peer may send more."""
+        c = self._credited
+        if c:  # their credit went back while a read waited for more
+            d = c if c < n else n
+            self._credited = c - d
+            n -= d
+            if not n:
+                return
+        self._conn.consumed(self._st, n)
+
+    def defer_flush(self, sink: StreamSink) -> None:
+        """Call ``sink.flush_out()`` once the current tunnel read is processed (one write per read)."""
+        self._conn.dirty_sinks.append(sink)
+
+    def write_owned(self, data: BytesLike) -> None:
+        """``write`` for a caller that gives its buffer up: it is queued without a copy."""
+        self._write(data, True)
+
+    def try_send_frame(self, buf: bytearray, n: int) -> bool:
+        """The small-write fast path for a payload at ``buf[DATA_HEADER_SIZE:DATA_HEADER_SIZE + n]``
+        (room for the header in front): True if it left at once as one frame; ``buf`` is not kept."""
+        return self._conn.send_frame_now(self._st, buf, n)
+
+    def request_writable(self) -> None:
+        """Have ``sink.tunnel_writable()`` called once the send buffer has room again."""
+        self._conn.core.wait_writable(self._st)
