@@ -113,6 +113,8 @@ def test_forwarded_and_visitor_sockets_are_tuned(run) -> None:
             forwarded = _fd_named(local_peer, local_name)  # the client's connection to the backend
             assert _options(at_ingress) == (True, True, 30, 10)
             assert _options(forwarded) == (True, True, 30, 10)
+            # the visitor's socket has them from the listening socket (it was accepted from it)
+            assert [_options(s.fileno())[1:] for s in ingress._server.sockets] == [(True, 30, 10)]
             w.close()
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

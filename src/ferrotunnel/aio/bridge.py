@@ -212,9 +212,10 @@ class TcpBridge(asyncio.BufferedProtocol):
                 transport.abort()
                 return
             self._flags |= _GATED
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            tune_socket(sock)
+        else:  # a connection we dialed (an ingress's accepted ones have their listener's options: listen)
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                tune_socket(sock)
         if self.stream is not None:
             self.attach(self.stream)
 

@@ -18,7 +18,7 @@ async def dial(bridge: asyncio.BaseProtocol, host: str, port: int, timeout: floa
     box = [bridge]
     del bridge
     loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
+    task = asyncio.current_task(loop)  # (given the loop it is not looked up again: a getpid() call less)
     assert task is not None
     cancelling = task.cancelling()
     expired: list = []

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..protocol.proxyproto import (PROXY_V2_PREFIX, ProxyProtocolError, ProxyV2Reader, TrustedProxies,
                                    maybe_header)
+from .transport import tune_socket
 
 __all__ = ["RefusalLog", "ConnectionGate", "FdHeadroom", "Listener", "listen", "ACCEPT_PAUSE"]
 
@@ -403,6 +404,8 @@ class Listener:
         if _uses_libuv(loop) and self.proxies is None:  # with trusted proxies: our accept loop, as below
             self._server = await loop.create_server(factory, host, port, backlog=backlog, reuse_address=True, ssl=self.ssl,
                                                     ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if self.ssl else None)
+            for lsock in self._server.sockets:  # accepted connections inherit the options (see tune_socket)
+                tune_socket(lsock)
             return
         infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         socks: List[socket.socket] = []
@@ -420,6 +423,7 @@ class Listener:
                                              f"{(exc.strerror or str(exc)).lower()}") from None
                 sock.listen(backlog)
                 sock.setblocking(False)
+                tune_socket(sock)  # accepted connections inherit the options (see tune_socket)
         except BaseException:
             for sock in socks:
                 sock.close()
