@@ -345,3 +345,45 @@ def test_a_reset_drops_queued_data_at_once():
     client.reset(client.streams[theirs.id])
     pump(client, server)
     assert theirs.done and server.queued(theirs) == 0 and theirs.pending is None
+
+
+class CountingPending:
+    """Wraps a scheduler, counting ``stream_pending`` lookups (what waking writers costs)."""
+
+    def __init__(self, sched: Any) -> None:
+        self.sched, self.lookups = sched, 0
+
+    def stream_pending(self, sid: int) -> int:
+        self.lookups += 1
+        return self.sched.stream_pending(sid)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sched, name)
+
+    def __bool__(self) -> bool:
+        return bool(self.sched)
+
+
+def test_waking_writers_costs_the_frames_sent_not_the_streams_waiting():
+    """1,000 streams wait for room; each drain looks at the streams whose frames left, wakes each
+    writer once its queue is under the mark, and no other."""
+    client, server, rc, rs = pair(window=1 << 20)
+    woken: List[int] = []
+    rc.on_stream_writable = lambda st: woken.append(st.id)  # type: ignore[method-assign]
+    streams = [client.open_stream(F.Protocol.TCP, F.StreamPriority.NORMAL) for _ in range(1000)]
+    client.data_to_send(1 << 30, 1 << 30)  # the OpenStreams go
+    for st in streams:
+        client.send(st, b"x" * 3000)
+        if st is streams[0]:
+            client.send(st, b"y" * 3000)  # two frames: the first to leave is not all of it
+        client.wait_writable(st, below=1)  # wake me when all of it has left
+    assert woken == []
+    counting = CountingPending(client.sched)
+    client.sched = counting  # type: ignore[assignment]
+    out = client.data_to_send(10 * 3009, 1 << 30)  # ten frames' worth
+    frames = F.FrameDecoder().feed(b"".join(bytes(b) for b in out))
+    assert [f.stream_id for f in frames] == [st.id for st in streams[:10]]
+    assert woken == [st.id for st in streams[1:10]]  # the first stream still has a frame queued
+    assert counting.lookups <= len(frames), counting.lookups  # not one per waiting stream
+    client.data_to_send(1 << 30, 1 << 30)
+    assert woken == [st.id for st in streams[1:]] + [streams[0].id]  # (its second frame left last)

@@ -126,3 +126,20 @@ def test_idle_streams_leave_no_state(sched):
     while sched:
         sched.drain(budget=100)
     assert sched.queued_streams == 0
+
+
+def test_drain_names_the_streams_whose_frames_left(sched):
+    """``touched`` gets the stream id of each stream frame drained, in send order (control frames
+    name none); without it nothing is recorded."""
+    sched.push_data(1, P.NORMAL, b"a" * 100)
+    sched.push_data(1, P.NORMAL, b"b" * 100)
+    sched.push_data(3, P.NORMAL, b"c" * 100)
+    sched.push(5, P.HIGH, F.encode(F.CloseStream(stream_id=5, reason=F.CloseReason.NORMAL)))
+    sched.push_control(F.encode(F.HeartbeatAck(timestamp=1)))
+    touched: list = []
+    sched.drain(budget=100, touched=touched)  # the heartbeat, stream 5's close, then 1 (budget spent)
+    assert touched == [5, 1]
+    sched.drain(touched=touched)  # round-robin: 3, then 1 again
+    assert touched == [5, 1, 3, 1]
+    sched.push_data(7, P.LOW, b"d")
+    assert len(_frames(sched.drain())) == 1  # (no list given: fine)

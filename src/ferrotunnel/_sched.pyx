@@ -132,7 +132,7 @@ cdef class PriorityScheduler:
         """Streams with frames queued (an idle stream costs the scheduler nothing)."""
         return len(self._streams)
 
-    cdef tuple _next(self):
+    cdef tuple _next(self, list touched):
         cdef _StreamQueue q
         cdef int level
         if self._control:
@@ -147,6 +147,8 @@ cdef class PriorityScheduler:
                     continue
                 item = <tuple>q.items.popleft()
                 q.nbytes -= (DATA_HEADER_SIZE if item[0] is not None else 0) + len(item[1])
+                if touched is not None:
+                    touched.append(q.stream_id)
                 if q.items:
                     ring.append(q)
                 else:  # an idle stream keeps no scheduler state
@@ -155,14 +157,15 @@ cdef class PriorityScheduler:
                 return item
         return None
 
-    def drain(self, Py_ssize_t budget=DEFAULT_DRAIN_BUDGET, Py_ssize_t coalesce=DEFAULT_COALESCE):
+    def drain(self, Py_ssize_t budget=DEFAULT_DRAIN_BUDGET, Py_ssize_t coalesce=DEFAULT_COALESCE,
+              list touched=None):
         """Take frames in send order until ``budget`` wire bytes (at least one frame); see the twin."""
         cdef list out = []
         cdef bytearray chunk = bytearray()
         cdef Py_ssize_t total = 0, frames = 0, n
         cdef tuple item
         while total < budget:
-            item = self._next()
+            item = self._next(touched)
             if item is None:
                 break
             header = item[0]

@@ -127,7 +127,7 @@ class PriorityScheduler:
         """Streams with frames queued (an idle stream costs the scheduler nothing)."""
         return len(self._streams)
 
-    def _next(self) -> Optional[Tuple[Optional[bytes], Any]]:
+    def _next(self, touched: Optional[List[int]]) -> Optional[Tuple[Optional[bytes], Any]]:
         if self._control:
             frame = self._control.popleft()
             self.control_bytes -= len(frame)
@@ -140,6 +140,8 @@ class PriorityScheduler:
                     continue
                 item = q.items.popleft()
                 q.nbytes -= (DATA_HEADER_SIZE if item[0] is not None else 0) + len(item[1])
+                if touched is not None:
+                    touched.append(q.stream_id)
                 if q.items:
                     ring.append(q)
                 else:  # an idle stream keeps no scheduler state
@@ -148,19 +150,22 @@ class PriorityScheduler:
                 return item
         return None
 
-    def drain(self, budget: int = DEFAULT_DRAIN_BUDGET, coalesce: int = DEFAULT_COALESCE) -> List[Any]:
+    def drain(self, budget: int = DEFAULT_DRAIN_BUDGET, coalesce: int = DEFAULT_COALESCE,
+              touched: Optional[List[int]] = None) -> List[Any]:
         """Take frames in send order until ``budget`` wire bytes (at least one frame).
 
         Headers and payloads shorter than ``coalesce`` are copied into joined buffers; longer
         payloads are returned as they were queued, so bulk data is not copied. Pass a
         ``coalesce`` above ``budget`` to get a single contiguous buffer (what TLS wants).
+        ``touched``, if given, gets the stream id of each stream frame taken, in order (whose
+        queues shrank: the only streams whose writers can have room now).
         """
         out: List[Any] = []
         chunk = bytearray()
         total = 0
         frames = 0
         while total < budget:
-            item = self._next()
+            item = self._next(touched)
             if item is None:
                 break
             header, payload = item

@@ -246,7 +246,7 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
                 st.send_credit += inc
                 if st.pending_bytes or st.write_shut:
                     self._pump(st)
-        self._wake_writers()
+        self._wake_writers([sid for sid, _ in pairs] if self._blocked else ())
 
     # ------------------------------------------------------------------ stream operations
 
@@ -436,21 +436,23 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         self.sched.push_control(encode(frame))
         self.listener.on_output()
 
-    def _wake_writers(self) -> None:
-        if self._blocked:
-            pending = self.sched.stream_pending
-            ready = [s for s, below in self._blocked.items()
-                     if s.state is CLOSED or s.pending_bytes + pending(s.id) < below]
-            for st in ready:
-                del self._blocked[st]
+    def _wake_writers(self, sids: Sequence[int]) -> None:
+        """Wake the writers waiting on these streams (only their queues shrank) that are now under
+        their marks: the cost follows the frames sent, not the number of streams waiting."""
+        blocked, streams, pending = self._blocked, self.streams, self.sched.stream_pending
+        for sid in sids:
+            st = streams.get(sid)
+            if st is not None and st in blocked and (st.state is CLOSED or st.pending_bytes + pending(sid) < blocked[st]):
+                del blocked[st]
                 self.listener.on_stream_writable(st)
 
     # ------------------------------------------------------------------ output and time
 
     def data_to_send(self, budget: int, coalesce: int) -> List[Any]:
-        out = self.sched.drain(budget, coalesce)
-        if self._blocked:
-            self._wake_writers()
+        touched: Optional[List[int]] = [] if self._blocked else None  # the streams whose frames left
+        out = self.sched.drain(budget, coalesce, touched)
+        if touched:
+            self._wake_writers(touched)
         return out
 
     def tick(self, now: float) -> float:
