@@ -293,3 +293,110 @@ def test_a_stream_whose_sink_never_lets_go_is_freed_once_it_is_reset(run):
         freed, reset = run(body)
     assert isinstance(reset, ft.StreamResetError), reset
     assert freed, "a reset stream with a sink that kept it stayed alive (a reference cycle)"
+
+
+class EofSink(KeepingSink):
+    """Records the peer's half-close."""
+
+    eof = False
+
+    def tunnel_eof(self) -> None:
+        self.eof = True
+
+
+def test_a_held_stream_let_go_when_closed_with_frames_queued_still_finishes_wait_closed(run):
+    """A sink that held its stream detaches after the stream closed with frames still queued:
+    ``wait_closed`` is woken once they leave (the session still knows the stream weakly)."""
+    async def half_close(vs: ft.VirtualStream) -> None:
+        vs.write_eof()
+        await asyncio.sleep(5)
+
+    async def body():
+        async with tunnel(half_close) as (server, client, session):
+            vs = await session.open_stream()
+            sink = EofSink()
+            vs.attach_sink(sink, hold=True)
+            vs.write(b"hello")
+            await settle(lambda: sink.eof)
+            vs.write_queued(b"x" * 1000)  # queued, not yet handed to the transport
+            vs.write_eof()  # its CloseStream queued behind it: the stream is CLOSED now
+            vs.detach_sink()
+            async with asyncio.timeout(10):  # (awaited here and now, while the frames are queued)
+                await vs.wait_closed()
+
+    run(body)
+
+
+class ClosingSink(KeepingSink):
+    """A sink that, at the peer's EOF, closes its stream and lets go by clearing ``sink`` (no
+    ``detach_sink``), as a sink of one's own may."""
+
+    def __init__(self, vs: ft.VirtualStream) -> None:
+        super().__init__()
+        self.vs: object = vs
+
+    def tunnel_eof(self) -> None:
+        vs, self.vs = self.vs, None
+        vs.close()  # type: ignore[attr-defined]
+        vs.sink = None  # type: ignore[attr-defined]
+
+
+def test_a_sink_attached_without_hold_leaves_the_stream_weakly_known(run):
+    """Without ``hold`` a sink changes nothing about who holds the stream: one that ends without
+    ``detach_sink`` leaves no cycle, and a stream dropped with its sink is reset as abandoned."""
+    import weakref
+
+    outcomes: list = []
+
+    async def peer(vs: ft.VirtualStream) -> None:
+        request = await vs.readexactly(2)
+        vs.write(b"x" * 100)
+        if request == b"hi":  # the first stream: a graceful end both ways
+            vs.write_eof()
+            await vs.read()
+            return
+        try:  # the dropped one: the data just written finds no reader there
+            await asyncio.wait_for(vs.read(), 10)
+            outcomes.append("eof")
+        except ft.StreamResetError:
+            outcomes.append("reset")
+
+    async def body():
+        async with tunnel(peer) as (server, client, session):
+            vs = await session.open_stream()
+            vs.attach_sink(ClosingSink(vs))
+            vs.write(b"hi")
+            vs.write_eof()
+            ref = weakref.ref(vs)
+            del vs
+            await settle(lambda: ref() is None)  # freed by reference counting (the cyclic GC is off)
+            dropped = await session.open_stream()
+            dropped.attach_sink(KeepingSink())
+            dropped.write(b"go")
+            del dropped  # nobody holds it or its sink
+            await settle(lambda: bool(outcomes))
+            return outcomes
+
+    with no_cyclic_gc():
+        assert run(body) == ["reset"]
+
+
+def test_an_aborted_held_stream_is_freed_though_its_sink_never_lets_go(run):
+    """``abort()`` on a stream a sink holds lets go of it too (a local reset tells no sink)."""
+    import weakref
+
+    async def sleepy(vs: ft.VirtualStream) -> None:
+        await asyncio.sleep(5)
+
+    async def body():
+        async with tunnel(sleepy) as (server, client, session):
+            vs = await session.open_stream()
+            vs.attach_sink(KeepingSink(), hold=True)
+            vs.write(b"x")
+            vs.abort()
+            ref = weakref.ref(vs)
+            del vs
+            return ref() is None
+
+    with no_cyclic_gc():
+        assert run(body), "an aborted stream held by its sink stayed alive (a reference cycle)"

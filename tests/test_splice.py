@@ -39,7 +39,7 @@ class Stream:
         self.fail_writes = False
 
     # the source side
-    def attach_sink(self, sink: Any) -> None:
+    def attach_sink(self, sink: Any, hold: bool = False) -> None:
         self.sink = sink
 
     def detach_sink(self) -> None:

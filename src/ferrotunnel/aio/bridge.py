@@ -37,8 +37,9 @@ __all__ = ["forward", "TcpBridge", "IdleSweeper"]
 
 #: Bridges piping a stream, held here until they finish. Nothing else need hold one: a bridge
 #: whose TCP side is paused (waiting for credit) with nothing to write is let go by the event loop,
-#: and its stream is only weakly known to the session, so without this the bridge, its stream and
-#: the transfer could be collected in the middle. A finished bridge leaves, and is freed by
+#: and a session need not hold its streams (it knows them weakly, except while a sink holds one:
+#: ``attach_sink(hold=True)``), so without this the bridge, its stream and the transfer could be
+#: collected in the middle. A finished bridge leaves, and is freed by
 #: reference counting. A bridge in an idle sweeper is held by the sweeper instead (see sweeper.py).
 _PIPING: "set[TcpBridge]" = set()
 
@@ -194,7 +195,7 @@ class TcpBridge(asyncio.BufferedProtocol):
         self.stream = stream
         if self.sweeper is None:  # (a swept bridge is held by its sweeper)
             _PIPING.add(self)
-        stream.attach_sink(self)  # tunnel data that arrived before the TCP side was ready goes first
+        stream.attach_sink(self, hold=True)  # tunnel data that arrived before the TCP side was ready goes first
         for chunk in early or ():
             self._to_tunnel(chunk, True)
         if self._flags & _TCP_EOF and not self._flags & _FINISHED:

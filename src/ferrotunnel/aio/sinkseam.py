@@ -3,7 +3,6 @@ directly, a ``StreamSink`` such as a TCP bridge, calls on the stream."""
 
 from __future__ import annotations
 
-import weakref
 from typing import TYPE_CHECKING, Any
 
 from .streaminfo import BytesLike, StreamSink
@@ -35,16 +34,14 @@ class SinkSeam:
 
         def _write(self, data: BytesLike, owned: bool) -> None: ...
 
-    def attach_sink(self, sink: StreamSink) -> None:
+    def attach_sink(self, sink: StreamSink, hold: bool = False) -> None:
         """From now on tunnel data, EOF and reset go to ``sink``; what already arrived goes first.
-        The sink holds this stream until it calls ``detach_sink`` (when it is done with it).
 
-        While a sink is attached the session's state for the stream holds this object strongly
-        instead of through a weak reference (80 bytes fewer per forwarded stream): a stream with a
-        sink is never abandoned, the sink ends it. ``detach_sink`` (or a reset) undoes that, so a
-        finished stream and its state still free each other by reference counting."""
+        ``hold=True`` is for a sink that calls ``detach_sink`` whenever it is done with the stream
+        (this package's bridges and splices): until then the session holds this stream itself
+        instead of a weak reference to it (80 bytes less per piped stream). Otherwise the session
+        knows the stream weakly, as without a sink: a stream nobody holds is reset as abandoned."""
         self.sink = sink
-        self._st.app = self
         buf = self._rbuf
         if buf:
             self._rbuf = None
@@ -56,14 +53,8 @@ class SinkSeam:
             sink.tunnel_reset(self._exc)
         elif self._ended & ENDED_EOF:
             sink.tunnel_eof()
-
-    def detach_sink(self) -> None:
-        """The sink is done with this stream: events go to the read buffer again, and the
-        session knows the stream weakly again (not at all once it is closed)."""
-        self.sink = None
-        st = self._st
-        if st.app is self:
-            st.app = weakref.ref(self) if not st.done else None
+        if hold and self.sink is sink and self._exc is None:
+            self._st.app = self
 
     def consumed(self, n: int) -> None:
         """``n`` delivered bytes are gone (the sink wrote them out): the peer may send more."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import weakref
 from typing import TYPE_CHECKING, Any, AsyncIterator, Deque, Iterable, List, Optional, Tuple
 
 from ..errors import FerroTunnelError, LimitExceededError, StreamClosedError
@@ -134,8 +135,7 @@ class VirtualStream(SinkSeam):
         self._set_exc(exc)
         if self.sink is not None:
             self.sink.tunnel_reset(exc)
-        if self._st.app is self:  # the stream is gone from its session: no cycle with it stays
-            self._st.app = None
+        self._let_go()  # the stream is gone from its session: no cycle with it stays
 
     def feed_writable(self) -> None:
         """The send buffer has room again (called by the connection)."""
@@ -144,6 +144,20 @@ class VirtualStream(SinkSeam):
             w.set_result(None)
         if self.sink is not None:
             self.sink.tunnel_writable()
+
+    # -- the sink seam (the rest is SinkSeam's)
+    def detach_sink(self) -> None:
+        """The sink is done with this stream: events go to the read buffer again, and the
+        session knows the stream weakly again."""
+        self.sink = None
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """The session knows this stream weakly again (no cycle with it stays; a writer waiting
+        for its queue to empty is still woken)."""
+        st = self._st
+        if st.app is self:
+            st.app = weakref.ref(self)
 
     # -- reading
     def _wake_reader(self) -> None:
@@ -428,6 +442,7 @@ class VirtualStream(SinkSeam):
             self._conn.core.reset(self._st)
             self._set_exc(StreamClosedError(f"stream {self._st.id} was aborted"))
         self._ended |= _CLOSED
+        self._let_go()
 
     def _set_exc(self, exc: BaseException) -> None:
         if self._exc is None:

@@ -17,8 +17,8 @@ __all__ = ["Splice", "splice"]
 
 log = logging.getLogger("ferrotunnel.cluster")
 
-#: Splices in progress, held until both directions end (the streams know their sinks, but the
-#: sessions know their streams only weakly: see aio/bridge.py for the same rule).
+#: Splices in progress, held until both directions end (the streams know their sinks, but a
+#: session need not hold its streams: see aio/bridge.py for the same rule).
 _LIVE: "set[Splice]" = set()
 
 
@@ -160,9 +160,9 @@ class Splice:
     def start(self) -> None:
         _LIVE.add(self)
         ab, ba = self.halves
-        self.a.attach_sink(ab)  # what arrived before goes first
+        self.a.attach_sink(ab, hold=True)  # what arrived before goes first
         if not self.done:
-            self.b.attach_sink(ba)
+            self.b.attach_sink(ba, hold=True)
 
     def maybe_finished(self) -> None:
         if self.done or not all(h.eof for h in self.halves):
