@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import importlib
 
 import pytest
@@ -142,4 +143,6 @@ def test_drain_names_the_streams_whose_frames_left(sched):
     sched.drain(touched=touched)  # round-robin: 3, then 1 again
     assert touched == [5, 1, 3, 1]
     sched.push_data(7, P.LOW, b"d")
+    with pytest.raises(TypeError):
+        sched.drain(touched=collections.deque())  # a list or None, in both twins
     assert len(_frames(sched.drain())) == 1  # (no list given: fine)

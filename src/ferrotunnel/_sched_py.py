@@ -160,6 +160,8 @@ class PriorityScheduler:
         ``touched``, if given, gets the stream id of each stream frame taken, in order (whose
         queues shrank: the only streams whose writers can have room now).
         """
+        if touched is not None and type(touched) is not list:  # (as the compiled twin's typed argument)
+            raise TypeError(f"touched must be a list or None, got {type(touched).__name__}")
         out: List[Any] = []
         chunk = bytearray()
         total = 0

@@ -16,8 +16,8 @@ def tune_socket(sock: Any) -> None:
     members: the options go through one socket object made from the bare descriptor instead (its
     recorded family does not matter to ``setsockopt``; a non-TCP socket refuses the TCP options).
 
-    On a listening socket it tunes every connection accepted from it: an accepted TCP socket
-    inherits these options from its listener (``listen`` tunes its sockets, and an ingress's
+    On a listening socket it tunes every connection accepted from it: on Linux an accepted TCP
+    socket inherits these options from its listener (``listen`` tunes its sockets, and an ingress's
     bridges skip the call: one Python socket object and four system calls less per visitor)."""
     try:
         real = sock if isinstance(sock, socket.socket) else socket.socket(_AF_INET, _SOCK_STREAM, 0, sock.fileno())
