@@ -1,7 +1,7 @@
 """Same-run A/B of two source trees on issue 14's stream-setup and latency rows.
 
     python bench/speed_ab.py A_SRC B_SRC [--rounds 5] [--secs 2] [--threads 1,8] [--rtt] [--idle]
-                             [--bulk 1,16,64 [--mib 1000]]
+                             [--bulk 1,16,64 [--mib 1000]] [--fresh]
 
 Each side is a CLI tunnel pair (bench/speed_cli.py) run with ``PYTHONPATH=<side's src>`` (build
 the compiled kernel in each tree first: ``python setup.py build_ext --inplace``); loadgen.c is the
@@ -45,6 +45,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rtt", action="store_true", help="also 64-byte ping-pong")
     ap.add_argument("--pingpongs", type=int, default=5000)
     ap.add_argument("--idle", action="store_true", help="also idle memory (fresh pair per round)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="start each side's pair afresh every round (a pair can stay slower than another for its "
+                         "whole life: an A/A run with the same pairs gave 0.84 on 64-stream bulk)")
     ap.add_argument("--bulk", default="", help="also bulk over these stream counts, e.g. 1,16,64")
     ap.add_argument("--mib", type=float, default=1000.0, help="MiB per bulk run (all streams together)")
     args = ap.parse_args(argv)
@@ -66,6 +69,8 @@ def main(argv=None) -> int:
             order = ("A", "B") if rnd % 2 == 0 else ("B", "A")
             for name in order:
                 t = sides[name]
+                if args.fresh and rnd:
+                    t.start(backend)
                 for n in threads:
                     t.check()
                     c0 = e2e.cpu_seconds(t.pids)
