@@ -39,8 +39,8 @@ __all__ = ["forward", "TcpBridge", "IdleSweeper"]
 #: whose TCP side is paused (waiting for credit) with nothing to write is let go by the event loop,
 #: and a session need not hold its streams (it knows them weakly, except while a sink holds one:
 #: ``attach_sink(hold=True)``), so without this the bridge, its stream and the transfer could be
-#: collected in the middle. A finished bridge leaves, and is freed by
-#: reference counting. A bridge in an idle sweeper is held by the sweeper instead (see sweeper.py).
+#: collected in the middle. A finished bridge leaves, and is freed by reference counting. A
+#: bridge in an idle sweeper is held by the sweeper instead (see sweeper.py).
 _PIPING: "set[TcpBridge]" = set()
 
 # TcpBridge._flags: what was one bool attribute each (an idle bridge is ~1,000 bytes of loop

@@ -33,7 +33,6 @@ READ_LINE_LIMIT = 64 * 1024
 SMALL_WRITE = 16 * 1024
 
 
-
 class VirtualStream(SinkSeam):
     """One multiplexed stream: an ``asyncio.StreamReader`` and ``StreamWriter`` in one object.
 
