@@ -25,6 +25,14 @@ log = logging.getLogger("ferrotunnel.session")
 
 _REF = weakref.ref
 
+
+def _stream_of(st: CoreStream) -> Optional[VirtualStream]:
+    """The stream's ``VirtualStream``, or None once nobody holds it: ``st.app`` is a weak
+    reference to it, or the stream itself while a sink holds it (``attach_sink(hold=True)``)."""
+    app = st.app
+    return app() if app.__class__ is _REF else app  # type: ignore[no-any-return]
+
+
 StreamHandler = Callable[[VirtualStream], Awaitable[None]]
 
 
@@ -69,7 +77,7 @@ class StreamEvents:
             vs.abort()
 
     def on_stream_data(self, st: CoreStream, payload: memoryview) -> None:
-        app = st.app  # a weak reference, or the stream itself while a sink holds it (attach_sink)
+        app = st.app  # (_stream_of, inlined: this runs once per frame)
         vs: Optional[VirtualStream] = app() if app.__class__ is _REF else app
         if vs is None:  # nobody holds the stream any more: nobody will read it
             self.core.consumed(st, len(payload))
@@ -82,20 +90,17 @@ class StreamEvents:
             vs.feed_data(payload)
 
     def on_stream_eof(self, st: CoreStream) -> None:
-        app = st.app
-        vs: Optional[VirtualStream] = app() if app.__class__ is _REF else app
+        vs = _stream_of(st)
         if vs is not None:
             vs.feed_eof()
 
     def on_stream_reset(self, st: CoreStream, exc: Exception) -> None:
-        app = st.app
-        vs: Optional[VirtualStream] = app() if app.__class__ is _REF else app
+        vs = _stream_of(st)
         if vs is not None:
             vs.feed_reset(exc)
 
     def on_stream_writable(self, st: CoreStream) -> None:
-        app = st.app
-        vs: Optional[VirtualStream] = app() if app.__class__ is _REF else app
+        vs = _stream_of(st)
         if vs is not None:
             vs.feed_writable()
 

@@ -245,8 +245,7 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
             else:
                 st.send_credit += inc
                 if st.pending_bytes or st.write_shut:
-                    self._pump(st)
-        self._wake_writers([sid for sid, _ in pairs] if self._blocked else ())
+                    self._pump(st)  # (moves bytes into the scheduler: no queue shrinks, no writer wakes)
 
     # ------------------------------------------------------------------ stream operations
 
