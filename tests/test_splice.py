@@ -39,8 +39,11 @@ class Stream:
         self.fail_writes = False
 
     # the source side
-    def attach_sink(self, sink: Any, hold: bool = False) -> None:
+    def attach_sink(self, sink: Any, hold: bool = False, deliver: bool = True) -> None:
         self.sink = sink
+
+    def deliver_buffered(self) -> None:
+        pass
 
     def detach_sink(self) -> None:
         self.sink = None
@@ -303,3 +306,60 @@ def test_real_sessions_with_a_slow_reader_get_every_byte_in_order(run, monkeypat
     assert len(got["data"]) == REAL_TOTAL
     assert got["data"] == data
     assert held_reads, "the slow reader never backed the splice up: the held path did not run"
+
+
+def test_real_sessions_early_bytes_filling_the_other_side_do_not_stall(run, monkeypatch):
+    """A stream that has a whole window of bytes waiting when the splice starts (a node-link
+    stream whose first bytes came before the owning node found the client's session). Handing
+    them over fills the other stream's send buffer, which drains at once; that wake-up must
+    reach the other stream's sink, or the credit for those bytes is never returned and the
+    sender stalls for good (seen as a cross-node bulk transfer stuck after its first window).
+    A 32 KiB window arrives as one frame in one read (one payload), and a 32 KiB send buffer on
+    the other side makes that payload fill it: none of its credit is returned before the wake."""
+    import ferrotunnel as ft
+    from ferrotunnel.aio.stream import VirtualStream
+
+    window = 32 * KiB
+    total = 2 * 1024 * KiB
+    data = _pattern(total)
+    fed: dict = {}
+    got: dict = {}
+    feed_data = VirtualStream.feed_data
+
+    def counting(self, payload):
+        fed[id(self)] = fed.get(id(self), 0) + len(payload)
+        return feed_data(self, payload)
+
+    monkeypatch.setattr(VirtualStream, "feed_data", counting)
+
+    async def producer(stream):
+        stream.write(data)  # all at once: the spliced stream buffers its first window of it
+        await stream.drain()
+        stream.write_eof()
+        async for _ in stream:
+            pass
+
+    async def consumer(stream):
+        parts = []
+        async for piece in stream:
+            parts.append(piece)
+        got["data"] = b"".join(parts)
+        stream.write_eof()
+
+    async def body():
+        async with tunnel(producer, tunnel_id="p", server_config=ft.ServerConfig(initial_window=window)) as (
+                _, _c1, session1):
+            async with tunnel(consumer, tunnel_id="c", server_config=ft.ServerConfig(stream_send_buffer=window)) as (
+                    _, _c2, session2):
+                early = session1.open_stream_nowait()
+                for _ in range(2000):  # until the producer's first window waits in the stream
+                    if fed.get(id(early), 0) >= window:
+                        break
+                    await asyncio.sleep(0.005)
+                assert fed.get(id(early), 0) == window, "the first window did not arrive (or more came)"
+                joined = splice_mod.splice(early, session2.open_stream_nowait())
+                while not ("data" in got and joined.done):
+                    await asyncio.sleep(0.01)
+
+    run(body, timeout=60)
+    assert got["data"] == data

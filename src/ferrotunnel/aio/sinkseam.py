@@ -34,14 +34,28 @@ class SinkSeam:
 
         def _write(self, data: BytesLike, owned: bool) -> None: ...
 
-    def attach_sink(self, sink: StreamSink, hold: bool = False) -> None:
+    def attach_sink(self, sink: StreamSink, hold: bool = False, deliver: bool = True) -> None:
         """From now on tunnel data, EOF and reset go to ``sink``; what already arrived goes first.
 
         ``hold=True`` is for a sink that calls ``detach_sink`` whenever it is done with the stream
         (this package's bridges and splices): until then the session holds this stream itself
         instead of a weak reference to it (80 bytes less per piped stream). Otherwise the session
-        knows the stream weakly, as without a sink: a stream nobody holds is reset as abandoned."""
+        knows the stream weakly, as without a sink: a stream nobody holds is reset as abandoned.
+
+        ``deliver=False`` only sets the sink: what arrived before waits for ``deliver_buffered``.
+        A sink that writes to another stream sets that stream's sink first, so that a wake-up
+        for it while these bytes are handed over reaches its sink (see cluster/splice.py)."""
         self.sink = sink
+        if hold and self._exc is None:
+            self._st.app = self
+        if deliver:
+            self.deliver_buffered()
+
+    def deliver_buffered(self) -> None:
+        """Hand the sink what arrived before it was attached: data, then EOF or the reset."""
+        sink = self.sink
+        if sink is None:
+            return
         buf = self._rbuf
         if buf:
             self._rbuf = None
@@ -53,8 +67,6 @@ class SinkSeam:
             sink.tunnel_reset(self._exc)
         elif self._ended & ENDED_EOF:
             sink.tunnel_eof()
-        if hold and self.sink is sink and self._exc is None:
-            self._st.app = self
 
     def consumed(self, n: int) -> None:
         """``n`` delivered bytes are gone (the sink wrote them out): the peer may send more."""

@@ -160,9 +160,14 @@ class Splice:
     def start(self) -> None:
         _LIVE.add(self)
         ab, ba = self.halves
-        self.a.attach_sink(ab, hold=True)  # what arrived before goes first
+        # Both sinks first, then what arrived before (each stream's early bytes go first). Handing
+        # a's early bytes to b can fill b's send buffer and drain it again at once: the wake-up
+        # for b must find b's sink, or the credit for those bytes stays owed and a stalls for good.
+        self.a.attach_sink(ab, hold=True, deliver=False)
+        self.b.attach_sink(ba, hold=True, deliver=False)
+        self.a.deliver_buffered()
         if not self.done:
-            self.b.attach_sink(ba, hold=True)
+            self.b.deliver_buffered()
 
     def maybe_finished(self) -> None:
         if self.done or not all(h.eof for h in self.halves):
