@@ -1,7 +1,7 @@
 """Same-run A/B of two source trees on issue 14's stream-setup and latency rows.
 
     python bench/speed_ab.py A_SRC B_SRC [--rounds 5] [--secs 2] [--threads 1,8] [--rtt] [--idle]
-                             [--bulk 1,16,64 [--mib 1000]] [--fresh]
+                             [--bulk 1,16,64 [--mib 1000]] [--fresh] [--env-a K=V] [--env-b K=V]
 
 Each side is a CLI tunnel pair (bench/speed_cli.py) run with ``PYTHONPATH=<side's src>`` (build
 the compiled kernel in each tree first: ``python setup.py build_ext --inplace``); loadgen.c is the
@@ -25,13 +25,15 @@ from speed import Loadgen, parse_kv  # noqa: F401  (parse_kv: Loadgen's figures)
 
 
 class SideTunnel(sp.Tunnel):
-    def __init__(self, name: str, procs: sp.Procs, src: str) -> None:
+    def __init__(self, name: str, procs: sp.Procs, src: str, extra_env: list = ()) -> None:
         super().__init__(name, procs)
         self.src = os.path.abspath(src)
+        self.extra_env = dict(kv.split("=", 1) for kv in extra_env)
 
     def _env(self, end: str) -> dict:
         env = super()._env(end)
         env["PYTHONPATH"] = self.src
+        env.update(self.extra_env)
         return env
 
 
@@ -50,6 +52,10 @@ def main(argv=None) -> int:
                          "whole life: an A/A run with the same pairs gave 0.84 on 64-stream bulk)")
     ap.add_argument("--bulk", default="", help="also bulk over these stream counts, e.g. 1,16,64")
     ap.add_argument("--mib", type=float, default=1000.0, help="MiB per bulk run (all streams together)")
+    ap.add_argument("--env-a", action="append", default=[], metavar="KEY=VALUE",
+                    help="an environment variable for side A's processes only (repeatable)")
+    ap.add_argument("--env-b", action="append", default=[], metavar="KEY=VALUE",
+                    help="the same for side B (an A/B of one setting on one tree)")
     args = ap.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",") if t]
     sp.raise_fd_limit()
@@ -62,7 +68,7 @@ def main(argv=None) -> int:
         lg = Loadgen(sp.build_loadgen(), procs)
         backend = e2e.free_port()
         lg.server(backend)
-        sides = {"A": SideTunnel("A", procs, args.a), "B": SideTunnel("B", procs, args.b)}
+        sides = {"A": SideTunnel("A", procs, args.a, args.env_a), "B": SideTunnel("B", procs, args.b, args.env_b)}
         for s in sides.values():
             s.start(backend)
         for rnd in range(args.rounds):
