@@ -42,9 +42,11 @@ class SinkSeam:
         instead of a weak reference to it (80 bytes less per piped stream). Otherwise the session
         knows the stream weakly, as without a sink: a stream nobody holds is reset as abandoned.
 
-        ``deliver=False`` only sets the sink: what arrived before waits for ``deliver_buffered``.
-        A sink that writes to another stream sets that stream's sink first, so that a wake-up
-        for it while these bytes are handed over reaches its sink (see cluster/splice.py)."""
+        ``deliver=False`` only sets the sink: what arrived before waits for ``deliver_buffered``,
+        to be called once and before control returns to the event loop (bytes arriving meanwhile
+        would reach the sink ahead of the older ones). A sink that writes to another stream sets
+        that stream's sink first, so that a wake-up for it while these bytes are handed over
+        reaches its sink (see cluster/splice.py)."""
         self.sink = sink
         if hold and self._exc is None:
             self._st.app = self
