@@ -199,15 +199,26 @@ class Tunnel(Path):
 
     def start(self, backend_port: int) -> "Tunnel":
         self.stop()
-        self.tunnel_port, self.port = e2e.free_port(), e2e.free_port()
         cli = [sys.executable, os.path.join(HERE, "speed_cli.py")]
         tls_s = ["--tls-cert", f"{self.tls_dir}/server.pem", "--tls-key", f"{self.tls_dir}/server.key"] if self.tls_dir else []
         tls_c = ["--tls", "--tls-ca", f"{self.tls_dir}/ca.pem"] if self.tls_dir else []
-        server = self.procs.popen(f"{self.name}-server", cli + [
-            "server", "--bind", f"127.0.0.1:{self.tunnel_port}", "--tcp-bind", f"127.0.0.1:{self.port}",
-            "--log-level", "warning", *tls_s], env=self._env("server"))
+        for attempt in range(5):
+            # A port free_port() found free can be taken before the server binds it: the load
+            # generator's own connections draw source ports from the same ephemeral range (seen
+            # once in a --fresh A/B right after a stream-setup run). Then fresh ports, once more.
+            self.tunnel_port, self.port = e2e.free_port(), e2e.free_port()
+            server = self.procs.popen(f"{self.name}-server", cli + [
+                "server", "--bind", f"127.0.0.1:{self.tunnel_port}", "--tcp-bind", f"127.0.0.1:{self.port}",
+                "--log-level", "warning", *tls_s], env=self._env("server"))
+            try:
+                wait_for_line(server, r"TCP ingress on")
+            except BenchError:
+                if attempt < 4 and "address already in use" in log_tail(server):
+                    self.procs.kill(server)
+                    continue
+                raise
+            break
         self.members.append(server)
-        wait_for_line(server, r"TCP ingress on")
         client = self.procs.popen(f"{self.name}-client", cli + [
             "client", "--server", f"localhost:{self.tunnel_port}", "--local-addr", f"127.0.0.1:{backend_port}",
             "--log-level", "warning", *tls_c], env=self._env("client"))
