@@ -263,6 +263,32 @@ def _pattern(n: int) -> bytes:
     return bytes(out)
 
 
+def _producer(data: bytes, chunk: int):
+    """A client handler that writes ``data`` in ``chunk``-byte writes, half-closes, then drains."""
+    async def producer(stream):
+        for i in range(0, len(data), chunk):
+            stream.write(data[i:i + chunk])
+            await stream.drain()
+        stream.write_eof()
+        async for _ in stream:
+            pass
+    return producer
+
+
+def _consumer(got: dict, pause: float):
+    """A client handler that reads everything into ``got["data"]`` (sleeping ``pause`` after each
+    piece: a slow reader), then half-closes."""
+    async def consumer(stream):
+        parts = []
+        async for piece in stream:
+            parts.append(piece)
+            if pause:
+                await asyncio.sleep(pause)
+        got["data"] = b"".join(parts)
+        stream.write_eof()
+    return consumer
+
+
 @pytest.mark.parametrize("chunk", [17 * KiB, 300 * KiB])
 def test_real_sessions_with_a_slow_reader_get_every_byte_in_order(run, monkeypatch, chunk):
     """Two tunnels; a stream of each (server side) spliced together; the first client writes
@@ -279,21 +305,7 @@ def test_real_sessions_with_a_slow_reader_get_every_byte_in_order(run, monkeypat
 
     monkeypatch.setattr(splice_mod._Half, "_write_held", counting)
 
-    async def producer(stream):
-        for i in range(0, REAL_TOTAL, chunk):
-            stream.write(data[i:i + chunk])
-            await stream.drain()
-        stream.write_eof()
-        async for _ in stream:
-            pass
-
-    async def consumer(stream):
-        parts = []
-        async for piece in stream:
-            parts.append(piece)
-            await asyncio.sleep(0.002)
-        got["data"] = b"".join(parts)
-        stream.write_eof()
+    producer, consumer = _producer(data, chunk), _consumer(got, pause=0.002)
 
     async def body():
         async with tunnel(producer, tunnel_id="p") as (_, _c1, session1):
@@ -332,19 +344,8 @@ def test_real_sessions_early_bytes_filling_the_other_side_do_not_stall(run, monk
 
     monkeypatch.setattr(VirtualStream, "feed_data", counting)
 
-    async def producer(stream):
-        stream.write(data)  # all at once: the spliced stream buffers its first window of it
-        await stream.drain()
-        stream.write_eof()
-        async for _ in stream:
-            pass
-
-    async def consumer(stream):
-        parts = []
-        async for piece in stream:
-            parts.append(piece)
-        got["data"] = b"".join(parts)
-        stream.write_eof()
+    # all at once: the spliced stream buffers its first window of it
+    producer, consumer = _producer(data, len(data)), _consumer(got, pause=0.0)
 
     async def body():
         async with tunnel(producer, tunnel_id="p", server_config=ft.ServerConfig(initial_window=window)) as (
