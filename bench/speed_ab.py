@@ -18,6 +18,7 @@ import os
 import statistics
 import sys
 import tempfile
+from typing import Sequence
 
 import e2e
 import speed_procs as sp
@@ -25,7 +26,7 @@ from speed import Loadgen, parse_kv  # noqa: F401  (parse_kv: Loadgen's figures)
 
 
 class SideTunnel(sp.Tunnel):
-    def __init__(self, name: str, procs: sp.Procs, src: str, extra_env: list = ()) -> None:
+    def __init__(self, name: str, procs: sp.Procs, src: str, extra_env: Sequence[str] = ()) -> None:
         super().__init__(name, procs)
         self.src = os.path.abspath(src)
         self.extra_env = dict(kv.split("=", 1) for kv in extra_env)
