@@ -16,10 +16,11 @@ structure of any two-process reverse tunnel with no framing.
 Rows: bulk one way, acknowledged end to end, 256 KiB writes, sized to run about ``--secs`` (3 s)
 on relay2, 1/16/64 streams, MB/s (10^6 B/s); CPU s/GB of both tunnel processes (both relays for
 relay2) on the 1-stream runs; 64-byte ping-pong with TCP_NODELAY, 20,000 round trips after 500
-warm-up, p50 and p99; new streams/s (connect + 64-byte echo + close) in 1 and 8 blocking
-threads for ``--secs``; idle memory per open stream: RSS growth of both processes over 1,000
-idle connections that each echoed one byte, on freshly started processes each round; TLS 1.3
-between the tunnel ends: bulk 1 stream (ratio to the plaintext tunnel) and CPU s/GB; the
+warm-up, p50 and p99, and (no target) both processes' CPU per round trip in user space and in
+the kernel; new streams/s (connect + 64-byte echo + close) in 1 and 8 blocking threads for
+``--secs`` (and, no target, both processes' CPU per open with 1 thread); idle memory per open
+stream: RSS growth of both processes over 1,000 idle connections that each echoed one byte, on
+freshly started processes each round; TLS 1.3 between the tunnel ends: bulk 1 stream (ratio to the plaintext tunnel) and CPU s/GB; the
 pure-Python twins (FERROTUNNEL_NO_EXTENSIONS=1 on both ends): RTT p99 (ratio to the compiled
 p99) and new streams/s with 1 thread; row 8, flatness: CPU microseconds per stream open (both
 processes' CPU over a 1-thread stream-setup run / streams opened) and RTT with 9,990 idle
@@ -61,6 +62,7 @@ import speed_procs as sp
 
 PHASES = ("bulk", "rtt", "open", "idle", "flat", "handshake")
 IDLE_STREAMS = 1000  # row 5 (idle memory)
+PINGPONG_WARMUP = 500  # round trips loadgen.c makes before it starts measuring
 FLAT_FEW, FLAT_MANY = 10, 9990  # row 8: idle streams open on the session
 EXTRA_SESSIONS = 999  # row 8: sessions connected for the handshake figure
 # what the benchmark raises in its own configuration for row 8 (named ServerConfig limits)
@@ -157,9 +159,16 @@ class Bench:
 
     def pingpong(self, path, prefix: str = "rtt") -> None:
         path.check()
+        u0, s0 = cpu_split(path.pids)
         r = self.lg.run("pingpong", "127.0.0.1", path.port, 64, self.args.pingpongs, 120, timeout=180)
+        u1, s1 = cpu_split(path.pids)
         self.add(f"{prefix}_p50_us", path.name, r["p50_us"])
         self.add(f"{prefix}_p99_us", path.name, r["p99_us"])
+        # where a round trip's time goes: both processes' CPU per round trip (warm-up included),
+        # in user space (the relays' Python callbacks, our protocol code) and in the kernel
+        trips = self.args.pingpongs + PINGPONG_WARMUP
+        self.add(f"{prefix}_user_us_per_rt", path.name, (u1 - u0) / trips * 1e6)
+        self.add(f"{prefix}_sys_us_per_rt", path.name, (s1 - s0) / trips * 1e6)
 
     def connrate(self, path, threads: int, prefix: str = "new") -> None:
         path.check()
@@ -203,6 +212,18 @@ class Bench:
         finally:
             self.procs.kill(many)
             self.procs.kill(few)
+
+
+def cpu_split(pids: list) -> tuple:
+    """(user, system) CPU seconds used so far by ``pids`` together (``/proc/PID/stat``, in clock
+    ticks: over a 20,000-round-trip run of ~3 s an error under 1 %)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    user = system = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        user, system = user + int(fields[11]), system + int(fields[12])
+    return user / tick, system / tick
 
 
 def _cpu_ns(pid: int) -> int:
@@ -479,7 +500,13 @@ def rows(runs: dict, many: int = FLAT_MANY) -> list:
     vs_relay2("CPU s/GB, 1 stream", "s/GB", "cpu_s_per_gb", "le", 1.08)
     vs_relay2("RTT p50, 64-byte ping-pong", "us", "rtt_p50_us", "le", 1.05)
     vs_relay2("RTT p99", "us", "rtt_p99_us", "le", 1.15)
+    for kind, where in (("user", "user space"), ("sys", "kernel")):
+        fig = f"rtt_{kind}_us_per_rt"
+        row(f"RTT: CPU per round trip, {where}", "us", m(fig), m(fig, "relay2"), "(info) both processes",
+            _div(m(fig), m(fig, "relay2")))
     vs_relay2("new streams/s, 1 client thread", "/s", "new_1_per_s", "ge", 1.10)
+    row("new streams: CPU per open, 1 thread", "us", m("new_1_cpu_us_per_open"), m("new_1_cpu_us_per_open", "relay2"),
+        "(info) both processes", _div(m("new_1_cpu_us_per_open"), m("new_1_cpu_us_per_open", "relay2")))
     vs_relay2("new streams/s, 8 client threads", "/s", "new_8_per_s", "ge", 1.30)
     t = m("idle_kib_per_stream")
     row("idle memory per open stream, both ends", "KiB", t, m("idle_kib_per_stream", "relay2"), "<= 3.0 KiB", t,
