@@ -89,7 +89,9 @@ def test_a_config_file_sets_access_per_tunnel(world, tmp_path):
 @pytest.mark.skipif(shutil.which("curl") is None or not os.path.exists("/proc/self/cmdline"),
                     reason="needs curl and /proc")
 @pytest.mark.parametrize("flag", [["--basic-auth", f"carol:{PASSWORD}"], [f"--basic-auth=carol:{PASSWORD}"],
-                                  ["--basic", f"carol:{PASSWORD}"]])
+                                  ["--basic", f"carol:{PASSWORD}"],
+                                  # given twice: argparse takes the last; none stays in the list
+                                  ["--basic-auth", "carol:first-password", f"--basic-a=carol:{PASSWORD}"]])
 def test_a_basic_auth_flag_is_removed_from_the_process_list(world, flag):
     procs, apps = world
     srv, tport, hport = _server(procs)
@@ -102,6 +104,7 @@ def test_a_basic_auth_flag_is_removed_from_the_process_list(world, flag):
     with open(f"/proc/{cli.p.pid}/cmdline", "rb") as f:
         line = f.read()
     assert b"ferrotunnel" in line and PASSWORD.encode() not in line and b"--basic" not in line, line
+    assert b"first-password" not in line, line
     warnings = [x for x in cli.err.decode().splitlines() if "WARNING" in x and "--basic-auth" in x]
     assert len(warnings) == 1 and "removed from it at start-up" in warnings[0], cli.err
     # the flag's password is the one in force (it wins over the environment's)

@@ -98,9 +98,11 @@ def without_token(argv: Sequence[str]) -> Tuple[List[str], Optional[str]]:
     return out, token
 
 
-def without_secret(argv: Sequence[str], flag: str, value: str) -> List[str]:
-    """``argv`` without ``flag VALUE`` and ``flag=VALUE`` where VALUE is ``value`` (the value
-    argparse took; ``flag`` also in any abbreviation argparse accepts, e.g. ``--basic``)."""
+def without_secret(argv: Sequence[str], flag: str) -> List[str]:
+    """``argv`` without ``flag VALUE`` and ``flag=VALUE``: every occurrence, whatever its value
+    (argparse took the last one; an earlier one left in place would win again after the
+    re-execution, where a flag beats the environment), and ``flag`` also in any abbreviation
+    argparse accepts, e.g. ``--basic``."""
     def is_flag(arg: str) -> bool:
         return len(arg) > 2 and arg.startswith("--") and flag.startswith(arg)
 
@@ -111,11 +113,11 @@ def without_secret(argv: Sequence[str], flag: str, value: str) -> List[str]:
         if arg == "--":
             out.extend(argv[i:])
             break
-        if is_flag(arg) and i + 1 < len(argv) and argv[i + 1] == value:
+        if is_flag(arg) and i + 1 < len(argv):
             i += 2
             continue
-        name, eq, rest = arg.partition("=")
-        if eq and is_flag(name) and rest == value:
+        name, eq, _value = arg.partition("=")
+        if eq and is_flag(name):
             i += 1
             continue
         out.append(arg)
@@ -155,7 +157,7 @@ def hide_token(args: argparse.Namespace, argv: Sequence[str]) -> None:
     for flag, dest, var in SECRET_FLAGS:
         value = getattr(args, dest, None)
         if value is not None:
-            kept = without_secret(rest, flag, value)
+            kept = without_secret(rest, flag)
             if kept != rest:
                 rest, new_env[var] = kept, value
     if not new_env:
