@@ -115,6 +115,37 @@ def test_a_link_stream_for_a_tunnel_not_here_is_reset_never_forwarded_again(run)
     run(body, timeout=30)
 
 
+def _has_ipv6_loopback() -> bool:
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
+def test_a_node_reached_at_an_ipv6_address_gets_a_link(run):
+    async def body():
+        links = LinkServer("node-a", SECRET, ("::1", 0), lambda tid: None)
+        await links.start()
+        pool = LinkPool("node-b", SECRET)
+        try:
+            assert links.address[0] == "::1"
+            route = await pool.route("node-a", links.address, "elsewhere")
+            assert route is not None and pool.failures == 0 and list(pool.links()) == ["node-a"]
+            s = route.open_stream_nowait(ft.Protocol.TCP, ft.StreamPriority.NORMAL)
+            s.write(b"hello")
+            with pytest.raises(ft.FerroTunnelError):  # carried over the link, refused there
+                await asyncio.wait_for(s.read(), 10)
+            assert links.streams["no_session"] == 1
+        finally:
+            await pool.close()
+            await links.close()
+    run(body, timeout=30)
+
+
 @pytest.mark.parametrize("which", ["dialler", "acceptor"])
 def test_a_node_without_the_secret_gets_no_link(run, which):
     async def body():

@@ -32,6 +32,7 @@ import socket
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ..addr import format_address
 from ..aio.listen import RefusalLog
 from ..aio.session import Session
 from ..aio.stream import VirtualStream
@@ -367,10 +368,10 @@ class LinkPool:
             return None
         try:
             link = await self.link(node_id, address)
-        except (OSError, TimeoutError, ConnectionLostError) as exc:
+        except (OSError, TimeoutError, ConnectionLostError, ValueError) as exc:  # (ValueError: an address refused)
             self.failures += 1
             self._failed_at[node_id] = time.monotonic()
-            log.warning("node link to %s at %s:%s failed: %s", node_id, address[0], address[1], exc)
+            log.warning("node link to %s at %s failed: %s", node_id, format_address(*address), exc)
             return None
         self._failed_at.pop(node_id, None)
         return RemoteRoute(tunnel_id, node_id, link, self, published)
@@ -417,7 +418,7 @@ class LinkPool:
             sock.close()
             raise
         token = link_token(self._secret, nonce_a, nonce_b)
-        client = TunnelClient(f"{host}:{port}", token, tunnel_id=f"link:{self.node_id}:{nonce_b[:4].hex()}",
+        client = TunnelClient((host, port), token, tunnel_id=f"link:{self.node_id}:{nonce_b[:4].hex()}",
                               config=self.config)
         session = await client.connect(_refuse, sock=sock)
         old = self._clients.pop(node_id, None)
@@ -425,7 +426,7 @@ class LinkPool:
             await old.close()
         self._clients[node_id] = client
         self._links[node_id] = session
-        log.info("node link to %s at %s:%s is up", node_id, host, port)
+        log.info("node link to %s at %s is up", node_id, format_address(host, port))
         return session
 
     async def close(self) -> None:
