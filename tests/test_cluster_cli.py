@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from conftest import free_port
 from redis_server import RedisServer
@@ -94,9 +95,24 @@ def test_redis_passwords_are_redacted_wherever_they_are():
     assert redact_url("redis://:pw@h:1/0") == "redis://:***@h:1/0"
     assert redact_url("rediss://user:pw@h/0?password=x&db=1") == "rediss://user:***@h/0?password=***&db=1"
     assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
+    # an "@" in the password: the user info ends at the authority's last "@" (as redis-py reads it)
+    assert redact_url("redis://:p@ssw0rd-secret@redis.internal:6379/0") == "redis://:***@redis.internal:6379/0"
+    # a "/" or "#" in the password cuts the authority short: all of it up to the last "@" goes
+    assert redact_url("redis://:pa/ss-secret@h:1/0") == "redis://***@h:1/0"
+    assert redact_url("redis://u:Sup3rSecret#tail@h:1/0") == "redis://***@h:1/0"
+    assert redact_url("redis://h:1/0?client=a@b") == "redis://***@b"  # (too much, never too little)
     cfg = ClusterConfig(redis_url="redis://:s3cret@h/0?password=s3cret", node_id="n", node_advertise=("h", 1),
                         cluster_token="also-secret")
     assert "s3cret" not in repr(cfg) and "also-secret" not in repr(cfg)
+
+
+@pytest.mark.parametrize("url", ["redis://:Sup3rSecret#tail@127.0.0.1:6390/0", "redis://:pa/Sup3rSecret@127.0.0.1/0"])
+def test_a_redis_url_that_does_not_parse_is_a_usage_error_without_the_password(url):
+    r = _server("--node-bind", f"127.0.0.1:{free_port()}",
+                env={"FERROTUNNEL_CLUSTER_TOKEN": SECRET, "FERROTUNNEL_CLUSTER_REDIS": url})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "not a valid URL" in r.stderr and "percent-encoded" in r.stderr, r.stderr
+    assert "Sup3rSecret" not in r.stderr + r.stdout
 
 
 def test_a_redis_password_in_the_query_is_refused_on_the_command_line():

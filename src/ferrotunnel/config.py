@@ -273,6 +273,14 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        from urllib.parse import urlsplit
+
+        try:  # what redis-py's from_url reads: its own error would quote the password
+            urlsplit(self.redis_url).port
+        except ValueError:
+            raise ValueError(f"redis_url {redact_url(self.redis_url)} is not a valid URL: write it as "
+                             "redis://[USER:PASSWORD@]HOST[:PORT][/DB], with any '@', ':', '/', '?' or '#' "
+                             "of the password percent-encoded") from None
         if not self.node_id or any(c.isspace() for c in self.node_id) or len(self.node_id) > 128:
             raise ValueError("node_id must be 1..128 characters without spaces")
         if self.miss_cache_ttl < 0:
@@ -297,7 +305,13 @@ def redact_url(url: str) -> str:
     import re
 
     scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest.split("/", 1)[0]:
-        creds, _, host = rest.partition("@")
-        rest = f"{creds.split(':', 1)[0]}:***@{host}"
+    if sep and "@" in rest:
+        end = min([i for i in (rest.find(c) for c in "/?#") if i >= 0], default=len(rest))
+        if "@" in rest[:end]:  # as a URL parser reads it: the user info ends at the authority's last "@"
+            at = rest.rfind("@", 0, end)
+            rest = f"{rest[:at].split(':', 1)[0]}:***@{rest[at + 1:]}"
+        elif ":" in rest[:end]:
+            # "user:pa/ss@host": a "/", "?" or "#" in the password cut the authority short (the URL
+            # is refused), or an "@" after a path: everything up to the last "@" goes
+            rest = f"***@{rest[rest.rfind('@') + 1:]}"
     return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", f"{scheme}{sep}{rest}")
