@@ -366,3 +366,47 @@ def test_real_sessions_early_bytes_filling_the_other_side_do_not_stall(run, monk
 
     run(body, timeout=60)
     assert got["data"] == data
+
+
+def test_a_finished_splice_gives_back_the_credit_it_still_owed(run):
+    """Both ends finish while the other stream is still backed up (a slow reader): the credit the
+    splice held back for bytes it passed on must still reach the session's accounting when the
+    splice ends, or every such splice leaves its bytes counted as unread on the session for good
+    (a node link would hit ``session_recv_budget`` after some dozens of bulk transfers)."""
+    total = 3_000_000
+    data = _pattern(total)
+    got: dict = {}
+    owed_at_end: List[int] = []
+    release = Splice._release
+
+    def recording(self):
+        owed_at_end.append(sum(h.owed for h in self.halves))
+        return release(self)
+
+    async def slow_reader(stream):  # done sending at once; then reads slowly
+        stream.write_eof()
+        parts = []
+        async for piece in stream:
+            parts.append(piece)
+            await asyncio.sleep(0.005)
+        got["data"] = b"".join(parts)
+
+    async def body():
+        async with tunnel(_producer(data, 256 * KiB), tunnel_id="p") as (_, _c1, session1):
+            async with tunnel(slow_reader, tunnel_id="c") as (_, _c2, session2):
+                core1, core2 = session1.connection.core, session2.connection.core
+                for _ in range(2):
+                    got.clear()
+                    joined = splice_mod.splice(session1.open_stream_nowait(), session2.open_stream_nowait())
+                    while not ("data" in got and joined.done) or core1.streams or core2.streams:
+                        await asyncio.sleep(0.01)
+                    assert got["data"] == data
+                    assert core1.windows.total_unread == 0 and core2.windows.total_unread == 0, (
+                        core1.windows.total_unread, core2.windows.total_unread)
+
+    Splice._release = recording  # type: ignore[method-assign]
+    try:
+        run(body, timeout=120)
+    finally:
+        Splice._release = release  # type: ignore[method-assign]
+    assert any(owed_at_end), "no splice ended with credit owed: the case was not reached"

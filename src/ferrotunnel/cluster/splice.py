@@ -191,6 +191,12 @@ class Splice:
         for half in self.halves:
             half.partner = None
             half.held, half.held_bytes = None, 0
+            # Credit still owed for bytes passed on (the other stream was backed up when this one
+            # ended) goes back now: the streams are done with it, and the session would otherwise
+            # count those bytes as unread for good (its session_recv_budget creeping up).
+            owed, half.owed = half.owed, 0
+            if owed:
+                half.src.consumed(owed)
         self.a.detach_sink()  # no cycle between finished streams and this splice
         self.b.detach_sink()
 
