@@ -122,3 +122,45 @@ def test_cli_https_flags_are_checked(certs):
         p = Proc("server", "--bind", f"127.0.0.1:{free_port()}", *flags, env={"FERROTUNNEL_TOKEN": TOKEN})
         p.p.wait(20)
         assert p.finish() == 2 and said.encode() in p.err, p.err
+
+
+def test_a_tls_visitor_gets_the_end_when_the_tunnel_stream_ends(run, certs):
+    """A TLS connection cannot half-close (the SSL transport has no write_eof): when the stream
+    ends, the visitor still gets everything before the end, then the end itself (the connection
+    closed gracefully), never a connection that stays open waiting for the visitor to go first."""
+    from ferrotunnel.aio.bridge import TcpBridge
+    from ferrotunnel.aio.listen import listen
+    from conftest import tunnel
+
+    async def app(stream):
+        stream.write(b"bye")
+        stream.write_eof()
+        await stream.read()
+
+    async def body():
+        async with tunnel(app) as (_server, _client, session):
+            bridges = []
+
+            def factory():
+                b = TcpBridge(session.open_stream_nowait())
+                bridges.append(b)
+                return b
+
+            lst = await listen(factory, "127.0.0.1", 0, "test", ssl=tls.server_context(
+                str(certs["server.pem"]), str(certs["server.key"])))
+            try:
+                port = lst.sockets[0].getsockname()[1]
+                r, w = await asyncio.open_connection("127.0.0.1", port, ssl=_client_ctx(certs, sni=False))
+                got = b""
+                async with asyncio.timeout(15):
+                    while chunk := await r.read(100):
+                        got += chunk
+                assert got == b"bye"
+                w.close()
+                async with asyncio.timeout(15):
+                    while not bridges[0].finished:
+                        await asyncio.sleep(0.01)
+            finally:
+                lst.close()
+
+    run(body, timeout=60)

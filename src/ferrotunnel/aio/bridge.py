@@ -395,6 +395,11 @@ class TcpBridge(asyncio.BufferedProtocol):
         if not self._flags & (_FINISHED | _TCP_EOF):
             if self.transport.can_write_eof():
                 self.transport.write_eof()
+            else:
+                # TLS (the SSL transport cannot half-close): the end is the connection's end, after
+                # what was written; waiting for the other side to go first could wait for good
+                self._finish(abort=False)
+                return
         self._maybe_done()
 
     def tunnel_reset(self, exc: BaseException) -> None:
