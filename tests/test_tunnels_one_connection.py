@@ -290,6 +290,11 @@ def test_refusal_errors_map_each_status():
     assert type(quota) is HandshakeError
     token = refusal_error("db", RegisterStatus.INVALID_SERVICE_NAME, "tunnel id 'db' is not allowed for this token")
     assert isinstance(token, AuthenticationError)
+    # the server's hint is bounded as on the handshake path: a 0 (or huge) one never makes the
+    # client retry in a tight loop (or wait for ever)
+    for said, bounded in (("retry-after=0", 0.05), ("retry-after=0.0001", 0.05), ("retry-after=86400", 5.0)):
+        got = refusal_error("db", RegisterStatus.SERVICE_NAME_TAKEN, f"tunnel id 'db' is in use; {said}")
+        assert got.retry_after == bounded, (said, got.retry_after)
 
 
 def test_more_tunnels_without_extensions_are_refused_at_once():

@@ -8,7 +8,6 @@ of its own)."""
 from __future__ import annotations
 
 import asyncio
-import re
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
@@ -18,12 +17,11 @@ from ..config import ClientConfig
 from ..errors import AuthenticationError, HandshakeError, RetryableHandshakeError
 from ..frames import HandshakeStatus, Protocol, RegisterStatus
 from ..protocol.extensions import client_capabilities
+from ..protocol.handshake import retry_after_hint
 from ..protocol.tunnels import TUNNEL_HEADER
 
 __all__ = ["Tunnel", "dispatching_handler", "register_capabilities", "register_protocol", "refusal_error",
            "RegisterWaiters", "tunnels_by_id"]
-
-_RETRY_AFTER = re.compile(r"retry-after=([0-9]+(?:\.[0-9]+)?)")
 
 
 @dataclass(frozen=True)
@@ -61,12 +59,12 @@ def refusal_error(tunnel_id: str, status: RegisterStatus, reason: str) -> Handsh
     not claim is an AuthenticationError; anything else stops the client."""
     said = reason or status.name
     message = said if repr(tunnel_id.lower()) in said else f"tunnel id {tunnel_id!r} refused by the server: {said}"
-    hint = _RETRY_AFTER.search(reason)
+    hint = retry_after_hint(reason)  # bounded as on the handshake path: never 0, never for ever
     exc: HandshakeError
-    if status == RegisterStatus.SERVICE_NAME_TAKEN or (status == RegisterStatus.QUOTA_EXCEEDED and hint):
+    if status == RegisterStatus.SERVICE_NAME_TAKEN or (status == RegisterStatus.QUOTA_EXCEEDED and hint is not None):
         exc = RetryableHandshakeError(message, HandshakeStatus.TUNNEL_ID_TAKEN if status ==
                                       RegisterStatus.SERVICE_NAME_TAKEN else HandshakeStatus.RATE_LIMITED, reason)
-        exc.retry_after = float(hint.group(1)) if hint else None
+        exc.retry_after = hint
     elif "not allowed for this token" in reason:
         exc = AuthenticationError(reason, HandshakeStatus.INVALID_TOKEN, reason)
     else:
