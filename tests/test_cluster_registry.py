@@ -177,6 +177,10 @@ def test_a_restarted_node_takes_its_predecessors_claims_over(run, redis):
         await old.close(release=False)  # a crash: its claim and liveness key stay
         async with RedisRegistry(cfg(redis.url, "a", claim_ttl=30, node_ttl=30)) as new:
             assert new.epoch != old.epoch
+            # until the client comes back, a visitor of the restarted node hears why (a 503), not a
+            # 404 for a tunnel that exists
+            assert await new.lookup("t1") is None
+            assert new.why_missing("t1") == "its node (a) has restarted; the tunnel reconnects shortly"
             s = StubSession("t1")
             claim = await new.claim("t1", s)
             assert claim.granted and new.stats.takeovers == 1

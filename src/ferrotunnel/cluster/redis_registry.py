@@ -357,6 +357,8 @@ class RedisRegistry:
                     local = self._local.lookup_local(tunnel_id)
                 if local is not None:
                     return local  # never cached: lookup() asks the local sessions first anyway
+                if not addr:  # the claim of this node's predecessor (a restart under the same id)
+                    why = f"its node ({node}) has restarted; the tunnel reconnects shortly"
             elif not addr:  # its node died (or restarted): until the client reconnects elsewhere
                 why = f"its node ({node}) has stopped; the tunnel reconnects to another node shortly"
             elif node != self.node_id and self.remote_route is not None:
