@@ -30,6 +30,15 @@ def test_a_cluster_node_without_the_secret_exits_2():
     assert "FERROTUNNEL_CLUSTER_TOKEN" in r.stderr and "--cluster-token-file" in r.stderr
 
 
+def test_a_secret_file_of_raw_bytes_is_a_usage_error(tmp_path):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(bytes(range(128, 256)))  # not UTF-8 (as from head -c 32 /dev/urandom)
+    r = _server("--cluster-redis", "redis://127.0.0.1:1/0", "--node-bind", f"127.0.0.1:{free_port()}",
+                "--cluster-token-file", str(secret))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"--cluster-token-file {secret} is not UTF-8 text" in r.stderr, r.stderr
+
+
 def test_a_redis_password_on_the_command_line_is_refused():
     r = _server("--cluster-redis", "redis://:hunter2@127.0.0.1:1/0", "--node-bind", f"127.0.0.1:{free_port()}",
                 env={"FERROTUNNEL_CLUSTER_TOKEN": SECRET})

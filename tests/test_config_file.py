@@ -90,3 +90,7 @@ def test_limits_and_unreadable_files(tmp_path):
         load_client_file(str(write(tmp_path, "# " + "x" * (1024 * 1024 + 1) + "\n")))
     with pytest.raises(UsageError, match="cannot read it"):
         load_client_file(str(tmp_path / "absent.toml"))
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('# caf\u00e9\nserver = "h:1"\n'.encode("latin-1"))
+    with pytest.raises(UsageError, match=r"not UTF-8 text \(byte 0xe9 at offset 5\)"):
+        load_client_file(str(latin1))

@@ -46,12 +46,22 @@ class ClusterUsageError(ValueError):
     """A cluster flag that cannot work; the command exits 2 with this message."""
 
 
+#: Most bytes read of a --cluster-redis-file or --cluster-token-file (a URL or a secret is a line).
+MAX_SECRET_FILE = 64 * 1024
+
+
 def _first_line(path: str, what: str) -> str:
+    """The file's first line, stripped. Errors name the file, never its content."""
     try:
-        with open(path, encoding="utf-8") as f:
-            line = f.readline().strip()
+        with open(path, "rb") as f:
+            data = f.read(MAX_SECRET_FILE)
     except OSError as exc:
         raise ClusterUsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        line = data.decode("utf-8").split("\n", 1)[0].strip()
+    except UnicodeDecodeError:  # e.g. raw random bytes: a secret must be text
+        raise ClusterUsageError(f"{what} {path} is not UTF-8 text: put the value on its first line as text "
+                                "(for a secret, e.g. the output of 'openssl rand -hex 32')") from None
     if not line:
         raise ClusterUsageError(f"{what} {path} is empty")
     return line

@@ -180,6 +180,9 @@ def load_client_file(path: str) -> ClientFile:
         raise UsageError(f"config file {path}: cannot read it ({exc.strerror or exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise where.fail("", None, f"not valid TOML ({exc})") from None
+    except UnicodeDecodeError as exc:  # (TOML is UTF-8; the byte's value and place, not the text)
+        raise where.fail("", None, f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                                   f"{exc.start}); TOML files are UTF-8") from None
     _unknown(where, "", data, _TOP)
     server = _text(where, "", data, "server")
     if server is not None:
