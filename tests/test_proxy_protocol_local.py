@@ -30,6 +30,14 @@ def test_headers_for_the_local_service():
         assert h is not None and h.source == want
         assert h.command == ("proxy" if want else "local")
     assert encode_v1(None, None) == b"PROXY UNKNOWN\r\n"
+    # an IPv6 zone (scope id) is not part of the header's address: never a space or a line break
+    # of it in the text header, which the local service parses
+    for zone in ("eth0", "eth0\r\nX-Evil: 1", "a b"):
+        assert header_for("v1", f"[fe80::1%{zone}]:80", ("::1", 8000)) == b"PROXY TCP6 fe80::1 ::1 80 8000\r\n"
+        h = ProxyV2Reader().feed(header_for("v2", f"[fe80::1%{zone}]:80", ("::1", 8000)))
+        assert h is not None and h.source == ("fe80::1", 80)
+    with pytest.raises(ValueError):
+        encode_v1(("fe80::1%eth0\r\nX: 1", 80), ("::1", 8000))
 
 
 class App:

@@ -225,6 +225,8 @@ def _address(addr: Address, what: str) -> Tuple[Union[ipaddress.IPv4Address, ipa
         ip = ipaddress.ip_address(host)
     except ValueError:
         raise ValueError(f"PROXY v2 {what} host {host!r} is not an IP address") from None
+    if getattr(ip, "scope_id", None) is not None:  # a zone is local to a host: not an address to send
+        raise ValueError(f"PROXY {what} host {host!r} has a zone (scope id); give the address without it")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 0xFFFF:
         raise ValueError(f"PROXY v2 {what} port {port!r} is not 0..65535")
     return ip, port
@@ -280,7 +282,9 @@ def header_for(version: str, visitor: Optional[str], local: Address) -> bytes:
     if visitor:
         host, _, port = visitor.rpartition(":")
         try:
-            ip = ipaddress.ip_address(host.strip("[]"))
+            # without its zone ("%eth0"): local to the server's host, and free text that would
+            # go into the text header as it is
+            ip = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
             if port.isdigit() and int(port) <= 65535:
                 source = (str(ip.ipv4_mapped or ip) if ip.version == 6 else str(ip), int(port))
         except ValueError:
