@@ -254,6 +254,8 @@ def encode_data_header_into(
 ) -> int:
     """Write a data frame header into writable ``buf`` at ``offset``; return the offset after it."""
     _check_data(stream_id, payload_len)
+    if memoryview(buf).readonly:  # the compiled twin's error for a read-only buffer
+        raise BufferError("Object is not writable.")
     if offset < 0 or offset + DATA_HEADER_SIZE > len(buf):
         raise FrameError(f"no room for a {DATA_HEADER_SIZE}-byte header at offset {offset} of {len(buf)}")
     # data_header's fields, written in place (a call through it would cost more than the pack)
@@ -262,7 +264,8 @@ def encode_data_header_into(
 
 
 def _check_data(stream_id: Any, payload_len: int) -> None:
-    if not isinstance(stream_id, int) or not 0 <= stream_id <= _U32_MAX:
+    # (bool is an int to Python, not to the compiled twin's typed argument: refused by both)
+    if not isinstance(stream_id, int) or isinstance(stream_id, bool) or not 0 <= stream_id <= _U32_MAX:
         raise FrameError(f"stream_id must be an integer in 0..{_U32_MAX}, got {stream_id!r}")
     if payload_len < 0 or payload_len > MAX_DATA_PAYLOAD:
         raise FrameError(f"data payload of {payload_len} bytes exceeds the maximum of {MAX_DATA_PAYLOAD}")
@@ -273,9 +276,12 @@ def encode(frame: Frame) -> bytes:
     if type(frame) is Data:
         payload = frame.data
         try:
-            n = memoryview(payload).nbytes
+            view = memoryview(payload)
         except TypeError:
+            view = None
+        if view is None or not view.c_contiguous:  # (the compiled twin takes contiguous buffers only)
             raise FrameError(f"Data.data must be bytes-like, got {type(payload).__name__}") from None
+        n = view.nbytes
         _check_data(frame.stream_id, n)
         return data_header(frame.stream_id, n, bool(frame.end_of_stream)) + bytes(payload)
     out = bytearray(b"\0\0\0\0\0")
@@ -502,7 +508,10 @@ def scan_frames(buf: Any, out: Any, max_frame_size: int = MAX_FRAME_SIZE) -> Tup
     ``(frames, bytes consumed)``. Raises ``FrameError`` on a bad header.
     """
     mv = _as_bytes_view(buf)
-    o = memoryview(out).cast("B").cast("I")
+    ob = memoryview(out).cast("B")
+    if ob.readonly:
+        raise BufferError("Object is not writable.")
+    o = ob[:len(ob) - len(ob) % 4].cast("I")  # whole 4-byte words only, as the compiled twin counts
     cap = len(o) // SCAN_FIELDS
     n = len(mv)
     pos = 0
