@@ -13,6 +13,9 @@ __all__ = ["BackoffConfig", "RateLimits", "StreamConfig", "ServerConfig", "Clien
 
 KiB = 1024
 MiB = 1024 * KiB
+#: Largest flow-control window (as HTTP/2, 2^31 - 1): a peer refuses a larger announced window and
+#: resets a stream granted credit past it (``protocol.flow`` uses this one).
+MAX_WINDOW = 0x7FFFFFFF
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,9 @@ class StreamConfig:
                 raise ValueError(f"{name} must be between 1 and {MAX_FRAME_SIZE - smallest}")
         if self.initial_window < 1 or self.max_window < self.initial_window:
             raise ValueError("need 1 <= initial_window <= max_window")
+        for name in ("initial_window", "max_window"):  # beyond it: flow on at one end only, or lost credit
+            if getattr(self, name) > MAX_WINDOW:
+                raise ValueError(f"{name} must be at most {MAX_WINDOW} (2^31 - 1, the protocol's largest window)")
         for name in ("read_buffer_size", "max_streams_per_session", "stream_send_buffer", "stream_recv_buffer", "session_recv_budget",
                      "max_handshake_frame", "max_control_frame", "max_queued_output", "max_accept_queue"):
             if getattr(self, name) < 1:

@@ -10,7 +10,6 @@ or held by a dead / restarted / draining node: take it; a stale holder: "pending
 is unreachable the node serves and grants locally, then re-asserts everything (where two nodes
 granted one id, the claim in Redis stays).
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -357,8 +356,7 @@ class RedisRegistry:
                     local = self._local.lookup_local(tunnel_id)
                 if local is not None:
                     return local  # never cached: lookup() asks the local sessions first anyway
-                if not addr:  # the claim of this node's predecessor (a restart under the same id)
-                    why = f"its node ({node}) has restarted; the tunnel reconnects shortly"
+                why = "" if addr else f"its node ({node}) has restarted; the tunnel reconnects shortly"  # (its old claim)
             elif not addr:  # its node died (or restarted): until the client reconnects elsewhere
                 why = f"its node ({node}) has stopped; the tunnel reconnects to another node shortly"
             elif node != self.node_id and self.remote_route is not None:

@@ -18,7 +18,7 @@ from ..frames import (DATA_FRAME_OVERHEAD, DATA_HEADER_SIZE, FLAG_PARTIAL, Close
 from ..scheduler import PriorityScheduler
 from .drain import DrainMixin
 from .publicurls import PublicUrlsMixin
-from .tunnels import TunnelsMixin
+from .tunnels import TunnelsMixin, clean_text
 from .extensions import EXT_CAPABILITY, Negotiated, negotiate, plugin_handlers
 from .flow import FLOW_PLUGIN_ID, MAX_WINDOW, FlowWindows, decode_credit, encode_credit
 from .keepalive import Keepalive
@@ -174,9 +174,9 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
             else:
                 log.debug("ignoring PluginData for plugin %r", frame.plugin_id)
         elif t is Error:
+            said = f"{frame.code.name}: {clean_text(frame.message)}"  # the peer's own text: escaped and cut for logs
             if frame.stream_id is None:
-                self.listener.on_session_error(
-                    FerroTunnelError(f"peer ended the session: {frame.code.name}: {frame.message}"))
+                self.listener.on_session_error(FerroTunnelError(f"peer ended the session: {said}"))
             else:
                 st = self.streams.get(frame.stream_id)
                 if st is not None:
@@ -189,8 +189,7 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
                             return
                     self.sched.discard(st.id)
                     self._remove(st, StreamEvent.RECV_RESET)
-                    self.listener.on_stream_reset(
-                        st, StreamResetError(f"stream {st.id} reset by peer: {frame.code.name}: {frame.message}"))
+                    self.listener.on_stream_reset(st, StreamResetError(f"stream {st.id} reset by peer: {said}"))
         else:  # Register, RegisterAck (tunnels.py), StreamAck, a late Handshake/HandshakeAck
             self.on_other_frame(frame)
 
@@ -271,9 +270,10 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         self._next_id = (sid + 2) & 0xFFFFFFFF
         if self._next_id < 3:  # wrapped: keep our parity
             self._next_id = 1 if self.is_client else 2
+        frame = encode(OpenStream(sid, protocol, headers, None, priority))  # first: bad headers take no slot
         st = CoreStream(sid, protocol, priority, True, self.peer_window, self.config.initial_window, headers)
         self.streams[sid] = st
-        self.sched.push(sid, priority, encode(OpenStream(sid, protocol, headers, None, priority)))
+        self.sched.push(sid, priority, frame)
         self.listener.on_output()
         return st
 
@@ -349,10 +349,10 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
             self._reset(st, ErrorCode.INTERNAL_SERVER_ERROR, message, None)
 
     def _reset(self, st: CoreStream, code: ErrorCode, message: str, exc: Optional[Exception]) -> None:
-        self.sched.discard(st.id)
+        dropped = self.sched.discard(st.id)  # with a queued half-close: its CloseStream is the last frame
         if self.peer_is_ext:
             self._control(Error(st.id, code, message))
-        elif not st.local_eof:
+        elif dropped or not st.local_eof:  # all a Rust peer knows (no reset, no timeout): its EOF, once
             self.sched.push(st.id, st.priority, encode(CloseStream(st.id, CloseReason.NORMAL)))
             self.listener.on_output()
         st.write_shut = True

@@ -15,7 +15,9 @@ from __future__ import annotations
 import struct
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
-from ..config import StreamConfig
+# MAX_WINDOW (2^31 - 1): the largest window a peer may announce and the most credit a stream may
+# hold; config.py has it, so a config's own windows are checked against it
+from ..config import MAX_WINDOW, StreamConfig
 from .streams import HALF_CLOSED_LOCAL, OPEN, CoreStream
 
 __all__ = ["FLOW_CAPABILITY", "FLOW_PLUGIN_ID", "MAX_WINDOW", "flow_capability", "parse_flow_capability",
@@ -23,10 +25,9 @@ __all__ = ["FLOW_CAPABILITY", "FLOW_PLUGIN_ID", "MAX_WINDOW", "flow_capability",
 
 FLOW_CAPABILITY = "flow-control/1"
 FLOW_PLUGIN_ID = "ft.flow/1"
-#: Largest window a peer may announce (as HTTP/2, 2^31 - 1).
-MAX_WINDOW = 0x7FFFFFFF
 _UPDATE = struct.Struct(">II")
 _WINDOW_PREFIX = FLOW_CAPABILITY + ";window="
+_WINDOW_DIGITS = len(str(MAX_WINDOW))
 
 
 def flow_capability(window: int) -> str:
@@ -38,7 +39,8 @@ def parse_flow_capability(caps: Iterable[str]) -> Optional[int]:
     for cap in caps:
         if cap.startswith(_WINDOW_PREFIX):
             value = cap[len(_WINDOW_PREFIX):]
-            if value.isascii() and value.isdigit() and 0 < int(value) <= MAX_WINDOW:
+            # at most MAX_WINDOW's digits before int(): thousands of them would raise ValueError
+            if value.isascii() and value.isdigit() and len(value) <= _WINDOW_DIGITS and 0 < int(value) <= MAX_WINDOW:
                 return int(value)
     return None
 

@@ -292,7 +292,10 @@ class ClientHandshake:
         caps = tuple(ack.server_capabilities)
         if ack.status != HandshakeStatus.SUCCESS:
             raise _refusal(ack.status, _reason(caps))
-        negotiated = negotiate(self.config, caps) if self.config.extensions else Negotiated({})
+        # what is agreed on comes from the capabilities a server keeps of a client's (bounded in
+        # number and length), so both ends read the same ones; a reason is longer, read whole above
+        kept = keep_capabilities(caps)
+        negotiated = negotiate(self.config, kept) if self.config.extensions else Negotiated({})
         if self.config.remote_port is not None and "remote_port" not in negotiated:
             # the server (a Rust one, or one of an older version) accepted without the port asked for
             raise HandshakeError(f"the server does not give ports on request (remote port {self.config.remote_port} "
@@ -305,7 +308,7 @@ class ClientHandshake:
         if self.config.pool and "pool" not in negotiated:
             raise HandshakeError("the server does not support pools (--pool): it needs a ferrotunnel server "
                                  "version that supports them", ack.status, None)
-        self.result = HandshakeResult(ack.session_id, ack.version, keep_capabilities(caps), negotiated)
+        self.result = HandshakeResult(ack.session_id, ack.version, kept, negotiated)
 
 
 #: In a refusal's reason, "retry-after=SECONDS" asks the client to try again that soon (at most
@@ -318,9 +321,11 @@ def retry_after_hint(reason: Optional[str]) -> Optional[float]:
     """The "retry-after=SECONDS" a refusal's reason carries, bounded; None without one."""
     if not reason or RETRY_AFTER_KEY not in reason:
         return None
-    word = reason.split(RETRY_AFTER_KEY, 1)[1].split()[0].rstrip(";,)")
+    words = reason.split(RETRY_AFTER_KEY, 1)[1].split()
+    if not words:  # nothing after it: a reason cut at MAX_REASON_LEN can end just there
+        return None
     try:
-        value = float(word)
+        value = float(words[0].rstrip(";,)"))
     except ValueError:
         return None
     return min(max(value, 0.05), MAX_RETRY_AFTER) if value == value else None
