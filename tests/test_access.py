@@ -52,8 +52,33 @@ def test_a_malformed_rule_is_refused(cap):
         access_from_capabilities(("basic", cap))
 
 
+def test_an_access_rule_left_out_of_a_handshake_refuses_the_tunnel():
+    """A server keeps at most MAX_CAPABILITIES capabilities of at most MAX_CAPABILITY_LEN bytes.
+    An access rule it would leave out must not leave the tunnel served with fewer rules (an allow
+    list cut short lets everyone in): the rules it reads say so, and they are refused."""
+    from ferrotunnel.protocol.extensions import MAX_CAPABILITIES, keep_capabilities
+
+    long_rule = "access/1=allow:fe80::1%" + "i" * 40 + "/128"  # over 64 bytes
+    for caps in (("basic", "tcp", "access/1=only:http", long_rule),
+                 ("basic", "tcp") + tuple(f"x-{i}" for i in range(MAX_CAPABILITIES)) + ("access/1=allow:10.0.0.0/8",)):
+        kept = keep_capabilities(caps)
+        assert len(kept) <= MAX_CAPABILITIES
+        with pytest.raises(ValueError, match="did not fit in the handshake"):
+            access_from_capabilities(kept)
+    # nothing of the rules left out: as before
+    assert keep_capabilities(("basic", "x" * 65)) == ("basic",)
+    assert access_from_capabilities(keep_capabilities(("basic", "access/1=only:http", "x" * 65))).only == "http"
+
+
+def test_a_network_with_a_zone_is_a_clear_error():
+    with pytest.raises(ValueError, match="zone"):
+        TunnelAccess.build(allow=["fe80::1%eth0/128"])
+    with pytest.raises(ValueError, match="zone"):
+        access_from_capabilities(("basic", "access/1=allow:fe80::1%eth0/128"))
+
+
 @pytest.mark.parametrize("bad", [dict(protocol="udp"), dict(basic_auth="nopassword"), dict(basic_auth=":pw"),
-                                 dict(basic_auth="u:"), dict(allow=["300.1.1.1/8"]),
+                                 dict(basic_auth="u:"), dict(allow=["300.1.1.1/8"]), dict(allow=["fe80::1%eth0"]),
                                  dict(allow=[f"10.{i}.0.0/16" for i in range(17)]),
                                  dict(protocol="http", remote_port=0), dict(basic_auth="u:p", extensions=False),
                                  dict(pool=True, extensions=False)])

@@ -28,11 +28,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
-__all__ = ["ACCESS_CAPABILITY", "MAX_ALLOW", "KINDS", "TunnelAccess", "KeyedAccess", "access_from_capabilities",
+__all__ = ["ACCESS_CAPABILITY", "DROPPED_RULE", "MAX_ALLOW", "KINDS", "TunnelAccess", "KeyedAccess", "access_from_capabilities",
            "basic_auth_digest", "keyed_digest", "check_basic_auth_value", "parse_networks"]
 
 ACCESS_CAPABILITY = "access/1"
 _PREFIX = ACCESS_CAPABILITY + "="
+#: What a peer's capabilities carry, as a server keeps them, in place of access rules it had to
+#: leave out (``protocol.extensions.keep_capabilities``): the tunnel is refused, never served with
+#: fewer rules than it asked for.
+DROPPED_RULE = _PREFIX + "dropped"
 #: The most ``allow`` networks one tunnel may name (they travel as handshake capabilities).
 MAX_ALLOW = 16
 #: Ingress kinds a tunnel may be restricted to.
@@ -84,10 +88,13 @@ def parse_networks(entries: Iterable[str]) -> Tuple[Network, ...]:
     out = []
     for entry in entries:
         try:
-            out.append(ipaddress.ip_network(str(entry).strip(), strict=False))
+            net = ipaddress.ip_network(str(entry).strip(), strict=False)
         except ValueError:
             raise ValueError(f"{str(entry)[:60]!r} is not an address or network in CIDR form "
                              "(e.g. 10.0.0.0/8 or 2001:db8::/32)") from None
+        if getattr(net.network_address, "scope_id", None) is not None:  # (never equal to a visitor's address)
+            raise ValueError(f"{str(entry)[:60]!r} has a zone (%...): give the network without it, e.g. fe80::/10")
+        out.append(net)
     if len(out) > MAX_ALLOW:
         raise ValueError(f"at most {MAX_ALLOW} allowed networks per tunnel (MAX_ALLOW), got {len(out)}")
     return tuple(out)
@@ -189,6 +196,9 @@ def _parse(caps: Tuple[str, ...]) -> Optional[TunnelAccess]:
             digest = value
         elif kind == "allow":
             allow.append(value)
+        elif cap == DROPPED_RULE:
+            raise ValueError("an access rule did not fit in the handshake (longer than a server keeps a capability, "
+                             "or past the number it keeps): refused rather than served with fewer rules")
         else:
             raise ValueError(f"malformed or repeated access rule {cap[:64]!r}")
     if only is None and digest is None and not allow:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from ..config import ClientConfig, StreamConfig
 from ..frames import DATA_FRAME_OVERHEAD, MAX_FRAME_SIZE  # (a peer must take more than an empty Data frame)
 from .flow import FLOW_PLUGIN_ID, flow_capability, parse_flow_capability
-from ..access import ACCESS_CAPABILITY
+from ..access import ACCESS_CAPABILITY, DROPPED_RULE
 from .remoteport import REMOTE_PORT_CAPABILITY, parse_remote_port, remote_port_capability
 
 __all__ = ["Extension", "EXTENSIONS", "EXT_CAPABILITY", "REASON_CAPABILITY", "DRAIN_CAPABILITY", "DRAIN_PLUGIN_ID", "VISITOR_CAPABILITY", "VISITOR_HEADER",
@@ -32,6 +32,7 @@ BASE_SERVER_CAPABILITIES = ("basic",)
 #: Capabilities kept from a peer's handshake, and the longest one kept (PROTOCOL.md 3.7).
 MAX_CAPABILITIES = 32
 MAX_CAPABILITY_LEN = 64
+_ACCESS_RULE = ACCESS_CAPABILITY + "="
 
 EXT_CAPABILITY = "ferrotunnel-py/1"
 REASON_CAPABILITY = "reject-reason/1"
@@ -278,5 +279,10 @@ def plugin_handlers(negotiated: Negotiated) -> Dict[str, str]:
 
 
 def keep_capabilities(caps: Sequence[str]) -> Tuple[str, ...]:
-    """A peer's capabilities, bounded: at most MAX_CAPABILITIES of at most MAX_CAPABILITY_LEN bytes."""
-    return tuple(c for c in caps if len(c.encode()) <= MAX_CAPABILITY_LEN)[:MAX_CAPABILITIES]
+    """A peer's capabilities, bounded: at most MAX_CAPABILITIES of at most MAX_CAPABILITY_LEN bytes.
+    Access rules left out are not dropped in silence (an allow list cut short would let everyone
+    in): ``DROPPED_RULE`` takes the last place, and the rules read from it are refused."""
+    kept = tuple(c for c in caps if len(c.encode()) <= MAX_CAPABILITY_LEN)[:MAX_CAPABILITIES]
+    if len(kept) < len(caps) and any(c.startswith(_ACCESS_RULE) and c not in kept for c in caps):
+        kept = kept[:MAX_CAPABILITIES - 1] + (DROPPED_RULE,)
+    return kept
