@@ -382,7 +382,8 @@ def test_a_sink_attached_without_hold_leaves_the_stream_weakly_known(run):
 
 
 def test_an_aborted_held_stream_is_freed_though_its_sink_never_lets_go(run):
-    """``abort()`` on a stream a sink holds lets go of it too (a local reset tells no sink)."""
+    """``abort()`` on a stream a sink holds lets go of it too (the sink is told a loop turn later,
+    through a weak reference: the stream is freed at once all the same)."""
     import weakref
 
     async def sleepy(vs: ft.VirtualStream) -> None:

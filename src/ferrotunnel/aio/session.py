@@ -93,7 +93,8 @@ class Session(_StreamOpener):
         self.connected_at = time.time()
         self.multiplexer = Multiplexer(conn)
         self._accept_queue: Optional[Deque[VirtualStream]] = None
-        self._accept_waiter: Optional[asyncio.Future[None]] = None
+        #: The ``accept()`` callers waiting, first come first served: each queued stream wakes one.
+        self._accept_waiters: Deque[asyncio.Future[None]] = collections.deque()
         self.closed_event = asyncio.Event()
         #: The drain extension. Client side: set when the server said its node is leaving (the
         #: client opens a new session and lets this one's streams finish). Server side: ``moved``
@@ -173,13 +174,21 @@ class Session(_StreamOpener):
             if len(queue) >= limit:
                 return False
         queue.append(stream)
-        waiter = self._accept_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake_acceptor()
         return True
 
+    def _wake_acceptor(self) -> None:
+        """Wake the caller of ``accept()`` that waits longest (a stream waits for it)."""
+        waiters = self._accept_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
     async def accept(self) -> VirtualStream:
-        """Next stream the peer opened (when no stream handler is set)."""
+        """Next stream the peer opened (when no stream handler is set). Several callers may wait
+        at once: each stream goes to one of them, the one that waited longest."""
         while True:
             queue = self._accept_queue
             while queue:
@@ -188,13 +197,20 @@ class Session(_StreamOpener):
                     return stream
             if self._conn.closed:
                 raise ConnectionLostError("the session is closed")
-            waiter = self._accept_waiter = self._conn.loop.create_future()
+            waiter = self._conn.loop.create_future()
+            self._accept_waiters.append(waiter)
             closed = asyncio.ensure_future(self.closed_event.wait())
             try:
                 await asyncio.wait({waiter, closed}, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:
+                if waiter.done() and self._accept_queue:
+                    # woken for a stream, then cancelled before taking it: the next caller takes it
+                    self._wake_acceptor()
+                raise
             finally:
                 closed.cancel()
-                self._accept_waiter = None
+                if not waiter.done():
+                    self._accept_waiters.remove(waiter)
 
     def send_drain(self) -> bool:
         """The drain extension. Server side: tell the client this node is leaving, so that it opens

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import weakref
-from typing import TYPE_CHECKING, Any, AsyncIterator, Deque, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, AsyncIterator, Deque, Iterable, List, Optional, Tuple, Union
 
 from ..errors import FerroTunnelError, LimitExceededError, StreamClosedError
 from ..frames import Protocol, StreamPriority
@@ -55,7 +55,7 @@ class VirtualStream(SinkSeam):
         self._ended = 0  # _EOF | _CLOSED
         self._exc: Optional[BaseException] = None
         self._reader: Optional[asyncio.Future[None]] = None
-        self._writer: Optional[asyncio.Future[None]] = None
+        self._writer: Union[None, asyncio.Future[None], List[asyncio.Future[None]]] = None  # a list: several wait
         self._peername: Optional[Tuple[str, int]] = None
         #: The consumer that takes this stream's data directly (a forwarding bridge), if any.
         self.sink: Optional[StreamSink] = None
@@ -131,16 +131,15 @@ class VirtualStream(SinkSeam):
 
     def feed_reset(self, exc: BaseException) -> None:
         """The stream was reset or its connection lost (called by the connection)."""
+        news = self._exc is None  # (not after our own abort(), whose word to the sink is on its way)
         self._set_exc(exc)
-        if self.sink is not None:
+        if news and self.sink is not None:
             self.sink.tunnel_reset(exc)
         self._let_go()  # the stream is gone from its session: no cycle with it stays
 
     def feed_writable(self) -> None:
         """The send buffer has room again (called by the connection)."""
-        w = self._writer
-        if w is not None and not w.done():
-            w.set_result(None)
+        self._wake_writers()
         if self.sink is not None:
             self.sink.tunnel_writable()
 
@@ -370,17 +369,32 @@ class VirtualStream(SinkSeam):
         """Whether the send buffer has room (a ``write`` now would not need a ``drain``)."""
         return self._conn.core.writable(self._st)
 
+    def _wake_writers(self) -> None:
+        """Wake every ``drain()``/``wait_closed()`` waiting: each looks again at what it waits for."""
+        w, self._writer = self._writer, None
+        for fut in () if w is None else w if isinstance(w, list) else (w,):
+            if not fut.done():
+                fut.set_result(None)
+
     async def _wait_queue(self, below: Optional[int]) -> None:
         core = self._conn.core
         while True:
             if self._exc is not None:
                 raise self._exc
             fut = self._conn.loop.create_future()
-            self._writer = fut
-            core.wait_writable(self._st, below)
-            if not fut.done():
-                await fut
-            self._writer = None
+            w = self._writer
+            self._writer = fut if w is None else [w, fut] if not isinstance(w, list) else w + [fut]
+            # The session keeps one mark per stream, the last asked for: with others waiting, the
+            # send buffer's (the highest), so that no drain() waits for a wait_closed()'s empty queue.
+            core.wait_writable(self._st, below if w is None else None)
+            try:
+                await fut  # (at once if wait_writable woke it)
+            finally:
+                if fut.cancelled():  # this one leaves unwoken: the others stay
+                    w = self._writer
+                    if isinstance(w, list) and fut in w:
+                        w.remove(fut)
+                    self._writer = w if w and w is not fut else None
             if self._exc is not None:
                 raise self._exc
             if self._st.done or core.queued(self._st) < (below or core.config.stream_send_buffer):
@@ -406,13 +420,16 @@ class VirtualStream(SinkSeam):
 
     # -- closing
     def close(self) -> None:
-        """Graceful close: queued data is flushed, then CloseStream; later data is discarded."""
+        """Graceful close: queued data is flushed, then CloseStream; later data is discarded. A sink
+        is not told (sinks close the streams they are done with; to cut a sink's stream, abort it)."""
         if self._ended & _CLOSED:
             return
         self._ended |= _CLOSED
-        self._rbuf = None
-        self._rsize = 0
-        self._credited = 0
+        if self._rsize:
+            # dropped unread, counted as read: a tunnel paused for this buffer (no flow control)
+            # resumes, and a stream the session forgot (both halves ended) leaves no count behind
+            self.consumed(self._rsize)
+        self._rbuf, self._rsize, self._credited = None, 0, 0
         if self._exc is None:
             self._conn.core.close(self._st)
         self._wake_reader()
@@ -436,10 +453,15 @@ class VirtualStream(SinkSeam):
         await self.wait_closed()
 
     def abort(self) -> None:
-        """Reset now: queued data is dropped and the peer sees a reset (EOF for a Rust peer)."""
+        """Reset now: queued data is dropped and the peer sees a reset (EOF for a Rust peer). A
+        sink still attached at the next turn of the event loop is told (see ``_tell_sink``)."""
         if self._exc is None:
-            self._conn.core.reset(self._st)
-            self._set_exc(StreamClosedError(f"stream {self._st.id} was aborted"))
+            core = self._conn.core
+            if not core.closed:  # (closing, the session ends each stream: a sink told of one may abort another)
+                core.reset(self._st)
+            self._set_exc(exc := StreamClosedError(f"stream {self._st.id} was aborted"))
+            if self.sink is not None and not self._conn.loop.is_closed():
+                self._conn.loop.call_soon(_tell_sink, weakref.ref(self), self.sink, exc)
         self._ended |= _CLOSED
         self._let_go()
 
@@ -448,13 +470,9 @@ class VirtualStream(SinkSeam):
             self._exc = exc
         if self._rsize:
             self.consumed(self._rsize)
-        self._rbuf = None
-        self._rsize = 0
-        self._credited = 0
+        self._rbuf, self._rsize, self._credited = None, 0, 0
         self._wake_reader()
-        w = self._writer
-        if w is not None and not w.done():
-            w.set_result(None)
+        self._wake_writers()
 
     @property
     def exception(self) -> Optional[BaseException]:
@@ -469,3 +487,13 @@ class VirtualStream(SinkSeam):
             self.abort()
         else:
             await self.aclose()
+
+
+def _tell_sink(ref: "weakref.ref[VirtualStream]", sink: StreamSink, exc: BaseException) -> None:
+    """``abort``'s word to a sink, a turn later: a sink may abort its own stream amid its work
+    (a bridge finishing, a splice ending, the HTTP ingress refusing a body) and let it go by then;
+    told at once, it would be re-entered. The stream is known weakly: one nobody holds is freed
+    at once, as any aborted stream, and its sink (which did not hold it) has nothing of it to end."""
+    stream = ref()
+    if stream is not None and stream.sink is sink:
+        sink.tunnel_reset(exc)
