@@ -12,25 +12,30 @@ Two rules keep a listener working when the process runs short of file descriptor
 * **Exhaustion.** When ``accept()`` itself fails with EMFILE or ENFILE (descriptors taken by
   something else in the process, or the whole system out of them), accepting pauses for
   ``ACCEPT_PAUSE`` seconds and one line is logged per interval. On the selector event loop the
-  listener accepts for itself to do this. Under uvloop, libuv accepts: on EMFILE it closes the
-  waiting connections with a reserve descriptor of its own and does not tell the application,
-  so there only the headroom rule is seen (the loop does not spin either way).
+  listener accepts for itself to do this, and under uvloop too with TLS or trusted proxies.
+  Otherwise under uvloop, libuv accepts: on EMFILE it closes the waiting connections with a
+  reserve descriptor of its own and does not tell the application, so there only the headroom
+  rule is seen (the loop does not spin either way).
+
+A listener that terminates TLS (the HTTPS ingress) counts a connection in its protocol's
+``ConnectionGate`` as soon as it is accepted, before the handshake: the event loop tells the
+protocol only once the handshake is done, and until then a stranger's half-open connections
+would hold descriptors no cap sees. It accepts for itself on every event loop for this.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import errno
 import functools
 import logging
 import os
 import socket
-import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, List, Optional
 
 from ..protocol.proxyproto import (PROXY_V2_PREFIX, ProxyProtocolError, ProxyV2Reader, TrustedProxies,
                                    maybe_header)
+from .gate import Admitted, ConnectionGate, FdHeadroom, RefusalLog  # noqa: F401  (also from here)
 from .transport import tune_socket
 
 __all__ = ["RefusalLog", "ConnectionGate", "FdHeadroom", "Listener", "listen", "ACCEPT_PAUSE"]
@@ -46,107 +51,6 @@ ACCEPT_BATCH = 64
 MAX_AWAITING_HEADER = 1024
 #: accept() errors that mean "out of resources": pause, do not spin, do not fail.
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-
-
-class RefusalLog:
-    """Refusals by a limit: counted (``counts``), and logged at most once per address and limit
-    every ``interval`` seconds, so a flood of refused connections costs one line."""
-
-    #: (address, limit) pairs remembered; beyond it the memory starts over.
-    MAX_TRACKED = 10_000
-
-    def __init__(self, what: str, interval: float = 10.0) -> None:
-        self.what = what
-        self.interval = interval
-        self.counts: Dict[str, int] = collections.Counter()
-        self._logged: Dict[Tuple[str, str], float] = {}
-
-    def due(self, host: str, limit: str) -> bool:
-        """Count one refusal; True when it should be logged (once per address, limit and interval)."""
-        self.counts[limit] += 1
-        now = time.monotonic()
-        key = (host, limit)
-        if now - self._logged.get(key, -self.interval) < self.interval:
-            return False
-        if len(self._logged) >= self.MAX_TRACKED:
-            self._logged.clear()
-        self._logged[key] = now
-        return True
-
-    def refuse(self, host: str, limit: str, why: str) -> bool:
-        """Count and maybe log one refusal; returns False (the answer to "admit?")."""
-        if self.due(host, limit):
-            log.warning("%s: refusing connections from %s: %s (%s); said once per %.0fs", self.what, host, why,
-                        limit, self.interval)
-        return False
-
-
-def soft_fd_limit() -> Optional[int]:
-    """The process's soft RLIMIT_NOFILE, or None where there is none to read."""
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except (ImportError, ValueError, OSError):
-        return None
-    return None if soft == resource.RLIM_INFINITY else soft
-
-
-class FdHeadroom:
-    """Whether an accepted socket's descriptor number leaves fewer than ``reserve`` free."""
-
-    def __init__(self, reserve: int, limit: Optional[int] = None) -> None:
-        self.reserve = reserve
-        self.limit = soft_fd_limit() if limit is None else limit
-        #: Descriptor numbers at or above this are refused (None: no limit known).
-        self.ceiling = None if self.limit is None else max(self.limit - reserve, 1)
-
-    def exhausted(self, transport: Any) -> bool:
-        ceiling = self.ceiling
-        if ceiling is None:
-            return False
-        sock = transport.get_extra_info("socket")
-        return sock is not None and sock.fileno() >= ceiling
-
-    def why(self, transport: Any) -> str:
-        sock = transport.get_extra_info("socket")
-        fd = sock.fileno() if sock is not None else -1
-        return f"file descriptor {fd} of {self.limit}: fewer than {self.reserve} left"
-
-
-class ConnectionGate:
-    """Caps connections at once, per source address and in total, and keeps a reserve of file
-    descriptors; refusals go to a ``RefusalLog``."""
-
-    def __init__(self, per_address: int, total: int, what: str, fd_reserve: int = 0) -> None:
-        self.per_address = per_address
-        self.total = total
-        self.open = 0
-        self._by_host: Dict[str, int] = {}
-        self.refusals = RefusalLog(what)
-        self.headroom = FdHeadroom(fd_reserve)
-        #: Refusals by limit ("per_address", "total", "fd_reserve").
-        self.refused = self.refusals.counts
-
-    def enter(self, host: str, transport: Any = None) -> bool:
-        if self.open >= self.total:
-            return self.refusals.refuse(host, "total", f"{self.open} connections open")
-        n = self._by_host.get(host, 0)
-        if n >= self.per_address:
-            return self.refusals.refuse(host, "per_address", f"{n} connections open from this address")
-        if transport is not None and self.headroom.exhausted(transport):
-            return self.refusals.refuse(host, "fd_reserve", self.headroom.why(transport))
-        self._by_host[host] = n + 1
-        self.open += 1
-        return True
-
-    def leave(self, host: str) -> None:
-        self.open -= 1
-        n = self._by_host.get(host, 0) - 1
-        if n > 0:
-            self._by_host[host] = n
-        else:
-            self._by_host.pop(host, None)
 
 
 #: What ``_proxy_header`` answers for a connection that is closed here and now.
@@ -284,6 +188,7 @@ class Listener:
         task.add_done_callback(self._tasks.discard)
 
     async def _connect(self, conn: socket.socket, factory: Callable[[], Any]) -> None:
+        admitted: Optional[Admitted] = None
         try:
             make = factory
             if self.proxies is not None:
@@ -305,10 +210,26 @@ class Listener:
                     return
                 if peer is not None:
                     make = functools.partial(_with_peer, factory, peer)
+            if self.ssl is None:
+                await asyncio.get_running_loop().connect_accepted_socket(make, conn)
+                return
+            # TLS: the protocol is made now and its gate entered before the handshake (the loop
+            # calls connection_made only after it); a connection over a cap goes at once
+            protocol = make()
+            gate = getattr(protocol, "gate", None)
+            if isinstance(gate, ConnectionGate):
+                admitted = gate.admit(_host_of(protocol, conn), conn)
+                if admitted is None:
+                    conn.close()
+                    return
+                protocol.gate = admitted
             await asyncio.get_running_loop().connect_accepted_socket(
-                make, conn, ssl=self.ssl, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if self.ssl else None)
+                lambda: protocol, conn, ssl=self.ssl, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         except (OSError, asyncio.CancelledError):
             conn.close()
+        finally:
+            if admitted is not None:
+                admitted.release()  # (nothing once the protocol took the slot over)
 
     async def _proxy_header(self, conn: socket.socket) -> Any:
         """The address a PROXY v2 header names (consumed from the socket), None to go on with the
@@ -401,9 +322,10 @@ class Listener:
 
     async def _bind(self, factory: Callable[[], Any], host: str, port: int, backlog: int) -> None:
         loop = asyncio.get_running_loop()
-        if _uses_libuv(loop) and self.proxies is None:  # with trusted proxies: our accept loop, as below
-            self._server = await loop.create_server(factory, host, port, backlog=backlog, reuse_address=True, ssl=self.ssl,
-                                                    ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if self.ssl else None)
+        if _uses_libuv(loop) and self.proxies is None and self.ssl is None:
+            # with trusted proxies or TLS: our accept loop, as below (uvloop makes the protocol of a
+            # TLS connection at the accept, but tells it nothing until the handshake is done)
+            self._server = await loop.create_server(factory, host, port, backlog=backlog, reuse_address=True)
             for lsock in self._server.sockets:  # accepted connections inherit the options (see tune_socket)
                 tune_socket(lsock)
             return
@@ -436,10 +358,18 @@ async def listen(factory: Callable[[], Any], host: str, port: int, what: str, ba
     """Listen on ``host:port`` (every address it resolves to), making a protocol per connection.
     With ``proxies``, a PROXY protocol v2 header from those addresses names the peer (used when
     present); one from any other address closes the connection. With ``ssl`` (a server
-    ``SSLContext``) every connection is TLS, the handshake done before the protocol sees it."""
+    ``SSLContext``) every connection is TLS, the handshake done before the protocol sees it; a
+    protocol with a ``gate`` (a ``ConnectionGate``) is counted in it at the accept, before the
+    handshake, and given an ``Admitted`` as its gate instead."""
     listener = Listener(what, proxies or None, header_timeout, ssl)
     await listener._bind(factory, host, port, backlog)
     return listener
+
+
+def _host_of(protocol: Any, conn: socket.socket) -> str:
+    """The host a connection counts under: a trusted proxy's visitor, or the socket's peer."""
+    peer = getattr(protocol, "peer_address", None) or conn.getpeername()
+    return peer[0] if isinstance(peer, tuple) else str(peer)
 
 
 def _with_peer(factory: Callable[[], Any], peer: Any) -> Any:

@@ -5,7 +5,9 @@ TLS is terminated here (TLS 1.2 or 1.3); each connection's SNI name is kept (``s
 requests are routed by SNI, then Host: a request whose Host names another tunnel than the SNI did
 gets 421 Misdirected Request (RFC 9110 §15.5.20), so a connection opened for one tunnel's name
 cannot be used to reach another. Without SNI, Host alone routes. Everything else is the HTTP
-ingress's: X-Forwarded-Proto says ``https``.
+ingress's: X-Forwarded-Proto says ``https``. The server's ingress caps (``ingress_max_per_address``,
+``ingress_max_connections``, ``ingress_fd_reserve``) count a connection from its accept, before
+the TLS handshake (``aio/listen.py``), which must finish within ``TLS_HANDSHAKE_TIMEOUT``.
 """
 
 from __future__ import annotations
