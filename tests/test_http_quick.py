@@ -96,7 +96,7 @@ def _bridge() -> HttpBridge:
     """An HttpBridge as after a first request routed to tunnel "web", on stub stream and transport."""
     bridge = HttpBridge(types.SimpleNamespace(max_head=16384))  # type: ignore[arg-type]
     bridge.stream, bridge.transport = _Stream(), _Transport()  # type: ignore[assignment]
-    bridge._seen, bridge._tracker, bridge._tunnel = (b"web", "web", forwarded_lines(b"1.2.3.4", b"http", b"web")), \
+    bridge._seen, bridge.tracker, bridge._tunnel = (b"web", "web", forwarded_lines(b"1.2.3.4", b"http", b"web")), \
         ResponseTracker(), "web"
     return bridge
 
@@ -111,7 +111,7 @@ def test_chunk_data_that_looks_like_a_whole_repeated_response_is_chunk_data():
     """A repeated GET answered with a chunked body whose data, in a tunnel read of its own, is a
     copy of the response the first GET got: it is body, not that request's whole answer."""
     bridge = _bridge()
-    tracker = bridge._tracker
+    tracker = bridge.tracker
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n"
     first = answer + b"web GET /same  "
     pieces = [first, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % len(first), first,
@@ -133,7 +133,7 @@ def test_a_head_response_that_looks_like_a_whole_repeated_get_response_is_not_ta
     repeated-response quick way must not take the read for the HEAD's whole answer (the GET's
     answer would be misread, and the responses that follow handed to the wrong requests)."""
     bridge = _bridge()
-    tracker = bridge._tracker
+    tracker = bridge.tracker
 
     def read(data: bytes) -> None:
         _read(bridge, data)

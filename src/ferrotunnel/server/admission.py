@@ -5,6 +5,7 @@ handshake is refused or returns what was asked for, in a form the server acts on
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Union
@@ -16,14 +17,24 @@ from ..frames import PROTOCOL_VERSION, HandshakeStatus
 from ..protocol.extensions import ACCESS_CAPABILITY, POOL_CAPABILITY, instance_of
 from ..protocol.handshake import HandshakeRequest
 from ..protocol.remoteport import parse_remote_port
+from .http_names import printable
 from .public import DNS_LABEL_RULE, is_dns_label
 from .session_index import LocalSessions
 
-__all__ = ["Refusal", "Request", "vet", "vet_tunnel", "replace_own", "MAX_TUNNEL_ID_LEN"]
+__all__ = ["Refusal", "Request", "vet", "vet_tunnel", "replace_own", "shown_id", "MAX_TUNNEL_ID_LEN"]
 
 log = logging.getLogger("ferrotunnel.server")
 
 MAX_TUNNEL_ID_LEN = 255
+
+#: C0 controls, DEL and C1 controls: no tunnel id carries one (see ``vet_tunnel``).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def shown_id(tunnel_id: str) -> str:
+    """A tunnel id for a log line. The client chose it, so it is escaped (``printable``: only
+    printable ASCII stays as it is), and kept whole up to the longest id there is."""
+    return printable(tunnel_id, MAX_TUNNEL_ID_LEN + 1)
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,12 @@ def vet_tunnel(server: Any, asked_id: str, capabilities: Tuple[str, ...],
     tunnel_id = asked_id.lower()
     if not tunnel_id or len(tunnel_id.encode()) > MAX_TUNNEL_ID_LEN:
         return Refusal(HandshakeStatus.UNSUPPORTED_VERSION, f"tunnel id must be 1..{MAX_TUNNEL_ID_LEN} bytes")
+    if _CONTROL.search(tunnel_id):
+        # The protocol takes any string, but no id that someone typed has a control character,
+        # and one that has cannot be a Host or a DNS label: refused with the reason (not
+        # retryable, no failed login) rather than carried into routes and log lines
+        return Refusal(HandshakeStatus.UNSUPPORTED_VERSION, f"tunnel id {asked_id[:70]!r} contains control "
+                       "characters: choose another tunnel id", False)
     if server.domain and not is_dns_label(tunnel_id):  # not retryable: the client stops and says why
         return Refusal(HandshakeStatus.UNSUPPORTED_VERSION, f"tunnel id {asked_id[:70]!r} cannot be "
                        f"a DNS label under {server.domain} ({DNS_LABEL_RULE}): choose another tunnel id", False)
@@ -109,6 +126,7 @@ def replace_own(registry: Any, tunnel_id: str, instance: Optional[str]) -> None:
     holders = (sessions.holding(tunnel_id) if isinstance(sessions, LocalSessions)  # no scan of every session
                else [s for s in sessions if s.tunnel_id == tunnel_id])
     for old in [s for s in holders if instance_of(s.capabilities) == instance]:
-        log.info("tunnel %s: the same client connected again; its session %s is replaced", tunnel_id, old.id)
+        log.info("tunnel %s: the same client connected again; its session %s is replaced", shown_id(tunnel_id),
+                 old.id)
         old.close(ConnectionLostError("replaced by a new connection of the same client"))
         registry.session_ended(old)

@@ -40,7 +40,9 @@ class ServerConnection(TunnelConnection):
         self.deciding = False
         self._hs_timer: Optional[asyncio.TimerHandle] = None
         self._pending = False
-        self._held = 0  # bytes of the first frame held, counted in server.preauth_bytes
+        #: Bytes received in the handshake phase (the first frame so far, and what followed it),
+        #: counted in server.preauth_bytes until the handshake is accepted, refused or closed
+        self._held = 0
         self.stream_handler = server.stream_handler
         #: The tunnel ids this connection's client registered (the tunnels extension).
         self.registrations: Optional[Registrations] = None
@@ -107,10 +109,6 @@ class ServerConnection(TunnelConnection):
         hs = self.handshake
         try:
             hs.receive_data(data)
-            if self._pending:
-                held = hs.buffered
-                self.server.preauth_bytes += held - self._held
-                self._held = held
         except FrameError as exc:
             log.info("closing connection from %s: not a handshake: %s", _where(self.peer_address), exc)
             if len(data) > 1 and data[0] == 0x16 and data[1] == 0x03 and self.tls is None:  # a TLS ClientHello:
@@ -118,6 +116,15 @@ class ServerConnection(TunnelConnection):
             self.server.auth_failure(self.peer_address)
             self.close()
             return
+        if self._pending:
+            # Counted as they arrive, not only when the connection was admitted: connections
+            # admitted while the total was low could each grow to max_handshake_frame. What
+            # arrived stays counted until the policy has decided (the decoded Handshake, and
+            # what the client pipelined after it, are held that long).
+            self._held += len(data)
+            if not self.server.preauth_grew(self, len(data)):
+                self.close()
+                return
         if hs.request is not None and not self.deciding:
             # the policy may await: hold further bytes in the transport until it has decided
             self.deciding = True

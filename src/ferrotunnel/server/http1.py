@@ -243,10 +243,21 @@ def parse_request_llhttp(head: bytes) -> Request:
     req.fields(head)
     if len(req.hosts) > 1:
         raise HeadError("400 Bad Request", "more than one Host header")
+    if req.te and _before_11(req.parser.get_http_version()):
+        # RFC 9112 §6.1: its framing is to be treated as faulty. Refused rather than forwarded and
+        # then closed: an app may read the body of a 1.0 message without the chunked coding, and
+        # then what the chunks carry are requests on the stream that no routing or access rule saw
+        raise HeadError("400 Bad Request", "Transfer-Encoding in an HTTP/1.0 request (RFC 9112 6.1)")
     req.url = head.lstrip(b"\r\n").split(b" ", 2)[1]
     if req.method == b"CONNECT":
         req.upgrade = True
     return req
+
+
+def _before_11(version: str) -> bool:
+    """Whether llhttp's ``major.minor`` is an HTTP version older than 1.1."""
+    major, _, minor = version.partition(".")
+    return (int(major or 0), int(minor or 0)) < (1, 1)
 
 
 def check_partial(req: Request, data: bytes, head: bytes) -> None:

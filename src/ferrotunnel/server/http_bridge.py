@@ -2,7 +2,6 @@
 connection parses and routes every request head, delimits bodies, adds X-Forwarded-*, follows the
 responses on the current tunnel stream, and moves the connection to another tunnel's stream once
 every response owed on the current one has gone out. See ``http`` for the whole picture."""
-
 from __future__ import annotations
 
 import asyncio
@@ -18,6 +17,7 @@ from .http1 import (Chunked, HeadError, PlainHeads, Request, ResponseTracker, ch
                     forwarded_lines, parse_request, rewrite_repeat)
 from ..access import TunnelAccess
 from .guard import AccessRefused, authorization_values, refusal, route_access, strip_authorization
+from .http_badbody import CHUNKED, DISCARD, HEAD, LENGTH, RAW, WAIT, BadBodyMixin
 from .http_names import no_route, printable, response, route_name
 from .registry import Route
 
@@ -28,19 +28,19 @@ __all__ = ["HttpBridge"]
 
 log = logging.getLogger("ferrotunnel.http")
 
-_HEAD, _LENGTH, _CHUNKED, _RAW, _WAIT, _DISCARD = range(6)
+_HEAD, _LENGTH, _CHUNKED, _RAW, _WAIT, _DISCARD = HEAD, LENGTH, CHUNKED, RAW, WAIT, DISCARD  # (http_badbody.py)
 _BODY = ResponseTracker.LENGTH  # the tracker is in a Content-Length response body
 
 
-class HttpBridge(TcpBridge):
+class HttpBridge(BadBodyMixin, TcpBridge):
     """One visitor connection: every request head is parsed and routed by its own Host; a request
     for the tunnel of the current stream goes on that stream, one for another tunnel waits until
     every response owed on the current stream has gone out, then gets a stream of its own. Bodies
     pass as they are (only delimited); after a 101 (or a 2xx to CONNECT) the connection is a raw
     byte pipe both ways."""
 
-    __slots__ = ("ingress", "_buf", "_state", "_left", "_chunked", "_tracker", "_tunnel", "_head_timer",
-                 "_next", "_stash", "_visitor_eof", "_trusted", "_client", "_mark", "_request", "_leaving",
+    __slots__ = ("ingress", "_buf", "_state", "_left", "_chunked", "tracker", "_tunnel", "_head_timer",
+                 "_next", "stash", "_visitor_eof", "_trusted", "_client", "_mark", "request", "_leaving",
                  "_fast", "_opened_once", "_partial", "_after", "_seen", "_plain", "_guard")
 
     def __init__(self, ingress: "HttpIngress") -> None:
@@ -50,16 +50,16 @@ class HttpBridge(TcpBridge):
         self._state = _HEAD
         self._left = 0  # Content-Length body bytes still to come
         self._chunked: Optional[Chunked] = None
-        self._tracker: Optional[ResponseTracker] = None  # the responses on the current stream
+        self.tracker: Optional[ResponseTracker] = None  # the responses on the current stream
         self._tunnel: Optional[str] = None  # the tunnel of the current stream
         self._head_timer: Optional[asyncio.TimerHandle] = None
-        self._next: Any = None  # while waiting: ("open", ...), ("reply", status, reason) or ("upgrade",)
-        self._stash: List[bytes] = []  # visitor bytes read while waiting
+        self._next: Any = None  # while waiting: ("open", ...), ("reply", ...), ("bad body", ...) or ("upgrade",)
+        self.stash: List[bytes] = []  # visitor bytes read while waiting
         self._visitor_eof = False  # the visitor's EOF, held back while waiting
         self._trusted = False  # the connection comes from a trusted proxy: its X-Forwarded-* are kept
         self._client = ""
         self._mark = 0  # bytes_down when the current stream was attached
-        self._request: Tuple[bytes, bytes, str] = (b"", b"", "")  # method, target, tunnel id (for logs)
+        self.request: Tuple[bytes, bytes, str] = (b"", b"", "")  # method, target, tunnel id (for logs)
         self._leaving = False  # the current stream is done with; what it still sends is dropped
         self._fast = False  # the read being passed on is body or raw bytes (counted already)
         self._opened_once = False
@@ -85,16 +85,16 @@ class HttpBridge(TcpBridge):
 
     def _slow_head(self) -> None:  # the first head only: later ones have the idle timeout
         if not self._opened_once and not self.finished and self._state == _HEAD:
-            self._reply("408 Request Timeout", "request head not received in time\n")
+            self.reply("408 Request Timeout", "request head not received in time\n")
 
-    def _reply(self, status: str, body: str) -> None:
+    def reply(self, status: str, body: str) -> None:
         code = status.split()[0]
         self.ingress.responses[code] = self.ingress.responses.get(code, 0) + 1
         if self._head_timer is not None:
             self._head_timer.cancel()
         if self.finished:
             return
-        self._leave_stream()
+        self.leave_stream()
         self.transport.write(response(status, body))
         self.close()
 
@@ -103,7 +103,7 @@ class HttpBridge(TcpBridge):
         line = head.lstrip(b"\r\n").split(b"\r\n", 1)[0]
         log.info("http ingress: %s for %s: %s; request line: %s", status.split()[0],
                  format_peer(self.peer_address), reason, printable(line))
-        self._reply(status, reason + "\n")
+        self.reply(status, reason + "\n")
 
     # -- visitor to tunnel
     def pass_owned(self) -> bool:
@@ -122,14 +122,14 @@ class HttpBridge(TcpBridge):
                 if plain.bare and plain.host == seen[0]:
                     n = rewrite_repeat(self.read_buffer(), DATA_HEADER_SIZE, nbytes, plain.last, seen[2])
                     if n >= 0:
-                        self._tracker.pending.append(plain.answer)  # type: ignore[union-attr]  # (_sent's work)
+                        self.tracker.pending.append(plain.answer)  # type: ignore[union-attr]  # (_sent's work)
                         self.send_read(nbytes, n)
                         return
                 req = plain.rewrite(self.read_buffer(), DATA_HEADER_SIZE, nbytes, seen[0], seen[2])
                 if req is not None:  # another plain head, now the last one
-                    self._request = (req.method, req.url, seen[1])
+                    self.request = (req.method, req.url, seen[1])
                     if plain.bare:  # what _sent does for a plain head without a body
-                        self._tracker.pending.append(plain.answer)  # type: ignore[union-attr]
+                        self.tracker.pending.append(plain.answer)  # type: ignore[union-attr]
                     else:
                         self._sent(req, plain.framing, [])
                     self.send_read(nbytes, nbytes - 2 + len(seen[2]))
@@ -151,7 +151,7 @@ class HttpBridge(TcpBridge):
         elif self.finished:
             pass
         elif self._state == _WAIT:
-            self._stash.append(data)
+            self.stash.append(data)
         else:
             self._feed(data)
 
@@ -178,7 +178,7 @@ class HttpBridge(TcpBridge):
                     end = self._chunked.feed(data, pos)
                 except HeadError as exc:
                     self._flush_up(out)
-                    self._wait(("reply", exc.status, exc.reason, b""))
+                    self.bad_body(exc.status, exc.reason)
                     return
                 if end < 0:
                     out.append(data[pos:])
@@ -220,12 +220,12 @@ class HttpBridge(TcpBridge):
                 if not self._on_head(head, out):
                     self._flush_up(out)
                     if pos < n:
-                        self._stash.append(data[pos:])
+                        self.stash.append(data[pos:])
                     return
             elif state == _DISCARD:  # after a request that closes the connection: nothing more is read
                 break
             else:  # _WAIT
-                self._stash.append(data[pos:])
+                self.stash.append(data[pos:])
                 break
         self._flush_up(out)
 
@@ -245,7 +245,7 @@ class HttpBridge(TcpBridge):
         seen = self._seen  # the last request's Host, tunnel and X-Forwarded-* lines: most repeat them
         if (seen is not None and req.hosts and req.hosts[0] == seen[0] and req.url[:1] == b"/" and not req.xff and not
                 req.xfp and not req.xfh and seen[1] == self._tunnel and not self._leaving and self.stream is not None):
-            self._request = (req.method, req.url, seen[1])
+            self.request = (req.method, req.url, seen[1])
             out.append(head[:-2] + seen[2])
             return self._sent(req, framing, out)
         try:
@@ -260,7 +260,7 @@ class HttpBridge(TcpBridge):
         if sni is not None and sni != tunnel_id:  # HTTPS: the connection was opened for another name
             return self._wait(("reply", "421 Misdirected Request", f"this connection is for {printable(sni)} (its "
                                f"TLS server name), not {printable(tunnel_id)}: open one for that name", head))
-        self._request = (req.method, target, tunnel_id)
+        self.request = (req.method, target, tunnel_id)
         fwd = forwarded_head(head, req, self._client, host.decode("ascii"), self.ingress.scheme, self._trusted)
         if target[:1] == b"/":
             self._seen = (host, tunnel_id, forwarded_lines(self._client.encode(), self.ingress.scheme.encode(), host))
@@ -282,8 +282,8 @@ class HttpBridge(TcpBridge):
 
     def _sent(self, req: Request, framing: Any, out: List[bytes]) -> bool:
         """The head went (in ``out``) to the current stream: expect its answer and its body."""
-        assert self._tracker is not None
-        self._tracker.pending.append((req.method, req.upgrade))
+        assert self.tracker is not None
+        self.tracker.pending.append((req.method, req.upgrade))
         after = _HEAD if req.keep_alive else _DISCARD  # after a "Connection: close" request, nothing
         self._after = after
         if framing == "chunked":
@@ -311,42 +311,42 @@ class HttpBridge(TcpBridge):
     def _proceed(self) -> None:
         if self.finished or self._state != _WAIT or self._next is None or self._next[0] not in ("open", "reply"):
             return  # (an upgrade answer, or an open already under way: scheduled twice in one turn)
-        tracker = self._tracker
+        tracker = self.tracker
         if self.stream is not None and tracker is not None and not tracker.idle and not self._leaving:
             return  # tunnel_data calls again when the last owed response has gone out
         action, self._next = self._next, None
         if action[0] == "reply":
             _, status, reason, head = action
             if head is None:  # the ingress's own /health, for a request no tunnel takes
-                self._reply(status, reason + "\n")
+                self.reply(status, reason + "\n")
             else:
                 self._reject(status, reason, head)
             return
         _, tunnel_id, req, fwd, framing, host, health = action
-        self._leave_stream()
+        self.leave_stream()
         self._next = ("opening", req, fwd, framing, health)
         protocol = Protocol.WEB_SOCKET if req.upgrade else Protocol.HTTP
         self.ingress.open_stream(tunnel_id, protocol, self._opened, self.peer_address, host or None,
                                  authorization_values(fwd))
 
-    def _leave_stream(self) -> None:
+    def leave_stream(self) -> None:
         """Done with the current stream: what it still sends is dropped; it is closed gracefully."""
         self.detach()
         self._guard = None
-        self._tracker = None
+        self.tracker = None
         self._tunnel = None
         self._leaving = False
 
     def _opened(self, route: Optional[Route], result: Union[VirtualStream, FerroTunnelError, None]) -> None:
         pending, self._next = self._next, None
-        method, target, tunnel_id = self._request
+        method, target, tunnel_id = self.request
         if self.finished:  # the visitor left while the route was looked up
             if isinstance(result, VirtualStream):
                 result.abort()
             return
         _, req, fwd, framing, health = pending
         if route is None:
-            self._reply(*no_route(self.ingress.server.registry, tunnel_id, health))
+            self.reply(*no_route(self.ingress.server.registry, tunnel_id, health))
             return
         if isinstance(result, AccessRefused):  # the tunnel's access rules (allow list, basic auth)
             self._reject(result.status, result.reason, fwd[:fwd.find(b"\r\n")])
@@ -354,14 +354,14 @@ class HttpBridge(TcpBridge):
         if not isinstance(result, VirtualStream):
             log.warning("http ingress: cannot open a stream to tunnel %s: %s", printable(tunnel_id),
                         printable(str(result)))
-            self._reply("502 Bad Gateway", "the tunnel could not take the request\n")
+            self.reply("502 Bad Gateway", "the tunnel could not take the request\n")
             return
         if self._head_timer is not None:
             self._head_timer.cancel()
         self._opened_once = True
         log.info("http %s %s -> tunnel %s stream %d", printable(method), printable(target), printable(tunnel_id),
                  result.stream_id)
-        self._tracker = ResponseTracker()
+        self.tracker = ResponseTracker()
         self._tunnel = tunnel_id
         access = route_access(route)
         if access is not None and access.digest is not None:
@@ -381,11 +381,11 @@ class HttpBridge(TcpBridge):
 
     def _resume(self) -> None:
         """The wait is over: what the visitor sent meanwhile is delimited now, then reading goes on."""
-        stash, self._stash = self._stash, []
+        stash, self.stash = self.stash, []
         while stash and self._state != _WAIT and not self.finished:
             self._feed(stash.pop(0))
         if self._state == _WAIT:
-            self._stash.extend(stash)
+            self.stash.extend(stash)
             return
         if self.finished:
             return
@@ -407,7 +407,7 @@ class HttpBridge(TcpBridge):
 
     # -- tunnel to visitor
     def tunnel_data(self, payload: memoryview) -> None:
-        tracker = self._tracker
+        tracker = self.tracker
         if self._leaving or tracker is None:
             if self.stream is not None:
                 self.stream.consumed(len(payload))
@@ -446,6 +446,9 @@ class HttpBridge(TcpBridge):
                     self._next = None
                     self._state = _RAW if switched else self._after
                     asyncio.get_running_loop().call_soon(self._resume)
+            elif self._next[0] == "bad body":
+                if len(tracker.pending) <= 1 or tracker.lost:
+                    asyncio.get_running_loop().call_soon(self.settle_bad_body)
             elif tracker.idle:
                 self._leaving = True
                 asyncio.get_running_loop().call_soon(self._proceed)
@@ -458,10 +461,10 @@ class HttpBridge(TcpBridge):
 
     # a stream that ends before any response byte: the local service did not answer
     def tunnel_eof(self) -> None:
-        if self._leaving:
+        if self._leaving or self.settle_bad_body(final=True):
             return
         if self.bytes_down == self._mark and not self.finished:
-            self._reply("502 Bad Gateway", "the local service closed the connection without answering\n")
+            self.reply("502 Bad Gateway", "the local service closed the connection without answering\n")
             return
         if self._state == _WAIT:  # the app ended the connection (a response delimited by its end)
             self.flush_out()
@@ -478,16 +481,18 @@ class HttpBridge(TcpBridge):
         if self.finished:
             super().tunnel_reset(exc)
             return
+        if self.settle_bad_body(final=True):  # (the app gave up on the malformed body first)
+            return
         pending = self._outq
         unsent = sum(len(p) for p in pending) if pending else 0
-        tunnel_id = self._request[2]
+        tunnel_id = self.request[2]
         if self.bytes_down - self._mark == unsent:  # nothing of the response went out to the visitor
             self._outq = None  # what arrived in this read is dropped with the stream
             lost = isinstance(exc, ConnectionLostError)
             log.warning("http ingress: tunnel %s %s before answering; 502", printable(tunnel_id),
                         "went away" if lost else "reset the stream")
             self.stream = None
-            self._reply("502 Bad Gateway", "the tunnel went away before the local service answered\n" if lost
+            self.reply("502 Bad Gateway", "the tunnel went away before the local service answered\n" if lost
                         else "the local service is unreachable\n")
             return
         log.warning("http ingress: tunnel %s stream cut after %d response bytes; aborting the visitor's connection",

@@ -16,7 +16,9 @@ from ..aio.transport import bound_address
 from ..errors import FerroTunnelError
 from ..frames import Protocol, StreamPriority
 from ..protocol.remoteport import remote_port_capability
+from .admission import shown_id
 from .guard import AccessRefused, kind_of, refusal, route_access
+from .http_names import printable
 from .public import PublicEndpoint
 from .registry import LocalRoute, Route, first_with_capability
 
@@ -57,14 +59,14 @@ class _IngressBridge(TcpBridge):
         ing = self.ingress
         if route is None:
             log.info("ingress %s: no session for %s; closing %s", ing.describe_bind(),
-                     ing.tunnel_id or "a tcp-capable client", format_peer(self.peer))
+                     shown_id(ing.tunnel_id) if ing.tunnel_id else "a tcp-capable client", format_peer(self.peer))
             self.close()  # nothing was cut: a plain close
         elif isinstance(result, AccessRefused):  # the tunnel's allow list: a refused connection
             log.info("ingress %s: %s refused by tunnel %s's access rules", ing.describe_bind(), format_peer(self.peer),
-                     route.tunnel_id)
+                     shown_id(route.tunnel_id))
             self.abort()
         elif not isinstance(result, VirtualStream):
-            log.warning("ingress %s: cannot open a stream: %s", ing.describe_bind(), result)
+            log.warning("ingress %s: cannot open a stream: %s", ing.describe_bind(), printable(str(result)))
             self.abort()
         elif self.finished:  # the visitor left while the route was looked up
             result.abort()
@@ -72,7 +74,7 @@ class _IngressBridge(TcpBridge):
             ing.connections += 1
             if log.isEnabledFor(logging.INFO):
                 log.info("ingress %s: %s -> tunnel %s, stream %d", ing.describe_bind(), format_peer(self.peer),
-                         route.tunnel_id, result.stream_id)
+                         shown_id(route.tunnel_id), result.stream_id)
             if result.peername == self.peer_address:  # (a copy of it): one tuple for both, not two
                 self.peer_address = result.peername
             self.attach(result)
@@ -154,7 +156,7 @@ class Ingress:
             then(None, None)
             raise
         except Exception as exc:  # the registry failed: no route, said once in the log
-            log.warning("%s: registry lookup failed: %s", self.kind, exc)
+            log.warning("%s: registry lookup failed: %s", self.kind, printable(str(exc)))
             route = None
         self._open(route, protocol, then, visitor, host, authorization)
 
@@ -258,7 +260,7 @@ class TcpIngress(Ingress):
 
     def describe(self) -> str:
         """Where visitors go, for the log line: ``"-> <tunnel_id>"``, or ``"-> first tcp session"``."""
-        return f"-> {self.tunnel_id or 'first tcp session'}"
+        return f"-> {shown_id(self.tunnel_id) if self.tunnel_id else 'first tcp session'}"
 
     def lookup(self, tunnel_id: Optional[str]) -> Optional[Route]:
         """The route for a visitor: with ``tunnel_id`` as ``Ingress.lookup``; without one, the
@@ -379,12 +381,12 @@ class PortLeases:
                 ingress.stop_listening()  # if it got as far as listening
                 raise
             taken = exc.errno == errno.EADDRINUSE
-            log.info("remote port %s for tunnel %s: %s", port, session.tunnel_id, exc)
+            log.info("remote port %s for tunnel %s: %s", port, shown_id(session.tunnel_id), exc)
             raise PortUnavailable(f"remote port {port} is taken" if taken else
                                   f"remote port {port} cannot be bound ({exc.strerror or exc})") from None
         self.ingresses[port] = ingress
         self.ports[session] = port
-        log.info("remote port %s leased to tunnel %s (session %s)", port, session.tunnel_id, session.id)
+        log.info("remote port %s leased to tunnel %s (session %s)", port, shown_id(session.tunnel_id), session.id)
         return port
 
     def release(self, session: Any) -> None:
@@ -394,7 +396,7 @@ class PortLeases:
         if ingress is None:
             return
         ingress.stop_listening()  # the socket closes now; accepted connections end with their streams
-        log.info("remote port %s of tunnel %s released", port, session.tunnel_id)
+        log.info("remote port %s of tunnel %s released", port, shown_id(session.tunnel_id))
         task = asyncio.get_running_loop().create_task(ingress.close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)

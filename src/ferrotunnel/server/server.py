@@ -28,7 +28,7 @@ from ..protocol.handshake import HandshakeRequest
 from .connection import ServerConnection
 from .ingress import PortUnavailable
 from .ports import IndexedPortLeases
-from .admission import MAX_TUNNEL_ID_LEN, Refusal, replace_own, vet
+from .admission import MAX_TUNNEL_ID_LEN, Refusal, replace_own, shown_id, vet
 from .public import PublicEndpoint, normalize_domain, public_urls
 from .registry import LocalRegistry, SessionRegistry, SessionStore
 from .throttle import AuthThrottle
@@ -186,6 +186,21 @@ class TunnelServer:
         self._connections.add(conn)
         return True
 
+    def preauth_grew(self, conn: ServerConnection, nbytes: int) -> bool:
+        """``nbytes`` more arrived on a pending handshake (``conn`` counts them as held): False
+        when they take the bytes all pending handshakes hold over ``max_preauth_bytes``, and the
+        connection must close (counted and logged as a refusal, at most once per address every
+        ``REFUSAL_LOG_INTERVAL`` seconds; no failed login: the bytes of others filled the pool)."""
+        self.preauth_bytes += nbytes
+        if self.preauth_bytes <= self.config.max_preauth_bytes:
+            return True
+        host = _host(conn.peer_address)
+        if self._refusals.due(host, "max_preauth_bytes"):
+            log.warning("tunnel port: closing connections from %s in their handshake: pending handshakes would "
+                        "hold %d bytes (max_preauth_bytes %d); said once per %.0fs", host, self.preauth_bytes,
+                        self.config.max_preauth_bytes, REFUSAL_LOG_INTERVAL)
+        return False
+
     def handshake_ended(self, conn: ServerConnection, held: int) -> None:
         """A connection left the handshake phase (done, refused or closed), holding ``held`` bytes."""
         self.pending_handshakes -= 1
@@ -256,7 +271,7 @@ class TunnelServer:
             return fail(HandshakeStatus.TUNNEL_ID_TAKEN, f"tunnel id {tunnel_id!r} is in use{said}", count=False)
         if claim.replaced is not None:
             log.info("tunnel %s: replacing stale session %s with a new connection from %s",
-                     tunnel_id, claim.replaced.id, _where(peer))
+                     shown_id(tunnel_id), claim.replaced.id, _where(peer))
             claim.replaced.close(ConnectionLostError("replaced by a new connection for the same tunnel id"))
         try:  # a port on request is bound now, for the life of the session
             granted = await self.ports.grant(session, wanted, claim.replaced)
@@ -281,7 +296,7 @@ class TunnelServer:
             core.send_public_urls(urls)
         self._session_added.set()
         self._session_added = asyncio.Event()
-        log.info("session %s (tunnel %s) from %s established%s", session_id, tunnel_id, _where(peer),
+        log.info("session %s (tunnel %s) from %s established%s", session_id, shown_id(tunnel_id), _where(peer),
                  " with flow control" if core.flow else "")
         return None
 
@@ -309,7 +324,7 @@ class TunnelServer:
         for i, v in enumerate((st.frames_in, st.bytes_in, st.frames_out, st.bytes_out)):
             self.totals_closed[i] += v
         if session in self.sessions:
-            log.info("session %s (tunnel %s) from %s closed%s", session.id, session.tunnel_id,
+            log.info("session %s (tunnel %s) from %s closed%s", session.id, shown_id(session.tunnel_id),
                      _where(conn.peer_address), f": {conn.close_exc}" if conn.close_exc else "")
         self.registry.session_ended(session)
 

@@ -15,7 +15,7 @@ from ..aio.session import Session, TunnelAlias
 from ..errors import ConnectionLostError
 from ..frames import Protocol, RegisterStatus
 from ..protocol.extensions import INSTANCE_CAPABILITY, instance_of
-from .admission import MAX_TUNNEL_ID_LEN, Refusal, replace_own, vet_tunnel
+from .admission import MAX_TUNNEL_ID_LEN, Refusal, replace_own, shown_id, vet_tunnel
 from .ingress import PortUnavailable
 
 __all__ = ["Registrations", "MAX_REGISTER_REFUSALS"]
@@ -153,7 +153,7 @@ class Registrations:
             retry = f"; retry-after={claim.retry_after:g}" if claim.retry_after is not None else ""
             return RegisterStatus.SERVICE_NAME_TAKEN, f"tunnel id {tunnel_id!r} is in use{said}{retry}"
         if claim.replaced is not None:
-            log.info("tunnel %s: replacing stale session %s (registered on session %s from %s)", tunnel_id,
+            log.info("tunnel %s: replacing stale session %s (registered on session %s from %s)", shown_id(tunnel_id),
                      claim.replaced.id, session.id, _where(conn.peer_address))
             claim.replaced.close(ConnectionLostError("replaced by a new connection for the same tunnel id"))
         try:
@@ -163,7 +163,8 @@ class Registrations:
         if conn.closed:
             return RegisterStatus.SUCCESS, ""
         self.aliases[tunnel_id] = alias
-        log.info("tunnel %s registered on session %s from %s", tunnel_id, session.id, _where(conn.peer_address))
+        log.info("tunnel %s registered on session %s from %s", shown_id(tunnel_id), session.id,
+                 _where(conn.peer_address))
         return RegisterStatus.SUCCESS, " ".join(server.public_urls(tunnel_id, alias.capabilities))
 
     def closed(self) -> None:
@@ -173,7 +174,7 @@ class Registrations:
         for tunnel_id, alias in list(self.aliases.items()):
             self.server.ports.release(alias)
             self.server.registry.session_ended(alias)
-            log.info("tunnel %s (registered on session %s) closed", tunnel_id, self.session.id)
+            log.info("tunnel %s (registered on session %s) closed", shown_id(tunnel_id), self.session.id)
         self.aliases.clear()
 
 
