@@ -165,6 +165,41 @@ def test_a_node_without_the_secret_gets_no_link(run, which):
     run(body, timeout=30)
 
 
+def test_connections_in_their_preamble_are_capped(run, monkeypatch):
+    """Connections to a node's link port that never authenticate hold a descriptor each until
+    PREAMBLE_TIMEOUT: past MAX_LINK_PREAMBLES of them a new one is closed at once, and a real
+    node still links once they are gone."""
+    from ferrotunnel.cluster import links as links_mod
+
+    monkeypatch.setattr(links_mod, "MAX_LINK_PREAMBLES", 3, raising=False)
+
+    async def body():
+        links = LinkServer("node-a", SECRET, ("127.0.0.1", 0), lambda tid: None)
+        await links.start()
+        pool = LinkPool("node-b", SECRET)
+        silent = []
+        try:
+            for _ in range(3):  # silent: they take the preamble slots
+                r, w = await asyncio.open_connection(*links.address)
+                silent.append(w)
+                assert len(await r.readexactly(1)) == 1  # the node's hello: accepted, in its preamble
+            r, w = await asyncio.open_connection(*links.address)
+            assert await asyncio.wait_for(r.read(), 10) == b""  # closed at once, no hello
+            w.close()
+            assert links._refusals.counts["link_preambles"] >= 1
+            for w in silent:
+                w.close()
+            for _ in range(500):  # their slots come back as the node sees them go
+                if not links._handshakes:
+                    break
+                await asyncio.sleep(0.01)
+            assert await pool.route("node-a", links.address, "x") is not None
+        finally:
+            await pool.close()
+            await links.close()
+    run(body, timeout=60)
+
+
 def test_the_dialler_checks_which_node_it_reached(run):
     async def body():
         links = LinkServer("node-c", SECRET, ("127.0.0.1", 0), lambda tid: None)

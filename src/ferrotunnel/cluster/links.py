@@ -59,6 +59,10 @@ MAC_SIZE = 32
 MAX_NODE_ID = 512
 #: Seconds the preamble may take before the connection is dropped.
 PREAMBLE_TIMEOUT = 5.0
+#: Connections at once in their preamble on a node's link port (before a node proved it knows the
+#: secret); beyond it new ones are closed at once, so a stranger who reaches the port cannot take
+#: the process's descriptors with connections that say nothing.
+MAX_LINK_PREAMBLES = 64
 #: A link's heartbeat, and the silence after which it is declared dead (a partition between nodes:
 #: streams on it end, and the next visitor's lookup dials again).
 LINK_HEARTBEAT = 1.0
@@ -202,6 +206,11 @@ class LinkServer:
             except OSError as exc:  # out of descriptors and the like: wait, do not spin
                 log.warning("node links: accept failed: %s", exc)
                 await asyncio.sleep(0.5)
+                continue
+            if len(self._handshakes) >= MAX_LINK_PREAMBLES:
+                self._refusals.refuse(peer[0] if isinstance(peer, tuple) else str(peer), "link_preambles",
+                                      f"{MAX_LINK_PREAMBLES} connections in their preamble (MAX_LINK_PREAMBLES)")
+                conn.close()
                 continue
             conn.setblocking(False)
             task = loop.create_task(self._handshake(conn, peer))
