@@ -37,6 +37,10 @@ def test_a_secret_file_of_raw_bytes_is_a_usage_error(tmp_path):
                 "--cluster-token-file", str(secret))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"--cluster-token-file {secret} is not UTF-8 text" in r.stderr, r.stderr
+    # only the first line counts: text past the bytes read, cut inside a character, is no error
+    from ferrotunnel.cli.cluster import MAX_SECRET_FILE, _first_line
+    secret.write_bytes(b"a-good-secret-line\n" + "\u00e9".encode() * MAX_SECRET_FILE)
+    assert _first_line(str(secret), "--cluster-token-file") == "a-good-secret-line"
 
 
 def test_a_redis_password_on_the_command_line_is_refused():
@@ -110,6 +114,12 @@ def test_redis_passwords_are_redacted_wherever_they_are():
     assert redact_url("redis://:pa/ss-secret@h:1/0") == "redis://***@h:1/0"
     assert redact_url("redis://u:Sup3rSecret#tail@h:1/0") == "redis://***@h:1/0"
     assert redact_url("redis://h:1/0?client=a@b") == "redis://***@b"  # (too much, never too little)
+    # "@" and "/" both in the password: the "@" past the authority is what counts
+    assert redact_url("redis://:p@ss/word-secret@h:6379/0") == "redis://***@h:6379/0"
+    with pytest.raises(ValueError, match="percent-encoded") as err:
+        ClusterConfig(redis_url="redis://:p@ss/word-secret@h:6379/0", node_id="n", node_advertise=("h", 1),
+                      cluster_token="x")
+    assert "word-secret" not in str(err.value)
     cfg = ClusterConfig(redis_url="redis://:s3cret@h/0?password=s3cret", node_id="n", node_advertise=("h", 1),
                         cluster_token="also-secret")
     assert "s3cret" not in repr(cfg) and "also-secret" not in repr(cfg)

@@ -172,6 +172,7 @@ def test_connections_in_their_preamble_are_capped(run, monkeypatch):
     from ferrotunnel.cluster import links as links_mod
 
     monkeypatch.setattr(links_mod, "MAX_LINK_PREAMBLES", 3, raising=False)
+    monkeypatch.setattr(links_mod, "MAX_LINK_PREAMBLES_PER_ADDRESS", 2, raising=False)
 
     async def body():
         links = LinkServer("node-a", SECRET, ("127.0.0.1", 0), lambda tid: None)
@@ -179,13 +180,21 @@ def test_connections_in_their_preamble_are_capped(run, monkeypatch):
         pool = LinkPool("node-b", SECRET)
         silent = []
         try:
-            for _ in range(3):  # silent: they take the preamble slots
-                r, w = await asyncio.open_connection(*links.address)
+            async def silent_from(source):  # silent: it takes a preamble slot
+                r, w = await asyncio.open_connection(*links.address, local_addr=(source, 0))
                 silent.append(w)
                 assert len(await r.readexactly(1)) == 1  # the node's hello: accepted, in its preamble
-            r, w = await asyncio.open_connection(*links.address)
-            assert await asyncio.wait_for(r.read(), 10) == b""  # closed at once, no hello
-            w.close()
+
+            async def refused_from(source):
+                r, w = await asyncio.open_connection(*links.address, local_addr=(source, 0))
+                assert await asyncio.wait_for(r.read(), 10) == b""  # closed at once, no hello
+                w.close()
+
+            for _ in range(2):
+                await silent_from("127.0.0.2")
+            await refused_from("127.0.0.2")  # its address's share is taken
+            await silent_from("127.0.0.3")  # another address still gets in, up to the total
+            await refused_from("127.0.0.4")  # the total is taken
             assert links._refusals.counts["link_preambles"] >= 1
             for w in silent:
                 w.close()

@@ -38,6 +38,10 @@ def test_headers_for_the_local_service():
         assert h is not None and h.source == ("fe80::1", 80)
     with pytest.raises(ValueError):
         encode_v1(("fe80::1%eth0\r\nX: 1", 80), ("::1", 8000))
+    # the local service's own zone (a link-local local_addr) is left out as well
+    assert header_for("v1", "[fe80::2]:80", ("fe80::1%lo", 8000)) == b"PROXY TCP6 fe80::2 fe80::1 80 8000\r\n"
+    h = ProxyV2Reader().feed(header_for("v2", "[fe80::2]:80", ("fe80::1%lo", 8000)))
+    assert h is not None and h.destination == ("fe80::1", 8000)
 
 
 class App:

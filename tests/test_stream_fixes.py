@@ -167,6 +167,43 @@ def test_concurrent_drain_and_wait_closed_are_all_woken(run, order):
     run(body)
 
 
+def test_two_wait_closed_on_a_stream_below_its_send_buffer_wait_quietly(run, monkeypatch):
+    """Two wait_closed() (e.g. aclose() in one task and wait_closed() in another) on a stream whose
+    peer does not read, its queue under the send buffer: both wait without waking each other over
+    and over (a busy loop), and both return once the peer reads."""
+    from ferrotunnel.protocol.core import SessionCore
+
+    asks = []
+    wait_writable = SessionCore.wait_writable
+
+    def counting(self, st, below=None):
+        asks.append(below)
+        return wait_writable(self, st, below)
+
+    monkeypatch.setattr(SessionCore, "wait_writable", counting)
+
+    async def body():
+        go = asyncio.Event()
+
+        async def late_reader(stream):
+            await go.wait()
+            async for _ in stream:
+                pass
+
+        async with tunnel(late_reader, client_config=ft.ClientConfig(initial_window=16 * KiB)) as (
+                server, client, session):
+            s = await session.open_stream()
+            s.write(b"x" * (48 * KiB))  # past the peer's credit, under the send buffer
+            await until(lambda: 0 < s._conn.core.queued(s._st) < s._conn.config.stream_send_buffer, "backed up")
+            tasks = [asyncio.ensure_future(s.wait_closed()), asyncio.ensure_future(s.wait_closed())]
+            await asyncio.sleep(0.3)
+            assert not any(t.done() for t in tasks)
+            assert len(asks) < 20, f"{len(asks)} wake-ups in 0.3 s: a busy loop"
+            go.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), 15)
+    run(body)
+
+
 def test_concurrent_drain_and_wait_closed_all_fail_when_the_session_closes(run):
     async def body():
         async def never_reads(stream):

@@ -281,8 +281,11 @@ class ClusterConfig:
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         from urllib.parse import urlsplit
 
+        rest = self.redis_url.partition("://")[2]
         try:  # what redis-py's from_url reads: its own error would quote the password
             urlsplit(self.redis_url).port
+            if rest.rfind("@") > _authority_end(rest):  # it would connect to a host made of the password
+                raise ValueError
         except ValueError:
             raise ValueError(f"redis_url {redact_url(self.redis_url)} is not a valid URL: write it as "
                              "redis://[USER:PASSWORD@]HOST[:PORT][/DB], with any '@', ':', '/', '?' or '#' "
@@ -305,6 +308,11 @@ class ClusterConfig:
                 f"node_advertise={self.node_advertise!r})")
 
 
+def _authority_end(rest: str) -> int:
+    """Where the authority of a URL's part after "://" ends (its first "/", "?" or "#")."""
+    return min([i for i in (rest.find(c) for c in "/?#") if i >= 0], default=len(rest))
+
+
 def redact_url(url: str) -> str:
     """``url`` without its password: in the authority (``redis://:secret@host`` ->
     ``redis://:***@host``) and in a ``password=`` query parameter."""
@@ -312,12 +320,10 @@ def redact_url(url: str) -> str:
 
     scheme, sep, rest = url.partition("://")
     if sep and "@" in rest:
-        end = min([i for i in (rest.find(c) for c in "/?#") if i >= 0], default=len(rest))
-        if "@" in rest[:end]:  # as a URL parser reads it: the user info ends at the authority's last "@"
+        end = _authority_end(rest)
+        if rest.rfind("@") > end:  # an "@" past the authority: a password cut short by "/?#" (refused)
+            rest = f"***@{rest[rest.rfind('@') + 1:]}"
+        elif "@" in rest[:end]:  # as a URL parser reads it: the user info ends at the authority's last "@"
             at = rest.rfind("@", 0, end)
             rest = f"{rest[:at].split(':', 1)[0]}:***@{rest[at + 1:]}"
-        elif ":" in rest[:end]:
-            # "user:pa/ss@host": a "/", "?" or "#" in the password cut the authority short (the URL
-            # is refused), or an "@" after a path: everything up to the last "@" goes
-            rest = f"***@{rest[rest.rfind('@') + 1:]}"
     return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", f"{scheme}{sep}{rest}")

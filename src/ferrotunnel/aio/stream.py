@@ -384,9 +384,10 @@ class VirtualStream(SinkSeam):
             fut = self._conn.loop.create_future()
             w = self._writer
             self._writer = fut if w is None else [w, fut] if not isinstance(w, list) else w + [fut]
-            # The session keeps one mark per stream, the last asked for: with others waiting, the
-            # send buffer's (the highest), so that no drain() waits for a wait_closed()'s empty queue.
-            core.wait_writable(self._st, below if w is None else None)
+            # One mark per stream in the session, the last asked for, wakes every waiter, each to look
+            # again: each asks for its own (one above another's need would wake that one over and over;
+            # a drain() behind a wait_closed() may wait for the empty queue, never for ever).
+            core.wait_writable(self._st, below)
             try:
                 await fut  # (at once if wait_writable woke it)
             finally:

@@ -58,7 +58,7 @@ def _first_line(path: str, what: str) -> str:
     except OSError as exc:
         raise ClusterUsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     try:
-        line = data.decode("utf-8").split("\n", 1)[0].strip()
+        line = data.split(b"\n", 1)[0].decode("utf-8").strip()  # (the read may end inside a character)
     except UnicodeDecodeError:  # e.g. raw random bytes: a secret must be text
         raise ClusterUsageError(f"{what} {path} is not UTF-8 text: put the value on its first line as text "
                                 "(for a secret, e.g. the output of 'openssl rand -hex 32')") from None

@@ -24,6 +24,7 @@ the clear, like the tunnel port without TLS: run node links on a private network
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import hmac
 import logging
@@ -63,6 +64,8 @@ PREAMBLE_TIMEOUT = 5.0
 #: secret); beyond it new ones are closed at once, so a stranger who reaches the port cannot take
 #: the process's descriptors with connections that say nothing.
 MAX_LINK_PREAMBLES = 64
+#: The same from one address: one stranger cannot take every slot (a node dials each peer once).
+MAX_LINK_PREAMBLES_PER_ADDRESS = 4
 #: A link's heartbeat, and the silence after which it is declared dead (a partition between nodes:
 #: streams on it end, and the next visitor's lookup dials again).
 LINK_HEARTBEAT = 1.0
@@ -159,6 +162,7 @@ class LinkServer:
         self._sock: Optional[socket.socket] = None
         self._task: Optional["asyncio.Task[None]"] = None
         self._handshakes: "set[asyncio.Task[None]]" = set()
+        self._preambles: "collections.Counter[str]" = collections.Counter()  # per address, in their preamble
         self._refusals = RefusalLog("node link")
         #: streams that arrived over links, by outcome ("joined", "no_session", "refused")
         self.streams: Dict[str, int] = {"joined": 0, "no_session": 0, "refused": 0, "refused_access": 0}
@@ -207,15 +211,28 @@ class LinkServer:
                 log.warning("node links: accept failed: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
-            if len(self._handshakes) >= MAX_LINK_PREAMBLES:
-                self._refusals.refuse(peer[0] if isinstance(peer, tuple) else str(peer), "link_preambles",
-                                      f"{MAX_LINK_PREAMBLES} connections in their preamble (MAX_LINK_PREAMBLES)")
+            host = peer[0] if isinstance(peer, tuple) else str(peer)
+            why = (f"{MAX_LINK_PREAMBLES} connections in their preamble (MAX_LINK_PREAMBLES)"
+                   if len(self._handshakes) >= MAX_LINK_PREAMBLES else
+                   f"{MAX_LINK_PREAMBLES_PER_ADDRESS} connections from this address in their preamble "
+                   "(MAX_LINK_PREAMBLES_PER_ADDRESS)" if self._preambles[host] >= MAX_LINK_PREAMBLES_PER_ADDRESS else "")
+            if why:
+                self._refusals.refuse(host, "link_preambles", why)
                 conn.close()
                 continue
             conn.setblocking(False)
+            self._preambles[host] += 1
             task = loop.create_task(self._handshake(conn, peer))
             self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
+            task.add_done_callback(functools.partial(self._preamble_done, host))
+
+    def _preamble_done(self, host: str, task: "asyncio.Task[None]") -> None:
+        self._handshakes.discard(task)
+        left = self._preambles[host] - 1
+        if left > 0:
+            self._preambles[host] = left
+        else:
+            del self._preambles[host]  # (no entry kept per address that came and went)
 
     async def _handshake(self, sock: socket.socket, peer: Any) -> None:
         loop = asyncio.get_running_loop()

@@ -289,7 +289,7 @@ def header_for(version: str, visitor: Optional[str], local: Address) -> bytes:
                 source = (str(ip.ipv4_mapped or ip) if ip.version == 6 else str(ip), int(port))
         except ValueError:
             source = None
-    destination: Address = local
+    destination: Address = (local[0].split("%", 1)[0], local[1])  # (a zone is the host's own, as above)
     if source is not None:
         try:
             dst = ipaddress.ip_address(local[0])
