@@ -102,6 +102,43 @@ def test_each_token_claims_only_its_ids_and_a_refusal_is_no_failed_login(run, tm
     run(body, timeout=120)
 
 
+def test_a_reload_closes_the_sessions_of_revoked_tokens_and_of_ids_no_longer_allowed(run, tmp_path, caplog):
+    """Re-reading the file (SIGHUP) ends what it no longer allows: a session whose token is gone,
+    and one whose tunnel id its token no longer covers; the others stay, and a file that does not
+    load changes nothing."""
+    p = tokens_file(tmp_path)
+
+    async def live(server, tunnel_id):
+        client = ft.TunnelClient("%s:%d" % server.address, ALICE if tunnel_id != "bob" else BOB, tunnel_id=tunnel_id,
+                                 config=ft.ClientConfig(backoff=ft.BackoffConfig(max_attempts=1)))
+        task = asyncio.create_task(client.connect_and_run())
+        await server.wait_for_session(tunnel_id, timeout=10)
+        return task, server.registry.lookup_local(tunnel_id).session
+
+    async def body():
+        async with PolicyServer(("127.0.0.1", 0), SHARED, client_tokens=ClientTokens(str(p))) as server:
+            tasks, sessions = zip(*[await live(server, tid) for tid in ("alice-1", "web", "bob")])
+            p.write_text("not toml [")
+            assert not server.reload_tokens()  # nothing changes
+            await asyncio.sleep(0.2)
+            assert not any(s.is_closed for s in sessions) and server.revoked_sessions == 0
+            # Bob's token goes; Alice's keeps "web" only
+            p.write_text(f'[[token]]\ntoken = "{ALICE}"\ntunnels = ["web"]\n')
+            assert server.reload_tokens()
+            await asyncio.wait_for(sessions[0].closed_event.wait(), 10)
+            await asyncio.wait_for(sessions[2].closed_event.wait(), 10)
+            assert not sessions[1].is_closed and server.revoked_sessions == 2
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    with caplog.at_level("WARNING", logger="ferrotunnel.server"):
+        run(body, timeout=60)
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert "its token was revoked" in said and "no longer allows tunnel id alice-1" in said, said
+    assert ALICE not in said and BOB not in said
+
+
 async def _refused(server, token, tunnel_id, extensions=True):
     client = ft.TunnelClient("%s:%d" % server.address, token, tunnel_id=tunnel_id,
                              config=ft.ClientConfig(extensions=extensions))

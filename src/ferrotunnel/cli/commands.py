@@ -168,9 +168,10 @@ async def _serve(args: argparse.Namespace) -> int:
             from ..server.client_tokens import PolicyServer
 
             kind, ports["client_tokens"] = PolicyServer, tokens
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, tokens.reload)  # re-read on SIGHUP
         server = kind(bind, token, tls=ctx, config=server_config(args.trusted_proxy),
                       registry=node.registry if node else None, domain=domain, **ports)
+        if tokens is not None:  # re-read on SIGHUP; sessions of revoked tokens are closed
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, server.reload_tokens)
     except ValueError as exc:  # a bad --trusted-proxy CIDR
         raise UsageError(str(exc)) from None
     ingresses: List[Any] = [ft.TcpIngress(server, a, tunnel_id=t) for a, t in tcp_binds]

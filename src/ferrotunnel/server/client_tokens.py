@@ -10,8 +10,9 @@ A handshake whose token is one of these may claim only an id its list matches (l
 token" (``InvalidToken`` with the reject-reason extension; a Rust client sees InvalidToken), and
 that refusal does not count toward the failed-login throttle: the token was right. The shared
 ``--token`` still works when given, for any id. Tokens are compared as SHA-256 digests in
-constant time, against every entry. ``reload()`` re-reads the file (the CLI does on SIGHUP); a
-file that does not load keeps the tokens already in force.
+constant time, against every entry. ``PolicyServer.reload_tokens()`` re-reads the file (the CLI
+does on SIGHUP) and closes the sessions of tokens no longer in it, or no longer allowing their ids;
+a file that does not load keeps the tokens already in force.
 """
 
 from __future__ import annotations
@@ -23,10 +24,15 @@ import logging
 import os
 import re
 import tomllib
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
+from ..addr import format_peer
+from ..aio.session import TunnelAlias
+from ..errors import ConnectionLostError
 from ..frames import HandshakeStatus
+from .admission import shown_id
 from .server import TunnelServer
 
 __all__ = ["ClientTokens", "TokenEntry", "PolicyServer", "MAX_CLIENT_TOKENS", "MAX_TOKENS_FILE_BYTES"]
@@ -111,7 +117,10 @@ class ClientTokens:
 
     def match(self, token: str) -> Optional[TokenEntry]:
         """The entry of ``token`` or None; every entry is compared (constant time per entry)."""
-        digest = hashlib.sha256(token.encode()).digest()
+        return self.match_digest(hashlib.sha256(token.encode()).digest())
+
+    def match_digest(self, digest: bytes) -> Optional[TokenEntry]:
+        """``match`` for a token's SHA-256 digest."""
         found: Optional[TokenEntry] = None
         for entry in self.entries:
             if hmac.compare_digest(digest, entry.digest) and found is None:
@@ -143,6 +152,30 @@ class PolicyServer(TunnelServer):
         self.client_tokens = client_tokens
         #: handshakes refused because the id is outside the token's list
         self.refused_ids = 0
+        #: the sessions a per-client token admitted, with its digest (weakly: a session that ends goes)
+        self._admitted: "weakref.WeakKeyDictionary[Any, bytes]" = weakref.WeakKeyDictionary()
+        #: sessions closed by ``reload_tokens`` because their token went or no longer covers their ids
+        self.revoked_sessions = 0
+
+    def reload_tokens(self) -> bool:
+        """Re-read the tokens file (what SIGHUP does); then every session whose token is no longer
+        in it, or whose tunnel ids it no longer allows, is closed (its client, if it retries, is
+        refused with the reason). On a file that does not load, nothing changes. True if reloaded."""
+        if not self.client_tokens.reload():
+            return False
+        for session, digest in list(self._admitted.items()):
+            entry = self.client_tokens.match_digest(digest)
+            ids = [session.tunnel_id] + [s.tunnel_id for s in self.registry.local_sessions()
+                                         if isinstance(s, TunnelAlias) and s.primary is session]
+            gone = [tid for tid in ids if entry is None or not entry.allows(tid)]
+            if gone and not session.is_closed:
+                self.revoked_sessions += 1
+                why = "its token was revoked" if entry is None else "its token no longer allows tunnel id " + \
+                    ", ".join(shown_id(t) for t in gone)
+                log.warning("session %s (tunnel %s) from %s closed: %s", session.id, shown_id(session.tunnel_id),
+                            format_peer(session.peer_address), why)
+                session.close(ConnectionLostError(f"closed by the server: {why}"))
+        return True
 
     def token_ok(self, token: str) -> bool:
         return (self.shared and super().token_ok(token)) or self.client_tokens.match(token) is not None
@@ -171,5 +204,10 @@ class PolicyServer(TunnelServer):
                 self.handshake_failures[HandshakeStatus.INVALID_TOKEN.name] += 1
                 self.refused_ids += 1
                 conn.reject(HandshakeStatus.INVALID_TOKEN, why)  # not a failed login: no throttle
+                return
+            if entry is not None:
+                await super().authorize(conn, req)
+                if conn.opened and not conn.closed:  # admitted by this token: closed if it is revoked
+                    self._admitted[conn.session] = entry.digest
                 return
         await super().authorize(conn, req)
