@@ -179,7 +179,7 @@ def test_windows_above_the_protocol_bound_are_refused(cfg, field):
 
 
 def test_the_largest_window_allowed_is_one_a_peer_accepts():
-    config = StreamConfig(initial_window=MAX_WINDOW, max_window=MAX_WINDOW)
+    config = StreamConfig(initial_window=MAX_WINDOW, max_window=MAX_WINDOW, session_recv_limit=MAX_WINDOW)
     assert parse_flow_capability([flow_capability(config.initial_window)]) == MAX_WINDOW
 
 

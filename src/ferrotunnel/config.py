@@ -80,6 +80,10 @@ class StreamConfig:
     max_window: int = 4 * MiB
     #: Flow control: bytes all streams of a session may hold unread together before credit stops.
     session_recv_budget: int = 64 * MiB
+    #: Flow control: the most all streams of a session may hold unread, whatever credit they have
+    #: (every new stream starts with ``initial_window`` of it, so the credit alone allows
+    #: ``max_streams_per_session`` times that). A Data frame that would pass it resets its stream.
+    session_recv_limit: int = 256 * MiB
     #: Whether to announce flow control at all.
     flow_control: bool = True
     #: Client: send a Heartbeat this often. Server: heartbeat extension peers this often.
@@ -123,6 +127,9 @@ class StreamConfig:
                      "max_handshake_frame", "max_control_frame", "max_queued_output", "max_accept_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.session_recv_limit < max(self.session_recv_budget, self.initial_window):
+            raise ValueError(f"session_recv_limit ({self.session_recv_limit}) must be at least session_recv_budget "
+                             f"({self.session_recv_budget}) and initial_window ({self.initial_window}): raise it with them")
         for name in ("heartbeat_interval", "session_timeout", "handshake_timeout", "max_peer_resets_per_second",
                      "stalled_stream_timeout"):
             if getattr(self, name) <= 0:

@@ -138,9 +138,7 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
             if st.discarding:
                 self._credit(st, windows.discarded(st, n))
             return
-        log.debug("stream %d: peer overran its window (%d > %d)", sid, n, st.recv_avail)
-        self._reset(st, ErrorCode.PROTOCOL_ERROR, "flow-control window exceeded",
-                    StreamResetError(f"stream {sid}: peer exceeded the flow-control window"))
+        self._reset(st, *windows.refusal(st, n))  # over its window, or over session_recv_limit
 
     def _unknown_stream(self, sid: int) -> None:
         # a peer of this package is told once, so it stops sending (like TCP's RST)

@@ -12,12 +12,15 @@ pairs.
 
 from __future__ import annotations
 
+import logging
 import struct
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 # MAX_WINDOW (2^31 - 1): the largest window a peer may announce and the most credit a stream may
 # hold; config.py has it, so a config's own windows are checked against it
 from ..config import MAX_WINDOW, StreamConfig
+from ..errors import FerroTunnelError, LimitExceededError, StreamResetError
+from ..frames import ErrorCode
 from .streams import HALF_CLOSED_LOCAL, OPEN, CoreStream
 
 __all__ = ["FLOW_CAPABILITY", "FLOW_PLUGIN_ID", "MAX_WINDOW", "flow_capability", "parse_flow_capability",
@@ -25,6 +28,8 @@ __all__ = ["FLOW_CAPABILITY", "FLOW_PLUGIN_ID", "MAX_WINDOW", "flow_capability",
 
 FLOW_CAPABILITY = "flow-control/1"
 FLOW_PLUGIN_ID = "ft.flow/1"
+log = logging.getLogger("ferrotunnel.core")  # (the core's own: these lines are its)
+
 _UPDATE = struct.Struct(">II")
 _WINDOW_PREFIX = FLOW_CAPABILITY + ";window="
 _WINDOW_DIGITS = len(str(MAX_WINDOW))
@@ -62,7 +67,7 @@ class FlowWindows:
 
     Methods that may earn the peer credit return the increment to send (0: nothing now)."""
 
-    __slots__ = ("enabled", "initial_window", "max_window", "stream_limit", "budget", "total_unread",
+    __slots__ = ("enabled", "initial_window", "max_window", "stream_limit", "budget", "limit", "total_unread",
                  "over_limit", "deferred")
 
     def __init__(self, config: StreamConfig, enabled: bool) -> None:
@@ -71,6 +76,7 @@ class FlowWindows:
         self.max_window = config.max_window
         self.stream_limit = config.stream_recv_buffer
         self.budget = config.session_recv_budget
+        self.limit = config.session_recv_limit  # (with flow control) what take() never lets unread pass
         self.total_unread = 0
         # without flow control: streams over stream_recv_buffer, and since when (monotonic)
         self.over_limit: Dict[int, float] = {}
@@ -95,20 +101,38 @@ class FlowWindows:
 
     def take(self, st: CoreStream, n: int, now: float) -> bool:
         """``arrived`` and then ``delivered`` in one call (the path of every Data frame that the
-        application gets): False, and nothing taken, if the ``n`` bytes overran the window."""
+        application gets): False, and nothing taken, if the ``n`` bytes overran the window or
+        would make the session hold more than ``session_recv_limit`` unread (``over_limit_by``
+        tells which)."""
         if self.enabled:
             avail = st.recv_avail
-            if n > avail:
+            total = self.total_unread + n
+            if n > avail or total > self.limit:
                 return False
             st.recv_avail = avail - n
             st.unread += n
-            self.total_unread += n
+            self.total_unread = total
             return True
         st.unread += n
         self.total_unread += n
         if st.unread > self.stream_limit and st.id not in self.over_limit:
             self.over_limit[st.id] = now
         return True
+
+    def refusal(self, st: CoreStream, n: int) -> Tuple[ErrorCode, str, FerroTunnelError]:
+        """After ``take`` or ``arrived`` refused ``n`` bytes for ``st``: the stream's reset (the
+        code and text for the peer, the error for the stream's reader), logged. Bytes within the
+        stream's credit were refused by ``session_recv_limit``; the others overran the window."""
+        sid = st.id
+        if self.enabled and n <= st.recv_avail:
+            log.warning("stream %d: reset: the session holds %d bytes unread and %d more would pass "
+                        "session_recv_limit (%d)", sid, self.total_unread, n, self.limit)
+            return (ErrorCode.SERVICE_UNAVAILABLE, "receive limit of the session reached",
+                    LimitExceededError(f"stream {sid}: reset, the session's unread data would pass "
+                                       f"session_recv_limit ({self.limit} bytes)"))
+        log.debug("stream %d: peer overran its window (%d > %d)", sid, n, st.recv_avail)
+        return (ErrorCode.PROTOCOL_ERROR, "flow-control window exceeded",
+                StreamResetError(f"stream {sid}: peer exceeded the flow-control window"))
 
     def delivered(self, st: CoreStream, n: int, now: float = 0.0) -> None:
         """``n`` bytes went to the application, which has not consumed them yet."""

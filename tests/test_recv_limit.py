@@ -1,0 +1,88 @@
+"""``session_recv_limit``: with flow control every new stream starts with ``initial_window`` of
+credit, so credit alone let a peer make a session hold ``max_streams_per_session`` times that
+unread (2.5 GiB with the defaults). The limit bounds it: a Data frame that would pass it resets
+its stream, whatever credit the stream had, and the others go on."""
+
+from __future__ import annotations
+
+import pytest
+
+from ferrotunnel import frames as F
+from ferrotunnel.config import ServerConfig, StreamConfig
+from ferrotunnel.errors import LimitExceededError, StreamResetError
+from ferrotunnel.protocol import EXT_CAPABILITY, SessionCore, flow_capability
+
+from test_core_fixes import Recorder, sent
+
+KiB = 1024
+WINDOW = 64 * KiB
+FLOW_PEER = ("basic", "tcp", EXT_CAPABILITY, flow_capability(WINDOW))
+
+
+def core_with(limit: int, budget: int = WINDOW):
+    rec = Recorder()
+    config = StreamConfig(initial_window=WINDOW, max_window=WINDOW, session_recv_budget=budget,
+                          session_recv_limit=limit)
+    core = SessionCore(is_client=False, config=config, listener=rec, now=0.0, peer_capabilities=FLOW_PEER)
+    assert core.flow
+    return core, rec
+
+
+def data(sid: int, n: int) -> bytes:
+    return F.encode(F.Data(sid, b"d" * n))
+
+
+def test_a_frame_that_would_pass_the_limit_resets_only_its_stream():
+    core, rec = core_with(limit=100 * KiB)
+    a, b, c = core.open_stream(), core.open_stream(), core.open_stream()
+    sent(core)
+    core.receive(data(a.id, WINDOW), 1.0)  # a full window, within the limit: kept
+    core.receive(data(b.id, 30 * KiB), 1.0)  # 94 KiB in all: kept
+    assert core.total_unread == 94 * KiB and not rec.resets
+    core.receive(data(c.id, 10 * KiB), 1.0)  # within c's credit, but 104 KiB would pass the limit
+    assert isinstance(rec.resets.get(c.id), LimitExceededError)
+    assert "session_recv_limit" in str(rec.resets[c.id])
+    assert core.total_unread == 94 * KiB  # the refused bytes are not held
+    assert c.id not in core.streams and a.id in core.streams and b.id in core.streams
+    # the peer is told, with a code that is not a protocol error: it kept to its window
+    errors = [f for f in sent(core) if isinstance(f, F.Error)]
+    assert [(e.stream_id, e.code) for e in errors] == [(c.id, F.ErrorCode.SERVICE_UNAVAILABLE)]
+    # once the application reads, the session takes data again
+    core.consumed(a, WINDOW)
+    core.receive(data(b.id, 20 * KiB), 1.0)
+    assert core.total_unread == 50 * KiB and b.id in core.streams
+
+
+def test_many_streams_each_within_credit_cannot_pass_the_limit():
+    limit = 8 * WINDOW
+    core, rec = core_with(limit=limit)
+    streams = [core.open_stream() for _ in range(40)]  # credit for 40 windows: 2.5 MiB
+    sent(core)
+    for st in streams:
+        core.receive(data(st.id, WINDOW), 1.0)
+    assert core.total_unread <= limit
+    assert len(rec.resets) == 40 - 8  # each stream past the eighth was reset
+    assert all(isinstance(e, LimitExceededError) for e in rec.resets.values())
+
+
+def test_a_window_overrun_is_still_a_protocol_error():
+    core, rec = core_with(limit=100 * KiB)
+    st = core.open_stream()
+    sent(core)
+    core.receive(data(st.id, WINDOW + 1), 1.0)
+    assert isinstance(rec.resets[st.id], StreamResetError)
+    assert not isinstance(rec.resets[st.id], LimitExceededError)
+    assert [(f.stream_id, f.code) for f in sent(core) if isinstance(f, F.Error)] == [
+        (st.id, F.ErrorCode.PROTOCOL_ERROR)]
+
+
+@pytest.mark.parametrize("cfg", [dict(session_recv_limit=1), dict(session_recv_limit=63 * 1024 * 1024),
+                                 dict(initial_window=512 * KiB, session_recv_budget=256 * KiB,
+                                      session_recv_limit=384 * KiB)])
+def test_a_limit_below_the_budget_or_the_initial_window_is_refused(cfg):
+    with pytest.raises(ValueError, match="session_recv_limit"):
+        ServerConfig(**cfg)
+
+
+def test_the_default_limit():
+    assert StreamConfig().session_recv_limit == 256 * 1024 * 1024
