@@ -1,5 +1,6 @@
 """The sink seam of ``VirtualStream`` (a mixin): what a consumer that takes a stream's data
-directly, a ``StreamSink`` such as a TCP bridge, calls on the stream."""
+directly, a ``StreamSink`` such as a TCP bridge, calls on the stream; and the end of a stream
+that nobody closed (``__del__``)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,21 @@ class SinkSeam:
         sink: Any
 
         def _write(self, data: BytesLike, owned: bool) -> None: ...
+
+    def __del__(self) -> None:
+        # Collected without close() or abort() (the application let it go): what it held unread
+        # went with it, and the stream is abandoned. The session forgets both at the next turn
+        # of the loop (not here: a collection may come in the middle of the session's own work).
+        try:
+            if self._ended & ENDED_CLOSED or self._exc is not None:
+                return  # close(), abort() or a reset did the accounting
+            st = self._st
+            if st.unread or not st.done:
+                conn = self._conn
+                if not conn.loop.is_closed():
+                    conn.loop.call_soon(conn.stream_abandoned, st)
+        except Exception:  # (a stream half made, or the interpreter shutting down)
+            pass
 
     def attach_sink(self, sink: StreamSink, hold: bool = False, deliver: bool = True) -> None:
         """From now on tunnel data, EOF and reset go to ``sink``; what already arrived goes first.

@@ -53,6 +53,8 @@ class StreamEvents:
 
         def spawn(self, coro: Any) -> None: ...
 
+        def consumed(self, st: CoreStream, n: int) -> None: ...
+
     def open_stream(self, protocol: Protocol, priority: StreamPriority,
                     headers: Any = ()) -> VirtualStream:
         if not self.opened or self.closed:
@@ -80,8 +82,7 @@ class StreamEvents:
         app = st.app  # (_stream_of, inlined: this runs once per frame)
         vs: Optional[VirtualStream] = app() if app.__class__ is _REF else app
         if vs is None:  # nobody holds the stream any more: nobody will read it
-            self.core.consumed(st, len(payload))
-            self.core.reset(st, "stream abandoned")
+            self.stream_abandoned(st)
             return
         sink = vs.sink
         if sink is not None:
@@ -89,10 +90,26 @@ class StreamEvents:
         else:
             vs.feed_data(payload)
 
+    def stream_abandoned(self, st: CoreStream) -> None:
+        """Nobody holds ``st``'s ``VirtualStream`` any more (collected without ``close()``, or
+        found so by a frame for it): bytes it held unread are dropped, and then the stream is reset
+        as abandoned. A stream that lost no bytes is left as it is (what it wrote still goes) until
+        the peer sends data or its end for it."""
+        if self.closed:
+            return
+        core = self.core
+        lost = st.unread
+        core.windows.drop_unread(st)
+        if lost and not st.done:
+            core.reset(st, "stream abandoned")
+        self.consumed(st, 0)  # (without flow control: reading may resume now)
+
     def on_stream_eof(self, st: CoreStream) -> None:
         vs = _stream_of(st)
         if vs is not None:
             vs.feed_eof()
+        elif not st.done:  # nobody will write or close it: it would hold its slot for good
+            self.core.reset(st, "stream abandoned")
 
     def on_stream_reset(self, st: CoreStream, exc: Exception) -> None:
         vs = _stream_of(st)

@@ -70,6 +70,7 @@ class _Half:
                     dst.write_queued(bytes(payload), True)
             except FerroTunnelError as exc:
                 self.splice.end(exc)
+                self.src.consumed(n)  # (counted as delivered: gone with the splice)
                 return
         if not self.dirty:
             self.dirty = True

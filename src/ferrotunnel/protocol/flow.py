@@ -149,6 +149,8 @@ class FlowWindows:
         return self.grant(st)
 
     def consumed(self, st: CoreStream, n: int) -> int:
+        if n > st.unread:  # (bytes dropped already, e.g. by a close while a sink still owed them)
+            n = st.unread
         st.unread -= n
         self.total_unread -= n
         over = self.over_limit

@@ -491,7 +491,7 @@ class HttpBridge(BadBodyMixin, TcpBridge):
             lost = isinstance(exc, ConnectionLostError)
             log.warning("http ingress: tunnel %s %s before answering; 502", printable(tunnel_id),
                         "went away" if lost else "reset the stream")
-            self.stream = None
+            self.detach()  # (the credit owed for bytes held while the visitor was slow goes back)
             self.reply("502 Bad Gateway", "the tunnel went away before the local service answered\n" if lost
                         else "the local service is unreachable\n")
             return
