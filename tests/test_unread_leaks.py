@@ -203,3 +203,105 @@ def test_a_close_while_a_bridge_owes_credit_counts_the_bytes_once(run):
         app.close()
 
     run(body)
+
+
+# ---------------------------------------------------------------- found in review of the fixes above
+
+def test_credit_a_sink_owed_still_goes_back_after_a_close(run):
+    """A close() drops what the stream holds from the count; a sink that owed bytes then gives
+    them back: the count stays, and the peer still gets that credit (without it a peer that
+    writes before it reads waited for good, and so did our reply still waiting for its credit)."""
+    size = 1 << 20
+
+    class OwingSink:  # output backed up: gives credit back later, as a bridge does
+        def __init__(self):
+            self.owed = 0
+
+        def tunnel_data(self, p): self.owed += len(p)
+        def flush_out(self): pass
+        def tunnel_eof(self): pass
+        def tunnel_reset(self, exc): pass
+        def tunnel_writable(self): pass
+
+    async def body():
+        async def handler(vs):  # client side
+            sink = OwingSink()
+            vs.attach_sink(sink, hold=True)
+            vs.write(b"c" * size)  # most of it waits for the peer's credit: the stream stays open
+            await until(lambda: sink.owed >= 256 * 1024, "the peer fills our window")
+            vs.close()
+            await asyncio.sleep(0.05)
+            vs.consumed(sink.owed)  # the sink's output drained
+            await asyncio.sleep(30)
+
+        async with tunnel(handler) as (server, client, session):
+            vs = await session.open_stream()
+            vs.write(b"s" * size)
+            await asyncio.wait_for(vs.drain(), 10)
+            got = 0
+            async with asyncio.timeout(10):
+                async for chunk in vs:
+                    got += len(chunk)
+            assert got == size
+            assert client.session.connection.core.total_unread == 0
+
+    run(body)
+
+
+def test_a_stream_let_go_after_write_eof_still_delivers_what_it_wrote(run):
+    """Nothing unread, its end queued behind its data: the peer's end must not cut it."""
+    size = 2 << 20  # more than the first window: most of it waits for credit
+
+    async def body():
+        result = asyncio.get_running_loop().create_future()
+
+        async def handler(stream):  # reads a little, half-closes, reads the rest
+            got = len(await stream.read(1000))
+            stream.write_eof()
+            await asyncio.sleep(0.2)
+            try:
+                async for chunk in stream:
+                    got += len(chunk)
+                result.set_result(got)
+            except Exception as exc:
+                result.set_result(repr(exc))
+
+        async with tunnel(handler) as (server, client, session):
+            vs = await session.open_stream()
+            vs.write(b"u" * size)
+            vs.write_eof()
+            del vs  # no close()
+            gc.collect()
+            assert await asyncio.wait_for(result, 10) == size
+            await until(lambda: not core_of(session).streams, "the stream ends")
+
+    run(body)
+
+
+def test_a_stream_collected_in_another_thread_is_still_forgotten(run):
+    """A collection can run in any thread (a cycle freed by a worker's allocation): the session
+    is told through the loop's thread-safe call (a debug loop refuses a plain call_soon there)."""
+    async def body():
+        asyncio.get_running_loop().set_debug(True)
+
+        async def handler(stream):
+            stream.write(b"x" * N)
+            await stream.drain()
+            await asyncio.sleep(30)
+
+        async with tunnel(handler) as (server, client, session):
+            core = core_of(session)
+            vs = await session.open_stream()
+            vs.write(b"hi")
+            await until(lambda: core.total_unread == N, "the bytes arrive unread")
+            cycle = [vs]
+            cycle.append(cycle)
+            del vs, cycle
+            gc.disable()
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, gc.collect)
+            finally:
+                gc.enable()
+            await until(lambda: core.total_unread == 0 and not core.streams, "the count and the slot go")
+
+    run(body)

@@ -45,8 +45,8 @@ class SinkSeam:
             st = self._st
             if st.unread or not st.done:
                 conn = self._conn
-                if not conn.loop.is_closed():
-                    conn.loop.call_soon(conn.stream_abandoned, st)
+                if not conn.loop.is_closed():  # (a collection may run in any thread)
+                    conn.loop.call_soon_threadsafe(conn.stream_abandoned, st)
         except Exception:  # (a stream half made, or the interpreter shutting down)
             pass
 

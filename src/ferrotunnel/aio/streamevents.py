@@ -94,7 +94,7 @@ class StreamEvents:
         """Nobody holds ``st``'s ``VirtualStream`` any more (collected without ``close()``, or
         found so by a frame for it): bytes it held unread are dropped, and then the stream is reset
         as abandoned. A stream that lost no bytes is left as it is (what it wrote still goes) until
-        the peer sends data or its end for it."""
+        the peer sends data for it (a reset) or its end (a close: see ``on_stream_eof``)."""
         if self.closed:
             return
         core = self.core
@@ -108,8 +108,8 @@ class StreamEvents:
         vs = _stream_of(st)
         if vs is not None:
             vs.feed_eof()
-        elif not st.done:  # nobody will write or close it: it would hold its slot for good
-            self.core.reset(st, "stream abandoned")
+        elif not st.done:  # nobody will write or close it: closed (what it wrote still goes), not left
+            self.core.close(st)
 
     def on_stream_reset(self, st: CoreStream, exc: Exception) -> None:
         vs = _stream_of(st)

@@ -149,10 +149,11 @@ class FlowWindows:
         return self.grant(st)
 
     def consumed(self, st: CoreStream, n: int) -> int:
-        if n > st.unread:  # (bytes dropped already, e.g. by a close while a sink still owed them)
-            n = st.unread
-        st.unread -= n
-        self.total_unread -= n
+        # the count never goes below what the stream holds (a close while a sink still owed bytes
+        # dropped them already), but their credit is still owed to the peer
+        held = n if n <= st.unread else st.unread
+        st.unread -= held
+        self.total_unread -= held
         over = self.over_limit
         if over and st.id in over and st.unread <= self.stream_limit // 2:
             del over[st.id]
