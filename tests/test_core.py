@@ -269,6 +269,13 @@ class TunnelModel(RuleBasedStateMachine):
             got = (self.rc if writer == "s" else self.rs).data.get(sid, b"")
             assert bytes(data).startswith(bytes(got))
 
+    @invariant()
+    def credit_out_is_the_credit_of_live_streams(self):
+        # what session_recv_limit counts against: the peer's credit on the streams still open
+        for core in (getattr(self, "client", None), getattr(self, "server", None)):
+            if core is not None:
+                assert core.windows.credit_out == sum(st.recv_avail for st in core.streams.values())
+
     def teardown(self):
         if not hasattr(self, "client"):
             return

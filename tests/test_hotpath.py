@@ -35,9 +35,11 @@ def snapshot(fw: FlowWindows, streams: list) -> tuple:
 
 
 def reference_consumed(fw: FlowWindows, s: CoreStream, n: int) -> int:
-    """FlowWindows.consumed as it was written before the fast path: every step, always grant()."""
-    s.unread -= n
-    fw.total_unread -= n
+    """FlowWindows.consumed as it was written before the fast path: every step, always grant().
+    (The count never goes below what the stream holds; the credit for all ``n`` is still owed.)"""
+    held = min(n, s.unread)
+    s.unread -= held
+    fw.total_unread -= held
     if s.id in fw.over_limit and s.unread <= fw.stream_limit // 2:
         del fw.over_limit[s.id]
     if fw.enabled and s.receiving:

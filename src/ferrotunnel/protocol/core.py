@@ -215,6 +215,7 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         st = CoreStream(sid, frame.protocol, frame.priority, False, self.peer_window, self.config.initial_window,
                         frame.headers)
         self.streams[sid] = st
+        self.windows.added(st)
         self.listener.on_stream_opened(st)
 
     def _refuse(self, sid: int, why: str) -> None:
@@ -271,6 +272,7 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         frame = encode(OpenStream(sid, protocol, headers, None, priority))  # first: bad headers take no slot
         st = CoreStream(sid, protocol, priority, True, self.peer_window, self.config.initial_window, headers)
         self.streams[sid] = st
+        self.windows.added(st)
         self.sched.push(sid, priority, frame)
         self.listener.on_output()
         return st
@@ -422,9 +424,10 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         # queued payload goes now (after a graceful end there is none; after a reset it is dropped)
         st.pending = None
         st.pending_bytes = 0
-        if self.streams.get(st.id) is st:
+        live = self.streams.get(st.id) is st
+        if live:
             del self.streams[st.id]
-        self.windows.removed(st)
+        self.windows.removed(st, live)
         if st in self._blocked:
             del self._blocked[st]
             self.listener.on_stream_writable(st)

@@ -68,7 +68,7 @@ class FlowWindows:
     Methods that may earn the peer credit return the increment to send (0: nothing now)."""
 
     __slots__ = ("enabled", "initial_window", "max_window", "stream_limit", "budget", "limit", "total_unread",
-                 "over_limit", "deferred")
+                 "credit_out", "over_limit", "deferred")
 
     def __init__(self, config: StreamConfig, enabled: bool) -> None:
         self.enabled = enabled
@@ -78,6 +78,9 @@ class FlowWindows:
         self.budget = config.session_recv_budget
         self.limit = config.session_recv_limit  # (with flow control) what take() never lets unread pass
         self.total_unread = 0
+        #: Credit the peer holds on live streams (their ``recv_avail``): with ``total_unread``, what
+        #: it may make this session hold. Grants keep the two under ``limit`` (see ``grant``).
+        self.credit_out = 0
         # without flow control: streams over stream_recv_buffer, and since when (monotonic)
         self.over_limit: Dict[int, float] = {}
         self.deferred: Set[CoreStream] = set()  # credit held back while the session is over budget
@@ -97,6 +100,7 @@ class FlowWindows:
             if n > st.recv_avail:
                 return False
             st.recv_avail -= n
+            self.credit_out -= n
         return True
 
     def take(self, st: CoreStream, n: int, now: float) -> bool:
@@ -110,6 +114,7 @@ class FlowWindows:
             if n > avail or total > self.limit:
                 return False
             st.recv_avail = avail - n
+            self.credit_out -= n
             st.unread += n
             self.total_unread = total
             return True
@@ -172,7 +177,8 @@ class FlowWindows:
 
     def undeferred(self) -> List[CoreStream]:
         """Streams whose held-back credit may go now (the session fell well under its budget)."""
-        if not self.deferred or self.total_unread >= self.budget // 2:
+        if not self.deferred or self.total_unread >= self.budget // 2 or (
+                self.total_unread + self.credit_out >= self.limit):
             return []
         out = list(self.deferred)
         self.deferred.clear()
@@ -184,11 +190,15 @@ class FlowWindows:
             return 0
         if not st.receiving:
             return 0
-        over_budget = self.total_unread > self.budget
-        if over_budget and not discarding:
-            # The session holds too much unread. Credit waits, except that a stream holding less
-            # than its initial window is topped up to it: the streams holding the most pay, and
-            # a reader that keeps up is never starved by readers that stall.
+        # the reader keeps up: a bigger window lets one fast stream beat window / RTT
+        grow = (min(st.window, self.max_window - st.window)
+                if st.unread == 0 and st.window < self.max_window and not discarding else 0)
+        if not discarding and (self.total_unread > self.budget or
+                               self.total_unread + self.credit_out + st.owed + grow > self.limit):
+            # The session holds too much unread, or this credit would let the peer make it hold
+            # more than session_recv_limit. Credit waits, except that a stream holding less than
+            # its initial window is topped up to it: the streams holding the most pay, and a
+            # reader that keeps up is never starved by readers that stall.
             floor = self.initial_window - st.unread - st.recv_avail
             if floor <= 0:
                 self.deferred.add(st)
@@ -196,20 +206,22 @@ class FlowWindows:
             inc = min(st.owed, floor)
             st.owed -= inc
             st.recv_avail += inc
+            self.credit_out += inc
             if st.owed:
                 self.deferred.add(st)
             return inc
         if self.deferred:
             self.deferred.discard(st)
-        inc = st.owed
-        if st.unread == 0 and st.window < self.max_window and not discarding:
-            # the reader keeps up: a bigger window lets one fast stream beat window / RTT
-            grow = min(st.window, self.max_window - st.window)
-            st.window += grow
-            inc += grow
+        st.window += grow
+        inc = st.owed + grow
         st.owed = 0
         st.recv_avail += inc
+        self.credit_out += inc
         return inc
+
+    def added(self, st: CoreStream) -> None:
+        """A new stream: the peer holds its first window of credit."""
+        self.credit_out += st.recv_avail
 
     def drop_unread(self, st: CoreStream) -> None:
         """The application will never read what ``st`` holds (it closed the stream)."""
@@ -218,7 +230,10 @@ class FlowWindows:
             st.unread = 0
             self.over_limit.pop(st.id, None)
 
-    def removed(self, st: CoreStream) -> None:
+    def removed(self, st: CoreStream, live: bool = True) -> None:
+        """``st`` left the session (``live``: it was still one of its streams, so its credit goes)."""
+        if live:
+            self.credit_out -= st.recv_avail
         if st.discarding:
             self.drop_unread(st)
         self.over_limit.pop(st.id, None)
