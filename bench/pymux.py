@@ -139,10 +139,13 @@ class _ClientMux(_Mux):
 
     async def _dial(self, st: _Stream) -> None:
         try:
-            await self.loop.create_connection(lambda: st, "127.0.0.1", self.backend_port)
+            transport, _ = await self.loop.create_connection(lambda: st, "127.0.0.1", self.backend_port)
         except OSError:
             if self.streams.pop(st.sid, None) is not None:
                 self.send(CLOSE, st.sid)
+            return
+        if self.streams.get(st.sid) is not st:  # closed by the server while we dialled
+            transport.close()
 
 
 async def server(tunnel_port: int, ingress_port: int) -> None:

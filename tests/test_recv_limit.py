@@ -130,3 +130,18 @@ def test_an_honest_peer_whose_windows_grew_never_meets_the_limit(run):
                 s.abort()
 
     run(body)
+
+
+def test_the_limit_is_logged_once_a_session(caplog):
+    import logging
+
+    core, rec = core_with(limit=100 * KiB)
+    streams = [core.open_stream() for _ in range(5)]
+    sent(core)
+    core.receive(data(streams[0].id, WINDOW), 1.0)
+    with caplog.at_level(logging.DEBUG, logger="ferrotunnel.core"):
+        for st in streams[1:]:
+            core.receive(data(st.id, 40 * KiB), 1.0)
+    said = [r for r in caplog.records if "session_recv_limit" in r.getMessage()]
+    assert len(rec.resets) == 4 and len(said) == 4
+    assert [r.levelno for r in said] == [logging.WARNING] + [logging.DEBUG] * 3

@@ -68,7 +68,7 @@ class FlowWindows:
     Methods that may earn the peer credit return the increment to send (0: nothing now)."""
 
     __slots__ = ("enabled", "initial_window", "max_window", "stream_limit", "budget", "limit", "total_unread",
-                 "credit_out", "over_limit", "deferred")
+                 "credit_out", "limit_said", "over_limit", "deferred")
 
     def __init__(self, config: StreamConfig, enabled: bool) -> None:
         self.enabled = enabled
@@ -81,6 +81,7 @@ class FlowWindows:
         #: Credit the peer holds on live streams (their ``recv_avail``): with ``total_unread``, what
         #: it may make this session hold. Grants keep the two under ``limit`` (see ``grant``).
         self.credit_out = 0
+        self.limit_said = False  # a stream reset by the limit was logged (once a session: then debug)
         # without flow control: streams over stream_recv_buffer, and since when (monotonic)
         self.over_limit: Dict[int, float] = {}
         self.deferred: Set[CoreStream] = set()  # credit held back while the session is over budget
@@ -130,8 +131,10 @@ class FlowWindows:
         stream's credit were refused by ``session_recv_limit``; the others overran the window."""
         sid = st.id
         if self.enabled and n <= st.recv_avail:
-            log.warning("stream %d: reset: the session holds %d bytes unread and %d more would pass "
-                        "session_recv_limit (%d)", sid, self.total_unread, n, self.limit)
+            log.log(logging.DEBUG if self.limit_said else logging.WARNING, "stream %d: reset: the session "
+                    "holds %d bytes unread and %d more would pass session_recv_limit (%d)%s", sid,
+                    self.total_unread, n, self.limit, "" if self.limit_said else " (said once a session)")
+            self.limit_said = True
             return (ErrorCode.SERVICE_UNAVAILABLE, "receive limit of the session reached",
                     LimitExceededError(f"stream {sid}: reset, the session's unread data would pass "
                                        f"session_recv_limit ({self.limit} bytes)"))
