@@ -19,9 +19,9 @@ WINDOW = 64 * KiB
 FLOW_PEER = ("basic", "tcp", EXT_CAPABILITY, flow_capability(WINDOW))
 
 
-def core_with(limit: int, budget: int = WINDOW):
+def core_with(limit: int, budget: int = WINDOW, max_window: int = WINDOW):
     rec = Recorder()
-    config = StreamConfig(initial_window=WINDOW, max_window=WINDOW, session_recv_budget=budget,
+    config = StreamConfig(initial_window=WINDOW, max_window=max_window, session_recv_budget=budget,
                           session_recv_limit=limit)
     core = SessionCore(is_client=False, config=config, listener=rec, now=0.0, peer_capabilities=FLOW_PEER)
     assert core.flow
@@ -145,3 +145,29 @@ def test_the_limit_is_logged_once_a_session(caplog):
     said = [r for r in caplog.records if "session_recv_limit" in r.getMessage()]
     assert len(rec.resets) == 4 and len(said) == 4
     assert [r.levelno for r in said] == [logging.WARNING] + [logging.DEBUG] * 3
+
+
+def test_the_peers_end_of_a_stream_gives_its_credit_back_to_the_limit():
+    """Credit on a stream the peer ended can never be used: it no longer counts against the limit
+    (before, half-closed streams' credit held every other stream to its first window)."""
+    core, rec = core_with(limit=1024 * KiB)
+    a, b = core.open_stream(), core.open_stream()
+    core.open_stream()  # one the peer keeps open
+    sent(core)
+    assert core.windows.credit_out == 3 * WINDOW
+    core.receive(F.encode(F.CloseStream(a.id, F.CloseReason.NORMAL)), 1.0)
+    core.receive(F.encode(F.CloseStream(b.id, F.CloseReason.NORMAL)), 1.0)
+    assert core.windows.credit_out == WINDOW and a.id in core.streams  # (still ours to end)
+
+
+def test_a_window_grows_as_far_as_the_limit_leaves_room():
+    """When the owed credit fits under the limit but a doubled window does not, the stream gets
+    what it owes and as much growth as fits (before: only a top-up to its first window)."""
+    core, rec = core_with(limit=160 * KiB, budget=128 * KiB, max_window=256 * KiB)
+    bulk = core.open_stream()
+    core.open_stream()  # an idle one, whose 64 KiB of credit the peer holds
+    sent(core)
+    core.receive(data(bulk.id, WINDOW), 1.0)
+    core.consumed(bulk, WINDOW)  # the reader keeps up: owed 64 KiB, room for 32 KiB more
+    assert (bulk.window, bulk.recv_avail) == (96 * KiB, 96 * KiB)
+    assert core.windows.credit_out + core.total_unread <= 160 * KiB

@@ -3,7 +3,7 @@ leave the process: with ``session_recv_limit`` a count that only grows ends in s
 no reason. Each test failed before its fix (leaks found by an audit of every consumer):
 
 * a ``VirtualStream`` collected without ``close()`` kept its unread bytes counted, and a stream
-  still open kept its slot;
+  still open kept its slot after the peer's end;
 * a splice whose destination was closed by its owner kept the payload it could not pass on;
 * the HTTP ingress's 502 answer (a reset before any response byte reached a slow visitor) kept
   the credit owed for the bytes it held;
@@ -72,7 +72,7 @@ def test_a_stream_collected_unclosed_leaves_no_count_and_no_slot(run, then):
 
 def test_a_stream_let_go_with_nothing_unread_frees_its_slot_when_the_peer_ends(run):
     """Nothing unread, nothing lost: the stream is left alone (what it wrote still goes) until the
-    peer ends its side; then it is reset as abandoned rather than holding its slot for good."""
+    peer ends its side; then it is closed as close() would, rather than holding its slot for good."""
     async def body():
         async def handler(stream):
             assert await stream.readexactly(2) == b"hi"

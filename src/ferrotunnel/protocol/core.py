@@ -156,10 +156,10 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         elif t is CloseStream:
             st = self.streams.get(frame.stream_id)
             if st is not None and st.receiving:
-                discarding = st.discarding
+                self.windows.stopped(st)  # its credit ends with the peer's end
                 if st.move(StreamEvent.RECV_EOF) is CLOSED:
                     self._remove(st)
-                if not discarding:
+                if not st.discarding:
                     self.listener.on_stream_eof(st)
         elif t is Heartbeat:
             self._control(HeartbeatAck(int(time.time() * 1000)))

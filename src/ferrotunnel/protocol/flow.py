@@ -193,11 +193,14 @@ class FlowWindows:
             return 0
         if not st.receiving:
             return 0
-        # the reader keeps up: a bigger window lets one fast stream beat window / RTT
+        # the reader keeps up: a bigger window lets one fast stream beat window / RTT, as far as
+        # the limit leaves room for
         grow = (min(st.window, self.max_window - st.window)
                 if st.unread == 0 and st.window < self.max_window and not discarding else 0)
-        if not discarding and (self.total_unread > self.budget or
-                               self.total_unread + self.credit_out + st.owed + grow > self.limit):
+        room = self.limit - self.total_unread - self.credit_out - st.owed
+        if grow > room:
+            grow = room if room > 0 else 0
+        if not discarding and (self.total_unread > self.budget or room < 0):
             # The session holds too much unread, or this credit would let the peer make it hold
             # more than session_recv_limit. Credit waits, except that a stream holding less than
             # its initial window is topped up to it: the streams holding the most pay, and a
@@ -225,6 +228,12 @@ class FlowWindows:
     def added(self, st: CoreStream) -> None:
         """A new stream: the peer holds its first window of credit."""
         self.credit_out += st.recv_avail
+
+    def stopped(self, st: CoreStream) -> None:
+        """The peer ended its side of ``st``: the credit it held there can never be used."""
+        self.credit_out -= st.recv_avail
+        st.recv_avail = 0
+        self.deferred.discard(st)
 
     def drop_unread(self, st: CoreStream) -> None:
         """The application will never read what ``st`` holds (it closed the stream)."""
