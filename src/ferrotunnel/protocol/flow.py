@@ -107,8 +107,8 @@ class FlowWindows:
     def take(self, st: CoreStream, n: int, now: float) -> bool:
         """``arrived`` and then ``delivered`` in one call (the path of every Data frame that the
         application gets): False, and nothing taken, if the ``n`` bytes overran the window or
-        would make the session hold more than ``session_recv_limit`` unread (``over_limit_by``
-        tells which)."""
+        would make the session hold more than ``session_recv_limit`` unread (``refusal`` tells
+        which)."""
         if self.enabled:
             avail = st.recv_avail
             total = self.total_unread + n
@@ -179,7 +179,8 @@ class FlowWindows:
         return [sid for sid, since in self.over_limit.items() if now - since > timeout]
 
     def undeferred(self) -> List[CoreStream]:
-        """Streams whose held-back credit may go now (the session fell well under its budget)."""
+        """Streams whose held-back credit may go now (the session fell well under its budget, and
+        its unread bytes and the peer's credit under its limit)."""
         if not self.deferred or self.total_unread >= self.budget // 2 or (
                 self.total_unread + self.credit_out >= self.limit):
             return []
