@@ -128,3 +128,25 @@ def test_a_window_grows_as_far_as_the_limit_leaves_room():
     assert (bulk.window, bulk.recv_avail) == (96 * KiB, 96 * KiB)
     assert core.windows.credit_out + core.total_unread <= 160 * KiB
 
+
+
+def test_a_top_up_to_the_first_window_stays_within_the_limit():
+    """Over the budget a stream is topped up to its first window; that top-up must come out of
+    what the limit leaves, or a peer that keeps to its credit can pass the limit: here another
+    stream's grant took the room that a stream's own reading had freed, and a top-up of 32 KiB
+    would have promised 16 KiB the session cannot hold (an honest stream was reset for it once)."""
+    core, rec = core_with(limit=256 * KiB, budget=128 * KiB, max_window=256 * KiB)
+    a, b, c, d = (core.open_stream() for _ in range(4))  # 4 first windows: the whole limit
+    sent(core)
+    core.receive(data(a.id, WINDOW), 1.0)
+    core.consumed(a, 16 * KiB)  # too little to grant yet: 16 KiB freed, owed to a
+    core.receive(data(b.id, WINDOW), 1.0)
+    core.consumed(b, WINDOW)  # b's grant and growth take all the room there is
+    core.receive(data(c.id, WINDOW), 1.0)
+    core.receive(data(d.id, WINDOW), 1.0)  # now over the budget
+    core.consumed(a, 16 * KiB)  # a is owed 32 KiB; its top-up may only use what is left
+    limit = core.config.session_recv_limit
+    assert core.total_unread + core.windows.credit_out <= limit
+    for st in (a, b):  # the peer sends all the credit it holds
+        core.receive(data(st.id, st.recv_avail), 1.0)
+    assert not rec.resets and core.total_unread <= limit

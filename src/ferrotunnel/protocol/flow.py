@@ -198,15 +198,17 @@ class FlowWindows:
         # the limit leaves room for
         grow = (min(st.window, self.max_window - st.window)
                 if st.unread == 0 and st.window < self.max_window and not discarding else 0)
-        room = self.limit - self.total_unread - self.credit_out - st.owed
+        free = self.limit - self.total_unread - self.credit_out  # what grants may still give
+        room = free - st.owed
         if grow > room:
             grow = room if room > 0 else 0
         if not discarding and (self.total_unread > self.budget or room < 0):
             # The session holds too much unread, or this credit would let the peer make it hold
             # more than session_recv_limit. Credit waits, except that a stream holding less than
-            # its initial window is topped up to it: the streams holding the most pay, and a
-            # reader that keeps up is never starved by readers that stall.
-            floor = self.initial_window - st.unread - st.recv_avail
+            # its initial window is topped up to it, as far as the limit allows: the streams
+            # holding the most pay, and a reader that keeps up is not starved by readers that
+            # stall (until the session holds session_recv_limit: then only their reading helps).
+            floor = min(self.initial_window - st.unread - st.recv_avail, free)
             if floor <= 0:
                 self.deferred.add(st)
                 return 0
