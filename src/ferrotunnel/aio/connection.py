@@ -85,6 +85,7 @@ class TunnelConnection(StreamEvents, asyncio.BufferedProtocol):
         #: Sinks that got tunnel data during the current read: each is flushed once after it.
         #: The list is never replaced (it is cleared in place), so its ``append`` may be kept.
         self.dirty_sinks: List[StreamSink] = []
+        self.sink_errors = 0  # sinks that raised (see ``sink_failed``)
         self.closed_future: asyncio.Future[None] = loop.create_future()
         # The session: held strongly while open, weakly after, so a closed connection and its session
         # are freed without the cyclic GC (the session keeps the connection: its owner holds that).
@@ -152,12 +153,8 @@ class TunnelConnection(StreamEvents, asyncio.BufferedProtocol):
                     core.receive(data, now)
                 finally:
                     self._flush_follows = False
-                sinks = self.dirty_sinks
-                if sinks:  # every forwarding target written once per read (one writev), not once per frame
-                    n = len(sinks)
-                    for i in range(n):
-                        sinks[i].flush_out()
-                    del sinks[:n]  # a sink deferred again by its own flush_out waits for the next read
+                if self.dirty_sinks:  # every forwarding target written once per read (one writev), not once per frame
+                    self._flush_sinks()
                 if core.sched and not self._write_paused:
                     self._flush()  # acks and credit now, not an event-loop turn later
                 # _after_receive, unless it would do nothing for sure: with flow control nothing
@@ -227,15 +224,22 @@ class TunnelConnection(StreamEvents, asyncio.BufferedProtocol):
             core.receive(data, now)
         finally:
             self._flush_follows = False
-        sinks = self.dirty_sinks
-        if sinks:  # (see buffer_updated)
-            n = len(sinks)
-            for i in range(n):
-                sinks[i].flush_out()
-            del sinks[:n]
+        if self.dirty_sinks:  # (see buffer_updated)
+            self._flush_sinks()
         if core.sched and not self._write_paused:
             self._flush()
         self._after_receive(now)
+
+    def _flush_sinks(self) -> None:
+        sinks = self.dirty_sinks
+        n = len(sinks)
+        for i in range(n):
+            sink = sinks[i]
+            try:
+                sink.flush_out()
+            except Exception as exc:
+                self.sink_failed(sink, exc, "flush_out")
+        del sinks[:n]  # a sink deferred again by its own flush_out waits for the next read
 
     def _after_receive(self, now: float) -> None:
         if self._read_paused or self.phase is not OPEN:

@@ -74,17 +74,21 @@ class SinkSeam:
         sink = self.sink
         if sink is None:
             return
-        buf = self._rbuf
-        if buf:
-            self._rbuf = None
-            self._rsize = 0
-            for chunk in buf:
-                sink.tunnel_data(memoryview(chunk))
-            sink.flush_out()
-        if self._exc is not None:
-            sink.tunnel_reset(self._exc)
-        elif self._ended & ENDED_EOF:
-            sink.tunnel_eof()
+        try:
+            buf = self._rbuf
+            if buf:
+                self._rbuf = None
+                self._rsize = 0
+                for chunk in buf:
+                    sink.tunnel_data(memoryview(chunk))
+                sink.flush_out()
+            if self._exc is not None:
+                sink.tunnel_reset(self._exc)
+            elif self._ended & ENDED_EOF:
+                sink.tunnel_eof()
+        except Exception as exc:  # the stream ends (as when the sink fails later), and the caller is told
+            self._conn.sink_failed(sink, exc, "deliver_buffered", self)  # type: ignore[arg-type]
+            raise
 
     def consumed(self, n: int) -> None:
         """``n`` delivered bytes are gone (the sink wrote them out): the peer may send more."""
@@ -96,6 +100,20 @@ class SinkSeam:
             if not n:
                 return
         self._conn.consumed(self._st, n)
+
+    def call_sink(self, event: str, *args: Any) -> None:
+        """Tell the sink of an ``event`` (``tunnel_eof``, ``tunnel_reset``, ``tunnel_writable``): a
+        sink that raises ends this stream only (see ``TunnelConnection.sink_failed``)."""
+        sink = self.sink
+        try:
+            getattr(sink, event)(*args)
+        except Exception as exc:
+            self._conn.sink_failed(sink, exc, event, self)  # type: ignore[arg-type]
+
+    def abandon_unread(self) -> None:
+        """What this stream holds unread will never be read (its sink failed): the session stops
+        counting it."""
+        self._conn.drop_unread(self._st)
 
     def defer_flush(self, sink: StreamSink) -> None:
         """Call ``sink.flush_out()`` once the current tunnel read is processed (one write per read)."""

@@ -126,7 +126,7 @@ class VirtualStream(SinkSeam):
         """The peer half-closed (called by the connection)."""
         self._ended |= _EOF
         if self.sink is not None:
-            self.sink.tunnel_eof()
+            self.call_sink("tunnel_eof")
         self._wake_reader()
 
     def feed_reset(self, exc: BaseException) -> None:
@@ -134,14 +134,14 @@ class VirtualStream(SinkSeam):
         news = self._exc is None  # (not after our own abort(), whose word to the sink is on its way)
         self._set_exc(exc)
         if news and self.sink is not None:
-            self.sink.tunnel_reset(exc)
+            self.call_sink("tunnel_reset", exc)
         self._let_go()  # the stream is gone from its session: no cycle with it stays
 
     def feed_writable(self) -> None:
         """The send buffer has room again (called by the connection)."""
         self._wake_writers()
         if self.sink is not None:
-            self.sink.tunnel_writable()
+            self.call_sink("tunnel_writable")
 
     # -- the sink seam (the rest is SinkSeam's)
     def detach_sink(self) -> None:
@@ -497,4 +497,4 @@ def _tell_sink(ref: "weakref.ref[VirtualStream]", sink: StreamSink, exc: BaseExc
     at once, as any aborted stream, and its sink (which did not hold it) has nothing of it to end."""
     stream = ref()
     if stream is not None and stream.sink is sink:
-        sink.tunnel_reset(exc)
+        stream.call_sink("tunnel_reset", exc)

@@ -86,9 +86,33 @@ class StreamEvents:
             return
         sink = vs.sink
         if sink is not None:
-            sink.tunnel_data(payload)
+            try:
+                sink.tunnel_data(payload)
+            except Exception as exc:
+                self.sink_failed(sink, exc, "tunnel_data", vs)
         else:
             vs.feed_data(payload)
+
+    def sink_failed(self, sink: Any, exc: BaseException, where: str, vs: Optional[VirtualStream] = None) -> None:
+        """A ``StreamSink`` raised (an application's bug): only the stream it serves (``vs``, or
+        found among the session's) ends. The sink is let go, what the stream held unread is dropped
+        (the sink will not pass it on), and the stream is reset; the session and its other
+        streams go on."""
+        conn = cast("TunnelConnection", self)
+        if conn.sink_errors:
+            log.warning("a stream sink %s raised in %s (%s: %s); resetting its stream", type(sink).__name__,
+                        where, type(exc).__name__, exc)
+        else:
+            log.error("a stream sink %s raised in %s; resetting its stream (later sink errors on this "
+                      "session are logged without the traceback)", type(sink).__name__, where, exc_info=exc)
+        conn.sink_errors += 1
+        found = [vs] if vs is not None else [
+            v for v in map(_stream_of, list(self.core.streams.values())) if v is not None and v.sink is sink]
+        for v in found:
+            if v.sink is sink:
+                v.detach_sink()
+            v.abandon_unread()
+            v.abort()
 
     def stream_abandoned(self, st: CoreStream) -> None:
         """Nobody holds ``st``'s ``VirtualStream`` any more (collected without ``close()``, or
@@ -97,12 +121,16 @@ class StreamEvents:
         the peer sends data for it (a reset) or its end (a close: see ``on_stream_eof``)."""
         if self.closed:
             return
-        core = self.core
         lost = st.unread
-        core.windows.drop_unread(st)
+        self.drop_unread(st)
         if lost and not st.done:
-            core.reset(st, "stream abandoned")
-        self.consumed(st, 0)  # (without flow control: reading may resume now)
+            self.core.reset(st, "stream abandoned")
+
+    def drop_unread(self, st: CoreStream) -> None:
+        """What ``st`` holds unread will never be read: it leaves the session's count, and credit
+        held back for the budget may go (without flow control: reading may resume)."""
+        self.core.windows.drop_unread(st)
+        self.consumed(st, 0)
 
     def on_stream_eof(self, st: CoreStream) -> None:
         vs = _stream_of(st)

@@ -361,11 +361,10 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
             self.listener.on_stream_reset(st, exc)
 
     def consumed(self, st: CoreStream, n: int) -> None:
-        """The application took ``n`` delivered bytes off the stream: free them, grant credit."""
-        if n <= 0:
-            return
+        """The application took ``n`` delivered bytes off the stream: free them, grant credit (0:
+        some were dropped, see ``FlowWindows.drop_unread``; credit held back may go now)."""
         windows = self.windows
-        inc = windows.consumed(st, n)
+        inc = windows.consumed(st, n) if n > 0 else 0
         if inc:
             self._credit(st, inc)
         if windows.deferred:
