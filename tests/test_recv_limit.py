@@ -88,6 +88,57 @@ def test_the_default_limit():
     assert StreamConfig().session_recv_limit == 256 * 1024 * 1024
 
 
+def test_an_honest_peer_whose_windows_grew_never_meets_the_limit(run):
+    """Readers that kept up (their windows grew toward max_window) and then stall: grants and
+    top-ups count the credit the peer already holds, so unread bytes plus credit stay within the
+    limit all along and a peer that keeps to its credit is never reset. With every stream open
+    from the start (12 first windows, 768 KiB, fit in the 1 MiB limit) that holds at every step.
+    (This reset a stream before 012db12: a top-up over the budget promised what another stream's
+    growth had taken.)"""
+    import asyncio
+
+    import ferrotunnel as ft
+    from conftest import tunnel
+
+    limit = 1024 * KiB
+    cfg = dict(initial_window=64 * KiB, max_window=256 * KiB, session_recv_budget=256 * KiB,
+               session_recv_limit=limit)
+
+    async def body():
+        async def handler(stream):  # the local service: an endless download
+            try:
+                while True:
+                    stream.write(b"z" * 16384)
+                    await stream.drain()
+            except ft.FerroTunnelError:
+                pass
+
+        async with tunnel(handler, server_config=ft.ServerConfig(**cfg), client_config=ft.ClientConfig(**cfg)) as (
+                server, client, session):
+            core = session.connection.core
+            streams = [await session.open_stream() for _ in range(12)]
+            for s in streams:
+                s.write(b"GET")
+            worst = 0
+
+            async def keep_up(s):
+                nonlocal worst
+                got = 0
+                while got < 1024 * KiB:
+                    got += len(await s.read(65536))
+                    worst = max(worst, core.total_unread + core.windows.credit_out)
+
+            await asyncio.wait_for(asyncio.gather(*(keep_up(s) for s in streams)), 60)
+            assert max(core.streams[s.stream_id].window for s in streams) > 64 * KiB  # they grew
+            await asyncio.sleep(1.0)  # the readers stall; the peer sends what its credit allows
+            assert [s.exception for s in streams if s.exception is not None] == []
+            assert worst <= limit and core.total_unread + core.windows.credit_out <= limit
+            for s in streams:
+                s.abort()
+
+    run(body)
+
+
 def test_the_limit_is_logged_once_a_session(caplog):
     import logging
 
@@ -150,3 +201,21 @@ def test_a_top_up_to_the_first_window_stays_within_the_limit():
     for st in (a, b):  # the peer sends all the credit it holds
         core.receive(data(st.id, st.recv_avail), 1.0)
     assert not rec.resets and core.total_unread <= limit
+
+
+def test_bytes_dropped_unread_let_credit_held_back_for_the_budget_go():
+    """``consumed(st, 0)`` after ``drop_unread`` (an abandoned stream, a failed sink): the budget
+    they held is free again, and credit deferred for it goes at once rather than on some other
+    stream's next read (before, a count of 0 returned before looking)."""
+    core, rec = core_with(limit=2 * WINDOW)
+    a, b = core.open_stream(), core.open_stream()
+    sent(core)
+    core.receive(data(a.id, WINDOW), 1.0)  # a holds a window, unread
+    c = core.open_stream()  # a first window of credit, whatever the limit leaves
+    core.receive(data(b.id, WINDOW), 1.0)
+    core.consumed(b, WINDOW)  # b read its window; a's unread and c's credit fill the limit: held back
+    assert not [f for f in sent(core) if isinstance(f, F.PluginData)] and b in core.windows.deferred
+    core.windows.drop_unread(a)  # nobody will read a's bytes
+    core.consumed(a, 0)
+    credit = [f for f in sent(core) if isinstance(f, F.PluginData)]
+    assert len(credit) == 1 and core.total_unread == 0 and c.id in core.streams
