@@ -46,6 +46,8 @@ log = logging.getLogger("ferrotunnel.listen")
 ACCEPT_PAUSE = 0.5
 #: Connections taken per readiness of a listening socket (the rest wait for the next turn).
 ACCEPT_BATCH = 64
+#: ``stop_listening``: connections already queued by the kernel that are still taken, at most.
+MAX_TAKEN_AT_STOP = 4096
 #: With trusted proxies: connections at once still waiting for their first bytes (before any
 #: protocol, and so any other cap, exists); beyond it new ones are closed at once.
 MAX_AWAITING_HEADER = 1024
@@ -100,9 +102,9 @@ class _Acceptor:
         self.resume: Optional[asyncio.TimerHandle] = None
         loop.add_reader(sock.fileno(), self._ready)
 
-    def _ready(self) -> None:
+    def _ready(self, batch: int = ACCEPT_BATCH) -> None:
         sock = self.sock
-        for _ in range(ACCEPT_BATCH):
+        for _ in range(batch):
             try:
                 conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -127,6 +129,11 @@ class _Acceptor:
         self.resume = None
         if self.sock.fileno() >= 0:
             self.loop.add_reader(self.sock.fileno(), self._ready)
+
+    def take_queued(self) -> None:
+        """Accept what the kernel already queued (before the socket closes, which would reset it)."""
+        if self.resume is None and self.sock.fileno() >= 0:  # (paused for want of descriptors: no)
+            self._ready(MAX_TAKEN_AT_STOP)
 
     def close(self) -> None:
         if self.resume is not None:
@@ -162,6 +169,7 @@ class Listener:
         self.proxy_refused = self._proxy_log.counts
         self.awaiting_header = 0
         self._server: Optional[asyncio.AbstractServer] = None
+        self._factory: Callable[[], Any] = lambda: None  # (the protocol factory, once bound)
         self._acceptors: List[_Acceptor] = []
         self._tasks: "set[asyncio.Task[Any]]" = set()
         self._forever: "Optional[asyncio.Future[None]]" = None
@@ -303,6 +311,39 @@ class Listener:
             await self.wait_closed()
             raise
 
+    def stop_listening(self) -> None:
+        """Close the listening sockets (a balancer's health checks now fail) without dropping a
+        connection that already reached this host: those the kernel queued for ``accept()`` are
+        taken first (closing the socket would reset them, and a balancer that already passed a
+        visitor's bytes on may answer it with nothing), and those still reading their PROXY
+        header go on. ``close`` ends those too."""
+        if self._server is not None:
+            self._take_queued(self._server.sockets)  # type: ignore[attr-defined]
+            self._server.close()
+        for acceptor in self._acceptors:
+            acceptor.take_queued()
+            acceptor.close()
+        self._acceptors = []
+
+    def _take_queued(self, lsocks: Any) -> None:
+        """Accept what the kernel queued on an ``asyncio.Server``'s sockets (through a duplicate
+        descriptor: the loop owns the socket) and make each a protocol, as the loop would."""
+        for lsock in lsocks:
+            try:
+                dup = socket.socket(fileno=os.dup(lsock.fileno()))
+            except OSError:
+                continue
+            with dup:
+                for _ in range(MAX_TAKEN_AT_STOP):
+                    try:
+                        conn, _ = dup.accept()
+                    except ConnectionAbortedError:
+                        continue
+                    except OSError:  # (BlockingIOError: none left)
+                        break
+                    conn.setblocking(False)
+                    self.spawn(conn, self._factory)
+
     def close(self) -> None:
         if self._forever is not None and not self._forever.done():
             self._forever.cancel()
@@ -322,6 +363,7 @@ class Listener:
 
     async def _bind(self, factory: Callable[[], Any], host: str, port: int, backlog: int) -> None:
         loop = asyncio.get_running_loop()
+        self._factory = factory
         if _uses_libuv(loop) and self.proxies is None and self.ssl is None:
             # with trusted proxies or TLS: our accept loop, as below (uvloop makes the protocol of a
             # TLS connection at the accept, but tells it nothing until the handshake is done)

@@ -215,7 +215,7 @@ class Ingress:
         """Close the listening socket (a balancer's health checks now fail); connections already
         accepted keep being served."""
         if self._server is not None:
-            self._server.close()
+            self._server.stop_listening()
 
     async def close(self) -> None:
         """Stop the ingress (leaving ``async with`` calls it): the idle sweeper stops, registry
