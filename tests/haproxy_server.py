@@ -38,6 +38,9 @@ class HAProxy:
     def __init__(self, frontends: Dict[int, int], nodes: List[Dict[int, int]]) -> None:
         self.binary = haproxy_binary()
         text = DEPLOY.read_text().replace("    maxconn 50000\n", "    maxconn 2000\n")  # this machine's fd limit
+        # a line per connection (with its termination state) on stdout, kept in a file: ``log_text``
+        text = text.replace("global\n", "global\n    log stdout format raw local0 info\n", 1)
+        text = text.replace("defaults\n", "defaults\n    log global\n    option tcplog\n", 1)
         for public, port in frontends.items():
             text = text.replace(f"    bind :{public}\n", f"    bind 127.0.0.1:{port}\n")
         backend_port = {7835: 7835, 80: 8080, 9000: 9000}
@@ -54,8 +57,10 @@ class HAProxy:
     def start(self, timeout: float = 10.0) -> "HAProxy":
         check = subprocess.run([self.binary, "-c", "-f", str(self.config)], capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
-        self.proc = subprocess.Popen([self.binary, "-db", "-f", str(self.config)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+        self.log = Path(self._dir.name) / "haproxy.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen([self.binary, "-db", "-f", str(self.config)], stdout=out,
+                                         stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         for port in self.frontends.values():
             while True:
@@ -68,6 +73,10 @@ class HAProxy:
                                            f"{self.proc.stderr.read().decode() if self.proc.stderr else ''}")
                     time.sleep(0.05)
         return self
+
+    def log_text(self) -> str:
+        """HAProxy's log so far: a line per connection, with its termination state."""
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None

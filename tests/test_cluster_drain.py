@@ -8,6 +8,7 @@ streams are done, long before its grace period ends."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -74,7 +75,8 @@ def _claim_holder(url: str) -> str:
         r.close()
 
 
-def test_drain_hands_the_client_over_and_the_200_mb_download_completes(run, tmp_path):
+def test_drain_hands_the_client_over_and_the_200_mb_download_completes(run, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="ferrotunnel")  # the client's side, shown if it fails
     with RedisServer() as redis:
         url_file = tmp_path / "redis-url"
         url_file.write_text(redis.url + "\n")
@@ -85,7 +87,7 @@ def test_drain_hands_the_client_over_and_the_200_mb_download_completes(run, tmp_
             for n in nodes:
                 n.wait_listening()
             fronts = {7835: free_port(), 80: free_port(), 9000: free_port()}
-            with HAProxy(fronts, [n.ports for n in nodes]):
+            with HAProxy(fronts, [n.ports for n in nodes]) as haproxy:
                 report: Dict = {}
 
                 async def body():
@@ -147,6 +149,7 @@ def test_drain_hands_the_client_over_and_the_200_mb_download_completes(run, tmp_
                 except BaseException:
                     for n in nodes:
                         print(f"---- node {n.name}\n{n.text()[-4000:]}")
+                    print(f"---- haproxy\n{haproxy.log_text()[-6000:]}")
                     raise
                 print(f"claim moved {report['moved']:.2f} s after SIGTERM; 200 MB done at {report['done']:.2f} s; "
                       f"node exited at {report['exit']:.2f} s; visitors served by the old/new session: "
