@@ -130,7 +130,10 @@ def test_a_sink_that_raises_ends_its_stream_only(run, bad, caplog):
             assert not session.is_closed and client.session.connection.sink_errors == 1
             gc.collect()
             await until(lambda: ccore.total_unread == 0, "the unread count is back to 0")
-            assert sinks[0].calls[sinks[0].bad] == 1  # a failed sink is not called again
+            assert sinks[0].calls[sinks[0].bad] == 1  # a failed sink is not called again ...
+            await until(lambda: sinks[0].calls["tunnel_reset"] == 1, "the sink is told of the reset")
+            await asyncio.sleep(0.05)
+            assert sinks[0].calls["tunnel_reset"] == 1  # ... but told of the reset, once
 
     with caplog.at_level(logging.WARNING, logger="ferrotunnel"):
         run(body)
@@ -162,3 +165,95 @@ def test_later_sink_errors_are_logged_without_a_traceback(run, caplog):
     errors = [r for r in caplog.records if "raised in" in r.getMessage()]
     assert [r.levelno for r in errors] == [logging.ERROR, logging.WARNING, logging.WARNING]
     assert errors[0].exc_info and not errors[1].exc_info and "sink bug in tunnel_data" in errors[1].getMessage()
+
+
+def test_a_sink_that_failed_is_not_flushed_later_in_the_same_read(run, caplog):
+    """Two Data frames in one tunnel read: the sink asks for a flush on the first and raises on
+    the second; the flush it asked for is not made (it would call the failed sink again)."""
+    from ferrotunnel import frames as F
+
+    sinks = []
+
+    async def handler(stream):
+        await stream.readexactly(4)
+        sink = FaultySink(stream, "none")
+        sinks.append(sink)
+        stream.attach_sink(sink)
+        await asyncio.sleep(30)
+
+    async def body():
+        async with tunnel(handler) as (server, client, session):
+            vs = await session.open_stream()
+            vs.write(b"sink")
+            await until(lambda: bool(sinks), "the sink is attached")
+            sink = sinks[0]
+            sink.bad = "tunnel_data"
+            sink.calls["tunnel_data"] = 0
+
+            def raise_on_second(name, event=sink._event):
+                if name == "tunnel_data" and sink.calls["tunnel_data"] == 0:
+                    sink.calls["tunnel_data"] += 1  # the first passes
+                    return
+                event(name)
+            sink._event = raise_on_second
+            conn = client.session.connection
+            two = F.encode(F.Data(vs.stream_id, b"first")) + F.encode(F.Data(vs.stream_id, b"second"))
+            conn.data_received_view(memoryview(two))  # one read, two frames
+            assert sink.calls["tunnel_data"] == 2 and sink.calls["flush_out"] == 0
+            assert conn.sink_errors == 1
+            await until(lambda: sink.calls["tunnel_reset"] == 1, "the sink is told of the reset")
+            assert sink.calls["flush_out"] == 0
+
+    with caplog.at_level(logging.WARNING, logger="ferrotunnel"):
+        run(body)
+
+
+def test_a_forwarded_connection_ends_when_its_bridge_fails(run, monkeypatch):
+    """The bridge of ``ft.forward`` is told of the reset: its local connection closes and
+    ``forward(wait=True)`` returns (before, the connection stayed open and forward waited)."""
+    from ferrotunnel.aio import bridge as bridge_mod
+
+    real = bridge_mod.TcpBridge.tunnel_data
+
+    def tunnel_data(self, payload):
+        if bytes(payload).startswith(b"BOOM"):
+            raise Boom("bridge bug")
+        real(self, payload)
+
+    monkeypatch.setattr(bridge_mod.TcpBridge, "tunnel_data", tunnel_data)
+
+    async def body():
+        local_done = asyncio.Event()
+        got = bytearray()
+
+        async def local(reader, writer):
+            try:
+                while data := await reader.read(1000):
+                    got.extend(data)
+            except ConnectionError:
+                pass
+            local_done.set()
+            writer.close()
+
+        backend = await asyncio.start_server(local, "127.0.0.1", 0)
+        forwarded = asyncio.Event()
+
+        async def handler(stream):
+            await ft.forward(stream, backend.sockets[0].getsockname()[:2], wait=True)
+            forwarded.set()
+
+        async with tunnel(handler) as (server, client, session):
+            vs = await session.open_stream()
+            vs.write(b"hello ")
+            async with asyncio.timeout(10):
+                while bytes(got) != b"hello ":
+                    await asyncio.sleep(0.01)
+            vs.write(b"BOOM")
+            async with asyncio.timeout(10):
+                await local_done.wait()  # the local connection was closed
+                await forwarded.wait()  # and forward() returned
+            assert bytes(got) == b"hello "
+            assert client.session.connection.sink_errors == 1
+        backend.close()
+
+    run(body)

@@ -36,6 +36,18 @@ def _stream_of(st: CoreStream) -> Optional[VirtualStream]:
 StreamHandler = Callable[[VirtualStream], Awaitable[None]]
 
 
+class _NoFlush:
+    """Stands in the list of sinks to flush for one that failed (see ``sink_failed``)."""
+
+    __slots__ = ()
+
+    def flush_out(self) -> None:
+        pass
+
+
+_NO_FLUSH = _NoFlush()
+
+
 class StreamEvents:
     """Stream methods of ``TunnelConnection`` (each ``self`` is one)."""
 
@@ -95,8 +107,10 @@ class StreamEvents:
 
     def sink_failed(self, sink: Any, exc: BaseException, where: str, vs: Optional[VirtualStream] = None) -> None:
         """A ``StreamSink`` raised (an application's bug): only the stream it serves (``vs``, or
-        found among the session's) ends. The sink is let go, what the stream held unread is dropped
-        (the sink will not pass it on), and the stream is reset; the session and its other
+        found among the session's) ends. The stream is reset and what it held unread is dropped
+        (the sink will not pass it on); a turn later the sink is told of the reset once
+        (``tunnel_reset``, unless that is what raised), so that it can let its own resources go.
+        It is not called otherwise: a flush it asked for is not made. The session and its other
         streams go on."""
         conn = cast("TunnelConnection", self)
         if conn.sink_errors:
@@ -106,13 +120,17 @@ class StreamEvents:
             log.error("a stream sink %s raised in %s; resetting its stream (later sink errors on this "
                       "session are logged without the traceback)", type(sink).__name__, where, exc_info=exc)
         conn.sink_errors += 1
+        dirty = conn.dirty_sinks
+        for i in range(len(dirty)):  # (in place: a flush loop may be going through the list)
+            if dirty[i] is sink:
+                dirty[i] = cast(Any, _NO_FLUSH)
         found = [vs] if vs is not None else [
             v for v in map(_stream_of, list(self.core.streams.values())) if v is not None and v.sink is sink]
         for v in found:
-            if v.sink is sink:
-                v.detach_sink()
+            if where == "tunnel_reset" and v.sink is sink:
+                v.detach_sink()  # (told of a reset already: that is what failed)
+            v.abort()  # a sink still attached is told at the next turn (see VirtualStream.abort)
             v.abandon_unread()
-            v.abort()
 
     def stream_abandoned(self, st: CoreStream) -> None:
         """Nobody holds ``st``'s ``VirtualStream`` any more (collected without ``close()``, or
@@ -121,10 +139,9 @@ class StreamEvents:
         the peer sends data for it (a reset) or its end (a close: see ``on_stream_eof``)."""
         if self.closed:
             return
-        lost = st.unread
-        self.drop_unread(st)
-        if lost and not st.done:
+        if st.unread and not st.done:
             self.core.reset(st, "stream abandoned")
+        self.drop_unread(st)  # (after the reset: no credit for a stream that is gone)
 
     def drop_unread(self, st: CoreStream) -> None:
         """What ``st`` holds unread will never be read: it leaves the session's count, and credit

@@ -350,7 +350,7 @@ class TunnelServer:
         """Stop accepting, end every session and stream with an error (returns within a second)."""
         self._closing = True
         if self._server is not None:
-            self._server.stop_listening()
+            self._server.close()
         err = ConnectionLostError("the tunnel server is shutting down")
         for conn in list(self._connections):
             conn.close(err)
@@ -367,7 +367,7 @@ class TunnelServer:
         """Close the tunnel port and refuse handshakes from now on; open sessions carry on."""
         self._closing = True
         if self._server is not None:
-            self._server.stop_listening()
+            self._server.close()
 
     async def shutdown(self, grace: float, *, handover: bool = False,
                        busy: Optional[Callable[[], bool]] = None) -> None:
