@@ -182,3 +182,57 @@ def test_health_checks_are_not_authentication_failures(run, certs):
         finally:
             await server.close()
     run(body)
+
+
+def test_bytes_of_unfinished_tls_handshakes_count_toward_max_preauth_bytes(run, certs, caplog):
+    """A TLS record the handshake has not processed yet (here: 16 KiB of a record that never
+    completes) is held by the connection as surely as a tunnel handshake's bytes: counted in
+    ``max_preauth_bytes`` as it arrives (before, TLS connections held it uncounted, so this cap did
+    not bound what a stranger's pending TLS handshakes could make the server hold)."""
+    import struct
+
+    cap = 40 * 1024
+
+    async def body():
+        server, addr = await start(server_ctx(certs),
+                                   config=ft.ServerConfig(max_preauth_bytes=cap, handshake_timeout=60.0))
+        try:
+            conns = [await asyncio.open_connection(*server.address) for _ in range(6)]
+            async with asyncio.timeout(10):
+                while server.pending_handshakes < 6:
+                    await asyncio.sleep(0.01)
+            record = struct.pack(">BHH", 0x16, 0x0301, 16384) + b"\x01" * 16000  # never finished
+            for _, w in conns:
+                w.write(record)
+                await w.drain()
+
+            async def closed(r):
+                try:
+                    return await asyncio.wait_for(r.read(), 3.0) == b""
+                except ConnectionError:
+                    return True
+                except TimeoutError:
+                    return False
+
+            ended = await asyncio.gather(*(closed(r) for r, _ in conns))
+            assert sum(ended) >= 4, ended  # two hold about 32 KiB; each further one passes the cap
+            assert server.preauth_bytes <= cap
+            assert server.refused_connections["max_preauth_bytes"] == sum(ended)
+            for _, w in conns:
+                w.close()
+            async with asyncio.timeout(10):
+                while server.pending_handshakes:
+                    await asyncio.sleep(0.01)
+            assert server.preauth_bytes == 0
+            # a real TLS client is served, and holds nothing once accepted
+            client = ft.TunnelClient(addr, "secret-token", tunnel_id="after",
+                                     tls=tls.client_context(certs["ca.pem"]))
+            task = asyncio.create_task(client.connect_and_run(echo_handler))
+            await server.wait_for_session("after", timeout=10)
+            assert server.preauth_bytes == 0
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        finally:
+            await server.close()
+
+    run(body)

@@ -153,8 +153,15 @@ class TunnelConnection(StreamEvents, asyncio.BufferedProtocol):
                     core.receive(data, now)
                 finally:
                     self._flush_follows = False
-                if self.dirty_sinks:  # every forwarding target written once per read (one writev), not once per frame
-                    self._flush_sinks()
+                sinks = self.dirty_sinks
+                if sinks:  # every forwarding target written once per read (one writev), not once per frame
+                    n = len(sinks)
+                    for i in range(n):
+                        try:
+                            sinks[i].flush_out()
+                        except Exception as exc:
+                            self.sink_failed(sinks[i], exc, "flush_out")
+                    del sinks[:n]  # a sink deferred again by its own flush_out waits for the next read
                 if core.sched and not self._write_paused:
                     self._flush()  # acks and credit now, not an event-loop turn later
                 # _after_receive, unless it would do nothing for sure: with flow control nothing
@@ -176,6 +183,8 @@ class TunnelConnection(StreamEvents, asyncio.BufferedProtocol):
     def _tls_received(self, data: memoryview) -> None:
         tls = self.tls
         assert tls is not None
+        if not tls.established and not self.tls_handshake_bytes(len(data)):
+            return
         try:
             ended = tls.receive(data, self._read_size, self.data_received_view)  # plaintext <= what was read
         except TlsHandshakeFailed as exc:
@@ -197,6 +206,10 @@ class TunnelConnection(StreamEvents, asyncio.BufferedProtocol):
 
     def tls_failed(self, exc: BaseException) -> None:  # pragma: no cover - the server overrides
         self.close()
+
+    def tls_handshake_bytes(self, n: int) -> bool:  # pragma: no cover - the server overrides
+        """``n`` encrypted bytes arrived before the TLS handshake completed; False closed the connection."""
+        return True
 
     def send_raw(self, data: Any) -> None:
         """Write bytes to the peer (through TLS when the server terminates it)."""

@@ -88,6 +88,17 @@ class ServerConnection(TunnelConnection):
         self.server.auth_failure(self.peer_address)
         self.close()
 
+    def tls_handshake_bytes(self, n: int) -> bool:
+        """Encrypted bytes that arrive before the TLS handshake is complete count toward
+        ``max_preauth_bytes`` like the tunnel handshake's own: what OpenSSL has not processed yet
+        (a partial record, a client certificate in pieces) is held by this connection too."""
+        if self._pending:
+            self._held += n
+            if not self.server.preauth_grew(self, n):
+                self.close()
+                return False
+        return True
+
     def _handshake_timeout(self) -> None:
         self._hs_timer = None
         if not self.opened and not self.closed:
