@@ -330,10 +330,16 @@ class Listener:
         descriptor: the loop owns the socket) and make each a protocol, as the loop would."""
         for lsock in lsocks:
             try:
-                dup = socket.socket(fileno=os.dup(lsock.fileno()))
+                fd = os.dup(lsock.fileno())
             except OSError:
                 continue
+            try:
+                dup = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)
+                continue
             with dup:
+                dup.setblocking(False)  # (not socket.getdefaulttimeout(): accept() must not wait)
                 for _ in range(MAX_TAKEN_AT_STOP):
                     try:
                         conn, _ = dup.accept()
