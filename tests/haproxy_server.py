@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -29,6 +28,13 @@ def haproxy_binary() -> str:
         pytest.skip(why)
     assert path is not None
     return path
+
+
+def _listening(port: int) -> bool:
+    """Whether some socket listens on 127.0.0.1:``port`` (state LISTEN in /proc/net/tcp)."""
+    local = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        return any(line.split()[1] == local and line.split()[3] == "0A" for line in f.readlines()[1:])
 
 
 class HAProxy:
@@ -62,16 +68,15 @@ class HAProxy:
             self.proc = subprocess.Popen([self.binary, "-db", "-f", str(self.config)], stdout=out,
                                          stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
+        # Listening is read from /proc/net/tcp, not tried with a connection: HAProxy would pass a
+        # connection on to a node, which would take it for a visitor (a stream to a tunnel,
+        # then an EOF with no data, in the node's log).
         for port in self.frontends.values():
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                    break
-                except OSError:
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"haproxy did not listen on {port}: "
-                                           f"{self.proc.stderr.read().decode() if self.proc.stderr else ''}")
-                    time.sleep(0.05)
+            while not _listening(port):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"haproxy did not listen on {port}: "
+                                       f"{self.proc.stderr.read().decode() if self.proc.stderr else ''}")
+                time.sleep(0.05)
         return self
 
     def log_text(self) -> str:
