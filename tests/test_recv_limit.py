@@ -219,3 +219,108 @@ def test_bytes_dropped_unread_let_credit_held_back_for_the_budget_go():
     core.consumed(a, 0)
     credit = [f for f in sent(core) if isinstance(f, F.PluginData)]
     assert len(credit) == 1 and core.total_unread == 0 and c.id in core.streams
+
+
+# ------------------------------------------------------------------ server_recv_limit
+
+
+def test_the_server_limit_bounds_what_all_sessions_hold_together():
+    """Each session within its own limit, together past the server's: the frame that would take
+    the server over resets its stream (the server's limit named), the others go on, and bytes
+    read anywhere make room again."""
+    from ferrotunnel.protocol.flow import RecvAccount
+
+    account = RecvAccount(100 * KiB)
+    cores = []
+    for _ in range(2):
+        rec = Recorder()
+        config = StreamConfig(initial_window=WINDOW, max_window=WINDOW, session_recv_budget=WINDOW,
+                              session_recv_limit=1024 * KiB)
+        core = SessionCore(is_client=False, config=config, listener=rec, now=0.0, peer_capabilities=FLOW_PEER,
+                           recv_account=account)
+        cores.append((core, rec))
+    (one, rec1), (two, rec2) = cores
+    a = one.open_stream()
+    b, c = two.open_stream(), two.open_stream()
+    sent(one), sent(two)
+    one.receive(data(a.id, WINDOW), 1.0)
+    two.receive(data(b.id, 30 * KiB), 1.0)
+    assert account.unread == 94 * KiB and not rec1.resets and not rec2.resets
+    two.receive(data(c.id, 10 * KiB), 1.0)  # within c's credit and its session's limit: the server's
+    assert isinstance(rec2.resets.get(c.id), LimitExceededError)
+    assert "server_recv_limit" in str(rec2.resets[c.id])
+    assert [(e.stream_id, e.code) for e in sent(two) if isinstance(e, F.Error)] == [
+        (c.id, F.ErrorCode.SERVICE_UNAVAILABLE)]
+    assert account.unread == 94 * KiB and b.id in two.streams
+    one.consumed(a, WINDOW)  # read on the other session: room again
+    assert account.unread == 30 * KiB
+    two.receive(data(b.id, 20 * KiB), 1.0)
+    assert account.unread == 50 * KiB and b.id in two.streams
+    two.windows.drop_unread(b)
+    assert account.unread == 0
+
+
+def test_the_server_limit_default_and_check():
+    from ferrotunnel.config import ServerConfig
+
+    assert ServerConfig().server_recv_limit == 1024 * 1024 * 1024
+    with pytest.raises(ValueError, match="server_recv_limit"):
+        ServerConfig(server_recv_limit=128 * 1024 * 1024)  # below session_recv_limit (256 MiB)
+    ServerConfig(server_recv_limit=64 * 1024 * 1024, session_recv_limit=64 * 1024 * 1024)
+
+
+def test_two_clients_together_meet_the_server_limit_and_the_count_returns_to_zero(run):
+    """End to end: two clients each write within their credit to a server that does not read;
+    together they would pass server_recv_limit, so streams past it are reset with the server's
+    limit named. Once the server side reads, closes or loses its streams, the account is 0."""
+    import asyncio
+
+    import ferrotunnel as ft
+
+    cfg = dict(initial_window=256 * KiB, max_window=256 * KiB, session_recv_budget=256 * KiB,
+               session_recv_limit=1024 * KiB)
+    server_cfg = ft.ServerConfig(server_recv_limit=1024 * KiB, **cfg)
+    held = []
+
+    async def server_handler(stream):  # holds every stream unread
+        held.append(stream)
+        await asyncio.sleep(60)
+
+    async def body():
+        server = ft.TunnelServer(("127.0.0.1", 0), "tok", config=server_cfg, stream_handler=server_handler)
+        async with server:
+            host, port = server.address
+            clients, tasks = [], []
+            for tid in ("one", "two"):
+                c = ft.TunnelClient(f"{host}:{port}", "tok", tunnel_id=tid, config=ft.ClientConfig(**cfg))
+                tasks.append(asyncio.create_task(c.connect_and_run(lambda s: asyncio.sleep(60))))
+                await server.wait_for_session(tid, timeout=10)
+                clients.append(c)
+            streams = []
+            for c in clients:
+                while c.session is None:
+                    await asyncio.sleep(0.01)
+                for _ in range(3):
+                    s = await c.session.open_stream()
+                    s.write(b"x" * (256 * KiB))  # within its first window: an honest peer
+                    streams.append(s)
+            # 6 x 256 KiB offered, 1 MiB may be held: at least two streams are reset
+            async with asyncio.timeout(20):
+                while sum(s.exception is not None for s in streams) < 2:
+                    await asyncio.sleep(0.02)
+            errors = [s.exception for s in streams if s.exception is not None]
+            assert server.recv_account.unread <= 1024 * KiB
+            assert any("server" in str(e) for e in errors), errors
+            # reading some, closing some, and the sessions' end: nothing stays counted
+            assert await held[0].read(1000)
+            held[1].close()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            async with asyncio.timeout(10):
+                while server.recv_account.unread:
+                    import gc
+                    gc.collect()
+                    await asyncio.sleep(0.02)
+
+    run(body)

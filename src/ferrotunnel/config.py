@@ -157,6 +157,9 @@ class ServerConfig(StreamConfig):
     max_pending_per_address: int = 64
     #: Bytes all pending handshakes may hold together before a new connection is refused.
     max_preauth_bytes: int = 8 * MiB
+    #: Bytes all sessions (with flow control) together may hold delivered and unread; a Data frame
+    #: that would pass it resets its stream, as ``session_recv_limit`` does for one session.
+    server_recv_limit: int = 1024 * MiB
     #: Whether client-opened streams are accepted at all (the CLI server has no use for them).
     accept_client_streams: bool = True
     #: Ingress connections at once, per source address and in total (per ingress).
@@ -188,6 +191,9 @@ class ServerConfig(StreamConfig):
             raise ValueError("trusted_proxies must be a tuple of CIDRs, not one string")
         if self.proxy_header_timeout <= 0:
             raise ValueError("proxy_header_timeout must be positive")
+        if self.server_recv_limit < self.session_recv_limit:
+            raise ValueError(f"server_recv_limit ({self.server_recv_limit}) must be at least session_recv_limit "
+                             f"({self.session_recv_limit}): raise it with session_recv_limit")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from .drain import DrainMixin
 from .publicurls import PublicUrlsMixin
 from .tunnels import TunnelsMixin, clean_text
 from .extensions import EXT_CAPABILITY, Negotiated, negotiate, plugin_handlers
-from .flow import FLOW_PLUGIN_ID, MAX_WINDOW, FlowWindows, decode_credit, encode_credit
+from .flow import FLOW_PLUGIN_ID, MAX_WINDOW, FlowWindows, RecvAccount, decode_credit, encode_credit
 from .keepalive import Keepalive
 from .listener import CoreListener
 from .ratelimit import RatePolicy, TokenBucket
@@ -42,7 +42,7 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
 
     def __init__(self, *, is_client: bool, config: StreamConfig, listener: CoreListener, now: float,
                  negotiated: Optional[Negotiated] = None, peer_capabilities: Sequence[str] = (),
-                 accept_peer_streams: bool = True) -> None:
+                 accept_peer_streams: bool = True, recv_account: Optional[RecvAccount] = None) -> None:
         self.is_client = is_client
         self.config = config
         self.listener = listener
@@ -59,7 +59,7 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         #: The same for a stream whose data is all that waits to be sent (``solo_max_chunk``).
         self.solo_chunk = (max(self.max_chunk, min(config.solo_max_chunk, peer_frame - DATA_FRAME_OVERHEAD))
                            if self.flow and peer_frame else self.max_chunk)
-        self.windows = FlowWindows(config, self.flow)
+        self.windows = FlowWindows(config, self.flow, recv_account)
         self.streams: Dict[int, CoreStream] = {}
         self.sched = PriorityScheduler()
         self.decoder = FrameDecoder(config.max_frame_size, config.max_control_frame)

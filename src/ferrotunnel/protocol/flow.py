@@ -24,7 +24,7 @@ from ..frames import ErrorCode
 from .streams import HALF_CLOSED_LOCAL, OPEN, CoreStream
 
 __all__ = ["FLOW_CAPABILITY", "FLOW_PLUGIN_ID", "MAX_WINDOW", "flow_capability", "parse_flow_capability",
-           "encode_credit", "decode_credit", "FlowWindows"]
+           "encode_credit", "decode_credit", "FlowWindows", "RecvAccount"]
 
 FLOW_CAPABILITY = "flow-control/1"
 FLOW_PLUGIN_ID = "ft.flow/1"
@@ -62,16 +62,33 @@ def decode_credit(data: Any) -> Optional[List[Tuple[int, int]]]:
     return list(_UPDATE.iter_unpack(raw))
 
 
+class RecvAccount:
+    """What the sessions of one server hold delivered and unread together, against
+    ``server_recv_limit``: with flow control, a Data frame that would take ``unread`` past
+    ``limit`` resets its stream (see ``FlowWindows.take``). Unlike ``session_recv_limit`` it is
+    not counted in grants: it is the last bound against many sessions each near their own limit,
+    and a peer that keeps to its credit can meet it when the server is that full."""
+
+    __slots__ = ("limit", "unread", "said")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.unread = 0
+        self.said = False  # a stream reset by it was logged (once a server: then debug)
+
+
 class FlowWindows:
     """Unread bytes per stream and per session, receive windows and the credit they earn.
 
     Methods that may earn the peer credit return the increment to send (0: nothing now)."""
 
     __slots__ = ("enabled", "initial_window", "max_window", "stream_limit", "budget", "limit", "total_unread",
-                 "credit_out", "limit_said", "over_limit", "deferred")
+                 "credit_out", "limit_said", "over_limit", "deferred", "account")
 
-    def __init__(self, config: StreamConfig, enabled: bool) -> None:
+    def __init__(self, config: StreamConfig, enabled: bool, account: Optional[RecvAccount] = None) -> None:
         self.enabled = enabled
+        #: The server's account of unread bytes (``server_recv_limit``), shared by its sessions.
+        self.account = account
         self.initial_window = config.initial_window
         self.max_window = config.max_window
         self.stream_limit = config.stream_recv_buffer
@@ -109,18 +126,23 @@ class FlowWindows:
         application gets): False, and nothing taken, if the ``n`` bytes overran the window or
         would make the session hold more than ``session_recv_limit`` unread (``refusal`` tells
         which)."""
+        account = self.account
         if self.enabled:
             avail = st.recv_avail
             total = self.total_unread + n
-            if n > avail or total > self.limit:
+            if n > avail or total > self.limit or (account is not None and account.unread + n > account.limit):
                 return False
             st.recv_avail = avail - n
             self.credit_out -= n
             st.unread += n
             self.total_unread = total
+            if account is not None:
+                account.unread += n
             return True
         st.unread += n
         self.total_unread += n
+        if account is not None:
+            account.unread += n
         if st.unread > self.stream_limit and st.id not in self.over_limit:
             self.over_limit[st.id] = now
         return True
@@ -130,6 +152,15 @@ class FlowWindows:
         code and text for the peer, the error for the stream's reader), logged. Bytes within the
         stream's credit were refused by ``session_recv_limit``; the others overran the window."""
         sid = st.id
+        account = self.account
+        if self.enabled and n <= st.recv_avail and self.total_unread + n <= self.limit and account is not None:
+            log.log(logging.DEBUG if account.said else logging.WARNING, "stream %d: reset: the server's "
+                    "sessions hold %d bytes unread and %d more would pass server_recv_limit (%d)%s", sid,
+                    account.unread, n, account.limit, "" if account.said else " (said once a server)")
+            account.said = True
+            return (ErrorCode.SERVICE_UNAVAILABLE, "receive limit of the server reached",
+                    LimitExceededError(f"stream {sid}: reset, the server's unread data would pass "
+                                       f"server_recv_limit ({account.limit} bytes)"))
         if self.enabled and n <= st.recv_avail:
             log.log(logging.DEBUG if self.limit_said else logging.WARNING, "stream %d: reset: the session "
                     "holds %d bytes unread and %d more would pass session_recv_limit (%d)%s", sid,
@@ -146,6 +177,8 @@ class FlowWindows:
         """``n`` bytes went to the application, which has not consumed them yet."""
         st.unread += n
         self.total_unread += n
+        if self.account is not None:
+            self.account.unread += n
         if not self.enabled and st.unread > self.stream_limit and st.id not in self.over_limit:
             self.over_limit[st.id] = now
 
@@ -162,6 +195,8 @@ class FlowWindows:
         held = n if n <= st.unread else st.unread
         st.unread -= held
         self.total_unread -= held
+        if self.account is not None:
+            self.account.unread -= held
         over = self.over_limit
         if over and st.id in over and st.unread <= self.stream_limit // 2:
             del over[st.id]
@@ -242,6 +277,8 @@ class FlowWindows:
         """The application will never read what ``st`` holds (it closed the stream)."""
         if st.unread:
             self.total_unread -= st.unread
+            if self.account is not None:
+                self.account.unread -= st.unread
             st.unread = 0
             self.over_limit.pop(st.id, None)
 
@@ -255,5 +292,10 @@ class FlowWindows:
         self.deferred.discard(st)
 
     def clear(self) -> None:
+        """The session ended: what it still counts leaves the server's account (its streams'
+        buffers go with it; their late ``consumed`` calls are not counted there again)."""
         self.over_limit.clear()
         self.deferred.clear()
+        account, self.account = self.account, None
+        if account is not None:
+            account.unread -= self.total_unread

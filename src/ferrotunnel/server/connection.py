@@ -157,7 +157,8 @@ class ServerConnection(TunnelConnection):
         assert hs.negotiated is not None
         cfg = self.server.config
         core = SessionCore(is_client=False, config=cfg, negotiated=hs.negotiated, listener=self,
-                           now=time.monotonic(), accept_peer_streams=cfg.accept_client_streams)
+                           now=time.monotonic(), accept_peer_streams=cfg.accept_client_streams,
+                           recv_account=self.server.recv_account)
         self.open_session(core, session, hs.take_leftover())
         self.release_reading()
         return core

@@ -19,6 +19,7 @@ from ..config import ServerConfig
 from ..errors import ConnectionLostError
 from ..frames import HandshakeStatus
 from ..aio.listen import ConnectionGate, FdHeadroom, Listener, RefusalLog, listen
+from ..protocol.flow import RecvAccount
 from ..protocol.proxyproto import TrustedProxies
 from ..aio.connection import StreamHandler
 from ..aio.session import Session
@@ -87,6 +88,8 @@ class TunnelServer:
         self._pending_by_host: Dict[str, int] = {}
         #: Bytes held by the first frames of pending handshakes, all together.
         self.preauth_bytes = 0
+        #: Bytes its sessions hold delivered and unread, together (``server_recv_limit``).
+        self.recv_account = RecvAccount(self.config.server_recv_limit)
         #: Connections refused before their handshake, by the limit that refused them.
         self._refusals = RefusalLog("tunnel port", REFUSAL_LOG_INTERVAL)
         self.refused_connections: Dict[str, int] = self._refusals.counts
