@@ -339,3 +339,29 @@ def test_rewrite_repeat_writes_the_lines_only_over_an_exact_repeat_with_room(k):
     assert k.rewrite_repeat(bytearray(300), start, 0, b"", lines) == -1  # no last head yet
     assert k.rewrite_repeat(bytearray(b"\n" * 300), start, 1, b"\n", lines) == -1
     assert k.rewrite_repeat(buffer(last, 200), -1, len(last), last, lines) == -1
+
+
+def test_long_runs_of_spaces_in_field_values_are_read_in_linear_time():
+    """A field value with a long run of spaces before its last character: the field regexes once
+    backtracked quadratically on it (about 3 s of a frozen event loop for one 16 KiB head at the
+    ingress, about 50 s for these 64 KiB values). Each read must finish within a generous bound
+    that only a hang passes, and still strip the whitespace around the value."""
+    import time
+
+    from ferrotunnel.server import guard
+
+    pad = b" " * 65536
+    head = (b"GET / HTTP/1.1\r\nHost: web" + pad + b"\r\nConnection: x\r\nX-Forwarded-For:" + pad + b"1.2.3.4\r\n"
+            b"Authorization:" + pad + b"Basic abc" + pad + b"\r\n\r\n")
+    half = b" " * (http1.MAX_RESPONSE_HEAD // 2 - 100)  # (a response head is at most that long)
+    response = b"HTTP/1.1 200 OK\r\nContent-Length:" + half + b"5" + half + b"\r\n\r\nhello"
+    t0 = time.monotonic()
+    req = http1.parse_request(head)
+    assert req.hosts == (b"web",) and req.xff == (b"1.2.3.4",)
+    assert guard.authorization_values(head) == (b"Basic abc",)
+    assert b"Authorization" not in guard.strip_authorization(head)
+    assert twin.scan_plain(b"GET / HTTP/1.1\r\nHost: web" + pad + b"x\r\n\r\n", 0, 10**6)[3] == (b"web" + pad + b"x",)
+    tracker = twin.ResponseTracker()
+    tracker.sent(b"GET", False)
+    assert tracker.feed(response) == len(response) and tracker.idle and not tracker.lost
+    assert time.monotonic() - t0 < 5.0

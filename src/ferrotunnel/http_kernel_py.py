@@ -32,8 +32,9 @@ _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _BARE_LF = re.compile(rb"(?<!\r)\n|\n[ \t]")
 #: A response's status line and the fields that delimit its body.
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})[ \r]")
-_RESPONSE_FIELDS = re.compile(rb"\r\n(content-length|transfer-encoding)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)",
-                              re.IGNORECASE)
+#: (values with their surrounding whitespace, stripped after: a lazy value before optional whitespace
+#: backtracks quadratically on a long run of spaces)
+_RESPONSE_FIELDS = re.compile(rb"\r\n(content-length|transfer-encoding)[ \t]*:([^\r\n]*)(?=\r\n)", re.IGNORECASE)
 #: A plain request head, which llhttp takes as it is: a common method, an origin-form target of
 #: RFC 3986 path and query characters, HTTP/1.0 or 1.1, token-named fields with VCHAR/SP/HTAB values.
 _PLAIN_HEAD = re.compile(rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*) "
@@ -41,7 +42,7 @@ _PLAIN_HEAD = re.compile(rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH) (/[A-Za-z0-
 #: The request fields a plain head is read for (name, value without the whitespace around it);
 #: Transfer-Encoding, Upgrade and (Proxy-)Connection make a head not plain.
 _FIELDS = re.compile(rb"\r\n(host|content-length|transfer-encoding|upgrade|(?:proxy-)?connection|"
-                     rb"x-forwarded-(?:for|proto|host)):[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)", re.IGNORECASE)
+                     rb"x-forwarded-(?:for|proto|host)):([^\r\n]*)(?=\r\n)", re.IGNORECASE)
 
 Plain = Tuple[bytes, bytes, bool, Tuple[bytes, ...], Tuple[bytes, ...], Tuple[bytes, ...], Tuple[bytes, ...],
               Tuple[bytes, ...]]
@@ -63,6 +64,7 @@ def scan_plain(data: Any, start: int, stop: int) -> Optional[Plain]:
     xfh: Tuple[bytes, ...] = ()
     for name, value in _FIELDS.findall(data, start, stop):
         n = name.lower()
+        value = value.strip(b" \t")
         if n == b"host":
             hosts += (value,)
         elif n == b"content-length":
@@ -313,7 +315,7 @@ class ResponseTracker:
         if method == b"HEAD" or status in (204, 304) or 100 <= status < 200:
             self._done()
             return
-        fields = _RESPONSE_FIELDS.findall(head, start, stop)
+        fields = [(n, v.strip(b" \t")) for n, v in _RESPONSE_FIELDS.findall(head, start, stop)]
         if len(fields) == 1 and fields[0][0].lower() == b"content-length":  # the common case
             cl: List[bytes] = [fields[0][1]]
             te: List[bytes] = []

@@ -19,7 +19,8 @@ __all__ = ["AccessRefused", "REALM", "route_access", "refusal", "kind_of", "auth
 REALM = "ferrotunnel"
 
 # a field line of a head llhttp accepted: "Name:value\r\n" (the head's first line is the request line)
-_AUTH_LINE = re.compile(rb"\r\nauthorization:[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)", re.IGNORECASE)
+# (the value with its surrounding whitespace, stripped after: see http1._FIELDS)
+_AUTH_LINE = re.compile(rb"\r\nauthorization:([^\r\n]*)(?=\r\n)", re.IGNORECASE)
 
 
 class AccessRefused(FerroTunnelError):
@@ -64,7 +65,7 @@ def refusal(access: TunnelAccess, kind: str, visitor: Any,
 
 def authorization_values(head: bytes) -> Tuple[bytes, ...]:
     """The values of the Authorization fields of a request head."""
-    return tuple(_AUTH_LINE.findall(head))
+    return tuple(v.strip(b" \t") for v in _AUTH_LINE.findall(head))
 
 
 def strip_authorization(head: bytes) -> bytes:
