@@ -127,7 +127,7 @@ def test_banners_say_the_tls_mode_and_where_each_file_came_from(certs):
         srv.kill()
     plain = Proc("client", "--server", "127.0.0.1:1", "--max-retries", "1", env=TOKEN_ENV)
     plain.p.wait(30)
-    assert plain.finish() == 1 and b"TLS: off" in plain.out and b"giving up after 1 attempt" in plain.err
+    assert plain.finish() == 1 and b"TLS: off" in plain.out and b"giving up after 1 retry (2 attempts)" in plain.err
 
 
 def test_an_address_not_on_this_machine_is_named():

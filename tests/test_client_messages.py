@@ -117,7 +117,7 @@ def test_a_server_that_closes_without_answering_is_retried(run):
             assert type(exc) is ft.ConnectionLostError and "it most likely expects TLS" in msg and ADD_TLS in msg
             cfg = ft.ClientConfig(backoff=ft.BackoffConfig(base=0.01, factor=1.0, jitter=0, max_attempts=8))
             client = ft.TunnelClient(where, TOKEN, config=cfg)
-            with pytest.raises(ft.FerroTunnelError, match="giving up after 8 attempts"):
+            with pytest.raises(ft.FerroTunnelError, match=r"giving up after 8 retries \(9 attempts\)"):
                 await client.connect_and_run(echo_handler)
     run(body)
 
@@ -264,7 +264,7 @@ def test_retry_log_lines_carry_the_hint(run, caplog):
             where.append(here)
             cfg = ft.ClientConfig(handshake_timeout=0.5, backoff=ft.BackoffConfig(base=0.01, max_attempts=2))
             client = ft.TunnelClient(here, TOKEN, config=cfg)
-            with pytest.raises(ft.FerroTunnelError, match="giving up after 2 attempts") as ei:
+            with pytest.raises(ft.FerroTunnelError, match=r"giving up after 2 retries \(3 attempts\)") as ei:
                 await client.connect_and_run(echo_handler)
             assert ADD_TLS in str(ei.value)
     caplog.set_level(logging.WARNING, logger="ferrotunnel.client")

@@ -213,6 +213,6 @@ def test_max_attempts_gives_up(run):
         from conftest import free_port
         cfg = ft.ClientConfig(backoff=ft.BackoffConfig(base=0.01, max_delay=0.02, max_attempts=3))
         client = ft.TunnelClient(f"127.0.0.1:{free_port()}", TOKEN, config=cfg)
-        with pytest.raises(ft.FerroTunnelError, match="giving up after 3 attempts"):
+        with pytest.raises(ft.FerroTunnelError, match=r"giving up after 3 retries \(4 attempts\)"):
             await client.connect_and_run(echo_handler)
     run(body)

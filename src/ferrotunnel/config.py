@@ -26,7 +26,8 @@ class BackoffConfig:
     factor: float = 2.0
     jitter: float = 0.3
     max_delay: float = 60.0
-    #: Give up after this many consecutive failed attempts (None: never).
+    #: Give up after this many consecutive failed reconnect attempts, the first connection attempt not
+    #: counted (None: never).
     max_attempts: Optional[int] = None
 
     def __post_init__(self) -> None:

@@ -171,15 +171,17 @@ def load_client_file(path: str) -> ClientFile:
     """Read and check a client config file; UsageError (exit 2) for anything wrong with it."""
     where = _Where(Path(path))
     try:
-        size = os.path.getsize(path)
-        if size > MAX_CONFIG_BYTES:
-            raise where.fail("", None, f"{size} bytes, over the {MAX_CONFIG_BYTES}-byte limit")
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        with open(path, "rb") as f:  # read, not stat: a pipe or a device has no size to check first
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise where.fail("", None, f"over the {MAX_CONFIG_BYTES}-byte limit")
+        data = tomllib.loads(raw.decode())
     except OSError as exc:
         raise UsageError(f"config file {path}: cannot read it ({exc.strerror or exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise where.fail("", None, f"not valid TOML ({exc})") from None
+    except RecursionError:  # (tomllib parses nested arrays and tables recursively)
+        raise where.fail("", None, "not valid TOML here: arrays or tables nested too deeply") from None
     except UnicodeDecodeError as exc:  # (TOML is UTF-8; the byte's value and place, not the text)
         raise where.fail("", None, f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
                                    f"{exc.start}); TOML files are UTF-8") from None

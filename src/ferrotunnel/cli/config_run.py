@@ -269,8 +269,8 @@ async def _start_inspector(args: argparse.Namespace) -> Any:
 async def _grace(clients: List[Any], tasks: List["asyncio.Task[Any]"], grace: float) -> None:
     """After a signal: open streams may finish for up to ``grace`` seconds (a second signal ends
     the process at once), then every connection closes."""
-    def open_streams() -> int:
-        return sum(c.session.multiplexer.stream_count for c in clients if c.session is not None)
+    def open_streams() -> int:  # (a session being replaced after a hand-over counts too)
+        return sum(c.open_streams for c in clients)
 
     print(f"shutting down (up to {grace:g}s for {open_streams()} open streams)", flush=True)
     deadline = time.monotonic() + grace

@@ -171,6 +171,12 @@ class TunnelClient:
         return conn.session
 
     @property
+    def open_streams(self) -> int:
+        """Streams open on the live session and on one it replaces (a hand-over's, still in flight)."""
+        conns = {c for c in (self._conn, *self._retiring) if c is not None and not c.closed and c.session is not None}
+        return sum(c.session.multiplexer.stream_count for c in conns)  # type: ignore[union-attr]
+
+    @property
     def public_urls(self) -> Tuple[str, ...]:
         """Where visitors reach this tunnel, as the server said for the live session: e.g.
         ``("http://web.example.test:8080", "tcp://example.test:9000")``; an ``http://HOST:PORT``
@@ -310,8 +316,10 @@ class TunnelClient:
                 return HandshakeError(f"{where}: the server does not speak TLS (it answered in plaintext): "
                                       f"{HINT_NO_TLS}")
             if reason in SSL_CLOSED or isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
-                return SuspectedMisconfiguration(f"{where}: the server closed the connection during the TLS handshake; "
-                                           f"it most likely does not speak TLS — {HINT_NO_TLS}")
+                # retried, never given up for: a balancer whose backend is down closes the same way
+                return ConnectionLostError(f"{where}: the server closed the connection during the TLS handshake "
+                                           f"(so does a balancer whose backend is down); if the server does not "
+                                           f"speak TLS, {HINT_NO_TLS}")
             cert = client_cert_hint(exc)
             if cert is not None:
                 return SuspectedMisconfiguration(f"{where}: {cert}")
@@ -326,10 +334,10 @@ class TunnelClient:
         if isinstance(exc, socket.gaierror):
             return os_error(exc, f"cannot resolve {self.host!r} ({describe_error(exc)}): check the host name "
                                   f"in --server")
-        if isinstance(exc, ConnectionError) and in_tls_handshake:
-            return SuspectedMisconfiguration(
-                f"the server at {addr} closed the connection during the TLS handshake ({describe_error(exc)}): "
-                f"it most likely does not speak TLS — {HINT_NO_TLS}")
+        if isinstance(exc, ConnectionError) and in_tls_handshake:  # (retried: see SSL_CLOSED above)
+            return ConnectionLostError(
+                f"the server at {addr} closed the connection during the TLS handshake ({describe_error(exc)}; so "
+                f"does a balancer whose backend is down); if the server does not speak TLS, {HINT_NO_TLS}")
         if isinstance(exc, ConnectionError):
             return os_error(exc, f"the connection to {addr} failed: {describe_error(exc)}; the server's log may "
                                   f"say why")
@@ -395,6 +403,7 @@ class TunnelClient:
                     log.debug("%s", exc)
                     raise
                 backoff.reset()
+                suspects, since = 0, 0.0  # (give-up counts failures in a row: a session broke the row)
                 if on_connected is not None:
                     result = on_connected(session)
                     if inspect.isawaitable(result):
@@ -472,8 +481,9 @@ class TunnelClient:
         if hint is not None and delay is not None:  # the server said when (a cluster handover)
             delay = min(delay, hint)
         if delay is None:
-            raise FerroTunnelError(
-                f"giving up after {backoff.attempts} attempts to reach {self.address}: {describe_error(exc)}") from exc
+            n = backoff.attempts  # (max_attempts counts retries: the first attempt is none)
+            raise FerroTunnelError(f"giving up after {n} {'retry' if n == 1 else 'retries'} ({n + 1} attempts) to "
+                                   f"reach {self.address}: {describe_error(exc)}") from exc
         if suspects >= MAX_SUSPECT_ATTEMPTS:
             raise self._give_up(exc, suspects) from exc
         # "reconnecting in N.Ns" is part of the output contract (operators' scripts read it)
