@@ -33,11 +33,8 @@ _BODY = ResponseTracker.LENGTH  # the tracker is in a Content-Length response bo
 
 
 class HttpBridge(BadBodyMixin, TcpBridge):
-    """One visitor connection: every request head is parsed and routed by its own Host; a request
-    for the tunnel of the current stream goes on that stream, one for another tunnel waits until
-    every response owed on the current stream has gone out, then gets a stream of its own. Bodies
-    pass as they are (only delimited); after a 101 (or a 2xx to CONNECT) the connection is a raw
-    byte pipe both ways."""
+    """One visitor connection, as the module says (bodies pass as they are, only delimited); after
+    a 101 (or a 2xx to CONNECT) the connection is a raw byte pipe both ways."""
 
     __slots__ = ("ingress", "_buf", "_state", "_left", "_chunked", "tracker", "_tunnel", "_head_timer",
                  "_next", "stash", "_visitor_eof", "_trusted", "_client", "_mark", "request", "_leaving",
@@ -299,8 +296,7 @@ class HttpBridge(BadBodyMixin, TcpBridge):
         return True
 
     def _wait(self, action: Any) -> bool:
-        """Stop reading the visitor; ``action`` runs once every response owed on the current
-        stream has gone out (at once when there is none)."""
+        """Stop reading the visitor; ``action`` runs once the current stream owes no response."""
         self._state = _WAIT
         self._next = action
         self.transport.pause_reading()
@@ -470,6 +466,10 @@ class HttpBridge(BadBodyMixin, TcpBridge):
             self.flush_out()
             self.close()
             return
+        if self._state != _RAW:  # no more answers on this connection: the request in flight finishes,
+            self._after = _DISCARD  # nothing after it is read (nor routed elsewhere), the visitor gets
+            if self._state == _HEAD:  # the app's FIN and its own FIN ends the connection
+                self._state = _DISCARD
         super().tunnel_eof()
 
     def tunnel_reset(self, exc: BaseException) -> None:
