@@ -240,7 +240,9 @@ def test_chunked_bodies_end_where_they_end(k):
     assert k.Chunked().feed(b"F" * 16 + b"\r\n", 0) == -1  # the largest size there is
     for bad, why in ((b"g\r\n", "chunk size"), (b"5\r\nhelloXX", "longer than its size"), (b"5\nhello", "bare LF"),
                      (b"1" * 17 + b"\r\n", "chunk size"), (b"5;" + b"e" * 5000, "too long"), (b"\r\n", "chunk size"),
-                     (b";x\r\n", "chunk size"), (b"0\r\n" + b"T: x\r\n" * 3000, "trailers too long")):
+                     (b";x\r\n", "chunk size"), (b"0\r\n" + b"T: x\r\n" * 3000, "trailers too long"),
+                     (b'5;a="\rx"\r\nhello\r\n', "control character"), (b"5;a\x00\r\n", "control character"),
+                     (b"5;a=\x7f\r\n", "control character")):
         with pytest.raises(twin.HeadError, match=why):
             k.Chunked().feed(bad, 0)
 

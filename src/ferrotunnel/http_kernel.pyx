@@ -223,6 +223,12 @@ cdef object _chunk_size(bytes line):
     if n < 2 or p[n - 2] != 13:
         raise HeadError("400 Bad Request", "malformed chunked body (bare LF)")
     n -= 2
+    while i < n:  # a bare CR (or another control byte) in an extension: a peer may end the line there
+        c = p[i]
+        if (c < 32 and c != 9) or c == 127:
+            raise HeadError("400 Bad Request", "malformed chunk-size line (a control character)")
+        i += 1
+    i = 0
     e = 0
     while e < n and p[e] != 59:  # up to ";"
         e += 1

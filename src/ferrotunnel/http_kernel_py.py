@@ -28,6 +28,8 @@ MAX_TRAILERS = 16 * 1024
 MAX_RESPONSE_HEAD = 64 * 1024
 
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+#: A control byte other than HTAB (a chunk-size line may hold none).
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 #: A line end that is not CRLF, or a field line folded onto the one before (obs-fold).
 _BARE_LF = re.compile(rb"(?<!\r)\n|\n[ \t]")
 #: A response's status line and the fields that delimit its body.
@@ -159,6 +161,8 @@ class Chunked:
                 line, self.line = bytes(self.line), bytearray()
                 if not line.endswith(b"\r\n"):
                     raise HeadError("400 Bad Request", "malformed chunked body (bare LF)")
+                if _CTL.search(line, 0, len(line) - 2):  # a bare CR in an extension: a peer may end the line there
+                    raise HeadError("400 Bad Request", "malformed chunk-size line (a control character)")
                 size = line[:-2].split(b";", 1)[0].strip(b" \t")
                 if not _HEX.fullmatch(size):
                     raise HeadError("400 Bad Request", "malformed chunk size")
