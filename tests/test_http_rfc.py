@@ -426,3 +426,19 @@ def test_tunnel_gone_mid_response_aborts_the_visitor(run):
                 raise AssertionError(f"clean EOF after a truncated body (then {rest!r})")
             w.close()
     run(body)
+
+
+def test_the_ingress_answers_a_head_request_with_a_head_only(run):
+    """RFC 9110 §9.3.2: its own answers (404, 400, ...) to HEAD carry no body, only the
+    Content-Length the body would have had (a body after it was read as the start of the next
+    response: curl's "Excess found")."""
+    async def body():
+        async with rig() as (ing, app, client):
+            for method in (b"GET", b"HEAD"):
+                for raw in (method + b" / HTTP/1.1\r\nHost: nope\r\n\r\n",
+                            method + b" / HTTP/1.1\r\nHost: web\r\nHost: other\r\n\r\n"):
+                    got = await exchange(ing.address, raw)
+                    head, _, rest = got.partition(b"\r\n\r\n")
+                    length = int(re.search(rb"\r\nContent-Length: (\d+)", head)[1])
+                    assert length > 0 and len(rest) == (0 if method == b"HEAD" else length), (raw, got)
+    run(body)

@@ -84,7 +84,7 @@ class HttpBridge(BadBodyMixin, TcpBridge):
         if not self._opened_once and not self.finished and self._state == _HEAD:
             self.reply("408 Request Timeout", "request head not received in time\n")
 
-    def reply(self, status: str, body: str) -> None:
+    def reply(self, status: str, body: str, bodiless: bool = False) -> None:  # (bodiless: to a HEAD)
         code = status.split()[0]
         self.ingress.responses[code] = self.ingress.responses.get(code, 0) + 1
         if self._head_timer is not None:
@@ -92,7 +92,7 @@ class HttpBridge(BadBodyMixin, TcpBridge):
         if self.finished:
             return
         self.leave_stream()
-        self.transport.write(response(status, body))
+        self.transport.write(response(status, body, bodiless))
         self.close()
 
     def _reject(self, status: str, reason: str, head: bytes) -> None:
@@ -100,7 +100,7 @@ class HttpBridge(BadBodyMixin, TcpBridge):
         line = head.lstrip(b"\r\n").split(b"\r\n", 1)[0]
         log.info("http ingress: %s for %s: %s; request line: %s", status.split()[0],
                  format_peer(self.peer_address), reason, printable(line))
-        self.reply(status, reason + "\n")
+        self.reply(status, reason + "\n", line.startswith(b"HEAD "))
 
     # -- visitor to tunnel
     def pass_owned(self) -> bool:
@@ -342,7 +342,7 @@ class HttpBridge(BadBodyMixin, TcpBridge):
             return
         _, req, fwd, framing, health = pending
         if route is None:
-            self.reply(*no_route(self.ingress.server.registry, tunnel_id, health))
+            self.reply(*no_route(self.ingress.server.registry, tunnel_id, health), req.method == b"HEAD")
             return
         if isinstance(result, AccessRefused):  # the tunnel's access rules (allow list, basic auth)
             self._reject(result.status, result.reason, fwd[:fwd.find(b"\r\n")])

@@ -114,11 +114,13 @@ def no_route(registry: Any, tunnel_id: str, health: bool) -> Tuple[str, str]:
     return "404 Not Found", f"no tunnel is connected for {printable(tunnel_id)}\n"
 
 
-def response(status: str, body: str) -> bytes:
+def response(status: str, body: str, bodiless: bool = False) -> bytes:
+    """The ingress's own answer; ``bodiless`` (to a HEAD request): its head only, Content-Length
+    still that of the body it would have had (RFC 9110 §9.3.2)."""
     data = body.encode("ascii", "backslashreplace")
     extra = challenge() if status.startswith("401") else ""
     return (f"HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {len(data)}\r\n"
-            f"{extra}Connection: close\r\n\r\n").encode() + data
+            f"{extra}Connection: close\r\n\r\n").encode() + (b"" if bodiless else data)
 
 
 def is_health(path: bytes) -> bool:
