@@ -534,3 +534,47 @@ def test_a_lookup_racing_a_claim_on_the_same_node_finds_the_new_session(run, red
             c._local.session_ended(s)  # the session ends: nothing cached keeps routing to it
             assert c.lookup_local("t1") is None
     run(body)
+
+
+def test_a_redis_that_answers_with_errors_grants_no_claim_and_is_said_once(run, redis, caplog):
+    """Redis reachable but refusing writes (a demoted primary: READONLY; the same for maxmemory
+    with noeviction): no outage (which grants every id locally on every node, and flapped: each
+    probe's PING answered), but claims refused with a retry hint; one line when it starts, one
+    when writes go through again, and then the claim is granted."""
+    caplog.set_level(logging.INFO, logger="ferrotunnel.cluster")
+
+    async def body():
+        r = await raw(redis.url)
+        try:
+            # (node keys outlive the episode here: one that expired while writes were refused would
+            # make its node look dead afterwards, until its next liveness write; see the note)
+            slow = dict(node_ttl=5.0, claim_ttl=10.0)
+            async with RedisRegistry(cfg(redis.url, "a", **slow)) as a, RedisRegistry(cfg(redis.url, "b", **slow)) as b:
+                await r.execute_command("REPLICAOF", "127.0.0.1", "1")  # read-only from now
+                sa, sb = StubSession("dup"), StubSession("dup")
+                ca, cb = await a.claim("dup", sa), await b.claim("dup", sb)
+                assert not ca.granted and not cb.granted and ca.retry_after and cb.retry_after
+                assert "refuses" in ca.reason and not a.outage and not b.outage
+                assert a.local_session("dup") is None and b.local_session("dup") is None
+                await asyncio.sleep(1.0)  # liveness writes keep failing: still no outage, no more lines
+                assert not a.outage and not b.outage
+                await r.execute_command("REPLICAOF", "NO", "ONE")
+                async with asyncio.timeout(10):
+                    while True:
+                        ca = await a.claim("dup", sa)
+                        if ca.granted:
+                            break
+                        await asyncio.sleep(0.1)
+                assert not (await b.claim("dup", sb)).granted  # one owner
+                await asyncio.sleep(0.5)  # b's liveness write goes through too
+        finally:
+            await r.execute_command("REPLICAOF", "NO", "ONE")
+            await r.aclose()
+
+    run(body)
+    lines = [m.getMessage() for m in caplog.records]
+    refused = sum("refuses" in m for m in lines)
+    accepted = sum(m.endswith("accepts writes again") and "refuses" not in m for m in lines)
+    # once per node, and once more at most while REPLICAOF NO ONE takes effect: not one per operation
+    assert 2 <= refused <= 4 and 1 <= accepted <= refused, (refused, accepted, lines)
+    assert not any("unreachable" in m or "is back" in m for m in lines), lines

@@ -26,7 +26,7 @@ from ..errors import ConnectionLostError
 from ..server.registry import Claim, LocalRegistry, Route, StalePredicate
 from .access_records import AccessKeys, UnreadableRules
 from .redis_pools import PoolRecords, member_nodes, pool_route, refusal
-from .redis_base import RedisDown, RegistryStats, as_text, connect, parse_addr, redis_module, to_ms
+from .redis_base import RedisCalls, RedisDown, RegistryStats, as_text, connect, parse_addr, to_ms
 from .scripts import SCRIPTS
 
 __all__ = ["RedisRegistry", "RegistryStats", "RouteFactory", "connect"]
@@ -57,11 +57,11 @@ class RedisRegistry:
         self.epoch = epoch or uuid.uuid4().hex
         self.remote_route = remote_route
         self.stats = RegistryStats()
-        self._errors = (redis_module().RedisError, OSError, TimeoutError)
         self._own_client = client is None
         self._client: Any = client if client is not None else connect(config)
         self._scripts = {name: self._client.register_script(src) for name, src in SCRIPTS.items()}
         self._url = redact_url(config.redis_url)
+        self._calls = RedisCalls(self._url, config.redis_timeout, self.stats)
         self._keys = AccessKeys(config.cluster_token)
         self._local = LocalRegistry()
         #: Where other nodes reach this node's link listener (read at every liveness refresh).
@@ -69,7 +69,6 @@ class RedisRegistry:
         self._node_key = f"{config.key_prefix}node:{config.node_id}"
         self._node_prefix = f"{config.key_prefix}node:"
         self._state = "up"
-        self._outage = False
         self._stale: Optional[StalePredicate] = None
         self._unreconciled: Set[str] = set()  # ids granted without Redis' word: claim again
         self._moved: Set[uuid.UUID] = set()  # sessions whose id went to another node while draining
@@ -102,26 +101,12 @@ class RedisRegistry:
     def _claim_key(self, tunnel_id: str) -> str:
         return f"{self.config.key_prefix}tunnel:{tunnel_id}"
 
-    async def _call(self, fn: Callable[[], Awaitable[Any]], probe: bool = False) -> Any:
-        if self._outage and not probe:
-            raise RedisDown()
-        self.stats.ops += 1
-        t0 = time.monotonic()
-        try:
-            async with asyncio.timeout(self.config.redis_timeout):
-                return await fn()
-        except self._errors as exc:
-            self.stats.errors += 1
-            self._went_down(exc)
-            raise RedisDown() from exc
-        finally:
-            self.stats.op_seconds += time.monotonic() - t0
+    @property
+    def _outage(self) -> bool:
+        return self._calls.outage
 
-    def _went_down(self, exc: BaseException) -> None:
-        if not self._outage:
-            self._outage = True
-            why = str(exc) or f"no answer within {self.config.redis_timeout} s"
-            log.warning("registry: Redis at %s unreachable: %s; serving local tunnels only", self._url, why)
+    def _call(self, fn: Callable[[], Awaitable[Any]], probe: bool = False) -> Awaitable[Any]:
+        return self._calls.call(fn, probe)
 
     def _script(self, name: str, keys: List[str], args: List[Any]) -> Callable[[], Awaitable[Any]]:
         return lambda: self._scripts[name](keys=keys, args=args)
@@ -161,6 +146,7 @@ class RedisRegistry:
         if prev and prev != self.epoch and self._wrote_node:
             log.warning("registry: another process also runs as node %s (one node id twice?)", self.node_id)
         self._wrote_node = True
+        self._calls.writes_accepted()
 
     def _gate(self, tunnel_id: str) -> asyncio.Lock:
         """One claim of a tunnel id at a time on this node: Redis and the local registry agree."""
@@ -183,7 +169,10 @@ class RedisRegistry:
             call = self._pools.claim_call(tunnel_id) if pool else self._claim_call(session, True)
             try:
                 answer = await self._call(self._script("pool_claim" if pool else "claim", *call))
-            except RedisDown:  # granted here, claimed in Redis when it is back
+            except RedisDown as down:  # granted here, claimed in Redis when it is back
+                if down.refused:  # (Redis answers, but records nothing: no outage to reconcile after)
+                    return Claim(False, retry_after=self.config.handover_retry, reason="the cluster registry "
+                                 "refuses to record claims now (see the node's log)")
                 self._unreconciled.add(tunnel_id)
                 return self._local.claim_nowait(tunnel_id, session, local_stale, pool=pool)
             verdict, node, why = (as_text(v) for v in answer)
@@ -452,7 +441,7 @@ class RedisRegistry:
             await self._call(self._client.ping, probe=True)
             live = [s for s in list(self._local.local_sessions()) if not s.is_closed]
             log.info("registry: Redis at %s is back; re-asserting %d claims", self._url, len(live))
-            self._outage = False
+            self._calls.outage = False
             # every node re-asserts within its own probe interval and refresh: until then a
             # missing claim may be one not re-asserted yet (503, not 404)
             self._recovering_until = time.monotonic() + self.config.redis_probe_interval + self.config.node_refresh
