@@ -285,3 +285,32 @@ def test_a_tunnel_id_with_control_characters_is_refused_with_the_reason(run, cap
     lines = _server_lines(caplog)
     assert all(_clean(m) for m in lines), [m for m in lines if not _clean(m)]
     assert not any(m.startswith("2026-01-01") for m in lines)
+
+
+def test_a_handshake_cancelled_after_its_claim_leaves_no_session_behind(run, monkeypatch):
+    """The connection closes (here: the handshake timer) while the server still awaits something
+    after claiming the tunnel id (a port bind, a slow shared registry): the claim and the session
+    go with it. Before, the closed session stayed registered, held its id and counted toward
+    max_sessions, and the honest client's wait was counted as a failed login."""
+    async def body():
+        cfg = ft.ServerConfig(handshake_timeout=0.3, max_sessions=1, auth_failure_threshold=1)
+        async with ft.TunnelServer(("127.0.0.1", 0), TOKEN, config=cfg) as server:
+            real_grant = server.ports.grant
+
+            async def slow_grant(*args, **kwargs):
+                await asyncio.sleep(1.0)  # longer than the handshake timer
+                return await real_grant(*args, **kwargs)
+
+            monkeypatch.setattr(server.ports, "grant", slow_grant)
+            client = ft.TunnelClient("%s:%d" % server.address, TOKEN, tunnel_id="db")
+            with pytest.raises(ft.FerroTunnelError):
+                await client.connect()
+            await asyncio.sleep(0.1)
+            assert len(server.registry.local_sessions()) == 0  # nothing kept: no id held, no slot taken
+            assert not server.throttled(("127.0.0.1", 1))
+            monkeypatch.setattr(server.ports, "grant", real_grant)
+            other = ft.TunnelClient("%s:%d" % server.address, TOKEN, tunnel_id="db")
+            await other.connect()  # the id and the one session slot are free
+            assert [s.tunnel_id for s in server.registry.local_sessions()] == ["db"]
+            await other.close()
+    run(body)

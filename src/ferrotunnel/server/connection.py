@@ -104,7 +104,8 @@ class ServerConnection(TunnelConnection):
         if not self.opened and not self.closed:
             log.info("closing connection from %s: no handshake within %.1fs", _where(self.peer_address),
                      self.server.config.handshake_timeout)
-            self.server.auth_failure(self.peer_address)
+            if not self.deciding:  # (while the server decides, the time is the server's, not the client's)
+                self.server.auth_failure(self.peer_address)
             self.close()
 
     def end_pending(self) -> None:

@@ -260,31 +260,38 @@ class TunnelServer:
             return fail(HandshakeStatus.RATE_LIMITED, f"{live} sessions (max_sessions)", count=False)
         session = Session(conn, session_id, tunnel_id, peer, req.capabilities)
         replace_own(self.registry, tunnel_id, instance_of(req.capabilities))
-        claim = await (self.registry.claim(tunnel_id, session, self.is_stale, pool=True) if asked.pool
-                       else self.registry.claim(tunnel_id, session, self.is_stale))
-        if conn.closed:  # gone while the registry answered
-            if claim.granted:
+        try:  # cancelled (the connection closed while the registry or a port bind was awaited): see below
+            claim = await (self.registry.claim(tunnel_id, session, self.is_stale, pool=True) if asked.pool
+                           else self.registry.claim(tunnel_id, session, self.is_stale))
+            if conn.closed:  # gone while the registry answered
+                if claim.granted:
+                    await self.registry.release(tunnel_id, session)
+                return None
+            if not claim.granted and claim.retry_after is not None:  # a cluster handover: retry soon
+                return fail(HandshakeStatus.RATE_LIMITED, f"tunnel id {tunnel_id!r}: {claim.reason or 'handover pending'}; "
+                            f"retry-after={claim.retry_after:g}", count=False)
+            if not claim.granted:
+                said = f" ({claim.reason})" if claim.reason else ""
+                return fail(HandshakeStatus.TUNNEL_ID_TAKEN, f"tunnel id {tunnel_id!r} is in use{said}", count=False)
+            if claim.replaced is not None:
+                log.info("tunnel %s: replacing stale session %s with a new connection from %s",
+                         shown_id(tunnel_id), claim.replaced.id, _where(peer))
+                claim.replaced.close(ConnectionLostError("replaced by a new connection for the same tunnel id"))
+            try:  # a port on request is bound now, for the life of the session
+                granted = await self.ports.grant(session, wanted, claim.replaced)
+            except PortUnavailable as exc:
                 await self.registry.release(tunnel_id, session)
-            return None
-        if not claim.granted and claim.retry_after is not None:  # a cluster handover: retry soon
-            return fail(HandshakeStatus.RATE_LIMITED, f"tunnel id {tunnel_id!r}: {claim.reason or 'handover pending'}; "
-                        f"retry-after={claim.retry_after:g}", count=False)
-        if not claim.granted:
-            said = f" ({claim.reason})" if claim.reason else ""
-            return fail(HandshakeStatus.TUNNEL_ID_TAKEN, f"tunnel id {tunnel_id!r} is in use{said}", count=False)
-        if claim.replaced is not None:
-            log.info("tunnel %s: replacing stale session %s with a new connection from %s",
-                     shown_id(tunnel_id), claim.replaced.id, _where(peer))
-            claim.replaced.close(ConnectionLostError("replaced by a new connection for the same tunnel id"))
-        try:  # a port on request is bound now, for the life of the session
-            granted = await self.ports.grant(session, wanted, claim.replaced)
-        except PortUnavailable as exc:
-            await self.registry.release(tunnel_id, session)
-            return fail(HandshakeStatus.UNSUPPORTED_VERSION, str(exc), count=False)
-        if conn.closed:  # gone while the port was bound
-            self.ports.release(session)
-            await self.registry.release(tunnel_id, session)
-            return None
+                return fail(HandshakeStatus.UNSUPPORTED_VERSION, str(exc), count=False)
+            if conn.closed:  # gone while the port was bound
+                self.ports.release(session)
+                await self.registry.release(tunnel_id, session)
+                return None
+        except asyncio.CancelledError:
+            # the claim (or the port) may be held already: the session that never opened lets both go
+            if not conn.opened:
+                self.ports.release(session)
+                self.registry.session_ended(session)
+            raise
         conn.may_claim = self.claim_policy(req.token)
         try:
             core = conn.accept(session, asked.answers(granted))
