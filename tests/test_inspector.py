@@ -448,3 +448,62 @@ def test_what_is_not_http_is_not_recorded():
     t.response_data(memoryview(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\n\r\n"))
     assert not t.following  # an answer nobody asked for: the pairing cannot be trusted from here
     assert [e.state for e in log.exchanges()] == ["done"]
+
+
+def test_a_chunked_request_past_the_body_limit_is_not_followed_chunk_by_chunk():
+    """Tiny chunks past what is captured only cost the client's event loop (Python calls per
+    chunk; an audit measured 2 MiB of 1-byte chunks at 3 s): the connection's recording ends
+    there, shown incomplete, while the bytes themselves still pass (the bridge relays them)."""
+    log = RequestLog(body_limit=100)
+    t = ExchangeTracker(log, "t", None, ("127.0.0.1", 1))
+    t.request_data(memoryview(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"))
+    for _ in range(60):  # 360 bytes of body in 1-byte chunks, past the 100 captured
+        t.request_data(memoryview(b"1\r\na\r\n"))
+    assert not t.following
+    (ex,) = log.exchanges()
+    assert ex.state == "incomplete" and len(ex.request_body) == 100 and ex.replay_refusal
+    before = ex.request_size
+    t.request_data(memoryview(b"1\r\na\r\n" * 1000))  # no longer looked at
+    assert ex.request_size == before
+    # a chunked body within the limit is still followed to its end
+    log = RequestLog(body_limit=1000)
+    t = ExchangeTracker(log, "t", None, ("127.0.0.1", 1))
+    t.request_data(memoryview(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                              + b"1\r\na\r\n" * 60 + b"0\r\n\r\n"))
+    t.response_data(memoryview(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
+    assert t.following and [e.state for e in log.exchanges()] == ["done"]
+
+
+def test_a_reader_that_never_reads_does_not_hold_its_answer(run, monkeypatch):
+    """The inspector's own server gives each answer IDLE_TIMEOUT to leave: connections that ask
+    for a big /api/requests and never read it are cut then (before, they held it for good, and
+    MAX_CONNECTIONS of them locked the page out)."""
+    import socket
+
+    from ferrotunnel.client import inspect as inspect_mod
+
+    monkeypatch.setattr(inspect_mod, "IDLE_TIMEOUT", 0.5)
+
+    async def body():
+        async with Inspector(("127.0.0.1", 0)) as insp:
+            for i in range(200):  # about 10 MB of JSON per poll
+                insp.log.new("t", None, ("127.0.0.1", 1), None, "GET", "/", b"GET / HTTP/1.1\r\nX: " +
+                             b"\xff" * 16000 + b"\r\n\r\n", False)
+            host, port = insp.address
+            stalled = []
+            for _ in range(inspect_mod.MAX_CONNECTIONS):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.connect((host, port))
+                s.sendall(f"GET /api/requests HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+                stalled.append(s)  # and never read
+            await asyncio.sleep(2.0)  # past IDLE_TIMEOUT: they were cut
+            r, w = await asyncio.open_connection(host, port)
+            w.write(f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
+            answer = await asyncio.wait_for(r.read(), 10)
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
+            w.close()
+            for s in stalled:
+                s.close()
+
+    run(body)

@@ -119,3 +119,30 @@ def test_client_inspect_lists_curl_requests_and_replays_them(procs):
     assert status == 200 and json.loads(body)["replay_of"] == rows[1]["id"]
     assert app.paths == ["/first?x=1", "/second", "/first?x=1"]
     assert token.encode() not in cli.out + cli.err
+
+
+def test_rows_name_the_tunnel_when_no_tunnel_id_was_given(procs):
+    """Without --tunnel-id the client's tunnel id is its own (printed); each row names it (it
+    was None: the handler was made with the id asked for, not the one the client has)."""
+    started, app = procs
+    hport, tport, iport = free_port(), free_port(), free_port()
+    srv = Proc("server", "--bind", f"127.0.0.1:{tport}", "--http-bind", f"127.0.0.1:{hport}", "--domain",
+               "example.test", env={"FERROTUNNEL_TOKEN": TOKEN})
+    started.append(srv)
+    srv.wait_for("listening")
+    cli = Proc("client", "--server", f"127.0.0.1:{tport}", "--local-addr", f"127.0.0.1:{app.server_address[1]}",
+               "--inspect", f"127.0.0.1:{iport}", env={"FERROTUNNEL_TOKEN": TOKEN})
+    started.append(cli)
+    cli.wait_for("Forwarding http://")
+    m = re.search(rb"Forwarding http://([^.]+)\.example\.test", cli.out)
+    tid = m[1].decode()
+    out = subprocess.run(["curl", "-sS", "--resolve", f"{tid}.example.test:{hport}:127.0.0.1",
+                          f"http://{tid}.example.test:{hport}/x"], capture_output=True, text=True, timeout=30)
+    assert out.stdout == "app /x\n", out.stderr
+    deadline = time.monotonic() + 10
+    while True:
+        rows = json.loads(_get(iport, "/api/requests")[1])["requests"]
+        if rows or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert rows[0]["tunnel"] == tid

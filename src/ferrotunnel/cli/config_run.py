@@ -149,8 +149,8 @@ async def serve_tunnels(specs: List[TunnelSpec], server: str, token: str, tls: T
     tasks: List["asyncio.Task[Any]"] = []
     started = asyncio.Event()  # a tunnel was started (a fallback to a connection of its own)
 
-    def handler_for(spec: TunnelSpec, config: Any) -> Any:
-        return (inspector.handler(config.local_addr, spec.id, proxy_protocol=config.proxy_protocol)
+    def handler_for(tunnel_id: str, config: Any) -> Any:  # (the id the client has: its own if none was asked)
+        return (inspector.handler(config.local_addr, tunnel_id, proxy_protocol=config.proxy_protocol)
                 if inspector is not None else None)
 
     def config_of(spec: TunnelSpec) -> Any:
@@ -159,7 +159,7 @@ async def serve_tunnels(specs: List[TunnelSpec], server: str, token: str, tls: T
 
     def start(spec: TunnelSpec, more: Tuple[TunnelSpec, ...] = ()) -> None:
         config = config_of(spec)
-        extra = [ft.Tunnel(m.id, config_of(m), handler_for(m, config_of(m))) for m in more if m.id]
+        extra = [ft.Tunnel(m.id, config_of(m), handler_for(m.id, config_of(m))) for m in more if m.id]
         client = ft.TunnelClient(server, token, tunnel_id=spec.id, tls=ctx, server_name=server_name, config=config,
                                  more_tunnels=extra)
         local = format_address(*spec.local)
@@ -192,7 +192,7 @@ async def serve_tunnels(specs: List[TunnelSpec], server: str, token: str, tls: T
                 say(t.tunnel_id, session, format_address(*t.config.local_addr), urls)
 
         clients.append(client)
-        tasks.append(asyncio.ensure_future(client.connect_and_run(handler_for(spec, config), on_connected=connected,
+        tasks.append(asyncio.ensure_future(client.connect_and_run(handler_for(client.tunnel_id, config), on_connected=connected,
                                                                   on_public_urls=public, on_registered=registered)))
         started.set()
 

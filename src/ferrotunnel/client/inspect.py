@@ -365,4 +365,9 @@ class Inspector:
         if close:
             lines.append("Connection: close")
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if head_only else data))
-        await writer.drain()
+        try:
+            async with asyncio.timeout(IDLE_TIMEOUT):
+                await writer.drain()
+        except TimeoutError:  # a reader that never reads: the answer it holds goes now (close would wait for it)
+            writer.transport.abort()
+            raise

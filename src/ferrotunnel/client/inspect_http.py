@@ -154,6 +154,11 @@ class MessageFramer:
     def active(self) -> bool:
         return self.state != _OPAQUE and self.state != _BROKEN
 
+    @property
+    def chunked(self) -> bool:
+        """In a chunked body (whose every chunk costs Python calls to follow)."""
+        return _CHUNK_SIZE <= self.state <= _TRAILER
+
     def stop(self) -> None:
         self.state = _BROKEN
         self._buf = bytearray()
@@ -175,6 +180,8 @@ class MessageFramer:
                 self.on_body(piece)
                 pos += take
                 self._remaining -= take
+                if self.state == _BROKEN:  # (the tracker stopped following in on_body)
+                    return
                 if not self._remaining:
                     if st == _LENGTH:
                         self._end()
@@ -240,6 +247,8 @@ class MessageFramer:
         self._buf = bytearray()
         self.on_body(memoryview(line + b"\r\n"))  # the whole line, also its part from earlier reads
         pos += end + 2 - old
+        if self.state == _BROKEN:  # (the tracker stopped following in on_body)
+            return len(data)
         if self.state == _TRAILER:
             if not line:
                 self._end()
@@ -335,8 +344,13 @@ class ExchangeTracker:
         return framing
 
     def _request_body(self, data: memoryview) -> None:
-        if self._req is not None:
-            self._req.request_body_data(data)
+        req = self._req
+        if req is not None:
+            req.request_body_data(data)
+            if self.requests.chunked and req.request_size - len(req.request_head) > self.log.body_limit:
+                # past what is captured, a stranger's tiny chunks would only cost the event loop
+                # (Python calls per chunk): this connection is not followed further
+                self.requests.stop()
 
     def _request_end(self) -> None:
         if self._req is not None:
