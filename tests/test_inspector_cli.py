@@ -63,19 +63,26 @@ def procs():
     app.server_close()
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_client_inspect_lists_curl_requests_and_replays_them(procs):
-    if not _has_inspect_flag():
-        pytest.skip("--inspect flag not wired yet")
-    started, app = procs
+def _server_and_client(started: List[Any], app: Any, *client_args: str) -> Any:
+    """A CLI server with an HTTP ingress for ``*.example.test`` and a CLI client with --inspect;
+    (HTTP port, inspector port, the client's Proc)."""
     hport, tport, iport = free_port(), free_port(), free_port()
     srv = Proc("server", "--bind", f"127.0.0.1:{tport}", "--http-bind", f"127.0.0.1:{hport}", "--domain",
                "example.test", env={"FERROTUNNEL_TOKEN": TOKEN})
     started.append(srv)
     srv.wait_for("listening")
     cli = Proc("client", "--server", f"127.0.0.1:{tport}", "--local-addr", f"127.0.0.1:{app.server_address[1]}",
-               "--tunnel-id", "web", "--inspect", f"127.0.0.1:{iport}", env={"FERROTUNNEL_TOKEN": TOKEN})
+               *client_args, "--inspect", f"127.0.0.1:{iport}", env={"FERROTUNNEL_TOKEN": TOKEN})
     started.append(cli)
+    return hport, iport, cli
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_client_inspect_lists_curl_requests_and_replays_them(procs):
+    if not _has_inspect_flag():
+        pytest.skip("--inspect flag not wired yet")
+    started, app = procs
+    hport, iport, cli = _server_and_client(started, app, "--tunnel-id", "web")
     cli.wait_for(f"Forwarding http://web.example.test:{hport}")
     deadline = time.monotonic() + 20
     while True:  # the inspector answers
@@ -125,14 +132,7 @@ def test_rows_name_the_tunnel_when_no_tunnel_id_was_given(procs):
     """Without --tunnel-id the client's tunnel id is its own (printed); each row names it (it
     was None: the handler was made with the id asked for, not the one the client has)."""
     started, app = procs
-    hport, tport, iport = free_port(), free_port(), free_port()
-    srv = Proc("server", "--bind", f"127.0.0.1:{tport}", "--http-bind", f"127.0.0.1:{hport}", "--domain",
-               "example.test", env={"FERROTUNNEL_TOKEN": TOKEN})
-    started.append(srv)
-    srv.wait_for("listening")
-    cli = Proc("client", "--server", f"127.0.0.1:{tport}", "--local-addr", f"127.0.0.1:{app.server_address[1]}",
-               "--inspect", f"127.0.0.1:{iport}", env={"FERROTUNNEL_TOKEN": TOKEN})
-    started.append(cli)
+    hport, iport, cli = _server_and_client(started, app)
     cli.wait_for("Forwarding http://")
     m = re.search(rb"Forwarding http://([^.]+)\.example\.test", cli.out)
     tid = m[1].decode()

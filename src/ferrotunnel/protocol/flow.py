@@ -62,6 +62,18 @@ def decode_credit(data: Any) -> Optional[List[Tuple[int, int]]]:
     return list(_UPDATE.iter_unpack(raw))
 
 
+def _limit_reset(sid: int, whose: str, holds: str, unread: int, n: int, limit: int,
+                 said: bool) -> Tuple[ErrorCode, str, FerroTunnelError]:
+    """A stream reset by ``session_recv_limit`` or ``server_recv_limit`` (``whose``), logged (at
+    WARNING the first time for the session or server, ``said`` after that)."""
+    log.log(logging.DEBUG if said else logging.WARNING, "stream %d: reset: %s %d bytes unread and %d more "
+            "would pass %s_recv_limit (%d)%s", sid, holds, unread, n, whose, limit,
+            "" if said else f" (said once a {whose})")
+    return (ErrorCode.SERVICE_UNAVAILABLE, f"receive limit of the {whose} reached",
+            LimitExceededError(f"stream {sid}: reset, the {whose}'s unread data would pass {whose}_recv_limit "
+                               f"({limit} bytes)"))
+
+
 class RecvAccount:
     """What the sessions of one server hold delivered and unread together, against
     ``server_recv_limit``: with flow control, a Data frame that would take ``unread`` past
@@ -153,22 +165,12 @@ class FlowWindows:
         stream's credit were refused by ``session_recv_limit``; the others overran the window."""
         sid = st.id
         account = self.account
-        if self.enabled and n <= st.recv_avail and self.total_unread + n <= self.limit and account is not None:
-            log.log(logging.DEBUG if account.said else logging.WARNING, "stream %d: reset: the server's "
-                    "sessions hold %d bytes unread and %d more would pass server_recv_limit (%d)%s", sid,
-                    account.unread, n, account.limit, "" if account.said else " (said once a server)")
-            account.said = True
-            return (ErrorCode.SERVICE_UNAVAILABLE, "receive limit of the server reached",
-                    LimitExceededError(f"stream {sid}: reset, the server's unread data would pass "
-                                       f"server_recv_limit ({account.limit} bytes)"))
         if self.enabled and n <= st.recv_avail:
-            log.log(logging.DEBUG if self.limit_said else logging.WARNING, "stream %d: reset: the session "
-                    "holds %d bytes unread and %d more would pass session_recv_limit (%d)%s", sid,
-                    self.total_unread, n, self.limit, "" if self.limit_said else " (said once a session)")
-            self.limit_said = True
-            return (ErrorCode.SERVICE_UNAVAILABLE, "receive limit of the session reached",
-                    LimitExceededError(f"stream {sid}: reset, the session's unread data would pass "
-                                       f"session_recv_limit ({self.limit} bytes)"))
+            if self.total_unread + n <= self.limit and account is not None:  # the server's limit, not ours
+                said, account.said = account.said, True
+                return _limit_reset(sid, "server", "the server's sessions hold", account.unread, n, account.limit, said)
+            said, self.limit_said = self.limit_said, True
+            return _limit_reset(sid, "session", "the session holds", self.total_unread, n, self.limit, said)
         log.debug("stream %d: peer overran its window (%d > %d)", sid, n, st.recv_avail)
         return (ErrorCode.PROTOCOL_ERROR, "flow-control window exceeded",
                 StreamResetError(f"stream {sid}: peer exceeded the flow-control window"))
