@@ -314,3 +314,21 @@ def test_a_handshake_cancelled_after_its_claim_leaves_no_session_behind(run, mon
             assert [s.tunnel_id for s in server.registry.local_sessions()] == ["db"]
             await other.close()
     run(body)
+
+
+def test_the_throttle_counts_an_ipv6_host_by_its_prefix_and_a_mapped_address_as_ipv4(run):
+    """Failed logins from addresses of one /64 (what one IPv6 host is usually given) throttle
+    them all; an IPv4 address and its ::ffff: form are one address. Before, each exact address
+    string had its own count: rotating within a /64 never met auth_failure_threshold."""
+    async def body():
+        cfg = ft.ServerConfig(auth_failure_threshold=3)
+        async with ft.TunnelServer(("127.0.0.1", 0), TOKEN, config=cfg) as server:
+            for i in range(3):
+                server.auth_failure((f"2001:db8:1:2::{i + 1:x}", 40000 + i))
+            assert server.throttled(("2001:db8:1:2:ffff:ffff:ffff:ffff", 1))
+            assert not server.throttled(("2001:db8:1:3::1", 1))  # the next /64 is someone else
+            for _ in range(3):
+                server.auth_failure(("10.1.2.3", 5))
+            assert server.throttled(("::ffff:10.1.2.3", 6)) and server.throttled(("10.1.2.3", 7))
+            assert not server.throttled(("10.1.2.4", 8))
+    run(body)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import logging
 import ssl
 import time
@@ -44,6 +45,25 @@ REFUSAL_LOG_INTERVAL = 10.0
 
 def _host(peer: Any) -> str:
     return peer[0] if isinstance(peer, tuple) else str(peer)
+
+
+#: The auth-failure throttle and the per-address handshake caps count an IPv6 address under its
+#: prefix of this length (one host is usually given a /64: rotating within it must not escape them).
+IPV6_PREFIX = 64
+
+
+def _who(peer: Any) -> str:
+    """The key ``peer``'s address is counted under by the throttle and the per-address caps: an
+    IPv4-mapped IPv6 address as its IPv4 address, another IPv6 address as its ``IPV6_PREFIX``."""
+    host = _host(peer)
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        mapped = ip.ipv4_mapped
+        return str(mapped) if mapped is not None else str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
+    return host
 
 
 class TunnelServer:
@@ -174,7 +194,7 @@ class TunnelServer:
         if self._closing:
             return False
         cfg = self.config
-        host = _host(conn.peer_address)
+        host = _who(conn.peer_address)
         if self.pending_handshakes >= cfg.max_pending_handshakes:
             return self._refusals.refuse(host, "max_pending_handshakes", f"{self.pending_handshakes} handshakes pending")
         if self._headroom.exhausted(conn.transport):
@@ -208,7 +228,7 @@ class TunnelServer:
         """A connection left the handshake phase (done, refused or closed), holding ``held`` bytes."""
         self.pending_handshakes -= 1
         self.preauth_bytes -= held
-        host = _host(conn.peer_address)
+        host = _who(conn.peer_address)
         n = self._pending_by_host.get(host, 0) - 1
         if n > 0:
             self._pending_by_host[host] = n
@@ -217,11 +237,11 @@ class TunnelServer:
 
     def auth_failure(self, peer: Any) -> None:
         """Count a failed login from ``peer``'s address toward the throttle (see ``throttled``)."""
-        self._throttle.failure(_host(peer), time.monotonic())
+        self._throttle.failure(_who(peer), time.monotonic())
 
     def throttled(self, peer: Any) -> bool:
         """Whether ``peer``'s address has failed too many logins lately (its handshakes get RateLimited)."""
-        return self._throttle.throttled(_host(peer), time.monotonic())
+        return self._throttle.throttled(_who(peer), time.monotonic())
 
     def token_ok(self, token: str) -> bool:
         """Whether a Handshake's token admits it (constant time); subclasses may widen this."""
@@ -238,7 +258,7 @@ class TunnelServer:
             return None
         cfg = self.config
         peer = conn.peer_address
-        host = _host(peer)
+        host = _who(peer)
         now = time.monotonic()
 
         def fail(status: HandshakeStatus, why: str, count: bool = True) -> None:
