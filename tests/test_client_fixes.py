@@ -27,7 +27,9 @@ from ferrotunnel.cli.config_file import MAX_CONFIG_BYTES, load_client_file
 from ferrotunnel.cli.config_run import _grace
 from test_drain import TOKEN, _two_servers
 
-FAST = ft.ClientConfig(backoff=ft.BackoffConfig(base=0.1, factor=1.0, jitter=0))
+#: Half a second between attempts: time enough for another client to take the id first, even on
+#: a loaded machine (the test's own steps take milliseconds).
+FAST = ft.ClientConfig(backoff=ft.BackoffConfig(base=0.5, factor=1.0, jitter=0))
 
 
 def test_a_session_starts_the_give_up_count_afresh(run, monkeypatch):
@@ -40,7 +42,7 @@ def test_a_session_starts_the_give_up_count_afresh(run, monkeypatch):
             await holder.connect()
             b = ft.TunnelClient(addr, TOKEN, tunnel_id="x", config=FAST)
             task = asyncio.create_task(b.connect_and_run(lambda s: asyncio.sleep(60)))
-            await asyncio.sleep(0.35)  # b refused (TunnelIdTaken) a few times ...
+            await asyncio.sleep(0.7)  # b refused (TunnelIdTaken) twice: one short of giving up ...
             assert not task.done()
             await holder.close()
             async with asyncio.timeout(10):
@@ -56,7 +58,9 @@ def test_a_session_starts_the_give_up_count_afresh(run, monkeypatch):
                         break
                     except ft.HandshakeError:
                         await asyncio.sleep(0.01)
-            await asyncio.sleep(0.6)  # a fresh count: 3 refusals, but not yet over the window
+            # before the fix the count went on from 2: the first refusal, 0.5 s after the drop, ended
+            # b; a fresh count needs 3 refusals over the 1 s window (1.5 s after the drop)
+            await asyncio.sleep(0.9)
             assert not task.done(), task.exception() if task.done() else None
             async with asyncio.timeout(10):  # and once over the window, it gives up as it should
                 with pytest.raises(ft.HandshakeError, match="held by another client"):

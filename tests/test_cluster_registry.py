@@ -578,3 +578,31 @@ def test_a_redis_that_answers_with_errors_grants_no_claim_and_is_said_once(run, 
     # once per node, and once more at most while REPLICAOF NO ONE takes effect: not one per operation
     assert 2 <= refused <= 4 and 1 <= accepted <= refused, (refused, accepted, lines)
     assert not any("unreachable" in m or "is back" in m for m in lines), lines
+
+
+def test_a_claim_released_while_redis_refused_writes_is_released_when_it_accepts_them(run, redis, caplog):
+    """A session that ends while Redis refuses writes cannot release its claim then; once a
+    liveness write goes through again, the node releases it (before, only the recovery from a
+    real outage did, so the claim stayed until it expired and the id looked held meanwhile)."""
+    caplog.set_level(logging.INFO, logger="ferrotunnel.cluster")
+
+    async def body():
+        r = await raw(redis.url)
+        try:
+            async with RedisRegistry(cfg(redis.url, "a", node_ttl=5.0, claim_ttl=30.0)) as a:
+                sa = StubSession("gone")
+                assert (await a.claim("gone", sa)).granted
+                assert await r.exists("test:tunnel:gone")
+                await r.execute_command("REPLICAOF", "127.0.0.1", "1")  # read-only from now
+                a.session_ended(sa)  # its release is refused
+                await asyncio.sleep(0.5)
+                assert await r.exists("test:tunnel:gone")
+                await r.execute_command("REPLICAOF", "NO", "ONE")
+                async with asyncio.timeout(10):  # released within a liveness refresh or two, not claim_ttl
+                    while await r.exists("test:tunnel:gone"):
+                        await asyncio.sleep(0.05)
+        finally:
+            await r.execute_command("REPLICAOF", "NO", "ONE")
+            await r.aclose()
+
+    run(body)

@@ -457,7 +457,7 @@ def test_a_chunked_request_past_the_body_limit_is_not_followed_chunk_by_chunk():
     log = RequestLog(body_limit=100)
     t = ExchangeTracker(log, "t", None, ("127.0.0.1", 1))
     t.request_data(memoryview(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"))
-    for _ in range(60):  # 360 bytes of body in 1-byte chunks, past the 100 captured
+    for _ in range(200):  # 1,200 bytes of body in 1-byte chunks (600 pieces), past the 100 captured
         t.request_data(memoryview(b"1\r\na\r\n"))
     assert not t.following
     (ex,) = log.exchanges()
@@ -465,13 +465,17 @@ def test_a_chunked_request_past_the_body_limit_is_not_followed_chunk_by_chunk():
     before = ex.request_size
     t.request_data(memoryview(b"1\r\na\r\n" * 1000))  # no longer looked at
     assert ex.request_size == before
-    # a chunked body within the limit is still followed to its end
-    log = RequestLog(body_limit=1000)
-    t = ExchangeTracker(log, "t", None, ("127.0.0.1", 1))
-    t.request_data(memoryview(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                              + b"1\r\na\r\n" * 60 + b"0\r\n\r\n"))
-    t.response_data(memoryview(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
-    assert t.following and [e.state for e in log.exchanges()] == ["done"]
+    # ordinary chunks past the limit (and a small body within it) are followed to the end
+    for body_limit, chunk, count in ((100, b"x" * 65536, 40), (1000, b"a", 60)):
+        log = RequestLog(body_limit=body_limit)
+        t = ExchangeTracker(log, "t", None, ("127.0.0.1", 1))
+        one = b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+        t.request_data(memoryview(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"))
+        for _ in range(count):
+            t.request_data(memoryview(one))
+        t.request_data(memoryview(b"0\r\n\r\n"))
+        t.response_data(memoryview(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
+        assert t.following and [e.state for e in log.exchanges()] == ["done"], body_limit
 
 
 def test_a_reader_that_never_reads_does_not_hold_its_answer(run, monkeypatch):
@@ -486,7 +490,7 @@ def test_a_reader_that_never_reads_does_not_hold_its_answer(run, monkeypatch):
 
     async def body():
         async with Inspector(("127.0.0.1", 0)) as insp:
-            for i in range(200):  # about 10 MB of JSON per poll
+            for i in range(50):  # about 5 MB of JSON per poll
                 insp.log.new("t", None, ("127.0.0.1", 1), None, "GET", "/", b"GET / HTTP/1.1\r\nX: " +
                              b"\xff" * 16000 + b"\r\n\r\n", False)
             host, port = insp.address

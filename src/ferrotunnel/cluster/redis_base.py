@@ -85,10 +85,13 @@ class RedisCalls:
             why = str(exc) or f"no answer within {self.timeout} s"
             log.warning("registry: Redis at %s unreachable: %s; serving local tunnels only", self.url, why)
 
-    def writes_accepted(self) -> None:
-        if self.refusing:
-            self.refusing = False
-            log.info("registry: Redis at %s accepts writes again", self.url)
+    def writes_accepted(self) -> bool:
+        """A write went through; True if that ends a refusal episode."""
+        if not self.refusing:
+            return False
+        self.refusing = False
+        log.info("registry: Redis at %s accepts writes again", self.url)
+        return True
 
 
 def as_text(value: Any) -> str:

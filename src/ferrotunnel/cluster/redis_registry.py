@@ -146,7 +146,10 @@ class RedisRegistry:
         if prev and prev != self.epoch and self._wrote_node:
             log.warning("registry: another process also runs as node %s (one node id twice?)", self.node_id)
         self._wrote_node = True
-        self._calls.writes_accepted()
+        if self._calls.writes_accepted() and (self._orphans or self._pools.orphans):  # (after refused writes)
+            task = asyncio.get_running_loop().create_task(self._release_orphans())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def _gate(self, tunnel_id: str) -> asyncio.Lock:
         """One claim of a tunnel id at a time on this node: Redis and the local registry agree."""
@@ -440,18 +443,26 @@ class RedisRegistry:
         with contextlib.suppress(RedisDown):
             await self._call(self._client.ping, probe=True)
             live = [s for s in list(self._local.local_sessions()) if not s.is_closed]
-            log.info("registry: Redis at %s is back; re-asserting %d claims", self._url, len(live))
             self._calls.outage = False
+            try:
+                await self._write_node()
+            except RedisDown:  # it answers, but refuses writes: not back yet (the next probe tries again)
+                self._calls.outage = True
+                raise
+            log.info("registry: Redis at %s is back; re-asserting %d claims", self._url, len(live))
             # every node re-asserts within its own probe interval and refresh: until then a
             # missing claim may be one not re-asserted yet (503, not 404)
             self._recovering_until = time.monotonic() + self.config.redis_probe_interval + self.config.node_refresh
             self._unreconciled |= {s.tunnel_id for s in live}
-            await self._write_node()
             await self._reconcile(live)
-            orphans, self._orphans = self._orphans, {}
-            for session_hex, tunnel_id in orphans.items():
-                await self._release_remote(tunnel_id, session_hex)
-            await self._pools.leave_orphans()
+            await self._release_orphans()
+
+    async def _release_orphans(self) -> None:
+        """Release what this node let go of while Redis could not record it."""
+        orphans, self._orphans = self._orphans, {}
+        for session_hex, tunnel_id in orphans.items():
+            await self._release_remote(tunnel_id, session_hex)
+        await self._pools.leave_orphans()
 
     async def close(self, *, release: bool = True) -> None:
         """Stop the tasks; release this node's claims and liveness key (best effort, within
