@@ -287,6 +287,10 @@ class ClusterConfig:
     redis_probe_interval: float = 1.0
     #: What a client told "handover pending" waits before it tries again.
     handover_retry: float = 0.5
+    #: Once a node finds that Redis lost its records (restarted empty, flushed), for this long
+    #: claims of ids Redis does not know are "pending" and visitors of such ids get 503, not 404,
+    #: while every node re-asserts its claims (each does at its next liveness write).
+    recovery_window: float = 3.0
     #: Prefix of every key this cluster writes (several clusters can share one Redis).
     key_prefix: str = "ferrotunnel:"
 
@@ -309,7 +313,7 @@ class ClusterConfig:
         if self.miss_cache_ttl < 0:
             raise ValueError("miss_cache_ttl must not be negative")
         for name in ("node_ttl", "node_refresh", "claim_ttl", "claim_refresh", "route_cache_ttl", "redis_timeout",
-                     "redis_probe_interval", "handover_retry"):
+                     "redis_probe_interval", "handover_retry", "recovery_window"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.node_refresh * 2 > self.node_ttl:

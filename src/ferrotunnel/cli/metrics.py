@@ -96,6 +96,9 @@ def _cluster_metrics(node: Any) -> Iterable[Any]:
                               value=reg.op_seconds)
     yield CounterMetricFamily("ferrotunnel_cluster_takeovers", "Tunnel ids taken over from other nodes",
                               value=reg.takeovers)
+    yield CounterMetricFamily("ferrotunnel_cluster_registry_reasserts", "Times Redis no longer knew this node "
+                              "(lost records, or its liveness key expired) and it re-asserted its claims",
+                              value=reg.reasserts)
     c = CounterMetricFamily("ferrotunnel_cluster_sessions_moved", "Local sessions whose tunnel id went to "
                             "another node", labels=["how"])
     c.add_metric(["handover"], reg.handovers)  # asked to move while this node drained

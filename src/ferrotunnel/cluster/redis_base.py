@@ -30,6 +30,8 @@ class RegistryStats:
     lost: int = 0
     #: ids that moved to another node while this one drained (their old sessions finish their streams)
     handovers: int = 0
+    #: times this node found Redis no longer knew it (lost records, or its liveness key expired)
+    reasserts: int = 0
 
 
 class RedisDown(Exception):

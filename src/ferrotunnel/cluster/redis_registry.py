@@ -18,28 +18,24 @@ import logging
 import time
 import uuid
 import weakref
-from typing import Any, Awaitable, Callable, Collection, Dict, List, Optional, Set, Tuple
+from typing import Any, Awaitable, Callable, Collection, Coroutine, Dict, List, Optional, Set, Tuple
 
 from ..aio.session import Session
 from ..config import ClusterConfig, redact_url
 from ..errors import ConnectionLostError
 from ..server.registry import Claim, LocalRegistry, Route, StalePredicate
-from .access_records import AccessKeys, UnreadableRules
-from .redis_pools import PoolRecords, member_nodes, pool_route, refusal
-from .redis_base import RedisCalls, RedisDown, RegistryStats, as_text, connect, parse_addr, to_ms
+from .access_records import AccessKeys
+from .redis_pools import PoolRecords, refusal
+from .redis_base import RedisCalls, RedisDown, RegistryStats, as_text, connect, to_ms
+from .redis_routes import RouteFactory, RouteLookup
 from .scripts import SCRIPTS
 
 __all__ = ["RedisRegistry", "RegistryStats", "RouteFactory", "connect"]
 
 log = logging.getLogger("ferrotunnel.cluster")
 
-#: ``remote_route(node_id, (host, port), tunnel_id)``: a Route to that tunnel on that node, or None;
-#: for a tunnel with access rules also ``published=`` (``access_records.Published``), which the
-#: route must carry as its ``access``.
-RouteFactory = Callable[[str, Tuple[str, int], str], Awaitable[Optional[Route]]]
-
 _TAKEOVER = frozenset({"dead", "restarted", "draining"})
-_BATCH, _CACHE_MAX = 500, 10000
+_BATCH = 500
 
 
 class RedisRegistry:
@@ -55,7 +51,6 @@ class RedisRegistry:
         self.config = config
         self.node_id = config.node_id
         self.epoch = epoch or uuid.uuid4().hex
-        self.remote_route = remote_route
         self.stats = RegistryStats()
         self._own_client = client is None
         self._client: Any = client if client is not None else connect(config)
@@ -67,21 +62,21 @@ class RedisRegistry:
         #: Where other nodes reach this node's link listener (read at every liveness refresh).
         self.advertise: Tuple[str, int] = config.node_advertise
         self._node_key = f"{config.key_prefix}node:{config.node_id}"
+        self._marks = [f"{config.key_prefix}cluster", f"{config.key_prefix}recovering"]  # (see scripts)
         self._node_prefix = f"{config.key_prefix}node:"
         self._state = "up"
         self._stale: Optional[StalePredicate] = None
         self._unreconciled: Set[str] = set()  # ids granted without Redis' word: claim again
         self._moved: Set[uuid.UUID] = set()  # sessions whose id went to another node while draining
         self._orphans: Dict[str, str] = {}  # session id hex -> tunnel id, released while Redis was down
-        self._cache: Dict[str, Tuple[float, Optional[Route]]] = {}
-        self._unreachable: Dict[str, str] = {}  # tunnel id -> why the last lookup could not reach it
-        self._recovering_until = 0.0  # monotonic: Redis came back lately and may not know every claim
-        self._inflight: Dict[str, "asyncio.Task[Optional[Route]]"] = {}
         self._gates: "weakref.WeakValueDictionary[str, asyncio.Lock]" = weakref.WeakValueDictionary()
         self._loops: List["asyncio.Task[None]"] = []
         self._background: Set["asyncio.Task[None]"] = set()
         self._wrote_node = False
         self._closed = False
+        #: The lookup side: routes to the tunnels of other nodes (see ``redis_routes``).
+        self.routes = RouteLookup(config, self._local, self._keys, self._ask, self._gate, lambda: self._outage,
+                                  remote_route)
         self._pools = PoolRecords(self._local, config, self.node_id, self.epoch, self._node_prefix, self._claim_key,
                                   self._run, self._batch, self.stats, self._lost, self._close_local)
 
@@ -124,12 +119,13 @@ class RedisRegistry:
             out += await self._call(pipe.execute)
         return out
 
-    def _claim_call(self, session: Session, replace_own: bool) -> Tuple[List[str], List[Any]]:
+    def _claim_call(self, session: Session, replace_own: bool, reassert: bool = False) -> Tuple[List[str], List[Any]]:
         c = self.config
-        return ([self._claim_key(session.tunnel_id)],
+        return ([self._claim_key(session.tunnel_id)] + self._marks,
                 [self.node_id, self.epoch, session.id.hex, to_ms(c.claim_ttl), self._node_prefix,
                  to_ms(2 * c.claim_refresh), to_ms(2 * c.node_refresh), "1" if replace_own else "0",
-                 self._keys.session_record(self.node_id, session)])
+                 self._keys.session_record(self.node_id, session), "1" if reassert else "0",
+                 "1" if self._wrote_node else "0", to_ms(c.recovery_window)])
 
     def _owner(self, session_hex: str) -> List[Any]:
         return ["node", self.node_id, "epoch", self.epoch, "session", session_hex]
@@ -138,18 +134,37 @@ class RedisRegistry:
         return [self.node_id, self.epoch, session.id.hex, to_ms(self.config.claim_ttl),
                 self._keys.session_record(self.node_id, session)]
 
-    async def _write_node(self) -> None:
+    async def _write_node(self, probing: bool = False) -> None:
         host, port = self.advertise
         addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        args = [self.epoch, self._state, addr, to_ms(self.config.node_ttl)]
-        prev = as_text(await self._call(self._script("node", [self._node_key], args)))
+        args = [self.epoch, self._state, addr, to_ms(self.config.node_ttl), "1" if self._wrote_node else "0",
+                to_ms(self.config.recovery_window), self.node_id]
+        prev, lost = (as_text(v) for v in await self._call(self._script("node", [self._node_key] + self._marks, args)))
         if prev and prev != self.epoch and self._wrote_node:
             log.warning("registry: another process also runs as node %s (one node id twice?)", self.node_id)
+        elif not prev and self._wrote_node and not probing:  # (a probe re-asserts everything anyway)
+            self._forgotten("Redis lost its records (restarted empty?)" if lost else "this node's liveness key expired")
         self._wrote_node = True
         if self._calls.writes_accepted() and (self._orphans or self._pools.orphans):  # (after refused writes)
-            task = asyncio.get_running_loop().create_task(self._release_orphans())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._spawn(self._release_orphans())
+
+    def _forgotten(self, why: str) -> None:
+        """Redis no longer knew this node: re-assert every claim now (as after an outage)."""
+        live = [s for s in list(self._local.local_sessions()) if not s.is_closed]
+        log.warning("registry: %s; re-asserting %d claims", why, len(live))
+        self.stats.reasserts += 1
+        self.routes.recovering_until = time.monotonic() + self.config.recovery_window
+        self._unreconciled |= {s.tunnel_id for s in live}
+        self._spawn(self._reconcile_now())
+
+    async def _reconcile_now(self) -> None:
+        with contextlib.suppress(RedisDown):
+            await self._reconcile([s for s in list(self._local.local_sessions()) if not s.is_closed])
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _gate(self, tunnel_id: str) -> asyncio.Lock:
         """One claim of a tunnel id at a time on this node: Redis and the local registry agree."""
@@ -186,7 +201,8 @@ class RedisRegistry:
                 return mismatch
             if verdict == "pending":
                 return Claim(False, retry_after=self.config.handover_retry,
-                             reason=f"handover pending: node {node} holds it but {why}")
+                             reason=f"handover pending: node {node} holds it but {why}" if node
+                             else f"handover pending: {why}")
             if verdict in _TAKEOVER:
                 self.stats.takeovers += 1
                 log.info("registry: tunnel %s taken over from node %s (%s)", tunnel_id, node, verdict)
@@ -207,10 +223,7 @@ class RedisRegistry:
         self._local.session_ended(session)
         if self._closed or (pool and self._local.members(tunnel_id)):
             return  # a pool with members left here: this node stays a member node
-        task = asyncio.get_running_loop().create_task(
-            self._pools.leave(tunnel_id) if pool else self._release_remote(tunnel_id, session.id.hex))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(self._pools.leave(tunnel_id) if pool else self._release_remote(tunnel_id, session.id.hex))
 
     async def _release_remote(self, tunnel_id: str, session_hex: str) -> None:
         try:
@@ -286,14 +299,14 @@ class RedisRegistry:
         pools = sorted({s.tunnel_id for s in todo if self._local.is_pool(s.tunnel_id)})
         todo = [s for s in todo if not self._local.is_pool(s.tunnel_id)]
         await self._pools.reconcile(pools, self._unreconciled)
-        answers = await self._batch("claim", [self._claim_call(s, False) for s in todo])
+        answers = await self._batch("claim", [self._claim_call(s, False, True) for s in todo])
         for s, answer in zip(todo, answers):
             verdict, node, _ = (as_text(v) for v in answer)
             if verdict == "mine":  # an older claim of this node (its session replaced or gone): take it
                 async with self._gate(s.tunnel_id):
                     if self._local.local_session(s.tunnel_id) is not s:
                         continue  # replaced again meanwhile, in Redis too
-                    answer = await self._call(self._script("claim", *self._claim_call(s, True)))
+                    answer = await self._call(self._script("claim", *self._claim_call(s, True, True)))
                 verdict, node, _ = (as_text(v) for v in answer)
             if verdict == "pending":
                 continue  # a stale holder: asked again at the next refresh
@@ -305,93 +318,22 @@ class RedisRegistry:
                        f"was unreachable and is closed so that one owner remains"):
                 self.stats.conflicts += 1
 
-    async def lookup(self, tunnel_id: str) -> Optional[Route]:
-        route = self._local.lookup_local(tunnel_id)
-        if route is not None:
-            if self._unreachable:
-                self._unreachable.pop(tunnel_id, None)
-            return route
-        hit = self._cache.get(tunnel_id)
-        if hit is not None and hit[0] > time.monotonic() and not (hit[1] is not None and hit[1].stale):
-            return hit[1]
-        if self._outage:
-            return None
-        task = self._inflight.get(tunnel_id)
-        if task is None:  # one Redis question per id, however many visitors wait for it
-            task = self._inflight[tunnel_id] = asyncio.get_running_loop().create_task(self._resolve(tunnel_id))
-            task.add_done_callback(lambda t: self._inflight.pop(tunnel_id, None))
-        route = await asyncio.shield(task)
-        if route is not None and route.stale:  # its node said it is leaving while Redis was asked
-            route = await self._resolve(tunnel_id)  # once more: the id may have moved meanwhile
-        return route
+    def lookup(self, tunnel_id: str) -> Awaitable[Optional[Route]]:
+        return self.routes.lookup(tunnel_id)
 
-    async def _resolve(self, tunnel_id: str) -> Optional[Route]:
-        try:
-            found = await self._call(self._script("lookup", [self._claim_key(tunnel_id)],
-                                                  [self._node_prefix, to_ms(self.config.claim_ttl)]))
-        except RedisDown:
-            return None
-        route: Optional[Route] = None
-        why = ""  # why the tunnel, which exists, cannot be reached from here
-        if found and not as_text(found[0]):  # a pool: this node's members first, else the others'
-            async with self._gate(tunnel_id):
-                local = self._local.lookup_local(tunnel_id)
-            if local is not None:
-                return local
-            route, why = await pool_route(self.remote_route, tunnel_id, member_nodes(found, self.node_id))
-            if len(found) == 2:
-                why = "every node of its pool has stopped; its clients reconnect to other nodes shortly"
-        elif found:
-            node, addr = as_text(found[0]), as_text(found[1])
-            if node == self.node_id:  # claimed here just now: the claim finishes under its gate
-                async with self._gate(tunnel_id):
-                    local = self._local.lookup_local(tunnel_id)
-                if local is not None:
-                    return local  # never cached: lookup() asks the local sessions first anyway
-                why = "" if addr else f"its node ({node}) has restarted; the tunnel reconnects shortly"  # (its old claim)
-            elif not addr:  # its node died (or restarted): until the client reconnects elsewhere
-                why = f"its node ({node}) has stopped; the tunnel reconnects to another node shortly"
-            elif node != self.node_id and self.remote_route is not None:
-                try:  # its rules are checked here: unreadable ones never serve it unguarded
-                    published = self._keys.read(tunnel_id, node, found[2] if len(found) > 2 else None,
-                                                len(found) > 3 and as_text(found[3]) == "1")
-                    extra = {"published": published} if published.access is not None else {}
-                    route = await self.remote_route(node, parse_addr(addr), tunnel_id, **extra)
-                except UnreadableRules as exc:
-                    why = f"its access rules cannot be verified on this node: {exc}"
-                    if self._unreachable.get(tunnel_id) != why:  # once, not for every visitor
-                        log.warning("registry: tunnel %s on node %s not served here: %s", tunnel_id, node, why)
-                except Exception as exc:  # pragma: no cover - a route factory that raises
-                    log.warning("registry: no route to node %s at %s for tunnel %s: %s", node, addr, tunnel_id, exc)
-                if route is None and not why:  # the link said why in the log
-                    why = f"its node ({node}) cannot be reached from this node"
-        if why:  # the visitor is told so (503), not that there is no such tunnel (404)
-            if len(self._unreachable) >= _CACHE_MAX:
-                self._unreachable.clear()
-            self._unreachable[tunnel_id] = why
-        else:
-            self._unreachable.pop(tunnel_id, None)
-        if len(self._cache) >= _CACHE_MAX:
-            now = time.monotonic()
-            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
-        ttl = self.config.route_cache_ttl if route is not None else self.config.miss_cache_ttl
-        self._cache[tunnel_id] = (time.monotonic() + ttl, route)
-        return route
+    def _ask(self, tunnel_id: str) -> Awaitable[Any]:
+        return self._run("lookup", [self._claim_key(tunnel_id)] + self._marks, [
+            self._node_prefix, to_ms(self.config.claim_ttl), self.node_id, "1" if self._wrote_node else "0",
+            to_ms(self.config.recovery_window)])
 
     def why_missing(self, tunnel_id: str) -> Optional[str]:
         """Why the last lookup of ``tunnel_id`` found no route when the tunnel may well exist (Redis
         down, or its node unreachable from here); None when there is no such tunnel."""
-        if self._outage:
-            return "the cluster registry is unreachable"
-        why = self._unreachable.get(tunnel_id)
-        if why is None and time.monotonic() < self._recovering_until:
-            # Redis is back but may be empty: the owner of this id may not have re-asserted it yet
-            return "the cluster registry is recovering from an outage"
-        return why
+        return self.routes.why_missing(tunnel_id)
 
     def invalidate(self, tunnel_id: str) -> None:
         """Forget the cached route of ``tunnel_id`` (it failed): the next lookup asks Redis."""
-        self._cache.pop(tunnel_id, None)
+        self.routes.invalidate(tunnel_id)
 
     def lookup_local(self, tunnel_id: str) -> Optional[Route]:
         return self._local.lookup_local(tunnel_id)
@@ -443,16 +385,16 @@ class RedisRegistry:
         with contextlib.suppress(RedisDown):
             await self._call(self._client.ping, probe=True)
             live = [s for s in list(self._local.local_sessions()) if not s.is_closed]
+            # every node re-asserts within its own probe interval and refresh: until then a missing
+            # claim may be one not re-asserted yet (503, not 404; set first: a visitor may come now)
+            self.routes.recovering_until = time.monotonic() + self.config.redis_probe_interval + self.config.node_refresh
             self._calls.outage = False
             try:
-                await self._write_node()
+                await self._write_node(probing=True)
             except RedisDown:  # it answers, but refuses writes: not back yet (the next probe tries again)
                 self._calls.outage = True
                 raise
             log.info("registry: Redis at %s is back; re-asserting %d claims", self._url, len(live))
-            # every node re-asserts within its own probe interval and refresh: until then a
-            # missing claim may be one not re-asserted yet (503, not 404)
-            self._recovering_until = time.monotonic() + self.config.redis_probe_interval + self.config.node_refresh
             self._unreconciled |= {s.tunnel_id for s in live}
             await self._reconcile(live)
             await self._release_orphans()
@@ -468,8 +410,7 @@ class RedisRegistry:
         """Stop the tasks; release this node's claims and liveness key (best effort, within
         ``redis_timeout``). ``release=False`` leaves them to expire, as a crash would."""
         self._closed = True
-        for task in list(self._inflight.values()):
-            task.cancel()
+        self.routes.cancel()
         while not all(t.done() for t in self._loops):  # again if a cancel was lost (see the loops)
             for task in self._loops:
                 task.cancel()

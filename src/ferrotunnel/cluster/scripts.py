@@ -6,11 +6,30 @@ A tunnel id is held either by one session (``node epoch session t``) or by a poo
 and, for every node holding at least one member, ``m:{node}`` = its epoch and ``t:{node}`` = when
 it last refreshed. A pool's key expires ``claim_ttl`` after its last refresh by any node; a member
 node not refreshed within ``claim_ttl``, dead or restarted no longer counts. A solo claim on a pool
-(or a pool claim on a solo holder) is refused while it is held, like a solo claim on a solo one."""
+(or a pool claim on a solo holder) is refused while it is held, like a solo claim on a solo one.
+
+Lost records: ``{p}cluster`` (no TTL) is set by the first node; a node that wrote before and finds
+it gone knows Redis lost its data (restarted empty, flushed) and sets ``{p}recovering`` (PX
+``recovery_window``). Meanwhile a claim of an id Redis does not know, or of one whose node key is
+missing, is "pending", and a lookup of an unknown id answers 1 ("recovering"): its owner may not
+have re-asserted it yet. A node's own re-assertion (``reassert``) passes."""
 
 __all__ = ["SCRIPTS"]
 
 _NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) "
+
+#: ``recovering(marker, window, node, wrote, window ms)``: true while Redis may have lost records
+#: (see the module doc); sets the marker (and, if this node wrote before, the window) when missing.
+_RECOVERING = """
+local function recovering(marker, window, node, wrote, ms)
+  if redis.call('EXISTS', marker) == 0 then
+    redis.call('SET', marker, node)
+    if wrote == '1' then redis.call('SET', window, '1', 'PX', ms) return true end
+    return false
+  end
+  return redis.call('EXISTS', window) == 1
+end
+"""
 
 #: ``members(key)``: {node, epoch, t} of every member node of a pool record. ``standing(prefix,
 #: node, epoch, t, now, claim_ttl, stale claim ms, stale node ms)``: 'dead', 'restarted',
@@ -39,12 +58,16 @@ local function standing(prefix, node, epoch, at, now, ttl, stale_claim, stale_no
 end
 """
 
-#: KEYS: claim. ARGV: node, epoch, session, claim_ttl ms, node key prefix, stale claim ms, stale
-#: node ms, "1" if another claim of this node and epoch may be replaced, the session's published
-#: access rules (``access_records``). {verdict, holder, why}; 'pool' when a pool holds it.
-_CLAIM = _NOW + _POOL_FNS + """
+#: KEYS: claim, marker, recovery window. ARGV: node, epoch, session, claim_ttl ms, node key prefix,
+#: stale claim ms, stale node ms, "1" if another claim of this node and epoch may be replaced, the
+#: session's published access rules (``access_records``), "1" to re-assert (passes a recovery),
+#: "1" if this node wrote before, recovery_window ms. {verdict, holder, why}; 'pool' when a pool holds it.
+_CLAIM = _NOW + _POOL_FNS + _RECOVERING + """
 local h = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'session', 't')
 local verdict, prev = 'granted', h[1]
+local lost = ARGV[10] ~= '1' and recovering(KEYS[2], KEYS[3], ARGV[1], ARGV[11], ARGV[12])
+local lost_why = 'the registry lost its records (Redis restarted) and its nodes are re-asserting them'
+if lost and not h[1] and redis.call('EXISTS', KEYS[1]) == 0 then return {'pending', '', lost_why} end
 if redis.call('HEXISTS', KEYS[1], 'pool') == 1 then
   local pending
   for _, m in ipairs(members(KEYS[1])) do
@@ -63,7 +86,8 @@ elseif h[1] and h[1] == ARGV[1] and h[2] == ARGV[2] then
   if h[3] ~= ARGV[3] and ARGV[8] ~= '1' then return {'mine', h[1], ''} end
 elseif h[1] then
   local n = redis.call('HMGET', ARGV[5] .. h[1], 'epoch', 'state', 't')
-  if not n[1] then verdict = 'dead'
+  if not n[1] and lost then return {'pending', h[1], lost_why}
+  elseif not n[1] then verdict = 'dead'
   elseif n[1] ~= h[2] then verdict = 'restarted'
   elseif n[2] == 'draining' then verdict = 'draining'
   else
@@ -130,20 +154,24 @@ for i = 1, #ARGV, 2 do if redis.call('HGET', KEYS[1], ARGV[i]) ~= ARGV[i + 1] th
 return redis.call('DEL', KEYS[1])
 """
 
-#: KEYS: node. ARGV: epoch, state, addr, node_ttl ms. Returns the epoch it replaced ('' if none).
-#: ``rules`` = the epoch: this process publishes its tunnels' access rules with its claims (a node
-#: of an older version does not, and guards its tunnels itself).
-_NODE = _NOW + """
+#: KEYS: node, marker, recovery window. ARGV: epoch, state, addr, node_ttl ms, "1" if this node wrote
+#: before, recovery_window ms, node id. {the epoch it replaced ('' if none), "1" while Redis recovers
+#: lost records}. ``rules`` = the epoch: this process publishes its tunnels' access rules with its claims
+#: (a node of an older version does not, and guards its tunnels itself).
+_NODE = _NOW + _RECOVERING + """
+local lost = recovering(KEYS[2], KEYS[3], ARGV[7], ARGV[5], ARGV[6])
 local prev = redis.call('HGET', KEYS[1], 'epoch')
 redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'state', ARGV[2], 'addr', ARGV[3], 't', now, 'rules', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return prev or ''
+return {prev or '', lost and '1' or ''}
 """
 
-#: KEYS: claim. ARGV: node key prefix, claim_ttl ms. {node, addr, access rules, '1' if that node
-#: publishes rules} when the claim's node is alive in that epoch, {node, ''} when that node is dead or restarted (its client has yet
-#: to reconnect elsewhere). A pool: {'', '', node, addr, state, ...} for every member node alive in its epoch.
-_LOOKUP = _NOW + _POOL_FNS + """
+#: KEYS: claim, marker, recovery window. ARGV: node key prefix, claim_ttl ms, node id, "1" if this
+#: node wrote before, recovery_window ms. {node, addr, access rules, '1' if that node publishes
+#: rules} when the claim's node is alive in that epoch, {node, ''} when that node is dead or
+#: restarted (its client has yet to reconnect elsewhere). A pool: {'', '', node, addr, state, ...}
+#: for every member node alive in its epoch. 1 for an unknown id while Redis recovers its records.
+_LOOKUP = _NOW + _POOL_FNS + _RECOVERING + """
 if redis.call('HEXISTS', KEYS[1], 'pool') == 1 then
   local out = {'', ''}
   for _, m in ipairs(members(KEYS[1])) do
@@ -157,7 +185,7 @@ if redis.call('HEXISTS', KEYS[1], 'pool') == 1 then
   return out
 end
 local h = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'access')
-if not h[1] then return false end
+if not h[1] then return recovering(KEYS[2], KEYS[3], ARGV[3], ARGV[4], ARGV[5]) and 1 or false end
 local n = redis.call('HMGET', ARGV[1] .. h[1], 'epoch', 'addr', 'rules')
 if n[1] ~= h[2] then return {h[1], ''} end
 return {h[1], n[2] or '', h[3] or '', n[3] == h[2] and '1' or ''}
