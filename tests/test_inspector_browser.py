@@ -1,6 +1,8 @@
 """The request inspector's page in a real headless browser (Debian's chromium and chromium-driver,
 through selenium): load the page, send requests through the tunnel, see the rows appear, open one
-to see its heads, click replay, and see the local app receive the request again.
+to see its heads (fetched from its own endpoint: the list has none), see the polls answered 304
+while nothing changes, click replay, see the local app receive the request again, and open a row
+that has left the log meanwhile.
 
 Without selenium, chromium or chromedriver the test is skipped, or fails under ``CI=true`` (CI
 installs them). With FERROTUNNEL_SCREENSHOT=PATH a screenshot of the page is saved there."""
@@ -39,6 +41,8 @@ class World(threading.Thread):
         self.ing: Any = None
         self.app: Any = None
         self.insp: Any = None
+        self.answers: list = []  # (target, status, If-None-Match values) of each inspector answer
+        self.frozen = False  # list polls answered 304 (the page keeps a list the log no longer has)
 
     def run(self) -> None:
         try:
@@ -52,6 +56,16 @@ class World(threading.Thread):
         self.loop = asyncio.get_running_loop()
         self.stop_event = asyncio.Event()
         async with inspected() as (self.ing, self.app, self.insp):
+            answer = self.insp._answer
+
+            async def watched(head: Any) -> Any:
+                if self.frozen and head.target == "/api/requests":
+                    return 304, None, ()
+                out = await answer(head)
+                self.answers.append((head.target, out[0], head.values("if-none-match")))
+                return out
+
+            self.insp._answer = watched
             self.ready.set()
             await self.stop_event.wait()
 
@@ -134,11 +148,20 @@ def test_rows_appear_and_replay_reaches_the_app_again(browser):
         assert cells[1:5] == ["web", "GET", "/hello?from=browser", "200"], cells
         assert cells[5].endswith(" ms") and cells[8] == "127.0.0.1", cells
 
-        # open the POST: its heads and body are shown
-        click(f'#rows tr[data-id="{table(browser)[1][0]}"]')
+        # nothing changes: the polls name the list's ETag and get 304, and the rows stay
+        wait.until(lambda d: [a[:2] for a in world.answers].count(("/api/requests", 304)) >= 2)
+        assert all(a[2] for a in world.answers if a[:2] == ("/api/requests", 304))
+        assert browser.find_element(By.ID, "status").text == "live"  # a 304 is no error to the page
+        assert row_paths(browser) == ["/chunked", "/form", "/hello?from=browser"]
+
+        # open the POST: its heads and body are shown, fetched from its own endpoint
+        post_id = table(browser)[1][0]
+        click(f'#rows tr[data-id="{post_id}"]')
         wait.until(lambda d: d.find_element(By.ID, "request-body").text == "name=ferro")
         assert browser.find_element(By.ID, "request-head").text.startswith("POST /form HTTP/1.1")
+        assert "Content-Length: 10" in browser.find_element(By.ID, "request-head").text
         assert browser.find_element(By.ID, "response-head").text.startswith("HTTP/1.1 200 OK")
+        assert (f"/api/requests/{post_id}", 200, []) in world.answers
 
         # replay the first GET: the app receives it again and a new row names what it replays
         assert world.app.paths().count(b"/hello?from=browser") == 1
@@ -150,6 +173,19 @@ def test_rows_appear_and_replay_reaches_the_app_again(browser):
         assert table(browser)[0][9] == "replay"  # the visitor column
         heads = [h for h in world.app.heads if h.startswith(b"GET /hello")]
         assert heads[0] == heads[1]  # the same head, byte for byte
+        wait.until(lambda d: d.find_element(By.ID, "request-head").text.startswith("GET /hello?from=browser "))
+
+        # a row that left the log while the page still lists it: opening it says so (the 404's error)
+        world.frozen = True
+        assert world.loop is not None
+        world.loop.call_soon_threadsafe(world.insp.log.clear)
+        wait.until(lambda d: len(world.insp.log) == 0)
+        click(f'#rows tr[data-id="{hello_id}"]')
+        wait.until(lambda d: "is no longer kept" in d.find_element(By.ID, "detail-note").text)
+        assert f"no request {hello_id} (it may have left the last 200)" in \
+            browser.find_element(By.ID, "detail-note").text
+        assert browser.find_element(By.ID, "request-head").text == ""
+        assert (f"/api/requests/{hello_id}", 404, []) in world.answers
 
         shot = os.environ.get("FERROTUNNEL_SCREENSHOT")
         if shot:

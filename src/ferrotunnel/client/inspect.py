@@ -1,6 +1,8 @@
 """The live request inspector: a small local web server that lists the HTTP requests going through
 a client's tunnels (the page at ``/``, the rows as JSON at ``/api/requests``), shows each one's
-heads, and sends a captured request to the local service again (replay).
+heads and bodies (``/api/requests/ID``), and sends a captured request to the local service again
+(replay). The list carries no heads and has an ``ETag`` (the log's generation): the page's polls
+send ``If-None-Match`` and get ``304`` with nothing serialised while nothing changed.
 
     inspector = Inspector("127.0.0.1:4040")
     await inspector.start()
@@ -64,10 +66,12 @@ _SECURITY_HEADERS = (
     ("Referrer-Policy", "no-referrer"),
     ("Cache-Control", "no-store"),
 )
-_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-            409: "Conflict", 413: "Content Too Large", 502: "Bad Gateway"}
+_REASONS = {200: "OK", 304: "Not Modified", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 409: "Conflict", 413: "Content Too Large", 502: "Bad Gateway"}
 
 Address = Union[str, Tuple[str, int]]
+#: What ``_answer`` gives ``_send``: status, body (JSON, an asset's path, or None for 304), extra header fields.
+Answer = Tuple[int, Any, Tuple[Tuple[str, str], ...]]
 
 
 class ReplayError(Exception):
@@ -112,6 +116,7 @@ class Inspector:
         self.redact = redact
         self.connect_timeout = connect_timeout
         self.token = secrets.token_urlsafe(32)
+        self._etag_prefix = secrets.token_hex(4)  # a restarted inspector's tags never match the old ones
         self._server: Optional[asyncio.AbstractServer] = None
         self._address: Optional[Tuple[str, int]] = None
         self._writers: Set[asyncio.StreamWriter] = set()
@@ -203,8 +208,23 @@ class Inspector:
         bridge.attach(stream)  # the pipe runs by itself, like forward(wait=False)
 
     def requests(self) -> list:
-        """The rows of ``/api/requests``: newest first."""
-        return [ex.row(self.redact) for ex in self.log.exchanges()]
+        """The rows of ``/api/requests``: newest first, summaries only (no heads, no bodies)."""
+        return [ex.summary() for ex in self.log.exchanges()]
+
+    @property
+    def etag(self) -> str:
+        """The ``ETag`` of ``/api/requests`` now: it changes with every change to the log."""
+        return f'"{self._etag_prefix}-{self.log.generation}"'
+
+    def _fresh(self, head: Head) -> bool:
+        """Whether ``If-None-Match`` names the list's current tag (weak comparison, RFC 9110 13.1.2)."""
+        etag = self.etag
+        for value in head.values("if-none-match"):
+            for tag in value.split(","):
+                tag = tag.strip()
+                if tag == "*" or tag.removeprefix("W/") == etag:
+                    return True
+        return False
 
     async def replay(self, request_id: int) -> Dict[str, Any]:
         """Send captured request ``request_id`` (head and body as they were) to its local service
@@ -308,8 +328,8 @@ class Inspector:
                     async with asyncio.timeout(IDLE_TIMEOUT):
                         await reader.readexactly(length)
                 close = "close" in head.tokens("connection") or head.version == "1.0"
-                status, body = await self._answer(head)
-                await self._send(writer, status, body, close=close, head_only=head.method == "HEAD")
+                status, body, fields = await self._answer(head)
+                await self._send(writer, status, body, close=close, head_only=head.method == "HEAD", fields=fields)
                 if close:
                     return
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, TimeoutError):
@@ -318,50 +338,59 @@ class Inspector:
             self._writers.discard(writer)
             writer.close()
 
-    async def _answer(self, head: Head) -> Tuple[int, Any]:
+    async def _answer(self, head: Head) -> Answer:
         refusal = self._refusal(head)
         if refusal is not None:
-            return refusal[0], {"error": refusal[1]}
+            return refusal[0], {"error": refusal[1]}, ()
         path = head.target.split("?", 1)[0]
         method = head.method
         if path in self._assets:
-            return (200, path) if method in ("GET", "HEAD") else (405, {"error": "use GET"})
+            return (200, path, ()) if method in ("GET", "HEAD") else (405, {"error": "use GET"}, ())
         if path == "/api/requests":
             if method not in ("GET", "HEAD"):
-                return 405, {"error": "use GET"}
+                return 405, {"error": "use GET"}, ()
+            fields = (("ETag", self.etag),)
+            if self._fresh(head):  # nothing changed since the poll that got this tag: nothing to serialise
+                return 304, None, fields
             return 200, {"requests": self.requests(), "max_requests": self.log.max_requests,
-                         "body_limit": self.log.body_limit, "redacted": self.redact}
+                         "body_limit": self.log.body_limit, "redacted": self.redact}, fields
         parts = path.split("/")
         if len(parts) in (4, 5) and parts[:3] == ["", "api", "requests"] and parts[3].isdigit():
             request_id = int(parts[3])
             if len(parts) == 4:
                 if method not in ("GET", "HEAD"):
-                    return 405, {"error": "use GET"}
+                    return 405, {"error": "use GET"}, ()
                 ex = self.log.get(request_id)
-                return (200, ex.row(self.redact, bodies=True)) if ex else (404, {"error": "no such request"})
+                if ex is None:
+                    return 404, {"error": f"no request {request_id} (it may have left the last "
+                                          f"{self.log.max_requests})"}, ()
+                return 200, ex.row(self.redact, bodies=True), ()
             if parts[4] == "replay":
                 if method != "POST":
-                    return 405, {"error": "replay only by POST"}
+                    return 405, {"error": "replay only by POST"}, ()
                 sent = head.values(TOKEN_HEADER)
                 if len(sent) != 1 or not hmac.compare_digest(sent[0].encode(), self.token.encode()):
-                    return 403, {"error": f"replay needs the inspector's token in {TOKEN_HEADER} (its page has it)"}
+                    return 403, {"error": f"replay needs the inspector's token in {TOKEN_HEADER} (its page has it)"}, ()
                 try:
-                    return 200, await self.replay(request_id)
+                    return 200, await self.replay(request_id), ()
                 except ReplayError as exc:
-                    return exc.status, {"error": str(exc)}
-        return 404, {"error": "not found"}
+                    return exc.status, {"error": str(exc)}, ()
+        return 404, {"error": "not found"}, ()
 
     async def _send(self, writer: asyncio.StreamWriter, status: int, body: Any, close: bool,
-                    head_only: bool = False) -> None:
-        if isinstance(body, str):  # an asset
-            data, ctype = self._assets[body]
-            if body == "/":
-                data = data.replace(_TOKEN_SLOT.encode(), self.token.encode())
+                    head_only: bool = False, fields: Tuple[Tuple[str, str], ...] = ()) -> None:
+        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}"]
+        if body is None:  # 304: no body, no Content-Length
+            data = b""
         else:
-            data, ctype = json.dumps(body).encode(), "application/json"
-        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", f"Content-Type: {ctype}",
-                 f"Content-Length: {len(data)}"]
-        lines += [f"{k}: {v}" for k, v in _SECURITY_HEADERS]
+            if isinstance(body, str):  # an asset
+                data, ctype = self._assets[body]
+                if body == "/":
+                    data = data.replace(_TOKEN_SLOT.encode(), self.token.encode())
+            else:
+                data, ctype = json.dumps(body).encode(), "application/json"
+            lines += [f"Content-Type: {ctype}", f"Content-Length: {len(data)}"]
+        lines += [f"{k}: {v}" for k, v in fields + _SECURITY_HEADERS]
         if close:
             lines.append("Connection: close")
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if head_only else data))

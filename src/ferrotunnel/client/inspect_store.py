@@ -1,6 +1,8 @@
 """The request inspector's memory: one ``Exchange`` per HTTP request seen on a client's tunnel,
 kept in a ``RequestLog`` ring of the last ``max_requests``, with bodies captured up to
-``body_limit`` bytes each, and the rows the inspector's page and ``/api/requests`` show."""
+``body_limit`` bytes each, and the rows the inspector's page and its API show: ``summary()`` for the
+list (``/api/requests``: no heads, no bodies), ``row()`` for one request (``/api/requests/ID``).
+``RequestLog.generation`` counts every change, so a poll that saw the same count can skip the list."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ import collections
 import time
 from typing import Any, Deque, Dict, Iterable, List, Optional, Tuple
 
-__all__ = ["Exchange", "RequestLog", "MAX_REQUESTS", "BODY_LIMIT", "HEAD_LIMIT", "REDACTED_HEADERS",
-           "redact_head"]
+__all__ = ["Exchange", "RequestLog", "MAX_REQUESTS", "BODY_LIMIT", "HEAD_LIMIT", "LIST_PATH_LIMIT",
+           "REDACTED_HEADERS", "redact_head"]
 
 #: Requests the inspector keeps (the oldest goes when a new one arrives).
 MAX_REQUESTS = 200
@@ -18,6 +20,8 @@ BODY_LIMIT = 16 * 1024
 #: Largest request or response head the inspector reads; a connection with a bigger one is still
 #: relayed untouched, but not recorded from there on.
 HEAD_LIMIT = 32 * 1024
+#: Characters of a request's path in a list row (``/api/requests``); its own row has it whole.
+LIST_PATH_LIMIT = 1024
 #: Header fields shown as ``[redacted]`` unless the inspector is made with ``redact=False``.
 REDACTED_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
 
@@ -58,11 +62,11 @@ class Exchange:
     __slots__ = ("id", "time", "started", "tunnel", "visitor", "local_addr", "proxy_protocol", "method",
                  "target", "request_head", "request_size", "request_body", "request_body_complete",
                  "upgrade", "status", "response_head", "response_size", "response_body", "duration", "state",
-                 "replay_of", "_limit")
+                 "replay_of", "_log")
 
     def __init__(self, request_id: int, tunnel: str, visitor: Optional[str], local_addr: Tuple[str, int],
                  proxy_protocol: Optional[str], method: str, target: str, head: bytes, upgrade: bool,
-                 body_limit: int, replay_of: Optional[int] = None) -> None:
+                 log: "RequestLog", replay_of: Optional[int] = None) -> None:
         self.id = request_id
         self.time = time.time()
         self.started = time.monotonic()
@@ -84,34 +88,39 @@ class Exchange:
         self.duration: Optional[float] = None
         self.state = PENDING
         self.replay_of = replay_of
-        self._limit = body_limit
+        self._log = log  # whose generation every change here counts up
 
     def __repr__(self) -> str:
         return f"<Exchange {self.id} {self.method} {self.target!r} {self.status} {self.state}>"
 
-    # -- filled in by the tracker
+    # -- filled in by the tracker (each change counts up the log's generation)
     def request_body_data(self, data: memoryview) -> None:
+        self._log.generation += 1
         self.request_size += len(data)
-        room = self._limit - len(self.request_body)
+        room = self._log.body_limit - len(self.request_body)
         if room > 0:
             self.request_body += data[:room]
 
     def request_end(self) -> None:
+        self._log.generation += 1
         self.request_body_complete = len(self.request_body) == self.request_size - len(self.request_head)
 
     def response_started(self, status: int, head: bytes) -> None:
+        self._log.generation += 1
         self.status = status
         self.response_head = head
         self.response_size = len(head)
 
     def response_body_data(self, data: memoryview) -> None:
+        self._log.generation += 1
         self.response_size += len(data)
-        room = self._limit - len(self.response_body)
+        room = self._log.body_limit - len(self.response_body)
         if room > 0:
             self.response_body += data[:room]
 
     def finish(self, state: str) -> None:
         if self.state == PENDING:
+            self._log.generation += 1
             self.state = state
             self.duration = time.monotonic() - self.started
 
@@ -128,28 +137,36 @@ class Exchange:
             return "its body was not captured whole (bigger than the body limit, or cut short)"
         return None
 
-    def row(self, redact: bool, bodies: bool = False) -> Dict[str, Any]:
-        """The JSON row of ``/api/requests`` (with ``bodies``: also the captured bodies as text)."""
-        req_head, resp_head = self.request_head, self.response_head
-        if redact:
-            req_head, resp_head = redact_head(req_head), redact_head(resp_head)
-        row: Dict[str, Any] = {
+    def summary(self) -> Dict[str, Any]:
+        """The JSON row of the list (``/api/requests``): what the page's table shows, no heads and no
+        bodies, and the path cut at ``LIST_PATH_LIMIT`` characters (``path_truncated`` says so)."""
+        return {
             "id": self.id,
             "time": self.time,
             "tunnel": self.tunnel,
             "visitor": self.visitor,
             "method": self.method,
-            "path": self.target,
+            "path": self.target[:LIST_PATH_LIMIT],
+            "path_truncated": len(self.target) > LIST_PATH_LIMIT,
             "status": self.status,
             "duration_ms": None if self.duration is None else round(self.duration * 1000, 3),
             "request_size": self.request_size,
             "response_size": self.response_size,
-            "request_head": _text(req_head),
-            "response_head": _text(resp_head),
             "state": self.state,
             "replay_of": self.replay_of,
             "replayable": self.replay_refusal is None,
         }
+
+    def row(self, redact: bool, bodies: bool = False) -> Dict[str, Any]:
+        """One request's JSON: the summary with the whole path and both heads (``/api/requests/ID``
+        and a replay's answer; with ``bodies``: also the captured bodies as text)."""
+        req_head, resp_head = self.request_head, self.response_head
+        if redact:
+            req_head, resp_head = redact_head(req_head), redact_head(resp_head)
+        row = self.summary()
+        row["path"], row["path_truncated"] = self.target, False
+        row["request_head"] = _text(req_head)
+        row["response_head"] = _text(resp_head)
         if bodies:
             row["request_body"] = _text(self.request_body)
             row["request_body_truncated"] = len(self.request_body) < self.request_size - len(self.request_head)
@@ -159,7 +176,8 @@ class Exchange:
 
 
 class RequestLog:
-    """The last ``max_requests`` exchanges, oldest first; ids count up from 1 and are never reused."""
+    """The last ``max_requests`` exchanges, oldest first; ids count up from 1 and are never reused.
+    ``generation`` counts up on every change (a new request, one evicted, any change to one, clear)."""
 
     def __init__(self, max_requests: int = MAX_REQUESTS, body_limit: int = BODY_LIMIT) -> None:
         if isinstance(max_requests, bool) or not isinstance(max_requests, int) or max_requests < 1:
@@ -168,6 +186,7 @@ class RequestLog:
             raise ValueError(f"body_limit must be a whole number of bytes >= 0, got {body_limit!r}")
         self.max_requests = max_requests
         self.body_limit = body_limit
+        self.generation = 0
         self._ring: Deque[Exchange] = collections.deque(maxlen=max_requests)
         self._next = 1
 
@@ -178,9 +197,10 @@ class RequestLog:
             method: str, target: str, head: bytes, upgrade: bool, replay_of: Optional[int] = None) -> Exchange:
         """Record a request whose head was just seen (the oldest one goes when the ring is full)."""
         ex = Exchange(self._next, tunnel, visitor, local_addr, proxy_protocol, method, target, head, upgrade,
-                      self.body_limit, replay_of)
+                      self, replay_of)
         self._next += 1
         self._ring.append(ex)
+        self.generation += 1
         return ex
 
     def get(self, request_id: int) -> Optional[Exchange]:
@@ -195,3 +215,4 @@ class RequestLog:
 
     def clear(self) -> None:
         self._ring.clear()
+        self.generation += 1

@@ -1,4 +1,5 @@
-// ferrotunnel request inspector: polls /api/requests and draws the rows; no outside asset.
+// ferrotunnel request inspector: polls /api/requests (If-None-Match: its last ETag) and draws the
+// rows; the selected row's heads and bodies come from /api/requests/ID. No outside asset.
 "use strict";
 (function () {
   const token = document.querySelector('meta[name="ft-token"]').content;
@@ -9,6 +10,10 @@
   const message = document.getElementById("message");
   let selected = null;
   let latest = [];
+  let etag = null;       // of the last list received
+  let shownId = null;    // the request the detail pane shows
+  let shownRow = null;   // its list row (as JSON) when its heads were last fetched
+  let detailSeq = 0;     // answers to older detail fetches are dropped
 
   function cell(tr, text, cls) {
     const td = document.createElement("td");
@@ -57,7 +62,7 @@
       cell(tr, new Date(r.time * 1000).toLocaleTimeString());
       cell(tr, r.tunnel);
       cell(tr, r.method, "method");
-      cell(tr, r.path, "path").title = r.path;
+      cell(tr, pathOf(r), "path").title = pathOf(r);
       if (r.status === null) cell(tr, r.state, "status pending");
       else cell(tr, r.status, "status s" + String(r.status)[0]);
       cell(tr, r.duration_ms === null ? "" : r.duration_ms.toFixed(1) + " ms", "duration");
@@ -77,38 +82,84 @@
       rows.appendChild(tr);
     }
     empty.hidden = list.length > 0;
-    showDetail(list.find((r) => r.id === selected));
+    if (selected === null) return;
+    const row = list.find((r) => r.id === selected);
+    if (!row) gone(selected, "it left the list");
+    else if (JSON.stringify(row) !== shownRow) showDetail(row);  // changed since its heads were fetched
+  }
+
+  function pathOf(r) {
+    return r.path + (r.path_truncated ? "…" : "");
   }
 
   function select(id) {
     selected = id;
     for (const tr of rows.children) tr.className = Number(tr.dataset.id) === id ? "selected" : "";
-    showDetail(latest.find((r) => r.id === id));
+    const row = latest.find((r) => r.id === id);
+    if (row) showDetail(row);
+    else gone(id, "it left the list");
   }
 
+  function text(id, value) {
+    document.getElementById(id).textContent = value;
+  }
+
+  // The list rows carry no heads: the selected one's heads and bodies come from /api/requests/ID.
   function showDetail(r) {
-    const detail = document.getElementById("detail");
-    if (!r) { detail.hidden = true; return; }
-    detail.hidden = false;
-    document.getElementById("detail-title").textContent = "#" + r.id + " " + r.method + " " + r.path;
-    document.getElementById("detail-note").textContent =
-      (r.replay_of ? "replay of #" + r.replay_of + " · " : "") + "tunnel " + r.tunnel + " · " + r.state;
-    document.getElementById("request-head").textContent = r.request_head;
-    document.getElementById("response-head").textContent = r.response_head || "(no response yet)";
-    fetch("/api/requests/" + r.id).then((x) => x.ok ? x.json() : null).then((full) => {
-      if (!full || full.id !== selected) return;
-      document.getElementById("request-body").textContent =
-        full.request_body + (full.request_body_truncated ? "\n… (cut at the body limit)" : "");
-      document.getElementById("response-body").textContent =
-        full.response_body + (full.response_body_truncated ? "\n… (cut at the body limit)" : "");
-    }).catch(() => {});
+    shownRow = JSON.stringify(r);
+    document.getElementById("detail").hidden = false;
+    text("detail-title", "#" + r.id + " " + r.method + " " + pathOf(r));
+    const note = (r.replay_of ? "replay of #" + r.replay_of + " · " : "") + "tunnel " + r.tunnel + " · " + r.state;
+    text("detail-note", note);
+    if (shownId !== r.id) {  // another request: nothing of the last one stays while this one loads
+      shownId = r.id;
+      text("request-head", "loading…");
+      text("response-head", "");
+      text("request-body", "");
+      text("response-body", "");
+    }
+    const seq = ++detailSeq;
+    fetch("/api/requests/" + r.id, {cache: "no-store"}).then(async (x) => {
+      const full = await x.json().catch(() => null);
+      if (seq !== detailSeq) return;  // a later selection or refresh owns the pane
+      if (x.status === 404) { gone(r.id, full && full.error); return; }
+      if (!x.ok || !full) throw new Error(full && full.error ? full.error : "HTTP " + x.status);
+      text("detail-title", "#" + full.id + " " + full.method + " " + full.path);
+      text("request-head", full.request_head);
+      text("response-head", full.response_head || "(no response yet)");
+      text("request-body", full.request_body + (full.request_body_truncated ? "\n… (cut at the body limit)" : ""));
+      text("response-body",
+           full.response_body + (full.response_body_truncated ? "\n… (cut at the body limit)" : ""));
+    }).catch((e) => {
+      if (seq === detailSeq) text("detail-note", note + " · its heads could not be loaded (" + e.message + ")");
+    });
+  }
+
+  // The selected request is no longer kept (the ring dropped it): say so instead of its heads.
+  function gone(id, why) {
+    detailSeq++;
+    shownRow = null;
+    shownId = id;
+    document.getElementById("detail").hidden = false;
+    text("detail-title", "#" + id);
+    text("detail-note", "request #" + id + " is no longer kept" + (why ? ": " + why : ""));
+    text("request-head", "");
+    text("response-head", "");
+    text("request-body", "");
+    text("response-body", "");
   }
 
   async function poll() {
     try {
-      const r = await fetch("/api/requests");
+      // the list's ETag changes with every change to the log: an unchanged one is a 304, no body
+      const r = await fetch("/api/requests", {cache: "no-store", headers: etag ? {"If-None-Match": etag} : {}});
+      if (r.status === 304) {
+        statusEl.textContent = "live";
+        return;
+      }
       if (!r.ok) throw new Error("HTTP " + r.status);
       const body = await r.json();
+      etag = r.headers.get("ETag");
       const key = JSON.stringify(body.requests);
       statusEl.textContent = "live";
       countEl.textContent = body.requests.length + " of the last " + body.max_requests + " requests";
