@@ -63,7 +63,12 @@ class StreamClosedError(FerroTunnelError):
 
 
 class StreamResetError(StreamClosedError):
-    """The peer (or the session going down) reset the stream; data in flight is lost."""
+    """The peer (or the session going down) reset the stream; data in flight is lost. ``code``:
+    the ``ErrorCode`` the peer gave with its reset (None when it gave none)."""
+
+    def __init__(self, *args: Any, code: Any = None) -> None:
+        super().__init__(*args)
+        self.code = code
 
 
 class ConnectionLostError(StreamResetError):

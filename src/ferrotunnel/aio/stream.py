@@ -453,13 +453,13 @@ class VirtualStream(SinkSeam):
         self.close()
         await self.wait_closed()
 
-    def abort(self) -> None:
-        """Reset now: queued data is dropped and the peer sees a reset (EOF for a Rust peer). A
-        sink still attached at the next turn of the event loop is told (see ``_tell_sink``)."""
+    def abort(self, code: Any = None, message: str = "stream aborted") -> None:
+        """Reset now: queued data is dropped and the peer sees a reset (``code``, an ``ErrorCode``, and
+        ``message``; EOF for a Rust peer). A sink still attached at the next turn is told (``_tell_sink``)."""
         if self._exc is None:
             core = self._conn.core
             if not core.closed:  # (closing, the session ends each stream: a sink told of one may abort another)
-                core.reset(self._st)
+                core.reset(self._st, message, code)
             self._set_exc(exc := StreamClosedError(f"stream {self._st.id} was aborted"))
             if self.sink is not None and not self._conn.loop.is_closed():
                 self._conn.loop.call_soon(_tell_sink, weakref.ref(self), self.sink, exc)

@@ -40,7 +40,7 @@ from ..aio.stream import VirtualStream
 from ..client.client import TunnelClient
 from ..config import ClientConfig, ServerConfig
 from ..errors import ConnectionLostError
-from ..frames import Protocol, StreamPriority
+from ..frames import ErrorCode, Protocol, StreamPriority
 from ..protocol.extensions import VISITOR_HEADER
 from ..server.guard import kind_of, route_access
 from ..server.registry import Route
@@ -265,7 +265,8 @@ class LinkServer:
             self.streams["no_session"] += 1
             log.info("node link from %s: no local session for tunnel %r; resetting the stream",
                      stream.session.tunnel_id, tunnel_id)
-            stream.abort()
+            # a distinct code: the asking node forgets its route (the tunnel moved) and says 503, not 502
+            stream.abort(ErrorCode.SESSION_NOT_FOUND, f"no session for tunnel {tunnel_id!r} on node {self.node_id}")
             return
         visitor: Any = None
         if HEADER_VISITOR in headers:

@@ -187,7 +187,7 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
                             return
                     self.sched.discard(st.id)
                     self._remove(st, StreamEvent.RECV_RESET)
-                    self.listener.on_stream_reset(st, StreamResetError(f"stream {st.id} reset by peer: {said}"))
+                    self.listener.on_stream_reset(st, StreamResetError(f"stream {st.id} reset by peer: {said}", code=frame.code))
         else:  # Register, RegisterAck (tunnels.py), StreamAck, a late Handshake/HandshakeAck
             self.on_other_frame(frame)
 
@@ -343,10 +343,10 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
             st.move(StreamEvent.ABANDON)
             self._remove(st)
 
-    def reset(self, st: CoreStream, message: str = "stream aborted") -> None:
-        """Abort: drop queued data and tell the peer (a reset for our peers, EOF for Rust)."""
+    def reset(self, st: CoreStream, message: str = "stream aborted", code: Optional[ErrorCode] = None) -> None:
+        """Abort: drop queued data and tell the peer (a reset with ``code``, else INTERNAL_SERVER_ERROR; EOF for Rust)."""
         if st.state is not CLOSED:
-            self._reset(st, ErrorCode.INTERNAL_SERVER_ERROR, message, None)
+            self._reset(st, code or ErrorCode.INTERNAL_SERVER_ERROR, message, None)
 
     def _reset(self, st: CoreStream, code: ErrorCode, message: str, exc: Optional[Exception]) -> None:
         dropped = self.sched.discard(st.id)  # with a queued half-close: its CloseStream is the last frame

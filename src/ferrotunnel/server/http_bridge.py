@@ -19,7 +19,7 @@ from ..access import TunnelAccess
 from .guard import AccessRefused, authorization_values, refusal, route_access, strip_authorization
 from .http_badbody import CHUNKED, DISCARD, HEAD, LENGTH, RAW, WAIT, BadBodyMixin
 from .http_names import no_route, printable, response, route_name
-from .registry import Route
+from .routes import Route, moved_away
 
 if TYPE_CHECKING:
     from .http import HttpIngress
@@ -473,9 +473,8 @@ class HttpBridge(BadBodyMixin, TcpBridge):
         super().tunnel_eof()
 
     def tunnel_reset(self, exc: BaseException) -> None:
-        """The stream was reset or its session died: a 502 if the visitor got no response byte yet,
-        otherwise the visitor's connection is aborted with a RST (a FIN would make a truncated
-        response look complete)."""
+        """The stream was reset or its session died: a 502 (503 if the tunnel moved) before any response byte,
+        after one the visitor's connection is aborted with a RST (a FIN would make a cut response look whole)."""
         if self._leaving:
             return
         if self.finished:
@@ -488,12 +487,13 @@ class HttpBridge(BadBodyMixin, TcpBridge):
         tunnel_id = self.request[2]
         if self.bytes_down - self._mark == unsent:  # nothing of the response went out to the visitor
             self._outq = None  # what arrived in this read is dropped with the stream
-            lost = isinstance(exc, ConnectionLostError)
-            log.warning("http ingress: tunnel %s %s before answering; 502", printable(tunnel_id),
-                        "went away" if lost else "reset the stream")
+            lost, moved = isinstance(exc, ConnectionLostError), moved_away(self.ingress.server.registry, tunnel_id, exc)
+            log.warning("http ingress: tunnel %s %s before answering; %s", printable(tunnel_id), "moved to another "
+                        "node" if moved else "went away" if lost else "reset the stream", "503" if moved else "502")
             self.detach()  # (the credit owed for bytes held while the visitor was slow goes back)
-            self.reply("502 Bad Gateway", "the tunnel went away before the local service answered\n" if lost
-                        else "the local service is unreachable\n")
+            self.reply(*(("503 Service Unavailable", "the tunnel moved to another node; try again\n") if moved else
+                         ("502 Bad Gateway", "the tunnel went away before the local service answered\n" if lost
+                          else "the local service is unreachable\n")))
             return
         log.warning("http ingress: tunnel %s stream cut after %d response bytes; aborting the visitor's connection",
                     printable(tunnel_id), self.bytes_down - self._mark - unsent)

@@ -21,6 +21,7 @@ from .guard import AccessRefused, kind_of, refusal, route_access
 from .http_names import printable
 from .public import PublicEndpoint
 from .registry import LocalRoute, Route, first_with_capability
+from .routes import moved_away
 
 if TYPE_CHECKING:  # the server makes the ingresses of ports on request (PortLeases): no import cycle
     from .server import TunnelServer
@@ -54,6 +55,12 @@ class _IngressBridge(TcpBridge):
         if not self.ingress.open_stream(self.ingress.tunnel_id, Protocol.TCP, self._opened, self.peer_address):
             self._held = True  # what the visitor sends waits in the socket until there is a stream
             self.hold_reading()
+
+    def tunnel_reset(self, exc: BaseException) -> None:
+        if moved_away(self.ingress.server.registry, self.ingress.tunnel_id, exc):  # the next visitor asks again
+            log.info("ingress %s: tunnel %s moved to another node; closing %s", self.ingress.describe_bind(),
+                     shown_id(self.ingress.tunnel_id or ""), format_peer(self.peer))
+        super().tunnel_reset(exc)
 
     def _opened(self, route: Optional[Route], result: Union[VirtualStream, FerroTunnelError, None]) -> None:
         ing = self.ingress

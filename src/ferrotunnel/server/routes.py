@@ -15,10 +15,10 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple
 from ..aio.session import Session
 from ..aio.stream import VirtualStream
 from ..errors import ConnectionLostError, FerroTunnelError
-from ..frames import Protocol, StreamPriority
+from ..frames import ErrorCode, Protocol, StreamPriority
 from ..protocol.extensions import VISITOR_CAPABILITY, VISITOR_HEADER
 
-__all__ = ["Route", "LocalRoute", "PoolRoute", "SpreadRoute", "open_on"]
+__all__ = ["Route", "LocalRoute", "PoolRoute", "SpreadRoute", "open_on", "moved_away"]
 
 
 class Route:
@@ -187,3 +187,15 @@ class SpreadRoute(Route):
 
     def __repr__(self) -> str:
         return f"<SpreadRoute {self._tunnel_id!r} {self.routes!r}>"
+
+
+def moved_away(registry: Any, tunnel_id: Optional[str], exc: BaseException) -> bool:
+    """Whether a stream's reset says its tunnel is no longer where the route led: the node the
+    route went to has no session for it (``SESSION_NOT_FOUND`` over its link; the client moved to
+    another node). The registry then forgets its cached route, so the next visitor asks again."""
+    if getattr(exc, "code", None) is not ErrorCode.SESSION_NOT_FOUND:
+        return False
+    forget = getattr(registry, "invalidate", None)
+    if forget is not None and tunnel_id is not None:
+        forget(tunnel_id)
+    return True
