@@ -1,7 +1,10 @@
 """Prometheus metrics for a TunnelServer (needs the optional ``prometheus_client``).
 
 Values are read from the server when scraped, so the data path pays nothing for them.
-Serves ``/metrics`` and ``/health/ready`` on its own address.
+Serves ``/metrics`` and ``/health/ready`` on its own address, one request per connection: at
+most ``MAX_METRICS_CONNECTIONS`` at once, each leaving the ingresses' descriptor reserve
+(``ingress_fd_reserve``) free, each over within ``METRICS_EXCHANGE_TIMEOUT``, so the listener
+cannot take the descriptors that tunnel clients and visitors need.
 """
 
 from __future__ import annotations
@@ -10,16 +13,25 @@ import asyncio
 import logging
 from typing import Any, Iterable, List, Optional, Tuple
 
-__all__ = ["MetricsServer"]
+__all__ = ["MetricsServer", "MAX_METRICS_CONNECTIONS", "METRICS_EXCHANGE_TIMEOUT"]
 
 log = logging.getLogger("ferrotunnel.metrics")
 
+#: Connections at once on the metrics listener (a scrape takes one); a new one beyond it, or one
+#: whose descriptor would leave fewer than ``ingress_fd_reserve`` free, is closed at once, counted
+#: in ``ferrotunnel_refused_connections_total{listener="metrics"}`` and logged once per interval.
+MAX_METRICS_CONNECTIONS = 32
+#: Seconds one metrics connection may take from its accept to its close: reading the request
+#: head, writing the answer and the drain of it to a peer that reads; then it is dropped.
+METRICS_EXCHANGE_TIMEOUT = 10.0
+
 
 class _Collector:
-    def __init__(self, server: Any, ingresses: List[Any], node: Any = None) -> None:
+    def __init__(self, server: Any, ingresses: List[Any], node: Any = None, gate: Any = None) -> None:
         self.server = server
         self.ingresses = ingresses
         self.node = node
+        self.gate = gate  # the metrics listener's ConnectionGate (its refusals are reported)
 
     def collect(self) -> Iterable[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -43,11 +55,16 @@ class _Collector:
             c.add_metric([status], n)
         c.add_metric(["TLS"], srv.tls_failures)
         yield c
+        # One series per session: pool members (``--pool``) share a tunnel id, so the session id
+        # keeps the label sets apart (an exposition with a label set twice is invalid).
         g = GaugeMetricFamily("ferrotunnel_heartbeat_rtt_seconds", "Heartbeat round trip per session",
-                              labels=["tunnel_id"])
+                              labels=["tunnel_id", "session"])
+        seen = set()
         for s in sessions:
-            if s.rtt is not None:
-                g.add_metric([s.tunnel_id], s.rtt)
+            rtt = s.rtt
+            if rtt is not None and s.id not in seen:
+                seen.add(s.id)
+                g.add_metric([s.tunnel_id, str(s.id)], rtt)
         yield g
         c = CounterMetricFamily("ferrotunnel_refused_connections", "Connections refused by a limit",
                                 labels=["listener", "limit"])
@@ -55,6 +72,9 @@ class _Collector:
             c.add_metric(["tunnel", limit], n)
         for limit, n in sorted(srv.ingress_gate.refused.items()):
             c.add_metric(["ingress", limit], n)
+        if self.gate is not None:
+            for limit, n in sorted(self.gate.refused.items()):
+                c.add_metric(["metrics", limit], n)
         yield c
         c = CounterMetricFamily("ferrotunnel_accept_paused", "Times accepting paused: accept() out of descriptors",
                                 labels=["listener", "errno"])
@@ -119,8 +139,14 @@ class MetricsServer:
             from prometheus_client import CollectorRegistry
         except ImportError:
             raise RuntimeError("metrics need prometheus_client: pip install 'ferrotunnel[metrics]'") from None
+        from ..aio.gate import ConnectionGate
+
+        #: ``MAX_METRICS_CONNECTIONS`` at once (one address may hold them all: scrapers are few)
+        #: and the ingresses' descriptor reserve; refusals counted by limit, logged once per interval.
+        self.gate = ConnectionGate(MAX_METRICS_CONNECTIONS, MAX_METRICS_CONNECTIONS, "metrics listener",
+                                   server.config.ingress_fd_reserve)
         self.registry = CollectorRegistry()
-        self.registry.register(_Collector(server, ingresses or [], node))  # type: ignore[arg-type]
+        self.registry.register(_Collector(server, ingresses or [], node, self.gate))  # type: ignore[arg-type]
         self.server = server
         self._bind = address
         self._srv: Optional[asyncio.Server] = None
@@ -132,14 +158,29 @@ class MetricsServer:
         return bound_address(self._srv, "metrics server")
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        transport = writer.transport
+        peer = writer.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        if not self.gate.enter(host, transport):
+            transport.abort()
+            return
+        done = False
+        try:
+            async with asyncio.timeout(METRICS_EXCHANGE_TIMEOUT):
+                await self._exchange(reader, writer)
+            done = True
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):
+            pass
+        finally:
+            if not done:
+                transport.abort()  # with what is still buffered for a peer that stopped reading
+            self.gate.leave(host)
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One request, its answer, and the close once the answer is out."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        try:
-            async with asyncio.timeout(10):
-                head = await reader.readuntil(b"\r\n\r\n")
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
-            writer.close()
-            return
+        head = await reader.readuntil(b"\r\n\r\n")
         path = head.split(b" ", 2)[1].decode("latin-1") if head.count(b" ") >= 2 else ""
         if path == "/metrics":
             body, ctype, status = generate_latest(self.registry), CONTENT_TYPE_LATEST, "200 OK"
@@ -151,11 +192,9 @@ class MetricsServer:
             body, ctype, status = b"not found\n", "text/plain", "404 Not Found"
         writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                      "Connection: close\r\n\r\n".encode() + body)
-        try:
-            await writer.drain()
-        except ConnectionError:
-            pass
+        await writer.drain()
         writer.close()
+        await writer.wait_closed()  # what drain left buffered is out too
 
     async def start(self) -> None:
         host, port = self._bind
