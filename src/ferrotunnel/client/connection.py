@@ -137,8 +137,8 @@ class ClientConnection(TunnelConnection):
                 f"ferrotunnel server (server --bind)? Its log may say more")
         if not self.client.transport.is_tls:  # (or a balancer whose backend is down: retried as usual)
             return ConnectionLostError(
-                f"{what}: it most likely expects TLS — {HINT_ADD_TLS}; if it does not use TLS, its log says why "
-                f"it closed the connection")
+                f"{what}: either it expects TLS — {HINT_ADD_TLS} — or it turned the connection away (at a "
+                f"connection or descriptor limit, or throttling this address after failed logins: its log says)")
         return SuspectedMisconfiguration(
             f"{what}: its log says why — most often a client certificate it requires ({HINT_CLIENT_CERT}), "
             f"or a port that is not its tunnel port (server --bind)")
