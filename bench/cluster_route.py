@@ -101,7 +101,7 @@ class Bench:
 
         self.redis = RedisServer().start()
         env = {k: v for k, v in os.environ.items() if not k.startswith("FERROTUNNEL")}
-        env.update(FERROTUNNEL_TOKEN="bench-token", FERROTUNNEL_CLUSTER_TOKEN="bench-cluster-secret",
+        env.update(FERROTUNNEL_TOKEN="bench-token-0123456", FERROTUNNEL_CLUSTER_TOKEN="bench-cluster-secret",
                    FERROTUNNEL_CLUSTER_REDIS=self.redis.url)
         cmd = [sys.executable, "-m", "ferrotunnel"]
         self.nodes = {}

@@ -34,7 +34,7 @@ import time
 import uvloop
 
 CHUNK = 256 * 1024
-TOKEN = "bench-token"
+TOKEN = "bench-token-0123"
 IDLE_STREAMS = 1000
 
 

@@ -215,7 +215,7 @@ def test_cli_server_refuses_client_opened_streams(monkeypatch):
     monkeypatch.setattr(ft, "TunnelServer", fake_server)
     monkeypatch.delenv(MARK, raising=False)
     with pytest.raises(Stop):
-        commands.main(["server", "--token", "a-b-c-d", "--bind", f"127.0.0.1:{free_port()}"])
+        commands.main(["server", "--token", "a-b-c-d-e-f-g-h-i", "--bind", f"127.0.0.1:{free_port()}"])
     assert len(seen) == 1 and seen[0].accept_client_streams is False
     assert ft.ServerConfig().accept_client_streams is True  # the library keeps them on
     assert isinstance(commands.server_config(), ft.ServerConfig)

@@ -18,7 +18,7 @@ from conftest import echo_handler, free_port
 from ferrotunnel import tls
 from ferrotunnel.client.client import describe_error
 
-TOKEN = "secret-token"
+TOKEN = "secret-token-012"
 ADD_TLS = "add --tls (and --tls-ca if its certificate is self-signed)"
 NO_TLS = "drop --tls, or start the server with --tls-cert/--tls-key"
 FAST = ft.ClientConfig(handshake_timeout=0.5)

@@ -22,7 +22,7 @@ from ferrotunnel.aio.listen import ConnectionGate, FdHeadroom, Listener, listen
 
 from conftest import free_port, tunnel
 
-TOKEN = "fd-limit-token"
+TOKEN = "fd-limit-token-0"
 PROCS = str(Path(__file__).with_name("procs.py"))
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("FERROTUNNEL_") or k in (
     "FERROTUNNEL_NO_EXTENSIONS", "FERROTUNNEL_REQUIRE_EXTENSIONS")}

@@ -5,11 +5,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-__all__ = ["MAX_TOKEN_LENGTH", "TokenFormatError", "constant_time_eq", "validate_token_format", "hash_token",
-           "verify_token_hash"]
+__all__ = ["MAX_TOKEN_LENGTH", "MIN_SERVER_TOKEN_LENGTH", "NEW_TOKEN_COMMAND", "TokenFormatError", "constant_time_eq",
+           "validate_token_format", "hash_token", "verify_token_hash"]
 
 #: Longest token the protocol accepts (PROTOCOL.md 3.2/3.3).
 MAX_TOKEN_LENGTH = 256
+#: Fewest characters of a token a ``ferrotunnel server`` accepts clients with: its shared token
+#: (``--token``, ``--token-file``, ``FERROTUNNEL_TOKEN``...), as each ``--client-tokens`` entry.
+#: The protocol (and the library's ``TunnelServer``) takes any length from 1.
+MIN_SERVER_TOKEN_LENGTH = 16
+#: A command that prints a new random token (32 characters), for messages that ask for one.
+NEW_TOKEN_COMMAND = "python3 -c 'import secrets; print(secrets.token_urlsafe(24))'"
 
 
 class TokenFormatError(ValueError):

@@ -156,6 +156,11 @@ class ServerConfig(StreamConfig):
     ingress_idle_timeout: float = 300.0
     #: Handshakes pending from one source address; beyond it its new connections are closed at once.
     max_pending_per_address: int = 64
+    #: Ports on request (``tcp_port_range``) leased at once to the sessions and registered tunnels
+    #: of one source address (counted as ``max_pending_per_address`` counts: an IPv6 address under
+    #: its /64); beyond it a handshake asking for one is refused and a Register is answered
+    #: QuotaExceeded, both naming this limit. Leases are counted from the bind until the session ends.
+    max_ports_per_address: int = 64
     #: Bytes all pending handshakes may hold together before a new connection is refused.
     max_preauth_bytes: int = 8 * MiB
     #: Bytes all sessions (with flow control) together may hold delivered and unread; a Data frame
@@ -182,7 +187,7 @@ class ServerConfig(StreamConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("max_sessions", "max_tunnels_per_session", "max_pending_handshakes", "max_pending_per_address", "max_preauth_bytes",
-                     "ingress_max_per_address", "ingress_max_connections"):
+                     "max_ports_per_address", "ingress_max_per_address", "ingress_max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
         for name in ("ingress_fd_reserve", "tunnel_fd_reserve"):

@@ -125,6 +125,18 @@ def server_config(trusted_proxies: Sequence[str] = ()) -> Any:
     return ft.ServerConfig(accept_client_streams=False, trusted_proxies=tuple(trusted_proxies))
 
 
+def check_server_token(token: str) -> None:
+    """UsageError (exit 2) for a shared server token shorter than ``MIN_SERVER_TOKEN_LENGTH``
+    (a short secret is guessed; the message says how to make one, never what it was)."""
+    from ..auth import MIN_SERVER_TOKEN_LENGTH, NEW_TOKEN_COMMAND
+
+    if len(token) < MIN_SERVER_TOKEN_LENGTH:
+        raise UsageError(f"the server token (--token-file, --token, FERROTUNNEL_TOKEN or FERROTUNNEL_TOKEN_FILE) is "
+                         f"shorter than {MIN_SERVER_TOKEN_LENGTH} characters, the least a server accepts (as for "
+                         f"--client-tokens entries); make a new one, e.g. with: {NEW_TOKEN_COMMAND} > token.txt; "
+                         "then pass --token-file token.txt to the server and its clients")
+
+
 async def _serve(args: argparse.Namespace) -> int:
     import ferrotunnel as ft
     from ..client.client import describe_error, format_address
@@ -139,6 +151,8 @@ async def _serve(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
     shared = args.token or args.token_file or env("FERROTUNNEL_TOKEN") or env("FERROTUNNEL_TOKEN_FILE")
     token = token_from_args(args) if tokens is None or shared else None  # with client tokens it is optional
+    if token is not None:
+        check_server_token(token)
     bind = parse_addr(args.bind, "--bind")
     ctx, tls_lines = server_tls(args, args.sources)
     tcp_binds: List[Tuple[Tuple[str, int], Optional[str]]] = []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ipaddress
 import logging
 import ssl
 import time
@@ -31,6 +30,7 @@ from .connection import ServerConnection
 from .ingress import PortUnavailable
 from .ports import IndexedPortLeases
 from .admission import MAX_TUNNEL_ID_LEN, Refusal, replace_own, shown_id, vet
+from .admission import address_key as _who, peer_host as _host
 from .public import PublicEndpoint, normalize_domain, public_urls
 from .registry import LocalRegistry, SessionRegistry, SessionStore
 from .throttle import AuthThrottle
@@ -41,29 +41,6 @@ log = logging.getLogger("ferrotunnel.server")
 
 #: A refusal of connections from one address for one reason is logged at most this often.
 REFUSAL_LOG_INTERVAL = 10.0
-
-
-def _host(peer: Any) -> str:
-    return peer[0] if isinstance(peer, tuple) else str(peer)
-
-
-#: The auth-failure throttle and the per-address handshake caps count an IPv6 address under its
-#: prefix of this length (one host is usually given a /64: rotating within it must not escape them).
-IPV6_PREFIX = 64
-
-
-def _who(peer: Any) -> str:
-    """The key ``peer``'s address is counted under by the throttle and the per-address caps: an
-    IPv4-mapped IPv6 address as its IPv4 address, another IPv6 address as its ``IPV6_PREFIX``."""
-    host = _host(peer)
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        mapped = ip.ipv4_mapped
-        return str(mapped) if mapped is not None else str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
-    return host
 
 
 class TunnelServer:

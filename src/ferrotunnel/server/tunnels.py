@@ -17,6 +17,7 @@ from ..frames import Protocol, RegisterStatus
 from ..protocol.extensions import INSTANCE_CAPABILITY, instance_of
 from .admission import MAX_TUNNEL_ID_LEN, Refusal, replace_own, shown_id, vet_tunnel
 from .ingress import PortUnavailable
+from .ports import PortQuotaExceeded
 
 __all__ = ["Registrations", "MAX_REGISTER_REFUSALS"]
 
@@ -158,6 +159,8 @@ class Registrations:
             claim.replaced.close(ConnectionLostError("replaced by a new connection for the same tunnel id"))
         try:
             await server.ports.grant(alias, remote_port, claim.replaced)
+        except PortQuotaExceeded as exc:  # max_ports_per_address: a quota, not a bad request
+            return RegisterStatus.QUOTA_EXCEEDED, str(exc)
         except PortUnavailable as exc:
             return RegisterStatus.INVALID_SERVICE_NAME, str(exc)
         if conn.closed:
