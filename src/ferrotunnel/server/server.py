@@ -181,6 +181,8 @@ class TunnelServer:
                                 f"{self._pending_by_host[host]} handshakes pending from this address")
         if self.preauth_bytes >= cfg.max_preauth_bytes:
             return self._refusals.refuse(host, "max_preauth_bytes", f"{self.preauth_bytes} bytes held by pending handshakes")
+        if self.transport.is_tls and self._throttle.throttled(host, time.monotonic()):  # not even a TLS handshake
+            return self._refusals.refuse(host, "auth_failure_threshold", "too many failed logins from this address lately")
         self.pending_handshakes += 1
         self._pending_by_host[host] = self._pending_by_host.get(host, 0) + 1
         self._connections.add(conn)
