@@ -136,7 +136,8 @@ def test_a_sweeper_holds_its_bridges_until_they_finish(run):
         sweeper = IdleSweeper(60.0)
         b = TcpBridge()
         sweeper.add(b)
-        sweeper.close()  # as an ingress that closes: no timer holds it either
+        sweeper.close()  # as an ingress that closes (its sweeps go on while it holds a bridge)
+        assert sweeper in sweeper_mod._SWEEPING  # what holds it, timer or not
         ident = id(b)
         del sweeper, b
         gc.collect()

@@ -4,9 +4,16 @@ error that names the argument and the forms accepted."""
 
 from __future__ import annotations
 
-from typing import Tuple, Union
+import ipaddress
+from typing import Any, Tuple, Union
 
-__all__ = ["Address", "as_address", "parse_address", "format_address", "format_peer"]
+__all__ = ["Address", "as_address", "parse_address", "format_address", "format_peer", "IPV6_PREFIX", "peer_host",
+           "address_key"]
+
+#: The per-address limits (the auth-failure throttle, pending handshakes, ports on request,
+#: connections awaiting a PROXY header) count an IPv6 address under its prefix of this length (one
+#: host is usually given a /64: rotating within it must not escape them).
+IPV6_PREFIX = 64
 
 #: What the public API accepts wherever it takes an address.
 Address = Union[str, Tuple[str, int]]
@@ -83,3 +90,22 @@ def format_peer(peer: object) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return format_address(str(peer[0]), int(peer[1]))
     return str(peer)
+
+
+def peer_host(peer: Any) -> str:
+    """The host of a peer address (a (host, port, ...) tuple, or anything else as text)."""
+    return peer[0] if isinstance(peer, tuple) else str(peer)
+
+
+def address_key(peer: Any) -> str:
+    """The key ``peer``'s address is counted under by the per-address limits: an IPv4-mapped IPv6
+    address as its IPv4 address, another IPv6 address as its ``IPV6_PREFIX`` network."""
+    host = peer_host(peer)
+    if ":" not in host:
+        return host
+    try:
+        ip = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    mapped = ip.ipv4_mapped
+    return str(mapped) if mapped is not None else str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))

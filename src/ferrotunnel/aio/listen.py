@@ -31,8 +31,9 @@ import functools
 import logging
 import os
 import socket
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
+from ..addr import address_key
 from ..protocol.proxyproto import (PROXY_V2_PREFIX, ProxyProtocolError, ProxyV2Reader, TrustedProxies,
                                    maybe_header)
 from .gate import Admitted, ConnectionGate, FdHeadroom, RefusalLog  # noqa: F401  (also from here)
@@ -51,6 +52,13 @@ MAX_TAKEN_AT_STOP = 4096
 #: With trusted proxies: connections at once still waiting for their first bytes (before any
 #: protocol, and so any other cap, exists); beyond it new ones are closed at once.
 MAX_AWAITING_HEADER = 1024
+#: Of those, at most this many from one address that is not a trusted proxy (a trusted balancer
+#: carries every visitor, and has only the cap above); beyond it that address's new ones are
+#: closed at once, and one address cannot take the whole of MAX_AWAITING_HEADER.
+MAX_AWAITING_PER_ADDRESS = 64
+#: Longest pause between looks at a signature that came in part, where the kernel cannot be asked
+#: to wait for more (SO_RCVLOWAT); the pauses start at 10 ms and double.
+MAX_SIGNATURE_PAUSE = 0.5
 #: accept() errors that mean "out of resources": pause, do not spin, do not fail.
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -60,30 +68,35 @@ _DROP = object()
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float) -> bool:
-    """Wait until ``sock`` has bytes (or EOF) to read; False after ``timeout`` seconds."""
+    """Wait until ``sock`` has bytes (or EOF) to read; False after ``timeout`` seconds. (Not
+    ``wait_for``: before Python 3.12 it swallows a cancellation that comes as the socket turns
+    readable, and a closing listener then waited for the whole ``header_timeout``.)"""
     if timeout <= 0:
         return False
-    fut: "asyncio.Future[None]" = loop.create_future()
+    fut: "asyncio.Future[bool]" = loop.create_future()
     fd = sock.fileno()
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
 
-    loop.add_reader(fd, ready)
+    def done(readable: bool) -> None:
+        if not fut.done():
+            fut.set_result(readable)
+
+    loop.add_reader(fd, done, True)
+    timer = loop.call_later(timeout, done, False)
     try:
-        await asyncio.wait_for(fut, timeout)
-        return True
-    except TimeoutError:
-        return False
+        return await fut
     finally:
+        timer.cancel()
         loop.remove_reader(fd)
 
 
-def _peer_host(conn: socket.socket) -> str:
+def _set_lowat(conn: socket.socket, size: int) -> bool:
+    """Have ``conn`` reported readable only once ``size`` bytes are there (or it ends); False
+    where the option cannot be set."""
     try:
-        return str(conn.getpeername()[0])
-    except OSError:
-        return "?"
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, size)
+        return True
+    except (OSError, AttributeError):
+        return False
 
 
 def _uses_libuv(loop: asyncio.AbstractEventLoop) -> bool:
@@ -165,9 +178,12 @@ class Listener:
         self.header_timeout = header_timeout
         self._proxy_log = RefusalLog(what)
         #: Connections closed for their PROXY header, by reason ("untrusted", "malformed",
-        #: "awaiting": over MAX_AWAITING_HEADER still waiting for their first bytes).
+        #: "awaiting": over MAX_AWAITING_HEADER still waiting for their first bytes;
+        #: "awaiting_per_address": over MAX_AWAITING_PER_ADDRESS of them from one address).
         self.proxy_refused = self._proxy_log.counts
         self.awaiting_header = 0
+        #: Connections waiting for their first bytes by ``addr.address_key`` (not trusted proxies').
+        self._awaiting_from: Dict[str, int] = {}
         self._server: Optional[asyncio.AbstractServer] = None
         self._factory: Callable[[], Any] = lambda: None  # (the protocol factory, once bound)
         self._acceptors: List[_Acceptor] = []
@@ -200,19 +216,27 @@ class Listener:
         try:
             make = factory
             if self.proxies is not None:
-                if self.awaiting_header >= MAX_AWAITING_HEADER:
-                    host = _peer_host(conn)
-                    if self._proxy_log.due(host, "awaiting"):
-                        log.warning("%s: refusing connections from %s: %d connections are waiting for their first "
-                                    "bytes (MAX_AWAITING_HEADER); said once per %.0fs", self.what, host,
-                                    self.awaiting_header, self._proxy_log.interval)
+                try:
+                    host = str(conn.getpeername()[0])
+                except OSError:
+                    conn.close()  # (closed before it was accepted)
+                    return
+                trusted = self.proxies.trusts(host)
+                key = None if trusted else address_key(host)
+                if not self._may_await(host, key):
                     conn.close()
                     return
                 self.awaiting_header += 1
+                if key is not None:
+                    self._awaiting_from[key] = self._awaiting_from.get(key, 0) + 1
                 try:
-                    peer = await self._proxy_header(conn)
+                    peer = await self._proxy_header(conn, host, trusted)
                 finally:
                     self.awaiting_header -= 1
+                    if key is not None:
+                        left = self._awaiting_from.pop(key) - 1
+                        if left:
+                            self._awaiting_from[key] = left
                 if peer is _DROP:
                     conn.close()
                     return
@@ -239,31 +263,64 @@ class Listener:
             if admitted is not None:
                 admitted.release()  # (nothing once the protocol took the slot over)
 
-    async def _proxy_header(self, conn: socket.socket) -> Any:
+    def _may_await(self, host: str, key: Optional[str]) -> bool:
+        """Whether a new connection from ``host`` may wait for its first bytes: under
+        MAX_AWAITING_HEADER, and (``key``: not a trusted proxy) under MAX_AWAITING_PER_ADDRESS."""
+        if self.awaiting_header >= MAX_AWAITING_HEADER:
+            limit, cap, held = "awaiting", "MAX_AWAITING_HEADER", f"{self.awaiting_header} connections are"
+        elif key is not None and self._awaiting_from.get(key, 0) >= MAX_AWAITING_PER_ADDRESS:
+            limit, cap = "awaiting_per_address", "MAX_AWAITING_PER_ADDRESS"
+            held = f"{MAX_AWAITING_PER_ADDRESS} of its connections are"
+        else:
+            return True
+        if self._proxy_log.due(host, limit):
+            log.warning("%s: refusing connections from %s: %s waiting for their first bytes (%s); said once per %.0fs",
+                        self.what, host, held, cap, self._proxy_log.interval)
+        return False
+
+    async def _signature(self, conn: socket.socket, deadline: float) -> Any:
+        """Wait for a PROXY v2 signature's 12 bytes (peeked, left in the socket): True once they are
+        there, None when the first bytes are something else or nothing came by ``deadline``, _DROP
+        when the connection closed before its first byte. A signature that came in part costs
+        nothing while more is awaited: the kernel reports the socket readable only once another
+        byte is there (SO_RCVLOWAT); else the looks are spaced out (up to MAX_SIGNATURE_PAUSE)."""
+        loop = asyncio.get_running_loop()
+        seen = 0  # bytes of the signature seen so far, with the kernel asked to wake us at one more
+        pause = 0.01
+        try:
+            while True:
+                if not await _readable(loop, conn, deadline - loop.time()):
+                    return None  # nothing yet: no header (a protocol whose server speaks first)
+                try:
+                    head = conn.recv(PROXY_V2_PREFIX, socket.MSG_PEEK)
+                except BlockingIOError:
+                    continue
+                if not head:
+                    return _DROP  # closed before its first byte: a health check, nothing to log
+                if not maybe_header(head):
+                    return None
+                if len(head) >= 12:
+                    return True
+                if len(head) > seen and _set_lowat(conn, len(head) + 1):  # part of it so far
+                    seen = len(head)
+                    continue
+                # readable and nothing new: the peer ended, or the kernel ignores the option
+                await asyncio.sleep(max(0.0, min(pause, deadline - loop.time())))
+                pause = min(pause * 2, MAX_SIGNATURE_PAUSE)
+        finally:
+            if seen:
+                _set_lowat(conn, 1)  # (the default again, for the protocol)
+
+    async def _proxy_header(self, conn: socket.socket, host: str, trusted: bool) -> Any:
         """The address a PROXY v2 header names (consumed from the socket), None to go on with the
         socket's own (no header, a LOCAL header, nothing sent in ``header_timeout``), or _DROP
         (closed before its first byte; a header from an untrusted address; a malformed one)."""
         loop = asyncio.get_running_loop()
-        try:
-            host = conn.getpeername()[0]
-        except OSError:
-            return _DROP
         deadline = loop.time() + self.header_timeout
-        head = b""
-        while len(head) < 12:
-            if not await _readable(loop, conn, deadline - loop.time()):
-                return None  # nothing yet: no header (a protocol whose server speaks first)
-            try:
-                head = conn.recv(PROXY_V2_PREFIX, socket.MSG_PEEK)
-            except BlockingIOError:
-                continue
-            if not head:
-                return _DROP  # closed before its first byte: a health check, nothing to log
-            if not maybe_header(head):
-                return None
-            if len(head) < 12:
-                await asyncio.sleep(0.01)  # part of the signature so far: the rest follows
-        if not self.proxies.trusts(host):  # type: ignore[union-attr]
+        found = await self._signature(conn, deadline)
+        if found is not True:
+            return found
+        if not trusted:
             if self._proxy_log.due(host, "untrusted"):
                 log.warning("%s: refusing a PROXY protocol header from %s, which is not a trusted proxy "
                             "(--trusted-proxy); said once per %.0fs", self.what, host, self._proxy_log.interval)
@@ -299,7 +356,6 @@ class Listener:
             return True
         except OSError:
             return False
-
 
     async def serve_forever(self) -> None:
         """Wait until closed (then CancelledError, as ``asyncio.Server``); cancelled, it closes."""

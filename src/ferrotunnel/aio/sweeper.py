@@ -56,6 +56,8 @@ class IdleSweeper:
             self._handle = asyncio.get_running_loop().call_later(self.timeout / 2, self._sweep)
 
     def close(self) -> None:
-        if self._handle is not None:
+        """Its owner (an ingress) closes. The bridges it holds go on (they end with their streams),
+        so the sweeps go on while it holds any: the timer stops only once none is left (``_sweep``)."""
+        if self._handle is not None and not self.bridges:
             self._handle.cancel()
             self._handle = None

@@ -4,7 +4,6 @@ handshake is refused or returns what was asked for, in a form the server acts on
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 import uuid
@@ -22,8 +21,7 @@ from .http_names import printable
 from .public import DNS_LABEL_RULE, is_dns_label
 from .session_index import LocalSessions
 
-__all__ = ["Refusal", "Request", "vet", "vet_tunnel", "replace_own", "shown_id", "MAX_TUNNEL_ID_LEN", "IPV6_PREFIX",
-           "address_key", "peer_host"]
+__all__ = ["Refusal", "Request", "vet", "vet_tunnel", "replace_own", "shown_id", "MAX_TUNNEL_ID_LEN"]
 
 log = logging.getLogger("ferrotunnel.server")
 
@@ -31,31 +29,6 @@ MAX_TUNNEL_ID_LEN = 255
 
 #: C0 controls, DEL and C1 controls: no tunnel id carries one (see ``vet_tunnel``).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-#: The auth-failure throttle and the per-address caps (pending handshakes, ports on request) count
-#: an IPv6 address under its prefix of this length (one host is usually given a /64: rotating
-#: within it must not escape them).
-IPV6_PREFIX = 64
-
-
-def peer_host(peer: Any) -> str:
-    """The host of a peer address (a (host, port, ...) tuple, or anything else as text)."""
-    return peer[0] if isinstance(peer, tuple) else str(peer)
-
-
-def address_key(peer: Any) -> str:
-    """The key ``peer``'s address is counted under by the throttle and the per-address caps: an
-    IPv4-mapped IPv6 address as its IPv4 address, another IPv6 address as its ``IPV6_PREFIX``."""
-    host = peer_host(peer)
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        mapped = ip.ipv4_mapped
-        return str(mapped) if mapped is not None else str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
-    return host
 
 
 def shown_id(tunnel_id: str) -> str:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import random
 from typing import Any, Dict, Set, Tuple
 
-from .admission import address_key, shown_id
+from ..addr import address_key
+from .admission import shown_id
 from .ingress import PortLeases, PortUnavailable
 from .public import PublicEndpoint
 
@@ -34,7 +35,7 @@ class IndexedPortLeases(PortLeases):
         #: Leased ports by the (lower-case) tunnel id they route to, in the order they were bound.
         self._by_tunnel: Dict[str, Dict[int, None]] = {}
         self._tunnel_of: Dict[int, str] = {}
-        #: Ports held (leased, or being bound) by address key (``admission.address_key``), and
+        #: Ports held (leased, or being bound) by address key (``addr.address_key``), and
         #: the key each such session is counted under.
         self._by_address: Dict[str, int] = {}
         self._address_of: Dict[Any, str] = {}

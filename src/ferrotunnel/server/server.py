@@ -30,7 +30,7 @@ from .connection import ServerConnection
 from .ingress import PortUnavailable
 from .ports import IndexedPortLeases
 from .admission import MAX_TUNNEL_ID_LEN, Refusal, replace_own, shown_id, vet
-from .admission import address_key as _who, peer_host as _host
+from ..addr import address_key as _who, peer_host as _host
 from .public import PublicEndpoint, normalize_domain, public_urls
 from .registry import LocalRegistry, SessionRegistry, SessionStore
 from .throttle import AuthThrottle
