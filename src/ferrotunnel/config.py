@@ -292,10 +292,11 @@ class ClusterConfig:
     redis_probe_interval: float = 1.0
     #: What a client told "handover pending" waits before it tries again.
     handover_retry: float = 0.5
-    #: Once a node finds that Redis lost its records (restarted empty, flushed), for this long
-    #: claims of ids Redis does not know are "pending" and visitors of such ids get 503, not 404,
-    #: while every node re-asserts its claims (each does at its next liveness write).
-    recovery_window: float = 3.0
+    #: Once a node finds that Redis lost its records (restarted empty, flushed; or it refused writes
+    #: for a while), for this long claims of ids Redis does not know are "pending" and visitors of
+    #: such ids get 503, not 404, while every node re-asserts its claims (each does at its next
+    #: liveness write). None: 3 s, or node_refresh + redis_timeout + 1 s if that is longer.
+    recovery_window: Optional[float] = None
     #: Prefix of every key this cluster writes (several clusters can share one Redis).
     key_prefix: str = "ferrotunnel:"
 
@@ -317,6 +318,8 @@ class ClusterConfig:
             raise ValueError("node_id must be 1..128 characters without spaces")
         if self.miss_cache_ttl < 0:
             raise ValueError("miss_cache_ttl must not be negative")
+        if self.recovery_window is None:
+            object.__setattr__(self, "recovery_window", max(3.0, self.node_refresh + self.redis_timeout + 1.0))
         for name in ("node_ttl", "node_refresh", "claim_ttl", "claim_refresh", "route_cache_ttl", "redis_timeout",
                      "redis_probe_interval", "handover_retry", "recovery_window"):
             if getattr(self, name) <= 0:
@@ -325,6 +328,13 @@ class ClusterConfig:
             raise ValueError("node_refresh must be at most half of node_ttl")
         if self.claim_refresh * 2 > self.claim_ttl:
             raise ValueError("claim_refresh must be at most half of claim_ttl")
+        if self.window < self.node_refresh + self.redis_timeout:  # (each node notices at its next write)
+            raise ValueError("recovery_window must be at least node_refresh + redis_timeout")
+
+    @property
+    def window(self) -> float:
+        """``recovery_window`` in seconds (set by now: None became its default)."""
+        return float(self.recovery_window or 0.0)
 
     def __repr__(self) -> str:  # the Redis URL may carry a password
         return (f"ClusterConfig(node_id={self.node_id!r}, redis={redact_url(self.redis_url)!r}, "

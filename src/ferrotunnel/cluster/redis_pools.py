@@ -95,8 +95,11 @@ class PoolRecords:
 
     def __init__(self, local: LocalRegistry, config: ClusterConfig, node_id: str, epoch: str, node_prefix: str,
                  key: Callable[[str], str], run: Run, batch: Batch, stats: RegistryStats,
-                 lost: Callable[[Session, str], None], close_local: Callable[[Session, str], bool]) -> None:
+                 lost: Callable[[Session, str], None], close_local: Callable[[Session, str], bool],
+                 recovery: Callable[[bool], Tuple[List[str], List[Any]]]) -> None:
         self._local = local
+        #: ``recovery(reassert)``: the KEYS and ARGV tails of a claim that may meet lost records
+        self._recovery = recovery
         self._claim_args = pool_claim_args(config, node_id, epoch, node_prefix)
         self._owner = [node_id, epoch]
         self._refresh_args = [node_id, epoch, to_ms(config.claim_ttl)]
@@ -105,8 +108,9 @@ class PoolRecords:
         #: pools this node left while Redis was down: left in Redis when it is back
         self.orphans: Set[str] = set()
 
-    def claim_call(self, tunnel_id: str) -> Tuple[List[str], List[Any]]:
-        return [self._key(tunnel_id)], self._claim_args
+    def claim_call(self, tunnel_id: str, reassert: bool = False) -> Tuple[List[str], List[Any]]:
+        keys, args = self._recovery(reassert)
+        return [self._key(tunnel_id)] + keys, self._claim_args + args
 
     async def leave(self, tunnel_id: str) -> None:
         """The last local member of ``tunnel_id`` left: take this node off the pool's record."""
@@ -141,7 +145,7 @@ class PoolRecords:
     async def reconcile(self, pools: Sequence[str], unreconciled: Set[str]) -> None:
         """Join in Redis the pools joined without it; a solo session of another live node keeps
         its id (one owner) and the local members are closed."""
-        answers = await self._batch("pool_claim", [self.claim_call(t) for t in pools])
+        answers = await self._batch("pool_claim", [self.claim_call(t, True) for t in pools])
         for tunnel_id, answer in zip(pools, answers):
             verdict, node, _ = (as_text(v) for v in answer)
             if verdict == "pending":

@@ -73,12 +73,14 @@ class RedisRegistry:
         self._loops: List["asyncio.Task[None]"] = []
         self._background: Set["asyncio.Task[None]"] = set()
         self._wrote_node = False
+        self._generation = ""  # the cluster's generation in Redis as this node last saw it (see scripts)
         self._closed = False
         #: The lookup side: routes to the tunnels of other nodes (see ``redis_routes``).
         self.routes = RouteLookup(config, self._local, self._keys, self._ask, self._gate, lambda: self._outage,
                                   remote_route)
         self._pools = PoolRecords(self._local, config, self.node_id, self.epoch, self._node_prefix, self._claim_key,
-                                  self._run, self._batch, self.stats, self._lost, self._close_local)
+                                  self._run, self._batch, self.stats, self._lost, self._close_local,
+                                  lambda reassert: (self._marks, self._recovery(reassert)))
 
     def __repr__(self) -> str:
         return (f"<RedisRegistry node={self.node_id!r} redis={self._url!r} {self._state}"
@@ -124,8 +126,13 @@ class RedisRegistry:
         return ([self._claim_key(session.tunnel_id)] + self._marks,
                 [self.node_id, self.epoch, session.id.hex, to_ms(c.claim_ttl), self._node_prefix,
                  to_ms(2 * c.claim_refresh), to_ms(2 * c.node_refresh), "1" if replace_own else "0",
-                 self._keys.session_record(self.node_id, session), "1" if reassert else "0",
-                 "1" if self._wrote_node else "0", to_ms(c.recovery_window)])
+                 self._keys.session_record(self.node_id, session)] + self._recovery(reassert))
+
+    def _recovery(self, reassert: bool, refusing: Optional[bool] = None) -> List[Any]:
+        """The recovery tail of a script's ARGV (``scripts.recovery``); its KEYS end with ``_marks``."""
+        refused = self._calls.refusing if refusing is None else refusing
+        return ["1" if reassert else "0", self._generation, to_ms(self.config.window), "1" if refused else "0",
+                self.epoch]
 
     def _owner(self, session_hex: str) -> List[Any]:
         return ["node", self.node_id, "epoch", self.epoch, "session", session_hex]
@@ -137,23 +144,28 @@ class RedisRegistry:
     async def _write_node(self, probing: bool = False) -> None:
         host, port = self.advertise
         addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        args = [self.epoch, self._state, addr, to_ms(self.config.node_ttl), "1" if self._wrote_node else "0",
-                to_ms(self.config.recovery_window), self.node_id]
-        prev, lost = (as_text(v) for v in await self._call(self._script("node", [self._node_key] + self._marks, args)))
+        args = [self.epoch, self._state, addr, to_ms(self.config.node_ttl)] + self._recovery(False)
+        answer = await self._call(self._script("node", [self._node_key] + self._marks, args))
+        prev, lost, generation = (as_text(v) for v in answer)
         if prev and prev != self.epoch and self._wrote_node:
             log.warning("registry: another process also runs as node %s (one node id twice?)", self.node_id)
-        elif not prev and self._wrote_node and not probing:  # (a probe re-asserts everything anyway)
-            self._forgotten("Redis lost its records (restarted empty?)" if lost else "this node's liveness key expired")
+        elif (lost or not prev) and self._wrote_node and not probing:  # (a probe re-asserts everything anyway)
+            self._forgotten("Redis lost its records (restarted empty?)" if lost else "this node's liveness key expired",
+                            bool(lost))
         self._wrote_node = True
+        self._generation = generation
         if self._calls.writes_accepted() and (self._orphans or self._pools.orphans):  # (after refused writes)
             self._spawn(self._release_orphans())
 
-    def _forgotten(self, why: str) -> None:
-        """Redis no longer knew this node: re-assert every claim now (as after an outage)."""
+    def _forgotten(self, why: str, lost: bool) -> None:
+        """Redis no longer knew this node: re-assert every claim now (as after an outage). ``lost``:
+        Redis lost its records (not only this node's key expired): visitors of ids not found meanwhile
+        are told 503, not 404."""
         live = [s for s in list(self._local.local_sessions()) if not s.is_closed]
         log.warning("registry: %s; re-asserting %d claims", why, len(live))
         self.stats.reasserts += 1
-        self.routes.recovering_until = time.monotonic() + self.config.recovery_window
+        if lost:
+            self.routes.recovering_until = time.monotonic() + self.config.window
         self._unreconciled |= {s.tunnel_id for s in live}
         self._spawn(self._reconcile_now())
 
@@ -322,9 +334,8 @@ class RedisRegistry:
         return self.routes.lookup(tunnel_id)
 
     def _ask(self, tunnel_id: str) -> Awaitable[Any]:
-        return self._run("lookup", [self._claim_key(tunnel_id)] + self._marks, [
-            self._node_prefix, to_ms(self.config.claim_ttl), self.node_id, "1" if self._wrote_node else "0",
-            to_ms(self.config.recovery_window)])
+        return self._run("lookup", [self._claim_key(tunnel_id)] + self._marks,
+                         [self._node_prefix, to_ms(self.config.claim_ttl)] + self._recovery(False, refusing=False))
 
     def why_missing(self, tunnel_id: str) -> Optional[str]:
         """Why the last lookup of ``tunnel_id`` found no route when the tunnel may well exist (Redis

@@ -71,7 +71,7 @@ class RouteLookup:
         route: Optional[Route] = None
         why = ""  # why the tunnel, which exists, cannot be reached from here
         if isinstance(found, int) and found == 1:  # unknown to a Redis that lost its records lately
-            why = "the cluster registry is recovering lost records (Redis restarted)"
+            why = "the cluster registry is recovering records (Redis restarted, or refused writes lately)"
         elif found and not as_text(found[0]):  # a pool: this node's members first, else the others'
             async with self.gate(tunnel_id):
                 local = self.local.lookup_local(tunnel_id)

@@ -8,31 +8,41 @@ it last refreshed. A pool's key expires ``claim_ttl`` after its last refresh by 
 node not refreshed within ``claim_ttl``, dead or restarted no longer counts. A solo claim on a pool
 (or a pool claim on a solo holder) is refused while it is held, like a solo claim on a solo one.
 
-Lost records: ``{p}cluster`` (no TTL) is set by the first node; a node that wrote before and finds
-it gone knows Redis lost its data (restarted empty, flushed) and sets ``{p}recovering`` (PX
-``recovery_window``). Meanwhile a claim of an id Redis does not know, or of one whose node key is
-missing, is "pending", and a lookup of an unknown id answers 1 ("recovering"): its owner may not
-have re-asserted it yet. A node's own re-assertion (``reassert``) passes."""
+Lost records: ``{p}cluster`` (no TTL) holds the cluster's generation, set by the first script to
+find it missing (the epoch of the node that ran it). Each node remembers the generation it last
+saw; one that knew a generation and finds another (or none) knows Redis lost its data (restarted
+empty, flushed) and sets ``{p}recovering`` (PX ``recovery_window``), as does a node whose writes
+were refused until now (node keys may have expired while nobody could refresh them). Meanwhile a
+claim (solo or pool) of an id Redis does not know, or one whose holder's node key is missing, is
+"pending", and a lookup of an unknown id answers 1 ("recovering"): its owner may not have
+re-asserted it yet. A node's own re-assertion passes. The scripts that may meet lost records take
+the keys marker and window last, and after their own ARGV the tail ``RECOVERY_ARGS``."""
 
 __all__ = ["SCRIPTS"]
 
 _NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) "
 
-#: ``recovering(marker, window, node, wrote, window ms)``: true while Redis may have lost records
-#: (see the module doc); sets the marker (and, if this node wrote before, the window) when missing.
-_RECOVERING = """
-local function recovering(marker, window, node, wrote, ms)
-  if redis.call('EXISTS', marker) == 0 then
-    redis.call('SET', marker, node)
-    if wrote == '1' then redis.call('SET', window, '1', 'PX', ms) return true end
-    return false
+#: ``recovery(base)``: reads the tail of ARGV after ``base`` (re-assert "1"/"0", the generation this
+#: node knows ('' if none), recovery_window ms, "1" if Redis refused this node's writes until now,
+#: this node's epoch) and KEYS' last two (marker, window). Returns: recovering (and this is no
+#: re-assertion), the current generation, and whether this call found the records lost.
+_RECOVERY = """
+local function recovery(base)
+  local marker, window = KEYS[#KEYS - 1], KEYS[#KEYS]
+  local known, ms = ARGV[base + 2], ARGV[base + 3]
+  local cur = redis.call('GET', marker)
+  if not cur then
+    cur = ARGV[base + 5]
+    redis.call('SET', marker, cur)
   end
-  return redis.call('EXISTS', window) == 1
+  local found = known ~= '' and cur ~= known
+  if found or ARGV[base + 4] == '1' then redis.call('SET', window, '1', 'PX', ms) end
+  return ARGV[base + 1] ~= '1' and redis.call('EXISTS', window) == 1, cur, found
 end
 """
 
 #: ``members(key)``: {node, epoch, t} of every member node of a pool record. ``standing(prefix,
-#: node, epoch, t, now, claim_ttl, stale claim ms, stale node ms)``: 'dead', 'restarted',
+#: node, epoch, t, now, claim_ttl, stale claim ms, stale node ms, lost)``: 'dead', 'restarted',
 #: 'draining', 'gone' (not refreshed within claim_ttl), 'pending' (and why) or 'held'.
 _POOL_FNS = """
 local function members(key)
@@ -45,8 +55,9 @@ local function members(key)
   for node, epoch in pairs(epochs) do out[#out + 1] = {node, epoch, times[node] or 0} end
   return out
 end
-local function standing(prefix, node, epoch, at, now, ttl, stale_claim, stale_node)
+local function standing(prefix, node, epoch, at, now, ttl, stale_claim, stale_node, lost)
   local n = redis.call('HMGET', prefix .. node, 'epoch', 'state', 't')
+  if not n[1] and lost then return 'pending', 'the registry may lack its node key (Redis recovering)' end
   if not n[1] then return 'dead' end
   if n[1] ~= epoch then return 'restarted' end
   if n[2] == 'draining' then return 'draining' end
@@ -60,13 +71,14 @@ end
 
 #: KEYS: claim, marker, recovery window. ARGV: node, epoch, session, claim_ttl ms, node key prefix,
 #: stale claim ms, stale node ms, "1" if another claim of this node and epoch may be replaced, the
-#: session's published access rules (``access_records``), "1" to re-assert (passes a recovery),
-#: "1" if this node wrote before, recovery_window ms. {verdict, holder, why}; 'pool' when a pool holds it.
-_CLAIM = _NOW + _POOL_FNS + _RECOVERING + """
+#: session's published access rules (``access_records``), then the recovery tail (``recovery(9)``).
+#: {verdict, holder, why}; 'pool' when a pool holds it.
+_CLAIM = _NOW + _POOL_FNS + _RECOVERY + """
 local h = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'session', 't')
 local verdict, prev = 'granted', h[1]
-local lost = ARGV[10] ~= '1' and recovering(KEYS[2], KEYS[3], ARGV[1], ARGV[11], ARGV[12])
-local lost_why = 'the registry lost its records (Redis restarted) and its nodes are re-asserting them'
+local lost = recovery(9)
+local lost_why = 'the registry may lack records (Redis restarted, or refused writes lately) and its nodes are '
+  .. 're-asserting them'
 if lost and not h[1] and redis.call('EXISTS', KEYS[1]) == 0 then return {'pending', '', lost_why} end
 if redis.call('HEXISTS', KEYS[1], 'pool') == 1 then
   local pending
@@ -74,7 +86,8 @@ if redis.call('HEXISTS', KEYS[1], 'pool') == 1 then
     if m[1] == ARGV[1] and m[2] == ARGV[2] then
       if ARGV[8] ~= '1' then return {'mine', m[1], ''} end
     else
-      local s, why = standing(ARGV[5], m[1], m[2], m[3], now, tonumber(ARGV[4]), tonumber(ARGV[6]), tonumber(ARGV[7]))
+      local s, why = standing(ARGV[5], m[1], m[2], m[3], now, tonumber(ARGV[4]), tonumber(ARGV[6]), tonumber(ARGV[7]),
+                              lost)
       if s == 'held' then return {'pool', m[1], ''} end
       if s == 'pending' then pending = {'pending', m[1], why} end
       if s ~= 'gone' then verdict, prev = s, m[1] end
@@ -154,24 +167,25 @@ for i = 1, #ARGV, 2 do if redis.call('HGET', KEYS[1], ARGV[i]) ~= ARGV[i + 1] th
 return redis.call('DEL', KEYS[1])
 """
 
-#: KEYS: node, marker, recovery window. ARGV: epoch, state, addr, node_ttl ms, "1" if this node wrote
-#: before, recovery_window ms, node id. {the epoch it replaced ('' if none), "1" while Redis recovers
-#: lost records}. ``rules`` = the epoch: this process publishes its tunnels' access rules with its claims
-#: (a node of an older version does not, and guards its tunnels itself).
-_NODE = _NOW + _RECOVERING + """
-local lost = recovering(KEYS[2], KEYS[3], ARGV[7], ARGV[5], ARGV[6])
+#: KEYS: node, marker, recovery window. ARGV: epoch, state, addr, node_ttl ms, then the recovery tail
+#: (``recovery(4)``). {the epoch it replaced ('' if none), "1" if Redis lost its records (found by
+#: this call), the cluster's generation}. ``rules`` = the epoch: this process publishes its
+#: tunnels' access rules with its claims (a node of an older version does not, and guards its
+#: tunnels itself).
+_NODE = _NOW + _RECOVERY + """
+local _, generation, found = recovery(4)
 local prev = redis.call('HGET', KEYS[1], 'epoch')
 redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'state', ARGV[2], 'addr', ARGV[3], 't', now, 'rules', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return {prev or '', lost and '1' or ''}
+return {prev or '', found and '1' or '', generation}
 """
 
-#: KEYS: claim, marker, recovery window. ARGV: node key prefix, claim_ttl ms, node id, "1" if this
-#: node wrote before, recovery_window ms. {node, addr, access rules, '1' if that node publishes
+#: KEYS: claim, marker, recovery window. ARGV: node key prefix, claim_ttl ms, then the recovery tail
+#: (``recovery(2)``; never "refusing": a lookup works while Redis refuses writes). {node, addr, access rules, '1' if that node publishes
 #: rules} when the claim's node is alive in that epoch, {node, ''} when that node is dead or
 #: restarted (its client has yet to reconnect elsewhere). A pool: {'', '', node, addr, state, ...}
 #: for every member node alive in its epoch. 1 for an unknown id while Redis recovers its records.
-_LOOKUP = _NOW + _POOL_FNS + _RECOVERING + """
+_LOOKUP = _NOW + _POOL_FNS + _RECOVERY + """
 if redis.call('HEXISTS', KEYS[1], 'pool') == 1 then
   local out = {'', ''}
   for _, m in ipairs(members(KEYS[1])) do
@@ -185,24 +199,29 @@ if redis.call('HEXISTS', KEYS[1], 'pool') == 1 then
   return out
 end
 local h = redis.call('HMGET', KEYS[1], 'node', 'epoch', 'access')
-if not h[1] then return recovering(KEYS[2], KEYS[3], ARGV[3], ARGV[4], ARGV[5]) and 1 or false end
+if not h[1] then return recovery(2) and 1 or false end
 local n = redis.call('HMGET', ARGV[1] .. h[1], 'epoch', 'addr', 'rules')
 if n[1] ~= h[2] then return {h[1], ''} end
 return {h[1], n[2] or '', h[3] or '', n[3] == h[2] and '1' or ''}
 """
 
-#: KEYS: claim. ARGV: node, epoch, claim_ttl ms, node key prefix, stale claim ms, stale node ms.
+#: KEYS: claim, marker, recovery window. ARGV: node, epoch, claim_ttl ms, node key prefix, stale
+#: claim ms, stale node ms, then the recovery tail (``recovery(6)``).
 #: Join (or start) the pool of this id as a member node. {verdict, holder, why}: 'solo' when one
 #: session of another node holds it, 'pending' when that holder is stale, else granted (or taken
 #: over from a dead / restarted / draining holder, or from this node's own solo claim: the node
 #: checked its session before asking). Member nodes that are gone are forgotten.
-_POOL_CLAIM = _NOW + _POOL_FNS + """
+_POOL_CLAIM = _NOW + _POOL_FNS + _RECOVERY + """
 local h = redis.call('HMGET', KEYS[1], 'node', 'epoch', 't')
 local verdict = 'granted'
+local lost = recovery(6)
+if lost and redis.call('EXISTS', KEYS[1]) == 0 then
+  return {'pending', '', 'the registry may lack records (Redis restarted, or refused writes lately)'}
+end
 if h[1] then
   if not (h[1] == ARGV[1] and h[2] == ARGV[2]) then
     local s, why = standing(ARGV[4], h[1], h[2], tonumber(h[3] or 0), now, tonumber(ARGV[3]), tonumber(ARGV[5]),
-                            tonumber(ARGV[6]))
+                            tonumber(ARGV[6]), lost)
     if s == 'held' then return {'solo', h[1], ''} end
     if s == 'pending' then return {'pending', h[1], why} end
     verdict = s
@@ -210,7 +229,7 @@ if h[1] then
   redis.call('DEL', KEYS[1])
 else
   for _, m in ipairs(members(KEYS[1])) do
-    local s = standing(ARGV[4], m[1], m[2], m[3], now, tonumber(ARGV[3]), tonumber(ARGV[5]), tonumber(ARGV[6]))
+    local s = standing(ARGV[4], m[1], m[2], m[3], now, tonumber(ARGV[3]), tonumber(ARGV[5]), tonumber(ARGV[6]), lost)
     if s == 'dead' or s == 'restarted' or s == 'gone' then redis.call('HDEL', KEYS[1], 'm:' .. m[1], 't:' .. m[1]) end
   end
 end
