@@ -11,6 +11,7 @@ from ferrotunnel import frames as F
 from ferrotunnel.config import ServerConfig, StreamConfig
 from ferrotunnel.errors import LimitExceededError, StreamResetError
 from ferrotunnel.protocol import EXT_CAPABILITY, SessionCore, flow_capability
+from ferrotunnel.protocol.flow import decode_credit
 
 from test_core_fixes import Recorder, sent
 
@@ -324,3 +325,64 @@ def test_two_clients_together_meet_the_server_limit_and_the_count_returns_to_zer
                     await asyncio.sleep(0.02)
 
     run(body)
+
+
+def test_a_stream_goes_on_when_idle_streams_credit_alone_passes_the_limit():
+    """Many idle streams (their first windows alone pass the limit: 9,990 on a default session)
+    must not stop the one stream in use once it used its first window: it is topped up again as
+    it reads. (Since the top-up was capped by the credit out, the benchmark's ping-pong with 9,990
+    idle streams stopped for good after 256 KiB.)"""
+    core, rec = core_with(limit=8 * WINDOW)
+    idle = [core.open_stream() for _ in range(20)]  # 20 first windows: 2.5 x the limit
+    busy = core.open_stream()
+    sent(core)
+    for _ in range(5):  # five windows' worth, read as they come
+        core.receive(data(busy.id, WINDOW), 1.0)
+        core.consumed(busy, WINDOW)
+        credit = sum(inc for f in sent(core) if isinstance(f, F.PluginData)
+                     for sid, inc in decode_credit(f.data) or () if sid == busy.id)
+        assert credit == WINDOW and busy.recv_avail == WINDOW, credit
+    assert not rec.resets and core.total_unread == 0 and len(idle) == 20
+
+
+def test_a_session_with_idle_streams_past_the_limit_still_carries_a_busy_one(run):
+    """End to end, real sockets: a server whose session_recv_limit is passed by its idle streams'
+    first windows alone still takes, and a busy stream still moves, many windows of data."""
+    import asyncio
+
+    import ferrotunnel as ft
+
+    async def body():
+        backend = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        cfg = ft.ServerConfig(initial_window=64 * KiB, max_window=64 * KiB, session_recv_budget=128 * KiB,
+                              session_recv_limit=256 * KiB)
+        server = ft.TunnelServer(("127.0.0.1", 0), "recv-limit-token-0123", config=cfg)
+        async with server, ft.TcpIngress(server, ("127.0.0.1", 0), tunnel_id="rl") as ingress:
+            client = ft.TunnelClient("%s:%d" % server.address, "recv-limit-token-0123", tunnel_id="rl",
+                                     config=ft.ClientConfig(local_addr=backend.sockets[0].getsockname()[:2]))
+            task = asyncio.create_task(client.connect_and_run())
+            await server.wait_for_session("rl", timeout=10)
+            idle = [await asyncio.open_connection(*ingress.address) for _ in range(8)]  # 8 windows: 2 x the limit
+            for _, w in idle:
+                w.write(b"i")
+            r, w = await asyncio.open_connection(*ingress.address)
+            for _ in range(40):  # 40 windows each way through one stream
+                w.write(b"p" * (64 * KiB))
+                assert await asyncio.wait_for(r.readexactly(64 * KiB), 10) == b"p" * (64 * KiB)
+            w.close()
+            for _, iw in idle:
+                iw.close()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        backend.close()
+
+    run(body)
+
+
+async def _echo(reader, writer) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()

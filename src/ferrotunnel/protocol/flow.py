@@ -245,7 +245,12 @@ class FlowWindows:
             # its initial window is topped up to it, as far as the limit allows: the streams
             # holding the most pay, and a reader that keeps up is not starved by readers that
             # stall (until the session holds session_recv_limit: then only their reading helps).
-            floor = min(self.initial_window - st.unread - st.recv_avail, free)
+            # With so many streams open that their first windows alone pass the limit (a peer may
+            # then pass it with no grant of ours: ``take`` resets what would), what the session
+            # holds decides: capping by the credit out would leave every stream, once it used its
+            # first window, waiting for good behind idle streams' credit.
+            floor = min(self.initial_window - st.unread - st.recv_avail,
+                        free if self.credit_out <= self.limit else self.limit - self.total_unread)
             if floor <= 0:
                 self.deferred.add(st)
                 return 0
