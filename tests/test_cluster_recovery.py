@@ -128,6 +128,13 @@ def test_a_node_key_that_expired_while_redis_refused_writes_is_no_dead_node(run,
     run(body)
 
 
+async def _reasserted(r: Any, a: Any, sa: StubSession) -> None:
+    """``a`` noticed the loss at its liveness write and re-asserted ``sa``'s claim of t1, which lives on."""
+    await wait_for(lambda: a.stats.reasserts == 1, timeout=10)
+    await wait_for(lambda: not a._background, timeout=10)
+    assert not sa.is_closed and (await r.hgetall("test:tunnel:t1"))["node"] == "a"
+
+
 SLOW = dict(node_ttl=10.0, node_refresh=2.0, claim_ttl=30.0, claim_refresh=10.0, recovery_window=5.0)
 
 
@@ -147,9 +154,7 @@ def test_a_node_that_never_wrote_does_not_hide_the_loss(run, redis):
                 assert await b.lookup("t1") is None and b.why_missing("t1") == RECOVERING
                 claim = await b.claim("t1", StubSession("t1"))
                 assert not claim.granted and claim.retry_after, claim
-                await wait_for(lambda: a.stats.reasserts == 1, timeout=10)
-                await wait_for(lambda: not a._background, timeout=10)
-                assert not sa.is_closed and (await r.hgetall("test:tunnel:t1"))["node"] == "a"
+                await _reasserted(r, a, sa)
         await r.aclose()
     run(body)
 
@@ -166,9 +171,7 @@ def test_a_pool_claim_during_the_recovery_is_pending_too(run, redis):
             assert await b.lookup("t1") is None and b.why_missing("t1") == RECOVERING
             claim = await b.claim("t1", StubSession("t1"), pool=True)
             assert not claim.granted and claim.retry_after, claim
-            await wait_for(lambda: a.stats.reasserts == 1, timeout=10)
-            await wait_for(lambda: not a._background, timeout=10)
-            assert not sa.is_closed and (await r.hgetall("test:tunnel:t1"))["node"] == "a"
+            await _reasserted(r, a, sa)
         await r.aclose()
     run(body)
 

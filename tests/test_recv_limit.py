@@ -351,15 +351,16 @@ def test_a_session_with_idle_streams_past_the_limit_still_carries_a_busy_one(run
     import asyncio
 
     import ferrotunnel as ft
+    from test_cluster_links import _echo_app
 
     async def body():
-        backend = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        backend, baddr = await _echo_app()
         cfg = ft.ServerConfig(initial_window=64 * KiB, max_window=64 * KiB, session_recv_budget=128 * KiB,
                               session_recv_limit=256 * KiB)
         server = ft.TunnelServer(("127.0.0.1", 0), "recv-limit-token-0123", config=cfg)
         async with server, ft.TcpIngress(server, ("127.0.0.1", 0), tunnel_id="rl") as ingress:
             client = ft.TunnelClient("%s:%d" % server.address, "recv-limit-token-0123", tunnel_id="rl",
-                                     config=ft.ClientConfig(local_addr=backend.sockets[0].getsockname()[:2]))
+                                     config=ft.ClientConfig(local_addr=baddr))
             task = asyncio.create_task(client.connect_and_run())
             await server.wait_for_session("rl", timeout=10)
             idle = [await asyncio.open_connection(*ingress.address) for _ in range(8)]  # 8 windows: 2 x the limit
@@ -378,11 +379,3 @@ def test_a_session_with_idle_streams_past_the_limit_still_carries_a_busy_one(run
 
     run(body)
 
-
-async def _echo(reader, writer) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    finally:
-        writer.close()
