@@ -143,7 +143,8 @@ def test_one_address_registers_at_most_max_ports_per_address(run):
 
 def test_handshakes_from_one_address_take_at_most_max_ports_per_address(run):
     """Many connections from one address, each asking for a port in its handshake: the one over
-    the cap is refused with the reason (the client stops), another address is served."""
+    the cap is refused RateLimited with the reason and a retry-after (the client retries: the
+    quota frees up as the address's tunnels end), another address is served."""
     cap = 2
 
     async def body():
@@ -153,7 +154,8 @@ def test_handshakes_from_one_address_take_at_most_max_ports_per_address(run):
             clients = [(await session_from(server, "127.0.0.1", f"h{i}"))[0] for i in range(cap)]
             with pytest.raises(HandshakeError) as over:
                 await session_from(server, "127.0.0.1", "h-over")
-            assert not isinstance(over.value, RetryableHandshakeError)
+            assert isinstance(over.value, RetryableHandshakeError), over.value
+            assert over.value.status is ft.HandshakeStatus.RATE_LIMITED and over.value.retry_after == 5.0
             assert "max_ports_per_address=2" in str(over.value), over.value
             no_port, _ = await session_from(server, "127.0.0.1", "h-noport", remote_port=None)  # asks for none
             other, _ = await session_from(server, "127.0.0.2", "h-other")

@@ -19,7 +19,8 @@ __all__ = ["IndexedPortLeases", "PortQuotaExceeded"]
 
 class PortQuotaExceeded(PortUnavailable):
     """The session's address holds ``max_ports_per_address`` ports already (a Register is
-    answered QuotaExceeded; a handshake is refused with the reason, as for a port taken)."""
+    answered QuotaExceeded; a handshake is refused RateLimited with the reason: the client
+    retries, and gets its port once one of the address's tunnels with a port has ended)."""
 
 
 class IndexedPortLeases(PortLeases):
@@ -71,8 +72,7 @@ class IndexedPortLeases(PortLeases):
         if held >= limit:
             raise PortQuotaExceeded(
                 f"tunnel id {shown_id(session.tunnel_id)!r}: this address holds {held} ports on request already "
-                f"(max_ports_per_address={limit}): end one of its tunnels that has a port, or have the server's "
-                "operator raise max_ports_per_address (ServerConfig)")
+                f"(max_ports_per_address={limit}): end one of its tunnels with a port, or ask the operator to raise it")
         self._by_address[who] = held + 1
         self._address_of[session] = who
 

@@ -28,7 +28,7 @@ from ..protocol.extensions import instance_of
 from ..protocol.handshake import HandshakeRequest
 from .connection import ServerConnection
 from .ingress import PortUnavailable
-from .ports import IndexedPortLeases
+from .ports import IndexedPortLeases, PortQuotaExceeded
 from .admission import MAX_TUNNEL_ID_LEN, Refusal, replace_own, shown_id, vet
 from ..addr import address_key as _who, peer_host as _host
 from .public import PublicEndpoint, normalize_domain, public_urls
@@ -38,6 +38,10 @@ from .throttle import AuthThrottle
 __all__ = ["TunnelServer", "ServerConnection", "MAX_TUNNEL_ID_LEN"]
 
 log = logging.getLogger("ferrotunnel.server")
+
+#: The retry-after a handshake refused by ``max_ports_per_address`` carries (RateLimited: a Rust
+#: client retries with its own backoff; ours after this many seconds, at most MAX_RETRY_AFTER).
+QUOTA_RETRY_AFTER = 5.0
 
 #: A refusal of connections from one address for one reason is logged at most this often.
 REFUSAL_LOG_INTERVAL = 10.0
@@ -278,6 +282,9 @@ class TunnelServer:
                 claim.replaced.close(ConnectionLostError("replaced by a new connection for the same tunnel id"))
             try:  # a port on request is bound now, for the life of the session
                 granted = await self.ports.grant(session, wanted, claim.replaced)
+            except PortQuotaExceeded as exc:  # a quota that frees up as the address's tunnels end: retry
+                await self.registry.release(tunnel_id, session)
+                return fail(HandshakeStatus.RATE_LIMITED, f"retry-after={QUOTA_RETRY_AFTER:g}; {exc}", count=False)
             except PortUnavailable as exc:
                 await self.registry.release(tunnel_id, session)
                 return fail(HandshakeStatus.UNSUPPORTED_VERSION, str(exc), count=False)
