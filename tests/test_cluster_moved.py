@@ -82,3 +82,37 @@ def test_a_route_to_a_node_the_client_left_gives_503_then_the_new_node(run):
                     await ing.close()
                 await _teardown(tasks, nodes, [app])
     run(body, timeout=120)
+
+
+def test_a_tunnel_client_that_resets_with_session_not_found_is_not_taken_for_a_moved_route(run):
+    """Only a node link's "no session here" means the route moved: a tunnel client whose streams
+    are reset with SESSION_NOT_FOUND is a local service that failed (502 over HTTP), and the
+    server's routes are left as they are (the registry is not asked to forget them)."""
+    async def body():
+        forgotten = []
+
+        async def handler(stream):
+            await stream.read(1)
+            stream.abort(ft.ErrorCode.SESSION_NOT_FOUND, "no session here")
+
+        server = ft.TunnelServer(("127.0.0.1", 0), TOKEN)
+        async with server:
+            server.registry.invalidate = forgotten.append  # what a cluster registry would be told
+            client = ft.TunnelClient("%s:%d" % server.address, TOKEN, tunnel_id="liar")
+            task = asyncio.create_task(client.connect_and_run(handler))
+            try:
+                await server.wait_for_session("liar", timeout=15)
+                async with ft.HttpIngress(server, ("127.0.0.1", 0)) as http:
+                    r, w = await asyncio.open_connection(*http.address)
+                    w.write(b"GET / HTTP/1.1\r\nHost: liar\r\n\r\n")
+                    head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 15)
+                    w.close()
+                    assert head.startswith(b"HTTP/1.1 502 "), head
+                async with ft.TcpIngress(server, ("127.0.0.1", 0), "liar") as tcp:
+                    assert await _echo(tcp.address, b"x") == b""
+                assert forgotten == []
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    run(body, timeout=60)

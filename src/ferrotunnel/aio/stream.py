@@ -86,6 +86,12 @@ class VirtualStream(SinkSeam):
         return tuple(self._st.headers)
 
     @property
+    def dialed(self) -> bool:
+        """Whether this process made the connection that carries the stream (a client's session,
+        or a cluster node's link to another node), not a peer that connected to it."""
+        return self._conn.core.is_client
+
+    @property
     def session(self) -> "Session":
         """The session that carries this stream (ConnectionLostError once it is closed and gone)."""
         return self._conn.session

@@ -487,7 +487,7 @@ class HttpBridge(BadBodyMixin, TcpBridge):
         tunnel_id = self.request[2]
         if self.bytes_down - self._mark == unsent:  # nothing of the response went out to the visitor
             self._outq = None  # what arrived in this read is dropped with the stream
-            lost, moved = isinstance(exc, ConnectionLostError), moved_away(self.ingress.server.registry, tunnel_id, exc)
+            lost, moved = isinstance(exc, ConnectionLostError), moved_away(self.ingress.server.registry, tunnel_id, exc, self.stream)
             log.warning("http ingress: tunnel %s %s before answering; %s", printable(tunnel_id), "moved to another "
                         "node" if moved else "went away" if lost else "reset the stream", "503" if moved else "502")
             self.detach()  # (the credit owed for bytes held while the visitor was slow goes back)

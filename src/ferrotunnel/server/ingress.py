@@ -57,7 +57,7 @@ class _IngressBridge(TcpBridge):
             self.hold_reading()
 
     def tunnel_reset(self, exc: BaseException) -> None:
-        if moved_away(self.ingress.server.registry, self.ingress.tunnel_id, exc):  # the next visitor asks again
+        if moved_away(self.ingress.server.registry, self.ingress.tunnel_id, exc, self.stream):  # the next visitor asks again
             log.info("ingress %s: tunnel %s moved to another node; closing %s", self.ingress.describe_bind(),
                      shown_id(self.ingress.tunnel_id or ""), format_peer(self.peer))
         super().tunnel_reset(exc)

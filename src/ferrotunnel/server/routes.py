@@ -189,11 +189,13 @@ class SpreadRoute(Route):
         return f"<SpreadRoute {self._tunnel_id!r} {self.routes!r}>"
 
 
-def moved_away(registry: Any, tunnel_id: Optional[str], exc: BaseException) -> bool:
+def moved_away(registry: Any, tunnel_id: Optional[str], exc: BaseException, stream: Optional[VirtualStream]) -> bool:
     """Whether a stream's reset says its tunnel is no longer where the route led: the node the
     route went to has no session for it (``SESSION_NOT_FOUND`` over its link; the client moved to
-    another node). The registry then forgets its cached route, so the next visitor asks again."""
-    if getattr(exc, "code", None) is not ErrorCode.SESSION_NOT_FOUND:
+    another node). The registry then forgets its cached route, so the next visitor asks again.
+    Only a link's word counts (a stream on a connection this node dialed): a tunnel client that
+    resets its streams with that code changes nothing."""
+    if getattr(exc, "code", None) is not ErrorCode.SESSION_NOT_FOUND or stream is None or not stream.dialed:
         return False
     forget = getattr(registry, "invalidate", None)
     if forget is not None and tunnel_id is not None:
