@@ -116,13 +116,21 @@ def _force_exit() -> None:
 # ------------------------------------------------------------------ server
 
 
-def server_config(trusted_proxies: Sequence[str] = ()) -> Any:
+def server_config(trusted_proxies: Sequence[str] = (), limits: Sequence[str] = ()) -> Any:
     """The CLI server's configuration: the library defaults, except that client-opened streams
     are refused at once (the CLI server has no handler for them; the library keeps them on so
-    ``Session.accept()`` works), and the trusted proxies given."""
+    ``Session.accept()`` works), the trusted proxies given and the ``--limit NAME=VALUE``s.
+    UsageError (exit 2) for a limit the configuration refuses, with its reason."""
     import ferrotunnel as ft
+    from .limits import parse_limits
 
-    return ft.ServerConfig(accept_client_streams=False, trusted_proxies=tuple(trusted_proxies))
+    chosen = parse_limits(limits)
+    try:
+        return ft.ServerConfig(accept_client_streams=False, trusted_proxies=tuple(trusted_proxies), **chosen)
+    except ValueError as exc:
+        if not chosen:
+            raise
+        raise UsageError(f"--limit: {exc}") from None
 
 
 def check_server_token(token: str) -> None:
@@ -182,7 +190,7 @@ async def _serve(args: argparse.Namespace) -> int:
             from ..server.client_tokens import PolicyServer
 
             kind, ports["client_tokens"] = PolicyServer, tokens
-        server = kind(bind, token, tls=ctx, config=server_config(args.trusted_proxy),
+        server = kind(bind, token, tls=ctx, config=server_config(args.trusted_proxy, args.limit),
                       registry=node.registry if node else None, domain=domain, **ports)
         if tokens is not None:  # re-read on SIGHUP; sessions of revoked tokens are closed
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, server.reload_tokens)

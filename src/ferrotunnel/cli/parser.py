@@ -170,6 +170,9 @@ def _server(sub: Any, token_help: str, cluster_help: str, add_cluster_args: Call
                "globs); re-read on SIGHUP; the shared token becomes optional")
     f.add("--grace", type=non_negative, metavar="SECONDS", env_names=e("GRACE"), default=10.0, show="10",
           help="how long open streams may finish after SIGTERM or Ctrl-C (a second Ctrl-C exits at once)")
+    f.add("--limit", metavar="NAME=VALUE", env_names=e("LIMITS"), kind="list", show="the README's table",
+          help="set one of the server's limits (any numeric ServerConfig field in the README's table of limits, "
+               "e.g. max_sessions=5000, server_recv_limit=2GiB, max_ports_per_address=8); repeat for more")
     f.add("--trusted-proxy", metavar="CIDR", env_names=e("TRUSTED_PROXY"), kind="list", show="none",
           help="a balancer whose PROXY protocol v2 header names the real client (repeatable); a header from any "
                "other address is refused")
