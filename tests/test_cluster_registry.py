@@ -607,3 +607,31 @@ def test_a_claim_released_while_redis_refused_writes_is_released_when_it_accepts
             await r.aclose()
 
     run(body)
+
+
+def test_a_redis_that_may_evict_keys_is_warned_about_once_at_start(run, caplog):
+    """maxmemory with an evicting policy can drop claims and node keys (the nodes would take that
+    for dead nodes or an emptied Redis): the node says so at start, naming the fix; with
+    noeviction, or no maxmemory, it says nothing."""
+    import redis.asyncio as aioredis
+
+    async def body():
+        with RedisServer() as redis:
+            admin = aioredis.from_url(redis.url)
+            try:
+                caplog.set_level(logging.WARNING, logger="ferrotunnel.cluster")
+                async with RedisRegistry(cfg(redis.url, "a")):  # the default: maxmemory 0
+                    pass
+                await admin.config_set("maxmemory", "100mb")
+                async with RedisRegistry(cfg(redis.url, "b")):  # noeviction (the default policy)
+                    pass
+                assert not [r for r in caplog.records if "may evict" in r.getMessage()]
+                await admin.config_set("maxmemory-policy", "volatile-lru")  # claims have TTLs: evictable too
+                async with RedisRegistry(cfg(redis.url, "c")):
+                    pass
+                said = [r.getMessage() for r in caplog.records if "may evict" in r.getMessage()]
+                assert len(said) == 1 and "maxmemory-policy volatile-lru" in said[0] and "noeviction" in said[0], said
+            finally:
+                await admin.aclose()
+
+    run(body, timeout=60)

@@ -162,9 +162,10 @@ def test_server_refuses_a_token_that_differs_only_at_the_end(run):
 
 def test_backoff_starts_over_after_each_successful_connection(run, caplog):
     """Mutation: ``backoff.reset()`` dropped after a successful connect in ``connect_and_run``.
-    The server ends each session at once; every reconnect waits the base delay again."""
+    The server ends each session once it lasted ``stable_after``; every reconnect waits the base
+    delay again."""
     async def body():
-        backoff = ft.BackoffConfig(base=0.2, factor=4, jitter=0, max_delay=30)
+        backoff = ft.BackoffConfig(base=0.2, factor=4, jitter=0, max_delay=30, stable_after=0.1)
         cfg = ft.ClientConfig(backoff=backoff)
         async with ft.TunnelServer(("127.0.0.1", 0), "secret-token") as server:
             host, port = server.address
@@ -177,6 +178,7 @@ def test_backoff_starts_over_after_each_successful_connection(run, caplog):
                     while len(connected) <= i:
                         await asyncio.sleep(0.005)
                     s = await server.wait_for_session("bouncy", timeout=5)
+                    await asyncio.sleep(0.15)  # (the session lasted: stable_after)
                     closed_at = time.monotonic()
                     s.close()
                     try:

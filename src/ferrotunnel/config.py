@@ -26,13 +26,19 @@ class BackoffConfig:
     factor: float = 2.0
     jitter: float = 0.3
     max_delay: float = 60.0
+    #: A session that lasted this many seconds starts the delays over from ``base``; one that ended
+    #: sooner (a server that takes the handshake and hangs up, or sends each new session away at
+    #: once) counts as a failed attempt, so the delays keep growing.
+    stable_after: float = 10.0
     #: Give up after this many consecutive failed reconnect attempts, the first connection attempt not
     #: counted (None: never).
     max_attempts: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if self.base < 0 or self.factor < 1 or not 0 <= self.jitter <= 1 or self.max_delay < 0:
-            raise ValueError("backoff needs base >= 0, factor >= 1, 0 <= jitter <= 1, max_delay >= 0")
+        if self.base < 0 or self.factor < 1 or not 0 <= self.jitter <= 1 or self.max_delay < 0 \
+                or self.stable_after < 0:
+            raise ValueError("backoff needs base >= 0, factor >= 1, 0 <= jitter <= 1, max_delay >= 0, "
+                             "stable_after >= 0")
         if self.max_attempts is not None and self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1 (or None for no limit)")
 

@@ -1,5 +1,4 @@
-"""``VirtualStream``: one multiplexed stream in the asyncio streams idiom (its seam types and
-``get_extra_info`` live in ``streaminfo``)."""
+"""``VirtualStream``: one multiplexed stream in the asyncio streams idiom (seam types: ``streaminfo``)."""
 
 from __future__ import annotations
 
@@ -87,8 +86,7 @@ class VirtualStream(SinkSeam):
 
     @property
     def dialed(self) -> bool:
-        """Whether this process made the connection that carries the stream (a client's session,
-        or a cluster node's link to another node), not a peer that connected to it."""
+        """Whether this process dialed the connection carrying it (a client's session, a node's link)."""
         return self._conn.core.is_client
 
     @property
@@ -98,8 +96,7 @@ class VirtualStream(SinkSeam):
 
     @property
     def peername(self) -> Optional[Tuple[str, int]]:
-        """The visitor's ``(host, port)`` where known: what the opener set, else the OpenStream's
-        ``ft-visitor`` header (sent to clients that asked for ``visitor-addr/1``); else None."""
+        """The visitor's ``(host, port)``: the opener's word, else the ``ft-visitor`` header, else None."""
         return self._peername if self._peername is not None else visitor_address(self._st.headers)
 
     @peername.setter
@@ -107,9 +104,8 @@ class VirtualStream(SinkSeam):
         self._peername = value
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        """As ``asyncio.StreamWriter.get_extra_info``: ``"peername"`` (the visitor's address, see
-        ``peername``), ``"tunnel_id"``, ``"session_id"`` (a UUID), ``"protocol"``, ``"stream_id"``,
-        ``"priority"``, ``"headers"``; ``default`` for any other name or a value not known."""
+        """As ``asyncio.StreamWriter.get_extra_info``: ``"peername"``, ``"tunnel_id"``, ``"session_id"``,
+        ``"protocol"``, ``"stream_id"``, ``"priority"``, ``"headers"``; else ``default``."""
         return extra_info(self, name, default)
 
     def __repr__(self) -> str:
@@ -151,14 +147,12 @@ class VirtualStream(SinkSeam):
 
     # -- the sink seam (the rest is SinkSeam's)
     def detach_sink(self) -> None:
-        """The sink is done with this stream: events go to the read buffer again, and the
-        session knows the stream weakly again."""
+        """The sink is done: events go to the read buffer again; the session holds the stream weakly."""
         self.sink = None
         self._let_go()
 
     def _let_go(self) -> None:
-        """The session knows this stream weakly again (no cycle with it stays; a writer waiting
-        for its queue to empty is still woken)."""
+        """The session knows this stream weakly again (no cycle with it stays; waiting writers still wake)."""
         st = self._st
         if st.app is self:
             st.app = weakref.ref(self)
@@ -182,8 +176,7 @@ class VirtualStream(SinkSeam):
             self._reader = None
 
     async def _wait_more(self) -> None:
-        """Wait for more data while keeping what is buffered: its credit goes back first, so a
-        flow-controlled peer can send past its window (the caller's cap bounds the buffer)."""
+        """Wait for more, keeping what is buffered; its credit goes back first (the caller caps it)."""
         n = self._rsize - self._credited
         if n > 0:
             self._credited = self._rsize

@@ -24,12 +24,11 @@ from ..protocol.handshake import ClientHandshake
 from ..protocol.extensions import TUNNELS_CAPABILITY, VISITOR_HEADER, new_instance_capability
 from ..protocol.proxyproto import header_for
 from .connection import ClientConnection
-from .diagnose import (HINT_ADD_TLS, HINT_NO_TLS, SSL_CLOSED, SSL_OLD_VERSION, SSL_PLAINTEXT_ANSWER,
-                       client_cert_hint, ssl_reason, describe_error)
-from .reconnect import Backoff, os_error, suspect
+from .diagnose import describe_error
+from .explain import explain
+from .reconnect import Backoff, suspect
 from .tunnels import RegisterWaiters, Tunnel, dispatching_handler, register_capabilities, register_protocol, tunnels_by_id
 from ..errors import (
-    SuspectedMisconfiguration,
     AuthenticationError,
     ConnectionLostError,
     FerroTunnelError,
@@ -67,6 +66,14 @@ RETIRE_POLL = 0.05
 #: least ``SUSPECT_WINDOW`` seconds: then the client gives up (about 15 s with the default backoff).
 MAX_SUSPECT_ATTEMPTS = 3
 SUSPECT_WINDOW = 10.0
+
+#: Drain notices in a row, each on a session younger than ``BackoffConfig.stable_after``, that are
+#: followed by a new session at once; after these the client waits its backoff (a server that sends
+#: every new session away must not get a reconnect storm).
+DRAIN_MOVES_AT_ONCE = 3
+#: Sessions whose node is leaving, kept beside the live one while their streams finish; beyond
+#: this the oldest is closed.
+MAX_RETIRING = 4
 
 _RETRYABLE = (OSError, ConnectionLostError, RetryableHandshakeError, TunnelTimeoutError, TimeoutError, FrameError)
 
@@ -108,7 +115,7 @@ class TunnelClient:
         self.address = format_address(self.host, self.port)
         self._conn: Optional[ClientConnection] = None
         #: Sessions on a node that is leaving (drain), kept until their streams are done.
-        self._retiring: "set[ClientConnection]" = set()
+        self._retiring: Dict[ClientConnection, None] = {}  # oldest first
         self._on_public_urls: Optional[OnPublicUrls] = None
         self._runs: Set["asyncio.Task[Any]"] = set()  # tasks inside connect_and_run
 
@@ -263,7 +270,7 @@ class TunnelClient:
                 conn.close()
                 if conn.ack.done() and not conn.ack.cancelled():
                     conn.ack.exception()  # retrieved: what we raise says it better
-            better = self._explain(exc, conn)
+            better = explain(self, exc, conn)
             if better is None:
                 raise
             raise better from exc
@@ -281,91 +288,6 @@ class TunnelClient:
             conn.core.send_register(key, register_protocol(t), register_capabilities(t))
         return {key: await fut for key, fut in futures.items()}
 
-    def _explain(self, exc: BaseException, conn: Optional[ClientConnection]) -> Optional[BaseException]:
-        """The failure of one connect() as an error that names the likely cause and the flag that
-        fixes it, of a class that keeps its retry semantics (see ``connect_and_run``); None to
-        raise ``exc`` as it is (it says enough already, or it is not a failure: a cancellation)."""
-        addr, tls = self.address, self.transport.is_tls
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            return self._verify_error(exc)
-        if isinstance(exc, TimeoutError) and not isinstance(exc, TunnelTimeoutError):
-            t = self.config.handshake_timeout
-            # (uvloop makes the protocol before the TCP connection is up, asyncio after: for TLS
-            # the two stages cannot be told apart here)
-            if tls and (conn is None or not conn.made):
-                return TunnelTimeoutError(
-                    f"the connection to {addr} and its TLS handshake did not complete within {t}s: either the host "
-                    f"does not answer (it is down, or a firewall drops the packets: check --server), or the server "
-                    f"does not speak TLS ({HINT_NO_TLS})")
-            if conn is None or not conn.made:
-                return TunnelTimeoutError(
-                    f"cannot connect to {addr} within {t}s: no answer to the connection attempt — the host may be "
-                    f"down or a firewall may drop the packets; check --server")
-            hint = "" if tls else f"; if the server uses TLS, {HINT_ADD_TLS}"
-            return TunnelTimeoutError(
-                f"no handshake answer from {addr} within {t}s: the server accepted the connection but did not "
-                f"answer — check that {self.port} is its tunnel port (server --bind), not an ingress port{hint}")
-        if isinstance(exc, FerroTunnelError) or not isinstance(exc, Exception):
-            return None  # ours (ClientConnection explained it), or a cancellation
-        in_tls_handshake = tls and (conn is None or not conn.made)
-        if isinstance(exc, ssl.SSLError):
-            reason = ssl_reason(exc)
-            where = f"TLS handshake with {addr} failed ({reason or describe_error(exc)})"
-            if reason in SSL_PLAINTEXT_ANSWER:
-                # not retried: the server demonstrably does not speak TLS
-                return HandshakeError(f"{where}: the server does not speak TLS (it answered in plaintext): "
-                                      f"{HINT_NO_TLS}")
-            if reason in SSL_CLOSED or isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
-                # retried, never given up for: a balancer whose backend is down closes the same way
-                return ConnectionLostError(f"{where}: the server closed the connection during the TLS handshake "
-                                           f"(so does a balancer whose backend is down); if the server does not "
-                                           f"speak TLS, {HINT_NO_TLS}")
-            cert = client_cert_hint(exc)
-            if cert is not None:
-                return SuspectedMisconfiguration(f"{where}: {cert}")
-            if reason in SSL_OLD_VERSION:
-                return SuspectedMisconfiguration(f"{where}: the server does not accept TLS 1.3, which ferrotunnel "
-                                           f"requires: upgrade the server's TLS library or configuration")
-            return ConnectionLostError(f"{where}: check that the server uses TLS (server --tls-cert/--tls-key) "
-                                       f"and the client's --tls-ca and --tls-server-name")
-        if isinstance(exc, ConnectionRefusedError):
-            return os_error(exc, f"cannot connect to {addr}: connection refused — is the server running, and is "
-                                  f"{self.port} its tunnel port (server --bind)?")
-        if isinstance(exc, socket.gaierror):
-            return os_error(exc, f"cannot resolve {self.host!r} ({describe_error(exc)}): check the host name "
-                                  f"in --server")
-        if isinstance(exc, ConnectionError) and in_tls_handshake:  # (retried: see SSL_CLOSED above)
-            return ConnectionLostError(
-                f"the server at {addr} closed the connection during the TLS handshake ({describe_error(exc)}; so "
-                f"does a balancer whose backend is down); if the server does not speak TLS, {HINT_NO_TLS}")
-        if isinstance(exc, ConnectionError):
-            return os_error(exc, f"the connection to {addr} failed: {describe_error(exc)}; the server's log may "
-                                  f"say why")
-        if isinstance(exc, OSError):
-            why = exc.strerror or describe_error(exc)
-            return os_error(exc, f"cannot connect to {addr}: {why} — check --server and that the host is "
-                                  f"reachable from here")
-        return None
-
-    def _verify_error(self, exc: ssl.SSLCertVerificationError) -> TlsVerificationError:
-        code = exc.verify_code
-        msg = (exc.verify_message or exc.reason or describe_error(exc)).rstrip(".")
-        name = self.server_name
-        if code in (62, 64) or "mismatch" in msg.lower():  # X509_V_ERR_HOSTNAME/IP_ADDRESS_MISMATCH
-            hint = (f"the certificate is not valid for {name!r} — connect with a name on the certificate "
-                    f"(--server NAME:PORT) or set --tls-server-name to one of its names")
-        elif code in (2, 18, 19, 20, 21):  # no trusted issuer / self-signed
-            hint = ("the certificate is not signed by a CA this client trusts — pass the CA that signed it with "
-                    "--tls-ca (ferrotunnel certs writes it as ca.pem)")
-        elif code == 10:
-            hint = "the server's certificate has expired — renew it on the server (e.g. ferrotunnel certs)"
-        elif code == 9:
-            hint = "the server's certificate is not valid yet — check the clocks of both machines"
-        else:
-            hint = "check the CA (--tls-ca) and the server name (--tls-server-name)"
-        return TlsVerificationError(f"the TLS certificate of {name} ({self.address}) failed verification: "
-                                    f"{msg}: {hint}")
-
     async def connect_and_run(self, handler: Optional[StreamHandler] = None,
                               on_connected: Optional[OnConnected] = None, *,
                               on_public_urls: Optional[OnPublicUrls] = None,
@@ -379,7 +301,7 @@ class TunnelClient:
         the server says where visitors reach the tunnel (see ``public_urls``); then
         ``on_registered(tunnel, urls)`` once per tunnel of ``more_tunnels`` the session carries."""
         backoff = Backoff(self.config.backoff)
-        suspects, since = 0, 0.0
+        suspects, since, quick_drains = 0, 0.0, 0
         self._on_public_urls = on_public_urls
         # no local for the task: a traceback holding this frame would make a cycle through it
         self._runs.add(asyncio.current_task())  # type: ignore[arg-type]
@@ -402,7 +324,7 @@ class TunnelClient:
                         continue
                     log.debug("%s", exc)
                     raise
-                backoff.reset()
+                started = time.monotonic()
                 suspects, since = 0, 0.0  # (give-up counts failures in a row: a session broke the row)
                 if on_connected is not None:
                     result = on_connected(session)
@@ -415,10 +337,24 @@ class TunnelClient:
                     for key, urls in conn.registered.items():
                         if on_registered is not None and key in self._more:
                             on_registered(self._more[key], urls)
-                if await self._until_closed_or_moved(session):
-                    continue  # the server's node is leaving: a new session at once
+                moved = await self._until_closed_or_moved(session)
+                lived = time.monotonic() - started
+                if lived >= backoff.config.stable_after:
+                    backoff.reset()  # a session that lasted: the delays start over
+                    quick_drains = 0
+                if moved:  # the server's node is leaving: a new session at once, unless it keeps doing so
+                    quick_drains += lived < backoff.config.stable_after
+                    if quick_drains <= DRAIN_MOVES_AT_ONCE:
+                        continue
+                    await self._wait_retry(backoff, ConnectionLostError(
+                        f"the server sent {quick_drains} sessions in a row away (drain) within "
+                        f"{backoff.config.stable_after:g}s of their start"))
+                    continue
                 conn = self._conn
                 reason = conn.close_exc if conn is not None else None
+                if lived < backoff.config.stable_after:  # (the delays keep growing: say why)
+                    said = describe_error(reason) if reason is not None else "the server ended the session"
+                    reason = ConnectionLostError(f"{said} {lived:.1f}s after the handshake")
                 await self._wait_retry(backoff, reason or ConnectionLostError("session ended"))
         finally:
             self._runs.discard(asyncio.current_task())  # type: ignore[arg-type]
@@ -443,7 +379,12 @@ class TunnelClient:
         log.info("the server at %s is leaving (drain): opening a new session through %s now%s", self.address,
                  self.address, f"; {streams} streams finish on the old one" if streams else "")
         if conn is not None and not conn.closed:
-            self._retiring.add(conn)
+            while len(self._retiring) >= MAX_RETIRING:
+                oldest = next(iter(self._retiring))
+                log.info("closing a retired session to %s: more than %d are kept", self.address, MAX_RETIRING)
+                self._retiring.pop(oldest, None)
+                oldest.close()
+            self._retiring[conn] = None
             asyncio.get_running_loop().create_task(self._retire(conn))
         return True
 
@@ -461,7 +402,7 @@ class TunnelClient:
                     break
                 await asyncio.sleep(RETIRE_POLL)
         finally:
-            self._retiring.discard(conn)
+            self._retiring.pop(conn, None)
 
     def _give_up(self, exc: BaseException, attempts: int) -> HandshakeError:
         """The error that ends ``connect_and_run`` after ``attempts`` suspect failures in a row."""

@@ -365,7 +365,30 @@ class RedisRegistry:
             return
         with contextlib.suppress(RedisDown):
             await self._write_node()
+        await self._check_eviction()
         self._loops = [asyncio.ensure_future(c) for c in (self._liveness_loop(), self._claims_loop())]
+
+    async def _check_eviction(self) -> Optional[str]:
+        """Warn (once, at start) when Redis may evict keys under memory pressure: a claim, a
+        node's liveness or the cluster's generation marker evicted looks to the nodes like a dead
+        node or an emptied Redis (takeovers, re-asserted claims). The warning, or None. Nothing
+        when Redis is down or does not let CONFIG GET be run (a managed Redis may not)."""
+        try:
+            async with asyncio.timeout(self.config.redis_timeout):
+                policy = await self._client.config_get("maxmemory-policy")
+                limit = await self._client.config_get("maxmemory")
+        except Exception as exc:  # (down, or the command refused: renamed, an ACL)
+            log.debug("registry: cannot read Redis' eviction policy: %s", exc)
+            return None
+        policy_name = as_text(policy.get("maxmemory-policy", policy.get(b"maxmemory-policy")))
+        bound = as_text(limit.get("maxmemory", limit.get(b"maxmemory")))
+        if not policy_name or policy_name == "noeviction" or bound in ("", "0"):
+            return None
+        said = (f"Redis at {self._url} may evict keys (maxmemory {bound} bytes, maxmemory-policy {policy_name}): an "
+                "evicted tunnel claim or node key makes the nodes take tunnels over or re-assert them; give the "
+                "cluster a Redis with maxmemory-policy noeviction (or maxmemory 0)")
+        log.warning("registry: %s", said)
+        return said
 
     async def drain(self) -> None:
         """Mark this node draining: other nodes may take its tunnel ids over at once."""

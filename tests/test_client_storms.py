@@ -1,0 +1,103 @@
+"""A client must not hammer a server that keeps ending its sessions: each test here failed before
+its fix.
+
+* a server that sent every new session away (a drain notice at once) got a new session at once,
+  each time, forever: hundreds of handshakes a second, and every sent-away session kept beside
+  the live one;
+* a server that took the handshake and hung up got a reconnect after the base delay every time
+  (the backoff started over with each handshake), about one a second forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+
+import ferrotunnel as ft
+import ferrotunnel.client.client as client_mod
+
+TOKEN = "storm-token-0123456789"
+
+
+async def _each_new_session(server: ft.TunnelServer, act, seconds: float) -> list:
+    """Call ``act(session)`` once for each new server-side session for ``seconds``; the sessions seen."""
+    seen: list = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for s in list(server.sessions):
+            if s not in seen and not s.is_closed:
+                seen.append(s)
+                act(s)
+        await asyncio.sleep(0.002)
+    return seen
+
+
+def test_a_server_sending_every_session_away_gets_no_reconnect_storm(run, caplog):
+    caplog.set_level(logging.WARNING, logger="ferrotunnel.client")
+    retiring_max = []
+
+    async def body():
+        cfg = ft.ClientConfig(backoff=ft.BackoffConfig(base=0.2, factor=2, jitter=0))
+        async with ft.TunnelServer(("127.0.0.1", 0), TOKEN) as server:
+            client = ft.TunnelClient("%s:%d" % server.address, TOKEN, tunnel_id="storm", config=cfg)
+            task = asyncio.create_task(client.connect_and_run())
+            try:
+                def away(s):
+                    assert s.send_drain()
+                    retiring_max.append(len(client._retiring))
+                seen = await _each_new_session(server, away, 3.0)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await client.close()
+        # DRAIN_MOVES_AT_ONCE sessions at once, then 0.2, 0.4, 0.8, 1.6 s apart: about 7 in 3 s
+        assert 4 <= len(seen) <= 12, f"{len(seen)} sessions in 3 s"
+        assert max(retiring_max) <= client_mod.MAX_RETIRING, retiring_max
+
+    run(body, timeout=60)
+    assert re.search(r"sent \d+ sessions in a row away \(drain\).*reconnecting in 0\.2s", caplog.text), caplog.text
+
+
+def test_sessions_that_end_at_once_let_the_backoff_grow(run, caplog):
+    caplog.set_level(logging.WARNING, logger="ferrotunnel.client")
+
+    async def body():
+        cfg = ft.ClientConfig(backoff=ft.BackoffConfig(base=0.1, factor=2, jitter=0, stable_after=5))
+        async with ft.TunnelServer(("127.0.0.1", 0), TOKEN) as server:
+            client = ft.TunnelClient("%s:%d" % server.address, TOKEN, tunnel_id="short", config=cfg)
+            task = asyncio.create_task(client.connect_and_run())
+            try:
+                seen = await _each_new_session(server, lambda s: s.close(), 2.5)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await client.close()
+        assert 3 <= len(seen) <= 6, f"{len(seen)} sessions in 2.5 s"  # 0.1 + 0.2 + 0.4 + 0.8 + 1.6 s
+
+    run(body, timeout=60)
+    delays = re.findall(r"reconnecting in ([0-9.]+)s", caplog.text)
+    assert delays[:4] == ["0.1", "0.2", "0.4", "0.8"], delays
+    assert re.search(r"s after the handshake; reconnecting in 0\.2s", caplog.text), caplog.text
+
+
+def test_a_session_that_lasted_starts_the_delays_over(run, caplog):
+    caplog.set_level(logging.WARNING, logger="ferrotunnel.client")
+
+    async def body():
+        cfg = ft.ClientConfig(backoff=ft.BackoffConfig(base=0.1, factor=4, jitter=0, stable_after=0.3))
+        async with ft.TunnelServer(("127.0.0.1", 0), TOKEN) as server:
+            client = ft.TunnelClient("%s:%d" % server.address, TOKEN, tunnel_id="steady", config=cfg)
+            task = asyncio.create_task(client.connect_and_run())
+            loop = asyncio.get_running_loop()
+            try:
+                await _each_new_session(server, lambda s: loop.call_later(0.4, s.close), 2.0)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await client.close()
+
+    run(body, timeout=60)
+    delays = re.findall(r"reconnecting in ([0-9.]+)s", caplog.text)
+    assert len(delays) >= 3 and set(delays) == {"0.1"}, delays
