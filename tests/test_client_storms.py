@@ -5,7 +5,9 @@ its fix.
   each time, forever: hundreds of handshakes a second, and every sent-away session kept beside
   the live one;
 * a server that took the handshake and hung up got a reconnect after the base delay every time
-  (the backoff started over with each handshake), about one a second forever.
+  (the backoff started over with each handshake), about one a second forever;
+* a frame that ended the session right behind the HandshakeAck raised InvalidStateError inside
+  the protocol, and connect() blamed the handshake.
 """
 
 from __future__ import annotations
@@ -101,3 +103,43 @@ def test_a_session_that_lasted_starts_the_delays_over(run, caplog):
     run(body, timeout=60)
     delays = re.findall(r"reconnecting in ([0-9.]+)s", caplog.text)
     assert len(delays) >= 3 and set(delays) == {"0.1"}, delays
+
+
+def test_a_frame_that_ends_the_session_right_behind_the_ack_is_no_internal_error(run, caplog):
+    """A HandshakeAck with a malformed frame behind it in the same read: the session opened and
+    ended in one call. Before, setting the ack's result then raised InvalidStateError inside
+    data_received (asyncio's "Fatal error" line) and connect() said the server closed the
+    connection before answering the handshake."""
+    import uuid
+
+    from ferrotunnel import frames as F
+
+    caplog.set_level(logging.DEBUG)
+
+    async def body():
+        async def serve(reader, writer):
+            await reader.read(65536)  # the Handshake
+            ack = F.HandshakeAck(session_id=uuid.uuid4(), status=F.HandshakeStatus.SUCCESS, version=1,
+                                 server_capabilities=["basic", "tcp"])
+            writer.write(F.encode(ack) + b"\x00\x00\x00\x05\xee\xee\xee\xee\xee")  # an unknown frame type
+            await writer.drain()
+            await asyncio.sleep(1)
+            writer.close()
+
+        fake = await asyncio.start_server(serve, "127.0.0.1", 0)
+        try:
+            client = ft.TunnelClient("127.0.0.1:%d" % fake.sockets[0].getsockname()[1], TOKEN, tunnel_id="x")
+            try:
+                session = await asyncio.wait_for(client.connect(), 10)
+            except ft.FerroTunnelError as exc:
+                said = str(exc)
+            else:
+                await asyncio.wait_for(session.wait_closed(), 10)
+                said = str(session.connection.close_exc)
+            await client.close()
+        finally:
+            fake.close()
+        assert "before answering the handshake" not in said, said
+
+    run(body, timeout=30)
+    assert "InvalidStateError" not in caplog.text and "Fatal error" not in caplog.text, caplog.text

@@ -11,11 +11,13 @@ import asyncio
 import logging
 import socket
 import struct
+import time
 from typing import Any, Dict, Optional, Tuple
 
 from ..addr import as_address
 from ..errors import FerroTunnelError, StreamClosedError
 from ..frames import DATA_HEADER_SIZE
+from ..lograte import LogRate
 from ..pool import acquire_bytes, release_bytes
 from .listen import ConnectionGate
 from .stream import VirtualStream
@@ -23,6 +25,10 @@ from .dial import dial
 from .readsize import MIN_READ, adapt_read_size  # noqa: F401  (MIN_READ: as before, from here too)
 from .sweeper import IDLE_TICKS, IdleSweeper  # noqa: F401  (IDLE_TICKS: as before, from here too)
 from .transport import tune_socket
+
+#: Failed dials of a local service are logged once per address every LOG_RATE_INTERVAL (a visitor can cause
+#: one per connection).
+_unreachable = LogRate()
 
 #: Largest read from a forwarded TCP connection (reads adapt between MIN_READ and this).
 BRIDGE_READ_SIZE = 1024 * 1024
@@ -466,8 +472,9 @@ async def forward(stream: VirtualStream, address: Tuple[str, int], connect_timeo
     bridge = TcpBridge()
     error = await dial(bridge, host, port, connect_timeout)
     if error is not None:
-        log.warning("stream %d: cannot reach local service %s:%s: %s", stream.stream_id, host, port,
-                    str(error) or f"{type(error).__name__} (connect_timeout {connect_timeout:g}s)")
+        _unreachable.warning(log, (host, port), time.monotonic(), "stream %d: cannot reach local service %s:%s: %s",
+                             stream.stream_id, host, port,
+                             str(error) or f"{type(error).__name__} (connect_timeout {connect_timeout:g}s)")
         stream.abort()
         try:
             raise error

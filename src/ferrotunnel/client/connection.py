@@ -83,8 +83,8 @@ class ClientConnection(TunnelConnection):
                            now=time.monotonic())
         session = Session(self, result.session_id, self.client.tunnel_id, self.peer_address,
                           result.server_capabilities)
+        self.ack.set_result(result)  # first: bytes behind the ack may end the session at once
         self.open_session(core, session, hs.leftover)
-        self.ack.set_result(result)
 
     def public_urls_received(self, urls: Tuple[str, ...]) -> None:
         """The server said where visitors reach this session (the public-URLs extension)."""

@@ -11,6 +11,7 @@ from collections import deque
 from typing import Any, Dict, List, Optional, Sequence, Set
 
 from ..config import StreamConfig
+from ..lograte import LogRate
 from ..errors import (ConnectionLostError, FerroTunnelError, LimitExceededError, PeerUnsupportedError,
                       StreamClosedError, StreamResetError)
 from ..frames import (DATA_FRAME_OVERHEAD, DATA_HEADER_SIZE, FLAG_PARTIAL, CloseReason, CloseStream, Error, ErrorCode, FrameDecoder,
@@ -76,6 +77,7 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         self._plugins = {pid: getattr(type(self), name) for pid, name in plugin_handlers(self.negotiated).items()}
         self._blocked: Dict[CoreStream, int] = {}
         self._reset_sent: Set[int] = set()
+        self._warn: Optional[LogRate] = None  # (made at the first refusal)
         self.closed = False
         self.close_exc: Optional[Exception] = None
         self._now = now
@@ -205,12 +207,10 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
             self._refuse(sid, "stream id has the wrong parity")
             return
         if len(self.streams) >= self.config.max_streams_per_session:
-            log.warning("refusing stream %d: %d streams open (max_streams_per_session)", sid, len(self.streams))
-            self._refuse(sid, "too many streams")
+            self._refuse(sid, "too many streams", "max_streams_per_session", f"{len(self.streams)} streams open")
             return
         if not self.rates.allow_open(self._now):
-            log.warning("refusing stream %d: stream-open rate limit", sid)
-            self._refuse(sid, "stream-open rate limit exceeded")
+            self._refuse(sid, "stream-open rate limit exceeded", "rate_limits.streams_per_second", "rate limit")
             return
         st = CoreStream(sid, frame.protocol, frame.priority, False, self.peer_window, self.config.initial_window,
                         frame.headers)
@@ -218,16 +218,18 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         self.windows.added(st)
         self.listener.on_stream_opened(st)
 
-    def _refuse(self, sid: int, why: str) -> None:
+    def _refuse(self, sid: int, why: str, limit: str = "", detail: str = "") -> None:
+        if limit:  # (a peer can ask for these lines at will: one per limit every LOG_RATE_INTERVAL)
+            self._warn = self._warn or LogRate()
+            self._warn.warning(log, limit, self._now, "refusing stream %d: %s (%s)", sid, detail, limit)
         if self.peer_is_ext:
             self._control(Error(sid, ErrorCode.SERVICE_UNAVAILABLE, why))
         else:  # all a Rust peer understands: end of stream (a reply: it counts as control output)
             self._control(CloseStream(sid, CloseReason.NORMAL))
 
     def on_credit(self, data: Any) -> None:
-        """PluginData of the flow-control extension: more send credit for some streams. Credit
-        that would take a stream past 2^31 - 1 resets that stream (as HTTP/2 does); credit for
-        an unknown stream and a malformed update are ignored and counted."""
+        """PluginData of the flow-control extension: more send credit for some streams (past 2^31 - 1
+        the stream is reset, as HTTP/2 does; a malformed update or an unknown stream's: counted)."""
         pairs = decode_credit(data)
         if pairs is None:
             self.malformed_credit += 1
@@ -252,13 +254,11 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         if self.closed:
             raise ConnectionLostError("the session is closed")
         if self.is_client and not self.peer_is_ext:
-            raise PeerUnsupportedError(
-                "this server does not accept client-opened streams (it did not announce the "
-                f"{EXT_CAPABILITY} capability; a Rust FerroTunnel server drops them)")
+            raise PeerUnsupportedError("this server does not accept client-opened streams (it did not announce "
+                                       f"the {EXT_CAPABILITY} capability; a Rust FerroTunnel server drops them)")
         if len(self.streams) >= self.config.max_streams_per_session:
-            raise LimitExceededError(
-                f"{len(self.streams)} streams are open on this session (max_streams_per_session); "
-                "close some or raise the limit")
+            raise LimitExceededError(f"{len(self.streams)} streams are open on this session "
+                                     "(max_streams_per_session); close some or raise the limit")
         if type(protocol) is not Protocol:
             protocol = Protocol(protocol)
         if type(priority) is not StreamPriority:
