@@ -76,6 +76,7 @@ class TunnelConnection(StreamEvents, asyncio.BufferedProtocol):
         self._read_paused = False
         self._eof = False
         self._timer: Optional[asyncio.TimerHandle] = None
+        self._deadline = 0.0  # when _timer fires (monotonic)
         self._resume_timer: Optional[asyncio.TimerHandle] = None
         self._output_over_since: Optional[float] = None  # when queued output went over its cap
         self.stream_handler: Optional[StreamHandler] = None
@@ -153,15 +154,8 @@ class TunnelConnection(StreamEvents, asyncio.BufferedProtocol):
                     core.receive(data, now)
                 finally:
                     self._flush_follows = False
-                sinks = self.dirty_sinks
-                if sinks:  # every forwarding target written once per read (one writev), not once per frame
-                    n = len(sinks)
-                    for i in range(n):
-                        try:
-                            sinks[i].flush_out()
-                        except Exception as exc:
-                            self.sink_failed(sinks[i], exc, "flush_out")
-                    del sinks[:n]  # a sink deferred again by its own flush_out waits for the next read
+                if self.dirty_sinks:  # every forwarding target written once per read (one writev), not per frame
+                    self._flush_sinks()
                 if core.sched and not self._write_paused:
                     self._flush()  # acks and credit now, not an event-loop turn later
                 # _after_receive, unless it would do nothing for sure: with flow control nothing
@@ -260,6 +254,9 @@ class TunnelConnection(StreamEvents, asyncio.BufferedProtocol):
         core = self.core
         if core.reading_blocked or core.rates.throttle_until > now or self._output_over(now):
             self._pause_reading(now)
+            stall = core.windows.stall_deadline(self.config.stalled_stream_timeout)  # (inf: no stream over)
+            if stall < self._deadline:  # a stalled stream is reset at its time, not at the next tick's
+                self._schedule_timer(stall)
             if core.rates.throttle_until > now and self._resume_timer is None:
                 self._resume_timer = self.loop.call_later(core.rates.throttle_until - now, self._maybe_resume)
 
@@ -409,6 +406,7 @@ class TunnelConnection(StreamEvents, asyncio.BufferedProtocol):
         self._flush()
 
     def _schedule_timer(self, deadline: float) -> None:
+        self._deadline = deadline
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self.loop.call_later(max(0.0, deadline - time.monotonic()), self._on_timer)

@@ -458,19 +458,18 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         """Run timers; returns when to call again. Raises TunnelTimeoutError for a dead peer."""
         self._now = now
         windows = self.windows
-        if windows.over_limit:  # without flow control: a reader stalled this long costs its stream
+        if windows.over_limit or windows.budget_since is not None:  # no flow control: a stalled reader costs its stream
             timeout = self.config.stalled_stream_timeout
-            for sid in windows.stalled(now, timeout):
+            for sid in windows.stalled(now, timeout, self.streams):
                 st = self.streams.get(sid)
                 if st is not None:
-                    log.warning("stream %d: %d bytes unread for %.0fs (stalled_stream_timeout); resetting it",
-                                sid, st.unread, timeout)
+                    log.warning("stream %d: %d bytes unread (the session holds %d) for %gs (stalled_stream_timeout); "
+                                "resetting it", sid, st.unread, windows.total_unread, timeout)
                     self._reset(st, ErrorCode.TIMEOUT, "the reader stalled",
                                 StreamResetError(f"stream {sid}: nothing read for {timeout:g}s (stalled_stream_timeout)"))
         send, deadline = self.keepalive.tick(now)
-        if windows.over_limit:
-            soonest = min(windows.over_limit.values()) + self.config.stalled_stream_timeout
-            deadline = min(deadline, max(soonest, now + 0.05))
+        if windows.over_limit or windows.budget_since is not None:
+            deadline = min(deadline, max(windows.stall_deadline(self.config.stalled_stream_timeout), now + 0.05))
         if send:
             self._control(Heartbeat(int(time.time() * 1000)))
         return deadline

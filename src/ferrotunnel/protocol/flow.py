@@ -74,6 +74,10 @@ def _limit_reset(sid: int, whose: str, holds: str, unread: int, n: int, limit: i
                                f"({limit} bytes)"))
 
 
+def _unread(st: CoreStream) -> int:
+    return st.unread
+
+
 class RecvAccount:
     """What the sessions of one server hold delivered and unread together, against
     ``server_recv_limit``: with flow control, a Data frame that would take ``unread`` past
@@ -95,7 +99,7 @@ class FlowWindows:
     Methods that may earn the peer credit return the increment to send (0: nothing now)."""
 
     __slots__ = ("enabled", "initial_window", "max_window", "stream_limit", "budget", "limit", "total_unread",
-                 "credit_out", "limit_said", "over_limit", "deferred", "account")
+                 "credit_out", "limit_said", "over_limit", "deferred", "account", "budget_since")
 
     def __init__(self, config: StreamConfig, enabled: bool, account: Optional[RecvAccount] = None) -> None:
         self.enabled = enabled
@@ -113,6 +117,8 @@ class FlowWindows:
         self.limit_said = False  # a stream reset by the limit was logged (once a session: then debug)
         # without flow control: streams over stream_recv_buffer, and since when (monotonic)
         self.over_limit: Dict[int, float] = {}
+        #: without flow control: since when the session holds more than session_recv_budget unread
+        self.budget_since: Optional[float] = None
         self.deferred: Set[CoreStream] = set()  # credit held back while the session is over budget
 
     @property
@@ -157,6 +163,8 @@ class FlowWindows:
             account.unread += n
         if st.unread > self.stream_limit and st.id not in self.over_limit:
             self.over_limit[st.id] = now
+        if self.total_unread > self.budget and self.budget_since is None:
+            self.budget_since = now
         return True
 
     def refusal(self, st: CoreStream, n: int) -> Tuple[ErrorCode, str, FerroTunnelError]:
@@ -181,8 +189,11 @@ class FlowWindows:
         self.total_unread += n
         if self.account is not None:
             self.account.unread += n
-        if not self.enabled and st.unread > self.stream_limit and st.id not in self.over_limit:
-            self.over_limit[st.id] = now
+        if not self.enabled:
+            if st.unread > self.stream_limit and st.id not in self.over_limit:
+                self.over_limit[st.id] = now
+            if self.total_unread > self.budget and self.budget_since is None:
+                self.budget_since = now
 
     def discarded(self, st: CoreStream, n: int) -> int:
         """``n`` bytes arrived for a stream that discards its input: the peer gets them back."""
@@ -202,6 +213,8 @@ class FlowWindows:
         over = self.over_limit
         if over and st.id in over and st.unread <= self.stream_limit // 2:
             del over[st.id]
+        if self.budget_since is not None and self.total_unread <= self.budget:
+            self.budget_since = None
         if self.enabled:
             state = st.state
             if state is OPEN or state is HALF_CLOSED_LOCAL:  # st.receiving, without the property
@@ -211,9 +224,28 @@ class FlowWindows:
                 return self.grant(st)
         return 0
 
-    def stalled(self, now: float, timeout: float) -> List[int]:
-        """Streams over ``stream_recv_buffer`` for longer than ``timeout`` (without flow control)."""
-        return [sid for sid, since in self.over_limit.items() if now - since > timeout]
+    def stalled(self, now: float, timeout: float, streams: Dict[int, CoreStream]) -> List[int]:
+        """Streams to reset, without flow control: those over ``stream_recv_buffer`` for longer than
+        ``timeout``; and when the session has held more than ``session_recv_budget`` that long (no
+        stream over its own buffer, or not yet), the one holding the most unread (then the clock
+        starts over for the next one)."""
+        out = [sid for sid, since in self.over_limit.items() if now - since > timeout]
+        since = self.budget_since
+        if since is not None and now - since > timeout and streams:
+            most = max(streams.values(), key=_unread)
+            if most.unread and most.id not in out:
+                out.append(most.id)
+            self.budget_since = now
+        return out
+
+    def stall_deadline(self, timeout: float) -> float:
+        """When ``stalled`` will have a stream to reset (inf: no stream over its buffer, nor the session
+        over its budget)."""
+        over = self.over_limit
+        first = min(over.values()) if over else float("inf")
+        if self.budget_since is not None and self.budget_since < first:
+            first = self.budget_since
+        return first + timeout
 
     def undeferred(self) -> List[CoreStream]:
         """Streams whose held-back credit may go now (the session fell well under its budget, and
@@ -288,6 +320,8 @@ class FlowWindows:
                 self.account.unread -= st.unread
             st.unread = 0
             self.over_limit.pop(st.id, None)
+            if self.budget_since is not None and self.total_unread <= self.budget:
+                self.budget_since = None
 
     def removed(self, st: CoreStream, live: bool = True) -> None:
         """``st`` left the session (``live``: it was still one of its streams, so its credit goes)."""
@@ -302,6 +336,7 @@ class FlowWindows:
         """The session ended: what it still counts leaves the server's account (its streams'
         buffers go with it; their late ``consumed`` calls are not counted there again)."""
         self.over_limit.clear()
+        self.budget_since = None
         self.deferred.clear()
         account, self.account = self.account, None
         if account is not None:
