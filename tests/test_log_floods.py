@@ -90,3 +90,48 @@ def test_visitors_of_an_unreachable_local_service_cost_one_line(run, caplog):
     said = _lines(caplog, "cannot reach local service")
     assert len(said) == 1, said
     assert re.search(r"cannot reach local service 127\.0\.0\.1:\d+", said[0])
+
+
+def test_visitors_of_a_tunnel_with_no_session_cost_one_line(run, caplog):
+    caplog.set_level(logging.INFO, logger="ferrotunnel")
+
+    async def body():
+        async with ft.TunnelServer(("127.0.0.1", 0), TOKEN) as server, \
+                ft.TcpIngress(server, ("127.0.0.1", 0), "nobody") as ingress:
+            for _ in range(30):
+                r, w = await asyncio.open_connection(*ingress.address)
+                assert await asyncio.wait_for(r.read(), 10) == b""
+                w.close()
+
+    run(body, timeout=60)
+    said = [r.getMessage() for r in caplog.records if "no session for" in r.getMessage()]
+    assert len(said) == 1, said
+
+
+def test_http_requests_to_an_unreachable_local_service_cost_one_line(run, caplog):
+    caplog.set_level(logging.WARNING, logger="ferrotunnel")
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    down = hole.getsockname()
+
+    async def body():
+        async with ft.TunnelServer(("127.0.0.1", 0), TOKEN) as server, \
+                ft.HttpIngress(server, ("127.0.0.1", 0)) as ingress:
+            client = ft.TunnelClient("%s:%d" % server.address, TOKEN, tunnel_id="web", local_addr=down)
+            await client.connect()
+            try:
+                for _ in range(30):
+                    r, w = await asyncio.open_connection(*ingress.address)
+                    w.write(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+                    answer = await asyncio.wait_for(r.read(), 10)
+                    assert answer.startswith(b"HTTP/1.1 502"), answer[:100]
+                    w.close()
+            finally:
+                await client.close()
+
+    try:
+        run(body, timeout=60)
+    finally:
+        hole.close()
+    said = _lines(caplog, "before answering")
+    assert len(said) == 1, said

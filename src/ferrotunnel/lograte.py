@@ -35,14 +35,20 @@ class LogRate:
         self._last[key] = (now, 0)
         return last[1] if last is not None else 0
 
-    def warning(self, logger: logging.Logger, key: Hashable, now: float, msg: str, *args: Any) -> bool:
-        """``logger.warning(msg, *args)`` unless held back; True if logged."""
+    def log(self, logger: logging.Logger, level: int, key: Hashable, now: float, msg: str, *args: Any) -> bool:
+        """``logger.log(level, msg, *args)`` unless held back; True if logged."""
+        if not logger.isEnabledFor(level):
+            return False
         held = self.due(key, now)
         if held < 0:
             return False
         if held:
-            logger.warning(msg + " (%d more like it since the last such line; one per %.0fs)", *args, held,
-                           self.interval)
+            logger.log(level, msg + " (%d more like it since the last such line; one per %.0fs)", *args, held,
+                       self.interval)
         else:
-            logger.warning(msg, *args)
+            logger.log(level, msg, *args)
         return True
+
+    def warning(self, logger: logging.Logger, key: Hashable, now: float, msg: str, *args: Any) -> bool:
+        """``log`` at WARNING."""
+        return self.log(logger, logging.WARNING, key, now, msg, *args)

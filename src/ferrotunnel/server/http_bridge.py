@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
 
 from ..addr import format_peer
@@ -33,8 +34,7 @@ _BODY = ResponseTracker.LENGTH  # the tracker is in a Content-Length response bo
 
 
 class HttpBridge(BadBodyMixin, TcpBridge):
-    """One visitor connection, as the module says (bodies pass as they are, only delimited); after
-    a 101 (or a 2xx to CONNECT) the connection is a raw byte pipe both ways."""
+    """One visitor connection, as the module says; after a 101 (or a 2xx to CONNECT) a raw byte pipe."""
 
     __slots__ = ("ingress", "_buf", "_state", "_left", "_chunked", "tracker", "_tunnel", "_head_timer",
                  "_next", "stash", "_visitor_eof", "_trusted", "_client", "_mark", "request", "_leaving",
@@ -153,8 +153,7 @@ class HttpBridge(BadBodyMixin, TcpBridge):
             self._feed(data)
 
     def _feed(self, data: bytes) -> None:
-        """Delimit requests in ``data``: bodies and heads for the current stream are written to it;
-        a head that needs another stream (or an answer of ours) starts a wait."""
+        """Delimit requests in ``data`` (for the current stream: written to it; else a wait starts)."""
         out: List[bytes] = []
         pos, n = 0, len(data)
         while pos < n:
@@ -348,8 +347,8 @@ class HttpBridge(BadBodyMixin, TcpBridge):
             self._reject(result.status, result.reason, fwd[:fwd.find(b"\r\n")])
             return
         if not isinstance(result, VirtualStream):
-            log.warning("http ingress: cannot open a stream to tunnel %s: %s", printable(tunnel_id),
-                        printable(str(result)))
+            self.ingress.log_rate.warning(log, type(result), time.monotonic(), "http ingress: cannot open a stream to "
+                                          "tunnel %s: %s", printable(tunnel_id), printable(str(result)))
             self.reply("502 Bad Gateway", "the tunnel could not take the request\n")
             return
         if self._head_timer is not None:
@@ -488,8 +487,9 @@ class HttpBridge(BadBodyMixin, TcpBridge):
         if self.bytes_down - self._mark == unsent:  # nothing of the response went out to the visitor
             self._outq = None  # what arrived in this read is dropped with the stream
             lost, moved = isinstance(exc, ConnectionLostError), moved_away(self.ingress.server.registry, tunnel_id, exc, self.stream)
-            log.warning("http ingress: tunnel %s %s before answering; %s", printable(tunnel_id), "moved to another "
-                        "node" if moved else "went away" if lost else "reset the stream", "503" if moved else "502")
+            self.ingress.log_rate.warning(log, (tunnel_id, moved, lost), time.monotonic(), "http ingress: tunnel %s %s "
+                                          "before answering; %s", printable(tunnel_id), "moved to another node" if moved
+                                          else "went away" if lost else "reset the stream", "503" if moved else "502")
             self.detach()  # (the credit owed for bytes held while the visitor was slow goes back)
             self.reply(*(("503 Service Unavailable", "the tunnel moved to another node; try again\n") if moved else
                          ("502 Bad Gateway", "the tunnel went away before the local service answered\n" if lost

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 import random
+import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, Optional, Tuple, Union
 
 from ..addr import Address, as_address, format_peer
@@ -15,6 +16,7 @@ from ..aio.stream import VirtualStream
 from ..aio.transport import bound_address
 from ..errors import FerroTunnelError
 from ..frames import Protocol, StreamPriority
+from ..lograte import LogRate
 from ..protocol.remoteport import remote_port_capability
 from .admission import shown_id
 from .guard import AccessRefused, kind_of, refusal, route_access
@@ -64,16 +66,18 @@ class _IngressBridge(TcpBridge):
 
     def _opened(self, route: Optional[Route], result: Union[VirtualStream, FerroTunnelError, None]) -> None:
         ing = self.ingress
-        if route is None:
-            log.info("ingress %s: no session for %s; closing %s", ing.describe_bind(),
-                     shown_id(ing.tunnel_id) if ing.tunnel_id else "a tcp-capable client", format_peer(self.peer))
+        if route is None:  # (visitors can ask for these lines at will: one per kind every LOG_RATE_INTERVAL)
+            ing.log_rate.log(log, logging.INFO, "none", time.monotonic(), "ingress %s: no session for %s; closing %s",
+                             ing.describe_bind(), shown_id(ing.tunnel_id) if ing.tunnel_id else "a tcp-capable client",
+                             format_peer(self.peer))
             self.close()  # nothing was cut: a plain close
         elif isinstance(result, AccessRefused):  # the tunnel's allow list: a refused connection
             log.info("ingress %s: %s refused by tunnel %s's access rules", ing.describe_bind(), format_peer(self.peer),
                      shown_id(route.tunnel_id))
             self.abort()
         elif not isinstance(result, VirtualStream):
-            log.warning("ingress %s: cannot open a stream: %s", ing.describe_bind(), printable(str(result)))
+            ing.log_rate.warning(log, type(result), time.monotonic(), "ingress %s: cannot open a stream: %s",
+                                 ing.describe_bind(), printable(str(result)))
             self.abort()
         elif self.finished:  # the visitor left while the route was looked up
             result.abort()
@@ -106,6 +110,8 @@ class Ingress:
         self.sweeper = IdleSweeper(server.config.ingress_idle_timeout)
         self._lookups: "set[asyncio.Task[None]]" = set()
         self._where = "%s:%s" % address  # the bound address once started
+        #: Lines a visitor can cause (no session, a stream not opened): one per kind and interval.
+        self.log_rate = LogRate()
 
     def protocol_factory(self) -> TcpBridge:  # pragma: no cover - subclasses
         """A new protocol (a ``TcpBridge``) for one accepted visitor connection; each kind of
