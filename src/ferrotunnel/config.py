@@ -79,6 +79,10 @@ class StreamConfig:
     max_streams_per_session: int = 10_000
     #: Bytes a stream may have queued for sending before ``drain()`` waits.
     stream_send_buffer: int = 256 * KiB
+    #: Bytes of frames a session may have waiting for the transport (all its streams together)
+    #: before every writer waits: a peer that stops reading holds this much of our memory, not
+    #: ``stream_send_buffer`` for each of its streams.
+    session_send_limit: int = 32 * MiB
     #: Without flow control (a Rust peer): bytes buffered for one stream before the tunnel stops reading.
     stream_recv_buffer: int = 1 * MiB
     #: Flow control (extension): initial per-stream receive window announced to the peer.
@@ -130,10 +134,14 @@ class StreamConfig:
         for name in ("initial_window", "max_window"):  # beyond it: flow on at one end only, or lost credit
             if getattr(self, name) > MAX_WINDOW:
                 raise ValueError(f"{name} must be at most {MAX_WINDOW} (2^31 - 1, the protocol's largest window)")
-        for name in ("read_buffer_size", "max_streams_per_session", "stream_send_buffer", "stream_recv_buffer", "session_recv_budget",
+        for name in ("read_buffer_size", "max_streams_per_session", "stream_send_buffer", "session_send_limit",
+                     "stream_recv_buffer", "session_recv_budget",
                      "max_handshake_frame", "max_control_frame", "max_queued_output", "max_accept_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.session_send_limit < self.stream_send_buffer:
+            raise ValueError(f"session_send_limit ({self.session_send_limit}) must be at least stream_send_buffer "
+                             f"({self.stream_send_buffer})")
         if self.session_recv_limit < max(self.session_recv_budget, self.initial_window):
             raise ValueError(f"session_recv_limit ({self.session_recv_limit}) must be at least session_recv_budget "
                              f"({self.session_recv_budget}) and initial_window ({self.initial_window}): raise it with them")

@@ -30,6 +30,9 @@ from .transport import tune_socket
 #: one per connection).
 _unreachable = LogRate()
 
+#: Smallest read from a forwarded TCP connection while its session is near ``session_send_limit``
+#: (reads are cut to the room left; a writer over the limit then waits, so one read is all it adds).
+MIN_CAPPED_READ = 16 * 1024
 #: Largest read from a forwarded TCP connection (reads adapt between MIN_READ and this).
 BRIDGE_READ_SIZE = 1024 * 1024
 #: A forwarded connection's first read size (a read that fills half of it makes the next ones
@@ -235,7 +238,12 @@ class TcpBridge(asyncio.BufferedProtocol):
     # -- TCP side
     def get_buffer(self, sizehint: int) -> memoryview:
         # data lands behind room for a Data frame header, so a small read can leave as one frame
-        self._rbuf = buf = acquire_bytes(self._read_size)
+        size, stream = self._read_size, self.stream
+        if stream is not None and size > MIN_CAPPED_READ:  # no read past the session's send limit
+            room = stream.send_room()
+            if room < size:
+                size = room if room > MIN_CAPPED_READ else MIN_CAPPED_READ
+        self._rbuf = buf = acquire_bytes(size)
         return memoryview(buf)[DATA_HEADER_SIZE:]
 
     def read_buffer(self) -> bytearray:

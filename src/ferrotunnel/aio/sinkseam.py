@@ -131,3 +131,9 @@ class SinkSeam:
     def request_writable(self) -> None:
         """Have ``sink.tunnel_writable()`` called once the send buffer has room again."""
         self._conn.core.wait_writable(self._st)
+
+    def send_room(self) -> int:
+        """Bytes the session may still queue before its writers wait (``session_send_limit``): a
+        sink reads no more than this at a time from its source (``bridge.MIN_CAPPED_READ`` at least)."""
+        core = self._conn.core
+        return core.send_limit - core.session_queued()

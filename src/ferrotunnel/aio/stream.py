@@ -397,7 +397,7 @@ class VirtualStream(SinkSeam):
                     self._writer = w if w and w is not fut else None
             if self._exc is not None:
                 raise self._exc
-            if self._st.done or core.queued(self._st) < (below or core.config.stream_send_buffer):
+            if self._st.done or (core.queued(self._st) < below if below else core.writable(self._st)):
                 return
 
     async def drain(self) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import Any, Dict, List, Optional, Sequence, Set
+from typing import Any, Dict, Optional, Sequence, Set
 
 from ..config import StreamConfig
 from ..lograte import LogRate
@@ -20,6 +20,7 @@ from ..scheduler import PriorityScheduler
 from .drain import DrainMixin
 from .publicurls import PublicUrlsMixin
 from .tunnels import TunnelsMixin, clean_text
+from .writers import WritersMixin
 from .extensions import EXT_CAPABILITY, Negotiated, negotiate, plugin_handlers
 from .flow import FLOW_PLUGIN_ID, MAX_WINDOW, FlowWindows, RecvAccount, decode_credit, encode_credit
 from .keepalive import Keepalive
@@ -35,7 +36,7 @@ log = logging.getLogger("ferrotunnel.core")
 RESET_MEMORY = 1024
 
 
-class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
+class SessionCore(WritersMixin, DrainMixin, PublicUrlsMixin, TunnelsMixin):
     """One session's protocol state machine (after the handshake).
 
     ``negotiated`` (from the handshake) or the peer's raw ``peer_capabilities`` say which
@@ -75,7 +76,7 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         self._peer_resets = TokenBucket(config.max_peer_resets_per_second, 1.0, now)
         # unbound functions (a bound method here would make a reference cycle)
         self._plugins = {pid: getattr(type(self), name) for pid, name in plugin_handlers(self.negotiated).items()}
-        self._blocked: Dict[CoreStream, int] = {}
+        self.init_writers()
         self._reset_sent: Set[int] = set()
         self._warn: Optional[LogRate] = None  # (made at the first refusal)
         self.closed = False
@@ -307,24 +308,6 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         sched.drained_bytes += n + DATA_HEADER_SIZE
         return True
 
-    def queued(self, st: CoreStream) -> int:
-        """Bytes of this stream not yet handed to the transport."""
-        return st.pending_bytes + self.sched.stream_pending(st.id)
-
-    def writable(self, st: CoreStream) -> bool:
-        """Whether a writer may queue more (below the stream's send buffer)."""
-        return st.state is CLOSED or self.queued(st) < self.config.stream_send_buffer
-
-    def wait_writable(self, st: CoreStream, below: Optional[int] = None) -> None:
-        """Ask for ``on_stream_writable`` once the stream has fewer than ``below`` bytes queued
-        (default: its send buffer; 1 means fully handed to the transport), or is done."""
-        limit = self.config.stream_send_buffer if below is None else below
-        if st.state is CLOSED or self.queued(st) < limit:
-            self._blocked.pop(st, None)
-            self.listener.on_stream_writable(st)
-        else:
-            self._blocked[st] = limit
-
     def send_eof(self, st: CoreStream) -> None:
         """Half-close: CloseStream(Normal) after everything already written."""
         if st.write_shut or st.state is CLOSED:
@@ -427,32 +410,11 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         if live:
             del self.streams[st.id]
         self.windows.removed(st, live)
-        if st in self._blocked:
-            del self._blocked[st]
-            self.listener.on_stream_writable(st)
+        self.writer_gone(st)
 
     def _control(self, frame: Any) -> None:
         self.sched.push_control(encode(frame))
         self.listener.on_output()
-
-    def _wake_writers(self, sids: Sequence[int]) -> None:
-        """Wake the writers waiting on these streams (only their queues shrank) that are now under
-        their marks: the cost follows the frames sent, not the number of streams waiting."""
-        blocked, streams, pending = self._blocked, self.streams, self.sched.stream_pending
-        for sid in sids:
-            st = streams.get(sid)
-            if st is not None and st in blocked and (st.state is CLOSED or st.pending_bytes + pending(sid) < blocked[st]):
-                del blocked[st]
-                self.listener.on_stream_writable(st)
-
-    # ------------------------------------------------------------------ output and time
-
-    def data_to_send(self, budget: int, coalesce: int) -> List[Any]:
-        touched: Optional[List[int]] = [] if self._blocked else None  # the streams whose frames left
-        out = self.sched.drain(budget, coalesce, touched)
-        if touched:
-            self._wake_writers(touched)
-        return out
 
     def tick(self, now: float) -> float:
         """Run timers; returns when to call again. Raises TunnelTimeoutError for a dead peer."""
@@ -494,5 +456,5 @@ class SessionCore(DrainMixin, PublicUrlsMixin, TunnelsMixin):
         for st in streams:
             st.move(StreamEvent.CONNECTION_LOST)
             self.listener.on_stream_reset(st, err)
-        self._blocked.clear()
+        self.waiting_writers.clear()
         self.windows.clear()
