@@ -26,7 +26,7 @@ from .flow import FLOW_PLUGIN_ID, MAX_WINDOW, FlowWindows, RecvAccount, decode_c
 from .keepalive import Keepalive
 from .listener import CoreListener
 from .ratelimit import RatePolicy, TokenBucket
-from .streams import CLOSED, HALF_CLOSED_LOCAL, OPEN, CoreStream, StreamEvent
+from .streams import CLOSED, HALF_CLOSED_LOCAL, OPEN, CoreStream, StreamEvent, kept_headers
 
 __all__ = ["SessionCore", "CoreListener", "CoreStream"]
 
@@ -214,7 +214,7 @@ class SessionCore(WritersMixin, DrainMixin, PublicUrlsMixin, TunnelsMixin):
             self._refuse(sid, "stream-open rate limit exceeded", "rate_limits.streams_per_second", "rate limit")
             return
         st = CoreStream(sid, frame.protocol, frame.priority, False, self.peer_window, self.config.initial_window,
-                        frame.headers)
+                        kept_headers(frame.headers) if frame.headers else ())
         self.streams[sid] = st
         self.windows.added(st)
         self.listener.on_stream_opened(st)

@@ -20,7 +20,25 @@ from typing import Any, Deque, Dict, Optional, Tuple
 from ..errors import FerroTunnelError
 from ..frames import Protocol, StreamPriority
 
-__all__ = ["StreamState", "StreamEvent", "transition", "StreamStateError", "CoreStream"]
+__all__ = ["StreamState", "StreamEvent", "transition", "StreamStateError", "CoreStream", "kept_headers",
+           "MAX_KEPT_HEADER_BYTES"]
+
+#: Bytes (names and values) of a peer's OpenStream headers kept with its stream for the stream's
+#: life (``VirtualStream.headers``); past them only this package's own (``ft-``) headers of up to
+#: ``MAX_KEPT_HEADER_VALUE`` characters stay. A peer may send up to the codec's ``MAX_HEADER_BYTES``.
+MAX_KEPT_HEADER_BYTES = 8 * 1024
+MAX_KEPT_HEADER_VALUE = 512
+
+
+def kept_headers(headers: Any) -> Any:
+    """``headers`` if they fit ``MAX_KEPT_HEADER_BYTES``, else the ``ft-`` ones that fit."""
+    n = 0
+    for name, value in headers:
+        n += len(name) + len(value)
+    if n <= MAX_KEPT_HEADER_BYTES:
+        return headers
+    return [(k, v) for k, v in headers if k.startswith("ft-") and len(v) <= MAX_KEPT_HEADER_VALUE
+            ][:MAX_KEPT_HEADER_BYTES // MAX_KEPT_HEADER_VALUE]
 
 
 class StreamState(enum.IntEnum):
