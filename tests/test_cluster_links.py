@@ -4,6 +4,7 @@ to the client's session, byte-exact both ways with backpressure, and one hop onl
 from __future__ import annotations
 
 import asyncio
+import logging
 import hashlib
 import os
 
@@ -220,3 +221,28 @@ def test_the_secret_never_crosses_the_wire():
         + _mac(secret, b"accept", a, b, b"node-a", b"node-b") + link_token(secret, a, b).encode()
     assert secret not in wire and secret.hex().encode() not in wire
     assert link_token(secret, a, b) != link_token(secret, b, a) != link_token(b"other", a, b)
+
+
+def test_link_streams_for_a_tunnel_not_here_cost_one_line(run, caplog):
+    """Each of them was an INFO line (a visitor on another node causes one at will): now one per
+    LOG_RATE_INTERVAL, counted."""
+    caplog.set_level(logging.INFO, logger="ferrotunnel.cluster")
+
+    async def body():
+        links = LinkServer("node-a", SECRET, ("127.0.0.1", 0), lambda tid: None)
+        await links.start()
+        pool = LinkPool("node-b", SECRET)
+        try:
+            route = await pool.route("node-a", links.address, "elsewhere")
+            for _ in range(20):
+                s = route.open_stream_nowait(ft.Protocol.TCP, ft.StreamPriority.NORMAL)
+                s.write(b"hello")
+                with pytest.raises(ft.FerroTunnelError):
+                    await asyncio.wait_for(s.read(), 10)
+            assert links.streams["no_session"] == 20
+        finally:
+            await pool.close()
+            await links.close()
+    run(body, timeout=30)
+    said = [r.getMessage() for r in caplog.records if "no local session" in r.getMessage()]
+    assert len(said) == 1, said

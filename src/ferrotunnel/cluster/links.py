@@ -41,6 +41,7 @@ from ..client.client import TunnelClient
 from ..config import ClientConfig, ServerConfig
 from ..errors import ConnectionLostError
 from ..frames import ErrorCode, Protocol, StreamPriority
+from ..lograte import LogRate
 from ..protocol.extensions import VISITOR_HEADER
 from ..server.guard import kind_of, route_access
 from ..server.registry import Route
@@ -163,6 +164,7 @@ class LinkServer:
         self._task: Optional["asyncio.Task[None]"] = None
         self._handshakes: "set[asyncio.Task[None]]" = set()
         self._preambles: "collections.Counter[str]" = collections.Counter()  # per address, in their preamble
+        self.log_rate = LogRate()  # lines a visitor can cause (one per kind every LOG_RATE_INTERVAL)
         self._refusals = RefusalLog("node link")
         #: streams that arrived over links, by outcome ("joined", "no_session", "refused")
         self.streams: Dict[str, int] = {"joined": 0, "no_session": 0, "refused": 0, "refused_access": 0}
@@ -263,8 +265,8 @@ class LinkServer:
         route = self._local_route(tunnel_id) if tunnel_id else None
         if route is None:
             self.streams["no_session"] += 1
-            log.info("node link from %s: no local session for tunnel %r; resetting the stream",
-                     stream.session.tunnel_id, tunnel_id)
+            self.log_rate.log(log, logging.INFO, "none", time.monotonic(), "node link from %s: no local session for "
+                              "tunnel %r; resetting the stream", stream.session.tunnel_id, tunnel_id)
             # a distinct code: the asking node forgets its route (the tunnel moved) and says 503, not 502
             stream.abort(ErrorCode.SESSION_NOT_FOUND, f"no session for tunnel {tunnel_id!r} on node {self.node_id}")
             return
@@ -284,7 +286,8 @@ class LinkServer:
             target = route.open_stream_nowait(stream.protocol, stream.priority, visitor, headers.get(HEADER_HOST))
         except Exception as exc:  # the session is at a limit or closing: the visitor sees a reset
             self.streams["refused"] += 1
-            log.warning("node link: cannot open a stream to tunnel %s: %s", tunnel_id, exc)
+            self.log_rate.warning(log, type(exc), time.monotonic(), "node link: cannot open a stream to tunnel %s: %s",
+                                  tunnel_id, exc)
             stream.abort()
             return
         self.streams["joined"] += 1
