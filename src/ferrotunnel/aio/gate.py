@@ -10,7 +10,9 @@ import collections
 import logging
 import socket
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
+
+from ..lograte import LogRate
 
 __all__ = ["RefusalLog", "ConnectionGate", "FdHeadroom", "Admitted", "soft_fd_limit"]
 
@@ -28,19 +30,12 @@ class RefusalLog:
         self.what = what
         self.interval = interval
         self.counts: Dict[str, int] = collections.Counter()
-        self._logged: Dict[Tuple[str, str], float] = {}
+        self._rate = LogRate(interval, self.MAX_TRACKED)
 
     def due(self, host: str, limit: str) -> bool:
         """Count one refusal; True when it should be logged (once per address, limit and interval)."""
         self.counts[limit] += 1
-        now = time.monotonic()
-        key = (host, limit)
-        if now - self._logged.get(key, -self.interval) < self.interval:
-            return False
-        if len(self._logged) >= self.MAX_TRACKED:
-            self._logged.clear()
-        self._logged[key] = now
-        return True
+        return self._rate.due((host, limit), time.monotonic()) >= 0
 
     def refuse(self, host: str, limit: str, why: str) -> bool:
         """Count and maybe log one refusal; returns False (the answer to "admit?")."""
