@@ -286,7 +286,7 @@ class LinkServer:
             target = route.open_stream_nowait(stream.protocol, stream.priority, visitor, headers.get(HEADER_HOST))
         except Exception as exc:  # the session is at a limit or closing: the visitor sees a reset
             self.streams["refused"] += 1
-            self.log_rate.warning(log, type(exc), time.monotonic(), "node link: cannot open a stream to tunnel %s: %s",
+            self.log_rate.warning(log, repr(type(exc)), time.monotonic(), "node link: cannot open a stream to tunnel %s: %s",
                                   tunnel_id, exc)
             stream.abort()
             return

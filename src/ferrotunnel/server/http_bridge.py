@@ -347,7 +347,7 @@ class HttpBridge(BadBodyMixin, TcpBridge):
             self._reject(result.status, result.reason, fwd[:fwd.find(b"\r\n")])
             return
         if not isinstance(result, VirtualStream):
-            self.ingress.log_rate.warning(log, type(result), time.monotonic(), "http ingress: cannot open a stream to "
+            self.ingress.log_rate.warning(log, repr(type(result)), time.monotonic(), "http ingress: cannot open a stream to "
                                           "tunnel %s: %s", printable(tunnel_id), printable(str(result)))
             self.reply("502 Bad Gateway", "the tunnel could not take the request\n")
             return

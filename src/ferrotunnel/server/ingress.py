@@ -76,7 +76,7 @@ class _IngressBridge(TcpBridge):
                      shown_id(route.tunnel_id))
             self.abort()
         elif not isinstance(result, VirtualStream):
-            ing.log_rate.warning(log, type(result), time.monotonic(), "ingress %s: cannot open a stream: %s",
+            ing.log_rate.warning(log, repr(type(result)), time.monotonic(), "ingress %s: cannot open a stream: %s",
                                  ing.describe_bind(), printable(str(result)))
             self.abort()
         elif self.finished:  # the visitor left while the route was looked up
