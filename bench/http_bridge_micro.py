@@ -52,7 +52,7 @@ def setup(bridge: TcpBridge) -> TcpBridge:
     bridge.transport = Transport()
     if isinstance(bridge, HttpBridge):  # as after a first request routed to tunnel "web"
         state = {"_seen": (b"web", "web", forwarded_lines(b"127.0.0.1", b"http", b"web")),
-                 "_tracker": http_framing.ResponseTracker(), "_tunnel": "web", "_client": "127.0.0.1"}
+                 "tracker": http_framing.ResponseTracker(), "_tunnel": "web", "_client": "127.0.0.1"}
         for name, value in state.items():
             setattr(bridge, name, value)
     return bridge
