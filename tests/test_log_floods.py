@@ -6,6 +6,7 @@ per stream, and each visitor of a tunnel whose local service was down one WARNIN
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import socket
@@ -60,33 +61,45 @@ def test_streams_refused_by_the_open_rate_cost_one_line(caplog):
     assert len(client.streams) <= 2 and len(said) == 1 and "rate" in said[0], said
 
 
-def test_visitors_of_an_unreachable_local_service_cost_one_line(run, caplog):
-    caplog.set_level(logging.WARNING, logger="ferrotunnel")
+@contextlib.contextmanager
+def _down_service():
+    """An address that refuses connections: bound, never listening."""
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
-    down = hole.getsockname()  # bound, never listening: connects are refused
-
-    async def body():
-        async with ft.TunnelServer(("127.0.0.1", 0), TOKEN) as server, \
-                ft.TcpIngress(server, ("127.0.0.1", 0), "down") as ingress:
-            client = ft.TunnelClient("%s:%d" % server.address, TOKEN, tunnel_id="down", local_addr=down)
-            await client.connect()
-            try:
-                for _ in range(30):
-                    r, w = await asyncio.open_connection(*ingress.address)
-                    w.write(b"hello")
-                    try:  # the stream is reset: EOF, or a reset if "hello" was still unread
-                        assert await asyncio.wait_for(r.read(), 10) == b""
-                    except ConnectionResetError:
-                        pass
-                    w.close()
-            finally:
-                await client.close()
-
     try:
-        run(body, timeout=60)
+        yield hole.getsockname()
     finally:
         hole.close()
+
+
+async def _visits(ingress_cls, tunnel_id: str, down, visit) -> None:
+    """A server with an ingress of ``ingress_cls`` and a client of ``tunnel_id`` forwarding to
+    ``down``; ``visit(ingress address)`` 30 times."""
+    async with ft.TunnelServer(("127.0.0.1", 0), TOKEN) as server, \
+            ingress_cls(server, ("127.0.0.1", 0), *([tunnel_id] if ingress_cls is ft.TcpIngress else [])) as ingress:
+        client = ft.TunnelClient("%s:%d" % server.address, TOKEN, tunnel_id=tunnel_id, local_addr=down)
+        await client.connect()
+        try:
+            for _ in range(30):
+                await visit(ingress.address)
+        finally:
+            await client.close()
+
+
+def test_visitors_of_an_unreachable_local_service_cost_one_line(run, caplog):
+    caplog.set_level(logging.WARNING, logger="ferrotunnel")
+
+    async def visit(address):
+        r, w = await asyncio.open_connection(*address)
+        w.write(b"hello")
+        try:  # the stream is reset: EOF, or a reset if "hello" was still unread
+            assert await asyncio.wait_for(r.read(), 10) == b""
+        except ConnectionResetError:
+            pass
+        w.close()
+
+    with _down_service() as down:
+        run(lambda: _visits(ft.TcpIngress, "down", down, visit), timeout=60)
     said = _lines(caplog, "cannot reach local service")
     assert len(said) == 1, said
     assert re.search(r"cannot reach local service 127\.0\.0\.1:\d+", said[0])
@@ -110,28 +123,15 @@ def test_visitors_of_a_tunnel_with_no_session_cost_one_line(run, caplog):
 
 def test_http_requests_to_an_unreachable_local_service_cost_one_line(run, caplog):
     caplog.set_level(logging.WARNING, logger="ferrotunnel")
-    hole = socket.socket()
-    hole.bind(("127.0.0.1", 0))
-    down = hole.getsockname()
 
-    async def body():
-        async with ft.TunnelServer(("127.0.0.1", 0), TOKEN) as server, \
-                ft.HttpIngress(server, ("127.0.0.1", 0)) as ingress:
-            client = ft.TunnelClient("%s:%d" % server.address, TOKEN, tunnel_id="web", local_addr=down)
-            await client.connect()
-            try:
-                for _ in range(30):
-                    r, w = await asyncio.open_connection(*ingress.address)
-                    w.write(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
-                    answer = await asyncio.wait_for(r.read(), 10)
-                    assert answer.startswith(b"HTTP/1.1 502"), answer[:100]
-                    w.close()
-            finally:
-                await client.close()
+    async def visit(address):
+        r, w = await asyncio.open_connection(*address)
+        w.write(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        answer = await asyncio.wait_for(r.read(), 10)
+        assert answer.startswith(b"HTTP/1.1 502"), answer[:100]
+        w.close()
 
-    try:
-        run(body, timeout=60)
-    finally:
-        hole.close()
+    with _down_service() as down:
+        run(lambda: _visits(ft.HttpIngress, "web", down, visit), timeout=60)
     said = _lines(caplog, "before answering")
     assert len(said) == 1, said
