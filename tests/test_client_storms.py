@@ -41,7 +41,8 @@ def test_a_server_sending_every_session_away_gets_no_reconnect_storm(run, caplog
     retiring_max = []
 
     async def body():
-        cfg = ft.ClientConfig(backoff=ft.BackoffConfig(base=0.2, factor=2, jitter=0))
+        # (max_attempts=1: a drain is no failed attempt, the client never gives up for drains)
+        cfg = ft.ClientConfig(backoff=ft.BackoffConfig(base=0.2, factor=2, jitter=0, max_attempts=1))
         async with ft.TunnelServer(("127.0.0.1", 0), TOKEN) as server:
             client = ft.TunnelClient("%s:%d" % server.address, TOKEN, tunnel_id="storm", config=cfg)
             task = asyncio.create_task(client.connect_and_run())
@@ -50,6 +51,7 @@ def test_a_server_sending_every_session_away_gets_no_reconnect_storm(run, caplog
                     assert s.send_drain()
                     retiring_max.append(len(client._retiring))
                 seen = await _each_new_session(server, away, 3.0)
+                assert not task.done(), task.exception()
             finally:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

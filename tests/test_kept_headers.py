@@ -33,3 +33,10 @@ def test_headers_that_fit_are_kept_as_they_came():
     few = [("ft-visitor", "198.51.100.1:1"), ("x-app", "a" * 3000), ("x-other", "b" * 3000)]
     assert list(_open(client, 2, few).headers) == few
     assert _open(client, 4, []).headers == ()
+
+
+def test_long_names_of_our_own_headers_count_too():
+    client, server, rc, rs = pair()
+    sneaky = [(f"ft-{i}-" + "a" * 3900, "v") for i in range(16)] + [("ft-visitor", "192.0.2.9:9")]
+    st = _open(client, 2, sneaky)
+    assert list(st.headers) == [("ft-visitor", "192.0.2.9:9")]

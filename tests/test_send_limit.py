@@ -92,3 +92,22 @@ def test_a_peer_that_stops_reading_holds_at_most_the_session_limit(run):
             mute.close()
 
     run(body, timeout=120)
+
+
+def test_writers_held_by_the_limit_go_on_when_a_reset_drops_the_frames():
+    """The frames holding the session at its limit can leave without ``data_to_send``: the peer
+    resets their streams and they are dropped. The writers held only by the limit go on then
+    (before, they waited for the next frame to go out: a heartbeat, up to 30 s later)."""
+    client, server, rc, rs = pair(flow=False, stream_send_buffer=64 * KiB, session_send_limit=256 * KiB)
+    streams = [server.open_stream() for _ in range(6)]
+    server.data_to_send(1 << 20, 1 << 20)  # the OpenStreams leave
+    for st in streams[:4]:
+        server.send(st, b"x" * (64 * KiB))
+    fresh = streams[5]
+    woken = []
+    rs.on_stream_writable = woken.append
+    server.wait_writable(fresh)
+    assert woken == [] and server.send_capped
+    for st in streams[:3]:  # the peer resets three of the four
+        server.receive(F.encode(F.Error(st.id, F.ErrorCode.INTERNAL_SERVER_ERROR, "gone")), 2.0)
+    assert woken == [fresh] and not server.send_capped

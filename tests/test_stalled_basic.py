@@ -83,3 +83,26 @@ def test_a_session_over_its_budget_resets_the_stream_holding_the_most(run):
             assert len(reset) == 1 and not closed, [f.exception for f in flooded]  # one was enough
 
     run(body, timeout=60)
+
+
+def test_the_budget_resets_no_open_stream_when_ended_streams_hold_the_excess():
+    """Bytes of streams that already ended (their readers are slow) count in what the session
+    holds, but resetting an open stream frees none of them: no open stream is reset then (before,
+    one was every ``stalled_stream_timeout``, whatever little it held)."""
+    from test_core import pair, pump
+
+    client, server, rc, rs = pair(flow=False, window=4096, stream_recv_buffer=128 * KiB,
+                                  session_recv_budget=64 * KiB, stalled_stream_timeout=0.5)
+    rc.auto_consume = False
+    done = server.open_stream()
+    server.send(done, b"a" * (100 * KiB))
+    server.send_eof(done)
+    live = server.open_stream()
+    server.send(live, b"b" * (10 * KiB))
+    pump(server, client)
+    ended = next(st for st in rc.opened if st.id == done.id)
+    client.send_eof(ended)  # both halves ended: it leaves the session, its 100 KiB unread stays counted
+    assert ended.id not in client.streams and client.windows.total_unread == 110 * KiB
+    client.tick(1.0)
+    client.tick(3.0)
+    assert rc.resets == {}, rc.resets

@@ -243,6 +243,8 @@ class TcpBridge(asyncio.BufferedProtocol):
             room = stream.send_room()
             if room < size:
                 size = room if room > MIN_CAPPED_READ else MIN_CAPPED_READ
+                self._rbuf = buf = acquire_bytes(size)
+                return memoryview(buf)[DATA_HEADER_SIZE:size]  # (the pool may hand out a bigger one)
         self._rbuf = buf = acquire_bytes(size)
         return memoryview(buf)[DATA_HEADER_SIZE:]
 

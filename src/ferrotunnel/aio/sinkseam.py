@@ -136,4 +136,4 @@ class SinkSeam:
         """Bytes the session may still queue before its writers wait (``session_send_limit``): a
         sink reads no more than this at a time from its source (``bridge.MIN_CAPPED_READ`` at least)."""
         core = self._conn.core
-        return core.send_limit - core.session_queued()
+        return core.send_limit - core.sched.pending_bytes

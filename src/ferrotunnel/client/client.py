@@ -301,6 +301,8 @@ class TunnelClient:
         the server says where visitors reach the tunnel (see ``public_urls``); then
         ``on_registered(tunnel, urls)`` once per tunnel of ``more_tunnels`` the session carries."""
         backoff = Backoff(self.config.backoff)
+        # a drain is no failed attempt: its waits grow on their own, never using up max_attempts
+        drains = Backoff(dataclasses.replace(self.config.backoff, max_attempts=None))
         suspects, since, quick_drains = 0, 0.0, 0
         self._on_public_urls = on_public_urls
         # no local for the task: a traceback holding this frame would make a cycle through it
@@ -341,12 +343,13 @@ class TunnelClient:
                 lived = time.monotonic() - started
                 if lived >= backoff.config.stable_after:
                     backoff.reset()  # a session that lasted: the delays start over
+                    drains.reset()
                     quick_drains = 0
                 if moved:  # the server's node is leaving: a new session at once, unless it keeps doing so
                     quick_drains += lived < backoff.config.stable_after
                     if quick_drains <= DRAIN_MOVES_AT_ONCE:
                         continue
-                    await self._wait_retry(backoff, ConnectionLostError(
+                    await self._wait_retry(drains, ConnectionLostError(
                         f"the server sent {quick_drains} sessions in a row away (drain) within "
                         f"{backoff.config.stable_after:g}s of their start"))
                     continue

@@ -228,14 +228,16 @@ class FlowWindows:
         """Streams to reset, without flow control: those over ``stream_recv_buffer`` for longer than
         ``timeout``; and when the session has held more than ``session_recv_budget`` that long (no
         stream over its own buffer, or not yet), the one holding the most unread (then the clock
-        starts over for the next one)."""
+        starts over for the next one) -- when the open streams hold enough to bring the session
+        under its budget (bytes of streams already ended, held by slow readers, are not theirs)."""
         out = [sid for sid, since in self.over_limit.items() if now - since > timeout]
         since = self.budget_since
         if since is not None and now - since > timeout and streams:
-            most = max(streams.values(), key=_unread)
-            if most.unread and most.id not in out:
-                out.append(most.id)
             self.budget_since = now
+            if sum(map(_unread, streams.values())) >= self.total_unread - self.budget:
+                most = max(streams.values(), key=_unread)
+                if most.unread and most.id not in out:
+                    out.append(most.id)
         return out
 
     def stall_deadline(self, timeout: float) -> float:

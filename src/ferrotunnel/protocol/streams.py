@@ -23,9 +23,10 @@ from ..frames import Protocol, StreamPriority
 __all__ = ["StreamState", "StreamEvent", "transition", "StreamStateError", "CoreStream", "kept_headers",
            "MAX_KEPT_HEADER_BYTES"]
 
-#: Bytes (names and values) of a peer's OpenStream headers kept with its stream for the stream's
-#: life (``VirtualStream.headers``); past them only this package's own (``ft-``) headers of up to
-#: ``MAX_KEPT_HEADER_VALUE`` characters stay. A peer may send up to the codec's ``MAX_HEADER_BYTES``.
+#: Characters (names and values) of a peer's OpenStream headers kept with its stream for the
+#: stream's life (``VirtualStream.headers``); past them only this package's own (``ft-``) headers
+#: of up to ``MAX_KEPT_HEADER_VALUE`` characters each (name and value) stay, as many as fit. A peer
+#: may send up to the codec's ``MAX_HEADER_BYTES``.
 MAX_KEPT_HEADER_BYTES = 8 * 1024
 MAX_KEPT_HEADER_VALUE = 512
 
@@ -37,8 +38,13 @@ def kept_headers(headers: Any) -> Any:
         n += len(name) + len(value)
     if n <= MAX_KEPT_HEADER_BYTES:
         return headers
-    return [(k, v) for k, v in headers if k.startswith("ft-") and len(v) <= MAX_KEPT_HEADER_VALUE
-            ][:MAX_KEPT_HEADER_BYTES // MAX_KEPT_HEADER_VALUE]
+    out, n = [], 0
+    for name, value in headers:
+        m = len(name) + len(value)
+        if name.startswith("ft-") and m <= MAX_KEPT_HEADER_VALUE and n + m <= MAX_KEPT_HEADER_BYTES:
+            out.append((name, value))
+            n += m
+    return out
 
 
 class StreamState(enum.IntEnum):

@@ -64,10 +64,13 @@ class WritersMixin:
             self.waiting_writers[st] = below
 
     def writer_gone(self, st: CoreStream) -> None:
-        """``st`` left the session: its writer, if one waits, is woken (it sees the stream done)."""
+        """``st`` left the session: its writer, if one waits, is woken (it sees the stream done); its
+        frames may have been dropped with it (a reset), which may end the session's wait too."""
         if st in self.waiting_writers:
             del self.waiting_writers[st]
             self.listener.on_stream_writable(st)
+        if self.send_capped and self.sched.pending_bytes <= self.send_limit // 2:
+            self._wake_capped()
 
     def _wake_writers(self, sids: Sequence[int]) -> None:
         """Wake the writers waiting on these streams (only their queues shrank) that are now under
@@ -89,8 +92,8 @@ class WritersMixin:
         self.send_capped = False
         waiting, pending = self.waiting_writers, self.sched.stream_pending
         for st, mark in list(waiting.items()):
-            if st.state is CLOSED or st.pending_bytes + pending(st.id) < mark:
-                del waiting[st]
+            if st in waiting and (st.state is CLOSED or st.pending_bytes + pending(st.id) < mark):
+                del waiting[st]  # (a writer woken before may have ended another: it is gone then)
                 self.listener.on_stream_writable(st)
 
     def data_to_send(self, budget: int, coalesce: int) -> List[Any]:
