@@ -36,26 +36,40 @@ async def _each_new_session(server: ft.TunnelServer, act, seconds: float) -> lis
     return seen
 
 
+async def _client_meets(backoff: ft.BackoffConfig, tunnel_id: str, act, seconds: float, check=None) -> list:
+    """A server, and a client with ``backoff`` running ``connect_and_run`` against it while
+    ``act(session)`` runs for each new server-side session for ``seconds``; the sessions seen.
+    ``check(client, task)`` runs before the client is stopped."""
+    async with ft.TunnelServer(("127.0.0.1", 0), TOKEN) as server:
+        client = ft.TunnelClient("%s:%d" % server.address, TOKEN, tunnel_id=tunnel_id,
+                                 config=ft.ClientConfig(backoff=backoff))
+        task = asyncio.create_task(client.connect_and_run())
+        try:
+            seen = await _each_new_session(server, lambda s: act(client, s), seconds)
+            if check is not None:
+                check(client, task)
+            return seen
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await client.close()
+
+
 def test_a_server_sending_every_session_away_gets_no_reconnect_storm(run, caplog):
     caplog.set_level(logging.WARNING, logger="ferrotunnel.client")
     retiring_max = []
 
     async def body():
+        def away(client, s):
+            assert s.send_drain()
+            retiring_max.append(len(client._retiring))
+
+        def still_running(client, task):
+            assert not task.done(), task.exception()
+
         # (max_attempts=1: a drain is no failed attempt, the client never gives up for drains)
-        cfg = ft.ClientConfig(backoff=ft.BackoffConfig(base=0.2, factor=2, jitter=0, max_attempts=1))
-        async with ft.TunnelServer(("127.0.0.1", 0), TOKEN) as server:
-            client = ft.TunnelClient("%s:%d" % server.address, TOKEN, tunnel_id="storm", config=cfg)
-            task = asyncio.create_task(client.connect_and_run())
-            try:
-                def away(s):
-                    assert s.send_drain()
-                    retiring_max.append(len(client._retiring))
-                seen = await _each_new_session(server, away, 3.0)
-                assert not task.done(), task.exception()
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                await client.close()
+        seen = await _client_meets(ft.BackoffConfig(base=0.2, factor=2, jitter=0, max_attempts=1), "storm", away,
+                                   3.0, still_running)
         # DRAIN_MOVES_AT_ONCE sessions at once, then 0.2, 0.4, 0.8, 1.6 s apart: about 7 in 3 s
         assert 4 <= len(seen) <= 12, f"{len(seen)} sessions in 3 s"
         assert max(retiring_max) <= client_mod.MAX_RETIRING, retiring_max
@@ -68,16 +82,8 @@ def test_sessions_that_end_at_once_let_the_backoff_grow(run, caplog):
     caplog.set_level(logging.WARNING, logger="ferrotunnel.client")
 
     async def body():
-        cfg = ft.ClientConfig(backoff=ft.BackoffConfig(base=0.1, factor=2, jitter=0, stable_after=5))
-        async with ft.TunnelServer(("127.0.0.1", 0), TOKEN) as server:
-            client = ft.TunnelClient("%s:%d" % server.address, TOKEN, tunnel_id="short", config=cfg)
-            task = asyncio.create_task(client.connect_and_run())
-            try:
-                seen = await _each_new_session(server, lambda s: s.close(), 2.5)
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                await client.close()
+        seen = await _client_meets(ft.BackoffConfig(base=0.1, factor=2, jitter=0, stable_after=5), "short",
+                                   lambda client, s: s.close(), 2.5)
         assert 3 <= len(seen) <= 6, f"{len(seen)} sessions in 2.5 s"  # 0.1 + 0.2 + 0.4 + 0.8 + 1.6 s
 
     run(body, timeout=60)
@@ -90,17 +96,9 @@ def test_a_session_that_lasted_starts_the_delays_over(run, caplog):
     caplog.set_level(logging.WARNING, logger="ferrotunnel.client")
 
     async def body():
-        cfg = ft.ClientConfig(backoff=ft.BackoffConfig(base=0.1, factor=4, jitter=0, stable_after=0.3))
-        async with ft.TunnelServer(("127.0.0.1", 0), TOKEN) as server:
-            client = ft.TunnelClient("%s:%d" % server.address, TOKEN, tunnel_id="steady", config=cfg)
-            task = asyncio.create_task(client.connect_and_run())
-            loop = asyncio.get_running_loop()
-            try:
-                await _each_new_session(server, lambda s: loop.call_later(0.4, s.close), 2.0)
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                await client.close()
+        loop = asyncio.get_running_loop()
+        await _client_meets(ft.BackoffConfig(base=0.1, factor=4, jitter=0, stable_after=0.3), "steady",
+                            lambda client, s: loop.call_later(0.4, s.close), 2.0)
 
     run(body, timeout=60)
     delays = re.findall(r"reconnecting in ([0-9.]+)s", caplog.text)
