@@ -4,6 +4,7 @@ to the client's session, byte-exact both ways with backpressure, and one hop onl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import hashlib
 import os
@@ -108,27 +109,39 @@ def _has_ipv6_loopback() -> bool:
         return False
 
 
+@contextlib.asynccontextmanager
+async def _link_to_nowhere(host: str):
+    """A link server (node-a) with no local session at all, and a pool (node-b) holding its route
+    for tunnel "elsewhere": (links, pool, route)."""
+    links = LinkServer("node-a", SECRET, (host, 0), lambda tid: None)
+    await links.start()
+    pool = LinkPool("node-b", SECRET)
+    try:
+        yield links, pool, await pool.route("node-a", links.address, "elsewhere")
+    finally:
+        await pool.close()
+        await links.close()
+
+
+async def _refused_over(route) -> None:
+    """A stream carried over the link is refused there (no session for its tunnel)."""
+    s = route.open_stream_nowait(ft.Protocol.TCP, ft.StreamPriority.NORMAL)
+    s.write(b"hello")
+    with pytest.raises(ft.FerroTunnelError):
+        await asyncio.wait_for(s.read(), 10)
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", pytest.param("::1", marks=pytest.mark.skipif(
     not _has_ipv6_loopback(), reason="no IPv6 loopback"))])
 def test_a_link_stream_for_a_tunnel_not_here_is_reset_never_forwarded_again(run, host):
     """Also: a node reached at an IPv6 address gets its link (the link's client is given the
     address as a tuple, never as "HOST:PORT" text an IPv6 host cannot be written in)."""
     async def body():
-        links = LinkServer("node-a", SECRET, (host, 0), lambda tid: None)
-        await links.start()
-        pool = LinkPool("node-b", SECRET)
-        try:
+        async with _link_to_nowhere(host) as (links, pool, route):
             assert links.address[0] == host
-            route = await pool.route("node-a", links.address, "elsewhere")
             assert route is not None and pool.failures == 0 and list(pool.links()) == ["node-a"]
-            s = route.open_stream_nowait(ft.Protocol.TCP, ft.StreamPriority.NORMAL)
-            s.write(b"hello")
-            with pytest.raises(ft.FerroTunnelError):  # carried over the link, refused there
-                await asyncio.wait_for(s.read(), 10)
+            await _refused_over(route)
             assert links.streams["no_session"] == 1
-        finally:
-            await pool.close()
-            await links.close()
     run(body, timeout=30)
 
 
@@ -229,20 +242,10 @@ def test_link_streams_for_a_tunnel_not_here_cost_one_line(run, caplog):
     caplog.set_level(logging.INFO, logger="ferrotunnel.cluster")
 
     async def body():
-        links = LinkServer("node-a", SECRET, ("127.0.0.1", 0), lambda tid: None)
-        await links.start()
-        pool = LinkPool("node-b", SECRET)
-        try:
-            route = await pool.route("node-a", links.address, "elsewhere")
+        async with _link_to_nowhere("127.0.0.1") as (links, pool, route):
             for _ in range(20):
-                s = route.open_stream_nowait(ft.Protocol.TCP, ft.StreamPriority.NORMAL)
-                s.write(b"hello")
-                with pytest.raises(ft.FerroTunnelError):
-                    await asyncio.wait_for(s.read(), 10)
+                await _refused_over(route)
             assert links.streams["no_session"] == 20
-        finally:
-            await pool.close()
-            await links.close()
     run(body, timeout=30)
     said = [r.getMessage() for r in caplog.records if "no local session" in r.getMessage()]
     assert len(said) == 1, said

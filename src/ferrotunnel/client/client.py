@@ -341,12 +341,13 @@ class TunnelClient:
                             on_registered(self._more[key], urls)
                 moved = await self._until_closed_or_moved(session)
                 lived = time.monotonic() - started
-                if lived >= backoff.config.stable_after:
+                short = lived < backoff.config.stable_after
+                if not short:
                     backoff.reset()  # a session that lasted: the delays start over
                     drains.reset()
                     quick_drains = 0
                 if moved:  # the server's node is leaving: a new session at once, unless it keeps doing so
-                    quick_drains += lived < backoff.config.stable_after
+                    quick_drains += short
                     if quick_drains <= DRAIN_MOVES_AT_ONCE:
                         continue
                     await self._wait_retry(drains, ConnectionLostError(
@@ -355,7 +356,7 @@ class TunnelClient:
                     continue
                 conn = self._conn
                 reason = conn.close_exc if conn is not None else None
-                if lived < backoff.config.stable_after:  # (the delays keep growing: say why)
+                if short:  # (the delays keep growing: say why)
                     said = describe_error(reason) if reason is not None else "the server ended the session"
                     reason = ConnectionLostError(f"{said} {lived:.1f}s after the handshake")
                 await self._wait_retry(backoff, reason or ConnectionLostError("session ended"))

@@ -420,7 +420,8 @@ class SessionCore(WritersMixin, DrainMixin, PublicUrlsMixin, TunnelsMixin):
         """Run timers; returns when to call again. Raises TunnelTimeoutError for a dead peer."""
         self._now = now
         windows = self.windows
-        if windows.over_limit or windows.budget_since is not None:  # no flow control: a stalled reader costs its stream
+        stalling = windows.over_limit or windows.budget_since is not None
+        if stalling:  # without flow control: a reader stalled this long costs its stream
             timeout = self.config.stalled_stream_timeout
             for sid in windows.stalled(now, timeout, self.streams):
                 st = self.streams.get(sid)
@@ -430,7 +431,7 @@ class SessionCore(WritersMixin, DrainMixin, PublicUrlsMixin, TunnelsMixin):
                     self._reset(st, ErrorCode.TIMEOUT, "the reader stalled",
                                 StreamResetError(f"stream {sid}: nothing read for {timeout:g}s (stalled_stream_timeout)"))
         send, deadline = self.keepalive.tick(now)
-        if windows.over_limit or windows.budget_since is not None:
+        if stalling:
             deadline = min(deadline, max(windows.stall_deadline(self.config.stalled_stream_timeout), now + 0.05))
         if send:
             self._control(Heartbeat(int(time.time() * 1000)))

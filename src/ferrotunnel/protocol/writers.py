@@ -34,10 +34,6 @@ class WritersMixin:
         self.send_capped = False
         self.send_limit = self.config.session_send_limit
 
-    def session_queued(self) -> int:
-        """Bytes of frames waiting for the transport (what ``session_send_limit`` bounds)."""
-        return self.sched.pending_bytes
-
     def queued(self, st: CoreStream) -> int:
         """Bytes of this stream not yet handed to the transport."""
         return st.pending_bytes + self.sched.stream_pending(st.id)
