@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
+
 import ferrotunnel as ft
-from ferrotunnel.aio.transport import tune_socket
+import ferrotunnel.aio.bridge as bridge_module
+from ferrotunnel.aio.transport import is_loopback_peer, tune_socket
 
 
 def _options(fd: int) -> tuple:
@@ -82,9 +85,15 @@ def _fd_named(sockname: tuple, peername: tuple) -> int:
     raise AssertionError(f"no socket {sockname} -> {peername}")
 
 
-def test_forwarded_and_visitor_sockets_are_tuned(run) -> None:
+@pytest.mark.parametrize("remote", [False, True], ids=["loopback-service", "remote-service"])
+def test_forwarded_and_visitor_sockets_are_tuned(run, monkeypatch, remote: bool) -> None:
     """Both per-stream sockets of a tunnel (the visitor's at the ingress, the client's local
-    connection) carry keepalive with the tunnel's timings."""
+    connection) carry keepalive with the tunnel's timings; a local connection to a service on
+    loopback goes without (its probes would be answered by this host's kernel: they detect
+    nothing), and ``remote`` makes the client take the loopback service for a remote one."""
+    if remote:
+        monkeypatch.setattr(bridge_module, "is_loopback_peer", lambda peer: False)
+
     async def body() -> None:
         at_backend: list = []
 
@@ -112,7 +121,10 @@ def test_forwarded_and_visitor_sockets_are_tuned(run) -> None:
             local_peer, local_name = at_backend[0]
             forwarded = _fd_named(local_peer, local_name)  # the client's connection to the backend
             assert _options(at_ingress) == (True, True, 30, 10)
-            assert _options(forwarded) == (True, True, 30, 10)
+            if remote:
+                assert _options(forwarded) == (True, True, 30, 10)
+            else:
+                assert _options(forwarded)[:2] == (True, False)  # TCP_NODELAY (the loop's), no keepalive
             # the visitor's socket has them from the listening socket (it was accepted from it)
             assert [_options(s.fileno())[1:] for s in ingress._server.sockets] == [(True, 30, 10)]
             w.close()
@@ -140,3 +152,11 @@ def test_tune_socket_on_an_ipv6_stand_in() -> None:
             assert _options(conn.fileno())[1:] == (True, 30, 10)
             c.sendall(b"x")
             assert conn.recv(1) == b"x"  # still open: the descriptor was not taken
+
+
+def test_is_loopback_peer() -> None:
+    for peer in [("127.0.0.1", 80), ("127.5.6.7", 1), ("::1", 22, 0, 0), ("::ffff:127.0.0.1", 8080, 0, 0)]:
+        assert is_loopback_peer(peer), peer
+    for peer in [("10.0.0.1", 80), ("192.168.1.127", 1), ("::2", 22, 0, 0), ("::ffff:10.0.0.1", 1, 0, 0),
+                 ("1270.0.0.1", 1), None, (), "127.0.0.1", (b"127.0.0.1", 1)]:
+        assert not is_loopback_peer(peer), peer

@@ -24,7 +24,7 @@ from .stream import VirtualStream
 from .dial import dial
 from .readsize import MIN_READ, adapt_read_size  # noqa: F401  (MIN_READ: as before, from here too)
 from .sweeper import IDLE_TICKS, IdleSweeper  # noqa: F401  (IDLE_TICKS: as before, from here too)
-from .transport import tune_socket
+from .transport import is_loopback_peer, tune_socket
 
 #: Failed dials of a local service are logged once per address every LOG_RATE_INTERVAL (a visitor can cause
 #: one per connection).
@@ -222,9 +222,9 @@ class TcpBridge(asyncio.BufferedProtocol):
                 transport.abort()
                 return
             self._flags |= _GATED
-        else:  # a connection we dialed (an ingress's accepted ones have their listener's options: listen)
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
+        elif not is_loopback_peer(transport.get_extra_info("peername")):  # (see is_loopback_peer)
+            sock = transport.get_extra_info("socket")  # a connection we dialed (an ingress's accepted
+            if sock is not None:  # ones have their listener's options: listen)
                 tune_socket(sock)
         if self.stream is not None:
             self.attach(self.stream)

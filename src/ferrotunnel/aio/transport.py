@@ -6,7 +6,7 @@ import socket
 import ssl
 from typing import Any, Optional, Tuple, Union
 
-__all__ = ["Transport", "TcpTransport", "TlsTransport", "resolve_transport", "bound_address", "tune_socket"]
+__all__ = ["Transport", "TcpTransport", "TlsTransport", "resolve_transport", "bound_address", "tune_socket", "is_loopback_peer"]
 
 
 def tune_socket(sock: Any) -> None:
@@ -33,6 +33,18 @@ def tune_socket(sock: Any) -> None:
     finally:
         if real is not sock:
             real.detach()  # the descriptor stays the transport's
+
+
+def is_loopback_peer(peer: Any) -> bool:
+    """Whether a connection's peer address (``get_extra_info("peername")``) is on this host's
+    loopback. Keepalive on such a connection detects nothing (the probes are answered by the
+    local kernel, even for a hung process; a dead one's connections are closed by the kernel), so
+    a dialed loopback connection skips ``tune_socket``: one socket object and four system calls
+    less per forwarded stream."""
+    if not isinstance(peer, tuple) or not peer or not isinstance(peer[0], str):
+        return False
+    host = peer[0]
+    return host.startswith("127.") or host == "::1" or host.startswith("::ffff:127.")
 
 
 _AF_INET, _SOCK_STREAM, _SOL_SOCKET, _SO_KEEPALIVE, _IPPROTO_TCP = (
