@@ -18,7 +18,8 @@ on relay2, 1/16/64 streams, MB/s (10^6 B/s); CPU s/GB of both tunnel processes (
 relay2) on the 1-stream runs; 64-byte ping-pong with TCP_NODELAY, 20,000 round trips after 500
 warm-up, p50 and p99, and (no target) both processes' CPU per round trip in user space and in
 the kernel; new streams/s (connect + 64-byte echo + close) in 1 and 8 blocking threads for
-``--secs`` (and, no target, both processes' CPU per open with 1 thread); idle memory per open
+``--secs`` (and, no target, both processes' CPU per open with 1 thread, and with 8 split into
+user space and kernel); idle memory per open
 stream: RSS growth of both processes over 1,000 idle connections that each echoed one byte, on
 freshly started processes each round; TLS 1.3 between the tunnel ends: bulk 1 stream (ratio to the plaintext tunnel) and CPU s/GB; the
 pure-Python twins (FERROTUNNEL_NO_EXTENSIONS=1 on both ends): RTT p99 (ratio to the compiled
@@ -173,15 +174,20 @@ class Bench:
     def connrate(self, path, threads: int, prefix: str = "new") -> None:
         path.check()
         c0 = e2e.cpu_seconds(path.pids)
+        u0, s0 = cpu_split(path.pids)
         r = self.lg.run("connrate", "127.0.0.1", path.port, threads, self.args.secs, 10_000_000,
                         timeout=60 + 5 * self.args.secs, partial=True)
         cpu = e2e.cpu_seconds(path.pids) - c0
+        u1, s1 = cpu_split(path.pids)
         if r["fail"]:  # kept, and reported under the table: streams/s counts completed ones only
             self.meta.setdefault("failures", []).append(
                 f"{path.name}: {prefix} {threads} thread(s): {r['fail']:.0f} of {r['ok'] + r['fail']:.0f} "
                 f"stream setups failed")
         self.add(f"{prefix}_{threads}_per_s", path.name, r["conn_per_s"])
         self.add(f"{prefix}_{threads}_cpu_us_per_open", path.name, cpu / max(r["ok"], 1) * 1e6)
+        # the same split as a round trip's: user space (Python, the loop) against the kernel
+        self.add(f"{prefix}_{threads}_user_us_per_open", path.name, (u1 - u0) / max(r["ok"], 1) * 1e6)
+        self.add(f"{prefix}_{threads}_sys_us_per_open", path.name, (s1 - s0) / max(r["ok"], 1) * 1e6)
 
     def idle_memory(self, path) -> None:
         time.sleep(0.5)  # let a fresh process settle
@@ -508,6 +514,10 @@ def rows(runs: dict, many: int = FLAT_MANY) -> list:
     row("new streams: CPU per open, 1 thread", "us", m("new_1_cpu_us_per_open"), m("new_1_cpu_us_per_open", "relay2"),
         "(info) both processes", _div(m("new_1_cpu_us_per_open"), m("new_1_cpu_us_per_open", "relay2")))
     vs_relay2("new streams/s, 8 client threads", "/s", "new_8_per_s", "ge", 1.30)
+    for kind in ("user", "sys"):
+        fig = f"new_8_{kind}_us_per_open"
+        row(f"new streams, 8 threads: CPU per open, {kind}", "us", m(fig), m(fig, "relay2"),
+            "(info) both processes", _div(m(fig), m(fig, "relay2")))
     t = m("idle_kib_per_stream")
     row("idle memory per open stream, both ends", "KiB", t, m("idle_kib_per_stream", "relay2"), "<= 3.0 KiB", t,
         lambda v: v <= 3.0)
