@@ -26,8 +26,7 @@ from .readsize import MIN_READ, adapt_read_size  # noqa: F401  (MIN_READ: as bef
 from .sweeper import IDLE_TICKS, IdleSweeper  # noqa: F401  (IDLE_TICKS: as before, from here too)
 from .transport import is_loopback_peer, tune_socket
 
-#: Failed dials of a local service are logged once per address every LOG_RATE_INTERVAL (a visitor can cause
-#: one per connection).
+#: Failed dials of a local service: logged once per address every LOG_RATE_INTERVAL (visitors cause them).
 _unreachable = LogRate()
 
 #: Smallest read from a forwarded TCP connection while its session is near ``session_send_limit``
@@ -476,8 +475,10 @@ async def forward(stream: VirtualStream, address: Tuple[str, int], connect_timeo
     If the address cannot be reached the stream is reset and the ``OSError`` is raised. With
     ``wait=False`` it returns once the pipe is set up; the two protocols then run on their own,
     so an idle forwarded stream costs no coroutine or task. ``prefix`` is written to the
-    connection before the stream's bytes.
+    connection before the stream's bytes. A stream reset before its turn came is not dialed at all.
     """
+    if stream.exception is not None:  # (a visitor that came and went: no connection to the service)
+        return
     host, port = as_address(address, "address")
     bridge = TcpBridge()
     error = await dial(bridge, host, port, connect_timeout)
