@@ -22,7 +22,7 @@ from typing import Sequence
 
 import e2e
 import speed_procs as sp
-from speed import Loadgen, parse_kv  # noqa: F401  (parse_kv: Loadgen's figures)
+from speed import Loadgen, idle_growth, parse_kv  # noqa: F401  (parse_kv: Loadgen's figures)
 
 
 class SideTunnel(sp.Tunnel):
@@ -97,18 +97,10 @@ def main(argv=None) -> int:
                     add(name, "rtt_p50_us", r["p50_us"])
                     add(name, "rtt_p99_us", r["p99_us"])
                 if args.idle:
-                    import time
-
                     t.start(backend)
-                    time.sleep(0.5)
-                    before = e2e.rss_kib(t.pids)
-                    p, k = lg.idle(t.port, 1000)
-                    try:
-                        time.sleep(1.0)
-                        after = e2e.rss_kib(t.pids)
-                    finally:
-                        procs.kill(p)
-                    add(name, "idle_kib", (after - before) / max(k, 1))
+                    first, more = idle_growth(lg, procs, t, 1000)
+                    add(name, "idle_kib", first)
+                    add(name, "idle_more_kib", more)  # (see speed.idle_growth)
             print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     print(f"{'figure':<18} {'A median':>10} {'B median':>10} {'B/A':>7}   A runs | B runs")
     for fig, by in figs.items():

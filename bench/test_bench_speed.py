@@ -57,6 +57,9 @@ def _runs(**overrides):
         "rtt_sys_us_per_rt": {r2: [40.0], t: [44.0]},
         "new_1_cpu_us_per_open": {r2: [400.0], t: [800.0]},
         "idle_kib_per_stream": {r2: [4.0], t: [3.0]},
+        "idle_more_kib_per_stream": {r2: [6.0], t: [4.5]},
+        "new_8_user_us_per_open": {r2: [50.0], t: [100.0]},
+        "new_8_sys_us_per_open": {r2: [150.0], t: [90.0]},
         "flat_few_1_cpu_us_per_open": {r2: [50.0], t: [100.0]},
         "flat_many_1_cpu_us_per_open": {r2: [50.0], t: [120.0]},
         "flat_few_rtt_p50_us": {r2: [100.0], t: [100.0]},
@@ -73,17 +76,20 @@ def _runs(**overrides):
 
 def test_verdicts():
     rows = speed.rows(_runs())
-    assert len(rows) == 20
+    assert len(rows) == 23
     verdicts = {r["row"]: r["ok"] for r in rows}
     info = [r["row"] for r in rows if r["ok"] is None]
     assert info == ["RTT: CPU per round trip, user space", "RTT: CPU per round trip, kernel",
-                    "new streams: CPU per open, 1 thread",
+                    "new streams: CPU per open, 1 thread", "new streams, 8 threads: CPU per open, user",
+                    "new streams, 8 threads: CPU per open, sys", "idle memory, 1,000 more streams",
                     "pure-Python twins: new streams/s, 1 thread", "8: RTT p99, 9,990 idle open"], info
     # the CPU split rows: both paths' figures and their ratio, no verdict
     by = {r["row"]: r for r in rows}
     assert (by["RTT: CPU per round trip, user space"]["ratio"], by["RTT: CPU per round trip, kernel"]["ratio"],
             by["new streams: CPU per open, 1 thread"]["ratio"]) == (3.0, 1.1, 2.0)
     assert by["RTT: CPU per round trip, kernel"]["relay2"] == 40.0
+    assert (by["new streams, 8 threads: CPU per open, user"]["ratio"], by["new streams, 8 threads: CPU per open, sys"]
+            ["ratio"], by["idle memory, 1,000 more streams"]["ratio"]) == (2.0, 0.6, 0.75)
     assert all(v for k, v in verdicts.items() if k not in info), verdicts  # at the bound: pass
     # just past each bound: that row, and only that row, fails
     past = {
