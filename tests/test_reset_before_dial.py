@@ -8,6 +8,8 @@ import asyncio
 
 import ferrotunnel as ft
 
+from conftest import tunnel
+
 TOKEN = "reset-before-dial-token"
 
 
@@ -26,15 +28,7 @@ def test_a_stream_reset_before_its_handler_ran_is_not_dialed(run) -> None:
     async def body() -> None:
         backend = await asyncio.start_server(backend_conn, "127.0.0.1", 0, backlog=1024)
         cfg = ft.ClientConfig(local_addr=backend.sockets[0].getsockname()[:2])
-        server = ft.TunnelServer(("127.0.0.1", 0), TOKEN)
-        async with server:
-            host, port = server.address
-            client = ft.TunnelClient(f"{host}:{port}", TOKEN, tunnel_id="rb", config=cfg)
-            task = asyncio.create_task(client.connect_and_run())
-            session = await server.wait_for_session("rb", timeout=10)
-            async with asyncio.timeout(10):
-                while client.session is None:
-                    await asyncio.sleep(0.01)
+        async with tunnel(None, client_config=cfg, tunnel_id="rb", token=TOKEN) as (_, client, session):
             conn = client.session.connection
             # the client reads nothing while 200 streams are opened and then reset: it gets each
             # OpenStream and its reset in one read, before its handler task for the stream starts
@@ -54,8 +48,6 @@ def test_a_stream_reset_before_its_handler_ran_is_not_dialed(run) -> None:
                 while conn._tasks:  # every handler ran
                     await asyncio.sleep(0.01)
             assert accepted[0] == 1  # the open stream's connection only
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
         backend.close()
 
     run(body)
