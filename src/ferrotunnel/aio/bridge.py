@@ -221,9 +221,9 @@ class TcpBridge(asyncio.BufferedProtocol):
                 transport.abort()
                 return
             self._flags |= _GATED
-        elif not is_loopback_peer(transport.get_extra_info("peername")):  # (see is_loopback_peer)
-            sock = transport.get_extra_info("socket")  # a connection we dialed (an ingress's accepted
-            if sock is not None:  # ones have their listener's options: listen)
+        elif not is_loopback_peer(transport.get_extra_info("peername")):  # dialed; accepted ones: listen
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
                 tune_socket(sock)
         if self.stream is not None:
             self.attach(self.stream)

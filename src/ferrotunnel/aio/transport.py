@@ -6,7 +6,8 @@ import socket
 import ssl
 from typing import Any, Optional, Tuple, Union
 
-__all__ = ["Transport", "TcpTransport", "TlsTransport", "resolve_transport", "bound_address", "tune_socket", "is_loopback_peer"]
+__all__ = ["Transport", "TcpTransport", "TlsTransport", "resolve_transport", "bound_address", "tune_socket",
+           "is_loopback_peer"]
 
 
 def tune_socket(sock: Any) -> None:
