@@ -13,7 +13,8 @@ import socket
 import tracemalloc
 
 import ferrotunnel as ft
-from ferrotunnel.aio.bridge import TcpBridge, forward
+from ferrotunnel.aio.bridge import TcpBridge
+from ferrotunnel.aio.dial import forward
 from ferrotunnel.aio.connection import TunnelConnection
 from ferrotunnel.protocol.core import SessionCore
 from ferrotunnel.protocol.streams import CoreStream

@@ -244,6 +244,9 @@ class ClientConfig(StreamConfig):
     allow: Tuple[str, ...] = ()
     #: Serve the tunnel id together with other clients that pass pool=True (``pool/1``).
     pool: bool = False
+    #: Local connects (to ``local_addr``) made at once; the streams beyond them wait their turn, in
+    #: order, and one reset while it waits is never dialed.
+    max_connects_in_flight: int = 256
     #: The rules above, checked (derived; None when there are none).
     access: Optional[TunnelAccess] = field(init=False, repr=False, compare=False, default=None)
 
@@ -251,6 +254,9 @@ class ClientConfig(StreamConfig):
         super().__post_init__()
         object.__setattr__(self, "local_addr", as_address(self.local_addr, "local_addr"))
         object.__setattr__(self, "allow", tuple(self.allow))
+        n = self.max_connects_in_flight
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"max_connects_in_flight must be an integer of at least 1, got {n!r}")
         access = TunnelAccess.build(self.protocol, self.basic_auth, self.allow)  # ValueError on a bad one
         if not access.empty:
             if not self.extensions:

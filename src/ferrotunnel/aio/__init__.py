@@ -4,7 +4,8 @@ TCP socket. Everything here moves bytes between the protocol layer and the event
 
 from __future__ import annotations
 
-from .bridge import IdleSweeper, TcpBridge, forward
+from .bridge import IdleSweeper, TcpBridge
+from .dial import forward
 from .connection import ConnectionPhase, StreamHandler, TunnelConnection
 from .session import Multiplexer, Session, SessionStats
 from .stream import StreamSink, VirtualStream

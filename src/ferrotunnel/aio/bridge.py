@@ -11,23 +11,16 @@ import asyncio
 import logging
 import socket
 import struct
-import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
-from ..addr import as_address
 from ..errors import FerroTunnelError, StreamClosedError
 from ..frames import DATA_HEADER_SIZE
-from ..lograte import LogRate
 from ..pool import acquire_bytes, release_bytes
 from .listen import ConnectionGate
 from .stream import VirtualStream
-from .dial import dial
 from .readsize import MIN_READ, adapt_read_size  # noqa: F401  (MIN_READ: as before, from here too)
 from .sweeper import IDLE_TICKS, IdleSweeper  # noqa: F401  (IDLE_TICKS: as before, from here too)
 from .transport import is_loopback_peer, tune_socket
-
-#: Failed dials of a local service: logged once per address every LOG_RATE_INTERVAL (visitors cause them).
-_unreachable = LogRate()
 
 #: Smallest read from a forwarded TCP connection while its session is near ``session_send_limit``
 #: (reads are cut to the room left; a writer over the limit then waits, so one read is all it adds).
@@ -41,7 +34,7 @@ BRIDGE_FIRST_READ = 256 * 1024
 #: so the read buffer goes straight back.
 OWN_THRESHOLD = 16 * 1024
 
-__all__ = ["forward", "TcpBridge", "IdleSweeper"]
+__all__ = ["TcpBridge", "IdleSweeper"]  # (forward: aio/dial.py)
 
 #: Bridges piping a stream, held here until they finish. Nothing else need hold one: a bridge
 #: whose TCP side is paused (waiting for credit) with nothing to write is let go by the event loop,
@@ -466,35 +459,3 @@ class TcpBridge(asyncio.BufferedProtocol):
         fut = _WAITED.pop(self, None) if _WAITED else None
         if fut is not None and not fut.done():
             fut.set_result(None)
-
-
-async def forward(stream: VirtualStream, address: Tuple[str, int], connect_timeout: float = 10.0,
-                  wait: bool = True, prefix: bytes = b"") -> None:
-    """Pipe ``stream`` and a new TCP connection to ``address`` both ways until both ends finish.
-
-    If the address cannot be reached the stream is reset and the ``OSError`` is raised. With
-    ``wait=False`` it returns once the pipe is set up; the two protocols then run on their own,
-    so an idle forwarded stream costs no coroutine or task. ``prefix`` is written to the
-    connection before the stream's bytes. A stream reset before its turn came is not dialed at all.
-    """
-    if stream.exception is not None:  # (a visitor that came and went: no connection to the service)
-        return
-    host, port = as_address(address, "address")
-    bridge = TcpBridge()
-    error = await dial(bridge, host, port, connect_timeout)
-    if error is not None:
-        _unreachable.warning(log, (host, port), time.monotonic(), "stream %d: cannot reach local service %s:%s: %s",
-                             stream.stream_id, host, port,
-                             str(error) or f"{type(error).__name__} (connect_timeout {connect_timeout:g}s)")
-        stream.abort()
-        try:
-            raise error
-        finally:  # the traceback holds this frame: it must not hold the error back (a cycle)
-            del error
-    if log.isEnabledFor(logging.INFO):
-        log.info("stream %d (%s) forwarded to %s:%s", stream.stream_id, stream.protocol.name, host, port)
-    if prefix:  # e.g. a PROXY protocol header: before any byte of the stream
-        bridge.transport.write(prefix)
-    bridge.attach(stream)
-    if wait:
-        await bridge.done

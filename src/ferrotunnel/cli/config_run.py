@@ -154,7 +154,7 @@ async def serve_tunnels(specs: List[TunnelSpec], server: str, token: str, tls: T
                 if inspector is not None else None)
 
     def config_of(spec: TunnelSpec) -> Any:
-        config = spec.client_config()
+        config = dataclasses.replace(spec.client_config(), max_connects_in_flight=args.max_connects_in_flight)
         return dataclasses.replace(config, backoff=backoff) if backoff is not None else config
 
     def start(spec: TunnelSpec, more: Tuple[TunnelSpec, ...] = ()) -> None:
@@ -256,7 +256,7 @@ async def _start_inspector(args: argparse.Namespace) -> Any:
 
     addr = parse_addr(args.inspect, "--inspect")
     try:
-        inspector = Inspector(addr)
+        inspector = Inspector(addr, max_connects_in_flight=getattr(args, "max_connects_in_flight", 256))
         await inspector.start()
     except ValueError as exc:
         raise UsageError(f"--inspect: {exc}") from None

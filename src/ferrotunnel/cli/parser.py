@@ -211,6 +211,8 @@ def _client(sub: Any, token_help: str) -> None:
           help="serve the tunnel id together with other clients that pass --pool (visitors are spread over them)")
     f.add("--max-retries", type=positive_int, metavar="N", env_names=e("MAX_RETRIES"), show="unlimited",
           help="give up (exit 1) after N failed connection attempts in a row")
+    f.add("--max-connects-in-flight", type=positive_int, metavar="N", env_names=e("MAX_CONNECTS_IN_FLIGHT"),
+          default=256, show="256", help="connects to the local service at once; more streams wait their turn")
     f.add("--grace", type=non_negative, metavar="SECONDS", env_names=e("GRACE"), default=10.0, show="10",
           help="how long open streams may finish after SIGTERM or Ctrl-C (a second Ctrl-C exits at once)")
     f.add("--tls", kind="flag", env_names=e("CLIENT_TLS", "TLS"),

@@ -13,7 +13,7 @@ import uuid
 from typing import Any, Awaitable, Callable, Dict, Optional, Sequence, Set, Tuple, Union
 
 from ..addr import Address, as_address, format_address, parse_address
-from ..aio.bridge import forward
+from ..aio.dial import DialSlots, forward
 from ..aio.connection import StreamHandler
 from ..aio.session import Session
 from ..aio.stream import VirtualStream
@@ -118,6 +118,8 @@ class TunnelClient:
         self._retiring: Dict[ClientConnection, None] = {}  # oldest first
         self._on_public_urls: Optional[OnPublicUrls] = None
         self._runs: Set["asyncio.Task[Any]"] = set()  # tasks inside connect_and_run
+        #: The default handlers' local connects in flight, all tunnels and sessions of this client.
+        self.dial_slots = DialSlots(config.max_connects_in_flight)
 
     def __repr__(self) -> str:  # the token stays out
         return f"<TunnelClient {self.address} tunnel_id={self.tunnel_id!r}>"
@@ -216,11 +218,12 @@ class TunnelClient:
     def _default_handler(self, config: Optional[ClientConfig] = None) -> StreamHandler:
         addr = (config or self.config).local_addr
         version = (config or self.config).proxy_protocol
+        slots = self.dial_slots
 
         async def handle(stream: VirtualStream) -> None:
             prefix = header_for(version, dict(stream.headers).get(VISITOR_HEADER), addr) if version else b""
             try:
-                await forward(stream, addr, wait=False, prefix=prefix)  # the pipe runs by itself: no task per stream
+                await forward(stream, addr, wait=False, prefix=prefix, slots=slots)  # the pipe then runs by itself
             except (OSError, TimeoutError):
                 pass  # forward() logged it once and reset the stream; no traceback per stream
 

@@ -26,7 +26,7 @@ import secrets
 from importlib import resources
 from typing import Any, Dict, Optional, Set, Tuple, Union
 
-from ..aio.bridge import forward
+from ..aio.dial import MAX_CONNECTS_IN_FLIGHT, DialSlots, forward
 from ..aio.connection import StreamHandler
 from ..aio.stream import VirtualStream
 from ..frames import Protocol
@@ -110,11 +110,14 @@ class Inspector:
     """
 
     def __init__(self, bind: Address = INSPECT_BIND, *, max_requests: int = MAX_REQUESTS,
-                 body_limit: int = BODY_LIMIT, redact: bool = True, connect_timeout: float = 10.0) -> None:
+                 body_limit: int = BODY_LIMIT, redact: bool = True, connect_timeout: float = 10.0,
+                 max_connects_in_flight: int = MAX_CONNECTS_IN_FLIGHT) -> None:
         self.bind = _address(bind, "the inspector's address")
         self.log = RequestLog(max_requests, body_limit)
         self.redact = redact
         self.connect_timeout = connect_timeout
+        #: Its handlers' local connects in flight (``ClientConfig.max_connects_in_flight``'s rule).
+        self.dial_slots = DialSlots(max_connects_in_flight)
         self.token = secrets.token_urlsafe(32)
         self._etag_prefix = secrets.token_hex(4)  # a restarted inspector's tags never match the old ones
         self._server: Optional[asyncio.AbstractServer] = None
@@ -183,7 +186,8 @@ class Inspector:
             prefix = header_for(proxy_protocol, visitor, addr) if proxy_protocol else b""
             try:
                 if stream.protocol not in HTTP_PROTOCOLS:
-                    await forward(stream, addr, connect_timeout=self.connect_timeout, wait=False, prefix=prefix)
+                    await forward(stream, addr, connect_timeout=self.connect_timeout, wait=False, prefix=prefix,
+                                  slots=self.dial_slots)
                     return
                 await self._relay(stream, addr, ExchangeTracker(self.log, tunnel_id, visitor, addr, proxy_protocol),
                                   prefix)
@@ -195,6 +199,11 @@ class Inspector:
     async def _relay(self, stream: VirtualStream, addr: Tuple[str, int], tracker: ExchangeTracker,
                      prefix: bytes) -> None:
         bridge = InspectingBridge(tracker)
+        slots = self.dial_slots
+        if slots.busy < slots.limit:
+            slots.busy += 1
+        elif not await slots.wait_turn(stream):
+            return  # reset while it waited its turn
         try:
             async with asyncio.timeout(self.connect_timeout):
                 await asyncio.get_running_loop().create_connection(lambda: bridge, *addr)
@@ -203,6 +212,8 @@ class Inspector:
                         str(exc) or type(exc).__name__)
             stream.abort()
             raise OSError(str(exc)) from None
+        finally:
+            slots.give_back()
         if prefix:
             bridge.transport.write(prefix)
         bridge.attach(stream)  # the pipe runs by itself, like forward(wait=False)
