@@ -164,3 +164,43 @@ def test_the_limit_is_checked() -> None:
         with pytest.raises(ValueError, match="max_connects_in_flight"):
             DialSlots(bad)
     assert ft.ClientConfig().max_connects_in_flight == 256
+
+
+class _Stream:
+    """What DialSlots reads of a stream: its ``exception`` (None while it is open)."""
+
+    def __init__(self) -> None:
+        self.exception = None
+
+
+def test_a_slot_handed_to_a_cancelled_waiter_goes_on_to_the_next(run) -> None:
+    async def body() -> None:
+        slots = DialSlots(1)
+        slots.busy = 1  # the one slot is taken
+        first, second = _Stream(), _Stream()
+        t1 = asyncio.ensure_future(slots.wait_turn(first))
+        t2 = asyncio.ensure_future(slots.wait_turn(second))
+        await asyncio.sleep(0)
+        assert slots.waiting == 2
+        slots.give_back()  # handed to t1 ...
+        t1.cancel()  # ... which is cancelled before it runs: the slot must reach t2
+        assert await asyncio.wait_for(t2, 5) is True
+        with pytest.raises(asyncio.CancelledError):
+            await t1
+        assert (slots.busy, slots.waiting) == (1, 0)
+        slots.give_back()
+        assert slots.busy == 0
+        # a waiter cancelled before its turn is skipped; a reset one is told False
+        slots.busy = 1
+        gone, reset, live = _Stream(), _Stream(), _Stream()
+        ts = [asyncio.ensure_future(slots.wait_turn(s)) for s in (gone, reset, live)]
+        await asyncio.sleep(0)
+        ts[0].cancel()
+        reset.exception = ConnectionResetError()
+        await asyncio.sleep(0)
+        slots.give_back()
+        assert await asyncio.wait_for(ts[1], 5) is False
+        assert await asyncio.wait_for(ts[2], 5) is True
+        assert (slots.busy, slots.waiting) == (1, 0)
+
+    run(body)
