@@ -14,7 +14,8 @@ import pytest
 import ferrotunnel as ft
 from ferrotunnel import frames as F
 
-from test_core import pair
+from conftest import tunnel
+from test_core import pair, pump
 
 KiB, MiB = 1024, 1024 * 1024
 TOKEN = "send-limit-token-0123456"
@@ -111,3 +112,70 @@ def test_writers_held_by_the_limit_go_on_when_a_reset_drops_the_frames():
     for st in streams[:3]:  # the peer resets three of the four
         server.receive(F.encode(F.Error(st.id, F.ErrorCode.INTERNAL_SERVER_ERROR, "gone")), 2.0)
     assert woken == [fresh] and not server.send_capped
+
+
+def test_the_session_counts_the_payload_its_streams_hold_for_credit():
+    client, server, rc, rs = pair(flow=True, window=16 * KiB, stream_send_buffer=64 * KiB)
+    streams = [server.open_stream() for _ in range(8)]
+    sent = {st.id: 0 for st in streams}
+    for st in streams:
+        while server.writable(st):
+            server.send(st, b"y" * (8 * KiB))
+            sent[st.id] += 8 * KiB
+        assert server.held_bytes == sum(s.pending_bytes for s in streams)
+    assert server.held_bytes == 8 * (64 - 16) * KiB  # each stream's credit (16 KiB) went on
+    server.receive(F.encode(F.Error(streams[0].id, F.ErrorCode.INTERNAL_SERVER_ERROR, "gone")), 2.0)
+    assert server.held_bytes == 7 * (64 - 16) * KiB  # a reset stream's held payload is dropped
+    del sent[streams[0].id]
+    pump(server, client, rounds=500)  # the peer reads every byte and gives its credit back
+    assert {sid: len(rc.data.get(sid, b"")) for sid in sent} == sent
+    assert server.held_bytes == 0
+
+
+def test_a_peer_that_grants_no_credit_holds_a_stream_buffer_per_stream(run):
+    """The real client with flow control, whose handler holds each stream and reads nothing: it
+    reads the connection, so frames leave, but its streams' credit runs out. What the server holds
+    for credit is each stream's ``stream_send_buffer`` and at most one small read past it. Before,
+    a visitor's connection was read up to 1 MiB at a time past it: 24 visitors made the server
+    hold 30.5 MB for credit (1.27 MiB a stream)."""
+    visitors, each, limit = 24, 4 * MiB, 1 * MiB
+    reading = asyncio.Event()
+    got = []
+
+    async def hold(stream):
+        await reading.wait()
+        n = 0
+        while data := await stream.read(1 << 20):
+            n += len(data)
+        got.append(n)
+        stream.close()
+
+    async def body():
+        cfg = ft.ServerConfig(session_send_limit=limit)
+        async with tunnel(hold, server_config=cfg, tunnel_id="nocredit", token=TOKEN) as (server, _, session), \
+                ft.TcpIngress(server, ("127.0.0.1", 0), "nocredit") as ingress:
+            writers = []
+            for _ in range(visitors):
+                r, w = await asyncio.open_connection(*ingress.address)
+                w.write(b"v" * each)
+                writers.append(w)
+            core = session.connection.core
+            assert core.flow
+            for _ in range(40):  # until the streams are open and what they send stopped growing
+                await asyncio.sleep(0.05)
+            assert len(core.streams) == visitors
+            held, buffer = core.held_bytes, ft.ServerConfig().stream_send_buffer
+            assert held == sum(st.pending_bytes for st in core.streams.values())
+            assert visitors * buffer // 2 < held <= visitors * (buffer + 17 * KiB), f"{held / MiB:.1f} MiB held"
+            assert core.sched.pending_bytes <= limit
+            reading.set()  # the handlers read: every visitor's bytes go through
+            for w in writers:
+                w.write_eof()
+            async with asyncio.timeout(60):
+                while len(got) < visitors:
+                    await asyncio.sleep(0.05)
+            assert got == [each] * visitors
+            for w in writers:
+                w.close()
+
+    run(body, timeout=120)

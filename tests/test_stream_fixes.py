@@ -23,6 +23,7 @@ from conftest import tunnel
 
 import ferrotunnel as ft
 from ferrotunnel.aio import bridge as bridge_mod
+from ferrotunnel.aio.dial import forward
 from ferrotunnel.cluster.splice import splice
 from ferrotunnel.errors import StreamClosedError
 
@@ -349,11 +350,11 @@ def test_abort_of_a_forwarded_stream_ends_its_tcp_connection(run, how):
 
         async def handler(stream):
             if how == "abort":
-                await bridge_mod.forward(stream, ("127.0.0.1", port), wait=False)
+                await forward(stream, ("127.0.0.1", port), wait=False)
                 forwarded.set_result((stream, None))
             else:
                 forwarded.set_result((stream, asyncio.current_task()))
-                await bridge_mod.forward(stream, ("127.0.0.1", port))
+                await forward(stream, ("127.0.0.1", port))
 
         async with srv, tunnel(handler) as (server, client, session):
             s = await session.open_stream()
@@ -384,7 +385,7 @@ def test_a_bridge_that_aborts_its_stream_is_not_told_back(run):
         forwarded = asyncio.get_running_loop().create_future()
 
         async def handler(stream):
-            await bridge_mod.forward(stream, ("127.0.0.1", port), wait=False)
+            await forward(stream, ("127.0.0.1", port), wait=False)
             forwarded.set_result(stream)
 
         async with srv, tunnel(handler) as (server, client, session):

@@ -133,7 +133,17 @@ class SinkSeam:
         self._conn.core.wait_writable(self._st)
 
     def send_room(self) -> int:
-        """Bytes the session may still queue before its writers wait (``session_send_limit``): a
-        sink reads no more than this at a time from its source (``bridge.MIN_CAPPED_READ`` at least)."""
+        """Bytes the stream may still take before its writer waits: a sink reads no more than this
+        at a time from its source (``bridge.MIN_CAPPED_READ`` at least). The session's room under
+        ``session_send_limit``, and with flow control no more than the stream's credit and what
+        its ``stream_send_buffer`` has left of payload held for credit: a peer that grants no
+        credit then makes a stream hold its buffer and at most one small read, not a whole read
+        (up to 1 MiB) beyond it, for each of up to ``max_streams_per_session`` streams."""
         core = self._conn.core
-        return core.send_limit - core.sched.pending_bytes
+        room = core.send_limit - core.sched.pending_bytes
+        if core.flow:
+            st = self._st
+            own = st.send_credit + core.config.stream_send_buffer - st.pending_bytes
+            if own < room:
+                return own
+        return room

@@ -5,8 +5,9 @@ A stream's writer waits while its stream has ``stream_send_buffer`` queued; ever
 while the session has ``session_send_limit`` of frames waiting for the transport, so a peer that
 stops reading holds at most that much of our memory for all its streams together, not
 ``stream_send_buffer`` for each of them. (Payload held back for a stream's credit does not count:
-a stream whose reader stalls must not hold up the others; it is bounded per stream.) Writers
-held by the session's limit are woken together once the frames fell to half of it."""
+a stream whose reader stalls must not hold up the others; it is bounded per stream, by the
+stream's buffer and by what a forwarded connection may read into it: ``SinkSeam.send_room``.)
+Writers held by the session's limit are woken together once the frames fell to half of it."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ class WritersMixin:
         #: A writer waits for the session's frames to fall under ``session_send_limit`` (then half of it).
         self.send_capped = False
         self.send_limit = self.config.session_send_limit
+        #: Payload of all streams held back for their credit (the sum of their ``pending_bytes``).
+        self.held_bytes = 0
 
     def queued(self, st: CoreStream) -> int:
         """Bytes of this stream not yet handed to the transport."""
