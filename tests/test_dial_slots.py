@@ -37,6 +37,15 @@ def full_listener() -> Iterator[Tuple[socket.socket, int]]:
         lsock.close()
 
 
+@contextlib.asynccontextmanager
+async def slotted(port: int, limit: int, tunnel_id: str):
+    """A tunnel whose client forwards to 127.0.0.1:``port`` with ``limit`` connects in flight:
+    (client, the server's session)."""
+    cfg = ft.ClientConfig(local_addr=("127.0.0.1", port), max_connects_in_flight=limit)
+    async with tunnel(None, client_config=cfg, tunnel_id=tunnel_id, token=TOKEN) as (_, client, session):
+        yield client, session
+
+
 def syn_sent_to(port: int) -> int:
     """Connects to 127.0.0.1:``port`` still in flight on this host (state SYN_SENT)."""
     n = 0
@@ -58,8 +67,7 @@ async def until(cond, what: str, timeout: float = 10.0) -> None:
 def test_connects_in_flight_are_bounded_and_streams_reset_in_line_are_never_dialed(run) -> None:
     async def body() -> None:
         with full_listener() as (lsock, port):
-            cfg = ft.ClientConfig(local_addr=("127.0.0.1", port), max_connects_in_flight=3)
-            async with tunnel(None, client_config=cfg, tunnel_id="ds", token=TOKEN) as (_, client, session):
+            async with slotted(port, 3, "ds") as (client, session):
                 slots = client.dial_slots
                 streams = [session.open_stream_nowait() for _ in range(12)]
                 await until(lambda: slots.busy == 3 and slots.waiting == 9, "3 connects, 9 in line")
@@ -119,8 +127,7 @@ def test_streams_in_line_are_served_in_turn(run) -> None:
 def test_a_session_lost_with_connects_in_line_gives_every_slot_back(run) -> None:
     async def body() -> None:
         with full_listener() as (_, port):
-            cfg = ft.ClientConfig(local_addr=("127.0.0.1", port), max_connects_in_flight=2)
-            async with tunnel(None, client_config=cfg, tunnel_id="dl", token=TOKEN) as (server, client, session):
+            async with slotted(port, 2, "dl") as (client, session):
                 slots = client.dial_slots
                 for _ in range(6):
                     session.open_stream_nowait()
@@ -136,8 +143,7 @@ def test_a_session_lost_with_connects_in_line_gives_every_slot_back(run) -> None
 def test_the_line_is_swept_of_streams_reset_while_they_waited(run) -> None:
     async def body() -> None:
         with full_listener() as (_, port):
-            cfg = ft.ClientConfig(local_addr=("127.0.0.1", port), max_connects_in_flight=2)
-            async with tunnel(None, client_config=cfg, tunnel_id="dw", token=TOKEN) as (_, client, session):
+            async with slotted(port, 2, "dw") as (client, session):
                 slots = client.dial_slots
                 core = client.session.connection.core
                 for _ in range(10):  # 400 streams through the line, all reset while they wait

@@ -58,6 +58,19 @@ async def _mute_client(server: ft.TunnelServer, tunnel_id: str) -> socket.socket
     return s
 
 
+async def _senders(ingress: ft.TcpIngress, visitors: int, each: int) -> list:
+    """``visitors`` connections to ``ingress``, each writing ``each`` bytes; their writers, once the
+    streams are open and what they send stopped growing."""
+    writers = []
+    for _ in range(visitors):
+        r, w = await asyncio.open_connection(*ingress.address)
+        w.write(b"v" * each)
+        writers.append(w)
+    for _ in range(40):
+        await asyncio.sleep(0.05)
+    return writers
+
+
 def test_a_peer_that_stops_reading_holds_at_most_the_session_limit(run):
     visitors, each, limit = 24, 4 * MiB, 1 * MiB
 
@@ -67,14 +80,8 @@ def test_a_peer_that_stops_reading_holds_at_most_the_session_limit(run):
                 ft.TcpIngress(server, ("127.0.0.1", 0), "mute") as ingress:
             mute = await _mute_client(server, "mute")
             session = await server.wait_for_session("mute", timeout=10)
-            writers = []
-            for _ in range(visitors):
-                r, w = await asyncio.open_connection(*ingress.address)
-                w.write(b"v" * each)
-                writers.append(w)
+            writers = await _senders(ingress, visitors, each)
             core = session.connection.core
-            for _ in range(40):  # until the streams are open and what they send stopped growing
-                await asyncio.sleep(0.05)
             assert len(core.streams) == visitors
             held = core.sched.pending_bytes
             # the limit, and at most one MIN_CAPPED_READ (16 KiB) per writer past it
@@ -154,15 +161,9 @@ def test_a_peer_that_grants_no_credit_holds_a_stream_buffer_per_stream(run):
         cfg = ft.ServerConfig(session_send_limit=limit)
         async with tunnel(hold, server_config=cfg, tunnel_id="nocredit", token=TOKEN) as (server, _, session), \
                 ft.TcpIngress(server, ("127.0.0.1", 0), "nocredit") as ingress:
-            writers = []
-            for _ in range(visitors):
-                r, w = await asyncio.open_connection(*ingress.address)
-                w.write(b"v" * each)
-                writers.append(w)
+            writers = await _senders(ingress, visitors, each)
             core = session.connection.core
             assert core.flow
-            for _ in range(40):  # until the streams are open and what they send stopped growing
-                await asyncio.sleep(0.05)
             assert len(core.streams) == visitors
             held, buffer = core.held_bytes, ft.ServerConfig().stream_send_buffer
             assert held == sum(st.pending_bytes for st in core.streams.values())
