@@ -101,7 +101,12 @@ def test_connects_in_flight_are_bounded_and_streams_reset_in_line_are_never_dial
 
 
 def test_streams_in_line_are_served_in_turn(run) -> None:
+    order: List[bytes] = []
+
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = await reader.readexactly(3)
+        order.append(first)
+        writer.write(first)
         while data := await reader.read(65536):
             writer.write(data)
         writer.close()
@@ -119,6 +124,10 @@ def test_streams_in_line_are_served_in_turn(run) -> None:
             slots = client.dial_slots
             await until(lambda: slots.busy == 0, "every slot given back")
             assert slots.waiting == 0
+            # in turn: the line is first in, first out (2 connects at once may swap, no more)
+            got = [int(b) for b in order]
+            assert sorted(got) == list(range(40))
+            assert all(abs(pos - i) <= 1 for pos, i in enumerate(got)), got
         backend.close()
 
     run(body)
@@ -208,5 +217,36 @@ def test_a_slot_handed_to_a_cancelled_waiter_goes_on_to_the_next(run) -> None:
         assert await asyncio.wait_for(ts[1], 5) is False
         assert await asyncio.wait_for(ts[2], 5) is True
         assert (slots.busy, slots.waiting) == (1, 0)
+
+    run(body)
+
+
+def test_the_sweep_follows_the_line_down_after_a_peak(run) -> None:
+    """After 1,000 streams waited at once and were served, the line sweeps as often as a short
+    line needs: 1,000 streams that join and are reset while one live one waits leave at most
+    about twice a batch in it (before, the sweep mark stayed at the peak's 2,048)."""
+    async def body() -> None:
+        slots = DialSlots(2)
+        slots.busy = 2
+        peak = [asyncio.ensure_future(slots.wait_turn(_Stream())) for _ in range(1000)]
+        await asyncio.sleep(0)
+        assert slots.waiting == 1000
+        for _ in range(1000):
+            slots.give_back()  # each hands its slot to the next in line
+        assert await asyncio.wait_for(asyncio.gather(*peak), 5) == [True] * 1000
+        assert (slots.busy, slots.waiting) == (2, 0)
+        pending = []
+        for _ in range(10):
+            batch = [_Stream() for _ in range(100)]
+            pending += [asyncio.ensure_future(slots.wait_turn(s)) for s in batch]
+            await asyncio.sleep(0)
+            for s in batch:
+                s.exception = ConnectionResetError()
+        pending.append(asyncio.ensure_future(slots.wait_turn(_Stream())))
+        await asyncio.sleep(0)
+        assert slots.waiting <= 2 * 100 + 2
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     run(body)

@@ -15,7 +15,7 @@ import ferrotunnel as ft
 from ferrotunnel import frames as F
 
 from conftest import tunnel
-from test_core import pair, pump
+from test_core import pair
 
 KiB, MiB = 1024, 1024 * 1024
 TOKEN = "send-limit-token-0123456"
@@ -58,16 +58,22 @@ async def _mute_client(server: ft.TunnelServer, tunnel_id: str) -> socket.socket
     return s
 
 
-async def _senders(ingress: ft.TcpIngress, visitors: int, each: int) -> list:
-    """``visitors`` connections to ``ingress``, each writing ``each`` bytes; their writers, once the
-    streams are open and what they send stopped growing."""
+async def _senders(ingress: ft.TcpIngress, visitors: int, each: int, session) -> list:
+    """``visitors`` connections to ``ingress``, each writing ``each`` bytes; their writers, once
+    ``session`` has their streams and what it holds for them stopped growing (the same for 0.5 s)."""
     writers = []
     for _ in range(visitors):
         r, w = await asyncio.open_connection(*ingress.address)
         w.write(b"v" * each)
         writers.append(w)
-    for _ in range(40):
-        await asyncio.sleep(0.05)
+    core = session.connection.core
+    seen, same = None, 0
+    async with asyncio.timeout(30):
+        while same < 10:
+            await asyncio.sleep(0.05)
+            now = (len(core.streams), core.sched.pending_bytes, sum(st.pending_bytes for st in core.streams.values()))
+            same = same + 1 if now == seen and now[0] == visitors else 0
+            seen = now
     return writers
 
 
@@ -80,7 +86,7 @@ def test_a_peer_that_stops_reading_holds_at_most_the_session_limit(run):
                 ft.TcpIngress(server, ("127.0.0.1", 0), "mute") as ingress:
             mute = await _mute_client(server, "mute")
             session = await server.wait_for_session("mute", timeout=10)
-            writers = await _senders(ingress, visitors, each)
+            writers = await _senders(ingress, visitors, each, session)
             core = session.connection.core
             assert len(core.streams) == visitors
             held = core.sched.pending_bytes
@@ -121,24 +127,6 @@ def test_writers_held_by_the_limit_go_on_when_a_reset_drops_the_frames():
     assert woken == [fresh] and not server.send_capped
 
 
-def test_the_session_counts_the_payload_its_streams_hold_for_credit():
-    client, server, rc, rs = pair(flow=True, window=16 * KiB, stream_send_buffer=64 * KiB)
-    streams = [server.open_stream() for _ in range(8)]
-    sent = {st.id: 0 for st in streams}
-    for st in streams:
-        while server.writable(st):
-            server.send(st, b"y" * (8 * KiB))
-            sent[st.id] += 8 * KiB
-        assert server.held_bytes == sum(s.pending_bytes for s in streams)
-    assert server.held_bytes == 8 * (64 - 16) * KiB  # each stream's credit (16 KiB) went on
-    server.receive(F.encode(F.Error(streams[0].id, F.ErrorCode.INTERNAL_SERVER_ERROR, "gone")), 2.0)
-    assert server.held_bytes == 7 * (64 - 16) * KiB  # a reset stream's held payload is dropped
-    del sent[streams[0].id]
-    pump(server, client, rounds=500)  # the peer reads every byte and gives its credit back
-    assert {sid: len(rc.data.get(sid, b"")) for sid in sent} == sent
-    assert server.held_bytes == 0
-
-
 def test_a_peer_that_grants_no_credit_holds_a_stream_buffer_per_stream(run):
     """The real client with flow control, whose handler holds each stream and reads nothing: it
     reads the connection, so frames leave, but its streams' credit runs out. What the server holds
@@ -161,12 +149,11 @@ def test_a_peer_that_grants_no_credit_holds_a_stream_buffer_per_stream(run):
         cfg = ft.ServerConfig(session_send_limit=limit)
         async with tunnel(hold, server_config=cfg, tunnel_id="nocredit", token=TOKEN) as (server, _, session), \
                 ft.TcpIngress(server, ("127.0.0.1", 0), "nocredit") as ingress:
-            writers = await _senders(ingress, visitors, each)
+            writers = await _senders(ingress, visitors, each, session)
             core = session.connection.core
             assert core.flow
             assert len(core.streams) == visitors
-            held, buffer = core.held_bytes, ft.ServerConfig().stream_send_buffer
-            assert held == sum(st.pending_bytes for st in core.streams.values())
+            held, buffer = sum(st.pending_bytes for st in core.streams.values()), ft.ServerConfig().stream_send_buffer
             assert visitors * buffer // 2 < held <= visitors * (buffer + 17 * KiB), f"{held / MiB:.1f} MiB held"
             assert core.sched.pending_bytes <= limit
             reading.set()  # the handlers read: every visitor's bytes go through

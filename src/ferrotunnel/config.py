@@ -245,7 +245,8 @@ class ClientConfig(StreamConfig):
     #: Serve the tunnel id together with other clients that pass pool=True (``pool/1``).
     pool: bool = False
     #: Local connects (to ``local_addr``) made at once; the streams beyond them wait their turn, in
-    #: order, and one reset while it waits is never dialed.
+    #: order, and one reset while it waits is never dialed. Per ``TunnelClient``: its
+    #: ``more_tunnels`` share its slots (their own configs' value is not used).
     max_connects_in_flight: int = 256
     #: The rules above, checked (derived; None when there are none).
     access: Optional[TunnelAccess] = field(init=False, repr=False, compare=False, default=None)

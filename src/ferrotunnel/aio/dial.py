@@ -75,8 +75,12 @@ class DialSlots:
                 turn.set_result(False)
                 continue
             turn.set_result(True)  # the slot passes on: busy stays
-            return
-        self.busy -= 1
+            break
+        else:
+            self.busy -= 1
+        n = 2 * len(line)
+        if n < self._sweep_at and self._sweep_at > self.limit:  # the line shrank: the next sweep comes sooner
+            self._sweep_at = n if n > self.limit else self.limit
 
     def _sweep(self) -> None:
         live: Deque[Tuple[asyncio.Future[bool], VirtualStream]] = collections.deque()
@@ -108,7 +112,10 @@ async def forward(stream: VirtualStream, address: Tuple[str, int], connect_timeo
         if slots.busy < slots.limit:
             slots.busy += 1
         elif not await slots.wait_turn(stream):
-            return  # reset while it waited its turn
+            return  # reset while it waited its turn: it holds no slot
+        elif stream.exception is not None:  # reset between its turn and this step: the slot goes on
+            slots.give_back()
+            return
     bridge = TcpBridge()
     try:
         error = await dial(bridge, host, port, connect_timeout)

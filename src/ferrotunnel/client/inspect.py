@@ -198,12 +198,17 @@ class Inspector:
 
     async def _relay(self, stream: VirtualStream, addr: Tuple[str, int], tracker: ExchangeTracker,
                      prefix: bytes) -> None:
+        if stream.exception is not None:  # (a visitor that came and went: no connection, as forward())
+            return
         bridge = InspectingBridge(tracker)
         slots = self.dial_slots
         if slots.busy < slots.limit:
             slots.busy += 1
         elif not await slots.wait_turn(stream):
-            return  # reset while it waited its turn
+            return  # reset while it waited its turn: it holds no slot
+        elif stream.exception is not None:  # reset between its turn and this step: the slot goes on
+            slots.give_back()
+            return
         try:
             async with asyncio.timeout(self.connect_timeout):
                 await asyncio.get_running_loop().create_connection(lambda: bridge, *addr)

@@ -291,7 +291,6 @@ class SessionCore(WritersMixin, DrainMixin, PublicUrlsMixin, TunnelsMixin):
             st.pending = deque()
         st.pending.append(memoryview(data))
         st.pending_bytes += len(data)
-        self.held_bytes += len(data)
         self._pump(st)
 
     def send_now(self, st: CoreStream, n: int) -> bool:
@@ -386,7 +385,6 @@ class SessionCore(WritersMixin, DrainMixin, PublicUrlsMixin, TunnelsMixin):
                     pending[0] = head[take:]
                     push(sid, prio, head[:take])
                 st.pending_bytes -= take
-                self.held_bytes -= take
                 if flow:
                     st.send_credit = credit - take
             if not pending:
@@ -407,7 +405,6 @@ class SessionCore(WritersMixin, DrainMixin, PublicUrlsMixin, TunnelsMixin):
             st.move(event)
         # queued payload goes now (after a graceful end there is none; after a reset it is dropped)
         st.pending = None
-        self.held_bytes -= st.pending_bytes
         st.pending_bytes = 0
         live = self.streams.get(st.id) is st
         if live:

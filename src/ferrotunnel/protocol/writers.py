@@ -34,8 +34,6 @@ class WritersMixin:
         #: A writer waits for the session's frames to fall under ``session_send_limit`` (then half of it).
         self.send_capped = False
         self.send_limit = self.config.session_send_limit
-        #: Payload of all streams held back for their credit (the sum of their ``pending_bytes``).
-        self.held_bytes = 0
 
     def queued(self, st: CoreStream) -> int:
         """Bytes of this stream not yet handed to the transport."""
